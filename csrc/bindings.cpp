@@ -1,0 +1,54 @@
+#include "bindings.h"
+
+#include "common.h"
+#include "cpu_features.h"
+#include "threadpool.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyengine's C++ engine";
+
+  // Exception hierarchy (re-exported by pyengine/__init__.py).
+  static py::exception<pe::Error> base(m, "EngineError", PyExc_RuntimeError);
+  static py::exception<pe::ModelFormatError> fmt(m, "ModelFormatError", PyExc_ValueError);
+  static py::exception<pe::UnsupportedModelError> unsup(m, "UnsupportedModelError", PyExc_ValueError);
+  static py::exception<pe::ContextLengthError> ctx(m, "ContextLengthError", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const pe::ModelFormatError& e) {
+      py::set_error(fmt, e.what());
+    } catch (const pe::UnsupportedModelError& e) {
+      py::set_error(unsup, e.what());
+    } catch (const pe::ContextLengthError& e) {
+      py::set_error(ctx, e.what());
+    } catch (const pe::Error& e) {
+      py::set_error(base, e.what());
+    }
+  });
+
+  m.def("cpu_path", [] { return std::string(pe::cpu_path_name(pe::cpu_path())); },
+        "Kernel family in use: 'avx512', 'avx2' or 'portable'.");
+  m.def("best_cpu_path", [] { return std::string(pe::cpu_path_name(pe::best_cpu_path())); },
+        "Best kernel family this CPU supports.");
+  m.def(
+      "set_cpu_path",
+      [](const std::string& name) {
+        if (name == "portable") pe::set_cpu_path(pe::CpuPath::Portable);
+        else if (name == "avx2") pe::set_cpu_path(pe::CpuPath::AVX2);
+        else if (name == "avx512") pe::set_cpu_path(pe::CpuPath::AVX512);
+        else throw py::value_error("cpu path must be 'portable', 'avx2' or 'avx512', not '" + name + "'");
+      },
+      "Force a kernel family (tests and benchmarks).");
+  m.def("physical_core_count", &pe::physical_core_count);
+#if defined(PE_CUDA)
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+
+  pe::bind_kernels(m);
+  pe::bind_gguf(m);
+  pe::bind_model(m);
+}

@@ -1,0 +1,5 @@
+#include "bindings.h"
+
+namespace pe {
+void bind_model(pybind11::module_& m) { (void)m; }
+}  // namespace pe

@@ -1,0 +1,86 @@
+#include "threadpool.h"
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <string>
+#include <utility>
+
+#if defined(PE_X86)
+#include <immintrin.h>
+#define PE_PAUSE() _mm_pause()
+#else
+#define PE_PAUSE() std::this_thread::yield()
+#endif
+
+namespace pe {
+
+int physical_core_count() {
+  // Count distinct (package, core) pairs; SMT siblings share one. Falls back to logical CPUs.
+  std::set<std::pair<int, int>> cores;
+  const unsigned n = std::max(1u, std::thread::hardware_concurrency());
+  for (unsigned cpu = 0; cpu < n; cpu++) {
+    const std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+    std::ifstream core(base + "core_id"), pkg(base + "physical_package_id");
+    int c = -1, p = -1;
+    if (!(core >> c) || !(pkg >> p)) return int(n);
+    cores.insert({p, c});
+  }
+  return cores.empty() ? int(n) : int(cores.size());
+}
+
+ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
+  for (int i = 1; i < n_threads_; i++) threads_.emplace_back([this, i] { worker(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_.store(true);
+    generation_.fetch_add(1);
+  }
+  cv_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void ThreadPool::run_impl(Trampoline call, void* obj) {
+  if (n_threads_ == 1) {
+    call(obj, 0, 1);
+    return;
+  }
+  call_ = call;
+  obj_ = obj;
+  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+  {
+    // Publishing under the lock pairs with the sleepers' predicate check: no lost wake-up.
+    std::lock_guard<std::mutex> lock(mu_);
+    generation_.fetch_add(1, std::memory_order_release);
+  }
+  if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+  call(obj, 0, n_threads_);
+  while (pending_.load(std::memory_order_acquire) != 0) PE_PAUSE();
+}
+
+void ThreadPool::worker(int ith) {
+  uint64_t seen = 0;
+  for (;;) {
+    uint64_t gen = generation_.load(std::memory_order_acquire);
+    for (int spin = 0; gen == seen && spin < 200000; spin++) {
+      PE_PAUSE();
+      gen = generation_.load(std::memory_order_acquire);
+    }
+    if (gen == seen) {
+      std::unique_lock<std::mutex> lock(mu_);
+      sleepers_.fetch_add(1);
+      cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      sleepers_.fetch_sub(1);
+      gen = generation_.load(std::memory_order_acquire);
+    }
+    seen = gen;
+    if (stop_.load()) return;
+    call_(obj_, ith, n_threads_);
+    pending_.fetch_sub(1, std::memory_order_release);
+  }
+}
+
+}  // namespace pe

@@ -1,0 +1,5 @@
+"""pyengine: quantized LLM inference on CPUs and small GPUs."""
+from ._C import ContextLengthError, EngineError, ModelFormatError, UnsupportedModelError
+
+__all__ = ["ContextLengthError", "EngineError", "ModelFormatError", "UnsupportedModelError"]
+__version__ = "0.1.0"
