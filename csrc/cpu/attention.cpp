@@ -1,0 +1,69 @@
+#include "ops/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/vec.h"
+
+namespace pe {
+
+void kv_store(KVLayer& kv, const float* k, const float* v, int64_t stride, int64_t n_tokens, int64_t n_past) {
+  PE_CHECK(n_past + n_tokens <= kv.n_ctx, ContextLengthError, "KV cache overflow: ", n_past + n_tokens,
+           " positions > n_ctx ", kv.n_ctx);
+  for (int64_t t = 0; t < n_tokens; t++) {
+    for (int h = 0; h < kv.n_kv_head; h++) {
+      const int64_t dst = (int64_t(h) * kv.n_ctx + n_past + t) * kv.head_dim;
+      vec_fp32_to_fp16(k + t * stride + int64_t(h) * kv.head_dim, kv.k + dst, kv.head_dim);
+      vec_fp32_to_fp16(v + t * stride + int64_t(h) * kv.head_dim, kv.v + dst, kv.head_dim);
+    }
+  }
+}
+
+void attention(const float* q, int64_t q_stride, int64_t n_tokens, int n_head, const KVLayer& kv, int64_t n_past,
+               float scale, float* out, int64_t out_stride, ThreadPool& pool, int64_t bidirectional_until) {
+  const int hd = kv.head_dim;
+  const int group = n_head / kv.n_kv_head;
+  const int64_t n_items = int64_t(n_head) * n_tokens;  // head-major: neighbours share K/V rows
+  const int64_t n_all = n_past + n_tokens;
+
+  auto work = [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> scores;
+    if (int64_t(scores.size()) < n_all) scores.resize(size_t(n_all));
+    for (int64_t item = i0; item < i1; item++) {
+      const int h = int(item / n_tokens);
+      const int64_t t = item % n_tokens;
+      const int64_t pos = n_past + t;
+      const int64_t n_keys = pos < bidirectional_until ? std::min(n_all, bidirectional_until) : pos + 1;
+      const float* qv = q + t * q_stride + int64_t(h) * hd;
+      const fp16_t* kbase = kv.k + int64_t(h / group) * kv.n_ctx * hd;
+      const fp16_t* vbase = kv.v + int64_t(h / group) * kv.n_ctx * hd;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < n_keys; j++) {
+        scores[j] = vec_dot_f16_f32(kbase + j * hd, qv, hd) * scale;
+        mx = std::max(mx, scores[j]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < n_keys; j++) {
+        scores[j] = std::exp(scores[j] - mx);
+        sum += scores[j];
+      }
+      const float inv = float(1.0 / sum);
+      float* o = out + t * out_stride + int64_t(h) * hd;
+      std::memset(o, 0, sizeof(float) * hd);
+      for (int64_t j = 0; j < n_keys; j++) vec_axpy_f16(o, vbase + j * hd, scores[j] * inv, hd);
+    }
+  };
+  if (pool.size() == 1 || n_items < 2) {
+    work(0, n_items);
+    return;
+  }
+  pool.run([&](int ith, int nth) {
+    int64_t b, e;
+    ThreadPool::split(n_items, ith, nth, b, e);
+    work(b, e);
+  });
+}
+
+}  // namespace pe

@@ -1,0 +1,69 @@
+#include "model/config.h"
+
+namespace pe {
+
+namespace {
+// llama.cpp's RoPE type per architecture: llama is converted with Q/K permuted so that it rotates
+// adjacent pairs; qwen2 keeps HF's layout and rotates halves (NeoX).
+const ArchSpec kArchs[] = {
+    {"llama", NormType::RMS, RopeStyle::Adjacent, Activation::SiLU, true, false},
+    {"qwen2", NormType::RMS, RopeStyle::NeoX, Activation::SiLU, true, false},
+};
+}  // namespace
+
+std::string supported_architectures() {
+  std::string s;
+  for (const auto& a : kArchs) s += (s.empty() ? "" : ", ") + std::string(a.name);
+  return s;
+}
+
+ModelConfig read_config(const GGUFFile& f) {
+  ModelConfig c;
+  c.arch = f.get_str("general.architecture");
+  const ArchSpec* spec = nullptr;
+  for (const auto& a : kArchs)
+    if (c.arch == a.name) spec = &a;
+  PE_CHECK(spec, UnsupportedModelError, f.path(), ": architecture '", c.arch,
+           "' is not supported (supported: ", supported_architectures(), ")");
+  c.spec = *spec;
+  const std::string p = c.arch + ".";
+  c.n_embd = f.get_int(p + "embedding_length");
+  c.n_layer = f.get_int(p + "block_count");
+  c.n_ff = f.get_int(p + "feed_forward_length");
+  c.n_head = f.get_int(p + "attention.head_count");
+  c.n_head_kv = f.get_int(p + "attention.head_count_kv", c.n_head);
+  c.n_ctx_train = f.get_int(p + "context_length", 2048);
+  PE_CHECK(c.n_embd > 0 && c.n_layer > 0 && c.n_ff > 0 && c.n_head > 0 && c.n_head_kv > 0, ModelFormatError, f.path(),
+           ": hyper-parameters must be positive (", p, "embedding_length/block_count/feed_forward_length/head_count)");
+  PE_CHECK(c.n_layer <= 4096 && c.n_head <= 4096 && c.n_embd <= (1 << 20), ModelFormatError, f.path(),
+           ": implausible hyper-parameters (", c.n_layer, " layers, ", c.n_head, " heads, width ", c.n_embd, ")");
+  PE_CHECK(c.n_head % c.n_head_kv == 0, ModelFormatError, f.path(), ": ", p, "attention.head_count (", c.n_head,
+           ") is not a multiple of head_count_kv (", c.n_head_kv, ")");
+  c.head_dim = f.get_int(p + "attention.key_length", c.n_embd / c.n_head);
+  PE_CHECK(c.head_dim > 0 && c.head_dim % 2 == 0 && c.head_dim <= 1024, ModelFormatError, f.path(), ": head size ",
+           c.head_dim, " is invalid");
+  PE_CHECK(f.get_int(p + "attention.value_length", c.head_dim) == c.head_dim, UnsupportedModelError, f.path(),
+           ": different key and value head sizes are not supported");
+  const char* eps_key = spec->norm == NormType::RMS ? "attention.layer_norm_rms_epsilon" : "attention.layer_norm_epsilon";
+  c.norm_eps = float(f.get_float(p + eps_key, 1e-5));
+
+  c.rope.style = spec->rope;
+  c.rope.n_dims = int(f.get_int(p + "rope.dimension_count", c.head_dim));
+  PE_CHECK(c.rope.n_dims > 0 && c.rope.n_dims <= c.head_dim && c.rope.n_dims % 2 == 0, ModelFormatError, f.path(),
+           ": ", p, "rope.dimension_count ", c.rope.n_dims, " must be even and at most the head size ", c.head_dim);
+  c.rope.freq_base = float(f.get_float(p + "rope.freq_base", 10000.0));
+  const std::string scaling = f.get_str(p + "rope.scaling.type", "none");
+  if (scaling == "linear") {
+    const double factor = f.get_float(p + "rope.scaling.factor", 1.0);
+    PE_CHECK(factor > 0, ModelFormatError, f.path(), ": ", p, "rope.scaling.factor must be positive");
+    c.rope.freq_scale = float(1.0 / factor);
+  } else if (const GGUFValue* fs = f.find(p + "rope.scale_linear")) {
+    c.rope.freq_scale = float(1.0 / (fs->type == GGUFType::FLOAT32 || fs->type == GGUFType::FLOAT64 ? fs->f : 1.0));
+  } else {
+    PE_CHECK(scaling == "none", UnsupportedModelError, f.path(), ": RoPE scaling type '", scaling,
+             "' is not supported (none, linear, and Llama-3 rope_freqs are)");
+  }
+  return c;
+}
+
+}  // namespace pe
