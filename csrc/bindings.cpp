@@ -1,5 +1,7 @@
 #include "bindings.h"
 
+#include <cstring>
+
 #include "common.h"
 #include "cpu_features.h"
 #include "threadpool.h"
@@ -14,17 +16,22 @@ PYBIND11_MODULE(_C, m) {
   static py::exception<pe::ModelFormatError> fmt(m, "ModelFormatError", PyExc_ValueError);
   static py::exception<pe::UnsupportedModelError> unsup(m, "UnsupportedModelError", PyExc_ValueError);
   static py::exception<pe::ContextLengthError> ctx(m, "ContextLengthError", PyExc_ValueError);
+  // Messages can quote names read from a corrupt file: decode them leniently.
+  static auto raise = [](const py::object& type, const char* what) {
+    py::object msg = py::reinterpret_steal<py::object>(PyUnicode_DecodeUTF8(what, Py_ssize_t(std::strlen(what)), "replace"));
+    PyErr_SetObject(type.ptr(), msg.ptr());
+  };
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const pe::ModelFormatError& e) {
-      py::set_error(fmt, e.what());
+      raise(fmt, e.what());
     } catch (const pe::UnsupportedModelError& e) {
-      py::set_error(unsup, e.what());
+      raise(unsup, e.what());
     } catch (const pe::ContextLengthError& e) {
-      py::set_error(ctx, e.what());
+      raise(ctx, e.what());
     } catch (const pe::Error& e) {
-      py::set_error(base, e.what());
+      raise(base, e.what());
     }
   });
 
