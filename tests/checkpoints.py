@@ -1,0 +1,243 @@
+"""Tiny random-weight Hugging Face checkpoints for tests, built with transformers and saved with
+save_pretrained next to a real (tiny, trained on a few paragraphs) tokenizer.
+
+    from checkpoints import make_llama, make_qwen2
+    model_dir = make_llama(tmp_path / "llama", tied=True, n_kv_heads=2)
+
+Weights are random but not degenerate: norm weights and biases are randomized too, so a forward pass
+that ignores them, or mixes up Q/K layouts, differs visibly from transformers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A converter turns a checkpoint into a single file.
+Llamas live in the Andes; they are related to camels and alpacas. Numbers: 1 12 123 1234 12345 3.14.
+Hello, world! How are you today? I'm fine, thanks. We'll see what they've done and what you'd like.
+Quantization stores each block of thirty-two weights with one scale: int8 or four-bit codes.
+def forward(x):\n    return rmsnorm(x) * weight  # tabs\tand   spaces\n\n
+Ünïcödé text, 日本語のテキスト, русский текст, emojis 🦙🚀 and symbols <>[]{}()=+-*/%&|^~.
+"""
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                   "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+# The pre-tokenizer regexes of Llama 3 and Qwen2 (from their tokenizer.json files).
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def make_bpe_tokenizer(out_dir: Path, style: str = "llama3", vocab_size: int = 320,
+                       chat_template: str | None = None) -> int:
+    """Train a byte-level BPE tokenizer in the style of Llama 3 ("llama3"), Qwen2 ("qwen2"),
+    SmolLM ("smollm") or GPT-2 ("gpt2") and save it with transformers. Returns the number of tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if style in ("llama3", "qwen2"):
+        regex = LLAMA3_REGEX if style == "llama3" else QWEN2_REGEX
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+        if style == "qwen2":
+            tok.normalizer = normalizers.NFC()
+    elif style == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    elif style == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    else:
+        raise ValueError(style)
+    tok.decoder = decoders.ByteLevel()
+    specials = {"llama3": LLAMA3_SPECIALS, "qwen2": QWEN2_SPECIALS}.get(style, ["<|endoftext|>"])
+    if style == "smollm":
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    tok.add_special_tokens(specials)  # after training, so they get the last ids as in the real models
+    kwargs: dict[str, Any] = {}
+    if style == "llama3":
+        bos = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                          special_tokens=[("<|begin_of_text|>", bos)])])
+        kwargs = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+        chat_template = chat_template or LLAMA3_TEMPLATE
+    elif style == "qwen2":
+        kwargs = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        chat_template = chat_template or CHATML_TEMPLATE
+    elif style == "smollm":
+        kwargs = dict(bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>")
+        chat_template = chat_template or CHATML_TEMPLATE
+    else:
+        kwargs = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out_dir)
+    return tok.get_vocab_size()
+
+
+def make_sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 480) -> int:
+    """Train a Llama-2-style SentencePiece BPE model (byte fallback, <unk> <s> </s>) and save
+    tokenizer.model and tokenizer_config.json. Returns the number of tokens."""
+    import io
+
+    import sentencepiece as spm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 4), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, minloglevel=2,
+        normalization_rule_name="identity", split_digits=True, allow_whitespace_only_pieces=True)
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+        "legacy": False, "chat_template": LLAMA2_TEMPLATE,
+        "added_tokens_decoder": {str(i): {"content": sp.IdToPiece(i), "special": True, "normalized": False,
+                                          "lstrip": False, "rstrip": False, "single_word": False} for i in range(3)},
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return sp.vocab_size()
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() == 1:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def save_weights(model: torch.nn.Module, out_dir: Path, fmt: str = "safetensors", n_shards: int = 1) -> None:
+    """Save the state dict as model.safetensors / pytorch_model.bin, or in `n_shards` shards with
+    the HF index file, without the tied duplicate of lm_head."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    names = list(state)
+    ext = ".safetensors" if fmt == "safetensors" else ".bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+
+    def write(path: Path, part: dict[str, torch.Tensor]) -> None:
+        if fmt == "safetensors":
+            save_file(part, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(part, str(path))
+
+    if n_shards == 1:
+        write(out_dir / f"{stem}{ext}", state)
+        return
+    weight_map = {}
+    per = -(-len(names) // n_shards)
+    for s in range(n_shards):
+        fname = f"{stem}-{s + 1:05d}-of-{n_shards:05d}{ext}"
+        part = {k: state[k] for k in names[s * per:(s + 1) * per]}
+        write(out_dir / fname, part)
+        weight_map.update({k: fname for k in part})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (out_dir / f"{stem}{ext}.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _make(arch: str, out_dir: Path, *, tied: bool, n_kv_heads: int, hidden: int, n_layers: int, n_heads: int,
+          ff: int, vocab_size: int | None, tokenizer: str, dtype: torch.dtype, fmt: str, n_shards: int,
+          seed: int, generation: dict[str, Any] | None, max_position: int, **config_kwargs: Any) -> Path:
+    import transformers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "spm":
+        n_tokens = make_sentencepiece_tokenizer(out_dir)
+    else:
+        n_tokens = make_bpe_tokenizer(out_dir, style=tokenizer)
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config}[arch]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+                 "qwen2": transformers.Qwen2ForCausalLM}[arch]
+    with open(out_dir / "tokenizer_config.json") as f:
+        tok_config = json.load(f)
+    config = config_cls(
+        vocab_size=vocab_size or n_tokens, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_position,
+        tie_word_embeddings=tied, **config_kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    _randomize(model, seed)
+    if tied:
+        model.tie_weights()
+    model.to(dtype)
+    model.config.architectures = [model_cls.__name__]
+    model.config.save_pretrained(out_dir)
+    save_weights(model, out_dir, fmt=fmt, n_shards=n_shards)
+    if generation is not None:
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    del tok_config
+    return out_dir
+
+
+def make_llama(out_dir: Path, *, tied: bool = False, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 2,
+               n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "llama3",
+               dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
+               generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
+    """A tiny LlamaForCausalLM. tokenizer: "llama3", "smollm", "gpt2" (byte-level BPE) or "spm"
+    (Llama 2 SentencePiece). fmt: "safetensors" or "bin". config_kwargs go to LlamaConfig
+    (e.g. rope_scaling=..., rope_theta=..., head_dim=..., attention_bias=True)."""
+    return _make("llama", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
+                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
+                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
+
+
+def make_mistral(out_dir: Path, *, tied: bool = False, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 2,
+                 n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "spm",
+                 dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
+                 generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
+    """A tiny MistralForCausalLM with a SentencePiece tokenizer (converted as GGUF arch `llama`)."""
+    return _make("mistral", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
+                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
+                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
+
+
+def make_qwen2(out_dir: Path, *, tied: bool = True, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 2,
+               n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "qwen2",
+               dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
+               generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
+    """A tiny Qwen2ForCausalLM (q/k/v biases, tied embeddings by default like Qwen2.5-0.5B)."""
+    return _make("qwen2", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
+                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
+                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
+
+
+def load_hf_model(model_dir: Path) -> torch.nn.Module:
+    """The transformers model of a checkpoint made here, in float32 eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

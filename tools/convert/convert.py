@@ -1,0 +1,430 @@
+"""HF checkpoint folder -> GGUF v3, streaming one tensor at a time.
+
+The conversion is planned before anything is written: every source tensor is mapped to its GGUF name,
+checked against the shape config.json implies and given its output type. The GGUF header (metadata and
+tensor infos) is then written, and each tensor is read, merged with the LoRA adapter, permuted, quantized
+and appended in turn, so peak memory is about one tensor (in float32) however large the model. The file is
+written under a temporary name next to OUT and renamed at the end: a failure leaves no OUT.
+
+Metadata beyond llama.cpp's keys:
+  general.sampling.{temp,top_k,top_p,min_p,penalty_repeat}  from generation_config.json (llama.cpp's keys);
+      temp is 0 (greedy) when generation_config.json says do_sample=false.
+  pyengine.generation.eos_token_ids  all ids generation_config.json lists as eos_token_id (uint32 array);
+      generation should stop on any of them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
+
+from . import quants
+from .arch import ArchSpec, HParams, find_arch, permute_rope_rows, supported_architectures
+from .errors import ConversionError
+from .lora import LoraAdapter
+from .progress import Progress
+from .source import Checkpoint, _read_json
+from .vocab import load_vocab, write_vocab
+
+Q = GGMLQuantizationType
+QTYPES: dict[str, GGMLQuantizationType] = {
+    "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
+}
+FILE_TYPES = {
+    Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
+    Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+@dataclass
+class ConversionReport:
+    """What `convert` wrote."""
+    out_path: Path
+    arch: str                       # GGUF architecture
+    hf_arch: str
+    qtype: str
+    output_qtype: str
+    n_tensors: int
+    n_params: int
+    file_size: int
+    bits_per_weight: float          # file size * 8 / parameters, as llama.cpp reports BPW
+    seconds: float
+    mb_per_s: float                 # source (checkpoint) bytes processed per second
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    lora_modules: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items()))
+        return (f"wrote {self.out_path}: {self.file_size / 1e6:.1f} MB, {self.n_tensors} tensors ({types}), "
+                f"{self.n_params / 1e6:.1f}M params, {self.bits_per_weight:.2f} bits/weight, "
+                f"{self.seconds:.1f} s ({self.mb_per_s:.1f} MB/s)")
+
+
+@dataclass
+class PlannedTensor:
+    name: str                        # GGUF name
+    shape: tuple[int, ...]           # numpy order (rows, cols)
+    qtype: GGMLQuantizationType
+    source_bytes: int
+    produce: Callable[[], np.ndarray]
+
+
+def parse_qtype(name: str, what: str = "qtype") -> GGMLQuantizationType:
+    try:
+        return QTYPES[name.lower()]
+    except (KeyError, AttributeError):
+        raise ConversionError(f"unknown {what} {name!r} (choose from {', '.join(QTYPES)})") from None
+
+
+# --- hyper-parameters ---------------------------------------------------------------------------------
+
+def _find(config: dict[str, Any], keys: tuple[str, ...], what: str, default: Any = None) -> Any:
+    for k in keys:
+        if config.get(k) is not None:
+            return config[k]
+    if default is None:
+        raise ConversionError(f"config.json has no {what} (looked for {', '.join(keys)})")
+    return default
+
+
+def read_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, scaling parameters) from either transformers 5 `rope_parameters` or the older
+    `rope_theta` + `rope_scaling` keys. The scaling dict is empty for plain RoPE."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params = dict(params.get("full_attention", params))
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConversionError(f"unsupported rope scaling type {rope_type!r} in config.json "
+                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if rope_type == "default":
+        return float(theta), {}
+    params["rope_type"] = rope_type
+    return float(theta), params
+
+
+def read_hparams(config: dict[str, Any], spec: ArchSpec) -> HParams:
+    keys = spec.hparam_keys
+    n_embd = int(_find(config, keys["n_embd"], "hidden size"))
+    n_head = int(_find(config, keys["n_head"], "attention head count"))
+    head_dim_cfg = _find(config, keys["head_dim"], "head_dim", default=0)
+    rope_theta, rope_scaling = read_rope(config)
+    hp = HParams(
+        n_vocab=int(_find(config, keys["n_vocab"], "vocab size")),
+        n_embd=n_embd,
+        n_layer=int(_find(config, keys["n_layer"], "layer count")),
+        n_head=n_head,
+        n_head_kv=int(_find(config, keys["n_head_kv"], "kv head count", default=n_head)),
+        n_ff=int(_find(config, keys["n_ff"], "feed-forward size")),
+        n_ctx=int(_find(config, keys["n_ctx"], "context length", default=2048)),
+        head_dim=int(head_dim_cfg or n_embd // n_head),
+        head_dim_explicit=bool(head_dim_cfg),
+        norm_eps=float(_find(config, keys["norm_eps"], "norm epsilon", default=1e-5)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        tied=bool(_find(config, keys["tied"], "tie_word_embeddings", default=False)),
+    )
+    if hp.n_head % hp.n_head_kv:
+        raise ConversionError(f"config.json: num_attention_heads {hp.n_head} is not a multiple of "
+                              f"num_key_value_heads {hp.n_head_kv}")
+    return hp
+
+
+def llama3_rope_factors(hp: HParams) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1 RoPE scaling; llama.cpp stores them as `rope_freqs.weight`
+    (same formula as convert_hf_to_gguf.py LlamaModel.generate_extra_tensors and HF
+    _compute_llama3_parameters)."""
+    p = hp.rope_scaling
+    dim = hp.head_dim
+    freqs = 1.0 / (np.float32(hp.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    factor = p.get("factor", 8.0)
+    low, high = p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+    old_ctx = p.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for f in freqs.astype(np.float32):
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+# --- tensor plan --------------------------------------------------------------------------------------
+
+class NameMap:
+    """HF tensor name <-> GGUF tensor name for one architecture."""
+
+    def __init__(self, spec: ArchSpec):
+        self.spec = spec
+        self.block_re = re.compile(re.escape(spec.block_prefix).replace(re.escape("{bid}"), r"(\d+)") + r"(.+)")
+        self.block_order = {g: i for i, g in enumerate(spec.block_tensors.values())}
+
+    def to_gguf(self, hf_name: str) -> tuple[str, int | None] | None:
+        base, _, suffix = hf_name.rpartition(".")
+        if suffix not in ("weight", "bias"):
+            return None
+        if base in self.spec.global_tensors:
+            return f"{self.spec.global_tensors[base]}.{suffix}", None
+        m = self.block_re.fullmatch(base)
+        if m and m.group(2) in self.spec.block_tensors:
+            bid = int(m.group(1))
+            return f"blk.{bid}.{self.spec.block_tensors[m.group(2)]}.{suffix}", bid
+        return None
+
+    def to_hf(self, gguf_name: str) -> str:
+        base, _, suffix = gguf_name.rpartition(".")
+        for hf, g in self.spec.global_tensors.items():
+            if g == base:
+                return f"{hf}.{suffix}"
+        _, bid, local = base.split(".", 2)
+        hf = next(h for h, g in self.spec.block_tensors.items() if g == local)
+        return self.spec.block_prefix.format(bid=bid) + f"{hf}.{suffix}"
+
+    def sort_key(self, gguf_name: str) -> tuple:
+        parts = gguf_name.split(".")
+        if parts[0] == "blk":
+            return (1, int(parts[1]), self.block_order.get(parts[2], 99), parts[3])
+        return (0 if parts[0] == "token_embd" else 2, 0, 0, gguf_name)
+
+
+def expected_shape(shapes: dict[str, tuple[int, ...]], gguf_name: str) -> tuple[int, ...] | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        parts[1] = "{bid}"
+    return shapes.get(".".join(parts))
+
+
+def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuantizationType,
+                 output: GGMLQuantizationType, lora: LoraAdapter | None, warnings: list[str]) -> list[PlannedTensor]:
+    names = NameMap(spec)
+    shapes = spec.shapes(hp)
+    found: dict[str, str] = {}                    # GGUF name -> HF name
+    for hf_name, t in ckpt.tensors.items():
+        if hf_name.endswith(spec.ignored_suffixes):
+            continue
+        mapped = names.to_gguf(hf_name)
+        if mapped is None:
+            raise ConversionError(f"unexpected tensor {hf_name} in {t.file.name}: not part of a "
+                                  f"{spec.hf_architectures[0]} checkpoint")
+        gguf_name, bid = mapped
+        if bid is not None and bid >= hp.n_layer:
+            raise ConversionError(f"tensor {hf_name} is in block {bid} but config.json has "
+                                  f"num_hidden_layers={hp.n_layer}")
+        if gguf_name == "output.weight" and hp.tied:
+            continue                              # tied: the engine reuses token_embd
+        want = expected_shape(shapes, gguf_name)
+        if want is not None and t.shape != want:
+            raise ConversionError(f"tensor {hf_name} has shape {list(t.shape)} but config.json implies {list(want)}")
+        found[gguf_name] = hf_name
+
+    required = ["token_embd.weight", "output_norm.weight"] + ([] if hp.tied else ["output.weight"])
+    for bid in range(hp.n_layer):
+        required += [f"blk.{bid}.{g}.weight" for g in spec.block_tensors.values()]
+        required += [f"blk.{bid}.{g}.bias" for g in spec.required_biases]
+    for name in required:
+        if name not in found:
+            raise ConversionError(f"missing tensor {names.to_hf(name)} in {ckpt.model_dir}")
+
+    if lora is not None:
+        lora.check(ckpt, set(found.values()))
+
+    plan = []
+    for gguf_name in sorted(found, key=names.sort_key):
+        hf_name = found[gguf_name]
+        src = ckpt.tensors[hf_name]
+        if len(src.shape) == 1:
+            qtype = Q.F32
+        elif gguf_name in ("token_embd.weight", "output.weight"):
+            qtype = output
+        else:
+            qtype = main
+        if quants.is_quantized(qtype) and not quants.can_quantize(src.shape):
+            warnings.append(f"{gguf_name}: {src.shape[-1]} columns is not a multiple of {quants.QK}, stored as F16")
+            qtype = Q.F16
+        base = gguf_name.rpartition(".")[0]
+        n_rot_heads = hp.n_head if base.endswith("attn_q") else hp.n_head_kv if base.endswith("attn_k") else 0
+        permute = n_rot_heads if spec.permute_qk else 0
+
+        def produce(hf_name=hf_name, qtype=qtype, permute=permute) -> np.ndarray:
+            x = ckpt.load(hf_name)
+            if lora is not None:
+                x = lora.merge(hf_name, x)
+            if permute:
+                x = permute_rope_rows(x, permute)
+            return quants.quantize(x, qtype)
+
+        plan.append(PlannedTensor(gguf_name, src.shape, qtype, src.nbytes, produce))
+
+    if hp.rope_scaling.get("rope_type") == "llama3":
+        factors = llama3_rope_factors(hp)
+        plan.append(PlannedTensor("rope_freqs.weight", factors.shape, Q.F32, 0, lambda: factors))
+    return plan
+
+
+# --- metadata -----------------------------------------------------------------------------------------
+
+def write_hparams(w: GGUFWriter, hp: HParams) -> None:
+    w.add_vocab_size(hp.n_vocab)
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_block_count(hp.n_layer)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head_kv)
+    w.add_layer_norm_rms_eps(hp.norm_eps)
+    w.add_rope_freq_base(hp.rope_theta)
+    w.add_rope_dimension_count(hp.head_dim)
+    if hp.head_dim_explicit:
+        w.add_key_length(hp.head_dim)
+        w.add_value_length(hp.head_dim)
+    p = hp.rope_scaling
+    if p.get("rope_type") == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(p["factor"])
+    elif p.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(p["factor"])
+        w.add_rope_scaling_orig_ctx_len(p.get("original_max_position_embeddings", hp.n_ctx))
+        if p.get("extrapolation_factor") is not None:
+            w.add_rope_scaling_yarn_ext_factor(p["extrapolation_factor"])
+        if p.get("attention_factor", p.get("attn_factor")) is not None:
+            w.add_rope_scaling_yarn_attn_factor(p.get("attention_factor", p.get("attn_factor")))
+        if p.get("beta_fast") is not None:
+            w.add_rope_scaling_yarn_beta_fast(p["beta_fast"])
+        if p.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(p["beta_slow"])
+    # llama3: no keys, the scaling is the rope_freqs.weight tensor (as llama.cpp does)
+
+
+def write_generation_config(w: GGUFWriter, gen: dict[str, Any]) -> None:
+    if gen.get("do_sample") is False:
+        w.add_sampling_temp(0.0)
+    elif isinstance(gen.get("temperature"), (int, float)):
+        w.add_sampling_temp(float(gen["temperature"]))
+    if isinstance(gen.get("top_k"), int):
+        w.add_sampling_top_k(gen["top_k"])
+    if isinstance(gen.get("top_p"), (int, float)):
+        w.add_sampling_top_p(float(gen["top_p"]))
+    if isinstance(gen.get("min_p"), (int, float)):
+        w.add_sampling_min_p(float(gen["min_p"]))
+    if isinstance(gen.get("repetition_penalty"), (int, float)):
+        w.add_sampling_penalty_repeat(float(gen["repetition_penalty"]))
+    eos = gen.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos
+    if isinstance(eos, list) and eos and all(isinstance(i, int) for i in eos):
+        w.add_array("pyengine.generation.eos_token_ids", eos)
+
+
+# --- entry point --------------------------------------------------------------------------------------
+
+def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "q4_0",
+            lora: str | os.PathLike | None = None, output_qtype: str | None = None,
+            vocab_only: bool = False, *, progress: bool = False) -> ConversionReport:
+    """Convert an HF checkpoint folder to a GGUF file.
+
+    qtype: type of the 2-D weights (f32, f16, bf16, q8_0, q4_0, q4_1); 1-D tensors are always F32.
+    output_qtype: type of token_embd and output (default q8_0 for q4_* files, else `qtype`).
+    lora: a PEFT LoRA adapter folder, merged into the weights before quantization.
+    vocab_only: write the metadata and tokenizer only.
+    progress: draw a progress bar on stderr.
+    Raises ConversionError (and leaves no file at out_path) on bad input.
+    """
+    start = time.perf_counter()
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    main_type = parse_qtype(qtype)
+    out_type = (parse_qtype(output_qtype, "output qtype") if output_qtype is not None
+                else Q.Q8_0 if main_type in (Q.Q4_0, Q.Q4_1) else main_type)
+    if not model_dir.is_dir():
+        raise ConversionError(f"model folder not found: {model_dir}")
+    if out_path.is_dir():
+        raise ConversionError(f"output path is a folder: {out_path}")
+    if not out_path.parent.resolve().is_dir():
+        raise ConversionError(f"output folder does not exist: {out_path.parent}")
+
+    config = _read_json(model_dir / "config.json")
+    if not isinstance(config, dict):
+        raise ConversionError(f"cannot read {model_dir / 'config.json'}: not a JSON object")
+    hf_arch = (config.get("architectures") or ["<none>"])[0]
+    spec = find_arch(hf_arch)
+    if spec is None:
+        raise ConversionError(f"unsupported architecture {hf_arch} in {model_dir / 'config.json'} "
+                              f"(supported: {', '.join(supported_architectures())})")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise ConversionError(f"{model_dir / 'config.json'}: already-quantized checkpoints ({method}) are not "
+                              "supported; convert the unquantized model")
+    hp = read_hparams(config, spec)
+    vocab = load_vocab(model_dir, hp.n_vocab, config)
+    gen_path = model_dir / "generation_config.json"
+    gen_config = _read_json(gen_path) if gen_path.is_file() else {}
+
+    warnings: list[str] = []
+    ckpt = adapter = None
+    plan: list[PlannedTensor] = []
+    if not vocab_only:
+        ckpt = Checkpoint(model_dir)
+        if lora is not None:
+            adapter = LoraAdapter(Path(lora), spec)
+        plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings)
+    if hp.rope_scaling.get("rope_type") == "llama3" and not spec.permute_qk:
+        warnings.append("llama3 rope scaling on a non-llama architecture")
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    bar = Progress(sum(t.source_bytes for t in plan), len(plan), enabled=progress and bool(plan))
+    w = GGUFWriter(tmp, spec.name)
+    try:
+        w.add_type("model")
+        w.add_name(model_dir.resolve().name)
+        w.add_file_type(FILE_TYPES[main_type])
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        write_hparams(w, hp)
+        write_generation_config(w, gen_config)
+        write_vocab(w, vocab)
+        for t in plan:
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), quants.nbytes(t.qtype, t.shape), raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in plan:
+            w.write_tensor_data(t.produce())
+            bar.update(t.name, t.source_bytes)
+        w.close()
+        bar.close()
+        os.replace(tmp, out_path)
+    except OSError as e:
+        raise ConversionError(f"cannot write {out_path}: {e}") from None
+    finally:
+        w.close()
+        if ckpt is not None:
+            ckpt.close()
+        tmp.unlink(missing_ok=True)
+
+    seconds = time.perf_counter() - start
+    n_params = int(sum(np.prod(t.shape) for t in plan))
+    size = out_path.stat().st_size
+    types: dict[str, int] = {}
+    for t in plan:
+        types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+    return ConversionReport(
+        out_path=out_path, arch=spec.name, hf_arch=hf_arch, qtype=main_type.name, output_qtype=out_type.name,
+        n_tensors=len(plan), n_params=n_params, file_size=size,
+        bits_per_weight=size * 8 / n_params if n_params else 0.0, seconds=seconds,
+        mb_per_s=sum(t.source_bytes for t in plan) / 1e6 / max(seconds, 1e-9), tensor_types=types,
+        lora_modules=adapter.n_modules if adapter else 0, warnings=warnings)

@@ -1,0 +1,310 @@
+"""Tokenizer -> GGUF `tokenizer.ggml.*` metadata, as llama.cpp's convert_hf_to_gguf.py writes it.
+
+Two kinds:
+  * byte-level BPE from tokenizer.json (Llama 3, Qwen2, SmolLM2, GPT-2): model "gpt2", tokens, token types,
+    merges, and `tokenizer.ggml.pre`, the pre-tokenizer name llama.cpp knows;
+  * SentencePiece from tokenizer.model (Llama 2, Mistral): model "llama", tokens, scores, token types
+    (byte tokens included).
+Both add the special-token ids, add_bos/add_eos, EOT and the chat template.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gguf import GGUFWriter, TokenType
+
+from .errors import ConversionError
+
+# llama.cpp (convert_hf_to_gguf.py get_vocab_base_pre) names the BPE pre-tokenizer by hashing the ids
+# of this text; a few hashes of the families we support. Anything else is matched on its config below.
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
+          '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
+          '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
+          '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+KNOWN_PRE_HASHES = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+
+# The pre-tokenizer configs (tokenizer.json "pre_tokenizer", flattened) of those families.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+KNOWN_PRE_CONFIGS: dict[tuple[tuple[str, Any], ...], str] = {
+    (("Split", LLAMA3_REGEX), ("ByteLevel", False)): "llama-bpe",
+    (("Split", QWEN2_REGEX), ("ByteLevel", False)): "qwen2",
+    (("Digits", True), ("ByteLevel", True)): "smollm",
+    (("ByteLevel", True),): "gpt-2",
+}
+
+# Texts of end-of-turn tokens (llama.cpp's llama-vocab.cpp looks for the same ones).
+EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|endoftext|>")
+
+
+@dataclass
+class Vocab:
+    model: str                                  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str
+    tokens: list[str]
+    token_types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] = field(default_factory=list)
+    special_ids: dict[str, int] = field(default_factory=dict)   # bos, eos, unk, pad, eot
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    add_space_prefix: bool | None = None
+    chat_template: str | list[dict[str, str]] | None = None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+
+
+def looks_special(text: str) -> bool:
+    """Added tokens some models forget to mark special (llama.cpp `does_token_look_special`)."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _flatten_pre_tokenizer(pt: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    if not pt:
+        return ()
+    if pt.get("type") == "Sequence":
+        return tuple(x for p in pt.get("pretokenizers", []) for x in _flatten_pre_tokenizer(p))
+    kind = pt.get("type", "")
+    if kind == "Split":
+        pattern = pt.get("pattern", {})
+        return ((kind, pattern.get("Regex", pattern.get("String"))),)
+    if kind == "ByteLevel":
+        return ((kind, bool(pt.get("use_regex", True))),)
+    if kind == "Digits":
+        return ((kind, bool(pt.get("individual_digits", False))),)
+    return ((kind, None),)
+
+
+def detect_bpe_pre(tokenizer_json: Path, tj: dict[str, Any]) -> str:
+    """The llama.cpp name of the pre-tokenizer: by llama.cpp's hash of CHKTXT's ids, else by config."""
+    try:
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_file(str(tokenizer_json)).encode(CHKTXT).ids
+        name = KNOWN_PRE_HASHES.get(hashlib.sha256(str(ids).encode()).hexdigest())
+        if name:
+            return name
+    except Exception:  # a tokenizer.json `tokenizers` cannot load is still matched on its config
+        pass
+    signature = _flatten_pre_tokenizer(tj.get("pre_tokenizer"))
+    name = KNOWN_PRE_CONFIGS.get(signature)
+    if name is None:
+        raise ConversionError(
+            f"unrecognized BPE pre-tokenizer in {tokenizer_json} ({signature}); "
+            f"supported: {', '.join(sorted(set(KNOWN_PRE_CONFIGS.values())))}")
+    return name
+
+
+def _is_byte_level(tj: dict[str, Any]) -> bool:
+    kinds = [k for k, _ in _flatten_pre_tokenizer(tj.get("pre_tokenizer"))]
+    return "ByteLevel" in kinds or (tj.get("decoder") or {}).get("type") == "ByteLevel"
+
+
+def _merges(model: dict[str, Any], path: Path) -> list[str]:
+    merges = model.get("merges") or []
+    if merges and isinstance(merges[0], list):
+        # since transformers 4.45 a merge is a pair; llama.cpp wants "a b" with spaces as U+0120
+        return [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
+                for pair in merges]
+    if merges and not isinstance(merges[0], str):
+        raise ConversionError(f"cannot read {path}: unknown merges format")
+    return list(merges)
+
+
+def load_bpe(model_dir: Path, n_vocab: int) -> Vocab:
+    path = model_dir / "tokenizer.json"
+    tj = _read_json(path)
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or not _is_byte_level(tj):
+        raise ConversionError(f"unsupported tokenizer in {path}: only byte-level BPE tokenizer.json "
+                              "or a SentencePiece tokenizer.model can be converted")
+    id_to_text: dict[int, str] = {i: t for t, i in model.get("vocab", {}).items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    for i, a in added.items():
+        id_to_text[i] = a["content"]
+    if id_to_text and max(id_to_text) >= n_vocab:
+        raise ConversionError(f"tokenizer in {path} has token id {max(id_to_text)} but config.json vocab_size "
+                              f"is {n_vocab}")
+    tokens, types = [], []
+    for i in range(n_vocab):
+        text = id_to_text.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+        elif i in added:
+            tokens.append(text)
+            types.append(TokenType.CONTROL if added[i].get("special") or looks_special(text)
+                         else TokenType.USER_DEFINED)
+        else:
+            tokens.append(text)
+            types.append(TokenType.NORMAL)
+    vocab = Vocab(model="gpt2", pre=detect_bpe_pre(path, tj), tokens=tokens, token_types=types,
+                  merges=_merges(model, path), add_bos=False, add_eos=False)
+    _add_bos_eos_from_post_processor(vocab, tj.get("post_processor"))
+    return vocab
+
+
+def _add_bos_eos_from_post_processor(vocab: Vocab, pp: dict[str, Any] | None) -> None:
+    """A TemplateProcessing post-processor that wraps each sequence in special tokens means HF adds them."""
+    for proc in (pp or {}).get("processors", [pp] if pp else []):
+        if proc.get("type") != "TemplateProcessing":
+            continue
+        single = proc.get("single", [])
+        if len(single) > 1:
+            vocab.add_bos = "SpecialToken" in single[0]
+            vocab.add_eos = "SpecialToken" in single[-1]
+            first, last = single[0].get("SpecialToken", {}).get("id"), single[-1].get("SpecialToken", {}).get("id")
+            text_to_id = {t: i for i, t in enumerate(vocab.tokens)}
+            if first in text_to_id:
+                vocab.special_ids.setdefault("bos", text_to_id[first])
+            if last in text_to_id:
+                vocab.special_ids.setdefault("eos", text_to_id[last])
+
+
+def load_sentencepiece(model_dir: Path, n_vocab: int) -> Vocab:
+    from sentencepiece import SentencePieceProcessor
+
+    path = model_dir / "tokenizer.model"
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [int(TokenType.UNUSED)] * n_vocab
+    if sp.vocab_size() > n_vocab:
+        raise ConversionError(f"{path} has {sp.vocab_size()} tokens but config.json vocab_size is {n_vocab}")
+    for i in range(sp.vocab_size()):
+        tokens[i] = sp.IdToPiece(i)
+        scores[i] = sp.GetScore(i)
+        types[i] = (TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
+                    else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
+                    else TokenType.NORMAL)
+
+    def add_token(i: int, text: str, special: bool) -> None:
+        if i >= n_vocab:
+            raise ConversionError(f"added token {text!r} has id {i} but config.json vocab_size is {n_vocab}")
+        if special or looks_special(text):
+            types[i] = TokenType.CONTROL
+        else:
+            text = text.replace("\u2581", " ")  # llama.cpp wants user-defined tokens pre-normalized
+            types[i] = TokenType.USER_DEFINED
+        tokens[i], scores[i] = text, -1000.0
+
+    if (model_dir / "added_tokens.json").is_file():
+        for text, i in _read_json(model_dir / "added_tokens.json").items():
+            add_token(int(i), text, False)
+    config = _read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").is_file() else {}
+    for i, data in (config.get("added_tokens_decoder") or {}).items():
+        add_token(int(i), data["content"], bool(data.get("special")))
+    if (model_dir / "tokenizer.json").is_file():
+        # tokens added on top of the SentencePiece model (transformers 5 keeps them only here)
+        for a in _read_json(model_dir / "tokenizer.json").get("added_tokens", []):
+            if a["id"] >= sp.vocab_size():
+                add_token(a["id"], a["content"], bool(a.get("special")))
+
+    vocab = Vocab(model="llama", pre="default", tokens=tokens, token_types=[int(t) for t in types],
+                  scores=scores, add_bos=True, add_eos=False)
+    for typ, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()), ("pad", sp.pad_id())):
+        if i >= 0:
+            vocab.special_ids[typ] = i
+    return vocab
+
+
+def _token_text(entry: Any) -> str | None:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+        return entry["content"]
+    return None
+
+
+def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> Vocab:
+    """The tokenizer of an HF model folder: tokenizer.model (SentencePiece) if present, like llama.cpp,
+    else tokenizer.json (byte-level BPE)."""
+    if (model_dir / "tokenizer.model").is_file():
+        vocab = load_sentencepiece(model_dir, n_vocab)
+    elif (model_dir / "tokenizer.json").is_file():
+        vocab = load_bpe(model_dir, n_vocab)
+    else:
+        raise ConversionError(f"no tokenizer in {model_dir}: expected tokenizer.json or tokenizer.model")
+
+    tok_config_path = model_dir / "tokenizer_config.json"
+    tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else {}
+    # later sources only fill what earlier ones left unset: tokenizer_config.json, config.json, the model
+    text_to_id: dict[str, int] = {}
+    for i, t in enumerate(vocab.tokens):
+        text_to_id.setdefault(t, i)
+    special: dict[str, int] = {}
+    for typ in ("bos", "eos", "unk", "pad"):
+        text = _token_text(tok_config.get(f"{typ}_token"))
+        if text is not None and text in text_to_id:
+            special[typ] = text_to_id[text]
+        elif isinstance(config.get(f"{typ}_token_id"), int) and 0 <= config[f"{typ}_token_id"] < n_vocab:
+            special[typ] = config[f"{typ}_token_id"]
+        elif typ in vocab.special_ids:
+            special[typ] = vocab.special_ids[typ]
+    for text in EOT_TEXTS:
+        if text in text_to_id and vocab.token_types[text_to_id[text]] == TokenType.CONTROL:
+            special["eot"] = text_to_id[text]
+            break
+    vocab.special_ids = special
+
+    for typ in ("bos", "eos"):
+        if isinstance(tok_config.get(f"add_{typ}_token"), bool):
+            setattr(vocab, f"add_{typ}", tok_config[f"add_{typ}_token"])
+    if isinstance(tok_config.get("add_prefix_space"), bool) and vocab.model == "llama":
+        vocab.add_space_prefix = tok_config["add_prefix_space"]
+
+    template = tok_config.get("chat_template")
+    if template is None and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    elif template is None and (model_dir / "chat_template.json").is_file():
+        template = _read_json(model_dir / "chat_template.json").get("chat_template")
+    if isinstance(template, (str, list)):
+        vocab.chat_template = template
+    return vocab
+
+
+def write_vocab(w: GGUFWriter, vocab: Vocab) -> None:
+    w.add_tokenizer_model(vocab.model)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.token_types)
+    if vocab.merges:
+        w.add_token_merges(vocab.merges)
+    for typ, i in vocab.special_ids.items():
+        getattr(w, f"add_{typ}_token_id")(i)
+    if vocab.add_bos is not None:
+        w.add_add_bos_token(vocab.add_bos)
+    if vocab.add_eos is not None:
+        w.add_add_eos_token(vocab.add_eos)
+    if vocab.add_space_prefix is not None:
+        w.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.chat_template is not None:
+        w.add_chat_template(vocab.chat_template)
