@@ -1,0 +1,123 @@
+"""`pyengine bench`: prompt-processing and generation speed with llama-bench's semantics.
+
+pp: evaluate a prompt of p tokens in a fresh context (one forward over the prompt, in n_batch
+chunks). tg: generate n tokens one at a time from an empty context (each step evaluates one
+token). Each test runs once as a warm-up, then -r times; the median is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None,
+              reps: int = 3, n_batch: int = 512) -> dict:
+    """Measure pp and tg tokens/s; returns the result dict that `--json` prints."""
+    from ..default_model import resolve_model
+    from ..llm import LLM
+
+    path = resolve_model(str(model))
+    llm = LLM(path, n_ctx=max(n_prompt, n_gen, 1) + 1, n_threads=threads, n_batch=n_batch)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, llm.n_vocab, size=n_prompt, dtype=np.int32)
+    gen = rng.integers(0, llm.n_vocab, size=n_gen, dtype=np.int32)
+
+    def pp() -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        return time.perf_counter() - t0
+
+    def tg() -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        for tok in gen:
+            llm.eval([int(tok)])
+        return time.perf_counter() - t0
+
+    result = {
+        "model": str(path),
+        "arch": llm.config["arch"],
+        "file_type": _file_type(llm.metadata),
+        "threads": llm.n_threads,
+        "n_prompt": n_prompt,
+        "n_gen": n_gen,
+        "reps": reps,
+        "pp_tokens_per_s": None,
+        "tg_tokens_per_s": None,
+    }
+    if n_prompt > 0:
+        pp()
+        times = [pp() for _ in range(reps)]
+        result["pp_tokens_per_s"] = n_prompt / statistics.median(times)
+        result["pp_times_s"] = times
+    if n_gen > 0:
+        llm.reset()
+        llm.eval(gen[:1])
+        times = [tg() for _ in range(reps)]
+        result["tg_tokens_per_s"] = n_gen / statistics.median(times)
+        result["tg_times_s"] = times
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def _file_type(md: dict) -> str:
+    names = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+             12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+    ft = md.get("general.file_type")
+    return names.get(ft, str(ft)) if ft is not None else "?"
+
+
+def format_table(r: dict) -> str:
+    name = Path(r["model"]).name
+    rows = [("model", "type", "threads", "test", "t/s")]
+    if r["pp_tokens_per_s"] is not None:
+        rows.append((name, r["file_type"], str(r["threads"]), f"pp{r['n_prompt']}", f"{r['pp_tokens_per_s']:.2f}"))
+    if r["tg_tokens_per_s"] is not None:
+        rows.append((name, r["file_type"], str(r["threads"]), f"tg{r['n_gen']}", f"{r['tg_tokens_per_s']:.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    out = []
+    for k, row in enumerate(rows):
+        out.append("| " + " | ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
+        if k == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    out.append(f"peak RSS: {r['peak_rss_mb']:.0f} MB")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pyengine bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default=None, help="GGUF file, folder or model name (default: SmolLM2)")
+    ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (0 to skip)")
+    ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (0 to skip)")
+    ap.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    ap.add_argument("-r", "--reps", type=int, default=3, help="repetitions after the warm-up")
+    ap.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per forward pass in pp")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    args = ap.parse_args(argv)
+    if args.n_prompt < 0 or args.n_gen < 0 or args.reps < 1:
+        ap.error("-p and -n must be >= 0 and -r >= 1")
+    from .. import EngineError, ModelFormatError, UnsupportedModelError
+
+    try:
+        r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.reps, args.batch_size)
+    except (FileNotFoundError, ModelFormatError, UnsupportedModelError, EngineError) as e:
+        print(f"pyengine bench: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(format_table(r))
+    return 0
