@@ -1,0 +1,452 @@
+"""Tokenizers built from a GGUF file's metadata alone, on top of Hugging Face `tokenizers`.
+
+A GGUF stores the vocabulary under llama.cpp's keys (`tokenizer.ggml.*`). We rebuild from them the
+`tokenizers.Tokenizer` that the model's own `tokenizer.json` would give:
+
+* `tokenizer.ggml.model == "gpt2"`: byte-level BPE from `tokens` and `merges`, split first the way
+  `tokenizer.ggml.pre` names (the regexes of llama.cpp's `llama-vocab.cpp`, or the model's own
+  `tokenizer.json` pipeline where that one is what llama.cpp mimics).
+* `tokenizer.ggml.model == "llama"`: SentencePiece BPE. SentencePiece merges the adjacent pair whose
+  concatenation has the best score; that is a BPE whose merges are ranked by the merged token's score,
+  with byte fallback to the `<0xXX>` tokens. Spaces become "▁", and a "▁" is prepended to every run of
+  text between special tokens when `add_space_prefix` is set (llama.cpp and SentencePiece both do so).
+
+Control, unknown and user-defined tokens are matched whole in the text, before any splitting.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import unicodedata
+from dataclasses import dataclass, replace
+from enum import IntEnum
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from ._C import ModelFormatError, UnsupportedModelError
+
+__all__ = ["IncrementalDetokenizer", "TokenType", "Tokenizer"]
+
+
+class TokenType(IntEnum):
+    """`tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`, SentencePiece's piece types)."""
+
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+# --- pre-tokenizers ------------------------------------------------------------------------------
+
+# Regexes as the models' tokenizer.json files spell them; llama.cpp carries rewrites of the same ones.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+# The cased letters of DeepSeek LLM's tokenizer.json, as code points: several of them (U+1F7D, U+2126,
+# U+212A, ...) are canonical singletons that an editor's normalization would silently replace.
+_DEEPSEEK_LETTERS = "".join(
+    chr(lo) if hi is None else f"{chr(lo)}-{chr(hi)}"
+    for lo, hi in [
+        (0x41, 0x5A), (0x61, 0x7A), (0xB5, None), (0xC0, 0xD6), (0xD8, 0xF6), (0xF8, 0x1BA), (0x1BC, 0x1BF),
+        (0x1C4, 0x293), (0x295, 0x2AF), (0x370, 0x373), (0x376, 0x377), (0x37B, 0x37D), (0x37F, None),
+        (0x386, None), (0x388, 0x38A), (0x38C, None), (0x38E, 0x3A1), (0x3A3, 0x3F5), (0x3F7, 0x481),
+        (0x48A, 0x52F), (0x531, 0x556), (0x10A0, 0x10C5), (0x13A0, 0x13F5), (0x13F8, 0x13FD), (0x1C90, 0x1CBA),
+        (0x1CBD, 0x1CBF), (0x1D00, 0x1D2B), (0x1D6B, 0x1D77), (0x1D79, 0x1D9A), (0x1E00, 0x1F15), (0x1F18, 0x1F1D),
+        (0x1F20, 0x1F45), (0x1F48, 0x1F4D), (0x1F50, 0x1F57), (0x1F59, None), (0x1F5B, None), (0x1F5D, None),
+        (0x1F5F, 0x1F7D), (0x1F80, 0x1FB4), (0x1FB6, 0x1FBC), (0x1FBE, None), (0x1FC2, 0x1FC4), (0x1FC6, 0x1FCC),
+        (0x1FD0, 0x1FD3), (0x1FD6, 0x1FDB), (0x1FE0, 0x1FEC), (0x1FF2, 0x1FF4), (0x1FF6, 0x1FFC), (0x2102, None),
+        (0x2107, None), (0x210A, 0x2113), (0x2115, None), (0x2119, 0x211D), (0x2124, None), (0x2126, None),
+        (0x2128, None), (0x212A, 0x212D), (0x212F, 0x2134), (0x2139, None), (0x213C, 0x213F), (0x2145, 0x2149),
+        (0x214E, None), (0x2183, 0x2184), (0x2C00, 0x2C7B), (0x2C7E, 0x2CE4), (0x2CEB, 0x2CEE), (0x2CF2, 0x2CF3),
+        (0xA640, 0xA66D), (0xA680, 0xA69B), (0xA722, 0xA76F), (0xA771, 0xA787), (0xA78B, 0xA78E), (0xAB70, 0xABBF),
+        (0xFB00, 0xFB06), (0xFB13, 0xFB17), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0x10400, 0x1044F),
+        (0x104B0, 0x104D3), (0x104D8, 0x104FB), (0x10C80, 0x10CB2), (0x10CC0, 0x10CF2), (0x118A0, 0x118DF),
+        (0x1E900, 0x1E943),
+    ]
+)
+_DEEPSEEK_LLM_SPLITS = (
+    "[\r\n]",
+    rf"\s?[{_DEEPSEEK_LETTERS}]+",
+    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    r"\s+$",
+    _CJK,
+    r"\p{N}+",
+)
+_DEEPSEEK_CODER_SPLITS = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}")
+# llama.cpp's choice when a file names no pre-tokenizer.
+_DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]")
+
+
+@dataclass(frozen=True)
+class _PreTokenizer:
+    """How a byte-level BPE vocabulary cuts text before merging, plus the flags llama.cpp ties to it."""
+
+    splits: tuple[str, ...] = ()  # regexes applied in turn, each isolating its matches
+    digits: bool = False  # every digit on its own, before the byte-level regex (StarCoder, SmolLM)
+    gpt2_regex: bool = False  # ByteLevel's own GPT-2 regex
+    falcon: bool = False  # Falcon's tokenizer.json pipeline, see _build_pre_tokenizer
+    nfc: bool = False  # NFC-normalize first (Qwen2's tokenizer.json has an NFC normalizer)
+    ignore_merges: bool = False  # a word that is a token is not merged (Llama 3's tokenizer.json)
+    add_bos: bool = False  # llama.cpp's default when the file says nothing
+
+
+_GPT2 = _PreTokenizer(gpt2_regex=True)
+_STARCODER = _PreTokenizer(digits=True, gpt2_regex=True)
+_LLAMA3 = _PreTokenizer(splits=(_LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
+_QWEN2 = _PreTokenizer(splits=(_QWEN2_SPLIT,), nfc=True)
+
+# `tokenizer.ggml.pre` -> pre-tokenizer, following the name table of llama.cpp's llama-vocab.cpp.
+PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
+    "default": _PreTokenizer(splits=_DEFAULT_SPLITS),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"], _LLAMA3),
+    **dict.fromkeys(["dbrx", "smaug-bpe"], replace(_LLAMA3, ignore_merges=False, add_bos=False)),
+    **dict.fromkeys(["chatglm-bpe", "glm4"], _PreTokenizer(splits=(_LLAMA3_SPLIT,))),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], _QWEN2),
+    "stablelm2": replace(_QWEN2, nfc=False),
+    "deepseek-llm": _PreTokenizer(splits=_DEEPSEEK_LLM_SPLITS),
+    "deepseek-coder": _PreTokenizer(splits=_DEEPSEEK_CODER_SPLITS),
+    "falcon": _PreTokenizer(falcon=True),
+    **dict.fromkeys(
+        ["gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de"],
+        _GPT2,
+    ),
+    **dict.fromkeys(
+        ["starcoder", "smollm", "refact", "command-r", "codeshell", "exaone", "minerva-7b"], _STARCODER
+    ),
+}
+
+
+def _build_pre_tokenizer(spec: _PreTokenizer) -> pre_tokenizers.PreTokenizer:
+    if spec.falcon:
+        # Falcon's tokenizer.json; llama.cpp's regex list is a rewrite of it.
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Punctuation(behavior="contiguous"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+                pre_tokenizers.Digits(individual_digits=False),
+                pre_tokenizers.Split(Regex("[0-9][0-9][0-9]"), behavior="isolated"),
+            ]
+        )
+    steps: list[pre_tokenizers.PreTokenizer] = [
+        pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in spec.splits
+    ]
+    if spec.digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=spec.gpt2_regex))
+    return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character that spells it in a byte-level vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+# Tokens that end a turn in some model family, as llama.cpp's list (llama-vocab.cpp) has them.
+_EOG_TEXTS = frozenset(
+    [
+        "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
+        "_<EOT>", "<|end_of_text|>", "<end_of_utterance>", "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>",
+    ]
+)
+_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "<|end_of_text|>")
+
+
+# --- the tokenizer -------------------------------------------------------------------------------
+
+
+def _meta_int(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
+    value = md.get(key)
+    if value is None:
+        return None
+    value = int(value)
+    return value if 0 <= value < n_vocab else None
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, built from its GGUF metadata.
+
+    Use `Tokenizer.from_gguf(path)` (a full model or a vocab-only GGUF) or
+    `Tokenizer.from_metadata(md)` with a dict of `tokenizer.*` keys as `pyengine.gguf.read_metadata`
+    returns them. The underlying `tokenizers.Tokenizer` is `self.backend`.
+    """
+
+    def __init__(self, metadata: Mapping[str, Any]):
+        md = metadata
+        self.model: str = md.get("tokenizer.ggml.model", "")
+        tokens = md.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ModelFormatError("GGUF metadata has no tokenizer.ggml.tokens: the file carries no vocabulary")
+        self._tokens: list[str] = list(tokens)
+        n = len(self._tokens)
+        types = md.get("tokenizer.ggml.token_type")
+        self._types = np.full(n, TokenType.NORMAL, np.int32) if types is None else np.asarray(types, np.int32)
+        if self._types.shape != (n,):
+            raise ModelFormatError(f"tokenizer.ggml.token_type has {self._types.size} entries for {n} tokens")
+        self._index = {}
+        for i, token in enumerate(self._tokens):
+            if self._index.setdefault(token, i) != i:
+                raise ModelFormatError(f"duplicate token {token!r} in tokenizer.ggml.tokens (ids {self._index[token]} and {i})")
+
+        self.pre: str | None = md.get("tokenizer.ggml.pre")
+        if self.model == "gpt2":
+            pre = PRE_TOKENIZERS.get(self.pre or "default")
+            if pre is None:
+                raise UnsupportedModelError(
+                    f"tokenizer.ggml.pre = {self.pre!r} is not supported; known: {', '.join(sorted(PRE_TOKENIZERS))}"
+                )
+            self.backend = self._build_byte_level_bpe(md, pre)
+            self.add_space_prefix = False
+            add_bos_default = pre.add_bos
+        elif self.model == "llama":
+            self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+            self.backend = self._build_sentencepiece_bpe(md)
+            add_bos_default = True
+        else:
+            raise UnsupportedModelError(
+                f"tokenizer.ggml.model = {self.model!r} is not supported (supported: 'gpt2', 'llama')"
+            )
+
+        self.bos_id = _meta_int(md, "tokenizer.ggml.bos_token_id", n)
+        self.eos_id = _meta_int(md, "tokenizer.ggml.eos_token_id", n)
+        self.unk_id = _meta_int(md, "tokenizer.ggml.unknown_token_id", n)
+        self.pad_id = _meta_int(md, "tokenizer.ggml.padding_token_id", n)
+        if self.pre in ("chatglm-bpe", "glm4"):
+            self.bos_id = None  # llama.cpp: GLM-4 has no BOS, whatever the file says
+        self.eot_id = _meta_int(md, "tokenizer.ggml.eot_token_id", n)
+        if self.eot_id is None:
+            self.eot_id = next((self._index[t] for t in _EOT_TEXTS if t in self._index), None)
+        self.eom_id = _meta_int(md, "tokenizer.ggml.eom_token_id", n)
+        eog = {i for i in (self.eos_id, self.eot_id, self.eom_id) if i is not None}
+        eog.update(self._index[t] for t in _EOG_TEXTS if t in self._index)
+        self.eog_ids: frozenset[int] = frozenset(eog)
+        self.add_bos: bool = bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)) and self.bos_id is not None
+        self.add_eos: bool = bool(md.get("tokenizer.ggml.add_eos_token", False)) and self.eos_id is not None
+        self.chat_template: str | None = md.get("tokenizer.chat_template")
+        self._set_post_processor()
+        self._pieces: list[bytes | None] = [None] * n
+        self._special = set(np.flatnonzero((self._types == TokenType.CONTROL) | (self._types == TokenType.UNKNOWN)).tolist())
+
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, Any]) -> "Tokenizer":
+        """Build from a metadata dict with llama.cpp's `tokenizer.*` keys."""
+        return cls(md)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Build from a GGUF file's metadata (a vocab-only GGUF is enough)."""
+        from .gguf import read_metadata
+
+        return cls(read_metadata(path))
+
+    # --- construction ---
+
+    def _add_tokens_matched_whole(self, tok: HFTokenizer) -> None:
+        """Control, unknown and user-defined tokens are matched whole in raw text, as llama.cpp does;
+        only the first two are special (dropped by `skip_special_tokens`)."""
+        for kinds, special in (((TokenType.CONTROL, TokenType.UNKNOWN), True), ((TokenType.USER_DEFINED,), False)):
+            ids = np.flatnonzero(np.isin(self._types, kinds))
+            added = [AddedToken(self._tokens[i], special=special, normalized=False) for i in ids]
+            if special:
+                tok.add_special_tokens(added)
+            else:
+                tok.add_tokens(added)
+
+    def _build_byte_level_bpe(self, md: Mapping[str, Any], pre: _PreTokenizer) -> HFTokenizer:
+        merges = []
+        for line in md.get("tokenizer.ggml.merges") or ():
+            # llama.cpp splits at the first space after the first character: a merge may start with " ".
+            cut = line.find(" ", 1)
+            if cut < 0:
+                raise ModelFormatError(f"tokenizer.ggml.merges entry {line!r} has no space")
+            left, right = line[:cut], line[cut + 1 :]
+            if left in self._index and right in self._index and left + right in self._index:
+                merges.append((left, right))
+        bpe = models.BPE(vocab=dict(self._index), merges=merges, ignore_merges=pre.ignore_merges)
+        tok = HFTokenizer(bpe)
+        if pre.nfc:
+            tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = _build_pre_tokenizer(pre)
+        tok.decoder = decoders.ByteLevel()
+        self._add_tokens_matched_whole(tok)
+        return tok
+
+    def _build_sentencepiece_bpe(self, md: Mapping[str, Any]) -> HFTokenizer:
+        scores = md.get("tokenizer.ggml.scores")
+        scores = np.zeros(len(self._tokens), np.float32) if scores is None else np.asarray(scores, np.float32)
+        # SentencePiece merges into NORMAL and USER_DEFINED pieces only (bpe_model.cc skips the rest).
+        mergeable = (self._types == TokenType.NORMAL) | (self._types == TokenType.USER_DEFINED)
+        pieces = {t for t, ok in zip(self._tokens, mergeable) if ok}
+        ranked = []
+        for i in np.flatnonzero(mergeable):
+            token = self._tokens[i]
+            for cut in range(1, len(token)):
+                if token[:cut] in pieces and token[cut:] in pieces:
+                    ranked.append((-float(scores[i]), i, cut))
+        ranked.sort()
+        merges = [(self._tokens[i][:cut], self._tokens[i][cut:]) for _, i, cut in ranked]
+        unk = md.get("tokenizer.ggml.unknown_token_id")
+        unk_token = self._tokens[int(unk)] if unk is not None and 0 <= int(unk) < len(self._tokens) else None
+        bpe = models.BPE(vocab=dict(self._index), merges=merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True)
+        tok = HFTokenizer(bpe)
+        # A normalizer runs on each stretch of text between special tokens, so every stretch gets its
+        # "▁" prefix, as in llama.cpp and in SentencePiece run on each stretch.
+        space = [normalizers.Replace(" ", "▁")]
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), *space] if self.add_space_prefix else space)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if self.add_space_prefix:
+            steps.append(decoders.Strip(content=" ", left=1, right=0))
+        tok.decoder = decoders.Sequence(steps)
+        self._add_tokens_matched_whole(tok)
+        return tok
+
+    def _set_post_processor(self) -> None:
+        single: list[str] = ["$A"]
+        special = []
+        if self.add_bos:
+            single.insert(0, self._tokens[self.bos_id])
+            special.append((self._tokens[self.bos_id], self.bos_id))
+        if self.add_eos:
+            single.append(self._tokens[self.eos_id])
+            special.append((self._tokens[self.eos_id], self.eos_id))
+        if special:
+            self.backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(dict(special).items()))
+
+    # --- the vocabulary ---
+
+    @property
+    def n_vocab(self) -> int:
+        """Number of tokens in the vocabulary."""
+        return len(self._tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The token's spelling in the vocabulary (byte-level or "▁"-spelled)."""
+        return self._tokens[token_id]
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token spelled as in the vocabulary, or None."""
+        return self._index.get(token)
+
+    def token_type(self, token_id: int) -> TokenType:
+        return TokenType(int(self._types[token_id]))
+
+    def is_special(self, token_id: int) -> bool:
+        """True for control and unknown tokens, the ones `skip_special_tokens` drops."""
+        return token_id in self._special
+
+    def is_eog(self, token_id: int) -> bool:
+        """True for tokens that end generation (EOS, EOT, `<|im_end|>`, ...)."""
+        return token_id in self.eog_ids
+
+    # --- encode / decode ---
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in the text are matched whole.
+
+        With `add_special_tokens`, BOS/EOS are added as the file says (`tokenizer.ggml.add_bos_token`).
+        """
+        if self.model == "llama" and not text:
+            ids: list[int] = []  # `tokenizers` would prepend "▁" to nothing; llama.cpp encodes nothing
+            if add_special_tokens:
+                ids = ([self.bos_id] if self.add_bos else []) + ([self.eos_id] if self.add_eos else [])
+            return ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """`encode` for many texts, in parallel threads."""
+        texts = list(texts)
+        if self.model == "llama" and not all(texts):
+            return [self.encode(t, add_special_tokens) for t in texts]
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of the token ids; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_piece(self, token_id: int) -> bytes:
+        """The bytes this token contributes to decoded text.
+
+        Concatenating the pieces of a sequence gives the UTF-8 of `decode(ids)`, except that a
+        SentencePiece decode drops the single leading space that `add_space_prefix` put there.
+        """
+        piece = self._pieces[token_id]
+        if piece is None:
+            piece = self._pieces[token_id] = self._compute_piece(token_id)
+        return piece
+
+    def _compute_piece(self, token_id: int) -> bytes:
+        token = self._tokens[token_id]
+        kind = self._types[token_id]
+        if self.model == "gpt2":
+            # As tokenizers' ByteLevel decoder: a token spelled in the byte alphabet is bytes, any
+            # other (a user-defined token stored as raw text) is its own UTF-8.
+            try:
+                return bytes(_BYTE_OF_CHAR[c] for c in token)
+            except KeyError:
+                return token.encode("utf-8")
+        if kind == TokenType.BYTE and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return bytes([int(token[3:5], 16)])
+        return token.replace("▁", " ").encode("utf-8")
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> "IncrementalDetokenizer":
+        """A streaming detokenizer over this vocabulary."""
+        return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(model={self.model!r}, pre={self.pre!r}, n_vocab={self.n_vocab})"
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text pieces that are always whole UTF-8 characters.
+
+    A character split across tokens (byte-fallback pieces, byte-level pieces of CJK or emoji) is held
+    back until complete. For a SentencePiece vocabulary with `add_space_prefix`, the space that opens
+    the text is dropped, as `Tokenizer.decode` drops it. The pieces joined, plus `flush()`, equal
+    `tokenizer.decode(ids, skip_special_tokens)` whenever the bytes are valid UTF-8.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip_space = tokenizer.model == "llama" and tokenizer.add_space_prefix
+        self._started = False
+
+    def add(self, token_id: int) -> str:
+        """Feed one token; return the text it completes (often "", never a partial character)."""
+        if self.skip_special_tokens and self.tokenizer.is_special(token_id):
+            return ""
+        text = self._utf8.decode(self.tokenizer.token_to_piece(token_id), final=False)
+        return self._strip(text)
+
+    def flush(self) -> str:
+        """Text still held back at the end of the stream (an incomplete character becomes U+FFFD)."""
+        return self._strip(self._utf8.decode(b"", final=True))
+
+    def _strip(self, text: str) -> str:
+        if not self._started and text:
+            self._started = True
+            if self._strip_space and text.startswith(" "):
+                text = text[1:]
+        return text
