@@ -492,17 +492,46 @@ def test_error_unreadable_weights_and_bad_qtype(ckpts, tmp_path, out):
     _expect_error(ckpts["llama_tied"], out, "unknown qtype 'q3_k'", qtype="q3_k")
 
 
-def test_failure_midway_leaves_no_file(ckpts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["read", "write"])
+def test_failure_midway_leaves_no_file(ckpts, tmp_path, monkeypatch, where):
     out = tmp_path / "x.gguf"
     out.write_bytes(b"old")                                  # an existing file survives a failed conversion
     from pyengine_convert import source
 
-    def boom(self, name):
-        raise OSError("disk on fire")
-    monkeypatch.setattr(source.Checkpoint, "load", boom)
-    with pytest.raises(ConversionError, match="disk on fire"):
+    calls = []
+
+    def fail_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+    if where == "read":
+        original = source.Checkpoint._load
+        monkeypatch.setattr(source.Checkpoint, "_load", lambda self, t: fail_on_third(self, t))
+        match = "cannot read tensor .* No space left"
+    else:
+        original = gguf.GGUFWriter.write_tensor_data
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", lambda self, t: fail_on_third(self, t))
+        match = f"cannot write {out}: .*No space left"
+    with pytest.raises(ConversionError, match=match):
         convert(ckpts["llama_tied"], out, qtype="q8_0")
     assert out.read_bytes() == b"old" and leftovers(tmp_path) == []
+
+
+def test_llama_attention_biases_permuted(tmp_path):
+    d = make_llama(tmp_path / "m", n_layers=1, attention_bias=True, mlp_bias=True)
+    convert(d, tmp_path / "x.gguf", qtype="q8_0")
+    ts, state = tensors(tmp_path / "x.gguf"), hf_state(d)
+    np.testing.assert_array_equal(f32_tensor(ts["blk.0.attn_q.bias"]), permute_rope_rows(state["model.layers.0.self_attn.q_proj.bias"], 4))
+    np.testing.assert_array_equal(f32_tensor(ts["blk.0.attn_k.bias"]), permute_rope_rows(state["model.layers.0.self_attn.k_proj.bias"], 2))
+    np.testing.assert_array_equal(f32_tensor(ts["blk.0.attn_output.bias"]), state["model.layers.0.self_attn.o_proj.bias"])
+    np.testing.assert_array_equal(f32_tensor(ts["blk.0.ffn_down.bias"]), state["model.layers.0.mlp.down_proj.bias"])
+
+
+def test_sliding_window_warns(tmp_path):
+    d = make_mistral(tmp_path / "m", n_layers=1, sliding_window=64)
+    report = convert(d, tmp_path / "x.gguf", qtype="q8_0")
+    assert any("sliding_window=64" in w for w in report.warnings)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------

@@ -2,9 +2,7 @@
 
 An architecture is an `ArchSpec`: the GGUF architecture name, the HF->GGUF tensor-name map, which
 config.json keys hold each hyper-parameter, whether Q/K rows are permuted, and the expected shape of
-every tensor. Adding a llama-like model is a new `ArchSpec(...)` in `ARCHITECTURES`; a model with fused
-or otherwise unusual tensors (ChatGLM's query_key_value) adds a `split` hook that turns one HF tensor
-into several GGUF ones.
+every tensor. Adding a llama-like model is a new `ArchSpec(...)` in `ARCHITECTURES`.
 """
 from __future__ import annotations
 
@@ -114,10 +112,10 @@ class ArchSpec:
     # biases the architecture always has (e.g. Qwen2's q/k/v); other biases are optional.
     required_biases: tuple[str, ...] = ()
     shapes: Callable[[HParams], dict[str, tuple[int, ...]]] = llama_shapes
+    # tokenizer files tried in order: "spm" (tokenizer.model), "bpe" (byte-level BPE tokenizer.json)
+    tokenizers: tuple[str, ...] = ("spm", "bpe")
     # HF tensors that carry nothing the engine needs.
     ignored_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
-    # Optional hook for fused HF tensors: (gguf_name, array, hparams) -> [(gguf_name, array), ...].
-    split: Callable[[str, np.ndarray, HParams], list[tuple[str, np.ndarray]]] | None = None
 
 
 LLAMA = ArchSpec(

@@ -369,7 +369,7 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         raise ConversionError(f"{model_dir / 'config.json'}: already-quantized checkpoints ({method}) are not "
                               "supported; convert the unquantized model")
     hp = read_hparams(config, spec)
-    vocab = load_vocab(model_dir, hp.n_vocab, config)
+    vocab = load_vocab(model_dir, hp.n_vocab, config, spec.tokenizers)
     gen_path = model_dir / "generation_config.json"
     gen_config = _read_json(gen_path) if gen_path.is_file() else {}
 
@@ -381,11 +381,16 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         if lora is not None:
             adapter = LoraAdapter(Path(lora), spec)
         plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings)
-    if hp.rope_scaling.get("rope_type") == "llama3" and not spec.permute_qk:
-        warnings.append("llama3 rope scaling on a non-llama architecture")
+    window = config.get("sliding_window")
+    if isinstance(window, int) and window < hp.n_ctx and config.get("use_sliding_window", True):
+        warnings.append(f"config.json sliding_window={window} is not stored in GGUF (llama.cpp's {spec.name} "
+                        f"has none): results differ from transformers past {window} tokens")
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
-    os.close(fd)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise ConversionError(f"cannot write {out_path}: {e}") from None
     tmp = Path(tmp_name)
     bar = Progress(sum(t.source_bytes for t in plan), len(plan), enabled=progress and bool(plan))
     w = GGUFWriter(tmp, spec.name)

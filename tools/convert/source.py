@@ -176,7 +176,13 @@ class Checkpoint:
 
     def load(self, name: str) -> np.ndarray:
         """The tensor as a new float32 array (C order)."""
-        t = self.tensors[name]
+        try:
+            return self._load(self.tensors[name])
+        except OSError as e:
+            raise ConversionError(f"cannot read tensor {name} from {self.tensors[name].file}: {e}") from None
+
+    def _load(self, t: SourceTensor) -> np.ndarray:
+        name = t.name
         if t.file.suffix == ".safetensors":
             storage = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}[t.dtype]
             if t.nbytes == 0:

@@ -242,15 +242,21 @@ def _token_text(entry: Any) -> str | None:
     return None
 
 
-def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> Vocab:
-    """The tokenizer of an HF model folder: tokenizer.model (SentencePiece) if present, like llama.cpp,
-    else tokenizer.json (byte-level BPE)."""
-    if (model_dir / "tokenizer.model").is_file():
-        vocab = load_sentencepiece(model_dir, n_vocab)
-    elif (model_dir / "tokenizer.json").is_file():
-        vocab = load_bpe(model_dir, n_vocab)
+TOKENIZER_FILES = {"spm": ("tokenizer.model", load_sentencepiece), "bpe": ("tokenizer.json", load_bpe)}
+
+
+def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any],
+               kinds: tuple[str, ...] = ("spm", "bpe")) -> Vocab:
+    """The tokenizer of an HF model folder, from the first of `kinds` whose file is there (llama.cpp
+    prefers tokenizer.model, SentencePiece, over tokenizer.json)."""
+    for kind in kinds:
+        fname, load = TOKENIZER_FILES[kind]
+        if (model_dir / fname).is_file():
+            vocab = load(model_dir, n_vocab)
+            break
     else:
-        raise ConversionError(f"no tokenizer in {model_dir}: expected tokenizer.json or tokenizer.model")
+        names = " or ".join(TOKENIZER_FILES[k][0] for k in kinds)
+        raise ConversionError(f"no tokenizer in {model_dir}: expected {names}")
 
     tok_config_path = model_dir / "tokenizer_config.json"
     tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else {}
