@@ -1,0 +1,171 @@
+"""Choosing the next token from a logits vector.
+
+`SamplingParams` uses transformers' names. The processing order is transformers' too: penalties,
+then temperature, top-k, top-p, min-p, then a draw from what is left. Temperature 0 is greedy.
+
+* `repetition_penalty` (transformers / CTRL): a logit of a token seen in the prompt or the output is
+  divided by the penalty when positive, multiplied when negative.
+* `presence_penalty`, `frequency_penalty` (OpenAI): subtract `presence` once and `frequency` per
+  occurrence, for tokens in the output so far.
+
+Cost: everything is O(vocab) with small constants. Only the surviving candidates are ever sorted:
+top-k takes them with `np.argpartition`; top-p without top-k grows a partial selection until it holds
+the nucleus, and min-p cuts by a threshold. See benchmarks/bench_sampling.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["Sampler", "SamplingParams"]
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. The defaults sample from the model's plain distribution."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None: a fresh random seed
+    stop: Sequence[str] = ()  # strings that end generation; they are not part of the output
+    stop_token_ids: Sequence[int] = ()  # ids that end generation, besides the model's end-of-generation ids
+    ignore_eos: bool = False  # keep going past the model's end-of-generation ids
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        checks = [
+            (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams: {message}, got {self}")
+
+
+class Sampler:
+    """Picks token ids for one request; owns the request's random generator (seeded by `params.seed`)."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, generated: Sequence[int] = (), prompt: Sequence[int] = ()) -> int:
+        """The next token id, given float32 `logits` over the vocabulary and the ids so far."""
+        x = self.penalized(logits, generated, prompt)
+        if self.params.temperature == 0:
+            return int(np.argmax(x))
+        ids, weights = self._candidates(x)
+        return int(ids[self._draw(weights)]) if ids is not None else self._draw(weights)
+
+    def distribution(
+        self, logits: np.ndarray, generated: Sequence[int] = (), prompt: Sequence[int] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, probabilities) that `__call__` draws from, most likely first; for tests and inspection."""
+        x = self.penalized(logits, generated, prompt)
+        if self.params.temperature == 0:
+            return np.array([np.argmax(x)]), np.ones(1)
+        ids, weights = self._candidates(x)
+        ids = np.arange(x.size) if ids is None else ids
+        order = np.argsort(-weights, kind="stable")
+        return ids[order], weights[order] / weights.sum(dtype=np.float64)
+
+    def penalized(self, logits: np.ndarray, generated: Sequence[int] = (), prompt: Sequence[int] = ()) -> np.ndarray:
+        """`logits` after the repetition, presence and frequency penalties (a copy when any applies)."""
+        p = self.params
+        x = np.asarray(logits, dtype=np.float32)
+        rep = p.repetition_penalty != 1.0 and (len(generated) or len(prompt))
+        openai = (p.presence_penalty or p.frequency_penalty) and len(generated)
+        if not (rep or openai):
+            return x
+        x = x.copy()
+        out = np.asarray(generated, np.int64)
+        # Fancy indexing with repeated ids: reads see the original value and `x[ids] op= c` applies
+        # once per distinct id, which is what repetition and presence penalties want; the frequency
+        # penalty counts repeats, so it goes through np.add.at.
+        if rep:
+            seen = np.concatenate([np.asarray(prompt, np.int64), out])
+            v = x[seen]
+            x[seen] = np.where(v < 0, v * p.repetition_penalty, v / p.repetition_penalty)
+        if openai:
+            if p.frequency_penalty:
+                np.add.at(x, out, np.float32(-p.frequency_penalty))
+            if p.presence_penalty:
+                x[out] -= np.float32(p.presence_penalty)
+        return x
+
+    def _candidates(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Token ids left after top-k, top-p and min-p (None: the whole vocabulary) and their
+        unnormalized probabilities."""
+        p = self.params
+        ids = None
+        if 0 < p.top_k < x.size:
+            ids = np.argpartition(x, x.size - p.top_k)[x.size - p.top_k :]
+            x = x[ids]
+        top = x.max()
+        inv_t = np.float32(1.0 / p.temperature)
+        # p_i >= min_p * p_max  <=>  x_i >= top + T * log(min_p)
+        min_p_cut = top + p.temperature * np.log(p.min_p) if p.min_p > 0 else None
+        if p.top_p < 1:
+            weights = np.exp((x - top) * inv_t)
+            total = float(weights.sum(dtype=np.float64))  # what top-p normalizes by: top-k, or everything
+            if min_p_cut is not None:
+                pool = np.flatnonzero(x >= min_p_cut)
+            else:
+                pool = self._nucleus_pool(weights, total, p.top_p)
+            order = pool[np.argsort(-weights[pool], kind="stable")]
+            # Keep a token while the probability before it is below top_p (transformers' rule).
+            # float64: over thousands of tokens float32 sums drift across the boundary.
+            before = np.cumsum(weights[order], dtype=np.float64) - weights[order]
+            keep = order[before < p.top_p * total]
+            return (keep if ids is None else ids[keep]), weights[keep]
+        if min_p_cut is not None:
+            keep = np.flatnonzero(x >= min_p_cut)
+            return (keep if ids is None else ids[keep]), np.exp((x[keep] - top) * inv_t)
+        return ids, np.exp((x - top) * inv_t)
+
+    @staticmethod
+    def _nucleus_pool(weights: np.ndarray, total: float, top_p: float) -> np.ndarray:
+        """Indices of a set of the heaviest weights that is sure to hold the top-p nucleus.
+
+        Tokens under a weight w carry at most n * w of mass, so everything at or above
+        (1 - top_p) * total / n holds at least top_p of it. Try tighter cuts first: they are
+        usually enough and leave fewer tokens to sort.
+        """
+        n = weights.size
+        for cut in (1e-3, 1e-5):
+            pool = np.flatnonzero(weights >= cut * total)
+            if weights[pool].sum(dtype=np.float64) >= top_p * total:
+                return pool
+        return np.flatnonzero(weights >= (1 - top_p) * total / n)
+
+    def _draw(self, weights: np.ndarray) -> int:
+        """Index drawn with probability proportional to `weights` (inverse CDF)."""
+        u = self.rng.random()
+        if weights.size <= 4096:
+            cdf = np.cumsum(weights, dtype=np.float64)
+            return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), weights.size - 1)
+        # A full-vocabulary cumsum costs milliseconds; pick a block of 1024 first, then within it.
+        # (Reshape and sum in float32: np.add.reduceat with a float64 accumulator is ten times slower.)
+        n_full = weights.size // 1024
+        blocks = weights[: n_full * 1024].reshape(n_full, 1024).sum(axis=1)
+        if weights.size > n_full * 1024:
+            blocks = np.append(blocks, weights[n_full * 1024 :].sum())
+        block_cdf = np.cumsum(blocks, dtype=np.float64)
+        target = u * block_cdf[-1]
+        b = min(int(np.searchsorted(block_cdf, target, side="right")), blocks.size - 1)
+        target -= block_cdf[b - 1] if b else 0.0
+        cdf = np.cumsum(weights[b * 1024 : (b + 1) * 1024], dtype=np.float64)
+        return b * 1024 + min(int(np.searchsorted(cdf, target, side="right")), cdf.size - 1)

@@ -1,0 +1,208 @@
+"""pyengine.sampling against straightforward numpy references (full sorts, transformers' rules) and
+against transformers' own logits processors."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pyengine.sampling import Sampler, SamplingParams
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x[np.isfinite(x)].max())
+    return e / e.sum()
+
+
+def reference(logits, params: SamplingParams, generated=(), prompt=()) -> np.ndarray:
+    """The full distribution, step by step as transformers' processors and warpers do it, in float64."""
+    x = logits.astype(np.float64).copy()
+    for t in set(prompt) | set(generated):
+        x[t] = x[t] * params.repetition_penalty if x[t] < 0 else x[t] / params.repetition_penalty
+    for t, c in Counter(generated).items():
+        x[t] -= c * params.frequency_penalty + params.presence_penalty
+    if params.temperature == 0:
+        out = np.zeros_like(x)
+        out[np.argmax(x)] = 1
+        return out
+    x /= params.temperature
+    if params.top_k:
+        x[x < np.sort(x)[-min(params.top_k, x.size)]] = -np.inf
+    if params.top_p < 1:
+        asc = np.argsort(softmax(x), kind="stable")
+        remove = np.cumsum(softmax(x)[asc]) <= 1 - params.top_p
+        remove[-1] = False
+        x[asc[remove]] = -np.inf
+    if params.min_p:
+        probs = softmax(x)
+        x[probs < params.min_p * probs.max()] = -np.inf
+    return softmax(x)
+
+
+def dense(sampler: Sampler, logits, **kw) -> np.ndarray:
+    ids, probs = sampler.distribution(logits, **kw)
+    out = np.zeros(logits.size)
+    out[ids] = probs
+    return out
+
+
+def logits_for(n: int, seed: int = 0, scale: float = 3.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+
+
+CASES = [
+    dict(temperature=0),
+    dict(temperature=1.0),
+    dict(temperature=0.7),
+    dict(temperature=1.5),
+    dict(top_k=1),
+    dict(top_k=10),
+    dict(top_k=10, temperature=0.5),
+    dict(top_p=0.9),
+    dict(top_p=0.5, temperature=2.0),
+    dict(top_p=0.01),
+    dict(min_p=0.05),
+    dict(min_p=0.2, temperature=1.3),
+    dict(top_k=40, top_p=0.95, min_p=0.05, temperature=0.8),
+    dict(top_k=5000, top_p=0.9),
+    dict(top_p=0.95, min_p=0.01),
+    dict(repetition_penalty=1.3),
+    dict(repetition_penalty=0.8, temperature=0.9),
+    dict(presence_penalty=1.5),
+    dict(frequency_penalty=0.7),
+    dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2, top_k=50, top_p=0.9),
+]
+HISTORY = dict(generated=[3, 3, 3, 7, 11, 11, 42, 99, 3], prompt=[5, 7, 8, 90])
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("n", [100, 50_000])
+def test_distribution_equals_reference(kw, n):
+    params = SamplingParams(**kw)
+    logits = logits_for(n)
+    ours = dense(Sampler(params), logits, **HISTORY)
+    ref = reference(logits, params, **HISTORY)
+    assert np.array_equal(ours > 0, ref > 0)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_on_a_flat_distribution(top_p):
+    """A nucleus of thousands of tokens: the partial selection has to grow, even to the whole vocabulary."""
+    params = SamplingParams(top_p=top_p)
+    logits = logits_for(150_000, scale=0.3)
+    ref = reference(logits, params)
+    ours = dense(Sampler(params), logits)
+    assert (ref > 0).sum() > 10_000
+    assert np.array_equal(ours > 0, ref > 0)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-9)
+
+
+def test_greedy_is_argmax():
+    sampler = Sampler(SamplingParams(temperature=0, top_k=5, top_p=0.5, seed=1))
+    for seed in range(20):
+        logits = logits_for(1000, seed)
+        assert sampler(logits) == int(np.argmax(logits))
+
+
+def test_penalties_change_greedy_choice():
+    logits = np.zeros(10, np.float32)
+    logits[[2, 4]] = [2.0, 1.9]
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.1)
+    assert Sampler(greedy)(logits, generated=[2]) == 4
+    assert Sampler(greedy)(logits, prompt=[2]) == 4  # the prompt counts for repetition_penalty
+    presence = SamplingParams(temperature=0, presence_penalty=0.05)
+    assert Sampler(presence)(logits, generated=[2]) == 2
+    assert Sampler(presence)(logits, prompt=[2]) == 2  # ... but not for OpenAI's penalties
+    assert Sampler(SamplingParams(temperature=0, frequency_penalty=0.06))(logits, generated=[2, 2]) == 4
+    # Negative logits are multiplied by the penalty (pushed further down), not divided.
+    neg = np.full(3, -5, np.float32)
+    neg[[0, 1]] = [-1.0, -1.05]
+    assert Sampler(SamplingParams(temperature=0, repetition_penalty=1.1))(neg, generated=[0]) == 1
+
+
+def test_penalties_leave_caller_logits_alone():
+    logits = logits_for(100)
+    before = logits.copy()
+    Sampler(SamplingParams(repetition_penalty=1.5, presence_penalty=1, frequency_penalty=1, seed=0))(logits, **HISTORY)
+    assert np.array_equal(logits, before)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=8), dict(top_p=0.8), dict(min_p=0.1, temperature=1.4)]
+)
+def test_draws_follow_the_distribution(kw):
+    """Many seeded draws against the reference probabilities (chi-square at p=1e-4, fixed seeds)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    params = SamplingParams(seed=1234, **kw)
+    logits = logits_for(30, seed=5, scale=1.0)
+    ref = reference(logits, params)
+    sampler = Sampler(params)
+    n = 40_000
+    counts = np.bincount([sampler(logits) for _ in range(n)], minlength=logits.size)
+    assert counts[ref == 0].sum() == 0
+    support = ref > 0
+    _, pvalue = scipy_stats.chisquare(counts[support], n * ref[support])
+    assert pvalue > 1e-4
+
+
+def test_draws_over_a_large_vocabulary():
+    """Without filters the draw goes block by block over the whole vocabulary; check it by id bins."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    logits = logits_for(10_000, seed=7, scale=1.5)
+    logits[5000:5100] += 4  # some heavy tokens in one block
+    params = SamplingParams(seed=99, temperature=0.9)
+    ref = reference(logits, params)
+    sampler = Sampler(params)
+    n, bins = 40_000, 40
+    draws = np.array([sampler(logits) for _ in range(n)])
+    counts = np.bincount(draws * bins // logits.size, minlength=bins)
+    expected = n * ref.reshape(bins, -1).sum(1)
+    _, pvalue = scipy_stats.chisquare(counts, expected)
+    assert pvalue > 1e-4
+
+
+def test_seed_reproducible():
+    logits = logits_for(1000, scale=1.0)
+
+    def draws(seed):
+        sampler = Sampler(SamplingParams(seed=seed, top_p=0.95))
+        return [sampler(logits) for _ in range(200)]
+
+    a = draws(42)
+    assert a == draws(42)
+    assert a != draws(43)
+    assert len(set(a)) > 10
+
+
+def test_params_validation():
+    for bad in [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2), dict(top_k=-1),
+                dict(repetition_penalty=0), dict(max_new_tokens=-1)]:
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="###").stop == ("###",)
+
+
+def test_equals_transformers_processors():
+    """The same pipeline through transformers' own LogitsProcessor classes (torch, CPU)."""
+    torch = pytest.importorskip("torch")
+    gen = pytest.importorskip("transformers.generation.logits_process")
+    logits = logits_for(5000, seed=3)
+    prompt, generated = [1, 2, 3, 2000], [7, 7, 9, 2000]
+    params = SamplingParams(temperature=0.8, top_k=100, top_p=0.9, min_p=0.02, repetition_penalty=1.25)
+    processors = gen.LogitsProcessorList(
+        [
+            gen.RepetitionPenaltyLogitsProcessor(params.repetition_penalty),
+            gen.TemperatureLogitsWarper(params.temperature),
+            gen.TopKLogitsWarper(params.top_k),
+            gen.TopPLogitsWarper(params.top_p),
+            gen.MinPLogitsWarper(params.min_p),
+        ]
+    )
+    input_ids = torch.tensor([prompt + generated])
+    scores = processors(input_ids, torch.from_numpy(logits.copy())[None])
+    ref = torch.softmax(scores, -1)[0].double().numpy()
+    ours = dense(Sampler(params), logits, generated=generated, prompt=prompt)
+    assert np.array_equal(ours > 0, ref > 0)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-7)
