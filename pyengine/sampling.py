@@ -14,7 +14,7 @@ the nucleus, and min-p cuts by a threshold. See benchmarks/bench_sampling.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np

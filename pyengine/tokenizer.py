@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import unicodedata
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any, Iterable, Mapping

@@ -335,6 +335,12 @@ def test_byte_level_equals_tokenizer_json(byte_level):
         assert tok.encode("cafe\u0301") == tok.encode("caf\u00e9")
 
 
+def test_byte_level_whole_novel(byte_level):
+    kind, ref, md, _ = byte_level
+    text = DATA.read_text(encoding="utf-8")
+    assert Tokenizer.from_metadata(md).encode(text) == ref.encode(text).ids
+
+
 def test_byte_level_metadata_matches_file(byte_level):
     _, _, md, path = byte_level
     a, b = Tokenizer.from_metadata(md), Tokenizer.from_gguf(path)
@@ -510,6 +516,12 @@ def test_sentencepiece_equals_sentencepiece(sentencepiece_model):
         assert "".join(stream(tok, ids)) == tok.decode(ids)
         with_bos = [tok.bos_id] + ids
         assert "".join(stream(tok, with_bos, skip_special_tokens=True)) == tok.decode(with_bos, skip_special_tokens=True)
+
+
+def test_sentencepiece_whole_novel(sentencepiece_model):
+    sp, md, _ = sentencepiece_model
+    text = DATA.read_text(encoding="utf-8")
+    assert Tokenizer.from_metadata(md).encode(text, add_special_tokens=False) == sp.encode(text)
 
 
 def test_sentencepiece_byte_fallback(sentencepiece_model):
