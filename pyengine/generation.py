@@ -44,7 +44,8 @@ class GenerationStats:
     prompt_seconds: float = 0.0  # evaluating the prompt, up to the first logits
     generation_seconds: float = 0.0  # the token-by-token loop: eval + sampling + detokenizing
     sampling_seconds: float = 0.0  # of which in the sampler
-    finish_reason: str | None = None  # "stop" (stop token or string), "length" (max_new_tokens or full context), "cancelled"
+    # "stop" (stop token or string), "length" (max_new_tokens or a full context), "cancelled", "error"
+    finish_reason: str | None = None
     stop: str | int | None = None  # the stop string or token id that ended it
     context_shifted: bool = False  # ChatSession dropped old turns to make room
 
@@ -166,6 +167,9 @@ class Generation:
             if pending:
                 self.text += pending
                 yield pending
+        except Exception:
+            stats.finish_reason = "error"
+            raise
         finally:
             if stats.finish_reason is None:
                 stats.finish_reason = "cancelled"
@@ -286,5 +290,8 @@ class ChatSession:
         return ids, True
 
     def _finished(self, generation: Generation) -> None:
-        self.messages.append({"role": "assistant", "content": generation.text})
         self._cache_ids = generation.cache_ids
+        if generation.stats.finish_reason == "error" and not generation.text:
+            self.messages.pop()  # no reply: forget the question too
+        else:
+            self.messages.append({"role": "assistant", "content": generation.text})

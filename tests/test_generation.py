@@ -201,6 +201,28 @@ def test_chat_session_cancelled_reply_is_kept(tok):
     assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["first", "second", "third"]
 
 
+def test_chat_session_failed_turn_is_forgotten(tok):
+    class Failing(FakeLLM):
+        fail = False
+
+        def eval(self, ids):
+            if self.fail:
+                raise RuntimeError("engine failure")
+            return super().eval(ids)
+
+    llm = Failing(tok.n_vocab, [script(tok, "Fine."), script(tok, "Again.")])
+    chat = ChatSession(llm, tok, params=GREEDY)
+    assert chat.send("one").wait() == "Fine."
+    llm.fail = True
+    gen = chat.send("two")
+    with pytest.raises(RuntimeError):
+        gen.wait()
+    assert gen.stats.finish_reason == "error"
+    assert [m["content"] for m in chat.messages] == ["one", "Fine."]
+    llm.fail = False
+    assert chat.send("three").wait() == "Again."
+
+
 # --- a real (tiny, random-weight) model against transformers --------------------------------------------
 
 
