@@ -99,6 +99,18 @@ def test_top_p_on_a_flat_distribution(top_p):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0, 300.0])
+@pytest.mark.parametrize("k", [1, 40, 900])
+def test_top_k_any_spread(scale, k):
+    """The k largest whatever how far below the maximum they lie (the cut-then-partition shortcut)."""
+    logits = logits_for(20_000, seed=11, scale=scale)
+    logits[::7] = -np.inf
+    ids = Sampler._top_k(logits, k)
+    assert sorted(logits[ids].tolist()) == sorted(np.sort(logits)[-k:].tolist())
+    params = SamplingParams(top_k=k, temperature=0.7)
+    np.testing.assert_allclose(dense(Sampler(params), logits), reference(logits, params), rtol=1e-4, atol=1e-7)
+
+
 def test_greedy_is_argmax():
     sampler = Sampler(SamplingParams(temperature=0, top_k=5, top_p=0.5, seed=1))
     for seed in range(20):
