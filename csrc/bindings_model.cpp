@@ -36,11 +36,15 @@ void bind_model(py::module_& m) {
       });
 
   py::class_<Context>(m, "Context", "An inference context: KV cache, scratch and threads for one sequence.")
-      .def(py::init([](std::shared_ptr<Model> model, int64_t n_ctx, int n_threads, int64_t n_batch) {
+      .def(py::init([](std::shared_ptr<Model> model, int64_t n_ctx, int n_threads, int64_t n_batch,
+                       const std::string& kv_type) {
+             if (kv_type != "f16" && kv_type != "f32") throw py::value_error("kv_type must be 'f16' or 'f32'");
              py::gil_scoped_release nogil;
-             return new Context(std::move(model), n_ctx, n_threads, n_batch);
+             return new Context(std::move(model), n_ctx, n_threads, n_batch,
+                                kv_type == "f16" ? GGMLType::F16 : GGMLType::F32);
            }),
-           py::arg("model"), py::arg("n_ctx"), py::arg("n_threads"), py::arg("n_batch") = 512)
+           py::arg("model"), py::arg("n_ctx"), py::arg("n_threads"), py::arg("n_batch") = 512,
+           py::arg("kv_type") = "f16")
       .def(
           "eval",
           [](Context& ctx, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,

@@ -24,10 +24,11 @@ class LLM:
         n_ctx: context length in tokens (KV cache size); 0 means the model's training context.
         n_threads: CPU threads; default: the number of physical cores.
         n_batch: tokens evaluated per forward pass when prefilling a long prompt.
+        kv_type: KV cache element type, "f16" (default, half the memory) or "f32".
     """
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_batch: int = 512):
+                 n_batch: int = 512, kv_type: str = "f16"):
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -38,7 +39,7 @@ class LLM:
             n_ctx = int(cfg["n_ctx_train"])
         if n_threads is None or n_threads <= 0:
             n_threads = default_threads()
-        self._ctx = _C.Context(self._model, int(n_ctx), int(n_threads), int(n_batch))
+        self._ctx = _C.Context(self._model, int(n_ctx), int(n_threads), int(n_batch), kv_type)
 
     # --- model facts -------------------------------------------------------------------------
     @cached_property

@@ -12,11 +12,19 @@ namespace pe {
 void kv_store(KVLayer& kv, const float* k, const float* v, int64_t stride, int64_t n_tokens, int64_t n_past) {
   PE_CHECK(n_past + n_tokens <= kv.n_ctx, ContextLengthError, "KV cache overflow: ", n_past + n_tokens,
            " positions > n_ctx ", kv.n_ctx);
+  const bool f16 = kv.type == GGMLType::F16;
   for (int64_t t = 0; t < n_tokens; t++) {
     for (int h = 0; h < kv.n_kv_head; h++) {
       const int64_t dst = (int64_t(h) * kv.n_ctx + n_past + t) * kv.head_dim;
-      vec_fp32_to_fp16(k + t * stride + int64_t(h) * kv.head_dim, kv.k + dst, kv.head_dim);
-      vec_fp32_to_fp16(v + t * stride + int64_t(h) * kv.head_dim, kv.v + dst, kv.head_dim);
+      const float* ks = k + t * stride + int64_t(h) * kv.head_dim;
+      const float* vs = v + t * stride + int64_t(h) * kv.head_dim;
+      if (f16) {
+        vec_fp32_to_fp16(ks, static_cast<fp16_t*>(kv.k) + dst, kv.head_dim);
+        vec_fp32_to_fp16(vs, static_cast<fp16_t*>(kv.v) + dst, kv.head_dim);
+      } else {
+        std::memcpy(static_cast<float*>(kv.k) + dst, ks, sizeof(float) * kv.head_dim);
+        std::memcpy(static_cast<float*>(kv.v) + dst, vs, sizeof(float) * kv.head_dim);
+      }
     }
   }
 }
@@ -27,6 +35,7 @@ void attention(const float* q, int64_t q_stride, int64_t n_tokens, int n_head, c
   const int group = n_head / kv.n_kv_head;
   const int64_t n_items = int64_t(n_head) * n_tokens;  // head-major: neighbours share K/V rows
   const int64_t n_all = n_past + n_tokens;
+  const bool f16 = kv.type == GGMLType::F16;
 
   auto work = [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> scores;
@@ -37,11 +46,12 @@ void attention(const float* q, int64_t q_stride, int64_t n_tokens, int n_head, c
       const int64_t pos = n_past + t;
       const int64_t n_keys = pos < bidirectional_until ? std::min(n_all, bidirectional_until) : pos + 1;
       const float* qv = q + t * q_stride + int64_t(h) * hd;
-      const fp16_t* kbase = kv.k + int64_t(h / group) * kv.n_ctx * hd;
-      const fp16_t* vbase = kv.v + int64_t(h / group) * kv.n_ctx * hd;
+      const int64_t head_off = int64_t(h / group) * kv.n_ctx * hd;
       float mx = -INFINITY;
       for (int64_t j = 0; j < n_keys; j++) {
-        scores[j] = vec_dot_f16_f32(kbase + j * hd, qv, hd) * scale;
+        scores[j] = (f16 ? vec_dot_f16_f32(static_cast<const fp16_t*>(kv.k) + head_off + j * hd, qv, hd)
+                         : vec_dot_f32(static_cast<const float*>(kv.k) + head_off + j * hd, qv, hd)) *
+                    scale;
         mx = std::max(mx, scores[j]);
       }
       double sum = 0;
@@ -52,7 +62,10 @@ void attention(const float* q, int64_t q_stride, int64_t n_tokens, int n_head, c
       const float inv = float(1.0 / sum);
       float* o = out + t * out_stride + int64_t(h) * hd;
       std::memset(o, 0, sizeof(float) * hd);
-      for (int64_t j = 0; j < n_keys; j++) vec_axpy_f16(o, vbase + j * hd, scores[j] * inv, hd);
+      for (int64_t j = 0; j < n_keys; j++) {
+        if (f16) vec_axpy_f16(o, static_cast<const fp16_t*>(kv.v) + head_off + j * hd, scores[j] * inv, hd);
+        else vec_axpy_f32(o, static_cast<const float*>(kv.v) + head_off + j * hd, scores[j] * inv, hd);
+      }
     }
   };
   if (pool.size() == 1 || n_items < 2) {

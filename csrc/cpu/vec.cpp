@@ -41,4 +41,14 @@ void vec_fp16_to_fp32(const fp16_t* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i++) y[i] = fp16_to_fp32(x[i]);
 }
 
+float vec_dot_f32(const float* x, const float* y, int64_t n) {
+  float s = 0;
+  for (int64_t i = 0; i < n; i++) s += x[i] * y[i];
+  return s;
+}
+
+void vec_axpy_f32(float* y, const float* x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
 }  // namespace pe

@@ -120,17 +120,19 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
   }
 }
 
-Context::Context(std::shared_ptr<const Model> model, int64_t n_ctx, int n_threads, int64_t n_batch)
+Context::Context(std::shared_ptr<const Model> model, int64_t n_ctx, int n_threads, int64_t n_batch,
+                 GGMLType kv_type)
     : model_(std::move(model)), n_ctx_(n_ctx), n_batch_(n_batch), pool_(n_threads) {
   const ModelConfig& c = model_->config();
   PE_CHECK(n_ctx > 0 && n_ctx <= (int64_t(1) << 24), Error, "n_ctx must be in [1, 16M], not ", n_ctx);
   PE_CHECK(n_batch > 0, Error, "n_batch must be positive");
-  const int64_t kv_per_layer = c.n_head_kv * n_ctx * c.head_dim;
-  k_cache_.assign(size_t(kv_per_layer * c.n_layer), 0);
-  v_cache_.assign(size_t(kv_per_layer * c.n_layer), 0);
+  PE_CHECK(kv_type == GGMLType::F16 || kv_type == GGMLType::F32, Error, "KV cache type must be F16 or F32");
+  const size_t kv_bytes = size_t(c.n_head_kv * n_ctx * c.head_dim) * (kv_type == GGMLType::F16 ? 2 : 4);
+  k_cache_.assign(kv_bytes * size_t(c.n_layer), 0);
+  v_cache_.assign(kv_bytes * size_t(c.n_layer), 0);
   for (int64_t l = 0; l < c.n_layer; l++)
-    kv_.push_back(KVLayer{k_cache_.data() + l * kv_per_layer, v_cache_.data() + l * kv_per_layer, int(c.n_head_kv),
-                          int(c.head_dim), n_ctx});
+    kv_.push_back(KVLayer{k_cache_.data() + size_t(l) * kv_bytes, v_cache_.data() + size_t(l) * kv_bytes, kv_type,
+                          int(c.n_head_kv), int(c.head_dim), n_ctx});
   const int64_t q_dim = c.n_head * c.head_dim, kv_dim = c.n_head_kv * c.head_dim;
   x_.resize(size_t(n_batch * c.n_embd));
   xn_.resize(size_t(n_batch * c.n_embd));

@@ -45,7 +45,9 @@ class Model {
 
 class Context {
  public:
-  Context(std::shared_ptr<const Model> model, int64_t n_ctx, int n_threads, int64_t n_batch = 512);
+  // kv_type: GGMLType::F16 (default) or F32.
+  Context(std::shared_ptr<const Model> model, int64_t n_ctx, int n_threads, int64_t n_batch = 512,
+          GGMLType kv_type = GGMLType::F16);
 
   // Evaluates `n` tokens at positions n_past().., appending them to the KV cache.
   // logits: null, or room for n_vocab floats (last token) or n * n_vocab floats (all_logits).
@@ -65,7 +67,7 @@ class Context {
   int64_t n_batch_;
   int64_t n_past_ = 0;
   ThreadPool pool_;
-  std::vector<fp16_t> k_cache_, v_cache_;
+  std::vector<uint8_t> k_cache_, v_cache_;
   std::vector<KVLayer> kv_;
   // Scratch, n_batch rows each.
   std::vector<float> x_, xn_, qkv_, attn_, ff_a_, ff_b_;

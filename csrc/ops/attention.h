@@ -7,10 +7,12 @@
 
 namespace pe {
 
-// One layer's cache: k[h][pos][head_dim] and v[h][pos][head_dim] in F16, n_ctx positions per head.
+// One layer's cache: k[h][pos][head_dim] and v[h][pos][head_dim], n_ctx positions per head, in F16
+// (the default, half the memory) or F32 (exact; for tests and long-context accuracy).
 struct KVLayer {
-  fp16_t* k;
-  fp16_t* v;
+  void* k;
+  void* v;
+  GGMLType type;  // F16 or F32
   int n_kv_head;
   int head_dim;
   int64_t n_ctx;
@@ -24,7 +26,7 @@ void attention(const float* q, int64_t q_stride, int64_t n_tokens, int n_head, c
                float scale, float* out, int64_t out_stride, ThreadPool& pool, int64_t bidirectional_until = 0);
 
 // Store n_tokens rows of K and V (n_kv_head * head_dim floats each, `stride` apart) at positions
-// n_past.. of the cache, converting to F16.
+// n_past.. of the cache, converting to the cache type.
 void kv_store(KVLayer& kv, const float* k, const float* v, int64_t stride, int64_t n_tokens, int64_t n_past);
 
 }  // namespace pe
