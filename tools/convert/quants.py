@@ -1,8 +1,9 @@
 """GGML block quantizers in numpy, byte-for-byte equal to ggml's reference `quantize_row_*_ref`.
 
 Each quantizer works on a whole 2-D float32 tensor (rows, cols) with cols a multiple of 32 and returns
-the packed blocks as uint8 of shape (rows, cols // 32 * type_size), ready for GGUF. Work is done in row
-chunks so that temporaries stay a few tens of MB whatever the tensor size.
+the packed blocks as uint8 of shape (rows, cols // 32 * type_size), ready for GGUF. Work is done in
+chunks of rows, on a thread pool (one thread per core), so that temporaries stay small and in cache
+whatever the tensor size.
 
 Layouts (ggml-common.h):
   Q8_0: fp16 d, int8 qs[32]                       x = d * q
@@ -11,12 +12,15 @@ Layouts (ggml-common.h):
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QK = 32
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 18   # 1 MiB of float32: temporaries stay in L2
 
 
 def roundf(x: np.ndarray) -> np.ndarray:
@@ -110,8 +114,25 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     blocks_per_row = rows.shape[1] // QK
     out = np.empty((rows.shape[0], blocks_per_row * type_size), dtype=np.uint8)
     step = max(1, CHUNK_ELEMENTS // rows.shape[1])
-    for r0 in range(0, rows.shape[0], step):
+
+    def quantize_rows(r0: int) -> None:
         chunk = np.asarray(rows[r0:r0 + step], dtype=np.float32)
-        blocks = chunk.reshape(-1, QK)
-        out[r0:r0 + step] = quantize_blocks(blocks).reshape(chunk.shape[0], -1)
+        out[r0:r0 + step] = quantize_blocks(chunk.reshape(-1, QK)).reshape(chunk.shape[0], -1)
+
+    starts = range(0, rows.shape[0], step)
+    if len(starts) == 1:
+        quantize_rows(0)
+    else:
+        # numpy releases the GIL inside ufuncs, so row chunks quantize in parallel on threads
+        list(_pool().map(quantize_rows, starts))
     return out.reshape(*x.shape[:-1], blocks_per_row * type_size)
+
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="quantize")
+    return _executor
