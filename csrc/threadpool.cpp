@@ -58,7 +58,11 @@ void ThreadPool::run_impl(Trampoline call, void* obj) {
   }
   if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
   call(obj, 0, n_threads_);
-  while (pending_.load(std::memory_order_acquire) != 0) PE_PAUSE();
+  // Spin briefly, then yield: on a loaded machine a descheduled worker needs our core to finish.
+  for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; spin++) {
+    if (spin < 4096) PE_PAUSE();
+    else std::this_thread::yield();
+  }
 }
 
 void ThreadPool::worker(int ith) {
@@ -66,7 +70,8 @@ void ThreadPool::worker(int ith) {
   for (;;) {
     uint64_t gen = generation_.load(std::memory_order_acquire);
     for (int spin = 0; gen == seen && spin < 200000; spin++) {
-      PE_PAUSE();
+      if (spin < 4096) PE_PAUSE();
+      else std::this_thread::yield();
       gen = generation_.load(std::memory_order_acquire);
     }
     if (gen == seen) {
