@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -88,7 +88,7 @@ class Generation:
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
         self.cache_ids: list[int] = []  # tokens held in the KV cache once done
         self._iterator = self._run()
-        self._on_finish: list[Any] = []
+        self._on_finish: list[Callable[[Generation], None]] = []
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -105,6 +105,12 @@ class Generation:
         for _ in self:
             pass
         return self.text
+
+    def _run_now(self) -> "Generation":
+        """Run to the end; iterating afterwards yields the whole text once (non-streaming use)."""
+        self.wait()
+        self._iterator = iter([self.text] if self.text else [])
+        return self
 
     @property
     def finished(self) -> bool:
@@ -194,11 +200,7 @@ def generate(
     already holds; the rest is evaluated. `generation.stats` has token counts and timings.
     """
     generation = Generation(llm, tokenizer, prompt_ids, params or SamplingParams(), n_cached)
-    if stream:
-        return generation
-    generation.wait()
-    generation._iterator = iter([generation.text] if generation.text else [])
-    return generation
+    return generation if stream else generation._run_now()
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -260,10 +262,7 @@ class ChatSession:
         generation.stats.context_shifted = shifted
         generation._on_finish.append(self._finished)
         self._active = generation
-        if not stream:
-            generation.wait()
-            generation._iterator = iter([generation.text] if generation.text else [])
-        return generation
+        return generation if stream else generation._run_now()
 
     def _fit(self, params: SamplingParams) -> tuple[list[int], bool]:
         """Prompt ids that leave room for the reply, dropping the oldest turns if needed."""
