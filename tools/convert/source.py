@@ -35,7 +35,9 @@ class SourceTensor:
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    wide = bits.astype(np.uint32)
+    wide <<= np.uint32(16)          # in place: one float32-sized buffer, not two
+    return wide.view(np.float32)
 
 
 def _read_json(path: Path) -> Any:
