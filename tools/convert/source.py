@@ -85,9 +85,11 @@ def _safetensors_header(path: Path) -> dict[str, SourceTensor]:
 _TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64"}
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
+def _torch_load(path: Path) -> tuple[dict[str, Any], bool]:
+    """(state dict, whether it is memory-mapped)."""
     import torch
 
+    mmapped = True
     try:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -96,6 +98,7 @@ def _torch_load(path: Path) -> dict[str, Any]:
                 raise
             # files from torch < 1.6 (not zip) cannot be memory-mapped
             state = torch.load(str(path), map_location="cpu", weights_only=True)
+            mmapped = False
     except FileNotFoundError:
         raise ConversionError(f"missing file: {path}") from None
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
@@ -104,7 +107,7 @@ def _torch_load(path: Path) -> dict[str, Any]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ConversionError(f"cannot read {path}: expected a dict of tensors")
-    return state
+    return state, mmapped
 
 
 class Checkpoint:
@@ -118,7 +121,7 @@ class Checkpoint:
         else:
             self.files, self._index_name, self._weight_map = files, "", None
         self.tensors: dict[str, SourceTensor] = {}
-        self._torch_state: dict[Path, dict[str, Any]] = {}
+        self._torch_state: dict[Path, dict[str, Any]] = {}     # legacy .bin files only
         for file in self.files:
             if file.suffix == ".safetensors":
                 found = _safetensors_header(file)
@@ -163,8 +166,9 @@ class Checkpoint:
     def _index_torch_file(self, file: Path) -> dict[str, SourceTensor]:
         import torch
 
-        state = _torch_load(file)
-        self._torch_state[file] = state
+        state, mmapped = _torch_load(file)
+        if not mmapped:
+            self._torch_state[file] = state
         found = {}
         for name, t in state.items():
             if not isinstance(t, torch.Tensor):
@@ -193,7 +197,10 @@ class Checkpoint:
             out = bf16_bits_to_f32(raw) if t.dtype == "BF16" else np.array(raw, dtype=np.float32)
             del raw
             return out
-        tensor = self._torch_state[t.file][name]
+        # A memory-mapped .bin is opened again for each tensor (about 10 ms) and closed after it, so that
+        # the pages read do not pile up in memory; a legacy (not mmap-able) file stays loaded.
+        state = self._torch_state.get(t.file) or _torch_load(t.file)[0]
+        tensor = state[name]
         import torch
 
         return torch.empty(tuple(tensor.shape), dtype=torch.float32).copy_(tensor).numpy()
