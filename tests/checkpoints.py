@@ -183,8 +183,6 @@ def _make(arch: str, out_dir: Path, *, tied: bool, n_kv_heads: int, hidden: int,
                   "qwen2": transformers.Qwen2Config}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM}[arch]
-    with open(out_dir / "tokenizer_config.json") as f:
-        tok_config = json.load(f)
     config = config_cls(
         vocab_size=vocab_size or n_tokens, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=n_layers,
         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_position,
@@ -200,7 +198,6 @@ def _make(arch: str, out_dir: Path, *, tied: bool, n_kv_heads: int, hidden: int,
     save_weights(model, out_dir, fmt=fmt, n_shards=n_shards)
     if generation is not None:
         (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    del tok_config
     return out_dir
 
 
