@@ -1,5 +1,89 @@
+// Kernel entry points on numpy arrays, for tests and benchmarks.
+#include <pybind11/numpy.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+
 #include "bindings.h"
+#include "common.h"
+#include "ops/matmul.h"
+
+namespace py = pybind11;
 
 namespace pe {
-void bind_kernels(pybind11::module_& m) { (void)m; }
+
+namespace {
+
+// One persistent pool per thread count: creating threads per call would dominate small benchmarks.
+ThreadPool& pool_for(int n_threads) {
+  static std::mutex mu;
+  static std::map<int, std::unique_ptr<ThreadPool>> pools;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& p = pools[n_threads];
+  if (!p) p = std::make_unique<ThreadPool>(n_threads);
+  return *p;
+}
+
+// Validates raw GGUF bytes of a rows x cols matrix and returns a view of them.
+WeightView weight_view(const py::buffer_info& info, uint32_t type_id, int64_t rows, int64_t cols) {
+  if (info.itemsize != 1) throw py::value_error("weights must be raw bytes (a uint8 array or bytes)");
+  if (rows < 0 || cols <= 0) throw py::value_error(str_cat("bad weight shape ", rows, " x ", cols));
+  PE_CHECK(type_traits(type_id), UnsupportedModelError, "unknown tensor type id ", type_id);
+  const GGMLType t = GGMLType(type_id);
+  PE_CHECK(matmul_supports(t), UnsupportedModelError, "type ", type_name(type_id), " is not supported by matmul");
+  const size_t rb = row_bytes(t, cols);
+  ssize_t expected_stride = 1;
+  for (ssize_t i = info.ndim - 1; i >= 0; i--) {
+    if (info.shape[i] != 1 && info.strides[i] != expected_stride)
+      throw py::value_error("weight bytes must be C-contiguous");
+    expected_stride *= info.shape[i];
+  }
+  if (size_t(info.size) != rb * size_t(rows))
+    throw py::value_error(str_cat("weights of type ", type_name(type_id), " ", rows, " x ", cols, " take ",
+                                  rb * size_t(rows), " bytes, got ", info.size));
+  return WeightView{t, info.ptr, rows, cols, rb};
+}
+
+py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
+                             const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int n_threads) {
+  const py::buffer_info wi = w.request();
+  const WeightView view = weight_view(wi, type_id, rows, cols);
+  if (x.ndim() != 2 || x.shape(1) != cols)
+    throw py::value_error(str_cat("x must have shape (m, ", cols, ")"));
+  if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+  const int64_t m = x.shape(0);
+  py::array_t<float> y({m, rows});
+  const float* xp = x.data();
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    matmul(view, xp, m, cols, yp, rows, pool_for(n_threads));
+  }
+  return y;
+}
+
+py::array_t<float> py_dequantize(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols) {
+  const py::buffer_info wi = w.request();
+  const WeightView view = weight_view(wi, type_id, rows, cols);
+  py::array_t<float> out({rows, cols});
+  float* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t r = 0; r < rows; r++) dequantize_row(view, r, op + r * cols);
+  }
+  return out;
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+  m.def("matmul", &py_matmul, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"), py::arg("x"),
+        py::arg("n_threads") = 1,
+        "Y = X @ W.T with W given as raw GGUF bytes of a rows x cols matrix of ggml type `type_id`, "
+        "X float32 (m, cols). Returns float32 (m, rows). Runs on the current CPU path.");
+  m.def("dequantize", &py_dequantize, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
+        "Raw GGUF bytes of a rows x cols matrix of ggml type `type_id` as float32 (rows, cols).");
+}
+
 }  // namespace pe

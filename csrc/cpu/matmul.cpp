@@ -1,10 +1,115 @@
-// Placeholder until the kernels land.
+// Matmul front end: argument checks, activation quantization, work split over the thread pool, and
+// dispatch to the kernel family cpu_path() names. The kernels themselves live in matmul_<isa>.cpp.
 #include "ops/matmul.h"
 
+#include <algorithm>
+
+#include "cpu/matmul_kernels.h"
+#include "cpu_features.h"
+
 namespace pe {
-void matmul(const WeightView&, const float*, int64_t, int64_t, float*, int64_t, ThreadPool&) {
-  PE_THROW(Error, "matmul not implemented");
+
+using cpu::MatmulKernels;
+using cpu::QuantizedX;
+using cpu::QuantScheme;
+using cpu::XSub;
+
+namespace {
+
+bool is_float_type(GGMLType t) { return t == GGMLType::F32 || t == GGMLType::F16 || t == GGMLType::BF16; }
+
+const MatmulKernels& kernels() {
+#if defined(PE_X86)
+  switch (cpu_path()) {
+    case CpuPath::AVX512: return cpu::kAvx512Kernels;
+    case CpuPath::AVX2: return cpu::kAvx2Kernels;
+    default: break;
+  }
+#endif
+  return cpu::kPortableKernels;
 }
-void dequantize_row(const WeightView&, int64_t, float*) { PE_THROW(Error, "dequantize_row not implemented"); }
-bool matmul_supports(GGMLType) { return false; }
+
+// Rows are handed out in multiples of 16 (the AVX-512 panel height; twice the AVX2 one).
+constexpr int64_t kRowGrain = 16;
+
+// Thread ith's share of the m x rows output. Splitting W's rows keeps each weight byte read by one
+// thread (decode streams W once); activation rows are split only when W has too few rows to go round.
+void split_work(int64_t rows, int64_t m, int ith, int nth, int64_t& r0, int64_t& r1, int64_t& m0, int64_t& m1) {
+  const int64_t grains = (rows + kRowGrain - 1) / kRowGrain;
+  if (nth == 1 || grains >= 4 * nth || m < 2 * nth) {
+    ThreadPool::split(grains, ith, nth, r0, r1);
+    r0 = std::min(rows, r0 * kRowGrain);
+    r1 = std::min(rows, r1 * kRowGrain);
+    m0 = 0;
+    m1 = m;
+  } else {
+    ThreadPool::split(m, ith, nth, m0, m1);
+    r0 = 0;
+    r1 = rows;
+  }
+}
+
+void check_args(const WeightView& w, const float* x, int64_t m, int64_t ldx, const float* y, int64_t ldy) {
+  PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "matmul: unsupported weight type ",
+           type_name(uint32_t(w.type)));
+  PE_CHECK(w.rows >= 0 && w.cols > 0, Error, "matmul: bad weight shape ", w.rows, " x ", w.cols);
+  const size_t rb = row_bytes(w.type, w.cols);  // throws if cols is not a multiple of the block size
+  PE_CHECK(w.row_stride >= rb, Error, "matmul: weight row stride ", w.row_stride, " < row size ", rb);
+  PE_CHECK(m >= 0, Error, "matmul: negative number of rows ", m);
+  PE_CHECK(ldx >= w.cols, Error, "matmul: ldx ", ldx, " < cols ", w.cols);
+  PE_CHECK(ldy >= w.rows, Error, "matmul: ldy ", ldy, " < rows ", w.rows);
+  PE_CHECK(m == 0 || w.rows == 0 || (w.data && x && y), Error, "matmul: null pointer");
+}
+
+}  // namespace
+
+bool matmul_supports(GGMLType t) { return is_float_type(t) || cpu::quant_scheme(t) != nullptr; }
+
+void dequantize_row(const WeightView& w, int64_t r, float* out) {
+  PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "dequantize: unsupported type ", type_name(uint32_t(w.type)));
+  PE_CHECK(r >= 0 && r < w.rows, Error, "dequantize: row ", r, " out of range [0, ", w.rows, ")");
+  row_bytes(w.type, w.cols);
+  cpu::dequantize_row_ref(w.type, static_cast<const uint8_t*>(w.data) + r * w.row_stride, w.cols, out);
+}
+
+void matmul(const WeightView& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy, ThreadPool& pool) {
+  check_args(w, x, m, ldx, y, ldy);
+  if (m == 0 || w.rows == 0) return;
+  const MatmulKernels& k = kernels();
+  const int nth = pool.size();
+
+  if (is_float_type(w.type)) {
+    pool.run([&](int ith, int n) {
+      int64_t r0, r1, m0, m1;
+      split_work(w.rows, m, ith, n, r0, r1, m0, m1);
+      if (r0 < r1 && m0 < m1) k.gemm_float(w, x, ldx, r0, r1, m0, m1, y, ldy);
+    });
+    return;
+  }
+
+  // Quantized activations live in the calling thread's buffers; the pool's threads only read them.
+  const QuantScheme& s = *cpu::quant_scheme(w.type);
+  thread_local cpu::ScratchBuffer q_buf, sub_buf;
+  QuantizedX qx;
+  qx.ldq = (w.cols + 63) & ~int64_t(63);
+  qx.ldsub = w.cols / s.sub;
+  qx.q = static_cast<int8_t*>(q_buf.get(size_t(m * qx.ldq)));
+  qx.sub = static_cast<XSub*>(sub_buf.get(size_t(m * qx.ldsub) * sizeof(XSub)));
+
+  if (m >= 2 * nth && nth > 1) {
+    pool.run([&](int ith, int n) {
+      int64_t m0, m1;
+      ThreadPool::split(m, ith, n, m0, m1);
+      if (m0 < m1) k.quantize_x(x, ldx, m0, m1, w.cols, s, qx);
+    });
+  } else {
+    k.quantize_x(x, ldx, 0, m, w.cols, s, qx);
+  }
+  pool.run([&](int ith, int n) {
+    int64_t r0, r1, m0, m1;
+    split_work(w.rows, m, ith, n, r0, r1, m0, m1);
+    if (r0 < r1 && m0 < m1) k.gemm_quant(w, qx, r0, r1, m0, m1, y, ldy);
+  });
+}
+
 }  // namespace pe

@@ -1,0 +1,68 @@
+// Internal interface between the matmul front end (matmul.cpp: checks, activation buffers, threading)
+// and the per-ISA kernels (matmul_portable.cpp, matmul_avx2.cpp, matmul_avx512.cpp).
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+
+#include "cpu/quant_blocks.h"
+#include "ops/matmul.h"
+
+#define PE_INLINE inline __attribute__((always_inline))
+
+namespace pe::cpu {
+
+// Per activation row and weight sub-block, what the integer kernels need besides the int8 values.
+struct XSub {
+  int32_t bias;  // -offset * sum(q) over the sub-block: folds the weights' offset into the dot product
+  float d;       // scale of the 32-element activation block that holds the sub-block
+  float s;       // d * sum(q) over the sub-block: multiplies the weights' min
+  float pad;
+};
+
+// Activations quantized for one matmul, as ggml's Q8_0 but with a float scale: each 32 elements get
+// d = max|x| / 127 and q = round-half-even(x * 127 / max|x|), so |q| <= 127 (pmaddubsw's sign trick
+// and the u8 x s8 products rely on q != -128). Row r's values start at q + r * ldq (ldq a multiple of
+// 64), its sub-block entries at sub + r * ldsub.
+struct QuantizedX {
+  int8_t* q = nullptr;
+  int64_t ldq = 0;
+  XSub* sub = nullptr;
+  int64_t ldsub = 0;
+};
+
+// One kernel family. Rows [r0, r1) of W against activation rows [m0, m1) into Y; each call runs on one
+// thread. gemm_quant reads activations quantized by the same family's quantize_x.
+struct MatmulKernels {
+  void (*quantize_x)(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, const QuantScheme& s,
+                     const QuantizedX& out);
+  void (*gemm_quant)(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
+                     float* y, int64_t ldy);
+  void (*gemm_float)(const WeightView& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m0,
+                     int64_t m1, float* y, int64_t ldy);
+};
+
+extern const MatmulKernels kPortableKernels;
+#if defined(PE_X86)
+extern const MatmulKernels kAvx2Kernels;
+extern const MatmulKernels kAvx512Kernels;
+#endif
+
+// A grow-only 64-byte-aligned scratch buffer (one per thread and use: no allocation in steady state).
+class ScratchBuffer {
+ public:
+  ScratchBuffer() = default;
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+  ~ScratchBuffer();
+  // Out of line on purpose: an inline copy compiled in an AVX-512 file could be the one the linker keeps.
+  void* get(size_t bytes);
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Scalar reference for one activation row (shared by the portable path and the SIMD paths' tails).
+void quantize_x_row_ref(const float* x, int64_t k, const QuantScheme& s, int8_t* q, XSub* sub);
+
+}  // namespace pe::cpu

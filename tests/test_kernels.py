@@ -1,0 +1,190 @@
+"""Matmul and dequantization kernels against numpy references, on every CPU path this machine has.
+
+Dequantization must equal gguf-py's exactly. Matmul with a quantized weight is compared with
+x_q @ dequant(W).T, where x_q is x quantized to 8 bits per 32-element block exactly as the kernels do
+it (d = max|x| / 127, q = round-half-even(x * 127 / max|x|)), so the only difference left is float
+rounding and the tolerance can be tight.
+"""
+import itertools
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
+
+import pyengine  # noqa: E402
+from pyengine import _C  # noqa: E402
+
+PATH_ORDER = ["portable", "avx2", "avx512"]
+PATHS = PATH_ORDER[: PATH_ORDER.index(_C.best_cpu_path()) + 1]
+
+FLOAT_TYPES = [QT.F32, QT.F16, QT.BF16]
+LEGACY_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
+K_TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+ALL_TYPES = FLOAT_TYPES + LEGACY_TYPES + K_TYPES
+
+# Byte offsets of the fp16 super-block scales in each K-quant block (ggml's block_qN_K).
+K_SCALE_OFFSETS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
+
+
+@pytest.fixture(params=PATHS)
+def cpu_path(request):
+    before = _C.cpu_path()
+    _C.set_cpu_path(request.param)
+    yield request.param
+    _C.set_cpu_path(before)
+
+
+def make_weights(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw GGUF bytes (rows, row_bytes) of a random rows x cols matrix."""
+    if qtype == QT.F32:
+        return rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8)
+    if qtype in K_TYPES:
+        # Random bytes are valid K-quant blocks once the fp16 super-block scales are sane.
+        block, size = GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+        for off in K_SCALE_OFFSETS[qtype]:
+            d = rng.uniform(0.001, 0.01, (rows, cols // block)).astype(np.float16)
+            raw[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, cols // block, 2)
+        return raw.reshape(rows, -1)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    return np.ascontiguousarray(gguf.quants.quantize(w, qtype)).view(np.uint8)
+
+
+def dequant_ref(qtype: QT, raw: np.ndarray, cols: int) -> np.ndarray:
+    if qtype == QT.F32:
+        return raw.view(np.float32).reshape(-1, cols)
+    if qtype == QT.F16:
+        return raw.view(np.float16).astype(np.float32).reshape(-1, cols)
+    return gguf.quants.dequantize(raw, qtype).reshape(-1, cols)
+
+
+def quantize_x_ref(x: np.ndarray) -> np.ndarray:
+    """x as the kernels see it after 8-bit quantization per 32 elements (float32 arithmetic)."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inv)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(m, k)
+
+
+def matmul_ref(qtype: QT, raw: np.ndarray, cols: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference Y and the scale of its rounding error (sum of |x_k w_k|)."""
+    w = dequant_ref(qtype, raw, cols).astype(np.float64)
+    xr = x.astype(np.float64) if qtype in FLOAT_TYPES else quantize_x_ref(x)
+    return xr @ w.T, np.abs(xr) @ np.abs(w).T
+
+
+def cols_for(qtype: QT) -> list[int]:
+    block = GGML_QUANT_SIZES[qtype][0]
+    if qtype in FLOAT_TYPES:
+        return [64, 200, 577]
+    if block == 256:
+        return [256, 768]
+    return [32, 96, 576]
+
+
+SHAPES = [(1, 1), (37, 1), (70, 2), (37, 3), (50, 5), (33, 17), (70, 64)]  # (rows, m)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf(qtype, cpu_path):
+    rng = np.random.default_rng(int(qtype))
+    for cols in cols_for(qtype):
+        raw = make_weights(qtype, 7, cols, rng)
+        got = _C.dequantize(raw, int(qtype), 7, cols)
+        want = dequant_ref(qtype, raw, cols)
+        assert got.dtype == np.float32 and got.shape == (7, cols)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_matmul_matches_reference(qtype, cpu_path):
+    rng = np.random.default_rng(100 + int(qtype))
+    rtol = 2e-5 if qtype in FLOAT_TYPES else 1e-4
+    for (rows, m), cols in itertools.product(SHAPES, cols_for(qtype)):
+        raw = make_weights(qtype, rows, cols, rng)
+        x = rng.standard_normal((m, cols)).astype(np.float32)
+        want, scale = matmul_ref(qtype, raw, cols, x)
+        for n_threads in (1, 2, 3):
+            got = _C.matmul(raw, int(qtype), rows, cols, x, n_threads)
+            assert got.shape == (m, rows) and got.dtype == np.float32
+            err = np.abs(got - want)
+            bad = err > rtol * scale + 1e-30
+            assert not bad.any(), (
+                f"{qtype.name} {cpu_path} rows={rows} cols={cols} m={m} threads={n_threads}: "
+                f"{bad.sum()} bad, worst {err.max():.3g} vs scale {scale.max():.3g}"
+            )
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_paths_agree(qtype):
+    if len(PATHS) < 2:
+        pytest.skip("only one CPU path on this machine")
+    rng = np.random.default_rng(200 + int(qtype))
+    cols = cols_for(qtype)[-1]
+    before = _C.cpu_path()
+    try:
+        for rows, m in [(37, 1), (70, 17)]:
+            raw = make_weights(qtype, rows, cols, rng)
+            x = rng.standard_normal((m, cols)).astype(np.float32)
+            _, scale = matmul_ref(qtype, raw, cols, x)
+            results = {}
+            for path in PATHS:
+                _C.set_cpu_path(path)
+                results[path] = _C.matmul(raw, int(qtype), rows, cols, x, 2)
+            for a, b in itertools.combinations(PATHS, 2):
+                assert np.all(np.abs(results[a] - results[b]) <= 1e-5 * scale), (qtype.name, a, b, rows, m)
+    finally:
+        _C.set_cpu_path(before)
+
+
+def test_large_values_and_zeros(cpu_path):
+    """All-zero activation blocks (scale 0) and large magnitudes must not produce NaN or overflow."""
+    rng = np.random.default_rng(7)
+    raw = make_weights(QT.Q4_0, 20, 128, rng)
+    x = rng.standard_normal((3, 128)).astype(np.float32) * 1e4
+    x[1] = 0
+    x[2, :32] = 0
+    want, scale = matmul_ref(QT.Q4_0, raw, 128, x)
+    got = _C.matmul(raw, int(QT.Q4_0), 20, 128, x)
+    assert np.all(np.isfinite(got))
+    assert np.all(np.abs(got - want) <= 1e-4 * scale)
+    assert np.all(got[1] == 0)
+
+
+def test_matmul_argument_errors():
+    rng = np.random.default_rng(0)
+    raw = make_weights(QT.Q4_0, 4, 64, rng)
+    x = np.zeros((2, 64), np.float32)
+    with pytest.raises(ValueError, match="bytes"):
+        _C.matmul(raw[:, :-1], int(QT.Q4_0), 4, 64, x)
+    with pytest.raises(ValueError, match="shape"):
+        _C.matmul(raw, int(QT.Q4_0), 4, 64, np.zeros((2, 32), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        _C.matmul(raw, int(QT.Q4_0), 4, 64, np.zeros(64, np.float32))
+    with pytest.raises(pyengine.ModelFormatError, match="multiple"):
+        _C.matmul(raw, int(QT.Q4_0), 4, 48, np.zeros((2, 48), np.float32))
+    with pytest.raises(pyengine.UnsupportedModelError):
+        _C.matmul(raw, 9999, 4, 64, x)
+    with pytest.raises(pyengine.UnsupportedModelError):
+        _C.matmul(raw, int(QT.IQ2_XXS), 4, 64, x)
+    with pytest.raises(ValueError, match="contiguous"):
+        _C.matmul(np.asfortranarray(raw), int(QT.Q4_0), 4, 64, x)
+    with pytest.raises(ValueError, match="raw bytes"):
+        _C.matmul(raw.view(np.uint16), int(QT.Q4_0), 4, 64, x)
+    with pytest.raises(ValueError, match="n_threads"):
+        _C.matmul(raw, int(QT.Q4_0), 4, 64, x, 0)
+    with pytest.raises(ValueError, match="bytes"):
+        _C.dequantize(raw, int(QT.Q4_0), 5, 64)
+    # Empty activations are fine.
+    assert _C.matmul(raw, int(QT.Q4_0), 4, 64, np.zeros((0, 64), np.float32)).shape == (0, 4)
+    # bytes objects work as weights too.
+    np.testing.assert_array_equal(
+        _C.dequantize(raw.tobytes(), int(QT.Q4_0), 4, 64), _C.dequantize(raw, int(QT.Q4_0), 4, 64)
+    )
