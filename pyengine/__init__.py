@@ -1,6 +1,20 @@
-"""pyengine: quantized LLM inference on CPUs and small GPUs."""
-from ._C import ContextLengthError, EngineError, ModelFormatError, UnsupportedModelError
-from .llm import LLM
+"""pyengine: quantized LLM inference on CPUs and small GPUs.
 
-__all__ = ["LLM", "ContextLengthError", "EngineError", "ModelFormatError", "UnsupportedModelError"]
+    import pyengine
+    llm = pyengine.LLM("model.gguf", n_ctx=4096)
+"""
+from ._C import ContextLengthError, EngineError, ModelFormatError, UnsupportedModelError
+from .chat_template import ChatTemplate, TemplateError
+from .default_model import ModelNotFoundError, find_default_model, resolve_model
+from .generation import ChatSession, ContextShiftWarning, Generation, GenerationStats, generate
+from .llm import LLM
+from .sampling import Sampler, SamplingParams
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+__all__ = [
+    "LLM", "Tokenizer", "IncrementalDetokenizer", "SamplingParams", "Sampler", "ChatTemplate", "ChatSession",
+    "Generation", "GenerationStats", "generate", "find_default_model", "resolve_model",
+    "ContextLengthError", "ContextShiftWarning", "EngineError", "ModelFormatError", "ModelNotFoundError",
+    "TemplateError", "UnsupportedModelError",
+]
 __version__ = "0.1.0"
