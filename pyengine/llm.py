@@ -34,12 +34,25 @@ class LLM:
             raise FileNotFoundError(f"model file not found: {path}")
         self.model_path = path
         self._model = _C.Model(str(path))
+        self._init_context(n_ctx, n_threads, n_batch, kv_type)
+
+    def _init_context(self, n_ctx: int, n_threads: int | None, n_batch: int, kv_type: str) -> None:
         cfg = self._model.config
         if n_ctx <= 0:
             n_ctx = int(cfg["n_ctx_train"])
         if n_threads is None or n_threads <= 0:
             n_threads = default_threads()
         self._ctx = _C.Context(self._model, int(n_ctx), int(n_threads), int(n_batch), kv_type)
+
+    def new_context(self, n_ctx: int | None = None, n_threads: int | None = None, n_batch: int = 512,
+                    kv_type: str = "f16") -> "LLM":
+        """Another `LLM` on the same weights (shared, not copied) with its own KV cache: one per
+        concurrent conversation, e.g. a server slot."""
+        other = object.__new__(type(self))
+        other.model_path = self.model_path
+        other._model = self._model
+        other._init_context(self.n_ctx if n_ctx is None else n_ctx, n_threads or self.n_threads, n_batch, kv_type)
+        return other
 
     # --- model facts -------------------------------------------------------------------------
     @cached_property
