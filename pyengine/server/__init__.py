@@ -1,0 +1,83 @@
+"""`pyengine serve`: an OpenAI-compatible HTTP server (needs `pip install 'pyengine[server]'`).
+
+    pyengine serve -m model.gguf --port 8000 --parallel 4
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with
+`"stream": true` as server-sent events), GET /health. See `scheduler` for how concurrent requests
+share the model and `app` for the API's shapes and errors.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["build_server", "main"]
+
+
+def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: int = 4, queue_size: int = 16,
+                 api_key: str | None = None, threads: int | None = None, max_body_bytes: int = 1 << 20,
+                 max_tokens_cap: int | None = None, prefill_chunk: int = 128, llm=None):
+    """(app, scheduler): the FastAPI app and the engine behind it. `llm` reuses loaded weights."""
+    from ..default_model import resolve_model
+    from ..llm import LLM
+    from ..tokenizer import Tokenizer
+    from .app import ServerConfig, create_app
+    from .scheduler import Scheduler
+
+    if llm is None:
+        llm = LLM(resolve_model(None if model is None else str(model)), n_ctx=n_ctx, n_threads=threads)
+    tokenizer = Tokenizer.from_metadata(llm.metadata)
+    scheduler = Scheduler(llm, tokenizer, parallel=parallel, queue_size=queue_size, n_ctx=n_ctx,
+                          prefill_chunk=prefill_chunk)
+    config = ServerConfig(model_id=llm.model_path.stem, api_key=api_key or None, max_body_bytes=max_body_bytes,
+                          max_tokens_cap=max_tokens_cap or scheduler.n_ctx)
+    return create_app(scheduler, tokenizer, config), scheduler
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pyengine serve", description="OpenAI-compatible HTTP server.")
+    p.add_argument("-m", "--model", help="GGUF file, folder or model name (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("-c", "--n-ctx", type=int, default=2048, help="context length of each slot, in tokens")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (only 0 for now)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("-np", "--parallel", type=int, default=4, help="requests generated at once (slots)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests waiting for a slot before 503s")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask (default n_ctx)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size cap")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens evaluated per scheduling step")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = p.parse_args(argv)
+
+    import uvicorn
+
+    from .._C import EngineError
+    from ..default_model import ModelNotFoundError
+
+    if args.n_gpu_layers:
+        print(f"pyengine serve: GPU layers are unavailable in this build; -ngl {args.n_gpu_layers} ignored, "
+              "running on the CPU", file=sys.stderr)
+    if args.parallel < 1 or args.queue_size < 0 or args.n_ctx < 1:
+        print("pyengine serve: --parallel and --n-ctx must be >= 1, --queue-size >= 0", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    try:
+        app, scheduler = build_server(args.model, args.n_ctx, args.parallel, args.queue_size, args.api_key,
+                                      args.threads, args.max_body_bytes, args.max_tokens, args.prefill_chunk)
+    except (ModelNotFoundError, FileNotFoundError, EngineError, ValueError) as e:
+        print(f"pyengine serve: {e}", file=sys.stderr)
+        return 1
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"pyengine serve: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"pyengine serve: {Path(scheduler.slots[0].llm.model_path).name} on http://{args.host}:{args.port}/v1 with {args.parallel} slots of "
+          f"{scheduler.n_ctx} tokens", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        scheduler.close()
+    return 0

@@ -1,0 +1,313 @@
+"""The HTTP side: FastAPI routes in OpenAI's shapes on top of a `Scheduler`.
+
+Errors are OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`: 400 for bad JSON,
+bad fields and prompts longer than the context, 401 for a wrong API key, 404 for unknown routes and
+models, 413 for bodies over the cap, 503 when every slot is busy and the queue is full.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat_template import ChatTemplate, TemplateError
+from ..generation import GenerationStats
+from ..sampling import SamplingParams
+from ..tokenizer import Tokenizer
+from .scheduler import Job, QueueFullError, Scheduler
+from .schemas import ChatCompletionRequest, CompletionRequest, check_supported
+
+__all__ = ["ServerConfig", "create_app"]
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded"}
+
+
+@dataclass
+class ServerConfig:
+    model_id: str  # the name /v1/models lists and requests must use
+    api_key: str | None = None  # bearer token required on every route but /health
+    max_body_bytes: int = 1 << 20
+    max_tokens_cap: int = 4096  # the largest max_tokens a request may ask for
+    disconnect_poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Guard:
+    """ASGI middleware, before any routing: the API key, then the body size cap.
+
+    The body is read here (up to the cap) and replayed to the app, so a client that streams an endless
+    chunked body is cut off at the cap, as one that announces a large Content-Length is."""
+
+    def __init__(self, app: Any, config: ServerConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = self.config.api_key
+        if key and scope["path"] != "/health":
+            auth = headers.get("authorization", "")
+            if auth[:7].lower() != "bearer " or not _same(auth[7:].strip(), key):
+                response = error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        cap = self.config.max_body_bytes
+        too_large = error_response(413, f"request body larger than {cap} bytes", code="request_too_large")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away before sending its body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > cap:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _same(a: str, b: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
+               template: ChatTemplate | None = None) -> FastAPI:
+    """The FastAPI app serving `scheduler`'s model under `config.model_id`."""
+    template = template or ChatTemplate.for_tokenizer(tokenizer)
+    created = int(time.time())
+    app = FastAPI(title="pyengine", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, config=config)
+    app.state.scheduler = scheduler
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return error_response(e.status_code, message, headers=getattr(e, "headers", None))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", **scheduler.status()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(config.model_id, created)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        _check_model(model_id, config)
+        return _model_card(config.model_id, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = _parse(await request.body(), ChatCompletionRequest)
+        _check_model(req.model, config)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
+                    for i, m in enumerate(req.messages)]
+        try:
+            prompt = template.render(messages, add_generation_prompt=True)
+        except TemplateError as e:
+            raise ApiError(400, str(e), "messages") from None
+        # As transformers' apply_chat_template: the template writes BOS itself where the model wants one.
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        return await _serve(request, req, ids, "chat.completion", scheduler, config)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = _parse(await request.body(), CompletionRequest)
+        _check_model(req.model, config)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            if any(not 0 <= t < tokenizer.n_vocab for t in prompt):
+                raise ApiError(400, f"token ids must be in [0, {tokenizer.n_vocab})", "prompt")
+            ids = list(prompt)
+        else:
+            text = prompt[0] if isinstance(prompt, list) else prompt
+            ids = tokenizer.encode(text or "", add_special_tokens=True)
+        return await _serve(request, req, ids, "text_completion", scheduler, config)
+
+    return app
+
+
+def _model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "pyengine"}
+
+
+def _check_model(name: str, config: ServerConfig) -> None:
+    if name not in (config.model_id, config.model_id + ".gguf"):
+        raise ApiError(404, f"the model {name!r} does not exist; this server has {config.model_id!r}", "model",
+                       "model_not_found")
+
+
+def _parse(body: bytes, schema: type) -> Any:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        req = schema.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param) from None
+    unsupported = check_supported(req)
+    if unsupported:
+        raise ApiError(400, *unsupported)
+    return req
+
+
+def _text(content: Any, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"only text content parts are supported, got type {part.get('type')!r}",
+                           f"messages.{index}.content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _sampling_params(req: Any, n_prompt: int, scheduler: Scheduler, config: ServerConfig) -> SamplingParams:
+    if n_prompt == 0:
+        raise ApiError(400, "the prompt is empty", "prompt")
+    if n_prompt > scheduler.n_ctx:
+        raise ApiError(400, f"the prompt has {n_prompt} tokens, more than the context of {scheduler.n_ctx}",
+                       "messages" if isinstance(req, ChatCompletionRequest) else "prompt", "context_length_exceeded")
+    max_tokens = req.requested_max_tokens()
+    param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+    if max_tokens is not None and max_tokens > config.max_tokens_cap:
+        raise ApiError(400, f"{param} is {max_tokens}, more than this server allows ({config.max_tokens_cap})", param)
+    room = scheduler.n_ctx - n_prompt + 1  # generation stops at a full context anyway
+    limit = min(config.max_tokens_cap, room) if max_tokens is None else min(max_tokens, room)
+    return SamplingParams(
+        max_new_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, seed=req.seed, stop=tuple(s for s in req.stop_list() if s),
+    )
+
+
+def _usage(n_prompt: int, stats: GenerationStats | None) -> dict:
+    generated = stats.generated_tokens if stats else 0
+    return {"prompt_tokens": n_prompt, "completion_tokens": generated, "total_tokens": n_prompt + generated}
+
+
+async def _serve(request: Request, req: Any, ids: list[int], kind: str, scheduler: Scheduler,
+                 config: ServerConfig) -> Response:
+    params = _sampling_params(req, len(ids), scheduler, config)
+    try:
+        job = scheduler.submit(ids, params)
+    except QueueFullError as e:
+        return error_response(503, str(e), code="server_busy", headers={"Retry-After": "1"})
+    chat = kind == "chat.completion"
+    meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
+            "model": config.model_id}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(job, meta, chat, len(ids), include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    pieces, stats = [], None
+    try:
+        while True:
+            try:
+                event, value = await asyncio.wait_for(job.events.get(), config.disconnect_poll_s)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+                continue
+            if event == "text":
+                pieces.append(value)
+            elif event == "done":
+                stats = value
+                break
+            else:
+                return error_response(500, f"generation failed: {value}", code="generation_failed")
+    finally:
+        job.cancel()  # no-op when done; frees the slot when the client left or the handler was cancelled
+    text = "".join(pieces)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": stats.finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return JSONResponse({**meta, "object": kind, "choices": [choice], "usage": _usage(len(ids), stats)})
+
+
+async def _stream(job: Job, meta: dict, chat: bool, n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: dict | str, finish_reason: str | None = None) -> str:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        if chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta
+        body: dict[str, Any] = {**meta, "object": kind, "choices": [choice]}
+        if include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        while True:
+            event, value = await job.events.get()
+            if event == "text":
+                yield chunk({"content": value} if chat else value)
+            elif event == "done":
+                yield chunk({} if chat else "", value.finish_reason)
+                if include_usage:
+                    yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': _usage(n_prompt, value)})}\n\n"
+                break
+            else:
+                error = {"message": f"generation failed: {value}", "type": "server_error", "param": None,
+                         "code": "generation_failed"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # the client disconnected (the response was cancelled), or we are done
