@@ -77,8 +77,9 @@ class Generation:
     """
 
     def __init__(self, llm: "LLM", tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                 n_cached: int = 0):
+                 n_cached: int = 0, owner: object = None):
         self.llm = llm
+        self.owner = owner  # who may reuse the KV cache this leaves behind (a ChatSession), see _claim
         self.tokenizer = tokenizer
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.params = params
@@ -135,6 +136,7 @@ class Generation:
             n_cached = max(0, min(self.n_cached, len(self.prompt_ids) - 1, llm.n_past))
             stats.cached_tokens = n_cached
             start = time.perf_counter()
+            _claim(llm, self.owner)
             llm.truncate(n_cached)
             logits = llm.eval(self.prompt_ids[n_cached:])
             self.cache_ids = list(self.prompt_ids)
@@ -183,6 +185,16 @@ class Generation:
                 stats.generation_seconds = time.perf_counter() - loop_start
             for callback in self._on_finish:
                 callback(self)
+
+
+def _claim(llm: "LLM", owner: object) -> None:
+    """Mark the KV cache as `owner`'s: a ChatSession reuses cached tokens only while it holds the
+    cache, so a `generate` call or another session on the same context in between is not mistaken
+    for the conversation's prefix."""
+    try:
+        llm._kv_owner = owner
+    except AttributeError:  # a stand-in without attributes of its own: nobody shares it
+        pass
 
 
 def generate(
@@ -258,7 +270,9 @@ class ChatSession:
         self._active = None
         self.messages.append({"role": "user", "content": content})
         ids, shifted = self._fit(params)
-        generation = Generation(self.llm, self.tokenizer, ids, params, _common_prefix(ids, self._cache_ids))
+        holds_cache = getattr(self.llm, "_kv_owner", self) is self
+        n_cached = _common_prefix(ids, self._cache_ids) if holds_cache else 0
+        generation = Generation(self.llm, self.tokenizer, ids, params, n_cached, owner=self)
         generation.stats.context_shifted = shifted
         generation._on_finish.append(self._finished)
         self._active = generation
