@@ -16,6 +16,12 @@ def build_parser(prog: str = "pyengine convert") -> argparse.ArgumentParser:
     p.add_argument("--output-qtype", choices=list(QTYPES), default=None,
                    help="type of token_embd and output (default q8_0 for q4_* files, else --qtype)")
     p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="PEFT LoRA adapter merged before quantization")
+    p.add_argument("--quant-method", choices=["rtn", "search"], default=None,
+                   help="rtn: round to nearest (llama.cpp's reference, default without --calibration); "
+                        "search: per-block error-minimising scale search for q4_0/q4_1 (default with --calibration)")
+    p.add_argument("--calibration", metavar="TEXT_FILE", default=None,
+                   help="weight the scale search by mean squared activations on this text (an imatrix; "
+                        "needs torch)")
     p.add_argument("--vocab-only", action="store_true", help="write only the metadata and tokenizer")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -26,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = convert(args.model_dir, args.out, qtype=args.qtype, lora=args.lora,
-                         output_qtype=args.output_qtype, vocab_only=args.vocab_only, progress=not args.quiet)
+                         output_qtype=args.output_qtype, vocab_only=args.vocab_only, progress=not args.quiet,
+                         quant_method=args.quant_method, calibration=args.calibration)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -210,7 +210,8 @@ def expected_shape(shapes: dict[str, tuple[int, ...]], gguf_name: str) -> tuple[
 
 
 def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuantizationType,
-                 output: GGMLQuantizationType, lora: LoraAdapter | None, warnings: list[str]) -> list[PlannedTensor]:
+                 output: GGMLQuantizationType, lora: LoraAdapter | None, warnings: list[str],
+                 quant_method: str = "rtn", imatrix: dict[str, np.ndarray] | None = None) -> list[PlannedTensor]:
     names = NameMap(spec)
     shapes = spec.shapes(hp)
     found: dict[str, str] = {}                    # GGUF name -> HF name
@@ -266,7 +267,9 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
                 x = lora.merge(hf_name, x)
             if permute:
                 x = permute_rope_rows(x, permute)
-            return quants.quantize(x, qtype)
+            # the permutation moves rows (output channels) only: the per-column importance still applies
+            importance = imatrix.get(hf_name) if imatrix else None
+            return quants.quantize(x, qtype, quant_method, importance)
 
         plan.append(PlannedTensor(gguf_name, src.shape, qtype, src.nbytes, produce))
 
@@ -334,7 +337,8 @@ def write_generation_config(w: GGUFWriter, gen: dict[str, Any]) -> None:
 
 def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "q4_0",
             lora: str | os.PathLike | None = None, output_qtype: str | None = None,
-            vocab_only: bool = False, *, progress: bool = False) -> ConversionReport:
+            vocab_only: bool = False, *, progress: bool = False, quant_method: str | None = None,
+            calibration: str | os.PathLike | None = None) -> ConversionReport:
     """Convert an HF checkpoint folder to a GGUF file.
 
     qtype: type of the 2-D weights (f32, f16, bf16, q8_0, q4_0, q4_1); 1-D tensors are always F32.
@@ -342,11 +346,23 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
     lora: a PEFT LoRA adapter folder, merged into the weights before quantization.
     vocab_only: write the metadata and tokenizer only.
     progress: draw a progress bar on stderr.
+    quant_method: "rtn" (ggml's reference rounding, byte-equal to gguf.quants, llama-quantize's choice
+        without an imatrix) or "search" (per-block error-minimising scale search, Q4_0/Q4_1 only; see
+        quants.py). Default: "search" with a calibration text, else "rtn".
+    calibration: a text file; the model is run on it (torch) to weight the search's squared error by
+        each input channel's mean squared activation (imatrix.py). Implies quant_method="search".
     Raises ConversionError (and leaves no file at out_path) on bad input.
     """
     start = time.perf_counter()
     model_dir, out_path = Path(model_dir), Path(out_path)
     main_type = parse_qtype(qtype)
+    if quant_method is None:
+        quant_method = "search" if calibration is not None else "rtn"
+    if quant_method not in quants.QUANT_METHODS:
+        raise ConversionError(f"unknown quantization method {quant_method!r} "
+                              f"(choose from {', '.join(quants.QUANT_METHODS)})")
+    if calibration is not None and quant_method != "search":
+        raise ConversionError("a calibration text only weights the scale search: use quant_method='search'")
     out_type = (parse_qtype(output_qtype, "output qtype") if output_qtype is not None
                 else Q.Q8_0 if main_type in (Q.Q4_0, Q.Q4_1) else main_type)
     if not model_dir.is_dir():
@@ -380,7 +396,14 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         ckpt = Checkpoint(model_dir)
         if lora is not None:
             adapter = LoraAdapter(Path(lora), spec)
-        plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings)
+        imatrix = None
+        if calibration is not None and quants.SEARCH_QUANTIZERS.keys() & {main_type, out_type}:
+            from .imatrix import collect_imatrix, load_calibration_text
+
+            imatrix = collect_imatrix(model_dir, load_calibration_text(calibration))
+            if adapter is not None:
+                warnings.append("calibration statistics come from the model without the LoRA adapter")
+        plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings, quant_method, imatrix)
     window = config.get("sliding_window")
     if isinstance(window, int) and window < hp.n_ctx and config.get("use_sliding_window", True):
         warnings.append(f"config.json sliding_window={window} is not stored in GGUF (llama.cpp's {spec.name} "
