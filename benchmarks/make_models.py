@@ -21,7 +21,12 @@ def export_hf(gguf_path: Path, out_dir: Path) -> Path:
 
     kw = dict(gguf_file=gguf_path.name)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, torch_dtype="float32", **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype="float32", **kw)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already plain float32 tensors, so drop that marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
