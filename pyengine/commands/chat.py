@@ -270,20 +270,22 @@ class ChatREPL:
         except ContextLengthError as e:
             print(f"pyengine chat: {e}", file=sys.stderr, flush=True)
             return
+        stopped = False
         try:
             for piece in generation:
                 out.write(piece)
                 out.flush()
         except KeyboardInterrupt:
             generation.close()  # the reply so far stays in the conversation
-            out.write("\n")
-            self.info("(reply stopped)")
+            stopped = True
         except (ContextLengthError, EngineError) as e:
             out.write("\n")
             print(f"pyengine chat: {e}", file=sys.stderr, flush=True)
             return
         out.write("\n\n" if self.interactive else "\n")
         out.flush()
+        if stopped:
+            self.info("(reply stopped)")
         if self.verbose:
             print(format_stats(generation.stats), file=sys.stderr, flush=True)
 
