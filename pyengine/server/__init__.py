@@ -19,7 +19,8 @@ __all__ = ["build_server", "main"]
 def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: int = 4, queue_size: int = 16,
                  api_key: str | None = None, threads: int | None = None, max_body_bytes: int = 1 << 20,
                  max_tokens_cap: int | None = None, prefill_chunk: int = 128, llm=None):
-    """(app, scheduler): the FastAPI app and the engine behind it. `llm` reuses loaded weights."""
+    """(app, scheduler): the FastAPI app and the engine behind it. `llm`: serve these loaded weights
+    instead of loading `model` (several servers can share them)."""
     from ..default_model import resolve_model
     from ..llm import LLM
     from ..tokenizer import Tokenizer
@@ -27,7 +28,8 @@ def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: i
     from .scheduler import Scheduler
 
     if llm is None:
-        llm = LLM(resolve_model(None if model is None else str(model)), n_ctx=n_ctx, n_threads=threads)
+        # The slots get their own contexts; this one only holds the weights, so it is tiny.
+        llm = LLM(resolve_model(None if model is None else str(model)), n_ctx=16, n_threads=threads)
     tokenizer = Tokenizer.from_metadata(llm.metadata)
     scheduler = Scheduler(llm, tokenizer, parallel=parallel, queue_size=queue_size, n_ctx=n_ctx,
                           prefill_chunk=prefill_chunk)

