@@ -64,14 +64,22 @@ void quantize_x(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Packed panel layout, per sub-block of S = 4G elements:
-//   G x 64 bytes  u of elements 4g..4g+3 of rows 0..15 (row i in int32 lane i)
-//   16 floats     scale of each row
-//   16 floats     min of each row (types with a min only)
+// Weight unpacking. A packer turns one unit (one or more sub-blocks) of a block of 16 rows into
+// registers: per sub-block, G vectors where vector g holds u of elements 4g..4g+3 of row i in int32
+// lane i, and the 16 rows' scales (and mins).
 
-template <int G, bool MIN>
-struct PanelLayout {
-  static constexpr int kSubBytes = G * 64 + (MIN ? 128 : 64);
+// 16 weight rows `stride` bytes apart.
+struct PanelRows {
+  const uint8_t* p;
+  int64_t stride;
+  PE_INLINE const uint8_t* at(int i, int64_t off) const { return p + i * stride + off; }
+};
+
+template <int S, int G>
+struct Unit {
+  __m512i u[S][G];
+  __m512 scale[S];
+  __m512 min[S];
 };
 
 // Transposes 4x4 int32 blocks within each 128-bit lane.
@@ -84,32 +92,43 @@ PE_INLINE void transpose4x4(__m512i& a0, __m512i& a1, __m512i& a2, __m512i& a3) 
   a3 = _mm512_unpackhi_epi64(t1, t3);
 }
 
-// t[g] (g < 4): int32 lane i = bytes 4g..4g+3 of the 16 bytes at r[i] + off.
-// Row 4j+k goes to 128-bit lane j of register k, so that the in-lane transpose leaves rows in order.
-PE_INLINE void load_transpose_16x16(const uint8_t* const* r, int64_t off, __m512i t[4]) {
+PE_INLINE __m128i load128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// t[g] (g < 4): int32 lane i = bytes 4g..4g+3 of the 16 bytes at row i + off.
+// Row 4j+k goes to 128-bit lane j of register k, so that the in-lane transpose leaves rows in order;
+// masked broadcasts fill the lanes (a load plus a blend, which unlike vinserti32x4 is not tied to port 5).
+PE_INLINE void load_transpose_16x16(const PanelRows& r, int64_t off, __m512i t[4]) {
   for (int k = 0; k < 4; k++) {
-    __m512i a = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r[k] + off)));
-    a = _mm512_inserti32x4(a, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[4 + k] + off)), 1);
-    a = _mm512_inserti32x4(a, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[8 + k] + off)), 2);
-    a = _mm512_inserti32x4(a, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[12 + k] + off)), 3);
+    __m512i a = _mm512_castsi128_si512(load128(r.at(k, off)));
+    a = _mm512_mask_broadcast_i32x4(a, 0x00F0, load128(r.at(4 + k, off)));
+    a = _mm512_mask_broadcast_i32x4(a, 0x0F00, load128(r.at(8 + k, off)));
+    a = _mm512_mask_broadcast_i32x4(a, 0xF000, load128(r.at(12 + k, off)));
     t[k] = a;
   }
   transpose4x4(t[0], t[1], t[2], t[3]);
 }
 
-PE_INLINE __m512 load_f16_x16(const uint8_t* const* r, int64_t off) {
-  alignas(32) uint16_t h[16];
-  for (int i = 0; i < 16; i++) std::memcpy(&h[i], r[i] + off, 2);
-  return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(h)));
+PE_INLINE uint64_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
 }
 
-PE_INLINE __m512i load_u32_x16(const uint8_t* const* r, int64_t off) {
+// The fp16 at row i + off, for the 16 rows, as floats.
+PE_INLINE __m512 load_f16_x16(const PanelRows& r, int64_t off) {
+  uint64_t q[4];
+  for (int j = 0; j < 4; j++)
+    q[j] = load_u16(r.at(4 * j, off)) | load_u16(r.at(4 * j + 1, off)) << 16 | load_u16(r.at(4 * j + 2, off)) << 32 |
+           load_u16(r.at(4 * j + 3, off)) << 48;
+  return _mm512_cvtph_ps(_mm256_set_epi64x(int64_t(q[3]), int64_t(q[2]), int64_t(q[1]), int64_t(q[0])));
+}
+
+PE_INLINE __m512i load_u32_x16(const PanelRows& r, int64_t off) {
   alignas(64) uint32_t h[16];
-  for (int i = 0; i < 16; i++) std::memcpy(&h[i], r[i] + off, 4);
+  for (int i = 0; i < 16; i++) std::memcpy(&h[i], r.at(i, off), 4);
+  __asm__("" ::"m"(h));
   return _mm512_load_si512(h);
 }
-
-PE_INLINE void store_u(uint8_t* dst, int g, __m512i v) { _mm512_store_si512(dst + 64 * g, v); }
 
 // Q4_0-style nibbles: groups 0..3 are the low nibbles of bytes 0..15, groups 4..7 the high ones.
 PE_INLINE void nibble_groups(const __m512i t[4], __m512i out[8]) {
@@ -122,7 +141,7 @@ PE_INLINE void nibble_groups(const __m512i t[4], __m512i out[8]) {
 
 // Adds 16 to the bytes of group g (elements 4g..4g+3) whose bit in the 32-bit qh of their row is set.
 PE_INLINE __m512i add_q5_high_bits(__m512i u, __m512i qh, int g) {
-  // Each byte of lane i picks byte g/2 of qh[i]; the test keeps bit 4g + byte index.
+  // Every byte of lane i takes byte g/2 of qh[i]; the test then keeps bit 4g + (byte index).
   const __m512i idx = _mm512_add_epi8(
       _mm512_set_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000,
                        0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000),
@@ -134,86 +153,89 @@ PE_INLINE __m512i add_q5_high_bits(__m512i u, __m512i qh, int g) {
 }
 
 struct PackQ4_0 {
-  static constexpr GGMLType kType = GGMLType::Q4_0;
-  static constexpr int kBlock = 32, kSub = 32, kG = 8, kBytes = sizeof(block_q4_0);
+  static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kBytes = sizeof(block_q4_0);
   static constexpr bool kMin = false;
-  static PE_INLINE void pack(const uint8_t* const* r, int64_t off, uint8_t* dst) {
-    __m512i t[4], u[8];
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+    __m512i t[4];
     load_transpose_16x16(r, off + 2, t);
-    nibble_groups(t, u);
-    for (int g = 0; g < 8; g++) store_u(dst, g, u[g]);
-    _mm512_store_ps(dst + 512, load_f16_x16(r, off));
+    nibble_groups(t, out.u[0]);
+    out.scale[0] = load_f16_x16(r, off);
   }
 };
 
 struct PackQ4_1 {
-  static constexpr GGMLType kType = GGMLType::Q4_1;
-  static constexpr int kBlock = 32, kSub = 32, kG = 8, kBytes = sizeof(block_q4_1);
+  static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kBytes = sizeof(block_q4_1);
   static constexpr bool kMin = true;
-  static PE_INLINE void pack(const uint8_t* const* r, int64_t off, uint8_t* dst) {
-    __m512i t[4], u[8];
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+    __m512i t[4];
     load_transpose_16x16(r, off + 4, t);
-    nibble_groups(t, u);
-    for (int g = 0; g < 8; g++) store_u(dst, g, u[g]);
-    _mm512_store_ps(dst + 512, load_f16_x16(r, off));
-    _mm512_store_ps(dst + 576, load_f16_x16(r, off + 2));
+    nibble_groups(t, out.u[0]);
+    out.scale[0] = load_f16_x16(r, off);
+    out.min[0] = load_f16_x16(r, off + 2);
   }
 };
 
 template <bool Q51>
 struct PackQ5 {
-  static constexpr GGMLType kType = Q51 ? GGMLType::Q5_1 : GGMLType::Q5_0;
-  static constexpr int kBlock = 32, kSub = 32, kG = 8;
+  static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1;
   static constexpr int kBytes = Q51 ? sizeof(block_q5_1) : sizeof(block_q5_0);
   static constexpr bool kMin = Q51;
-  static PE_INLINE void pack(const uint8_t* const* r, int64_t off, uint8_t* dst) {
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
     constexpr int qh_off = Q51 ? 4 : 2;
-    __m512i t[4], u[8];
+    __m512i t[4];
     load_transpose_16x16(r, off + qh_off + 4, t);
-    nibble_groups(t, u);
+    nibble_groups(t, out.u[0]);
     const __m512i qh = load_u32_x16(r, off + qh_off);
-    for (int g = 0; g < 8; g++) store_u(dst, g, add_q5_high_bits(u[g], qh, g));
-    _mm512_store_ps(dst + 512, load_f16_x16(r, off));
-    if (Q51) _mm512_store_ps(dst + 576, load_f16_x16(r, off + 2));
+    for (int g = 0; g < 8; g++) out.u[0][g] = add_q5_high_bits(out.u[0][g], qh, g);
+    out.scale[0] = load_f16_x16(r, off);
+    if (Q51) out.min[0] = load_f16_x16(r, off + 2);
   }
 };
 
 struct PackQ8_0 {
-  static constexpr GGMLType kType = GGMLType::Q8_0;
-  static constexpr int kBlock = 32, kSub = 32, kG = 8, kBytes = sizeof(block_q8_0);
+  static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kBytes = sizeof(block_q8_0);
   static constexpr bool kMin = false;
-  static PE_INLINE void pack(const uint8_t* const* r, int64_t off, uint8_t* dst) {
-    const __m512i flip = _mm512_set1_epi8(char(0x80));  // int8 -> u = q + 128
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+    const __m512i flip = _mm512_set1_epi8(char(0x80));  // int8 q -> u = q + 128
     __m512i t[4];
     load_transpose_16x16(r, off + 2, t);
-    for (int g = 0; g < 4; g++) store_u(dst, g, _mm512_xor_si512(t[g], flip));
+    for (int g = 0; g < 4; g++) out.u[0][g] = _mm512_xor_si512(t[g], flip);
     load_transpose_16x16(r, off + 18, t);
-    for (int g = 0; g < 4; g++) store_u(dst, g + 4, _mm512_xor_si512(t[g], flip));
-    _mm512_store_ps(dst + 512, load_f16_x16(r, off));
+    for (int g = 0; g < 4; g++) out.u[0][g + 4] = _mm512_xor_si512(t[g], flip);
+    out.scale[0] = load_f16_x16(r, off);
   }
 };
 
-// Any type through the scalar unpacker (K-quants until they get SIMD packers).
+// Any type through the scalar unpacker, one sub-block per unit (K-quants until they get SIMD packers).
+// Unit 0 decodes the whole block of 16 rows into a per-thread staging area; later units read it.
 template <GGMLType T, int Block, int Sub, bool Min, int Bytes>
 struct PackScalar {
-  static constexpr GGMLType kType = T;
-  static constexpr int kBlock = Block, kSub = Sub, kG = Sub / 4, kBytes = Bytes;
+  static constexpr int kBlock = Block, kSub = Sub, kG = Sub / 4, kSubsPerUnit = 1, kBytes = Bytes;
   static constexpr bool kMin = Min;
-  static void pack(const uint8_t* const* r, int64_t off, uint8_t* dst) {
-    constexpr int kSubBytes = PanelLayout<kG, kMin>::kSubBytes;
+  struct Staging {
+    alignas(64) uint8_t u[Block / Sub][kG][64];
+    alignas(64) float scale[Block / Sub][16];
+    alignas(64) float min[Block / Sub][16];
+  };
+  static __attribute__((noinline)) void decode(const PanelRows& r, int64_t off, Staging& st) {
     const QuantScheme& s = *quant_scheme(T);
-    alignas(64) uint8_t u[kPanel][Block];
-    float sc[kPanel][Block / Sub], mn[kPanel][Block / Sub];
-    for (int i = 0; i < kPanel; i++) unpack_block(s, r[i] + off, u[i], sc[i], mn[i]);
-    for (int j = 0; j < Block / Sub; j++) {
-      uint8_t* d = dst + j * kSubBytes;
-      for (int g = 0; g < kG; g++)
-        for (int i = 0; i < kPanel; i++) std::memcpy(d + 64 * g + 4 * i, &u[i][j * Sub + 4 * g], 4);
-      float* f = reinterpret_cast<float*>(d + 64 * kG);
-      for (int i = 0; i < kPanel; i++) f[i] = sc[i][j];
-      if (Min)
-        for (int i = 0; i < kPanel; i++) f[16 + i] = mn[i][j];
+    uint8_t u[Block];
+    float sc[Block / Sub], mn[Block / Sub];
+    for (int i = 0; i < kPanel; i++) {
+      unpack_block(s, r.at(i, off), u, sc, mn);
+      for (int j = 0; j < Block / Sub; j++) {
+        for (int g = 0; g < kG; g++) std::memcpy(&st.u[j][g][4 * i], &u[j * Sub + 4 * g], 4);
+        st.scale[j][i] = sc[j];
+        st.min[j][i] = Min ? mn[j] : 0.0f;
+      }
     }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int unit, Unit<1, kG>& out) {
+    thread_local Staging st;
+    if (unit == 0) decode(r, off, st);
+    for (int g = 0; g < kG; g++) out.u[0][g] = _mm512_load_si512(st.u[unit][g]);
+    out.scale[0] = _mm512_load_ps(st.scale[unit]);
+    out.min[0] = _mm512_load_ps(st.min[unit]);
   }
 };
 
@@ -223,16 +245,132 @@ using PackQ4_K = PackScalar<GGMLType::Q4_K, QK_K, 32, true, sizeof(block_q4_K)>;
 using PackQ5_K = PackScalar<GGMLType::Q5_K, QK_K, 32, true, sizeof(block_q5_K)>;
 using PackQ6_K = PackScalar<GGMLType::Q6_K, QK_K, 16, false, sizeof(block_q6_K)>;
 
-// ---------------------------------------------------------------------------------------------------
-// Register tile: NP panels (16 rows each) x NC activation rows over nsub sub-blocks.
-// pan: first sub-block of panel 0 (panel p at pan + p * pstride); xq / xs: first element / sub-block
-// entry of activation row 0 (row c at + c * ldq / + c * ldxs).
+template <class P>
+constexpr int kUnits = P::kBlock / (P::kSub * P::kSubsPerUnit);
 
+template <class P>
+using UnitOf = Unit<P::kSubsPerUnit, P::kG>;
+
+// The panel at rows [rp, rp + 16) of w; a last panel with fewer rows is copied to `tail` with its last
+// row repeated, so that kernels always read 16 evenly spaced rows (the copies' results are not stored).
+template <class P>
+PanelRows panel_at(const WeightView& w, int64_t rp, int64_t r1, ScratchBuffer& tail) {
+  const auto* base = static_cast<const uint8_t*>(w.data);
+  if (r1 - rp >= kPanel) return PanelRows{base + rp * int64_t(w.row_stride), int64_t(w.row_stride)};
+  const int64_t rb = w.cols / P::kBlock * P::kBytes;
+  auto* d = static_cast<uint8_t*>(tail.get(size_t(kPanel * rb)));
+  for (int i = 0; i < kPanel; i++) std::memcpy(d + i * rb, base + std::min(rp + i, r1 - 1) * int64_t(w.row_stride), rb);
+  return PanelRows{d, rb};
+}
+
+// Writes 16-row results for NC activation rows to y[c * ldy + row0 + lane], keeping the first nrows.
+template <int NC>
+PE_INLINE void store_panel(const __m512 (&acc)[NC], float* y, int64_t ldy, int64_t row0, int64_t nrows) {
+  for (int c = 0; c < NC; c++) {
+    float* dst = y + c * ldy + row0;
+    if (nrows >= kPanel) _mm512_storeu_ps(dst, acc[c]);
+    else _mm512_mask_storeu_ps(dst, __mmask16((1u << nrows) - 1), acc[c]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Decode (few activation rows): unpack each unit of a panel into registers and use it at once.
+
+template <class P, int NC>
+PE_INLINE void dot_unit(const UnitOf<P>& un, int64_t j0, const int8_t* xq, int64_t ldq, const XSub* xs, int64_t ldxs,
+                        __m512 (&acc)[NC]) {
+#pragma GCC unroll 4
+  for (int s = 0; s < P::kSubsPerUnit; s++) {
+    const int64_t j = j0 + s;
+    // Two accumulators per row halve the vpdpbusd dependency chain.
+    __m512i ai[NC], bi[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; c++) {
+      ai[c] = _mm512_set1_epi32(xs[c * ldxs + j].bias);
+      bi[c] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < P::kG; g += 2)
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; c++) {
+        const int8_t* xg = xq + c * ldq + j * P::kSub + 4 * g;
+        ai[c] = _mm512_dpbusd_epi32(ai[c], un.u[s][g], _mm512_set1_epi32(load_i32(xg)));
+        bi[c] = _mm512_dpbusd_epi32(bi[c], un.u[s][g + 1], _mm512_set1_epi32(load_i32(xg + 4)));
+      }
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; c++) {
+      const __m512i dot = _mm512_add_epi32(ai[c], bi[c]);
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[c * ldxs + j].d));
+      acc[c] = _mm512_fmadd_ps(v, un.scale[s], acc[c]);
+      if (P::kMin) acc[c] = _mm512_fmadd_ps(un.min[s], _mm512_set1_ps(xs[c * ldxs + j].s), acc[c]);
+    }
+  }
+}
+
+template <class P, int NC>
+__attribute__((noinline)) void gemm_small_panel(const PanelRows& rows, int64_t nblk, const int8_t* xq, int64_t ldq,
+                                                const XSub* xs, int64_t ldxs, float* y, int64_t ldy, int64_t row0,
+                                                int64_t nrows) {
+  __m512 acc[NC];
+  for (int c = 0; c < NC; c++) acc[c] = _mm512_setzero_ps();
+  // Sixteen row streams advancing a few bytes per step defeat the hardware prefetchers: fetch the next
+  // panel (the following 16 rows, contiguous in a dense tensor) while this one runs.
+  const uint8_t* next = rows.p + kPanel * rows.stride;
+  const int64_t next_lines = kPanel * rows.stride / 64;
+  const int64_t lines_per_block = (next_lines + nblk - 1) / nblk;
+  for (int64_t b = 0; b < nblk; b++) {
+    for (int64_t l = b * lines_per_block; l < std::min(next_lines, (b + 1) * lines_per_block); l++)
+      _mm_prefetch(reinterpret_cast<const char*>(next + 64 * l), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int unit = 0; unit < kUnits<P>; unit++) {
+      UnitOf<P> un;
+      P::unpack(rows, b * P::kBytes, unit, un);
+      dot_unit<P, NC>(un, (b * kUnits<P> + unit) * P::kSubsPerUnit, xq, ldq, xs, ldxs, acc);
+    }
+  }
+  store_panel<NC>(acc, y, ldy, row0, nrows);
+}
+
+template <class P, int NC>
+void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, float* y, int64_t ldy) {
+  thread_local ScratchBuffer tail;
+  const int64_t nblk = w.cols / P::kBlock;
+  for (int64_t rp = r0; rp < r1; rp += kPanel)
+    gemm_small_panel<P, NC>(panel_at<P>(w, rp, r1, tail), nblk, x.q + m0 * x.ldq, x.ldq, x.sub + m0 * x.ldsub,
+                            x.ldsub, y + m0 * ldy, ldy, rp, std::min<int64_t>(kPanel, r1 - rp));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Prefill (many activation rows): pack whole panels into a buffer, then stream activation rows over
+// them. Packed layout, per sub-block of 4G elements:
+//   G x 64 bytes  the unit's u vectors
+//   16 floats     scales
+//   16 floats     mins (types with a min only)
+
+template <int G, bool MIN>
+constexpr int kSubBytes = G * 64 + (MIN ? 128 : 64);
+
+template <class P>
+__attribute__((noinline)) void pack_panel(const PanelRows& rows, int64_t nblk, uint8_t* dst) {
+  for (int64_t b = 0; b < nblk; b++) {
+    for (int unit = 0; unit < kUnits<P>; unit++) {
+      UnitOf<P> un;
+      P::unpack(rows, b * P::kBytes, unit, un);
+      for (int s = 0; s < P::kSubsPerUnit; s++, dst += kSubBytes<P::kG, P::kMin>) {
+        for (int g = 0; g < P::kG; g++) _mm512_store_si512(dst + 64 * g, un.u[s][g]);
+        _mm512_store_ps(dst + 64 * P::kG, un.scale[s]);
+        if (P::kMin) _mm512_store_ps(dst + 64 * P::kG + 64, un.min[s]);
+      }
+    }
+  }
+}
+
+// Register tile: NP packed panels (panel p at pan + p * pstride) x NC activation rows (row c's values
+// at xq + c * ldq, its sub-block entries at xs + c * ldxs) over nsub sub-blocks.
 template <int G, bool MIN, int NP, int NC>
 PE_INLINE void tile(const uint8_t* pan, int64_t pstride, int64_t nsub, const int8_t* xq, int64_t ldq, const XSub* xs,
                     int64_t ldxs, __m512 (&acc)[NP][NC]) {
-  constexpr int kSubBytes = PanelLayout<G, MIN>::kSubBytes;
-  for (int64_t j = 0; j < nsub; j++, pan += kSubBytes, xq += 4 * G, xs++) {
+  for (int64_t j = 0; j < nsub; j++, pan += kSubBytes<G, MIN>, xq += 4 * G, xs++) {
     __m512i ai[NP][NC];
 #pragma GCC unroll 8
     for (int c = 0; c < NC; c++) {
@@ -269,76 +407,6 @@ PE_INLINE void tile(const uint8_t* pan, int64_t pstride, int64_t nsub, const int
   }
 }
 
-// Writes acc (NP panels x NC activation rows) to y rows c = 0..NC-1, columns row0 + 16p + lane,
-// keeping only the first nrows weight rows.
-template <int NP, int NC>
-PE_INLINE void store_tile(const __m512 (&acc)[NP][NC], float* y, int64_t ldy, int64_t row0, int64_t nrows) {
-#pragma GCC unroll 4
-  for (int p = 0; p < NP; p++) {
-    const int64_t n = nrows - kPanel * p;
-    if (n <= 0) break;
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; c++) {
-      float* dst = y + c * ldy + row0 + kPanel * p;
-      if (n >= kPanel) _mm512_storeu_ps(dst, acc[p][c]);
-      else _mm512_mask_storeu_ps(dst, __mmask16((1u << n) - 1), acc[p][c]);
-    }
-  }
-}
-
-// Row pointers of the panel starting at row rp; rows past r1 repeat the last one (their results are
-// computed but never stored).
-PE_INLINE void panel_rows(const WeightView& w, int64_t rp, int64_t r1, const uint8_t* rows[kPanel]) {
-  const auto* base = static_cast<const uint8_t*>(w.data);
-  for (int i = 0; i < kPanel; i++) rows[i] = base + std::min(rp + i, r1 - 1) * int64_t(w.row_stride);
-}
-
-// The tile as a function of its own, with the accumulators in memory: the decode path calls it once
-// per block, and sharing it between types keeps the number of instantiations (and compile time) low.
-template <int G, bool MIN, int NP, int NC>
-__attribute__((noinline)) void tile_mem(const uint8_t* pan, int64_t pstride, int64_t nsub, const int8_t* xq,
-                                        int64_t ldq, const XSub* xs, int64_t ldxs, __m512* acc_mem) {
-  __m512 acc[NP][NC];
-  for (int p = 0; p < NP; p++)
-    for (int c = 0; c < NC; c++) acc[p][c] = acc_mem[p * NC + c];
-  tile<G, MIN, NP, NC>(pan, pstride, nsub, xq, ldq, xs, ldxs, acc);
-  for (int p = 0; p < NP; p++)
-    for (int c = 0; c < NC; c++) acc_mem[p * NC + c] = acc[p][c];
-}
-
-// Few activation rows (decode): pack NP panels one block at a time into an L1 buffer and use it at once.
-template <class P, int NP, int NC>
-void gemm_small(const WeightView& w, const QuantizedX& x, int64_t rp, int64_t r1, int64_t m0, float* y,
-                int64_t ldy) {
-  constexpr int kSubs = P::kBlock / P::kSub;
-  constexpr int kPacked = kSubs * PanelLayout<P::kG, P::kMin>::kSubBytes;
-  alignas(64) uint8_t buf[NP * kPacked];
-  const uint8_t* rows[NP][kPanel];
-  for (int p = 0; p < NP; p++) panel_rows(w, std::min(rp + kPanel * p, r1 - 1), r1, rows[p]);
-  __m512 acc[NP][NC];
-  for (int p = 0; p < NP; p++)
-    for (int c = 0; c < NC; c++) acc[p][c] = _mm512_setzero_ps();
-  const int64_t nblk = w.cols / P::kBlock;
-  const int8_t* xq = x.q + m0 * x.ldq;
-  const XSub* xs = x.sub + m0 * x.ldsub;
-  for (int64_t b = 0; b < nblk; b++) {
-    for (int p = 0; p < NP; p++) P::pack(rows[p], b * P::kBytes, buf + p * kPacked);
-    tile_mem<P::kG, P::kMin, NP, NC>(buf, kPacked, kSubs, xq + b * P::kBlock, x.ldq, xs + b * kSubs, x.ldsub,
-                                     &acc[0][0]);
-  }
-  store_tile<NP, NC>(acc, y + m0 * ldy, ldy, rp, r1 - rp);
-}
-
-template <class P, int NC>
-void gemm_small_rows(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, float* y,
-                     int64_t ldy) {
-  constexpr int NP = 4;
-  int64_t rp = r0;
-  for (; rp + NP * kPanel <= r1; rp += NP * kPanel) gemm_small<P, NP, NC>(w, x, rp, rp + NP * kPanel, m0, y, ldy);
-  for (; rp < r1; rp += kPanel) gemm_small<P, 1, NC>(w, x, rp, std::min(r1, rp + kPanel), m0, y, ldy);
-}
-
-// Many activation rows: pack two whole panels, then run every activation row tile over them.
 template <int G, bool MIN, int NP, int NC>
 void run_tile(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x, int64_t c0, float* y,
               int64_t ldy, int64_t rp, int64_t nrows) {
@@ -346,12 +414,13 @@ void run_tile(const uint8_t* pan, int64_t pstride, int64_t nsub, const Quantized
   for (int p = 0; p < NP; p++)
     for (int c = 0; c < NC; c++) acc[p][c] = _mm512_setzero_ps();
   tile<G, MIN, NP, NC>(pan, pstride, nsub, x.q + c0 * x.ldq, x.ldq, x.sub + c0 * x.ldsub, x.ldsub, acc);
-  store_tile<NP, NC>(acc, y + c0 * ldy, ldy, rp, nrows);
+  for (int p = 0; p < NP && nrows - kPanel * p > 0; p++)
+    store_panel<NC>(acc[p], y + c0 * ldy, ldy, rp + kPanel * p, nrows - kPanel * p);
 }
 
 template <int G, bool MIN, int NP>
-__attribute__((noinline)) void run_tiles(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x, int64_t m0, int64_t m1,
-               float* y, int64_t ldy, int64_t rp, int64_t nrows) {
+__attribute__((noinline)) void run_tiles(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x,
+                                         int64_t m0, int64_t m1, float* y, int64_t ldy, int64_t rp, int64_t nrows) {
   int64_t c = m0;
   for (; c + kTileM <= m1; c += kTileM) run_tile<G, MIN, NP, kTileM>(pan, pstride, nsub, x, c, y, ldy, rp, nrows);
   switch (m1 - c) {
@@ -362,27 +431,23 @@ __attribute__((noinline)) void run_tiles(const uint8_t* pan, int64_t pstride, in
     case 5: run_tile<G, MIN, NP, 5>(pan, pstride, nsub, x, c, y, ldy, rp, nrows); break;
     default: break;
   }
+  static_assert(kTileM == 6, "run_tiles' switch covers the tails of kTileM");
 }
 
 template <class P>
 void gemm_large(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
                 int64_t ldy) {
-  constexpr int kSubs = P::kBlock / P::kSub;
-  constexpr int kPacked = kSubs * PanelLayout<P::kG, P::kMin>::kSubBytes;
+  constexpr int G = P::kG;
   const int64_t nblk = w.cols / P::kBlock;
-  const int64_t pstride = nblk * kPacked;
-  thread_local ScratchBuffer scratch;
-  auto* buf = static_cast<uint8_t*>(scratch.get(size_t(2 * pstride)));
-  const uint8_t* rows[kPanel];
+  const int64_t nsub = w.cols / P::kSub;
+  const int64_t pstride = nsub * kSubBytes<G, P::kMin>;
+  thread_local ScratchBuffer packed, tail;
+  auto* buf = static_cast<uint8_t*>(packed.get(size_t(2 * pstride)));
   for (int64_t rp = r0; rp < r1; rp += 2 * kPanel) {
     const int np = r1 - rp > kPanel ? 2 : 1;
-    for (int p = 0; p < np; p++) {
-      panel_rows(w, rp + kPanel * p, r1, rows);
-      for (int64_t b = 0; b < nblk; b++) P::pack(rows, b * P::kBytes, buf + p * pstride + b * kPacked);
-    }
-    const int64_t nsub = nblk * kSubs;
-    if (np == 2) run_tiles<P::kG, P::kMin, 2>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
-    else run_tiles<P::kG, P::kMin, 1>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+    for (int p = 0; p < np; p++) pack_panel<P>(panel_at<P>(w, rp + kPanel * p, r1, tail), nblk, buf + p * pstride);
+    if (np == 2) run_tiles<G, P::kMin, 2>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+    else run_tiles<G, P::kMin, 1>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
   }
 }
 
@@ -390,10 +455,10 @@ template <class P>
 void gemm_type(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
                int64_t ldy) {
   switch (m1 - m0) {
-    case 1: gemm_small_rows<P, 1>(w, x, r0, r1, m0, y, ldy); return;
-    case 2: gemm_small_rows<P, 2>(w, x, r0, r1, m0, y, ldy); return;
-    case 3: gemm_small_rows<P, 3>(w, x, r0, r1, m0, y, ldy); return;
-    default: gemm_large<P>(w, x, r0, r1, m0, m1, y, ldy); return;
+    case 1: return gemm_small<P, 1>(w, x, r0, r1, m0, y, ldy);
+    case 2: return gemm_small<P, 2>(w, x, r0, r1, m0, y, ldy);
+    case 3: return gemm_small<P, 3>(w, x, r0, r1, m0, y, ldy);
+    default: return gemm_large<P>(w, x, r0, r1, m0, m1, y, ldy);
   }
   static_assert(kMaxSmallM == 3, "gemm_type's switch covers 1..kMaxSmallM");
 }

@@ -1,0 +1,104 @@
+"""Matmul kernel throughput on SmolLM2-135M's weight shapes.
+
+For each weight type, CPU path, activation row count m (1 = decode, 512 = prefill) and thread count,
+times Y = X @ W.T summed over the model's matrix shapes and prints GFLOP/s and weight GB/s (the decode
+number to compare with memory bandwidth). Results also go to a JSON file.
+
+    python benchmarks/bench_kernels.py --types Q4_0,Q8_0 --paths avx512 --out bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf.constants import GGML_QUANT_SIZES
+
+from pyengine import _C
+
+# SmolLM2-135M: hidden 576, ffn 1536, 9 heads x 64 (3 KV heads), vocab 49152 (tied output).
+SHAPES = {"attn_q/o": (576, 576), "attn_k/v": (192, 576), "ffn_gate/up": (1536, 576), "ffn_down": (576, 1536),
+          "output": (49152, 576)}
+K_SCALE_OFFSETS = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def make_weights(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    if qtype == QT.F32:
+        return rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8)
+    if qtype == QT.F16:
+        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+    block, size = GGML_QUANT_SIZES[qtype]
+    if qtype.name in K_SCALE_OFFSETS:
+        raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+        for off in K_SCALE_OFFSETS[qtype.name]:
+            d = rng.uniform(0.001, 0.01, (rows, cols // block)).astype(np.float16)
+            raw[:, :, off:off + 2] = d.view(np.uint8).reshape(rows, cols // block, 2)
+        return raw.reshape(rows, -1)
+    import gguf
+
+    # Quantizing 28M values in numpy is slow: tile a small random matrix instead (the bytes' values do
+    # not change the kernels' speed).
+    small = gguf.quants.quantize(rng.standard_normal((64, cols)).astype(np.float32), qtype)
+    small = np.ascontiguousarray(small).view(np.uint8)
+    return np.ascontiguousarray(np.tile(small, (rows // 64 + 1, 1))[:rows])
+
+
+def time_call(fn, min_time: float) -> float:
+    fn()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= min_time and n >= 3:
+            return dt / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", default="F32,F16,BF16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K")
+    ap.add_argument("--paths", default=None, help="comma-separated CPU paths (default: the best one)")
+    ap.add_argument("--m", default="1,512", help="activation rows to test")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="subset of: " + ",".join(SHAPES))
+    ap.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
+    ap.add_argument("--out", default="bench_kernels.json")
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    paths = args.paths.split(",") if args.paths else [_C.best_cpu_path()]
+    shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
+    results = []
+    print(f"{'type':6} {'path':9} {'m':>4} {'thr':>3} {'ms':>9} {'GFLOP/s':>9} {'W GB/s':>8}")
+    before = _C.cpu_path()
+    for tname in args.types.split(","):
+        qtype = QT[tname]
+        block, size = GGML_QUANT_SIZES[qtype]
+        weights = {k: make_weights(qtype, r, c, rng) for k, (r, c) in shapes.items()}
+        for path in paths:
+            _C.set_cpu_path(path)
+            for m in map(int, args.m.split(",")):
+                xs = {c: rng.standard_normal((m, c)).astype(np.float32) for _, c in shapes.values()}
+                for nt in map(int, args.threads.split(",")):
+                    total_t = total_flop = total_bytes = 0.0
+                    for k, (r, c) in shapes.items():
+                        w, x = weights[k], xs[c]
+                        t = time_call(lambda: _C.matmul(w, int(qtype), r, c, x, nt), args.min_time / len(shapes))
+                        total_t += t
+                        total_flop += 2.0 * m * r * c
+                        total_bytes += w.nbytes
+                    row = {"type": tname, "path": path, "m": m, "threads": nt, "seconds": total_t,
+                           "gflops": total_flop / total_t / 1e9, "weight_gbps": total_bytes / total_t / 1e9,
+                           "shapes": list(shapes)}
+                    results.append(row)
+                    print(f"{tname:6} {path:9} {m:4d} {nt:3d} {total_t * 1e3:9.3f} {row['gflops']:9.1f} "
+                          f"{row['weight_gbps']:8.2f}", flush=True)
+    _C.set_cpu_path(before)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
