@@ -5,9 +5,15 @@ namespace pe {
 namespace {
 // llama.cpp's RoPE type per architecture: llama is converted with Q/K permuted so that it rotates
 // adjacent pairs; qwen2 keeps HF's layout and rotates halves (NeoX).
+// chatglm (ChatGLM2/3, GLM-4) rotates adjacent pairs of the first half of each head (rope.dimension_count
+// = head_dim / 2) and stores Q/K/V fused as attn_qkv and gate/up fused as ffn_up, as llama.cpp does.
+// chatglm1 (ChatGLM-6B) is ours, not llama.cpp's: LayerNorm, GELU, alpha-scaled residuals from the
+// normalized input, 2-D RoPE (NeoX halves) with a bidirectional prompt prefix.
 const ArchSpec kArchs[] = {
     {"llama", NormType::RMS, RopeStyle::Adjacent, Activation::SiLU, true, false},
     {"qwen2", NormType::RMS, RopeStyle::NeoX, Activation::SiLU, true, false},
+    {"chatglm", NormType::RMS, RopeStyle::Adjacent, Activation::SiLU, true, true},
+    {"chatglm1", NormType::Layer, RopeStyle::NeoX, Activation::GELU, false, false, true, true},
 };
 }  // namespace
 
@@ -62,6 +68,13 @@ ModelConfig read_config(const GGUFFile& f) {
   } else {
     PE_CHECK(scaling == "none", UnsupportedModelError, f.path(), ": RoPE scaling type '", scaling,
              "' is not supported (none, linear, and Llama-3 rope_freqs are)");
+  }
+  if (spec->residual_from_norm) c.residual_scale = float(f.get_float(p + "residual_scale"));
+  if (spec->rope_2d) {
+    PE_CHECK(2 * c.rope.n_dims <= c.head_dim, ModelFormatError, f.path(), ": ", p, "rope.dimension_count ",
+             c.rope.n_dims, " must be at most half the head size ", c.head_dim, " for 2-D RoPE");
+    c.prefix_end_token = f.get_int("tokenizer.ggml.bos_token_id");
+    c.mask_token = f.get_int("tokenizer.ggml.mask_token_id", -1);
   }
   return c;
 }

@@ -19,6 +19,14 @@ struct ArchSpec {
   Activation act;
   bool gated_ffn;        // SwiGLU-style gate * up, or a plain act(up)
   bool fused_gate_up;    // ffn_up holds [gate; up] stacked (ChatGLM2+): 2*n_ff rows
+  // ChatGLM-6B: each residual branch is added to its *normalized* input times {arch}.residual_scale
+  // (h = ln(x)*alpha + f(ln(x))) instead of to x.
+  bool residual_from_norm = false;
+  // ChatGLM-6B's 2-D RoPE: the first rope.dimension_count dims of each head rotate by the position id,
+  // the next as many by the block position id. The prompt up to the BOS token (<sop>, after [gMASK])
+  // attends bidirectionally; from BOS on, the position id stays at the mask token's index and the block
+  // position counts 1, 2, ... (THUDM's get_position_ids / get_masks).
+  bool rope_2d = false;
 };
 
 struct ModelConfig {
@@ -34,6 +42,9 @@ struct ModelConfig {
   int64_t n_ctx_train = 0;
   float norm_eps = 1e-5f;
   RopeParams rope;  // freq_factors filled in by the model if it has rope_freqs.weight
+  float residual_scale = 1.f;    // residual_from_norm: alpha
+  int64_t prefix_end_token = -1;  // rope_2d: the token that ends the bidirectional prefix (BOS, <sop>)
+  int64_t mask_token = -1;        // rope_2d: the mask token ([gMASK]) whose index is the generation position id
 };
 
 // Supported architecture names, comma-separated (for error messages).

@@ -1,5 +1,6 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -108,9 +109,12 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
     const std::string b = "blk." + std::to_string(l) + ".";
     L.attn_norm = ld.vec(b + "attn_norm.weight", c.n_embd);
     if (c.spec.norm == NormType::Layer) L.attn_norm_b = ld.vec(b + "attn_norm.bias", c.n_embd, false);
-    L.wq = ld.linear(b + "attn_q", q_dim, c.n_embd);
-    L.wk = ld.linear(b + "attn_k", kv_dim, c.n_embd);
-    L.wv = ld.linear(b + "attn_v", kv_dim, c.n_embd);
+    L.wqkv = ld.linear(b + "attn_qkv", q_dim + 2 * kv_dim, c.n_embd, false);
+    if (!L.wqkv.present()) {
+      L.wq = ld.linear(b + "attn_q", q_dim, c.n_embd);
+      L.wk = ld.linear(b + "attn_k", kv_dim, c.n_embd);
+      L.wv = ld.linear(b + "attn_v", kv_dim, c.n_embd);
+    }
     L.wo = ld.linear(b + "attn_output", c.n_embd, q_dim);
     L.ffn_norm = ld.vec(b + "ffn_norm.weight", c.n_embd);
     if (c.spec.norm == NormType::Layer) L.ffn_norm_b = ld.vec(b + "ffn_norm.bias", c.n_embd, false);
@@ -133,40 +137,86 @@ Context::Context(std::shared_ptr<const Model> model, int64_t n_ctx, int n_thread
   for (int64_t l = 0; l < c.n_layer; l++)
     kv_.push_back(KVLayer{k_cache_.data() + size_t(l) * kv_bytes, v_cache_.data() + size_t(l) * kv_bytes, kv_type,
                           int(c.n_head_kv), int(c.head_dim), n_ctx});
+  reserve_rows(n_batch);
+}
+
+void Context::reserve_rows(int64_t rows) {
+  if (int64_t(pos_.size()) >= rows) return;
+  const ModelConfig& c = model_->config();
   const int64_t q_dim = c.n_head * c.head_dim, kv_dim = c.n_head_kv * c.head_dim;
-  x_.resize(size_t(n_batch * c.n_embd));
-  xn_.resize(size_t(n_batch * c.n_embd));
-  qkv_.resize(size_t(n_batch * (q_dim + 2 * kv_dim)));
-  attn_.resize(size_t(n_batch * q_dim));
-  ff_a_.resize(size_t(n_batch * 2 * c.n_ff));
-  ff_b_.resize(size_t(n_batch * c.n_ff));
-  pos_.resize(size_t(n_batch));
+  x_.resize(size_t(rows * c.n_embd));
+  xn_.resize(size_t(rows * c.n_embd));
+  qkv_.resize(size_t(rows * (q_dim + 2 * kv_dim)));
+  attn_.resize(size_t(rows * q_dim));
+  ff_a_.resize(size_t(rows * 2 * c.n_ff));
+  ff_b_.resize(size_t(rows * c.n_ff));
+  pos_.resize(size_t(rows));
+  block_pos_.resize(size_t(rows));
 }
 
 void Context::truncate(int64_t n) {
   PE_CHECK(n >= 0 && n <= n_past_, Error, "cannot truncate to ", n, " tokens: the context holds ", n_past_);
   n_past_ = n;
+  if (model_->config().spec.rope_2d) {
+    history_.resize(size_t(n));
+    if (prefix_len_ >= n) prefix_len_ = mask_pos_ = -1;
+  }
 }
 
 void Context::eval(const int32_t* tokens, int64_t n, float* logits, bool all_logits) {
   PE_CHECK(n > 0, Error, "eval needs at least one token");
   PE_CHECK(n_past_ + n <= n_ctx_, ContextLengthError, "context overflow: ", n_past_, " tokens in the context + ", n,
            " new > n_ctx ", n_ctx_);
-  const int64_t n_vocab = model_->config().n_vocab;
+  const ModelConfig& c = model_->config();
+  const int64_t n_vocab = c.n_vocab;
   for (int64_t i = 0; i < n; i++)
     PE_CHECK(tokens[i] >= 0 && tokens[i] < n_vocab, Error, "token id ", tokens[i], " at index ", i,
              " is out of range [0, ", n_vocab, ")");
-  for (int64_t done = 0; done < n; done += n_batch_) {
-    const int64_t m = std::min(n_batch_, n - done);
-    const bool last = done + m == n;
+
+  // 2-D RoPE: the BOS token fixes the bidirectional prefix and the generation position. Tokens of the
+  // prefix already in the cache attended only causally, so the whole prefix is evaluated again.
+  const int32_t* seq = tokens;
+  int64_t n_seq = n, skip = 0;  // skip: replayed tokens before `tokens`, which get no logits
+  std::vector<int32_t> replay;
+  if (c.spec.rope_2d && prefix_len_ < 0) {
+    const int32_t* bos = std::find(tokens, tokens + n, int32_t(c.prefix_end_token));
+    if (bos != tokens + n) {
+      if (n_past_ > 0) {
+        replay.assign(history_.begin(), history_.begin() + n_past_);
+        replay.insert(replay.end(), tokens, tokens + n);
+        seq = replay.data();
+        n_seq = int64_t(replay.size());
+        skip = n_past_;
+        n_past_ = 0;
+        history_.clear();
+      }
+      prefix_len_ = n_past_ + (std::find(seq, seq + n_seq, int32_t(c.prefix_end_token)) - seq);
+      const int32_t* mask = std::find(seq, seq + (prefix_len_ - n_past_), int32_t(c.mask_token));
+      // No mask token: generate as if it were just before BOS, where THUDM's prompts put [gMASK].
+      mask_pos_ = mask != seq + (prefix_len_ - n_past_) ? n_past_ + (mask - seq) : prefix_len_ - 1;
+    }
+  }
+
+  for (int64_t done = 0; done < n_seq;) {
+    int64_t m = std::min(n_batch_, n_seq - done);
+    if (prefix_len_ > n_past_) m = std::max(m, prefix_len_ - n_past_);  // a bidirectional prefix is one chunk
+    reserve_rows(m);
     float* out = nullptr;
-    if (logits && all_logits) out = logits + done * n_vocab;
-    else if (logits && last) out = logits;
-    forward_chunk(tokens + done, m, out, all_logits);
+    int64_t first = m;
+    if (logits && all_logits) {
+      first = std::min(m, std::max<int64_t>(0, skip - done));
+      out = logits + (done + first - skip) * n_vocab;
+    } else if (logits && done + m == n_seq) {
+      first = m - 1;
+      out = logits;
+    }
+    if (c.spec.rope_2d) history_.insert(history_.end(), seq + done, seq + done + m);
+    forward_chunk(seq + done, m, first < m ? out : nullptr, first);
+    done += m;
   }
 }
 
-void Context::forward_chunk(const int32_t* tokens, int64_t n, float* logits, bool all_logits) {
+void Context::forward_chunk(const int32_t* tokens, int64_t n, float* logits, int64_t first_logit) {
   const Model& M = *model_;
   const ModelConfig& c = M.config();
   const int64_t d = c.n_embd, hd = c.head_dim;
@@ -178,7 +228,10 @@ void Context::forward_chunk(const int32_t* tokens, int64_t n, float* logits, boo
   ThreadPool& pool = pool_;
 
   for (int64_t t = 0; t < n; t++) {
-    pos_[t] = int32_t(n_past_ + t);
+    const int64_t p = n_past_ + t;
+    const bool generated = prefix_len_ >= 0 && p >= prefix_len_;  // 2-D RoPE only
+    pos_[t] = int32_t(generated ? mask_pos_ : p);
+    block_pos_[t] = int32_t(generated ? p - prefix_len_ + 1 : 0);
     dequantize_row(M.tok_embd, tokens[t], x + t * d);
   }
 
@@ -191,22 +244,39 @@ void Context::forward_chunk(const int32_t* tokens, int64_t n, float* logits, boo
     if (!L.b.empty()) add_bias(out, L.b.data(), rows, L.w.rows, ldy);
   };
 
+  auto rope_heads = [&](float* heads, int n_heads) {
+    rope(heads, n, qkv_w, n_heads, int(hd), pos_.data(), c.rope, pool);
+    if (c.spec.rope_2d) rope(heads + c.rope.n_dims, n, qkv_w, n_heads, int(hd), block_pos_.data(), c.rope, pool);
+  };
+  // ChatGLM-6B: the residual stream restarts from the normalized input, times alpha.
+  auto residual_from_norm = [&]() {
+    if (c.spec.residual_from_norm)
+      for (int64_t i = 0; i < n * d; i++) x[i] = xn[i] * c.residual_scale;
+  };
+
   const float scale = 1.0f / std::sqrt(float(hd));
+  const int64_t bidirectional_until = std::max<int64_t>(prefix_len_, 0);
   for (int64_t l = 0; l < c.n_layer; l++) {
     const Layer& L = M.layers[size_t(l)];
     // Attention block.
     norm(x, L.attn_norm, L.attn_norm_b, xn, n);
-    linear(L.wq, xn, d, qkv, qkv_w, n);
-    linear(L.wk, xn, d, qkv + q_dim, qkv_w, n);
-    linear(L.wv, xn, d, qkv + q_dim + kv_dim, qkv_w, n);
-    rope(qkv, n, qkv_w, int(c.n_head), int(hd), pos_.data(), c.rope, pool);
-    rope(qkv + q_dim, n, qkv_w, int(c.n_head_kv), int(hd), pos_.data(), c.rope, pool);
+    residual_from_norm();
+    if (L.wqkv.present()) {
+      linear(L.wqkv, xn, d, qkv, qkv_w, n);
+    } else {
+      linear(L.wq, xn, d, qkv, qkv_w, n);
+      linear(L.wk, xn, d, qkv + q_dim, qkv_w, n);
+      linear(L.wv, xn, d, qkv + q_dim + kv_dim, qkv_w, n);
+    }
+    rope_heads(qkv, int(c.n_head));
+    rope_heads(qkv + q_dim, int(c.n_head_kv));
     kv_store(kv_[size_t(l)], qkv + q_dim, qkv + q_dim + kv_dim, qkv_w, n, n_past_);
-    attention(qkv, qkv_w, n, int(c.n_head), kv_[size_t(l)], n_past_, scale, att, q_dim, pool);
+    attention(qkv, qkv_w, n, int(c.n_head), kv_[size_t(l)], n_past_, scale, att, q_dim, pool, bidirectional_until);
     linear(L.wo, att, q_dim, xn, d, n);
     add_inplace(x, xn, n * d);
     // Feed-forward block.
     norm(x, L.ffn_norm, L.ffn_norm_b, xn, n);
+    residual_from_norm();
     if (fused) {
       linear(L.w_up, xn, d, fa, ff_w, n);
       gated_activation(c.spec.act, fa, fa + c.n_ff, fa, n, c.n_ff, ff_w, pool);
@@ -224,7 +294,7 @@ void Context::forward_chunk(const int32_t* tokens, int64_t n, float* logits, boo
   n_past_ += n;
 
   if (!logits) return;
-  const int64_t first = all_logits ? 0 : n - 1, rows = n - first;
+  const int64_t first = first_logit, rows = n - first;
   norm(x + first * d, M.output_norm, M.output_norm_b, xn, rows);
   linear(M.output, xn, d, logits, c.n_vocab, rows);
 }

@@ -23,6 +23,7 @@ struct Linear {
 
 struct Layer {
   Vec attn_norm, attn_norm_b;
+  Linear wqkv;  // fused [q; k; v] rows (ChatGLM); when present, wq/wk/wv are absent
   Linear wq, wk, wv, wo;
   Vec ffn_norm, ffn_norm_b;
   Linear w_gate, w_up, w_down;  // w_gate absent for non-gated or fused gate/up FFNs
@@ -60,7 +61,9 @@ class Context {
   const Model& model() const { return *model_; }
 
  private:
-  void forward_chunk(const int32_t* tokens, int64_t n, float* logits, bool all_logits);
+  // logits: rows first_logit.. of the chunk (none when null).
+  void forward_chunk(const int32_t* tokens, int64_t n, float* logits, int64_t first_logit);
+  void reserve_rows(int64_t rows);
 
   std::shared_ptr<const Model> model_;
   int64_t n_ctx_;
@@ -71,7 +74,12 @@ class Context {
   std::vector<KVLayer> kv_;
   // Scratch, n_batch rows each.
   std::vector<float> x_, xn_, qkv_, attn_, ff_a_, ff_b_;
-  std::vector<int32_t> pos_;
+  std::vector<int32_t> pos_, block_pos_;
+  // 2-D RoPE models (ChatGLM-6B): the tokens in the cache, and where their bidirectional prefix ends
+  // (the index of the BOS token, -1 until one is seen) and the mask token sits.
+  std::vector<int32_t> history_;
+  int64_t prefix_len_ = -1;
+  int64_t mask_pos_ = -1;
 };
 
 }  // namespace pe

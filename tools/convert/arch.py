@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import ConversionError
+
 # llama.cpp's names (gguf-py TENSOR_NAMES) for the tensors of a llama-like decoder.
 LLAMA_GLOBAL_TENSORS = {
     "model.embed_tokens": "token_embd",
@@ -61,6 +63,8 @@ class HParams:
     rope_theta: float
     rope_scaling: dict[str, Any]
     tied: bool
+    n_rot: int = 0                    # rotated dims per head; 0: all of head_dim
+    residual_scale: float = 0.0       # ChatGLM-6B's alpha; 0: none
 
 
 def llama_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
@@ -116,6 +120,15 @@ class ArchSpec:
     tokenizers: tuple[str, ...] = ("spm", "bpe")
     # HF tensors that carry nothing the engine needs.
     ignored_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
+    # which config.json files this spec takes, for architectures whose name several specs share
+    matches: Callable[[dict[str, Any]], bool] = lambda config: True
+    # config.json -> architecture-specific changes to the generic hyper-parameters (raise ConversionError
+    # for a variant the engine cannot run)
+    fix_hparams: Callable[[dict[str, Any], HParams], None] = lambda config, hp: None
+    # GGUF block tensor name (e.g. "attn_qkv") -> rewrite of its rows, applied to weights and biases
+    row_transforms: dict[str, Callable[[np.ndarray, HParams], np.ndarray]] = field(default_factory=dict)
+    norm: str = "rms"                           # "rms" or "layer": which epsilon key is written
+    add_bos: bool | None = None                 # overrides the tokenizer's add_bos_token
 
 
 LLAMA = ArchSpec(
@@ -130,15 +143,120 @@ QWEN2 = ArchSpec(
     required_biases=("attn_q", "attn_k", "attn_v"),
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2)
+
+
+# --- THUDM ChatGLM ---------------------------------------------------------------------------------------
+# THUDM's remote-code checkpoints, all `model_type: chatglm` and `ChatGLMModel`; the config tells the
+# generations apart (ChatGLM2+ has multi_query_group_num / padded_vocab_size, ChatGLM-6B position_encoding_2d).
+
+def chatglm_shapes(hp: HParams, gate_up_rows: int) -> dict[str, tuple[int, ...]]:
+    q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+    shapes = {
+        "token_embd.weight": (hp.n_vocab, hp.n_embd),
+        "output.weight": (hp.n_vocab, hp.n_embd),
+        "blk.{bid}.attn_qkv.weight": (q + 2 * kv, hp.n_embd),
+        "blk.{bid}.attn_qkv.bias": (q + 2 * kv,),
+        "blk.{bid}.attn_output.weight": (hp.n_embd, q),
+        "blk.{bid}.attn_output.bias": (hp.n_embd,),
+        "blk.{bid}.ffn_up.weight": (gate_up_rows * hp.n_ff, hp.n_embd),
+        "blk.{bid}.ffn_up.bias": (gate_up_rows * hp.n_ff,),
+        "blk.{bid}.ffn_down.weight": (hp.n_embd, hp.n_ff),
+        "blk.{bid}.ffn_down.bias": (hp.n_embd,),
+    }
+    for norm in ("output_norm", "blk.{bid}.attn_norm", "blk.{bid}.ffn_norm"):
+        shapes[f"{norm}.weight"] = shapes[f"{norm}.bias"] = (hp.n_embd,)
+    return shapes
+
+
+def _chatglm_fix(config: dict[str, Any], hp: HParams) -> None:
+    """ChatGLM2/3 and GLM-4 as llama.cpp's convert_hf_to_gguf.py ChatGLMModel describes them."""
+    for key, want in (("rmsnorm", True), ("post_layer_norm", True), ("apply_residual_connection_post_layernorm", False)):
+        if config.get(key, want) != want:
+            raise ConversionError(f"config.json {key}={config[key]} is a ChatGLM variant the engine does not run")
+    if not config.get("multi_query_attention", True):
+        hp.n_head_kv = hp.n_head
+    hp.head_dim_explicit = hp.head_dim != hp.n_embd // hp.n_head
+    hp.n_rot = hp.head_dim // 2                        # RoPE on the first half of each head
+    hp.rope_theta = 10000.0 * float(config.get("rope_ratio", 1.0))
+
+
+def _chatglm1_fix(config: dict[str, Any], hp: HParams) -> None:
+    if not config.get("position_encoding_2d", True):
+        from .errors import ConversionError
+        raise ConversionError("config.json position_encoding_2d=false: only ChatGLM-6B's 2-D RoPE is supported")
+    hp.n_rot = hp.head_dim // 2                        # two rotary halves: position, block position
+    hp.residual_scale = (2.0 * hp.n_layer) ** 0.5      # GLMBlock's alpha
+    hp.tied = bool(config.get("tie_word_embeddings", True))  # transformers' default, which ChatGLM-6B keeps
+
+
+def _chatglm1_qkv(w: np.ndarray, hp: HParams) -> np.ndarray:
+    """ChatGLM-6B interleaves q, k, v per head ([head][q|k|v][head_dim] rows); the engine wants [q; k; v]."""
+    return w.reshape(hp.n_head, 3, hp.head_dim, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
+CHATGLM = ArchSpec(
+    name="chatglm",
+    hf_architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration"),
+    global_tensors={"transformer.embedding.word_embeddings": "token_embd",
+                    "transformer.encoder.final_layernorm": "output_norm",
+                    "transformer.output_layer": "output"},
+    block_prefix="transformer.encoder.layers.{bid}.",
+    block_tensors={"input_layernorm": "attn_norm",
+                   "self_attention.query_key_value": "attn_qkv",
+                   "self_attention.dense": "attn_output",
+                   "post_attention_layernorm": "ffn_norm",
+                   "mlp.dense_h_to_4h": "ffn_up",          # [gate; up]
+                   "mlp.dense_4h_to_h": "ffn_down"},
+    hparam_keys={"n_vocab": ("padded_vocab_size", "vocab_size"), "n_embd": ("hidden_size",),
+                 "n_layer": ("num_layers",), "n_head": ("num_attention_heads",),
+                 "n_head_kv": ("multi_query_group_num",), "n_ff": ("ffn_hidden_size",), "n_ctx": ("seq_length",),
+                 "head_dim": ("kv_channels",), "norm_eps": ("layernorm_epsilon",), "rope_theta": (),
+                 "tied": ("tie_word_embeddings",)},
+    shapes=lambda hp: chatglm_shapes(hp, 2),
+    tokenizers=("chatglm", "bpe"),
+    ignored_suffixes=(".rotary_pos_emb.inv_freq",),
+    matches=lambda config: "position_encoding_2d" not in config,
+    fix_hparams=_chatglm_fix,
+    add_bos=False,
+)
+
+# Not a llama.cpp architecture: pyengine's own, in llama.cpp's naming style (see csrc/model/config.cpp).
+# Extra metadata: chatglm1.residual_scale (alpha), tokenizer.ggml.mask_token_id ([gMASK]).
+CHATGLM1 = ArchSpec(
+    name="chatglm1",
+    hf_architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration"),
+    global_tensors={"transformer.word_embeddings": "token_embd",
+                    "transformer.final_layernorm": "output_norm",
+                    "lm_head": "output"},
+    block_prefix="transformer.layers.{bid}.",
+    block_tensors={"input_layernorm": "attn_norm",
+                   "attention.query_key_value": "attn_qkv",
+                   "attention.dense": "attn_output",
+                   "post_attention_layernorm": "ffn_norm",
+                   "mlp.dense_h_to_4h": "ffn_up",
+                   "mlp.dense_4h_to_h": "ffn_down"},
+    hparam_keys={"n_vocab": ("vocab_size",), "n_embd": ("hidden_size",), "n_layer": ("num_layers",),
+                 "n_head": ("num_attention_heads",), "n_head_kv": (), "n_ff": ("inner_hidden_size",),
+                 "n_ctx": ("max_sequence_length",), "head_dim": (), "norm_eps": ("layernorm_epsilon",),
+                 "rope_theta": (), "tied": ()},
+    shapes=lambda hp: chatglm_shapes(hp, 1),
+    tokenizers=("chatglm1",),
+    ignored_suffixes=(".rotary_emb.inv_freq",),
+    matches=lambda config: "position_encoding_2d" in config,
+    fix_hparams=_chatglm1_fix,
+    row_transforms={"attn_qkv": _chatglm1_qkv},
+    norm="layer",
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, CHATGLM, CHATGLM1)
 
 
 def supported_architectures() -> list[str]:
-    return sorted(a for spec in ARCHITECTURES for a in spec.hf_architectures)
+    return sorted({a for spec in ARCHITECTURES for a in spec.hf_architectures})
 
 
-def find_arch(hf_arch: str) -> ArchSpec | None:
+def find_arch(hf_arch: str, config: dict[str, Any] | None = None) -> ArchSpec | None:
     for spec in ARCHITECTURES:
-        if hf_arch in spec.hf_architectures:
+        if hf_arch in spec.hf_architectures and spec.matches(config or {}):
             return spec
     return None

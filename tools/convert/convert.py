@@ -134,6 +134,7 @@ def read_hparams(config: dict[str, Any], spec: ArchSpec) -> HParams:
         rope_scaling=rope_scaling,
         tied=bool(_find(config, keys["tied"], "tie_word_embeddings", default=False)),
     )
+    spec.fix_hparams(config, hp)
     if hp.n_head % hp.n_head_kv:
         raise ConversionError(f"config.json: num_attention_heads {hp.n_head} is not a multiple of "
                               f"num_key_value_heads {hp.n_head_kv}")
@@ -260,13 +261,16 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         base = gguf_name.rpartition(".")[0]
         n_rot_heads = hp.n_head if base.endswith("attn_q") else hp.n_head_kv if base.endswith("attn_k") else 0
         permute = n_rot_heads if spec.permute_qk else 0
+        transform = spec.row_transforms.get(base.rpartition(".")[2]) if base.startswith("blk.") else None
 
-        def produce(hf_name=hf_name, qtype=qtype, permute=permute) -> np.ndarray:
+        def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform) -> np.ndarray:
             x = ckpt.load(hf_name)
             if lora is not None:
                 x = lora.merge(hf_name, x)
             if permute:
                 x = permute_rope_rows(x, permute)
+            if transform is not None:
+                x = transform(x, hp)
             # the permutation moves rows (output channels) only: the per-column importance still applies
             importance = imatrix.get(hf_name) if imatrix else None
             return quants.quantize(x, qtype, quant_method, importance)
@@ -281,7 +285,7 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
 
 # --- metadata -----------------------------------------------------------------------------------------
 
-def write_hparams(w: GGUFWriter, hp: HParams) -> None:
+def write_hparams(w: GGUFWriter, hp: HParams, spec: ArchSpec) -> None:
     w.add_vocab_size(hp.n_vocab)
     w.add_context_length(hp.n_ctx)
     w.add_embedding_length(hp.n_embd)
@@ -289,9 +293,14 @@ def write_hparams(w: GGUFWriter, hp: HParams) -> None:
     w.add_feed_forward_length(hp.n_ff)
     w.add_head_count(hp.n_head)
     w.add_head_count_kv(hp.n_head_kv)
-    w.add_layer_norm_rms_eps(hp.norm_eps)
+    if spec.norm == "layer":
+        w.add_layer_norm_eps(hp.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(hp.norm_eps)
     w.add_rope_freq_base(hp.rope_theta)
-    w.add_rope_dimension_count(hp.head_dim)
+    w.add_rope_dimension_count(hp.n_rot or hp.head_dim)
+    if hp.residual_scale:
+        w.add_float32(f"{spec.name}.residual_scale", hp.residual_scale)
     if hp.head_dim_explicit:
         w.add_key_length(hp.head_dim)
         w.add_value_length(hp.head_dim)
@@ -376,7 +385,7 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
     if not isinstance(config, dict):
         raise ConversionError(f"cannot read {model_dir / 'config.json'}: not a JSON object")
     hf_arch = (config.get("architectures") or ["<none>"])[0]
-    spec = find_arch(hf_arch)
+    spec = find_arch(hf_arch, config)
     if spec is None:
         raise ConversionError(f"unsupported architecture {hf_arch} in {model_dir / 'config.json'} "
                               f"(supported: {', '.join(supported_architectures())})")
@@ -384,8 +393,14 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         method = config["quantization_config"].get("quant_method", "?")
         raise ConversionError(f"{model_dir / 'config.json'}: already-quantized checkpoints ({method}) are not "
                               "supported; convert the unquantized model")
+    if config.get("quantization_bit"):
+        raise ConversionError(f"{model_dir / 'config.json'}: THUDM's pre-quantized checkpoints (quantization_bit="
+                              f"{config['quantization_bit']}, int weights with weight_scale) are not supported; "
+                              "convert the original float16 checkpoint, quantizing with --qtype")
     hp = read_hparams(config, spec)
     vocab = load_vocab(model_dir, hp.n_vocab, config, spec.tokenizers)
+    if spec.add_bos is not None:
+        vocab.add_bos = spec.add_bos
     gen_path = model_dir / "generation_config.json"
     gen_config = _read_json(gen_path) if gen_path.is_file() else {}
 
@@ -422,7 +437,7 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         w.add_name(model_dir.resolve().name)
         w.add_file_type(FILE_TYPES[main_type])
         w.add_quantization_version(GGML_QUANT_VERSION)
-        write_hparams(w, hp)
+        write_hparams(w, hp, spec)
         write_generation_config(w, gen_config)
         write_vocab(w, vocab)
         for t in plan:

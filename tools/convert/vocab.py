@@ -242,7 +242,139 @@ def _token_text(entry: Any) -> str | None:
     return None
 
 
-TOKENIZER_FILES = {"spm": ("tokenizer.model", load_sentencepiece), "bpe": ("tokenizer.json", load_bpe)}
+# THUDM's tokenizers add these after the SentencePiece / tiktoken vocabulary, in this order
+# (tokenization_chatglm.py); GLM-4 adds more, listed in its tokenizer_config.json.
+CHATGLM_SPECIAL = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
+                   "<|observation|>")
+GLM4_SPECIAL = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                "<|end_of_video|>")
+
+
+def _sentencepiece_size(path: Path) -> int | None:
+    """Number of pieces, or None when the file is not a SentencePiece model."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError):
+        return None
+    return sp.vocab_size()
+
+
+def load_chatglm(model_dir: Path, n_vocab: int) -> Vocab:
+    """ChatGLM2/3's SentencePiece tokenizer.model, or GLM-4's tiktoken tokenizer.model (base64 token and
+    rank per line), with THUDM's special tokens, as llama.cpp's ChatGLMModel.set_vocab writes them."""
+    path = model_dir / "tokenizer.model"
+    n_sp = _sentencepiece_size(path)
+    if n_sp is not None:
+        vocab = load_sentencepiece(model_dir, n_vocab)
+        for k, text in enumerate(CHATGLM_SPECIAL):
+            if text not in vocab.tokens and n_sp + k < n_vocab:
+                vocab.tokens[n_sp + k], vocab.token_types[n_sp + k], vocab.scores[n_sp + k] = text, TokenType.CONTROL, 0.0
+        vocab.pre = "chatglm-spm"
+    else:
+        vocab = _load_tiktoken(path, n_vocab)
+    for typ, text in (("eot", "<|user|>"), ("eos", "<|endoftext|>"), ("unk", "<|endoftext|>")):
+        if text in vocab.tokens:
+            vocab.special_ids[typ] = vocab.tokens.index(text)
+    return vocab
+
+
+def _load_tiktoken(path: Path, n_vocab: int) -> Vocab:
+    import base64
+
+    ranks: dict[bytes, int] = {}
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConversionError(f"cannot read {path}: neither SentencePiece nor tiktoken ({e})") from None
+    if max(ranks.values(), default=-1) >= n_vocab:
+        raise ConversionError(f"{path} has token id {max(ranks.values())} but config.json vocab size is {n_vocab}")
+    byte_char = _byte_chars()
+    spell = lambda b: "".join(byte_char[x] for x in b)  # noqa: E731
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [int(TokenType.UNUSED)] * n_vocab
+    merges = []
+    for token, rank in ranks.items():
+        tokens[rank], types[rank] = spell(token), int(TokenType.NORMAL)
+        if len(token) > 1:
+            # the pair BPE merges last to make this token: BPE on its bytes with ranks below its own
+            parts = _tiktoken_bpe(ranks, token, rank)
+            if len(parts) == 2:
+                merges.append((rank, f"{spell(parts[0])} {spell(parts[1])}"))
+    config_path = path.parent / "tokenizer_config.json"
+    added = _read_json(config_path).get("added_tokens_decoder", {}) if config_path.is_file() else {}
+    specials = {int(i): d["content"] for i, d in added.items()} or {len(ranks) + k: t for k, t in enumerate(GLM4_SPECIAL)}
+    for i, text in specials.items():
+        if i < n_vocab:
+            tokens[i], types[i] = text, int(TokenType.CONTROL)
+    return Vocab(model="gpt2", pre="chatglm-bpe", tokens=tokens, token_types=types,
+                 merges=[m for _, m in sorted(merges)], add_bos=False, add_eos=False)
+
+
+def _byte_chars() -> dict[int, str]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for extra, b in enumerate(b for b in range(256) if b not in printable):
+        table[b] = chr(256 + extra)
+    return table
+
+
+def _tiktoken_bpe(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    parts = [bytes([b]) for b in token]
+    while True:
+        best = None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < max_rank and (best is None or r < best[0]):
+                best = (r, i)
+        if best is None:
+            return parts
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+CHATGLM1_SPECIAL = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
+
+
+def load_chatglm1(model_dir: Path, n_vocab: int) -> Vocab:
+    """ChatGLM-6B's ice_text.model: 20000 image tokens first, then the SentencePiece pieces. Its text
+    preprocessing (newline as <n>, tab as <|tab|>, runs of spaces as <|blank_N|>) is not in GGUF."""
+    from sentencepiece import SentencePieceProcessor
+
+    path = model_dir / "ice_text.model"
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+    n_image = 20000
+    if n_image + sp.vocab_size() > n_vocab:
+        raise ConversionError(f"{path} has {sp.vocab_size()} pieces + {n_image} image tokens but config.json "
+                              f"vocab_size is {n_vocab}")
+    tokens = [f"<image_{i}>" for i in range(n_image)] + [f"[PAD{i}]" for i in range(n_image, n_vocab)]
+    types = [int(TokenType.UNUSED)] * n_vocab
+    scores = [-10000.0] * n_vocab
+    for i in range(sp.vocab_size()):
+        text = sp.IdToPiece(i)
+        tokens[n_image + i], scores[n_image + i] = text, sp.GetScore(i)
+        types[n_image + i] = int(TokenType.CONTROL if text in CHATGLM1_SPECIAL or sp.IsControl(i)
+                                 else TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.BYTE if sp.IsByte(i)
+                                 else TokenType.NORMAL)
+    vocab = Vocab(model="llama", pre="default", tokens=tokens, token_types=types, scores=scores, add_bos=False)
+    for typ, text in (("bos", "<sop>"), ("eos", "<eop>"), ("mask", "[gMASK]"), ("unk", "<unk>"), ("pad", "<pad>")):
+        if text in tokens:
+            vocab.special_ids[typ] = tokens.index(text)
+    return vocab
+
+
+TOKENIZER_FILES = {"spm": ("tokenizer.model", load_sentencepiece), "bpe": ("tokenizer.json", load_bpe),
+                   "chatglm": ("tokenizer.model", load_chatglm), "chatglm1": ("ice_text.model", load_chatglm1)}
 
 
 def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any],
@@ -277,6 +409,9 @@ def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any],
         if text in text_to_id and vocab.token_types[text_to_id[text]] == TokenType.CONTROL:
             special["eot"] = text_to_id[text]
             break
+    for typ in ("eot", "mask"):  # chosen by the loader (ChatGLM's <|user|>, [gMASK])
+        if typ in vocab.special_ids:
+            special[typ] = vocab.special_ids[typ]
     vocab.special_ids = special
 
     for typ in ("bos", "eos"):
