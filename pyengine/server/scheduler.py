@@ -95,6 +95,7 @@ class Scheduler:
         self.slots = [_Slot(i, llm.new_context(n_ctx)) for i in range(parallel)]
         self.n_ctx = self.slots[0].llm.n_ctx
         self._waiting: collections.deque[Job] = collections.deque()
+        self.counters = {"requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0, "tokens_generated": 0}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="pyengine-engine", daemon=True)
@@ -117,7 +118,8 @@ class Scheduler:
     def status(self) -> dict[str, int]:
         with self._cond:
             busy = sum(s.job is not None for s in self.slots)
-            return {"slots_idle": len(self.slots) - busy, "slots_processing": busy, "requests_waiting": len(self._waiting)}
+            return {"slots_idle": len(self.slots) - busy, "slots_processing": busy,
+                    "requests_waiting": len(self._waiting), **self.counters}
 
     def close(self) -> None:
         with self._cond:
@@ -145,7 +147,7 @@ class Scheduler:
                 except Exception as e:  # a failed request must not take the engine thread down
                     log.exception("slot %d failed", slot.index)
                     job = slot.job
-                    self._free(slot)
+                    self._free(slot, "requests_failed")
                     if job is not None:
                         job._emit("error", e)
         for slot in self.slots:
@@ -153,14 +155,18 @@ class Scheduler:
                 slot.job._emit("error", RuntimeError("server shutting down"))
                 self._free(slot)
 
-    def _free(self, slot: _Slot) -> None:
+    def _free(self, slot: _Slot, outcome: str | None = None) -> None:
         with self._cond:
+            if slot.generation is not None:
+                self.counters["tokens_generated"] += len(slot.generation.token_ids)
+            if outcome:
+                self.counters[outcome] += 1
             slot.free()
 
     def _step(self, slot: _Slot) -> None:
         job = slot.job
         if job.cancelled.is_set():
-            self._free(slot)
+            self._free(slot, "requests_cancelled")
             return
         if slot.generation is None:
             # Prefill all but the last prompt token in fixed chunks; Generation evaluates the last
@@ -176,7 +182,7 @@ class Scheduler:
             piece = next(slot.generation)
         except StopIteration:
             stats: GenerationStats = slot.generation.stats
-            self._free(slot)
+            self._free(slot, "requests_finished")
             job._emit("done", stats)
             return
         job._emit("text", piece)
