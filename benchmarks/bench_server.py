@@ -1,0 +1,146 @@
+"""`pyengine serve` under load: throughput and time to first token at 1, 4 and 8 concurrent clients.
+
+Starts the server in a subprocess on a free 127.0.0.1 port (so the clients' Python does not share
+its GIL), then for each concurrency c runs c clients at once, each sending --requests streaming chat
+completions one after another. Throughput is all completion tokens (from the usage chunk) over the
+wall time of the round; TTFT is from sending a request to its first content chunk.
+
+    python benchmarks/bench_server.py                        # default model, 1/4/8 clients
+    python benchmarks/bench_server.py -m model.gguf -c 1,2 --max-tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+QUESTIONS = ["Write a short poem about the sea.", "Explain what a CPU does.", "Tell me about the Moon.",
+             "Describe a day at the beach.", "What makes a good friend?", "How do plants grow?",
+             "Write a story about a robot.", "Why is the sky blue?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def one_request(url: str, model: str, question: str, max_tokens: int, seed: int) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0.7, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - t0
+    return {"ttft": ttft if ttft is not None else time.perf_counter() - t0, "tokens": tokens,
+            "seconds": time.perf_counter() - t0}
+
+
+def run_round(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for j in range(requests):
+            r = one_request(url, model, QUESTIONS[(i + j) % len(QUESTIONS)], max_tokens, seed=1000 * i + j)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttfts = [r["ttft"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "seconds": wall,
+            "tokens_per_s": tokens / wall, "per_client_tokens_per_s": statistics.mean(
+                r["tokens"] / (r["seconds"] - r["ttft"]) for r in results if r["seconds"] > r["ttft"]),
+            "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-c", "--clients", default="1,4,8", help="concurrency levels")
+    p.add_argument("--requests", type=int, default=2, help="requests per client per round")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--out", default=str(HERE / "results" / "server.json"))
+    args = p.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "pyengine", "serve", "--port", str(port), "--parallel", str(max(levels)),
+           "--n-ctx", "1024", "--log-level", "warning"]
+    cmd += ["-m", args.model] if args.model else []
+    cmd += ["-t", str(args.threads)] if args.threads else []
+    server = subprocess.Popen(cmd)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit("bench_server: the server did not start")
+            time.sleep(0.2)
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        one_request(url, model, QUESTIONS[0], 4, 0)  # warm-up
+        rows = []
+        for c in levels:
+            rows.append(run_round(url, model, c, args.requests, args.max_tokens))
+            r = rows[-1]
+            print(f"  {c} clients: {r['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    print(f"\nmodel {model}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
+          f"{platform.machine()} with {os.cpu_count()} CPUs\n")
+    print("| clients | requests | tokens | total tok/s | per-client tok/s | TTFT p50 (s) | TTFT p95 (s) |")
+    print("|--------:|---------:|-------:|------------:|-----------------:|-------------:|-------------:|")
+    for r in rows:
+        print(f"| {r['clients']} | {r['requests']} | {r['completion_tokens']} | {r['tokens_per_s']:.1f} | "
+              f"{r['per_client_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": model, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+                               "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
