@@ -293,3 +293,86 @@ def test_chatglm1_gguf_metadata(glm1):
     assert field("tokenizer.ggml.mask_token_id") == glm1["config"]["gmask_token_id"]
     assert field("tokenizer.ggml.bos_token_id") == glm1["config"]["bos_token_id"]
     assert "output.weight" not in {t.name for t in r.tensors}  # tied, as transformers ties ChatGLM-6B's lm_head
+
+
+# --- GLM-4's tiktoken tokenizer ------------------------------------------------------------------------------
+
+GLM4_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # tokenization_chatglm.py's pat_str
+GLM4_TEMPLATE = ("[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def train_byte_bpe(text: str, n_merges: int) -> dict[bytes, int]:
+    """tiktoken-style ranks: the 256 bytes, then greedy BPE merges over the pre-tokenized text."""
+    import regex
+
+    ranks = {bytes([b]): b for b in range(256)}
+    words = [[bytes([b]) for b in w.encode()] for w in regex.findall(GLM4_SPLIT, text)]
+    for _ in range(n_merges):
+        counts: dict[tuple[bytes, bytes], int] = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = max(counts, key=lambda p: (counts[p], p))
+        ranks[best[0] + best[1]] = len(ranks)
+        for i, w in enumerate(words):
+            j, out = 0, []
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    out.append(w[j] + w[j + 1])
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+    return ranks
+
+
+def tiktoken_encode(ranks: dict[bytes, int], text: str) -> list[int]:
+    """tiktoken's algorithm, independent of pyengine: split, then merge the lowest-ranked pair until none is left."""
+    import regex
+
+    ids = []
+    for word in regex.findall(GLM4_SPLIT, text):
+        parts = [bytes([b]) for b in word.encode()]
+        while len(parts) > 1:
+            rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if rank == math.inf:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids += [ranks[p] for p in parts]
+    return ids
+
+
+def test_glm4_tiktoken_vocab(tmp_path):
+    import base64
+
+    from checkpoints import CORPUS
+    from pyengine_convert.vocab import GLM4_SPECIAL
+
+    ranks = train_byte_bpe(CORPUS, 300)
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    specials = {len(ranks) + k: t for k, t in enumerate(GLM4_SPECIAL)}
+    n_vocab = len(ranks) + 64
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "chat_template": GLM4_TEMPLATE,
+        "added_tokens_decoder": {str(i): {"content": t, "special": True} for i, t in specials.items()}}))
+    config = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 2, "padded_vocab_size": n_vocab,
+              "hidden_size": 64, "ffn_hidden_size": 96, "kv_channels": 16, "num_attention_heads": 4,
+              "multi_query_attention": True, "multi_query_group_num": 2, "seq_length": 1024, "rope_ratio": 500,
+              "layernorm_epsilon": 1.5625e-07, "add_qkv_bias": True, "eos_token_id": [len(ranks), len(ranks) + 7]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "vocab.gguf"
+    convert(tmp_path, out, vocab_only=True)
+    tok = pyengine.Tokenizer.from_gguf(out)
+    assert tok.model == "gpt2" and tok.pre == "chatglm-bpe" and tok.bos_id is None
+    for text in (CORPUS[:400], "Hello  world!\n\n  12345 don't 我想 🚀", " leading space and trailing  "):
+        assert tok.encode(text) == tiktoken_encode(ranks, text), text
+        assert tok.decode(tok.encode(text)) == text
+    prompt = pyengine.ChatTemplate.for_tokenizer(tok).render([{"role": "user", "content": "hi"}])
+    assert prompt == "[gMASK]<sop><|user|>\nhi<|assistant|>"
+    assert tok.encode(prompt)[:2] == [tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")]
+    assert tok.eos_id == len(ranks) and tok.is_eog(tok.token_to_id("<|user|>"))
