@@ -11,6 +11,8 @@ Metadata beyond llama.cpp's keys:
       temp is 0 (greedy) when generation_config.json says do_sample=false.
   pyengine.generation.eos_token_ids  all ids generation_config.json lists as eos_token_id (uint32 array);
       generation should stop on any of them.
+  chatglm1.residual_scale  ChatGLM-6B's alpha = sqrt(2 * num_layers); chatglm1 also writes
+      tokenizer.ggml.mask_token_id ([gMASK], whose index is the position id of generated tokens).
 """
 from __future__ import annotations
 
