@@ -376,3 +376,14 @@ def test_glm4_tiktoken_vocab(tmp_path):
     assert prompt == "[gMASK]<sop><|user|>\nhi<|assistant|>"
     assert tok.encode(prompt)[:2] == [tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")]
     assert tok.eos_id == len(ranks) and tok.is_eog(tok.token_to_id("<|user|>"))
+
+
+def test_chatglm1_chat_template(glm1):
+    llm = pyengine.LLM(glm1["gguf"], n_ctx=64)
+    template = llm.chat_template
+    assert template.name == "chatglm1"
+    prompt = template.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                              {"role": "user", "content": "c"}])
+    assert prompt == "[Round 0]\n问：a\n答：b\n[Round 1]\n问：c\n答：[gMASK]<sop>"
+    ids = llm.tokenizer.encode(prompt)
+    assert ids[-2:] == [glm1["config"]["gmask_token_id"], glm1["config"]["bos_token_id"]]
