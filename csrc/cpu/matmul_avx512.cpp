@@ -78,8 +78,6 @@ struct PanelRows {
 template <int S, int G>
 struct Unit {
   __m512i u[S][G];
-  __m512 scale[S];
-  __m512 min[S];
 };
 
 // Transposes 4x4 int32 blocks within each 128-bit lane.
@@ -152,26 +150,58 @@ PE_INLINE __m512i add_q5_high_bits(__m512i u, __m512i qh, int g) {
   return _mm512_mask_add_epi8(u, k, u, _mm512_set1_epi8(0x10));
 }
 
+// A packer describes one type: kBlock elements per ggml block of kBytes, sub-blocks of kSub = 4 kG
+// elements, unpacked kSubsPerUnit sub-blocks at a time. begin() decodes what a block's units share
+// (scales, mins, high bits) into a State; unpack() produces one unit's u vectors.
+
+template <int NSUB>
+struct ScaleState {
+  __m512 scale[NSUB];
+  __m512 min[NSUB];
+};
+
+// Masks a byte field: (v >> shift) & mask in every byte (32-bit shifts; the mask drops what crosses
+// byte boundaries).
+PE_INLINE __m512i bits(__m512i v, int shift, int mask) {
+  const __m512i s = shift >= 0 ? _mm512_srli_epi32(v, shift) : _mm512_slli_epi32(v, -shift);
+  return _mm512_and_si512(s, _mm512_set1_epi8(char(mask)));
+}
+
+// u | ((v >> shift) & mask) per byte, one ternary-logic op after the shift.
+PE_INLINE __m512i or_bits(__m512i u, __m512i v, int shift, int mask) {
+  const __m512i s = shift >= 0 ? _mm512_srli_epi32(v, shift) : _mm512_slli_epi32(v, -shift);
+  return _mm512_ternarylogic_epi32(u, s, _mm512_set1_epi8(char(mask)), 0xF8);  // a | (b & c)
+}
+
+// Byte `i` (0..3) of each int32 lane, zero- or sign-extended to int32, as float.
+PE_INLINE __m512 byte_u(__m512i v, int i, int shift, int mask) {
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * i + shift), _mm512_set1_epi32(mask)));
+}
+
 struct PackQ4_0 {
   static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kBytes = sizeof(block_q4_0);
   static constexpr bool kMin = false;
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+  using State = ScaleState<1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) { st.scale[0] = load_f16_x16(r, off); }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<1, 8>& out) {
     __m512i t[4];
     load_transpose_16x16(r, off + 2, t);
     nibble_groups(t, out.u[0]);
-    out.scale[0] = load_f16_x16(r, off);
   }
 };
 
 struct PackQ4_1 {
   static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kBytes = sizeof(block_q4_1);
   static constexpr bool kMin = true;
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+  using State = ScaleState<1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    st.scale[0] = load_f16_x16(r, off);
+    st.min[0] = load_f16_x16(r, off + 2);
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<1, 8>& out) {
     __m512i t[4];
     load_transpose_16x16(r, off + 4, t);
     nibble_groups(t, out.u[0]);
-    out.scale[0] = load_f16_x16(r, off);
-    out.min[0] = load_f16_x16(r, off + 2);
   }
 };
 
@@ -180,70 +210,178 @@ struct PackQ5 {
   static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1;
   static constexpr int kBytes = Q51 ? sizeof(block_q5_1) : sizeof(block_q5_0);
   static constexpr bool kMin = Q51;
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+  using State = ScaleState<1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    st.scale[0] = load_f16_x16(r, off);
+    if (Q51) st.min[0] = load_f16_x16(r, off + 2);
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<1, 8>& out) {
     constexpr int qh_off = Q51 ? 4 : 2;
     __m512i t[4];
     load_transpose_16x16(r, off + qh_off + 4, t);
     nibble_groups(t, out.u[0]);
     const __m512i qh = load_u32_x16(r, off + qh_off);
     for (int g = 0; g < 8; g++) out.u[0][g] = add_q5_high_bits(out.u[0][g], qh, g);
-    out.scale[0] = load_f16_x16(r, off);
-    if (Q51) out.min[0] = load_f16_x16(r, off + 2);
   }
 };
 
 struct PackQ8_0 {
   static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kBytes = sizeof(block_q8_0);
   static constexpr bool kMin = false;
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+  using State = ScaleState<1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) { st.scale[0] = load_f16_x16(r, off); }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<1, 8>& out) {
     const __m512i flip = _mm512_set1_epi8(char(0x80));  // int8 q -> u = q + 128
     __m512i t[4];
     load_transpose_16x16(r, off + 2, t);
     for (int g = 0; g < 4; g++) out.u[0][g] = _mm512_xor_si512(t[g], flip);
     load_transpose_16x16(r, off + 18, t);
     for (int g = 0; g < 4; g++) out.u[0][g + 4] = _mm512_xor_si512(t[g], flip);
-    out.scale[0] = load_f16_x16(r, off);
   }
 };
 
-// Any type through the scalar unpacker, one sub-block per unit (K-quants until they get SIMD packers).
-// Unit 0 decodes the whole block of 16 rows into a per-thread staging area; later units read it.
-template <GGMLType T, int Block, int Sub, bool Min, int Bytes>
-struct PackScalar {
-  static constexpr int kBlock = Block, kSub = Sub, kG = Sub / 4, kSubsPerUnit = 1, kBytes = Bytes;
-  static constexpr bool kMin = Min;
-  struct Staging {
-    alignas(64) uint8_t u[Block / Sub][kG][64];
-    alignas(64) float scale[Block / Sub][16];
-    alignas(64) float min[Block / Sub][16];
+// Q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin. Element 128n + 32j + l is
+// bits 2j..2j+1 of qs[32n + l]; unit n holds sub-blocks 8n..8n+7 (sub-block 8n + 2j + l / 16).
+struct PackQ2_K {
+  static constexpr int kBlock = QK_K, kSub = 16, kG = 4, kSubsPerUnit = 8, kBytes = sizeof(block_q2_K);
+  static constexpr bool kMin = true;
+  using State = ScaleState<16>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const __m512 d = load_f16_x16(r, off + 80), dmin = load_f16_x16(r, off + 82);
+    __m512i s[4];
+    load_transpose_16x16(r, off, s);
+    for (int j = 0; j < 16; j++) {
+      st.scale[j] = _mm512_mul_ps(d, byte_u(s[j / 4], j % 4, 0, 0xF));
+      st.min[j] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, byte_u(s[j / 4], j % 4, 4, 0xF)));
+    }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State&, Unit<8, 4>& out) {
+    __m512i q[8];
+    load_transpose_16x16(r, off + 16 + 32 * n, q);
+    load_transpose_16x16(r, off + 32 + 32 * n, q + 4);
+    for (int j = 0; j < 4; j++)
+      for (int h = 0; h < 2; h++)
+        for (int g = 0; g < 4; g++) out.u[2 * j + h][g] = bits(q[4 * h + g], 2 * j, 3);
+  }
+};
+
+// Q3_K: hmask[32], qs[64], scales[12] (16 6-bit values, offset 32), d. Element 128n + 32j + l is bits
+// 2j..2j+1 of qs[32n + l] plus 4 * bit (4n + j) of hmask[l]; unit n holds sub-blocks 8n..8n+7.
+struct PackQ3_K {
+  static constexpr int kBlock = QK_K, kSub = 16, kG = 4, kSubsPerUnit = 8, kBytes = sizeof(block_q3_K);
+  static constexpr bool kMin = false;
+  struct State : ScaleState<16> {
+    __m512i hm[8];
   };
-  static __attribute__((noinline)) void decode(const PanelRows& r, int64_t off, Staging& st) {
-    const QuantScheme& s = *quant_scheme(T);
-    uint8_t u[Block];
-    float sc[Block / Sub], mn[Block / Sub];
-    for (int i = 0; i < kPanel; i++) {
-      unpack_block(s, r.at(i, off), u, sc, mn);
-      for (int j = 0; j < Block / Sub; j++) {
-        for (int g = 0; g < kG; g++) std::memcpy(&st.u[j][g][4 * i], &u[j * Sub + 4 * g], 4);
-        st.scale[j][i] = sc[j];
-        st.min[j][i] = Min ? mn[j] : 0.0f;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const __m512 d = load_f16_x16(r, off + 108);
+    __m512i s[4];  // bytes 92..107: s[1..3] are the scales (the read stays inside the block)
+    load_transpose_16x16(r, off + 92, s);
+    for (int j = 0; j < 16; j++) {
+      const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(s[1 + (j % 8) / 4], 8 * (j % 4) + 4 * (j / 8)),
+                                          _mm512_set1_epi32(0xF));
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(s[3], 8 * (j % 4) + 2 * (j / 4)), _mm512_set1_epi32(3));
+      const __m512i sc = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+      st.scale[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+    }
+    load_transpose_16x16(r, off, st.hm);
+    load_transpose_16x16(r, off + 16, st.hm + 4);
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State& st, Unit<8, 4>& out) {
+    __m512i q[8];
+    load_transpose_16x16(r, off + 32 + 32 * n, q);
+    load_transpose_16x16(r, off + 48 + 32 * n, q + 4);
+    for (int j = 0; j < 4; j++)
+      for (int h = 0; h < 2; h++)
+        for (int g = 0; g < 4; g++) {
+          const int b = 4 * n + j;  // hmask bit, moved to bit 2
+          out.u[2 * j + h][g] = or_bits(bits(q[4 * h + g], 2 * j, 3), st.hm[4 * h + g], b - 2, 4);
+        }
+  }
+};
+
+// Q4_K / Q5_K: d, dmin, 12 bytes of 6-bit scales and mins, (Q5_K: qh[32]), qs[128]. Sub-block 2c is the
+// low nibbles of qs[32c..32c+32), 2c+1 the high ones; Q5_K's fifth bit of element 32j + l is bit j of
+// qh[l]. Unit c holds sub-blocks 2c and 2c+1.
+template <bool Q5>
+struct PackQ45_K {
+  static constexpr int kBlock = QK_K, kSub = 32, kG = 8, kSubsPerUnit = 2;
+  static constexpr int kBytes = Q5 ? sizeof(block_q5_K) : sizeof(block_q4_K);
+  static constexpr bool kMin = true;
+  struct State : ScaleState<8> {
+    __m512i qh[Q5 ? 8 : 1];
+  };
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const __m512 d = load_f16_x16(r, off), dmin = load_f16_x16(r, off + 2);
+    __m512i s[4];  // bytes 4..19: s[0..2] are the 12 scale bytes
+    load_transpose_16x16(r, off + 4, s);
+    for (int j = 0; j < 8; j++) {
+      __m512i sc, m;
+      if (j < 4) {
+        sc = _mm512_and_si512(_mm512_srli_epi32(s[0], 8 * j), _mm512_set1_epi32(63));
+        m = _mm512_and_si512(_mm512_srli_epi32(s[1], 8 * j), _mm512_set1_epi32(63));
+      } else {
+        const int i = 8 * (j - 4);
+        sc = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(s[2], i), _mm512_set1_epi32(0xF)),
+                             _mm512_and_si512(_mm512_srli_epi32(s[0], i + 2), _mm512_set1_epi32(0x30)));
+        m = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(s[2], i + 4), _mm512_set1_epi32(0xF)),
+                            _mm512_and_si512(_mm512_srli_epi32(s[1], i + 2), _mm512_set1_epi32(0x30)));
+      }
+      st.scale[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+      st.min[j] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m)));
+    }
+    if (Q5) {
+      load_transpose_16x16(r, off + 16, st.qh);
+      load_transpose_16x16(r, off + 32, st.qh + 4);
+    }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int c, const State& st, Unit<2, 8>& out) {
+    const int qs = (Q5 ? 48 : 16) + 32 * c;
+    __m512i t[8];
+    load_transpose_16x16(r, off + qs, t);
+    load_transpose_16x16(r, off + qs + 16, t + 4);
+    for (int g = 0; g < 8; g++) {
+      out.u[0][g] = bits(t[g], 0, 0xF);
+      out.u[1][g] = bits(t[g], 4, 0xF);
+      if (Q5) {
+        out.u[0][g] = or_bits(out.u[0][g], st.qh[g], 2 * c - 4, 0x10);
+        out.u[1][g] = or_bits(out.u[1][g], st.qh[g], 2 * c + 1 - 4, 0x10);
       }
     }
   }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int unit, Unit<1, kG>& out) {
-    thread_local Staging st;
-    if (unit == 0) decode(r, off, st);
-    for (int g = 0; g < kG; g++) out.u[0][g] = _mm512_load_si512(st.u[unit][g]);
-    out.scale[0] = _mm512_load_ps(st.scale[unit]);
-    out.min[0] = _mm512_load_ps(st.min[unit]);
+};
+using PackQ4_K = PackQ45_K<false>;
+using PackQ5_K = PackQ45_K<true>;
+
+// Q6_K: ql[128], qh[64], int8 scales[16], d. Element 128n + 64s + t is nibble s of ql[64n + t] plus
+// bits 2k..2k+1 of qh[32n + t % 32] (k = 2s + t / 32) times 16; unit n holds sub-blocks 8n..8n+7.
+struct PackQ6_K {
+  static constexpr int kBlock = QK_K, kSub = 16, kG = 4, kSubsPerUnit = 8, kBytes = sizeof(block_q6_K);
+  static constexpr bool kMin = false;
+  using State = ScaleState<16>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const __m512 d = load_f16_x16(r, off + 208);
+    __m512i s[4];
+    load_transpose_16x16(r, off + 192, s);
+    for (int j = 0; j < 16; j++) {
+      const __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(s[j / 4], 24 - 8 * (j % 4)), 24);
+      st.scale[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+    }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State&, Unit<8, 4>& out) {
+    __m512i ql[16], qh[8];
+    for (int i = 0; i < 4; i++) load_transpose_16x16(r, off + 64 * n + 16 * i, ql + 4 * i);
+    for (int i = 0; i < 2; i++) load_transpose_16x16(r, off + 128 + 32 * n + 16 * i, qh + 4 * i);
+    for (int sub = 0; sub < 8; sub++) {
+      const int s = sub / 4;
+      for (int gg = 0; gg < 4; gg++) {
+        const int g = 4 * (sub % 4) + gg;  // group within the 64 ql bytes
+        const int k = 2 * s + g / 8;
+        out.u[sub][gg] = or_bits(bits(ql[g], 4 * s, 0xF), qh[g % 8], 2 * k - 4, 0x30);
+      }
+    }
   }
 };
-
-using PackQ2_K = PackScalar<GGMLType::Q2_K, QK_K, 16, true, sizeof(block_q2_K)>;
-using PackQ3_K = PackScalar<GGMLType::Q3_K, QK_K, 16, false, sizeof(block_q3_K)>;
-using PackQ4_K = PackScalar<GGMLType::Q4_K, QK_K, 32, true, sizeof(block_q4_K)>;
-using PackQ5_K = PackScalar<GGMLType::Q5_K, QK_K, 32, true, sizeof(block_q5_K)>;
-using PackQ6_K = PackScalar<GGMLType::Q6_K, QK_K, 16, false, sizeof(block_q6_K)>;
 
 template <class P>
 constexpr int kUnits = P::kBlock / (P::kSub * P::kSubsPerUnit);
@@ -277,7 +415,7 @@ PE_INLINE void store_panel(const __m512 (&acc)[NC], float* y, int64_t ldy, int64
 // Decode (few activation rows): unpack each unit of a panel into registers and use it at once.
 
 template <class P, int NC>
-PE_INLINE void dot_unit(const UnitOf<P>& un, int64_t j0, const int8_t* xq, int64_t ldq, const XSub* xs, int64_t ldxs,
+PE_INLINE void dot_unit(const UnitOf<P>& un, const typename P::State& st, int j0b, int64_t j0, const int8_t* xq, int64_t ldq, const XSub* xs, int64_t ldxs,
                         __m512 (&acc)[NC]) {
 #pragma GCC unroll 4
   for (int s = 0; s < P::kSubsPerUnit; s++) {
@@ -301,8 +439,8 @@ PE_INLINE void dot_unit(const UnitOf<P>& un, int64_t j0, const int8_t* xq, int64
     for (int c = 0; c < NC; c++) {
       const __m512i dot = _mm512_add_epi32(ai[c], bi[c]);
       const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[c * ldxs + j].d));
-      acc[c] = _mm512_fmadd_ps(v, un.scale[s], acc[c]);
-      if (P::kMin) acc[c] = _mm512_fmadd_ps(un.min[s], _mm512_set1_ps(xs[c * ldxs + j].s), acc[c]);
+      acc[c] = _mm512_fmadd_ps(v, st.scale[j0b + s], acc[c]);
+      if (P::kMin) acc[c] = _mm512_fmadd_ps(st.min[j0b + s], _mm512_set1_ps(xs[c * ldxs + j].s), acc[c]);
     }
   }
 }
@@ -321,11 +459,14 @@ __attribute__((noinline)) void gemm_small_panel(const PanelRows& rows, int64_t n
   for (int64_t b = 0; b < nblk; b++) {
     for (int64_t l = b * lines_per_block; l < std::min(next_lines, (b + 1) * lines_per_block); l++)
       _mm_prefetch(reinterpret_cast<const char*>(next + 64 * l), _MM_HINT_T0);
+    typename P::State st;
+    P::begin(rows, b * P::kBytes, st);
 #pragma GCC unroll 8
     for (int unit = 0; unit < kUnits<P>; unit++) {
       UnitOf<P> un;
-      P::unpack(rows, b * P::kBytes, unit, un);
-      dot_unit<P, NC>(un, (b * kUnits<P> + unit) * P::kSubsPerUnit, xq, ldq, xs, ldxs, acc);
+      P::unpack(rows, b * P::kBytes, unit, st, un);
+      dot_unit<P, NC>(un, st, unit * P::kSubsPerUnit, (b * kUnits<P> + unit) * P::kSubsPerUnit, xq, ldq, xs, ldxs,
+                      acc);
     }
   }
   store_panel<NC>(acc, y, ldy, row0, nrows);
@@ -353,13 +494,15 @@ constexpr int kSubBytes = G * 64 + (MIN ? 128 : 64);
 template <class P>
 __attribute__((noinline)) void pack_panel(const PanelRows& rows, int64_t nblk, uint8_t* dst) {
   for (int64_t b = 0; b < nblk; b++) {
+    typename P::State st;
+    P::begin(rows, b * P::kBytes, st);
     for (int unit = 0; unit < kUnits<P>; unit++) {
       UnitOf<P> un;
-      P::unpack(rows, b * P::kBytes, unit, un);
+      P::unpack(rows, b * P::kBytes, unit, st, un);
       for (int s = 0; s < P::kSubsPerUnit; s++, dst += kSubBytes<P::kG, P::kMin>) {
         for (int g = 0; g < P::kG; g++) _mm512_store_si512(dst + 64 * g, un.u[s][g]);
-        _mm512_store_ps(dst + 64 * P::kG, un.scale[s]);
-        if (P::kMin) _mm512_store_ps(dst + 64 * P::kG + 64, un.min[s]);
+        _mm512_store_ps(dst + 64 * P::kG, st.scale[unit * P::kSubsPerUnit + s]);
+        if (P::kMin) _mm512_store_ps(dst + 64 * P::kG + 64, st.min[unit * P::kSubsPerUnit + s]);
       }
     }
   }
