@@ -77,11 +77,12 @@ def sampling_overrides(args: argparse.Namespace, n_ctx: int) -> dict[str, Any]:
 
 
 class Spinner:
-    """A spinner and elapsed seconds on `stream` while a block runs; nothing when `stream` is not a terminal."""
+    """A spinner and elapsed seconds on `stream` while a block runs; only for a person at a terminal
+    (stdin and `stream` both terminals), never in a script's output."""
 
-    def __init__(self, text: str, stream: TextIO = sys.stderr):
-        self.text, self.stream = text, stream
-        self.enabled = stream.isatty()
+    def __init__(self, text: str, stream: TextIO | None = None):
+        self.text, self.stream = text, stream or sys.stderr
+        self.enabled = self.stream.isatty() and sys.stdin.isatty()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._spin, daemon=True)
 
