@@ -304,8 +304,9 @@ def test_api_key(one_slot):
     assert one_slot.health()["status"] == "ok"  # /health needs no key
 
 
-def test_cli_rejects_a_missing_model(capsys):
+def test_cli_rejects_a_missing_model_and_says_gpu_layers_are_unavailable(capsys):
     from pyengine.server import main
 
-    assert main(["-m", "/nonexistent/model.gguf", "--port", "1"]) == 1
-    assert "not found" in capsys.readouterr().err
+    assert main(["-m", "/nonexistent/model.gguf", "--port", "1", "-ngl", "99"]) == 1
+    err = capsys.readouterr().err
+    assert "not found" in err and "GPU layers are unavailable" in err
