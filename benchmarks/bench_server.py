@@ -68,7 +68,10 @@ def run_round(url: str, model: str, clients: int, requests: int, max_tokens: int
 
     def client(i: int) -> None:
         for j in range(requests):
-            r = one_request(url, model, QUESTIONS[(i + j) % len(QUESTIONS)], max_tokens, seed=1000 * i + j)
+            try:
+                r = one_request(url, model, QUESTIONS[(i + j) % len(QUESTIONS)], max_tokens, seed=1000 * i + j)
+            except httpx.HTTPError as e:
+                r = {"error": f"{type(e).__name__}: {e}"}
             with lock:
                 results.append(r)
 
@@ -79,6 +82,9 @@ def run_round(url: str, model: str, clients: int, requests: int, max_tokens: int
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    failed = [r for r in results if "error" in r]
+    if failed:
+        raise SystemExit(f"bench_server: {len(failed)} of {len(results)} requests failed, e.g. {failed[0]['error']}")
     ttfts = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "seconds": wall,
