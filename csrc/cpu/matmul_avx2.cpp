@@ -98,8 +98,6 @@ struct PanelRows {
 template <int S, int G>
 struct Unit {
   __m256i u[S][G];
-  __m256 scale[S];
-  __m256 min[S];
 };
 
 PE_INLINE __m128i load128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
@@ -156,27 +154,55 @@ PE_INLINE __m256i add_q5_high_bits(__m256i u, __m256i qh, int g) {
   return _mm256_add_epi8(u, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
 }
 
+// A packer describes one type (see matmul_avx512.cpp): begin() decodes what a block's units share
+// (scales, mins, high bits) into a State; unpack() produces one unit's u vectors.
+
+template <int NSUB>
+struct ScaleState {
+  __m256 scale[NSUB];
+  __m256 min[NSUB];
+};
+
+// (v >> shift) & mask in every byte (32-bit shifts; the mask drops what crosses byte boundaries).
+PE_INLINE __m256i bits(__m256i v, int shift, int mask) {
+  const __m256i s = shift >= 0 ? _mm256_srli_epi32(v, shift) : _mm256_slli_epi32(v, -shift);
+  return _mm256_and_si256(s, _mm256_set1_epi8(char(mask)));
+}
+
+PE_INLINE __m256i or_bits(__m256i u, __m256i v, int shift, int mask) { return _mm256_or_si256(u, bits(v, shift, mask)); }
+
+// ((v >> (8 i + shift)) & mask) per int32 lane, as float.
+PE_INLINE __m256 byte_u(__m256i v, int i, int shift, int mask) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8 * i + shift), _mm256_set1_epi32(mask)));
+}
+
+PE_INLINE __m256 neg(__m256 v) { return _mm256_sub_ps(_mm256_setzero_ps(), v); }
+
 // kGS: groups whose pmaddubsw results can be summed in int16 (2 * max_u * 127 * kGS <= 32767).
 struct PackQ4_0 {
   static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kBytes = sizeof(block_q4_0), kGS = 8;
   static constexpr bool kMin = false, kSigned = false;
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+  using State = ScaleState<1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) { st.scale[0] = load_f16_x8(r, off); }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<1, 8>& out) {
     __m256i t[4];
     load_transpose_8x16(r, off + 2, t);
     nibble_groups(t, out.u[0]);
-    out.scale[0] = load_f16_x8(r, off);
   }
 };
 
 struct PackQ4_1 {
   static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kBytes = sizeof(block_q4_1), kGS = 8;
   static constexpr bool kMin = true, kSigned = false;
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+  using State = ScaleState<1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    st.scale[0] = load_f16_x8(r, off);
+    st.min[0] = load_f16_x8(r, off + 2);
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<1, 8>& out) {
     __m256i t[4];
     load_transpose_8x16(r, off + 4, t);
     nibble_groups(t, out.u[0]);
-    out.scale[0] = load_f16_x8(r, off);
-    out.min[0] = load_f16_x8(r, off + 2);
   }
 };
 
@@ -185,68 +211,166 @@ struct PackQ5 {
   static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kGS = 4;
   static constexpr int kBytes = Q51 ? sizeof(block_q5_1) : sizeof(block_q5_0);
   static constexpr bool kMin = Q51, kSigned = false;
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+  using State = ScaleState<1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    st.scale[0] = load_f16_x8(r, off);
+    if (Q51) st.min[0] = load_f16_x8(r, off + 2);
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<1, 8>& out) {
     constexpr int qh_off = Q51 ? 4 : 2;
     __m256i t[4];
     load_transpose_8x16(r, off + qh_off + 4, t);
     nibble_groups(t, out.u[0]);
     const __m256i qh = load_u32_x8(r, off + qh_off);
     for (int g = 0; g < 8; g++) out.u[0][g] = add_q5_high_bits(out.u[0][g], qh, g);
-    out.scale[0] = load_f16_x8(r, off);
-    if (Q51) out.min[0] = load_f16_x8(r, off + 2);
   }
 };
 
 struct PackQ8_0 {
   static constexpr int kBlock = 32, kSub = 32, kG = 8, kSubsPerUnit = 1, kBytes = sizeof(block_q8_0), kGS = 1;
   static constexpr bool kMin = false, kSigned = true;  // u holds the signed q; the bias is not used
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, Unit<1, 8>& out) {
+  using State = ScaleState<1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) { st.scale[0] = load_f16_x8(r, off); }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<1, 8>& out) {
     __m256i t[4];
     load_transpose_8x16(r, off + 2, t);
     for (int g = 0; g < 4; g++) out.u[0][g] = t[g];
     load_transpose_8x16(r, off + 18, t);
     for (int g = 0; g < 4; g++) out.u[0][g + 4] = t[g];
-    out.scale[0] = load_f16_x8(r, off);
   }
 };
 
-// K-quants through the scalar unpacker, one sub-block per unit; unit 0 decodes the whole block.
-template <GGMLType T, int Block, int Sub, bool Min, int Bytes, int GS>
-struct PackScalar {
-  static constexpr int kBlock = Block, kSub = Sub, kG = Sub / 4, kSubsPerUnit = 1, kBytes = Bytes, kGS = GS;
-  static constexpr bool kMin = Min, kSigned = false;
-  struct Staging {
-    alignas(32) uint8_t u[Block / Sub][kG][32];
-    alignas(32) float scale[Block / Sub][8];
-    alignas(32) float min[Block / Sub][8];
+// K-quants: layouts as documented in matmul_avx512.cpp's packers.
+struct PackQ2_K {
+  static constexpr int kBlock = QK_K, kSub = 16, kG = 4, kSubsPerUnit = 8, kBytes = sizeof(block_q2_K), kGS = 4;
+  static constexpr bool kMin = true, kSigned = false;
+  using State = ScaleState<16>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const __m256 d = load_f16_x8(r, off + 80), dmin = load_f16_x8(r, off + 82);
+    __m256i s[4];
+    load_transpose_8x16(r, off, s);
+    for (int j = 0; j < 16; j++) {
+      st.scale[j] = _mm256_mul_ps(d, byte_u(s[j / 4], j % 4, 0, 0xF));
+      st.min[j] = neg(_mm256_mul_ps(dmin, byte_u(s[j / 4], j % 4, 4, 0xF)));
+    }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State&, Unit<8, 4>& out) {
+    __m256i q[8];
+    load_transpose_8x16(r, off + 16 + 32 * n, q);
+    load_transpose_8x16(r, off + 32 + 32 * n, q + 4);
+    for (int j = 0; j < 4; j++)
+      for (int h = 0; h < 2; h++)
+        for (int g = 0; g < 4; g++) out.u[2 * j + h][g] = bits(q[4 * h + g], 2 * j, 3);
+  }
+};
+
+struct PackQ3_K {
+  static constexpr int kBlock = QK_K, kSub = 16, kG = 4, kSubsPerUnit = 8, kBytes = sizeof(block_q3_K), kGS = 4;
+  static constexpr bool kMin = false, kSigned = false;
+  struct State : ScaleState<16> {
+    __m256i hm[8];
   };
-  static __attribute__((noinline)) void decode(const PanelRows& r, int64_t off, Staging& st) {
-    const QuantScheme& s = *quant_scheme(T);
-    uint8_t u[Block];
-    float sc[Block / Sub], mn[Block / Sub];
-    for (int i = 0; i < kPanel; i++) {
-      unpack_block(s, r.at(i, off), u, sc, mn);
-      for (int j = 0; j < Block / Sub; j++) {
-        for (int g = 0; g < kG; g++) std::memcpy(&st.u[j][g][4 * i], &u[j * Sub + 4 * g], 4);
-        st.scale[j][i] = sc[j];
-        st.min[j][i] = Min ? mn[j] : 0.0f;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const __m256 d = load_f16_x8(r, off + 108);
+    __m256i s[4];  // bytes 92..107: s[1..3] are the scales
+    load_transpose_8x16(r, off + 92, s);
+    for (int j = 0; j < 16; j++) {
+      const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(s[1 + (j % 8) / 4], 8 * (j % 4) + 4 * (j / 8)),
+                                          _mm256_set1_epi32(0xF));
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(s[3], 8 * (j % 4) + 2 * (j / 4)), _mm256_set1_epi32(3));
+      const __m256i sc = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+      st.scale[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+    }
+    load_transpose_8x16(r, off, st.hm);
+    load_transpose_8x16(r, off + 16, st.hm + 4);
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State& st, Unit<8, 4>& out) {
+    __m256i q[8];
+    load_transpose_8x16(r, off + 32 + 32 * n, q);
+    load_transpose_8x16(r, off + 48 + 32 * n, q + 4);
+    for (int j = 0; j < 4; j++)
+      for (int h = 0; h < 2; h++)
+        for (int g = 0; g < 4; g++)
+          out.u[2 * j + h][g] = or_bits(bits(q[4 * h + g], 2 * j, 3), st.hm[4 * h + g], 4 * n + j - 2, 4);
+  }
+};
+
+template <bool Q5>
+struct PackQ45_K {
+  static constexpr int kBlock = QK_K, kSub = 32, kG = 8, kSubsPerUnit = 2, kGS = Q5 ? 4 : 8;
+  static constexpr int kBytes = Q5 ? sizeof(block_q5_K) : sizeof(block_q4_K);
+  static constexpr bool kMin = true, kSigned = false;
+  struct State : ScaleState<8> {
+    __m256i qh[Q5 ? 8 : 1];
+  };
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const __m256 d = load_f16_x8(r, off), dmin = load_f16_x8(r, off + 2);
+    __m256i s[4];  // bytes 4..19: s[0..2] are the 12 scale bytes
+    load_transpose_8x16(r, off + 4, s);
+    for (int j = 0; j < 8; j++) {
+      __m256i sc, m;
+      if (j < 4) {
+        sc = _mm256_and_si256(_mm256_srli_epi32(s[0], 8 * j), _mm256_set1_epi32(63));
+        m = _mm256_and_si256(_mm256_srli_epi32(s[1], 8 * j), _mm256_set1_epi32(63));
+      } else {
+        const int i = 8 * (j - 4);
+        sc = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(s[2], i), _mm256_set1_epi32(0xF)),
+                             _mm256_and_si256(_mm256_srli_epi32(s[0], i + 2), _mm256_set1_epi32(0x30)));
+        m = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(s[2], i + 4), _mm256_set1_epi32(0xF)),
+                            _mm256_and_si256(_mm256_srli_epi32(s[1], i + 2), _mm256_set1_epi32(0x30)));
+      }
+      st.scale[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+      st.min[j] = neg(_mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m)));
+    }
+    if (Q5) {
+      load_transpose_8x16(r, off + 16, st.qh);
+      load_transpose_8x16(r, off + 32, st.qh + 4);
+    }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int c, const State& st, Unit<2, 8>& out) {
+    const int qs = (Q5 ? 48 : 16) + 32 * c;
+    __m256i t[8];
+    load_transpose_8x16(r, off + qs, t);
+    load_transpose_8x16(r, off + qs + 16, t + 4);
+    for (int g = 0; g < 8; g++) {
+      out.u[0][g] = bits(t[g], 0, 0xF);
+      out.u[1][g] = bits(t[g], 4, 0xF);
+      if (Q5) {
+        out.u[0][g] = or_bits(out.u[0][g], st.qh[g], 2 * c - 4, 0x10);
+        out.u[1][g] = or_bits(out.u[1][g], st.qh[g], 2 * c + 1 - 4, 0x10);
       }
     }
   }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int unit, Unit<1, kG>& out) {
-    thread_local Staging st;
-    if (unit == 0) decode(r, off, st);
-    for (int g = 0; g < kG; g++) out.u[0][g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(st.u[unit][g]));
-    out.scale[0] = _mm256_load_ps(st.scale[unit]);
-    out.min[0] = _mm256_load_ps(st.min[unit]);
+};
+using PackQ4_K = PackQ45_K<false>;
+using PackQ5_K = PackQ45_K<true>;
+
+struct PackQ6_K {
+  static constexpr int kBlock = QK_K, kSub = 16, kG = 4, kSubsPerUnit = 8, kBytes = sizeof(block_q6_K), kGS = 2;
+  static constexpr bool kMin = false, kSigned = false;
+  using State = ScaleState<16>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const __m256 d = load_f16_x8(r, off + 208);
+    __m256i s[4];
+    load_transpose_8x16(r, off + 192, s);
+    for (int j = 0; j < 16; j++) {
+      const __m256i sc = _mm256_srai_epi32(_mm256_slli_epi32(s[j / 4], 24 - 8 * (j % 4)), 24);
+      st.scale[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+    }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State&, Unit<8, 4>& out) {
+    __m256i ql[16], qh[8];
+    for (int i = 0; i < 4; i++) load_transpose_8x16(r, off + 64 * n + 16 * i, ql + 4 * i);
+    for (int i = 0; i < 2; i++) load_transpose_8x16(r, off + 128 + 32 * n + 16 * i, qh + 4 * i);
+    for (int sub = 0; sub < 8; sub++) {
+      const int s = sub / 4;
+      for (int gg = 0; gg < 4; gg++) {
+        const int g = 4 * (sub % 4) + gg;
+        out.u[sub][gg] = or_bits(bits(ql[g], 4 * s, 0xF), qh[g % 8], 2 * (2 * s + g / 8) - 4, 0x30);
+      }
+    }
   }
 };
-
-using PackQ2_K = PackScalar<GGMLType::Q2_K, QK_K, 16, true, sizeof(block_q2_K), 4>;
-using PackQ3_K = PackScalar<GGMLType::Q3_K, QK_K, 16, false, sizeof(block_q3_K), 4>;
-using PackQ4_K = PackScalar<GGMLType::Q4_K, QK_K, 32, true, sizeof(block_q4_K), 8>;
-using PackQ5_K = PackScalar<GGMLType::Q5_K, QK_K, 32, true, sizeof(block_q5_K), 4>;
-using PackQ6_K = PackScalar<GGMLType::Q6_K, QK_K, 16, false, sizeof(block_q6_K), 2>;
 
 template <class P>
 constexpr int kUnits = P::kBlock / (P::kSub * P::kSubsPerUnit);
@@ -317,18 +441,21 @@ __attribute__((noinline)) void gemm_small_panel(const PanelRows& rows, int64_t n
   __m256 acc[NC];
   for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nblk; b++) {
+    typename P::State st;
+    P::begin(rows, b * P::kBytes, st);
 #pragma GCC unroll 8
     for (int unit = 0; unit < kUnits<P>; unit++) {
       UnitOf<P> un;
-      P::unpack(rows, b * P::kBytes, unit, un);
-#pragma GCC unroll 4
+      P::unpack(rows, b * P::kBytes, unit, st, un);
+#pragma GCC unroll 8
       for (int s = 0; s < P::kSubsPerUnit; s++) {
-        const int64_t j = (b * kUnits<P> + unit) * P::kSubsPerUnit + s;
+        const int sb = unit * P::kSubsPerUnit + s;
+        const int64_t j = b * (P::kBlock / P::kSub) + sb;
         __m256 v[NC];
         dot_sub<P::kG, P::kGS, P::kSigned, NC>(un.u[s], xq + j * P::kSub, ldq, xs + j, ldxs, v);
         for (int c = 0; c < NC; c++) {
-          acc[c] = _mm256_fmadd_ps(v[c], un.scale[s], acc[c]);
-          if (P::kMin) acc[c] = _mm256_fmadd_ps(un.min[s], _mm256_set1_ps(xs[c * ldxs + j].s), acc[c]);
+          acc[c] = _mm256_fmadd_ps(v[c], st.scale[sb], acc[c]);
+          if (P::kMin) acc[c] = _mm256_fmadd_ps(st.min[sb], _mm256_set1_ps(xs[c * ldxs + j].s), acc[c]);
         }
       }
     }
@@ -355,13 +482,16 @@ constexpr int kSubBytes = G * 32 + (MIN ? 64 : 32);
 template <class P>
 __attribute__((noinline)) void pack_panel(const PanelRows& rows, int64_t nblk, uint8_t* dst) {
   for (int64_t b = 0; b < nblk; b++) {
+    typename P::State st;
+    P::begin(rows, b * P::kBytes, st);
     for (int unit = 0; unit < kUnits<P>; unit++) {
       UnitOf<P> un;
-      P::unpack(rows, b * P::kBytes, unit, un);
+      P::unpack(rows, b * P::kBytes, unit, st, un);
       for (int s = 0; s < P::kSubsPerUnit; s++, dst += kSubBytes<P::kG, P::kMin>) {
+        const int sb = unit * P::kSubsPerUnit + s;
         for (int g = 0; g < P::kG; g++) _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * g), un.u[s][g]);
-        _mm256_store_ps(reinterpret_cast<float*>(dst + 32 * P::kG), un.scale[s]);
-        if (P::kMin) _mm256_store_ps(reinterpret_cast<float*>(dst + 32 * P::kG + 32), un.min[s]);
+        _mm256_store_ps(reinterpret_cast<float*>(dst + 32 * P::kG), st.scale[sb]);
+        if (P::kMin) _mm256_store_ps(reinterpret_cast<float*>(dst + 32 * P::kG + 32), st.min[sb]);
       }
     }
   }
