@@ -4,6 +4,10 @@ For each weight type, CPU path, activation row count m (1 = decode, 512 = prefil
 times Y = X @ W.T summed over the model's matrix shapes and prints GFLOP/s and weight GB/s (the decode
 number to compare with memory bandwidth). Results also go to a JSON file.
 
+Two clocks: wall time, and the calling thread's CPU time. On a machine shared with other work the
+wall clock counts time the benchmark was not running at all; CPU time does not (with n threads it
+still includes the caller's share of the wait for the others, so it is exact only for 1 thread).
+
     python benchmarks/bench_kernels.py --types Q4_0,Q8_0 --paths avx512 --out bench.json
 """
 from __future__ import annotations
@@ -45,15 +49,16 @@ def make_weights(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> n
     return np.ascontiguousarray(np.tile(small, (rows // 64 + 1, 1))[:rows])
 
 
-def time_call(fn, min_time: float) -> float:
+def time_call(fn, min_time: float) -> tuple[float, float]:
+    """Seconds per call: (wall clock, calling thread's CPU time)."""
     fn()  # warm-up
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.thread_time()
     while True:
         fn()
         n += 1
         dt = time.perf_counter() - t0
         if dt >= min_time and n >= 3:
-            return dt / n
+            return dt / n, (time.thread_time() - c0) / n
 
 
 def main() -> None:
@@ -71,7 +76,9 @@ def main() -> None:
     paths = args.paths.split(",") if args.paths else [_C.best_cpu_path()]
     shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
     results = []
-    print(f"{'type':6} {'path':9} {'m':>4} {'thr':>3} {'ms':>9} {'GFLOP/s':>9} {'W GB/s':>8}")
+    print(f"{'':24}{'---- wall clock ----':>28}  {'---- CPU time ----':>28}")
+    print(f"{'type':6} {'path':9} {'m':>4} {'thr':>3} {'ms':>9} {'GFLOP/s':>9} {'W GB/s':>8}  "
+          f"{'ms':>9} {'GFLOP/s':>9} {'W GB/s':>8}")
     before = _C.cpu_path()
     for tname in args.types.split(","):
         qtype = QT[tname]
@@ -82,19 +89,24 @@ def main() -> None:
             for m in map(int, args.m.split(",")):
                 xs = {c: rng.standard_normal((m, c)).astype(np.float32) for _, c in shapes.values()}
                 for nt in map(int, args.threads.split(",")):
-                    total_t = total_flop = total_bytes = 0.0
+                    total_t = total_cpu = total_flop = total_bytes = 0.0
                     for k, (r, c) in shapes.items():
                         w, x = weights[k], xs[c]
-                        t = time_call(lambda: _C.matmul(w, int(qtype), r, c, x, nt), args.min_time / len(shapes))
+                        t, cpu = time_call(lambda: _C.matmul(w, int(qtype), r, c, x, nt),
+                                           args.min_time / len(shapes))
                         total_t += t
+                        total_cpu += cpu
                         total_flop += 2.0 * m * r * c
                         total_bytes += w.nbytes
-                    row = {"type": tname, "path": path, "m": m, "threads": nt, "seconds": total_t,
-                           "gflops": total_flop / total_t / 1e9, "weight_gbps": total_bytes / total_t / 1e9,
-                           "shapes": list(shapes)}
+                    row = {"type": tname, "path": path, "m": m, "threads": nt, "shapes": list(shapes),
+                           "seconds": total_t, "gflops": total_flop / total_t / 1e9,
+                           "weight_gbps": total_bytes / total_t / 1e9,
+                           "cpu_seconds": total_cpu, "cpu_gflops": total_flop / total_cpu / 1e9,
+                           "cpu_weight_gbps": total_bytes / total_cpu / 1e9}
                     results.append(row)
                     print(f"{tname:6} {path:9} {m:4d} {nt:3d} {total_t * 1e3:9.3f} {row['gflops']:9.1f} "
-                          f"{row['weight_gbps']:8.2f}", flush=True)
+                          f"{row['weight_gbps']:8.2f}  {total_cpu * 1e3:9.3f} {row['cpu_gflops']:9.1f} "
+                          f"{row['cpu_weight_gbps']:8.2f}", flush=True)
     _C.set_cpu_path(before)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
