@@ -27,7 +27,7 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
     from ..default_model import resolve_model
     from ..llm import LLM
 
-    path = resolve_model(str(model))
+    path = resolve_model(None if model is None else str(model))
     llm = LLM(path, n_ctx=max(n_prompt, n_gen, 1) + 1, n_threads=threads, n_batch=n_batch)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, llm.n_vocab, size=n_prompt, dtype=np.int32)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.reps, args.batch_size)
-    except (FileNotFoundError, ModelFormatError, UnsupportedModelError, EngineError) as e:
+    except (FileNotFoundError, ValueError, ModelFormatError, UnsupportedModelError, EngineError) as e:
         print(f"pyengine bench: {e}", file=sys.stderr)
         return 1
     if args.json:
