@@ -5,6 +5,7 @@ Environment:
   PYENGINE_BUILD_TYPE Release (default) or Debug/RelWithDebInfo
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,21 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
+
+
+    def copy_extensions_to_source(self) -> None:
+        # Replace the in-place module by rename, never by overwriting: processes that have the old
+        # module mapped (tests, servers) would crash if its pages changed under them.
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            fullname = self.get_ext_fullname(ext.name)
+            filename = self.get_ext_filename(fullname)
+            package = ".".join(fullname.split(".")[:-1])
+            dest = os.path.join(build_py.get_package_dir(package), os.path.basename(filename))
+            tmp = dest + ".tmp"
+            shutil.copyfile(os.path.join(self.build_lib, filename), tmp)
+            shutil.copymode(os.path.join(self.build_lib, filename), tmp)
+            os.replace(tmp, dest)
 
 
 setup(
