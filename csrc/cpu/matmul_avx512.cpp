@@ -6,7 +6,9 @@
 // vpdpbusd against 4 activation bytes broadcast to every lane then advances 16 row dot products at
 // once, and each sub-block ends with a single convert + scale + accumulate for all 16 rows, with no
 // horizontal reductions. Prefill packs whole panels once and streams every activation row over them
-// (a 32-row x 6-activation-row register tile); decode packs block by block into L1 and uses it at once.
+// (a 32-row x 6-activation-row register tile); decode unpacks block by block into registers and uses
+// them at once. Float weights: dot-product tiles for few activation rows, transposed float panels and
+// broadcast FMAs for many.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -23,7 +25,7 @@ namespace pe::cpu {
 namespace {
 
 constexpr int kPanel = 16;     // weight rows per panel: one int32 lane each
-constexpr int kMaxSmallM = 3;  // up to this many activation rows, pack block by block (no panel reuse)
+constexpr int kMaxSmallM = 3;  // up to this many activation rows, unpack and use at once (no panel reuse)
 constexpr int kTileM = 6;      // activation rows per register tile when whole panels are packed
 
 PE_INLINE int32_t load_i32(const void* p) {
@@ -447,40 +449,53 @@ PE_INLINE void dot_unit(const UnitOf<P>& un, const typename P::State& st, int j0
   }
 }
 
-template <class P, int NC>
+// NP panels at once (rows.p + 16 p * stride): independent dependency chains for the out-of-order core.
+template <class P, int NC, int NP>
 __attribute__((noinline)) void gemm_small_panel(const PanelRows& rows, int64_t nblk, const int8_t* xq, int64_t ldq,
                                                 const XSub* xs, int64_t ldxs, float* y, int64_t ldy, int64_t row0,
                                                 int64_t nrows) {
-  __m512 acc[NC];
-  for (int c = 0; c < NC; c++) acc[c] = _mm512_setzero_ps();
+  __m512 acc[NP][NC];
+  for (int p = 0; p < NP; p++)
+    for (int c = 0; c < NC; c++) acc[p][c] = _mm512_setzero_ps();
+  PanelRows pr[NP];
+  for (int p = 0; p < NP; p++) pr[p] = PanelRows{rows.p + kPanel * p * rows.stride, rows.stride};
   // Sixteen row streams advancing a few bytes per step defeat the hardware prefetchers: fetch the next
-  // panel (the following 16 rows, contiguous in a dense tensor) while this one runs.
-  const uint8_t* next = rows.p + kPanel * rows.stride;
-  const int64_t next_lines = kPanel * rows.stride / 64;
+  // panels (the following rows, contiguous in a dense tensor) while these run.
+  const uint8_t* next = rows.p + NP * kPanel * rows.stride;
+  const int64_t next_lines = NP * kPanel * rows.stride / 64;
   const int64_t lines_per_block = (next_lines + nblk - 1) / nblk;
   for (int64_t b = 0; b < nblk; b++) {
     for (int64_t l = b * lines_per_block; l < std::min(next_lines, (b + 1) * lines_per_block); l++)
       _mm_prefetch(reinterpret_cast<const char*>(next + 64 * l), _MM_HINT_T0);
-    typename P::State st;
-    P::begin(rows, b * P::kBytes, st);
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; p++) {
+      typename P::State st;
+      P::begin(pr[p], b * P::kBytes, st);
 #pragma GCC unroll 8
-    for (int unit = 0; unit < kUnits<P>; unit++) {
-      UnitOf<P> un;
-      P::unpack(rows, b * P::kBytes, unit, st, un);
-      dot_unit<P, NC>(un, st, unit * P::kSubsPerUnit, (b * kUnits<P> + unit) * P::kSubsPerUnit, xq, ldq, xs, ldxs,
-                      acc);
+      for (int unit = 0; unit < kUnits<P>; unit++) {
+        UnitOf<P> un;
+        P::unpack(pr[p], b * P::kBytes, unit, st, un);
+        dot_unit<P, NC>(un, st, unit * P::kSubsPerUnit, (b * kUnits<P> + unit) * P::kSubsPerUnit, xq, ldq, xs, ldxs,
+                        acc[p]);
+      }
     }
   }
-  store_panel<NC>(acc, y, ldy, row0, nrows);
+  for (int p = 0; p < NP; p++) store_panel<NC>(acc[p], y, ldy, row0 + kPanel * p, nrows - kPanel * p);
 }
 
 template <class P, int NC>
 void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, float* y, int64_t ldy) {
   thread_local ScratchBuffer tail;
   const int64_t nblk = w.cols / P::kBlock;
-  for (int64_t rp = r0; rp < r1; rp += kPanel)
-    gemm_small_panel<P, NC>(panel_at<P>(w, rp, r1, tail), nblk, x.q + m0 * x.ldq, x.ldq, x.sub + m0 * x.ldsub,
-                            x.ldsub, y + m0 * ldy, ldy, rp, std::min<int64_t>(kPanel, r1 - rp));
+  const int8_t* xq = x.q + m0 * x.ldq;
+  const XSub* xs = x.sub + m0 * x.ldsub;
+  int64_t rp = r0;
+  for (; rp + 2 * kPanel <= r1; rp += 2 * kPanel)
+    gemm_small_panel<P, NC, 2>(panel_at<P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp,
+                               2 * kPanel);
+  for (; rp < r1; rp += kPanel)
+    gemm_small_panel<P, NC, 1>(panel_at<P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp,
+                               std::min<int64_t>(kPanel, r1 - rp));
 }
 
 // ---------------------------------------------------------------------------------------------------
