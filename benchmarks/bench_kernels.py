@@ -83,22 +83,28 @@ def main() -> None:
     for tname in args.types.split(","):
         qtype = QT[tname]
         block, size = GGML_QUANT_SIZES[qtype]
-        weights = {k: make_weights(qtype, r, c, rng) for k, (r, c) in shapes.items()}
+        # K-quants need rows of multiples of 256: of SmolLM2's matrices only ffn_down (as in llama.cpp,
+        # which falls back to other types for the 576-column ones).
+        type_shapes = {k: rc for k, rc in shapes.items() if rc[1] % block == 0}
+        if not type_shapes:
+            print(f"{tname}: no shape with a multiple of {block} columns, skipped")
+            continue
+        weights = {k: make_weights(qtype, r, c, rng) for k, (r, c) in type_shapes.items()}
         for path in paths:
             _C.set_cpu_path(path)
             for m in map(int, args.m.split(",")):
-                xs = {c: rng.standard_normal((m, c)).astype(np.float32) for _, c in shapes.values()}
+                xs = {c: rng.standard_normal((m, c)).astype(np.float32) for _, c in type_shapes.values()}
                 for nt in map(int, args.threads.split(",")):
                     total_t = total_cpu = total_flop = total_bytes = 0.0
-                    for k, (r, c) in shapes.items():
+                    for k, (r, c) in type_shapes.items():
                         w, x = weights[k], xs[c]
                         t, cpu = time_call(lambda: _C.matmul(w, int(qtype), r, c, x, nt),
-                                           args.min_time / len(shapes))
+                                           args.min_time / len(type_shapes))
                         total_t += t
                         total_cpu += cpu
                         total_flop += 2.0 * m * r * c
                         total_bytes += w.nbytes
-                    row = {"type": tname, "path": path, "m": m, "threads": nt, "shapes": list(shapes),
+                    row = {"type": tname, "path": path, "m": m, "threads": nt, "shapes": list(type_shapes),
                            "seconds": total_t, "gflops": total_flop / total_t / 1e9,
                            "weight_gbps": total_bytes / total_t / 1e9,
                            "cpu_seconds": total_cpu, "cpu_gflops": total_flop / total_cpu / 1e9,
@@ -106,7 +112,9 @@ def main() -> None:
                     results.append(row)
                     print(f"{tname:6} {path:9} {m:4d} {nt:3d} {total_t * 1e3:9.3f} {row['gflops']:9.1f} "
                           f"{row['weight_gbps']:8.2f}  {total_cpu * 1e3:9.3f} {row['cpu_gflops']:9.1f} "
-                          f"{row['cpu_weight_gbps']:8.2f}", flush=True)
+                          f"{row['cpu_weight_gbps']:8.2f}"
+                          + ("" if len(type_shapes) == len(shapes) else "  (" + ",".join(type_shapes) + ")"),
+                          flush=True)
     _C.set_cpu_path(before)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

@@ -66,7 +66,8 @@ void check_args(const WeightView& w, const float* x, int64_t m, int64_t ldx, con
 bool matmul_supports(GGMLType t) { return is_float_type(t) || cpu::quant_scheme(t) != nullptr; }
 
 void dequantize_row(const WeightView& w, int64_t r, float* out) {
-  PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "dequantize: unsupported type ", type_name(uint32_t(w.type)));
+  PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "dequantize: unsupported type ",
+           type_name(uint32_t(w.type)));
   PE_CHECK(r >= 0 && r < w.rows, Error, "dequantize: row ", r, " out of range [0, ", w.rows, ")");
   row_bytes(w.type, w.cols);
   cpu::dequantize_row_ref(w.type, static_cast<const uint8_t*>(w.data) + r * w.row_stride, w.cols, out);

@@ -169,7 +169,9 @@ PE_INLINE __m256i bits(__m256i v, int shift, int mask) {
   return _mm256_and_si256(s, _mm256_set1_epi8(char(mask)));
 }
 
-PE_INLINE __m256i or_bits(__m256i u, __m256i v, int shift, int mask) { return _mm256_or_si256(u, bits(v, shift, mask)); }
+PE_INLINE __m256i or_bits(__m256i u, __m256i v, int shift, int mask) {
+  return _mm256_or_si256(u, bits(v, shift, mask));
+}
 
 // ((v >> (8 i + shift)) & mask) per int32 lane, as float.
 PE_INLINE __m256 byte_u(__m256i v, int i, int shift, int mask) {

@@ -68,7 +68,7 @@ void quantize_x(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, 
 // ---------------------------------------------------------------------------------------------------
 // Weight unpacking. A packer turns one unit (one or more sub-blocks) of a block of 16 rows into
 // registers: per sub-block, G vectors where vector g holds u of elements 4g..4g+3 of row i in int32
-// lane i, and the 16 rows' scales (and mins).
+// lane i; the 16 rows' scales (and mins) of every sub-block come with the block's State.
 
 // 16 weight rows `stride` bytes apart.
 struct PanelRows {
@@ -418,9 +418,10 @@ PE_INLINE void store_panel(const __m512 (&acc)[NC], float* y, int64_t ldy, int64
 // ---------------------------------------------------------------------------------------------------
 // Decode (few activation rows): unpack each unit of a panel into registers and use it at once.
 
+// Sub-blocks j0b.. of the unit's block (global sub-block index j0..) against NC activation rows.
 template <class P, int NC>
-PE_INLINE void dot_unit(const UnitOf<P>& un, const typename P::State& st, int j0b, int64_t j0, const int8_t* xq, int64_t ldq, const XSub* xs, int64_t ldxs,
-                        __m512 (&acc)[NC]) {
+PE_INLINE void dot_unit(const UnitOf<P>& un, const typename P::State& st, int j0b, int64_t j0, const int8_t* xq,
+                        int64_t ldq, const XSub* xs, int64_t ldxs, __m512 (&acc)[NC]) {
 #pragma GCC unroll 4
   for (int s = 0; s < P::kSubsPerUnit; s++) {
     const int64_t j = j0 + s;
@@ -726,7 +727,8 @@ PE_INLINE void transpose16x16(__m512 r[16]) {
   __m512 u[16];
   for (int q = 0; q < 4; q++) {
     const __m512 t0 = _mm512_unpacklo_ps(r[4 * q], r[4 * q + 1]), t1 = _mm512_unpackhi_ps(r[4 * q], r[4 * q + 1]);
-    const __m512 t2 = _mm512_unpacklo_ps(r[4 * q + 2], r[4 * q + 3]), t3 = _mm512_unpackhi_ps(r[4 * q + 2], r[4 * q + 3]);
+    const __m512 t2 = _mm512_unpacklo_ps(r[4 * q + 2], r[4 * q + 3]);
+    const __m512 t3 = _mm512_unpackhi_ps(r[4 * q + 2], r[4 * q + 3]);
     u[4 * q] = _mm512_shuffle_ps(t0, t2, 0x44);      // column 4L of rows 4q..4q+3, in lane L
     u[4 * q + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);  // column 4L + 1
     u[4 * q + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
@@ -734,7 +736,8 @@ PE_INLINE void transpose16x16(__m512 r[16]) {
   }
   for (int j = 0; j < 4; j++) {  // 4 x 4 transpose of 128-bit lanes of u[j], u[4 + j], u[8 + j], u[12 + j]
     const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
-    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44), v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
     r[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
     r[4 + j] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
     r[8 + j] = _mm512_shuffle_f32x4(v1, v3, 0x88);
