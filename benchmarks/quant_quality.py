@@ -69,14 +69,23 @@ def export_hf(out_dir: Path) -> Path:
 def check_llama_cpp(model: Path, text: str, n_ctx: int, n_chunks: int, threads: int) -> dict:
     """llama-perplexity's protocol computed with llama.cpp (llama-cpp-python, logits of every position)
     and with pyengine, on the same file."""
+    import llama_cpp.llama as llama_py
     import numpy as np
-    from llama_cpp import Llama
 
+    # llama-cpp-python 0.3.x ignores a use_extra_bufts= argument; without it ggml repacks weights for AMX,
+    # whose tile instructions fault on this VM (AMX state not enabled for the guest)
+    default_params = llama_py.llama_cpp.llama_model_default_params
+
+    def params_without_extra_bufts():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    llama_py.llama_cpp.llama_model_default_params = params_without_extra_bufts
     from pyengine import LLM
     from pyengine.quality import perplexity
 
-    ll = Llama(str(model), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
-               use_extra_bufts=False, verbose=False)
+    ll = llama_py.Llama(str(model), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads, verbose=False)
     tokens = np.array(ll.tokenize(text.encode(), add_bos=True, special=False), dtype=np.int64)
     add_bos = ll._model.add_bos_token() if hasattr(ll._model, "add_bos_token") else False
     first = n_ctx // 2
