@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                     "from the middle of the novel on")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quant_quality.json"))
     ap.add_argument("--check-llama-cpp", type=int, default=0, metavar="N",
-                    help="only compare pyengine's perplexity with llama.cpp's on N chunks of the default model")
+                    help="only compare pyengine's perplexity with llama.cpp's on N chunks of -m")
+    ap.add_argument("-m", "--model", default=None, help="model for --check-llama-cpp (default: SmolLM2 Q4_1)")
     args = ap.parse_args(argv)
 
     from pyengine import LLM
@@ -148,10 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_llama_cpp:
         from pyengine import find_default_model
 
-        r = check_llama_cpp(find_default_model(), text, args.ctx_size, args.check_llama_cpp, threads or 2)
+        model = Path(args.model) if args.model else find_default_model()
+        r = check_llama_cpp(model, text, args.ctx_size, args.check_llama_cpp, threads or 2)
         print(json.dumps(r, indent=1))
         path = Path(args.out).with_name("perplexity_vs_llama_cpp.json")
-        path.write_text(json.dumps(r, indent=1) + "\n")
+        runs = json.loads(path.read_text()) if path.is_file() else []
+        runs = [x for x in (runs if isinstance(runs, list) else [runs])
+                if (x["model"], x["n_ctx"], x["n_chunks"]) != (r["model"], r["n_ctx"], r["n_chunks"])] + [r]
+        path.write_text(json.dumps(runs, indent=1) + "\n")
         return 0
 
     from pyengine_convert import convert
