@@ -6,6 +6,10 @@ definitions); median of -r repetitions after a warm-up. Prints a table and write
 
     python benchmarks/make_models.py              # SmolLM2 at f16/q8_0/q4_0/q4_1 into the models dir
     python benchmarks/bench_engine.py --types q4_0,q8_0,f16 --threads 1,2
+
+llama-cpp-python must be importable (e.g. on PYTHONPATH). Build it for the CPU it runs on; on
+VMs whose CPUID reports AMX without the kernel enabling it, build with -DGGML_NATIVE=OFF and the
+AVX-512 flags, as llama.cpp's AMX path dies with an illegal instruction there.
 """
 from __future__ import annotations
 
