@@ -20,6 +20,7 @@ import numpy as np
 from . import _C
 
 if TYPE_CHECKING:
+    from .quality import PerplexityResult
     from .chat_template import ChatTemplate
     from .generation import ChatSession, Generation
     from .sampling import SamplingParams
@@ -220,6 +221,13 @@ class LLM:
         text = self.chat_template.render(list(messages), add_generation_prompt=True)
         # As transformers' apply_chat_template: the template writes BOS itself where the model wants one.
         return self.generate(text, stream=stream, params=params, add_special_tokens=False, **sampling)
+
+    def perplexity(self, text: str, n_ctx: int = 512, n_chunks: int | None = None) -> "PerplexityResult":
+        """Perplexity of ``text`` with llama-perplexity's protocol (chunks of ``n_ctx`` tokens, second
+        half of each scored); ``.ppl`` and ``.uncertainty`` on the result. See pyengine.quality."""
+        from .quality import perplexity
+
+        return perplexity(self, text, n_ctx=n_ctx, n_chunks=n_chunks)
 
     def chat_session(self, system: str | None = None, *, params: "SamplingParams | None" = None,
                      **sampling: Any) -> "ChatSession":
