@@ -59,7 +59,8 @@ def test_perplexity_equals_numpy_from_logits(llm, text):
     assert r.ppl == pytest.approx(ppl, rel=1e-9)
     assert r.uncertainty == pytest.approx(unc, rel=1e-6)
     assert r.running[-1] == pytest.approx(r.ppl) and len(r.running) == 3
-    assert 2 < r.ppl < 200                       # English prose under a small English model
+    if TEXT_FILE.exists():  # the fallback text is repetitive, so only the novel gets this bound
+        assert 2 < r.ppl < 200  # English prose under a small English model
 
 
 def test_bos_replaces_each_chunks_first_token(tmp_path):
