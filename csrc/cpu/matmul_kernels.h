@@ -45,6 +45,11 @@ extern const MatmulKernels kPortableKernels;
 #if defined(PE_X86)
 extern const MatmulKernels kAvx2Kernels;
 extern const MatmulKernels kAvx512Kernels;
+// Float-weight kernels, in their own files (matmul_float_<isa>.cpp).
+void gemm_float_avx2(const WeightView& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
+                     float* y, int64_t ldy);
+void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m0,
+                       int64_t m1, float* y, int64_t ldy);
 #endif
 
 // A grow-only 64-byte-aligned scratch buffer (one per thread and use: no allocation in steady state).
