@@ -29,6 +29,21 @@ class ThreadPool {
     run_impl([](void* obj, int ith, int nth) { (*static_cast<Fn*>(obj))(ith, nth); }, &fn);
   }
 
+  // Calls body(begin, end) over [0, n) split into one contiguous range per thread, or once on the
+  // calling thread when n < min_parallel (waking the workers would cost more than the work).
+  template <typename F>
+  void for_range(int64_t n, int64_t min_parallel, F&& body) {
+    if (n < min_parallel || n_threads_ == 1) {
+      body(int64_t(0), n);
+      return;
+    }
+    run([&](int ith, int nth) {
+      int64_t b, e;
+      split(n, ith, nth, b, e);
+      body(b, e);
+    });
+  }
+
   // Splits [0, n) into nth contiguous ranges; returns thread ith's [begin, end).
   static void split(int64_t n, int ith, int nth, int64_t& begin, int64_t& end) {
     const int64_t per = (n + nth - 1) / nth;

@@ -12,23 +12,11 @@ inline float gelu(float x) {
   return 0.5f * x * (1.f + std::tanh(kSqrt2OverPi * x * (1.f + 0.044715f * x * x)));
 }
 
-template <typename F>
-void for_rows(int64_t n, ThreadPool& pool, F&& body) {
-  if (n < 2 || pool.size() == 1) {
-    body(int64_t(0), n);
-    return;
-  }
-  pool.run([&](int ith, int nth) {
-    int64_t b, e;
-    ThreadPool::split(n, ith, nth, b, e);
-    body(b, e);
-  });
-}
 }  // namespace
 
 void gated_activation(Activation act, const float* gate, const float* up, float* out, int64_t n, int64_t d,
                       int64_t stride, ThreadPool& pool) {
-  for_rows(n, pool, [&](int64_t r0, int64_t r1) {
+  pool.for_range(n, 2, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const float* g = gate + r * stride;
       const float* u = up + r * stride;
@@ -42,7 +30,7 @@ void gated_activation(Activation act, const float* gate, const float* up, float*
 }
 
 void activation_inplace(Activation act, float* x, int64_t n, int64_t d, int64_t stride, ThreadPool& pool) {
-  for_rows(n, pool, [&](int64_t r0, int64_t r1) {
+  pool.for_range(n, 2, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       float* v = x + r * stride;
       if (act == Activation::SiLU)

@@ -68,15 +68,7 @@ void attention(const float* q, int64_t q_stride, int64_t n_tokens, int n_head, c
       }
     }
   };
-  if (pool.size() == 1 || n_items < 2) {
-    work(0, n_items);
-    return;
-  }
-  pool.run([&](int ith, int nth) {
-    int64_t b, e;
-    ThreadPool::split(n_items, ith, nth, b, e);
-    work(b, e);
-  });
+  pool.for_range(n_items, 2, work);
 }
 
 }  // namespace pe

@@ -4,24 +4,8 @@
 
 namespace pe {
 
-namespace {
-// Rows are split over threads only when there are enough of them to pay for the wake-up.
-template <typename F>
-void for_rows(int64_t n, ThreadPool& pool, F&& body) {
-  if (n < 4 || pool.size() == 1) {
-    body(int64_t(0), n);
-    return;
-  }
-  pool.run([&](int ith, int nth) {
-    int64_t b, e;
-    ThreadPool::split(n, ith, nth, b, e);
-    body(b, e);
-  });
-}
-}  // namespace
-
 void rms_norm(const float* x, const float* w, float* y, int64_t n, int64_t d, float eps, ThreadPool& pool) {
-  for_rows(n, pool, [&](int64_t r0, int64_t r1) {
+  pool.for_range(n, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const float* xr = x + r * d;
       float* yr = y + r * d;
@@ -35,7 +19,7 @@ void rms_norm(const float* x, const float* w, float* y, int64_t n, int64_t d, fl
 
 void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, int64_t d, float eps,
                 ThreadPool& pool) {
-  for_rows(n, pool, [&](int64_t r0, int64_t r1) {
+  pool.for_range(n, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const float* xr = x + r * d;
       float* yr = y + r * d;

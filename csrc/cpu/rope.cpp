@@ -41,15 +41,7 @@ void rope(float* x, int64_t n_tokens, int64_t token_stride, int n_heads, int hea
       }
     }
   };
-  if (n_tokens < 4 || pool.size() == 1) {
-    rotate_tokens(0, n_tokens);
-    return;
-  }
-  pool.run([&](int ith, int nth) {
-    int64_t b, e;
-    ThreadPool::split(n_tokens, ith, nth, b, e);
-    rotate_tokens(b, e);
-  });
+  pool.for_range(n_tokens, 4, rotate_tokens);
 }
 
 }  // namespace pe
