@@ -250,13 +250,20 @@ async def _serve(request: Request, req: Any, ids: list[int], kind: str, schedule
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     pieces, stats = [], None
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + config.disconnect_poll_s
     try:
         while True:
             try:
                 event, value = await asyncio.wait_for(job.events.get(), config.disconnect_poll_s)
             except asyncio.TimeoutError:
+                event, value = None, None
+            # Checked on a clock, not only when no text arrives: a fast model never leaves the queue idle.
+            if loop.time() >= next_check:
+                next_check = loop.time() + config.disconnect_poll_s
                 if await request.is_disconnected():
                     return Response(status_code=499)
+            if event is None:
                 continue
             if event == "text":
                 pieces.append(value)
