@@ -65,7 +65,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["pyengine", "pyengine_convert"],
+    packages=["pyengine", "pyengine.commands", "pyengine.server", "pyengine_convert"],
     package_dir={"pyengine": "pyengine", "pyengine_convert": "tools/convert"},
     ext_modules=[CMakeExtension("pyengine._C")],
     cmdclass={"build_ext": CMakeBuild},
