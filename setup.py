@@ -16,6 +16,21 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def _drop_stale_cache(build_dir: Path) -> None:
+    """pip builds each time in a fresh isolated environment: a CMake cache that points at a build
+    tool from an environment that is gone would fail to configure, so start that build afresh."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.is_file():
+        return
+    for line in cache.read_text(errors="replace").splitlines():
+        if line.startswith(("CMAKE_MAKE_PROGRAM:", "CMAKE_COMMAND:")):
+            tool = line.split("=", 1)[-1].strip()
+            if tool and not Path(tool).exists():
+                shutil.rmtree(build_dir)
+                build_dir.mkdir(parents=True)
+                return
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -26,6 +41,7 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
+        _drop_stale_cache(build_dir)
         import pybind11
 
         cfg = os.environ.get("PYENGINE_BUILD_TYPE", "Release")
