@@ -25,6 +25,7 @@ def export_hf(gguf_path: Path, out_dir: Path) -> Path:
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
     # already plain float32 tensors, so drop that marker.
     model.hf_quantizer = None
+    model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)

