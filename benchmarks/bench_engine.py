@@ -55,14 +55,20 @@ def llamacpp_worker(model: str, n_prompt: int, n_gen: int, threads: int, reps: i
     pp_times = [pp() for _ in range(reps)]
     tg_times = [tg() for _ in range(reps)]
     return {"pp_tokens_per_s": n_prompt / statistics.median(pp_times),
-            "tg_tokens_per_s": n_gen / statistics.median(tg_times)}
+            "tg_tokens_per_s": n_gen / statistics.median(tg_times), "peak_rss_mb": _peak_rss_mb()}
 
 
 def pyengine_worker(model: str, n_prompt: int, n_gen: int, threads: int, reps: int) -> dict:
     from pyengine.commands.bench import run_bench
 
     r = run_bench(model, n_prompt, n_gen, threads, reps)
-    return {"pp_tokens_per_s": r["pp_tokens_per_s"], "tg_tokens_per_s": r["tg_tokens_per_s"]}
+    return {k: r[k] for k in ("pp_tokens_per_s", "tg_tokens_per_s", "peak_rss_mb")}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 WORKERS = {"pyengine": pyengine_worker, "llama.cpp": llamacpp_worker}

@@ -7,7 +7,7 @@ mutating the inputs) raises `TemplateError`. What a template sees is transformer
 (`bos_token`, `eos_token`, ...), `raise_exception`, `strftime_now`, a `tojson` that does not escape
 HTML, `trim_blocks` and `lstrip_blocks` on, and the loop-control extension.
 
-Models without a template get a built-in one (ChatML, Llama 2, Llama 3, ChatGLM3, ChatGLM-6B), by name or by
+Models without a template get a built-in one (ChatML, Llama 2, Llama 3, ChatGLM3, ChatGLM2, ChatGLM-6B), by name or by
 what the vocabulary looks like.
 """
 from __future__ import annotations
@@ -70,6 +70,14 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{% for message in messages %}{{ '<|' + message['role'] + '|>\n ' + message['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     ),
+    # THUDM's ChatGLM2-6B chat() prompt: rounds from 1, blank lines; its tokenizer puts [gMASK]sop first.
+    "chatglm2": (
+        "[gMASK]sop{% set ns = namespace(round=1) %}{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ '[Round ' ~ ns.round ~ ']\n\n问：' + message['content'] + '\n\n答：' }}"
+        "{% set ns.round = ns.round + 1 %}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + '\n\n' }}{% endif %}"
+        "{% endfor %}"
+    ),
     # THUDM's ChatGLM-6B chat() prompt; the model generates after [gMASK]<sop>, which its tokenizer appends.
     "chatglm1": (
         "{% set ns = namespace(round=0) %}{% for message in messages %}"
@@ -92,6 +100,8 @@ def guess_template_name(tokenizer: "Tokenizer") -> str:
         return "chatglm3"
     if has("[gMASK]") and has("<sop>"):
         return "chatglm1"
+    if has("[gMASK]") and has("sop"):
+        return "chatglm2"
     if tokenizer.model == "llama" or has("[INST]"):
         return "llama2"
     return "chatml"
@@ -264,7 +274,7 @@ class ChatTemplate:
     def for_tokenizer(cls, tokenizer: "Tokenizer", name: str | None = None) -> "ChatTemplate":
         """The model's own template (`tokenizer.chat_template` in the GGUF), else a built-in.
 
-        `name` forces a built-in ("chatml", "llama2", "llama3", "chatglm3", "chatglm1"); without one the
+        `name` forces a built-in ("chatml", "llama2", "llama3", "chatglm3", "chatglm2", "chatglm1"); without one the
         built-in is guessed from the vocabulary.
         """
         special = {}

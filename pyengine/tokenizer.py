@@ -12,11 +12,19 @@ A GGUF stores the vocabulary under llama.cpp's keys (`tokenizer.ggml.*`). We reb
   text between special tokens when `add_space_prefix` is set (llama.cpp and SentencePiece both do so).
 
 Control, unknown and user-defined tokens are matched whole in the text, before any splitting.
+
+THUDM's ChatGLM tokenizers add their own tokens where `add_special_tokens` asks for them:
+`[gMASK]sop` before the text (ChatGLM2/3, `pre = "chatglm-spm"`), `[gMASK]<sop>` before it (GLM-4,
+`"chatglm-bpe"`), or `[gMASK]<sop>` after it (ChatGLM-6B, `"chatglm1"`). ChatGLM-6B also rewrites text
+before SentencePiece sees it (newline -> `<n>`, tab -> `<|tab|>`, runs of 2-80 spaces -> `<|blank_N|>`,
+undone when decoding) and, as SentencePiece does, prefixes "▁" only where a stretch of text between
+special tokens starts, not after its user-defined pieces.
 """
 from __future__ import annotations
 
 import codecs
 import os
+import re
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any, Iterable, Mapping
@@ -127,6 +135,33 @@ PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     ),
 }
 
+# THUDM's tokens around a prompt (tokenization_chatglm.py build_inputs_with_special_tokens):
+# `tokenizer.ggml.pre` -> (before the text, after it).
+_GLM_AFFIXES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "chatglm-spm": (("[gMASK]", "sop"), ()),
+    "chatglm-bpe": (("[gMASK]", "<sop>"), ()),
+    "glm4": (("[gMASK]", "<sop>"), ()),
+    "chatglm1": ((), ("[gMASK]", "<sop>")),
+}
+# ChatGLM-6B's text rewriting (SPTokenizer._preprocess): longest runs of spaces first, as str.replace goes.
+_GLM1_MAX_BLANK = 80
+_GLM1_REWRITES = (("\n", "<n>"), ("\t", "<|tab|>"),
+                  *((" " * n, f"<|blank_{n}|>") for n in range(_GLM1_MAX_BLANK, 1, -1)))
+_GLM1_PIECES = {token: text for text, token in _GLM1_REWRITES}
+
+
+def _glm1_preprocess(text: str) -> str:
+    for old, new in _GLM1_REWRITES:
+        if old in text:
+            text = text.replace(old, new)
+    return text
+
+
+def _glm1_postprocess(text: str) -> str:
+    if "<" in text:
+        text = re.sub(r"<n>|<\|tab\|>|<\|blank_(\d+)\|>", lambda m: _GLM1_PIECES.get(m.group(0), m.group(0)), text)
+    return text
+
 
 def _build_pre_tokenizer(spec: _PreTokenizer) -> pre_tokenizers.PreTokenizer:
     if spec.falcon:
@@ -220,7 +255,7 @@ class Tokenizer:
             add_bos_default = pre.add_bos
         elif self.model == "llama":
             self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
-            self.backend = self._build_sentencepiece_bpe(md)
+            self.backend = self._build_sentencepiece_bpe(md, prepend=self.add_space_prefix and self.pre != "chatglm1")
             add_bos_default = True
         else:
             raise UnsupportedModelError(
@@ -239,13 +274,26 @@ class Tokenizer:
         self.eom_id = _meta_int(md, "tokenizer.ggml.eom_token_id", n)
         eog = {i for i in (self.eos_id, self.eot_id, self.eom_id) if i is not None}
         eog.update(self._index[t] for t in _EOG_TEXTS if t in self._index)
+        if self.pre in _GLM_AFFIXES:  # THUDM's chat() also stops where the model hands the turn back
+            eog.update(self._index[t] for t in ("<|user|>", "<|observation|>") if t in self._index)
         self.eog_ids: frozenset[int] = frozenset(eog)
         self.add_bos: bool = bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)) and self.bos_id is not None
         self.add_eos: bool = bool(md.get("tokenizer.ggml.add_eos_token", False)) and self.eos_id is not None
         self.chat_template: str | None = md.get("tokenizer.chat_template")
+        self._special = set(np.flatnonzero((self._types == TokenType.CONTROL) | (self._types == TokenType.UNKNOWN)).tolist())
+        # ids `add_special_tokens` puts before and after the text
+        self._prefix = [self.bos_id] if self.add_bos else []
+        self._suffix = [self.eos_id] if self.add_eos else []
+        before, after = _GLM_AFFIXES.get(self.pre or "", ((), ()))
+        if all(t in self._index for t in before + after):
+            self._prefix += [self._index[t] for t in before]
+            self._suffix = [self._index[t] for t in after] + self._suffix
+        self._glm1_split: re.Pattern[str] | None = None
+        if self.pre == "chatglm1":
+            specials = sorted((self._tokens[i] for i in self._special), key=len, reverse=True)
+            self._glm1_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else re.compile("(?!)")
         self._set_post_processor()
         self._pieces: list[bytes | None] = [None] * n
-        self._special = set(np.flatnonzero((self._types == TokenType.CONTROL) | (self._types == TokenType.UNKNOWN)).tolist())
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any]) -> "Tokenizer":
@@ -291,7 +339,7 @@ class Tokenizer:
         self._add_tokens_matched_whole(tok)
         return tok
 
-    def _build_sentencepiece_bpe(self, md: Mapping[str, Any]) -> HFTokenizer:
+    def _build_sentencepiece_bpe(self, md: Mapping[str, Any], prepend: bool) -> HFTokenizer:
         scores = md.get("tokenizer.ggml.scores")
         scores = np.zeros(len(self._tokens), np.float32) if scores is None else np.asarray(scores, np.float32)
         # SentencePiece merges into NORMAL and USER_DEFINED pieces only (bpe_model.cc skips the rest).
@@ -311,8 +359,13 @@ class Tokenizer:
         tok = HFTokenizer(bpe)
         # A normalizer runs on each stretch of text between special tokens, so every stretch gets its
         # "▁" prefix, as in llama.cpp and in SentencePiece run on each stretch.
-        space = [normalizers.Replace(" ", "▁")]
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), *space] if self.add_space_prefix else space)
+        norm = [normalizers.Replace(" ", "▁")]
+        if prepend:
+            norm.insert(0, normalizers.Prepend("▁"))
+        if md.get("tokenizer.ggml.remove_extra_whitespaces"):
+            # SentencePiece's remove_extra_whitespaces: no spaces at the ends, one for each run inside
+            norm[:0] = [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+        tok.normalizer = normalizers.Sequence(norm)
         steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         if self.add_space_prefix:
             steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -321,16 +374,10 @@ class Tokenizer:
         return tok
 
     def _set_post_processor(self) -> None:
-        single: list[str] = ["$A"]
-        special = []
-        if self.add_bos:
-            single.insert(0, self._tokens[self.bos_id])
-            special.append((self._tokens[self.bos_id], self.bos_id))
-        if self.add_eos:
-            single.append(self._tokens[self.eos_id])
-            special.append((self._tokens[self.eos_id], self.eos_id))
-        if special:
-            self.backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(dict(special).items()))
+        if self._prefix or self._suffix:
+            single = [self._tokens[i] for i in self._prefix] + ["$A"] + [self._tokens[i] for i in self._suffix]
+            special = {self._tokens[i]: i for i in self._prefix + self._suffix}
+            self.backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(special.items()))
 
     # --- the vocabulary ---
 
@@ -365,23 +412,36 @@ class Tokenizer:
 
         With `add_special_tokens`, BOS/EOS are added as the file says (`tokenizer.ggml.add_bos_token`).
         """
-        if self.model == "llama" and not text:
-            ids: list[int] = []  # `tokenizers` would prepend "▁" to nothing; llama.cpp encodes nothing
-            if add_special_tokens:
-                ids = ([self.bos_id] if self.add_bos else []) + ([self.eos_id] if self.add_eos else [])
-            return ids
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if self._glm1_split is not None:
+            ids = self._encode_chatglm1(text)
+        elif self.model == "llama" and not text:
+            ids = []  # `tokenizers` would prepend "▁" to nothing; llama.cpp encodes nothing
+        else:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._prefix + ids + self._suffix if add_special_tokens else ids
+
+    def _encode_chatglm1(self, text: str) -> list[int]:
+        """ChatGLM-6B: each stretch between special tokens rewritten, then SentencePiece with its dummy prefix."""
+        ids: list[int] = []
+        for k, part in enumerate(self._glm1_split.split(text)):
+            if k % 2:
+                ids.append(self._index[part])
+            elif part:
+                part = _glm1_preprocess(part)
+                ids += self.backend.encode("▁" + part if self.add_space_prefix else part, add_special_tokens=False).ids
+        return ids
 
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` for many texts, in parallel threads."""
         texts = list(texts)
-        if self.model == "llama" and not all(texts):
+        if (self.model == "llama" and not all(texts)) or self._glm1_split is not None:
             return [self.encode(t, add_special_tokens) for t in texts]
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of the token ids; bytes that are not valid UTF-8 become U+FFFD."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return _glm1_postprocess(text) if self._glm1_split is not None else text
 
     def token_to_piece(self, token_id: int) -> bytes:
         """The bytes this token contributes to decoded text.
@@ -404,6 +464,8 @@ class Tokenizer:
                 return bytes(_BYTE_OF_CHAR[c] for c in token)
             except KeyError:
                 return token.encode("utf-8")
+        if self._glm1_split is not None and token in _GLM1_PIECES:
+            return _GLM1_PIECES[token].encode()
         if kind == TokenType.BYTE and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
             return bytes([int(token[3:5], 16)])
         return token.replace("▁", " ").encode("utf-8")

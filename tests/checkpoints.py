@@ -41,6 +41,12 @@ QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+# glm-4-9b-chat's added tokens, in id order
+GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>"]
+
+
 def make_bpe_tokenizer(out_dir: Path, style: str = "llama3", vocab_size: int = 320,
                        chat_template: str | None = None) -> int:
     """Train a byte-level BPE tokenizer in the style of Llama 3 ("llama3"), Qwen2 ("qwen2"),
@@ -49,8 +55,8 @@ def make_bpe_tokenizer(out_dir: Path, style: str = "llama3", vocab_size: int = 3
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    if style in ("llama3", "qwen2"):
-        regex = LLAMA3_REGEX if style == "llama3" else QWEN2_REGEX
+    if style in ("llama3", "qwen2", "glm4"):  # GLM-4's pattern is Llama 3's
+        regex = QWEN2_REGEX if style == "qwen2" else LLAMA3_REGEX
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
@@ -65,7 +71,7 @@ def make_bpe_tokenizer(out_dir: Path, style: str = "llama3", vocab_size: int = 3
     else:
         raise ValueError(style)
     tok.decoder = decoders.ByteLevel()
-    specials = {"llama3": LLAMA3_SPECIALS, "qwen2": QWEN2_SPECIALS}.get(style, ["<|endoftext|>"])
+    specials = {"llama3": LLAMA3_SPECIALS, "qwen2": QWEN2_SPECIALS, "glm4": GLM4_SPECIALS}.get(style, ["<|endoftext|>"])
     if style == "smollm":
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
@@ -81,6 +87,10 @@ def make_bpe_tokenizer(out_dir: Path, style: str = "llama3", vocab_size: int = 3
                                           special_tokens=[("<|begin_of_text|>", bos)])])
         kwargs = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
         chat_template = chat_template or LLAMA3_TEMPLATE
+    elif style == "glm4":  # glm-4-9b-chat-hf: [gMASK]<sop> before every text
+        ids = {t: tok.token_to_id(t) for t in ("[gMASK]", "<sop>")}
+        tok.post_processor = processors.TemplateProcessing(single="[gMASK] <sop> $A", special_tokens=list(ids.items()))
+        kwargs = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     elif style == "qwen2":
         kwargs = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
         chat_template = chat_template or CHATML_TEMPLATE
@@ -96,7 +106,7 @@ def make_bpe_tokenizer(out_dir: Path, style: str = "llama3", vocab_size: int = 3
     return tok.get_vocab_size()
 
 
-def make_sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 480) -> int:
+def make_sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 480, corpus: str = CORPUS) -> int:
     """Train a Llama-2-style SentencePiece BPE model (byte fallback, <unk> <s> </s>) and save
     tokenizer.model and tokenizer_config.json. Returns the number of tokens."""
     import io
@@ -106,7 +116,7 @@ def make_sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 480) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines() * 4), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=iter(corpus.splitlines() * 4), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, minloglevel=2,
         normalization_rule_name="identity", split_digits=True, allow_whitespace_only_pieces=True)

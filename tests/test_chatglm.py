@@ -156,28 +156,52 @@ def test_thudm_prequantized_refused(tmp_path, glm2):
 
 # --- ChatGLM-6B (v1) against a torch reference of THUDM's math ----------------------------------------------
 
+# Chinese + English + code, with the newlines, tabs and space runs ChatGLM-6B's tokenizer rewrites.
+ZH_EN = [
+    "你好，我是人工智能助手。很高兴认识你！",
+    "ChatGLM-6B 是一个开源的、支持中英双语的对话语言模型，基于 General Language Model 架构。",
+    "def f(x):\n    return x  # 注释\n\n\tindented\t\ttwice",
+    "价格是 3.14 元，  两个空格   三个空格" + " " * 85 + "八十五个空格" + " " * 161 + "end",
+    "Hello\nworld\r\n  第二行\n\n\n",
+    " leading space and trailing  ",
+    "混合 English and 中文 text, emojis 🦙🚀, Ünïcödé.",
+]
+
 V1_HIDDEN, V1_LAYERS, V1_HEADS, V1_FF = 64, 2, 4, 256
 V1_SPECIAL = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 
 
-def make_chatglm1(out_dir, seed=0):
-    """A tiny ChatGLM-6B folder (ice_text.model, THUDM config and tensor names); returns the state dict."""
+# ice_text.model's own pieces for what THUDM's tokenizer rewrites: newline, tab, runs of 2..80 spaces.
+V1_TEXT_PIECES = ["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)]
+
+
+def train_ice_text(out_path) -> "spm.SentencePieceProcessor":  # noqa: F821
+    """A small SentencePiece BPE model shaped like ChatGLM-6B's ice_text.model (special and rewrite
+    pieces user-defined, byte fallback), trained on English, Chinese and code."""
     import io
 
     import sentencepiece as spm
-    from safetensors.torch import save_file
 
     from checkpoints import CORPUS
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines() * 4), model_writer=buf, vocab_size=400, model_type="bpe",
-        character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=-1, eos_id=-1, pad_id=1,
-        user_defined_symbols=V1_SPECIAL, minloglevel=2)
-    (out_dir / "ice_text.model").write_bytes(buf.getvalue())
-    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
-    n_vocab = 20000 + sp.vocab_size()
+        sentence_iterator=iter((CORPUS + "\n".join(ZH_EN)).splitlines() * 4), model_writer=buf, vocab_size=600,
+        model_type="bpe", character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=-1, eos_id=-1, pad_id=1,
+        user_defined_symbols=V1_SPECIAL + V1_TEXT_PIECES, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2)
+    out_path.write_bytes(buf.getvalue())
+    return spm.SentencePieceProcessor(model_proto=buf.getvalue())
+
+
+def make_chatglm1(out_dir, seed=0, n_image=20000):
+    """A tiny ChatGLM-6B folder (ice_text.model, THUDM config and tensor names); returns the state dict.
+    `n_image` image tokens come before the text pieces: 20000 in the first release, 0 since."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sp = train_ice_text(out_dir / "ice_text.model")
+    n_vocab = n_image + sp.vocab_size()
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape, s=0.05: torch.randn(shape, generator=g) * s  # noqa: E731
     h = V1_HIDDEN
@@ -192,12 +216,12 @@ def make_chatglm1(out_dir, seed=0):
             sd[p + name + ".weight"], sd[p + name + ".bias"] = rnd(rows, cols, s=0.1), rnd(rows, s=0.1)
         sd[p + "attention.rotary_emb.inv_freq"] = torch.ones(h // V1_HEADS // 4)
     save_file(sd, str(out_dir / "model.safetensors"))
-    ids = {t: 20000 + sp.PieceToId(t) for t in V1_SPECIAL}
+    ids = {t: n_image + sp.PieceToId(t) for t in V1_SPECIAL}
     config = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": n_vocab, "hidden_size": h,
               "num_layers": V1_LAYERS, "num_attention_heads": V1_HEADS, "inner_hidden_size": V1_FF,
               "max_sequence_length": 256, "layernorm_epsilon": 1e-5, "position_encoding_2d": True,
               "bos_token_id": ids["<sop>"], "eos_token_id": ids["<eop>"], "mask_token_id": ids["[MASK]"],
-              "gmask_token_id": ids["[gMASK]"], "pad_token_id": 20001, "torch_dtype": "float32"}
+              "gmask_token_id": ids["[gMASK]"], "pad_token_id": n_image + 1, "torch_dtype": "float32"}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<sop>", "eos_token": "<eop>",
                                                                "mask_token": "[MASK]", "gmask_token": "[gMASK]"}))
@@ -370,8 +394,11 @@ def test_glm4_tiktoken_vocab(tmp_path):
     tok = pyengine.Tokenizer.from_gguf(out)
     assert tok.model == "gpt2" and tok.pre == "chatglm-bpe" and tok.bos_id is None
     for text in (CORPUS[:400], "Hello  world!\n\n  12345 don't 我想 🚀", " leading space and trailing  "):
-        assert tok.encode(text) == tiktoken_encode(ranks, text), text
-        assert tok.decode(tok.encode(text)) == text
+        want = tiktoken_encode(ranks, text)
+        assert tok.encode(text, add_special_tokens=False) == want, text
+        # THUDM's GLM-4 tokenizer puts [gMASK] <sop> first
+        assert tok.encode(text) == [tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")] + want
+        assert tok.decode(want) == text
     prompt = pyengine.ChatTemplate.for_tokenizer(tok).render([{"role": "user", "content": "hi"}])
     assert prompt == "[gMASK]<sop><|user|>\nhi<|assistant|>"
     assert tok.encode(prompt)[:2] == [tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")]
@@ -381,9 +408,174 @@ def test_glm4_tiktoken_vocab(tmp_path):
 def test_chatglm1_chat_template(glm1):
     llm = pyengine.LLM(glm1["gguf"], n_ctx=64)
     template = llm.chat_template
-    assert template.name == "chatglm1"
+    assert template.name is None  # the converter wrote ChatGLM-6B's format into the file
     prompt = template.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                               {"role": "user", "content": "c"}])
     assert prompt == "[Round 0]\n问：a\n答：b\n[Round 1]\n问：c\n答：[gMASK]<sop>"
     ids = llm.tokenizer.encode(prompt)
     assert ids[-2:] == [glm1["config"]["gmask_token_id"], glm1["config"]["bos_token_id"]]
+
+
+# --- tokenizers against the sentencepiece library plus THUDM's rules --------------------------------------------
+
+def thudm_glm1_ids(sp, n_image: int, text: str) -> list[int]:
+    """ChatGLM-6B's tokenizer as the issue describes THUDM's: newline -> <n>, tab -> <|tab|>, each run of
+    2-80 spaces -> <|blank_N|> (longest first), SentencePiece, ids after the image tokens."""
+    text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+    for n in range(80, 1, -1):
+        text = text.replace(" " * n, f"<|blank_{n}|>")
+    return [n_image + i for i in sp.encode(text)]
+
+
+@pytest.mark.parametrize("n_image", [20000, 0])
+def test_chatglm1_tokenizer_matches_sentencepiece(tmp_path, n_image):
+    import sentencepiece as spm
+
+    make_chatglm1(tmp_path, n_image=n_image)
+    convert(tmp_path, tmp_path / "vocab.gguf", vocab_only=True)
+    tok = pyengine.Tokenizer.from_gguf(tmp_path / "vocab.gguf")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "ice_text.model"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    gmask, sop = config["gmask_token_id"], config["bos_token_id"]
+    assert tok.token_to_id("<n>") == n_image + sp.PieceToId("<n>")
+    for text in ZH_EN:
+        want = thudm_glm1_ids(sp, n_image, text)
+        assert tok.encode(text, add_special_tokens=False) == want, text
+        assert tok.encode(text) == want + [gmask, sop], text  # THUDM appends [gMASK] <sop>
+        assert tok.decode(want) == text.replace("\r", "\r"), text
+        detok = tok.detokenizer()
+        assert "".join(detok.add(i) for i in want) + detok.flush() == text
+    # special tokens in the text are matched whole; each stretch between them is tokenized on its own
+    text = "问：你好\n答：[gMASK]<sop>好的"
+    assert tok.encode(text, add_special_tokens=False) == (
+        thudm_glm1_ids(sp, n_image, "问：你好\n答：") + [gmask, sop] + thudm_glm1_ids(sp, n_image, "好的"))
+    # the chat prompt THUDM's chat() builds, then tokenizes (appending [gMASK] <sop>)
+    llm_prompt = pyengine.ChatTemplate.for_tokenizer(tok).render(
+        [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！\n有什么可以帮你？"},
+         {"role": "user", "content": "写一个  函数"}])
+    thudm_prompt = "[Round 0]\n问：你好\n答：你好！\n有什么可以帮你？\n[Round 1]\n问：写一个  函数\n答："
+    assert llm_prompt == thudm_prompt + "[gMASK]<sop>"
+    assert tok.encode(llm_prompt, add_special_tokens=False) == thudm_glm1_ids(sp, n_image, thudm_prompt) + [gmask, sop]
+
+
+def make_chatglm_vocab_folder(out_dir, name: str) -> int:
+    """A ChatGLM2/3 tokenizer folder (SentencePiece tokenizer.model trained on Chinese + English, THUDM
+    config.json naming the checkpoint). Returns the SentencePiece size."""
+    from checkpoints import CORPUS
+
+    out_dir.mkdir(parents=True)
+    n_sp = make_sentencepiece_tokenizer(out_dir, vocab_size=700, corpus=CORPUS + "\n".join(ZH_EN))
+    tok_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    del tok_config["chat_template"]
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    config = {"_name_or_path": f"THUDM/{name}", "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+              "num_layers": 1, "padded_vocab_size": n_sp + 16, "hidden_size": 64, "ffn_hidden_size": 96,
+              "kv_channels": 16, "num_attention_heads": 4, "multi_query_attention": True, "multi_query_group_num": 2,
+              "seq_length": 256, "layernorm_epsilon": 1e-5, "add_qkv_bias": True, "eos_token_id": 2}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return n_sp
+
+
+def test_chatglm3_tokenizer_matches_sentencepiece(tmp_path):
+    import sentencepiece as spm
+
+    n_sp = make_chatglm_vocab_folder(tmp_path / "chatglm3-6b", "chatglm3-6b")
+    convert(tmp_path / "chatglm3-6b", tmp_path / "vocab.gguf", vocab_only=True)
+    tok = pyengine.Tokenizer.from_gguf(tmp_path / "vocab.gguf")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "chatglm3-6b" / "tokenizer.model"))
+    # THUDM's ChatGLM3 tokenizer: the SentencePiece ids, then its tokens appended in this order
+    special = {t: n_sp + k for k, t in enumerate(["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>",
+                                                  "<|user|>", "<|assistant|>", "<|observation|>"])}
+    assert {t: tok.token_to_id(t) for t in special} == special
+    for text in ZH_EN:
+        assert tok.encode(text) == [special["[gMASK]"], special["sop"]] + sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+    # THUDM's build_chat_input: [gMASK] sop, then per message <|role|> + encode("\n") + encode(content)
+    messages = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好 world"},
+                {"role": "assistant", "content": "Hello！有什么事？"}, {"role": "user", "content": "写代码\n  缩进"}]
+    want = [special["[gMASK]"], special["sop"]]
+    for m in messages:
+        want += [special[f"<|{m['role']}|>"]] + sp.encode("\n") + sp.encode(m["content"])
+    want.append(special["<|assistant|>"])
+    template = pyengine.ChatTemplate.for_tokenizer(tok)
+    assert template.name is None  # the converter wrote the ChatGLM3 format into the file
+    assert tok.encode(template.render(messages), add_special_tokens=False) == want
+    assert tok.is_eog(special["<|user|>"]) and tok.is_eog(special["<|observation|>"]) and tok.is_eog(2)
+
+
+def test_chatglm2_tokenizer_and_prompt(tmp_path):
+    import sentencepiece as spm
+
+    n_sp = make_chatglm_vocab_folder(tmp_path / "chatglm2-6b", "chatglm2-6b")
+    convert(tmp_path / "chatglm2-6b", tmp_path / "vocab.gguf", vocab_only=True)
+    tok = pyengine.Tokenizer.from_gguf(tmp_path / "vocab.gguf")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "chatglm2-6b" / "tokenizer.model"))
+    gmask, sop = n_sp + 1, n_sp + 3
+    assert (tok.token_to_id("[gMASK]"), tok.token_to_id("sop"), tok.token_to_id("<|user|>")) == (gmask, sop, None)
+    # THUDM's ChatGLM2 chat(): build_prompt, then the tokenizer puts [gMASK] sop first
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好👋！"},
+                {"role": "user", "content": "晚上睡不着应该怎么办"}]
+    thudm = "[Round 1]\n\n问：你好\n\n答：你好👋！\n\n[Round 2]\n\n问：晚上睡不着应该怎么办\n\n答："
+    prompt = pyengine.ChatTemplate.for_tokenizer(tok).render(messages)
+    assert prompt == "[gMASK]sop" + thudm
+    assert tok.encode(prompt, add_special_tokens=False) == [gmask, sop] + sp.encode(thudm)
+    assert tok.encode(thudm) == [gmask, sop] + sp.encode(thudm)
+    assert tok.is_eog(2)
+
+
+# --- GLM-4 "-hf" checkpoints: transformers' own GlmForCausalLM and tokenizer.json ------------------------------
+
+def test_glm_hf_folder_matches_transformers(tmp_path):
+    from transformers import AutoTokenizer, GlmConfig, GlmForCausalLM
+
+    from checkpoints import make_bpe_tokenizer
+    from pyengine_convert.vocab import GLM4_SPECIAL
+
+    hf = tmp_path / "glm-4-9b-chat-hf"
+    n_vocab = make_bpe_tokenizer(hf, style="glm4", vocab_size=400, chat_template=GLM4_TEMPLATE)
+    config = GlmConfig(vocab_size=n_vocab, hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=N_LAYER,
+                       num_attention_heads=N_HEAD, num_key_value_heads=N_KV, head_dim=HEAD_DIM, attention_bias=True,
+                       rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * ROPE_RATIO,
+                                        "partial_rotary_factor": 0.5})
+    config.pad_token_id = 0
+    torch.manual_seed(3)
+    model = GlmForCausalLM(config).eval()
+    _randomize(model, 3)
+    model.save_pretrained(hf)
+    out = tmp_path / "glm.gguf"
+    convert(hf, out, qtype="f32")
+
+    hf_tok = AutoTokenizer.from_pretrained(hf)
+    llm = pyengine.LLM(out, n_ctx=128, kv_type="f32")
+    tok = llm.tokenizer
+    assert tok.pre == "chatglm-bpe" and tok.bos_id is None
+    for text in ZH_EN:
+        assert tok.encode(text) == hf_tok(text)["input_ids"], text  # [gMASK] <sop> first, as HF's post-processor
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hi"},
+                {"role": "user", "content": "写一首诗"}]
+    prompt = llm.chat_template.render(messages)
+    assert prompt == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(prompt, add_special_tokens=False)
+    assert ids[:2] == [tok.token_to_id(t) for t in GLM4_SPECIAL[2:5:2]]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    got = llm.logits(ids)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_chatglm2_llama_cpp_agrees(glm2):
+    """llama.cpp (llama-cpp-python, where installed) loads the converted `chatglm` file and computes
+    the same logits as transformers."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = glm2["ids"]
+    llm = llama_cpp.Llama(str(glm2_gguf(glm2, "f32")), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    got = np.array(llm.scores[:len(ids)], dtype=np.float64)
+    ref = glm2["ref"]
+    # llama.cpp keeps the KV cache in F16
+    assert np.abs(got - ref).max() <= 2e-3 * np.abs(ref).max()
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    text = "hello world 你好 [gMASK]"
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == pyengine.Tokenizer.from_gguf(
+        glm2_gguf(glm2, "f32")).encode(text, add_special_tokens=False)

@@ -213,7 +213,7 @@ CHATGLM = ArchSpec(
                  "head_dim": ("kv_channels",), "norm_eps": ("layernorm_epsilon",), "rope_theta": (),
                  "tied": ("tie_word_embeddings",)},
     shapes=lambda hp: chatglm_shapes(hp, 2),
-    tokenizers=("chatglm", "bpe"),
+    tokenizers=("chatglm", "glm4-bpe"),
     ignored_suffixes=(".rotary_pos_emb.inv_freq",),
     matches=lambda config: "position_encoding_2d" not in config,
     fix_hparams=_chatglm_fix,
@@ -248,7 +248,35 @@ CHATGLM1 = ArchSpec(
     norm="layer",
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, CHATGLM, CHATGLM1)
+
+
+def _glm_hf_fix(config: dict[str, Any], hp: HParams) -> None:
+    """transformers' GlmForCausalLM (GLM-4 "-hf" checkpoints): ChatGLM2/3's math in llama-style names."""
+    rope = config.get("rope_parameters") or {}
+    factor = float(config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5)))
+    hp.n_rot = int(hp.head_dim * factor)
+    hp.head_dim_explicit = hp.head_dim != hp.n_embd // hp.n_head
+
+
+def _glm_hf_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    shapes = llama_shapes(hp)
+    shapes["blk.{bid}.ffn_up.weight"] = (2 * hp.n_ff, hp.n_embd)  # [gate; up]
+    return shapes
+
+
+# The same GGUF as CHATGLM (llama.cpp converts GlmForCausalLM to `chatglm` too), with Q/K/V unfused.
+GLM_HF = ArchSpec(
+    name="chatglm",
+    hf_architectures=("GlmForCausalLM",),
+    block_tensors={**{k: v for k, v in LLAMA_BLOCK_TENSORS.items() if k not in ("mlp.gate_proj", "mlp.up_proj")},
+                   "mlp.gate_up_proj": "ffn_up"},
+    shapes=_glm_hf_shapes,
+    tokenizers=("glm4-bpe",),
+    fix_hparams=_glm_hf_fix,
+    add_bos=False,
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, CHATGLM, CHATGLM1, GLM_HF)
 
 
 def supported_architectures() -> list[str]:

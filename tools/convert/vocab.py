@@ -62,6 +62,7 @@ class Vocab:
     add_bos: bool | None = None
     add_eos: bool | None = None
     add_space_prefix: bool | None = None
+    remove_extra_whitespaces: bool = False      # SentencePiece's normalizer option (llama.cpp's key)
     chat_template: str | list[dict[str, str]] | None = None
 
 
@@ -183,26 +184,48 @@ def _add_bos_eos_from_post_processor(vocab: Vocab, pp: dict[str, Any] | None) ->
                 vocab.special_ids.setdefault("eos", text_to_id[last])
 
 
-def load_sentencepiece(model_dir: Path, n_vocab: int) -> Vocab:
-    from sentencepiece import SentencePieceProcessor
+@dataclass
+class SentencePieceModel:
+    """The pieces of a SentencePiece .model file. Its piece types (normal, unknown, control,
+    user-defined, unused, byte) are numbered as GGUF's token types."""
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]
+    add_dummy_prefix: bool
+    remove_extra_whitespaces: bool  # the normalizer strips spaces at the ends and collapses runs of them
+    special_ids: dict[str, int]     # bos, eos, unk, pad as the trainer set them
 
-    path = model_dir / "tokenizer.model"
-    sp = SentencePieceProcessor()
+
+def read_sentencepiece(path: Path) -> SentencePieceModel:
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
     try:
-        sp.LoadFromFile(str(path))
-    except (OSError, RuntimeError) as e:
+        proto.ParseFromString(path.read_bytes())
+    except (OSError, DecodeError) as e:
         raise ConversionError(f"cannot read {path}: {e}") from None
+    if not proto.pieces:
+        raise ConversionError(f"cannot read {path}: not a SentencePiece model (no pieces)")
+    spec = proto.trainer_spec
+    special = {typ: i for typ, i in (("bos", spec.bos_id), ("eos", spec.eos_id), ("unk", spec.unk_id),
+                                     ("pad", spec.pad_id)) if 0 <= i < len(proto.pieces)}
+    return SentencePieceModel(pieces=[p.piece for p in proto.pieces], scores=[p.score for p in proto.pieces],
+                              types=[int(p.type) for p in proto.pieces],
+                              add_dummy_prefix=proto.normalizer_spec.add_dummy_prefix,
+                              remove_extra_whitespaces=proto.normalizer_spec.remove_extra_whitespaces,
+                              special_ids=special)
+
+
+def load_sentencepiece(model_dir: Path, n_vocab: int) -> Vocab:
+    path = model_dir / "tokenizer.model"
+    sp = read_sentencepiece(path)
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [int(TokenType.UNUSED)] * n_vocab
-    if sp.vocab_size() > n_vocab:
-        raise ConversionError(f"{path} has {sp.vocab_size()} tokens but config.json vocab_size is {n_vocab}")
-    for i in range(sp.vocab_size()):
-        tokens[i] = sp.IdToPiece(i)
-        scores[i] = sp.GetScore(i)
-        types[i] = (TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
-                    else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
-                    else TokenType.NORMAL)
+    if len(sp.pieces) > n_vocab:
+        raise ConversionError(f"{path} has {len(sp.pieces)} tokens but config.json vocab_size is {n_vocab}")
+    tokens[:len(sp.pieces)], scores[:len(sp.pieces)], types[:len(sp.pieces)] = sp.pieces, sp.scores, sp.types
 
     def add_token(i: int, text: str, special: bool) -> None:
         if i >= n_vocab:
@@ -223,15 +246,12 @@ def load_sentencepiece(model_dir: Path, n_vocab: int) -> Vocab:
     if (model_dir / "tokenizer.json").is_file():
         # tokens added on top of the SentencePiece model (transformers 5 keeps them only here)
         for a in _read_json(model_dir / "tokenizer.json").get("added_tokens", []):
-            if a["id"] >= sp.vocab_size():
+            if a["id"] >= len(sp.pieces):
                 add_token(a["id"], a["content"], bool(a.get("special")))
 
-    vocab = Vocab(model="llama", pre="default", tokens=tokens, token_types=[int(t) for t in types],
-                  scores=scores, add_bos=True, add_eos=False)
-    for typ, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()), ("pad", sp.pad_id())):
-        if i >= 0:
-            vocab.special_ids[typ] = i
-    return vocab
+    return Vocab(model="llama", pre="default", tokens=tokens, token_types=[int(t) for t in types],
+                 scores=scores, special_ids=dict(sp.special_ids), add_bos=True, add_eos=False,
+                 add_space_prefix=sp.add_dummy_prefix, remove_extra_whitespaces=sp.remove_extra_whitespaces)
 
 
 def _token_text(entry: Any) -> str | None:
@@ -251,29 +271,35 @@ GLM4_SPECIAL = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>
                 "<|end_of_video|>")
 
 
-def _sentencepiece_size(path: Path) -> int | None:
-    """Number of pieces, or None when the file is not a SentencePiece model."""
-    from sentencepiece import SentencePieceProcessor
-
-    sp = SentencePieceProcessor()
+def _is_sentencepiece(path: Path) -> bool:
     try:
-        sp.LoadFromFile(str(path))
-    except (OSError, RuntimeError):
-        return None
-    return sp.vocab_size()
+        read_sentencepiece(path)
+    except ConversionError:
+        return False
+    return True
+
+
+def is_chatglm2(model_dir: Path) -> bool:
+    """ChatGLM2 and ChatGLM3 share config.json and tokenizer.model; ChatGLM3's tokenizer adds the role
+    tokens and chats with them. The checkpoint's name tells them apart; unnamed folders are ChatGLM3."""
+    config = _read_json(model_dir / "config.json")
+    names = f"{config.get('_name_or_path', '')} {model_dir.resolve().name}".lower()
+    return "chatglm2" in names and "chatglm3" not in names
 
 
 def load_chatglm(model_dir: Path, n_vocab: int) -> Vocab:
     """ChatGLM2/3's SentencePiece tokenizer.model, or GLM-4's tiktoken tokenizer.model (base64 token and
     rank per line), with THUDM's special tokens, as llama.cpp's ChatGLMModel.set_vocab writes them."""
     path = model_dir / "tokenizer.model"
-    n_sp = _sentencepiece_size(path)
-    if n_sp is not None:
+    if _is_sentencepiece(path):
         vocab = load_sentencepiece(model_dir, n_vocab)
-        for k, text in enumerate(CHATGLM_SPECIAL):
+        n_sp = len(read_sentencepiece(path).pieces)
+        specials = CHATGLM_SPECIAL[:5] if is_chatglm2(model_dir) else CHATGLM_SPECIAL
+        for k, text in enumerate(specials):
             if text not in vocab.tokens and n_sp + k < n_vocab:
                 vocab.tokens[n_sp + k], vocab.token_types[n_sp + k], vocab.scores[n_sp + k] = text, TokenType.CONTROL, 0.0
         vocab.pre = "chatglm-spm"
+        vocab.chat_template = _builtin_template("chatglm2" if is_chatglm2(model_dir) else "chatglm3")
     else:
         vocab = _load_tiktoken(path, n_vocab)
     for typ, text in (("eot", "<|user|>"), ("eos", "<|endoftext|>"), ("unk", "<|endoftext|>")):
@@ -343,38 +369,54 @@ CHATGLM1_SPECIAL = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop
 
 
 def load_chatglm1(model_dir: Path, n_vocab: int) -> Vocab:
-    """ChatGLM-6B's ice_text.model: 20000 image tokens first, then the SentencePiece pieces. Its text
-    preprocessing (newline as <n>, tab as <|tab|>, runs of spaces as <|blank_N|>) is not in GGUF."""
-    from sentencepiece import SentencePieceProcessor
-
+    """ChatGLM-6B's ice_text.model, after its image tokens (20000 in the first release, none since; the
+    offset is config.json's gmask_token_id minus the piece id of [gMASK]). The text rewriting of
+    THUDM's tokenizer (newline as <n>, tab as <|tab|>, runs of spaces as <|blank_N|>) is named by
+    `tokenizer.ggml.pre = "chatglm1"`; the runtime applies it."""
     path = model_dir / "ice_text.model"
-    sp = SentencePieceProcessor()
-    try:
-        sp.LoadFromFile(str(path))
-    except (OSError, RuntimeError) as e:
-        raise ConversionError(f"cannot read {path}: {e}") from None
-    n_image = 20000
-    if n_image + sp.vocab_size() > n_vocab:
-        raise ConversionError(f"{path} has {sp.vocab_size()} pieces + {n_image} image tokens but config.json "
+    sp = read_sentencepiece(path)
+    config = _read_json(model_dir / "config.json")
+    n_image = 20000 if n_vocab >= len(sp.pieces) + 20000 else 0
+    if isinstance(config.get("gmask_token_id"), int) and "[gMASK]" in sp.pieces:
+        n_image = config["gmask_token_id"] - sp.pieces.index("[gMASK]")
+    if n_image < 0 or n_image + len(sp.pieces) > n_vocab:
+        raise ConversionError(f"{path} has {len(sp.pieces)} pieces after {n_image} image tokens but config.json "
                               f"vocab_size is {n_vocab}")
     tokens = [f"<image_{i}>" for i in range(n_image)] + [f"[PAD{i}]" for i in range(n_image, n_vocab)]
     types = [int(TokenType.UNUSED)] * n_vocab
     scores = [-10000.0] * n_vocab
-    for i in range(sp.vocab_size()):
-        text = sp.IdToPiece(i)
-        tokens[n_image + i], scores[n_image + i] = text, sp.GetScore(i)
-        types[n_image + i] = int(TokenType.CONTROL if text in CHATGLM1_SPECIAL or sp.IsControl(i)
-                                 else TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.BYTE if sp.IsByte(i)
-                                 else TokenType.NORMAL)
-    vocab = Vocab(model="llama", pre="default", tokens=tokens, token_types=types, scores=scores, add_bos=False)
+    for i, (text, score, kind) in enumerate(zip(sp.pieces, sp.scores, sp.types)):
+        tokens[n_image + i], scores[n_image + i] = text, score
+        types[n_image + i] = int(TokenType.CONTROL) if text in CHATGLM1_SPECIAL else kind
+    vocab = Vocab(model="llama", pre="chatglm1", tokens=tokens, token_types=types, scores=scores, add_bos=False,
+                  add_space_prefix=sp.add_dummy_prefix, remove_extra_whitespaces=sp.remove_extra_whitespaces,
+                  chat_template=_builtin_template("chatglm1"))
     for typ, text in (("bos", "<sop>"), ("eos", "<eop>"), ("mask", "[gMASK]"), ("unk", "<unk>"), ("pad", "<pad>")):
         if text in tokens:
             vocab.special_ids[typ] = tokens.index(text)
     return vocab
 
 
+def _builtin_template(name: str) -> str:
+    """pyengine's Jinja version of a THUDM chat format, written into the GGUF when the folder has no template."""
+    from pyengine.chat_template import BUILTIN_TEMPLATES
+
+    return BUILTIN_TEMPLATES[name]
+
+
+def load_glm4_bpe(model_dir: Path, n_vocab: int) -> Vocab:
+    """GLM-4's tokenizer.json (the -hf checkpoints): byte-level BPE with GLM-4's special tokens and no BOS."""
+    vocab = load_bpe(model_dir, n_vocab)
+    vocab.pre, vocab.add_bos = "chatglm-bpe", False
+    for typ, text in (("eot", "<|user|>"), ("eos", "<|endoftext|>"), ("unk", "<|endoftext|>")):
+        if text in vocab.tokens:
+            vocab.special_ids[typ] = vocab.tokens.index(text)
+    return vocab
+
+
 TOKENIZER_FILES = {"spm": ("tokenizer.model", load_sentencepiece), "bpe": ("tokenizer.json", load_bpe),
-                   "chatglm": ("tokenizer.model", load_chatglm), "chatglm1": ("ice_text.model", load_chatglm1)}
+                   "chatglm": ("tokenizer.model", load_chatglm), "chatglm1": ("ice_text.model", load_chatglm1),
+                   "glm4-bpe": ("tokenizer.json", load_glm4_bpe)}
 
 
 def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any],
@@ -447,5 +489,7 @@ def write_vocab(w: GGUFWriter, vocab: Vocab) -> None:
         w.add_add_eos_token(vocab.add_eos)
     if vocab.add_space_prefix is not None:
         w.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.remove_extra_whitespaces:
+        w.add_remove_extra_whitespaces(True)
     if vocab.chat_template is not None:
         w.add_chat_template(vocab.chat_template)
