@@ -288,6 +288,7 @@ class Tokenizer:
         if all(t in self._index for t in before + after):
             self._prefix += [self._index[t] for t in before]
             self._suffix = [self._index[t] for t in after] + self._suffix
+        self._remove_extra_ws = bool(md.get("tokenizer.ggml.remove_extra_whitespaces", False))
         self._glm1_split: re.Pattern[str] | None = None
         if self.pre == "chatglm1":
             specials = sorted((self._tokens[i] for i in self._special), key=len, reverse=True)
@@ -363,8 +364,12 @@ class Tokenizer:
         if prepend:
             norm.insert(0, normalizers.Prepend("▁"))
         if md.get("tokenizer.ggml.remove_extra_whitespaces"):
-            # SentencePiece's remove_extra_whitespaces: no spaces at the ends, one for each run inside
-            norm[:0] = [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+            # SentencePiece's remove_extra_whitespaces: no spaces at the ends, one for each run inside.
+            # The normalizer sees each stretch between matched-whole tokens; ChatGLM-6B's user-defined
+            # pieces sit inside SentencePiece's text, so its ends are stripped before (_encode_chatglm1).
+            norm.insert(0, normalizers.Replace(Regex(" {2,}"), " "))
+            if self.pre != "chatglm1":
+                norm.insert(0, normalizers.Replace(Regex(r"\A +| +\z"), ""))
         tok.normalizer = normalizers.Sequence(norm)
         steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         if self.add_space_prefix:
@@ -428,7 +433,10 @@ class Tokenizer:
                 ids.append(self._index[part])
             elif part:
                 part = _glm1_preprocess(part)
-                ids += self.backend.encode("▁" + part if self.add_space_prefix else part, add_special_tokens=False).ids
+                if self._remove_extra_ws:  # only single spaces are left after the rewriting
+                    part = part.strip(" ")
+                if part:
+                    ids += self.backend.encode("▁" + part if self.add_space_prefix else part, add_special_tokens=False).ids
         return ids
 
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True) -> list[list[int]]:
