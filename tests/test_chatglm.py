@@ -145,13 +145,75 @@ def test_chatglm2_chat_prompt(glm2):
     assert tok.is_eog(tok.token_to_id("<|user|>"))
 
 
-def test_thudm_prequantized_refused(tmp_path, glm2):
-    d = tmp_path / "int4"
+def thudm_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """THUDM's quantization.py: one float16 scale per row (max |w| / 127 or / 7), rounded int8 codes; at 4
+    bits two codes per byte, even column in the high nibble (cpm_kernels' int4WeightCompression)."""
+    scale = (w.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).half()
+    q = torch.round(w / scale.float()[:, None]).to(torch.int8)
+    if bits == 4:
+        q = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)).to(torch.int8)
+    return q, scale
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_thudm_prequantized_checkpoint(tmp_path, bits):
+    """chatglm2-6b-int4 / -int8 style folders are dequantized (then quantized as asked); the reference is
+    transformers running the dequantized weights."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_chatglm2(tmp_path / "hf")
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    hf_sd = model.state_dict()
+    hf_names = {"self_attention.query_key_value": None, "self_attention.dense": "self_attn.o_proj",
+                "mlp.dense_h_to_4h": "mlp.gate_up_proj", "mlp.dense_4h_to_h": "mlp.down_proj"}
+    for i in range(N_LAYER):
+        for th, hf in hf_names.items():
+            name = f"transformer.encoder.layers.{i}.{th}.weight"
+            q, scale = thudm_quantize(sd[name], bits)
+            sd[name], sd[name + "_scale"] = q, scale
+            codes = q if bits == 8 else torch.stack([q >> 4, (q << 4) >> 4], dim=-1).reshape(q.shape[0], -1)
+            deq = codes.float() * scale.float()[:, None]
+            if hf is None:  # fused q|k|v rows
+                q_rows, kv_rows = N_HEAD * HEAD_DIM, N_KV * HEAD_DIM
+                for p, part in zip("qkv", deq.split([q_rows, kv_rows, kv_rows])):
+                    hf_sd[f"model.layers.{i}.self_attn.{p}_proj.weight"] = part
+            else:
+                hf_sd[f"model.layers.{i}.{hf}.weight"] = deq
+    model.load_state_dict(hf_sd)
+    save_file(sd, str(tmp_path / "hf" / "model.safetensors"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "quantization_bit": bits}))
+
+    convert(tmp_path / "hf", tmp_path / "f32.gguf", qtype="f32")
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    got = pyengine.LLM(tmp_path / "f32.gguf", n_ctx=64, kv_type="f32").logits(ids)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_thudm_prequantized_bad_input(tmp_path, glm2):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "q"
     d.mkdir()
     config = json.loads((glm2["hf_dir"] / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**config, "quantization_bit": 4}))
-    with pytest.raises(ConversionError, match="quantization_bit=4"):
+    sd = load_file(str(glm2["hf_dir"] / "model.safetensors"))
+    (d / "tokenizer.model").write_bytes((glm2["hf_dir"] / "tokenizer.model").read_bytes())
+    (d / "config.json").write_text(json.dumps({**config, "quantization_bit": 3}))
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(ConversionError, match="quantization_bit=3"):
         convert(d, tmp_path / "x.gguf")
+    name = "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"
+    (d / "config.json").write_text(json.dumps(config))
+    save_file({**sd, name: sd[name].to(torch.int8)}, str(d / "model.safetensors"))
+    with pytest.raises(ConversionError, match=f"tensor {name} is int8"):
+        convert(d, tmp_path / "x.gguf")
+    (d / "config.json").write_text(json.dumps({**config, "quantization_bit": 8}))
+    save_file({**sd, name: sd[name].to(torch.int8), name + "_scale": torch.ones(3).half()}, str(d / "model.safetensors"))
+    with pytest.raises(ConversionError, match="not a THUDM 8-bit weight"):
+        convert(d, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 # --- ChatGLM-6B (v1) against a torch reference of THUDM's math ----------------------------------------------

@@ -6,6 +6,9 @@ tensor infos) is then written, and each tensor is read, merged with the LoRA ada
 and appended in turn, so peak memory is about one tensor (in float32) however large the model. The file is
 written under a temporary name next to OUT and renamed at the end: a failure leaves no OUT.
 
+THUDM's pre-quantized ChatGLM folders (config.json quantization_bit) are read through thudm_quant.py,
+which turns their int8/int4 weights back into float before anything else sees them.
+
 Metadata beyond llama.cpp's keys:
   general.sampling.{temp,top_k,top_p,min_p,penalty_repeat}  from generation_config.json (llama.cpp's keys);
       temp is 0 (greedy) when generation_config.json says do_sample=false.
@@ -34,6 +37,7 @@ from .errors import ConversionError
 from .lora import LoraAdapter
 from .progress import Progress
 from .source import Checkpoint, _read_json
+from .thudm_quant import DequantizedCheckpoint
 from .vocab import load_vocab, write_vocab
 
 Q = GGMLQuantizationType
@@ -395,10 +399,6 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         method = config["quantization_config"].get("quant_method", "?")
         raise ConversionError(f"{model_dir / 'config.json'}: already-quantized checkpoints ({method}) are not "
                               "supported; convert the unquantized model")
-    if config.get("quantization_bit"):
-        raise ConversionError(f"{model_dir / 'config.json'}: THUDM's pre-quantized checkpoints (quantization_bit="
-                              f"{config['quantization_bit']}, int weights with weight_scale) are not supported; "
-                              "convert the original float16 checkpoint, quantizing with --qtype")
     hp = read_hparams(config, spec)
     vocab = load_vocab(model_dir, hp.n_vocab, config, spec.tokenizers)
     if spec.add_bos is not None:
@@ -411,6 +411,12 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
     plan: list[PlannedTensor] = []
     if not vocab_only:
         ckpt = Checkpoint(model_dir)
+        if config.get("quantization_bit"):
+            ckpt = DequantizedCheckpoint(ckpt, config["quantization_bit"])
+        elif any(t.dtype == "I8" for t in ckpt.tensors.values()):
+            name = next(n for n, t in ckpt.tensors.items() if t.dtype == "I8")
+            raise ConversionError(f"tensor {name} is int8 but {model_dir / 'config.json'} names no quantization "
+                                  "(only THUDM's quantization_bit checkpoints may hold int8 weights)")
         if lora is not None:
             adapter = LoraAdapter(Path(lora), spec)
         imatrix = None

@@ -17,7 +17,7 @@ import numpy as np
 from .errors import ConversionError
 
 # dtypes a source tensor may have, and their element size
-SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1}  # I8: THUDM's quantized weights
 
 
 @dataclass
@@ -25,7 +25,7 @@ class SourceTensor:
     """One tensor of the checkpoint, not yet read."""
     name: str
     shape: tuple[int, ...]
-    dtype: str            # "F32", "F16", "BF16" or "F64"
+    dtype: str            # "F32", "F16", "BF16", "F64" or "I8"
     file: Path
     offset: int = 0       # safetensors: absolute byte offset of the data in `file`
 
@@ -82,7 +82,8 @@ def _safetensors_header(path: Path) -> dict[str, SourceTensor]:
     return tensors
 
 
-_TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64"}
+_TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64",
+                 "torch.int8": "I8"}
 
 
 def _torch_load(path: Path) -> tuple[dict[str, Any], bool]:
@@ -176,7 +177,7 @@ class Checkpoint:
             dtype = _TORCH_DTYPES.get(str(t.dtype))
             if dtype is None:
                 raise ConversionError(f"unsupported dtype {t.dtype} of tensor {name} in {file.name} "
-                                      f"(supported: float32, float16, bfloat16)")
+                                      f"(supported: float32, float16, bfloat16, and THUDM's int8)")
             found[name] = SourceTensor(name, tuple(t.shape), dtype, file)
         return found
 
@@ -190,7 +191,7 @@ class Checkpoint:
     def _load(self, t: SourceTensor) -> np.ndarray:
         name = t.name
         if t.file.suffix == ".safetensors":
-            storage = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}[t.dtype]
+            storage = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8", "I8": "i1"}[t.dtype]
             if t.nbytes == 0:
                 return np.zeros(t.shape, np.float32)
             raw = np.memmap(t.file, dtype=storage, mode="r", offset=t.offset, shape=t.shape)
