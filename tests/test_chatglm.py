@@ -652,3 +652,16 @@ def test_chatglm2_llama_cpp_agrees(glm2):
     text = "hello world 你好[gMASK]"  # no space runs or ends: llama.cpp ignores remove_extra_whitespaces
     assert llm.tokenize(text.encode(), add_bos=True, special=True) == pyengine.Tokenizer.from_gguf(
         glm2_gguf(glm2, "f32")).encode(text, add_special_tokens=False)
+
+
+def test_chatglm1_chat_session_reuses_cache_correctly(glm1):
+    """Turn 2 moves [gMASK]<sop> to the end of a longer bidirectional prefix: the cached prefix is stale
+    and must be evaluated again; the reply equals a fresh evaluation of the whole conversation."""
+    llm = pyengine.LLM(glm1["gguf"], n_ctx=128, kv_type="f32")
+    session = llm.chat_session(temperature=0, max_new_tokens=6)
+    first = session.send("你好", stream=False).text
+    second = session.send("写一个函数", stream=False).text
+    fresh = pyengine.LLM(glm1["gguf"], n_ctx=128, kv_type="f32")
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": first},
+                {"role": "user", "content": "写一个函数"}]
+    assert fresh.chat(messages, temperature=0, max_new_tokens=6) == second
