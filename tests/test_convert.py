@@ -478,9 +478,13 @@ def test_error_unsupported_dtype(tmp_path, out):
 
     d = make_llama(tmp_path / "m", n_layers=1)
     state = {k: v for k, v in load_hf_model(d).state_dict().items()}
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].to(torch.int32)
+    save_file(state, str(d / "model.safetensors"))
+    _expect_error(d, out, "unsupported dtype I32 of tensor model.embed_tokens.weight")
+    # int8 is read only as THUDM's quantized weights
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].to(torch.int8)
     save_file(state, str(d / "model.safetensors"))
-    _expect_error(d, out, "unsupported dtype I8 of tensor model.embed_tokens.weight")
+    _expect_error(d, out, "tensor model.embed_tokens.weight is int8 but .*config.json names no quantization")
 
 
 def test_error_unreadable_weights_and_bad_qtype(ckpts, tmp_path, out):
