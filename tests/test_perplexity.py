@@ -118,7 +118,8 @@ def test_kl_base_round_trip_model_against_itself(tmp_path, llm, text, capsys):
     assert perplexity_cmd.main(["-m", str(SMOLLM2), "--kl-divergence-base", str(base), "--kl-divergence",
                                 "-t", "2"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"Mean    KLD:\s+0\.0000\d\d", out) and "Same top p: 100.000" in out
+    # about zero; the base's 16-bit log-prob codes can put it a hair below (llama.cpp prints those too)
+    assert re.search(r"Mean    KLD:\s+-?0\.0000\d\d", out) and "Same top p: 100.000" in out
 
 
 @needs_smollm2
