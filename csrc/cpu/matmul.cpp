@@ -73,6 +73,12 @@ void dequantize_row(const WeightView& w, int64_t r, float* out) {
   cpu::dequantize_row_ref(w.type, static_cast<const uint8_t*>(w.data) + r * w.row_stride, w.cols, out);
 }
 
+void matmul_float_serial(const WeightView& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) {
+  check_args(w, x, m, ldx, y, ldy);
+  PE_CHECK(is_float_type(w.type), Error, "matmul_float_serial: ", type_name(uint32_t(w.type)), " is not a float type");
+  if (m > 0 && w.rows > 0) kernels().gemm_float(w, x, ldx, 0, w.rows, 0, m, y, ldy);
+}
+
 void matmul(const WeightView& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy, ThreadPool& pool) {
   check_args(w, x, m, ldx, y, ldy);
   if (m == 0 || w.rows == 0) return;

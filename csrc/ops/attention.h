@@ -7,8 +7,9 @@
 
 namespace pe {
 
-// One layer's cache: k[h][pos][head_dim] and v[h][pos][head_dim], n_ctx positions per head, in F16
-// (the default, half the memory) or F32 (exact; for tests and long-context accuracy).
+// One layer's cache: k[h][pos][head_dim] and, transposed, v[h][head_dim][pos], n_ctx positions per
+// head, in F16 (the default, half the memory) or F32 (exact; for tests and long-context accuracy).
+// Both are then plain matrices for the matmul kernels: scores = K q and out = V^T p.
 struct KVLayer {
   void* k;
   void* v;

@@ -24,6 +24,10 @@ struct WeightView {
 // follows cpu_path().
 void matmul(const WeightView& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy, ThreadPool& pool);
 
+// The same product for float weights (F32, F16, BF16), on the calling thread only: for callers that
+// already split their work over the pool (attention runs one per head).
+void matmul_float_serial(const WeightView& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy);
+
 // out[0..w.cols) = row r of W as float32.
 void dequantize_row(const WeightView& w, int64_t r, float* out);
 
