@@ -28,23 +28,27 @@ def _random_ids(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(100, 40000, size=n).tolist()
 
 
+def _decode_speed(eval_ids, reset, depth: int, n_gen: int, reps: int) -> float:
+    """tok/s of n_gen single-token evals after `depth` prompt tokens; median of reps after a warm-up."""
+    def run() -> float:
+        reset()
+        if depth:
+            eval_ids(_random_ids(depth, 0))
+        t0 = time.perf_counter()
+        for tok in _random_ids(n_gen, 1):
+            eval_ids([tok])
+        return time.perf_counter() - t0
+
+    run()
+    return n_gen / statistics.median(run() for _ in range(reps))
+
+
 def pyengine_worker(model: str, depth: int, n_gen: int, threads: int, reps: int) -> float:
     import pyengine
     from pyengine.default_model import resolve_model
 
     llm = pyengine.LLM(str(resolve_model(model)), n_ctx=depth + n_gen + 8, n_threads=threads)
-
-    def run() -> float:
-        llm.reset()
-        if depth:
-            llm.eval(_random_ids(depth, 0))
-        t0 = time.perf_counter()
-        for tok in _random_ids(n_gen, 1):
-            llm.eval([tok])
-        return time.perf_counter() - t0
-
-    run()
-    return n_gen / statistics.median(run() for _ in range(reps))
+    return _decode_speed(llm.eval, llm.reset, depth, n_gen, reps)
 
 
 def llamacpp_worker(model: str, depth: int, n_gen: int, threads: int, reps: int) -> float:
@@ -55,18 +59,11 @@ def llamacpp_worker(model: str, depth: int, n_gen: int, threads: int, reps: int)
     llm = Llama(model_path=str(resolve_model(model)), n_ctx=depth + n_gen + 8, n_threads=threads,
                 n_threads_batch=threads, n_batch=512, verbose=False)
 
-    def run() -> float:
+    def reset() -> None:
         llm.reset()
         llm._ctx.kv_cache_clear()
-        if depth:
-            llm.eval(_random_ids(depth, 0))
-        t0 = time.perf_counter()
-        for tok in _random_ids(n_gen, 1):
-            llm.eval([tok])
-        return time.perf_counter() - t0
 
-    run()
-    return n_gen / statistics.median(run() for _ in range(reps))
+    return _decode_speed(llm.eval, reset, depth, n_gen, reps)
 
 
 WORKERS = {"pyengine": pyengine_worker, "llama.cpp": llamacpp_worker}

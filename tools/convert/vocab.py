@@ -217,9 +217,10 @@ def read_sentencepiece(path: Path) -> SentencePieceModel:
                               special_ids=special)
 
 
-def load_sentencepiece(model_dir: Path, n_vocab: int) -> Vocab:
+def load_sentencepiece(model_dir: Path, n_vocab: int, sp: SentencePieceModel | None = None) -> Vocab:
+    """tokenizer.model (`sp`: its contents, when the caller has read them already) and the added tokens."""
     path = model_dir / "tokenizer.model"
-    sp = read_sentencepiece(path)
+    sp = sp or read_sentencepiece(path)
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [int(TokenType.UNUSED)] * n_vocab
@@ -271,14 +272,6 @@ GLM4_SPECIAL = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>
                 "<|end_of_video|>")
 
 
-def _is_sentencepiece(path: Path) -> bool:
-    try:
-        read_sentencepiece(path)
-    except ConversionError:
-        return False
-    return True
-
-
 def is_chatglm2(model_dir: Path) -> bool:
     """ChatGLM2 and ChatGLM3 share config.json and tokenizer.model; ChatGLM3's tokenizer adds the role
     tokens and chats with them. The checkpoint's name tells them apart; unnamed folders are ChatGLM3."""
@@ -291,21 +284,30 @@ def load_chatglm(model_dir: Path, n_vocab: int) -> Vocab:
     """ChatGLM2/3's SentencePiece tokenizer.model, or GLM-4's tiktoken tokenizer.model (base64 token and
     rank per line), with THUDM's special tokens, as llama.cpp's ChatGLMModel.set_vocab writes them."""
     path = model_dir / "tokenizer.model"
-    if _is_sentencepiece(path):
-        vocab = load_sentencepiece(model_dir, n_vocab)
-        n_sp = len(read_sentencepiece(path).pieces)
-        specials = CHATGLM_SPECIAL[:5] if is_chatglm2(model_dir) else CHATGLM_SPECIAL
+    try:
+        sp = read_sentencepiece(path)
+    except ConversionError:
+        sp = None  # GLM-4's tiktoken file
+    if sp is not None:
+        vocab = load_sentencepiece(model_dir, n_vocab, sp)
+        n_sp, chatglm2 = len(sp.pieces), is_chatglm2(model_dir)
+        specials = CHATGLM_SPECIAL[:5] if chatglm2 else CHATGLM_SPECIAL
         for k, text in enumerate(specials):
             if text not in vocab.tokens and n_sp + k < n_vocab:
                 vocab.tokens[n_sp + k], vocab.token_types[n_sp + k], vocab.scores[n_sp + k] = text, TokenType.CONTROL, 0.0
         vocab.pre = "chatglm-spm"
-        vocab.chat_template = _builtin_template("chatglm2" if is_chatglm2(model_dir) else "chatglm3")
+        vocab.chat_template = _builtin_template("chatglm2" if chatglm2 else "chatglm3")
     else:
         vocab = _load_tiktoken(path, n_vocab)
+    _set_glm_special_ids(vocab)
+    return vocab
+
+
+def _set_glm_special_ids(vocab: Vocab) -> None:
+    """THUDM's turn and end tokens, as llama.cpp's ChatGLMModel names them."""
     for typ, text in (("eot", "<|user|>"), ("eos", "<|endoftext|>"), ("unk", "<|endoftext|>")):
         if text in vocab.tokens:
             vocab.special_ids[typ] = vocab.tokens.index(text)
-    return vocab
 
 
 def _load_tiktoken(path: Path, n_vocab: int) -> Vocab:
@@ -408,9 +410,7 @@ def load_glm4_bpe(model_dir: Path, n_vocab: int) -> Vocab:
     """GLM-4's tokenizer.json (the -hf checkpoints): byte-level BPE with GLM-4's special tokens and no BOS."""
     vocab = load_bpe(model_dir, n_vocab)
     vocab.pre, vocab.add_bos = "chatglm-bpe", False
-    for typ, text in (("eot", "<|user|>"), ("eos", "<|endoftext|>"), ("unk", "<|endoftext|>")):
-        if text in vocab.tokens:
-            vocab.special_ids[typ] = vocab.tokens.index(text)
+    _set_glm_special_ids(vocab)
     return vocab
 
 
