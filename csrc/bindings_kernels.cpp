@@ -4,9 +4,11 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "bindings.h"
 #include "common.h"
+#include "ops/elementwise.h"
 #include "ops/matmul.h"
 
 namespace py = pybind11;
@@ -15,18 +17,18 @@ namespace pe {
 
 namespace {
 
-// One persistent pool per thread count: creating threads per call would dominate small benchmarks.
-ThreadPool& pool_for(int n_threads) {
+// One persistent executor per thread count: creating threads per call would dominate small benchmarks.
+Executor& executor_for(int n_threads) {
   static std::mutex mu;
-  static std::map<int, std::unique_ptr<ThreadPool>> pools;
+  static std::map<int, std::shared_ptr<Executor>> executors;
   std::lock_guard<std::mutex> lock(mu);
-  auto& p = pools[n_threads];
-  if (!p) p = std::make_unique<ThreadPool>(n_threads);
-  return *p;
+  auto& e = executors[n_threads];
+  if (!e) e = Executor::cpu(n_threads);
+  return *e;
 }
 
 // Validates raw GGUF bytes of a rows x cols matrix and returns a view of them.
-WeightView weight_view(const py::buffer_info& info, uint32_t type_id, int64_t rows, int64_t cols) {
+Tensor weight_view(const py::buffer_info& info, uint32_t type_id, int64_t rows, int64_t cols) {
   if (info.itemsize != 1) throw py::value_error("weights must be raw bytes (a uint8 array or bytes)");
   if (rows < 0 || cols <= 0) throw py::value_error(str_cat("bad weight shape ", rows, " x ", cols));
   PE_CHECK(type_traits(type_id), UnsupportedModelError, "unknown tensor type id ", type_id);
@@ -42,13 +44,13 @@ WeightView weight_view(const py::buffer_info& info, uint32_t type_id, int64_t ro
   if (size_t(info.size) != rb * size_t(rows))
     throw py::value_error(str_cat("weights of type ", type_name(type_id), " ", rows, " x ", cols, " take ",
                                   rb * size_t(rows), " bytes, got ", info.size));
-  return WeightView{t, info.ptr, rows, cols, rb};
+  return Tensor{t, info.ptr, rows, cols, rb};
 }
 
 py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
                              const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int n_threads) {
   const py::buffer_info wi = w.request();
-  const WeightView view = weight_view(wi, type_id, rows, cols);
+  const Tensor view = weight_view(wi, type_id, rows, cols);
   if (x.ndim() != 2 || x.shape(1) != cols)
     throw py::value_error(str_cat("x must have shape (m, ", cols, ")"));
   if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
@@ -58,19 +60,25 @@ py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows
   float* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    matmul(view, xp, m, cols, yp, rows, pool_for(n_threads));
+    Executor& ex = executor_for(n_threads);
+    auto lock = ex.lock();
+    matmul(ex, view, f32_tensor(const_cast<float*>(xp), m, cols, cols), f32_tensor(yp, m, rows, rows));
   }
   return y;
 }
 
 py::array_t<float> py_dequantize(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols) {
   const py::buffer_info wi = w.request();
-  const WeightView view = weight_view(wi, type_id, rows, cols);
+  const Tensor view = weight_view(wi, type_id, rows, cols);
   py::array_t<float> out({rows, cols});
   float* op = out.mutable_data();
   {
     py::gil_scoped_release release;
-    for (int64_t r = 0; r < rows; r++) dequantize_row(view, r, op + r * cols);
+    std::vector<int32_t> ids(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; r++) ids[size_t(r)] = int32_t(r);
+    Executor& ex = executor_for(1);
+    auto lock = ex.lock();
+    get_rows(ex, view, Tensor{GGMLType::I32, ids.data(), 1, rows, size_t(rows) * 4}, f32_tensor(op, rows, cols, cols));
   }
   return out;
 }

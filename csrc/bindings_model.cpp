@@ -2,11 +2,27 @@
 #include <pybind11/stl.h>
 
 #include "bindings.h"
-#include "model/model.h"
+#include "model/context.h"
 
 namespace py = pybind11;
 
 namespace pe {
+
+namespace {
+
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+GGMLType kv_type_of(const std::string& name) {
+  if (name != "f16" && name != "f32") throw py::value_error("kv_type must be 'f16' or 'f32', not '" + name + "'");
+  return name == "f16" ? GGMLType::F16 : GGMLType::F32;
+}
+
+const int32_t* vector_data(const IntArray& a, const char* what) {
+  if (a.ndim() != 1) throw py::value_error(std::string(what) + " must be a 1-D sequence");
+  return a.data();
+}
+
+}  // namespace
 
 void bind_model(py::module_& m) {
   py::class_<Model, std::shared_ptr<Model>>(m, "Model", "Weights of a GGUF model, mapped from the file.")
@@ -35,21 +51,30 @@ void bind_model(py::module_& m) {
         return d;
       });
 
-  py::class_<Context>(m, "Context", "An inference context: KV cache, scratch and threads for one sequence.")
-      .def(py::init([](std::shared_ptr<Model> model, int64_t n_ctx, int n_threads, int64_t n_batch,
-                       const std::string& kv_type) {
-             if (kv_type != "f16" && kv_type != "f32") throw py::value_error("kv_type must be 'f16' or 'f32'");
-             py::gil_scoped_release nogil;
-             return new Context(std::move(model), n_ctx, n_threads, n_batch,
-                                kv_type == "f16" ? GGMLType::F16 : GGMLType::F32);
+  py::class_<Executor, std::shared_ptr<Executor>>(
+      m, "Executor", "Where a model's forward passes run: the CPU thread pool its contexts share.")
+      .def(py::init([](int n_threads) {
+             if (n_threads < 1 || n_threads > 1024) throw py::value_error("n_threads must be in [1, 1024]");
+             return Executor::cpu(n_threads);
            }),
-           py::arg("model"), py::arg("n_ctx"), py::arg("n_threads"), py::arg("n_batch") = 512,
-           py::arg("kv_type") = "f16")
+           py::arg("n_threads"))
+      .def_property_readonly("n_threads", &Executor::n_threads)
+      .def_property_readonly("device", [](const Executor& e) { return std::string(device_name(e.device())); });
+
+  py::class_<Context>(m, "Context",
+                      "An inference context: a KV cache holding up to n_seq_max sequences of n_ctx tokens each.")
+      .def(py::init([](std::shared_ptr<Model> model, std::shared_ptr<Executor> executor, int64_t n_ctx,
+                       int n_seq_max, int64_t n_batch, const std::string& kv_type) {
+             const GGMLType t = kv_type_of(kv_type);
+             py::gil_scoped_release nogil;
+             return new Context(std::move(model), std::move(executor), n_ctx, n_seq_max, n_batch, t);
+           }),
+           py::arg("model"), py::arg("executor"), py::arg("n_ctx"), py::arg("n_seq_max") = 1,
+           py::arg("n_batch") = 512, py::arg("kv_type") = "f16")
       .def(
           "eval",
-          [](Context& ctx, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
-             const std::string& logits) -> py::object {
-            if (tokens.ndim() != 1) throw py::value_error("tokens must be a 1-D sequence of token ids");
+          [](Context& ctx, const IntArray& tokens, const std::string& logits, int seq) -> py::object {
+            const int32_t* src = vector_data(tokens, "tokens");
             const int64_t n = tokens.shape(0);
             const int64_t n_vocab = ctx.model().config().n_vocab;
             if (logits != "last" && logits != "all" && logits != "none")
@@ -58,21 +83,58 @@ void bind_model(py::module_& m) {
             if (logits == "all") out = py::array_t<float>({n, n_vocab});
             else if (logits == "last") out = py::array_t<float>({n_vocab});
             float* dst = logits == "none" ? nullptr : out.mutable_data();
-            const int32_t* src = tokens.data();
             {
               py::gil_scoped_release nogil;
-              ctx.eval(src, n, dst, logits == "all");
+              ctx.eval(src, n, dst, logits == "all", seq);
             }
             if (logits == "none") return py::none();
             return std::move(out);
           },
-          py::arg("tokens"), py::arg("logits") = "last",
-          "Evaluate tokens after the current context; returns float32 logits of the last token "
-          "([n_vocab]), of all tokens ([n, n_vocab]) or None.")
-      .def("truncate", &Context::truncate, py::arg("n"), "Keep only the first n tokens of the context.")
-      .def_property_readonly("n_past", &Context::n_past)
+          py::arg("tokens"), py::arg("logits") = "last", py::arg("seq") = 0,
+          "Append tokens to sequence `seq`; returns float32 logits of the last token ([n_vocab]), of all "
+          "tokens ([n, n_vocab]) or None.")
+      .def(
+          "decode",
+          [](Context& ctx, const IntArray& tokens, const IntArray& seqs, py::object logits) {
+            const int32_t* tp = vector_data(tokens, "tokens");
+            const int32_t* sp = vector_data(seqs, "seq_ids");
+            const int64_t n = tokens.shape(0);
+            if (seqs.shape(0) != n) throw py::value_error("tokens and seq_ids differ in length");
+            Batch b;
+            b.tokens.assign(tp, tp + n);
+            b.seqs.assign(sp, sp + n);
+            if (logits.is_none()) {
+              b.logits.assign(size_t(n), 1);
+            } else {
+              auto want = py::array_t<bool, py::array::c_style | py::array::forcecast>(logits);
+              if (want.ndim() != 1 || want.shape(0) != n)
+                throw py::value_error("logits must be None or a bool sequence as long as tokens");
+              b.logits.assign(want.data(), want.data() + n);
+            }
+            py::array_t<float> out({b.n_logits(), ctx.model().config().n_vocab});
+            float* dst = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              ctx.decode(b, dst);
+            }
+            return out;
+          },
+          py::arg("tokens"), py::arg("seq_ids"), py::arg("logits") = py::none(),
+          "Evaluate one batch of rows: token i is appended to sequence seq_ids[i]. Returns float32 "
+          "[rows with logits wanted, n_vocab] in row order (logits: bool per row; None: every row).")
+      .def("seq_len", &Context::seq_len, py::arg("seq"))
+      .def("seq_truncate", &Context::seq_truncate, py::arg("seq"), py::arg("n"),
+           "Keep only the first n tokens of a sequence.")
+      .def("seq_copy", &Context::seq_copy, py::arg("src"), py::arg("dst"),
+           "Make sequence dst a copy of src (their cache pages are shared until either appends).")
+      .def("clear", &Context::clear, "Empty every sequence.")
+      .def("truncate", [](Context& c, int64_t n) { c.seq_truncate(0, n); }, py::arg("n"),
+           "Keep only the first n tokens of sequence 0.")
+      .def_property_readonly("n_past", [](const Context& c) { return c.seq_len(0); })
       .def_property_readonly("n_ctx", &Context::n_ctx)
-      .def_property_readonly("n_threads", &Context::n_threads);
+      .def_property_readonly("n_seq_max", &Context::n_seq_max)
+      .def_property_readonly("n_threads", &Context::n_threads)
+      .def_property_readonly("executor", &Context::executor);
 }
 
 }  // namespace pe

@@ -25,6 +25,7 @@ const TypeEntry kTypes[] = {
     {13, {"Q5_K", QK_K, sizeof(block_q5_K)}},
     {14, {"Q6_K", QK_K, sizeof(block_q6_K)}},
     {15, {"Q8_K", QK_K, sizeof(block_q8_K)}},
+    {26, {"I32", 1, 4}},
     {30, {"BF16", 1, 2}},
 };
 

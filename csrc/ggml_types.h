@@ -22,6 +22,7 @@ enum class GGMLType : uint32_t {
   Q5_K = 13,
   Q6_K = 14,
   Q8_K = 15,
+  I32 = 26,  // row metadata (token ids, positions) handed to ops; never a weight
   BF16 = 30,
 };
 

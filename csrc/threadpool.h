@@ -44,6 +44,23 @@ class ThreadPool {
     });
   }
 
+  // Calls body(i) for every i in [0, n), each thread taking the next unclaimed i: for work items of
+  // uneven cost (attention blocks: later query rows see more keys), and so that a thread that starts
+  // late, or is descheduled, only delays the items it took.
+  template <typename F>
+  void for_each_dynamic(int64_t n, F&& body) {
+    if (n <= 1 || n_threads_ == 1) {
+      for (int64_t i = 0; i < n; i++) body(i);
+      return;
+    }
+    std::atomic<int64_t> next{0};
+    run([&](int, int) {
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        body(i);
+    });
+  }
+
   // Splits [0, n) into nth contiguous ranges; returns thread ith's [begin, end).
   static void split(int64_t n, int ith, int nth, int64_t& begin, int64_t& end) {
     const int64_t per = (n + nth - 1) / nth;

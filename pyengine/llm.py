@@ -73,7 +73,7 @@ class LLM:
             n_ctx = int(cfg["n_ctx_train"])
         if n_threads is None or n_threads <= 0:
             n_threads = default_threads()
-        self._ctx = _C.Context(self._model, int(n_ctx), int(n_threads), int(n_batch), kv_type)
+        self._ctx = _C.Context(self._model, _C.Executor(int(n_threads)), int(n_ctx), 1, int(n_batch), kv_type)
 
     def new_context(self, n_ctx: int | None = None, n_threads: int | None = None, n_batch: int = 512,
                     kv_type: str = "f16") -> "LLM":

@@ -1,8 +1,8 @@
-#include "ops/activation.h"
-
 #include <cmath>
 
-namespace pe {
+#include "cpu/ops.h"
+
+namespace pe::cpu {
 
 namespace {
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
@@ -11,16 +11,15 @@ inline float gelu(float x) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
   return 0.5f * x * (1.f + std::tanh(kSqrt2OverPi * x * (1.f + 0.044715f * x * x)));
 }
-
 }  // namespace
 
-void gated_activation(Activation act, const float* gate, const float* up, float* out, int64_t n, int64_t d,
-                      int64_t stride, ThreadPool& pool) {
-  pool.for_range(n, 2, [&](int64_t r0, int64_t r1) {
+void gated_activation(Executor& ex, Activation act, const Tensor& gate, const Tensor& up, const Tensor& out) {
+  const int64_t d = gate.cols;
+  ex.pool().for_range(gate.rows, 2, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
-      const float* g = gate + r * stride;
-      const float* u = up + r * stride;
-      float* o = out + r * stride;
+      const float* g = gate.row(r);
+      const float* u = up.row(r);
+      float* o = out.row(r);
       if (act == Activation::SiLU)
         for (int64_t i = 0; i < d; i++) o[i] = silu(g[i]) * u[i];
       else
@@ -29,10 +28,11 @@ void gated_activation(Activation act, const float* gate, const float* up, float*
   });
 }
 
-void activation_inplace(Activation act, float* x, int64_t n, int64_t d, int64_t stride, ThreadPool& pool) {
-  pool.for_range(n, 2, [&](int64_t r0, int64_t r1) {
+void activation(Executor& ex, Activation act, const Tensor& x) {
+  const int64_t d = x.cols;
+  ex.pool().for_range(x.rows, 2, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
-      float* v = x + r * stride;
+      float* v = x.row(r);
       if (act == Activation::SiLU)
         for (int64_t i = 0; i < d; i++) v[i] = silu(v[i]);
       else
@@ -41,9 +41,4 @@ void activation_inplace(Activation act, float* x, int64_t n, int64_t d, int64_t 
   });
 }
 
-void add_bias(float* y, const float* b, int64_t n, int64_t d, int64_t stride) {
-  for (int64_t r = 0; r < n; r++)
-    for (int64_t i = 0; i < d; i++) y[r * stride + i] += b[i];
-}
-
-}  // namespace pe
+}  // namespace pe::cpu

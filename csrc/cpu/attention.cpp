@@ -1,49 +1,25 @@
-#include "ops/attention.h"
-
+// Attention over the paged CPU KV cache. Query rows are cut into blocks of consecutive rows of one
+// sequence (a prompt chunk, or one decode row); each (block, head) is one work item, run on one
+// thread: for every cache page the block sees, scores = Q K_page^T, then a softmax over each row's
+// visible keys, then out = sum over pages of P_page V_page. Each K and V page is read once per block
+// and head, through the float matmul kernels' register tiles.
+//
+// Blocks hold at most kQueryBlock rows, below the row count from which the float kernels switch to
+// their packed-panel algorithm (16 on AVX-512): every row's dot products are then summed in the same
+// order whether the row is decoded alone or prefilled among others, so a sequence gets the same
+// bits either way (8-bit activation rounding would otherwise amplify one-ulp differences).
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
-#include "cpu/vec.h"
-#include "ops/matmul.h"
+#include "cpu/kv_layout.h"
+#include "cpu/ops.h"
 
-namespace pe {
-
-constexpr int64_t kPrefillTokens = 16;  // query tokens from which a head's work is split over the pool
-
-void kv_store(KVLayer& kv, const float* k, const float* v, int64_t stride, int64_t n_tokens, int64_t n_past) {
-  PE_CHECK(n_past + n_tokens <= kv.n_ctx, ContextLengthError, "KV cache overflow: ", n_past + n_tokens,
-           " positions > n_ctx ", kv.n_ctx);
-  const bool f16 = kv.type == GGMLType::F16;
-  std::vector<fp16_t> v16(size_t(kv.head_dim));
-  for (int64_t t = 0; t < n_tokens; t++) {
-    for (int h = 0; h < kv.n_kv_head; h++) {
-      const int64_t k_dst = (int64_t(h) * kv.n_ctx + n_past + t) * kv.head_dim;
-      const int64_t v_dst = int64_t(h) * kv.head_dim * kv.n_ctx + n_past + t;  // column n_past + t of V^T
-      const float* ks = k + t * stride + int64_t(h) * kv.head_dim;
-      const float* vs = v + t * stride + int64_t(h) * kv.head_dim;
-      if (f16) {
-        vec_fp32_to_fp16(ks, static_cast<fp16_t*>(kv.k) + k_dst, kv.head_dim);
-        vec_fp32_to_fp16(vs, v16.data(), kv.head_dim);
-        fp16_t* vt = static_cast<fp16_t*>(kv.v) + v_dst;
-        for (int d = 0; d < kv.head_dim; d++) vt[d * kv.n_ctx] = v16[size_t(d)];
-      } else {
-        std::memcpy(static_cast<float*>(kv.k) + k_dst, ks, sizeof(float) * kv.head_dim);
-        float* vt = static_cast<float*>(kv.v) + v_dst;
-        for (int d = 0; d < kv.head_dim; d++) vt[d * kv.n_ctx] = vs[d];
-      }
-    }
-  }
-}
+namespace pe::cpu {
 
 namespace {
 
-// Keys query token t (at position n_past + t) may see: causal, or the whole prefix while inside it.
-inline int64_t visible_keys(int64_t n_past, int64_t t, int64_t n_all, int64_t bidirectional_until) {
-  const int64_t pos = n_past + t;
-  return pos < bidirectional_until ? std::min(n_all, bidirectional_until) : pos + 1;
-}
+constexpr int64_t kQueryBlock = 8;  // query rows per work item; see the note in attention()
 
 // p[0..n) = softmax(scale * s[0..n)), in place.
 void softmax(float* s, int64_t n, float scale) {
@@ -58,74 +34,76 @@ void softmax(float* s, int64_t n, float scale) {
   for (int64_t j = 0; j < n; j++) s[j] *= inv;
 }
 
-// Keys and values of KV head g over its first n keys, as matmul weights: K is [n][head_dim];
-// V is kept transposed, [head_dim][n_ctx], so that P V is "P times a weight matrix" too.
-WeightView keys_view(const KVLayer& kv, int g, int64_t n) {
-  const size_t elem = kv.type == GGMLType::F16 ? sizeof(fp16_t) : sizeof(float);
-  const auto* base = static_cast<const uint8_t*>(kv.k) + size_t(int64_t(g) * kv.n_ctx * kv.head_dim) * elem;
-  return {kv.type, base, n, kv.head_dim, size_t(kv.head_dim) * elem};
-}
-WeightView values_t_view(const KVLayer& kv, int g, int64_t n) {
-  const size_t elem = kv.type == GGMLType::F16 ? sizeof(fp16_t) : sizeof(float);
-  const auto* base = static_cast<const uint8_t*>(kv.v) + size_t(int64_t(g) * kv.head_dim * kv.n_ctx) * elem;
-  return {kv.type, base, kv.head_dim, n, size_t(kv.n_ctx) * elem};
-}
-
-// Many query tokens (prefill): per head, scores = Q K^T and out = P V as matrix products whose
-// register tiles load each key once for many queries, each split over the pool.
-void attention_prefill(const float* q, int64_t q_stride, int64_t n_tokens, int n_head, const KVLayer& kv,
-                       int64_t n_past, float scale, float* out, int64_t out_stride, ThreadPool& pool,
-                       int64_t bidirectional_until) {
-  const int hd = kv.head_dim;
-  const int group = n_head / kv.n_kv_head;
-  const int64_t n_all = n_past + n_tokens;
-  static thread_local std::vector<float> scores;  // grow-only: no page faults per layer
-  if (scores.size() < size_t(n_tokens * n_all)) scores.resize(size_t(n_tokens * n_all));
-  float* const sc = scores.data();  // the workers' lambdas would name their own thread_local
-  for (int g = 0; g < kv.n_kv_head; g++) {
-    const WeightView keys = keys_view(kv, g, n_all), values_t = values_t_view(kv, g, n_all);
-    for (int h = g * group; h < (g + 1) * group; h++) {
-      matmul(keys, q + int64_t(h) * hd, n_tokens, q_stride, sc, n_all, pool);
-      pool.for_range(n_tokens, 4, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; t++) {
-          float* s = sc + t * n_all;
-          const int64_t n_keys = visible_keys(n_past, t, n_all, bidirectional_until);
-          softmax(s, n_keys, scale);
-          std::fill(s + n_keys, s + n_all, 0.0f);
-        }
-      });
-      matmul(values_t, sc, n_tokens, n_all, out + int64_t(h) * hd, out_stride, pool);
-    }
-  }
-}
+struct Block {
+  int64_t r0, r1;  // query rows
+  int seq;
+  int64_t k0, k1;  // keys any of its rows sees
+};
 
 }  // namespace
 
-void attention(const float* q, int64_t q_stride, int64_t n_tokens, int n_head, const KVLayer& kv, int64_t n_past,
-               float scale, float* out, int64_t out_stride, ThreadPool& pool, int64_t bidirectional_until) {
-  if (n_tokens >= kPrefillTokens) {
-    attention_prefill(q, q_stride, n_tokens, n_head, kv, n_past, scale, out, out_stride, pool, bidirectional_until);
-    return;
+void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
+               float scale, const Tensor& out) {
+  const KVPageLayout lay(kv);
+  const int hd = lay.head_dim, group = n_head / lay.n_kv_head;
+  const int64_t P = KVCache::kPageSize;
+  const auto* seq = static_cast<const int32_t*>(rows.seq.data);
+  const auto* kb = static_cast<const int32_t*>(rows.key_begin.data);
+  const auto* ke = static_cast<const int32_t*>(rows.key_end.data);
+
+  std::vector<Block> blocks;
+  for (int64_t r = 0; r < q.rows; r++) {
+    PE_CHECK(seq[r] >= 0 && seq[r] < kv.n_seq_max(), Error, "attention: row ", r, " has sequence ", seq[r],
+             " outside the cache");
+    PE_CHECK(kb[r] >= 0 && kb[r] < ke[r] && ke[r] <= kv.seq_len(seq[r]), Error, "attention: row ", r, " sees keys [",
+             kb[r], ", ", ke[r], ") of a sequence of ", kv.seq_len(seq[r]));
+    if (blocks.empty() || blocks.back().seq != seq[r] || r - blocks.back().r0 == kQueryBlock)
+      blocks.push_back(Block{r, r, seq[r], kb[r], ke[r]});
+    Block& b = blocks.back();
+    b.r1 = r + 1;
+    b.k0 = std::min<int64_t>(b.k0, kb[r]);
+    b.k1 = std::max<int64_t>(b.k1, ke[r]);
   }
-  // Few query tokens (decode): one (token, head) pair per work item, each two serial products over
-  // the keys it sees.
-  const int hd = kv.head_dim;
-  const int group = n_head / kv.n_kv_head;
-  const int64_t n_all = n_past + n_tokens;
-  pool.for_range(int64_t(n_head) * n_tokens, 2, [&](int64_t i0, int64_t i1) {
-    thread_local std::vector<float> scores;
-    if (int64_t(scores.size()) < n_all) scores.resize(size_t(n_all));
-    for (int64_t item = i0; item < i1; item++) {
-      const int h = int(item / n_tokens);
-      const int64_t t = item % n_tokens;
-      const int64_t n_keys = visible_keys(n_past, t, n_all, bidirectional_until);
-      matmul_float_serial(keys_view(kv, h / group, n_keys), q + t * q_stride + int64_t(h) * hd, 1, hd,
-                          scores.data(), n_keys);
-      softmax(scores.data(), n_keys, scale);
-      matmul_float_serial(values_t_view(kv, h / group, n_keys), scores.data(), 1, n_keys,
-                          out + t * out_stride + int64_t(h) * hd, hd);
+
+  ex.pool().for_each_dynamic(int64_t(blocks.size()) * n_head, [&](int64_t item) {
+    const Block& b = blocks[size_t(item / n_head)];
+    const int h = int(item % n_head), g = h / group;
+    const std::vector<int32_t>& pages = kv.pages(b.seq);
+    const int64_t nb = b.r1 - b.r0;
+    const int64_t first_page = b.k0 / P, last_page = (b.k1 - 1) / P;
+    const int64_t base = first_page * P, width = b.k1 - base;  // scores cover keys [base, k1)
+    thread_local std::vector<float> scores, partial;
+    if (int64_t(scores.size()) < nb * width) scores.resize(size_t(nb * width));
+    if (int64_t(partial.size()) < nb * hd) partial.resize(size_t(nb * hd));
+    float* const sc = scores.data();
+
+    const float* qb = q.row(b.r0) + int64_t(h) * hd;
+    for (int64_t pg = first_page; pg <= last_page; pg++) {
+      const int64_t n_keys = std::min(P, b.k1 - pg * P);
+      uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
+      matmul_float_serial(lay.keys_view(page, g, n_keys), qb, nb, q.ld(), sc + (pg * P - base), width);
+    }
+    for (int64_t t = 0; t < nb; t++) {
+      float* s = sc + t * width;
+      const int64_t lo = kb[b.r0 + t] - base, hi = ke[b.r0 + t] - base;
+      std::fill(s, s + lo, 0.0f);
+      softmax(s + lo, hi - lo, scale);
+      std::fill(s + hi, s + width, 0.0f);
+    }
+    float* ob = out.row(b.r0) + int64_t(h) * hd;
+    for (int64_t pg = first_page; pg <= last_page; pg++) {
+      const int64_t n_keys = std::min(P, b.k1 - pg * P);
+      uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
+      const Tensor vt = lay.values_t_view(page, g, n_keys);
+      if (pg == first_page) {
+        matmul_float_serial(vt, sc + (pg * P - base), nb, width, ob, out.ld());
+        continue;
+      }
+      matmul_float_serial(vt, sc + (pg * P - base), nb, width, partial.data(), hd);
+      for (int64_t t = 0; t < nb; t++)
+        for (int d = 0; d < hd; d++) ob[t * out.ld() + d] += partial[size_t(t * hd + d)];
     }
   });
 }
 
-}  // namespace pe
+}  // namespace pe::cpu

@@ -5,14 +5,11 @@
 #include <algorithm>
 
 #include "cpu/matmul_kernels.h"
+#include "cpu/ops.h"
 #include "cpu_features.h"
 
-namespace pe {
+namespace pe::cpu {
 
-using cpu::MatmulKernels;
-using cpu::QuantizedX;
-using cpu::QuantScheme;
-using cpu::XSub;
 
 namespace {
 
@@ -21,12 +18,12 @@ bool is_float_type(GGMLType t) { return t == GGMLType::F32 || t == GGMLType::F16
 const MatmulKernels& kernels() {
 #if defined(PE_X86)
   switch (cpu_path()) {
-    case CpuPath::AVX512: return cpu::kAvx512Kernels;
-    case CpuPath::AVX2: return cpu::kAvx2Kernels;
+    case CpuPath::AVX512: return kAvx512Kernels;
+    case CpuPath::AVX2: return kAvx2Kernels;
     default: break;
   }
 #endif
-  return cpu::kPortableKernels;
+  return kPortableKernels;
 }
 
 // Rows are handed out in multiples of 16 (the AVX-512 panel height; twice the AVX2 one).
@@ -49,39 +46,28 @@ void split_work(int64_t rows, int64_t m, int ith, int nth, int64_t& r0, int64_t&
   }
 }
 
-void check_args(const WeightView& w, const float* x, int64_t m, int64_t ldx, const float* y, int64_t ldy) {
-  PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "matmul: unsupported weight type ",
-           type_name(uint32_t(w.type)));
-  PE_CHECK(w.rows >= 0 && w.cols > 0, Error, "matmul: bad weight shape ", w.rows, " x ", w.cols);
-  const size_t rb = row_bytes(w.type, w.cols);  // throws if cols is not a multiple of the block size
-  PE_CHECK(w.row_stride >= rb, Error, "matmul: weight row stride ", w.row_stride, " < row size ", rb);
-  PE_CHECK(m >= 0, Error, "matmul: negative number of rows ", m);
-  PE_CHECK(ldx >= w.cols, Error, "matmul: ldx ", ldx, " < cols ", w.cols);
-  PE_CHECK(ldy >= w.rows, Error, "matmul: ldy ", ldy, " < rows ", w.rows);
-  PE_CHECK(m == 0 || w.rows == 0 || (w.data && x && y), Error, "matmul: null pointer");
-}
-
 }  // namespace
 
-bool matmul_supports(GGMLType t) { return is_float_type(t) || cpu::quant_scheme(t) != nullptr; }
+bool matmul_supports(GGMLType t) { return is_float_type(t) || quant_scheme(t) != nullptr; }
 
-void dequantize_row(const WeightView& w, int64_t r, float* out) {
-  PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "dequantize: unsupported type ",
+void dequantize_row(const Tensor& w, int64_t r, float* out) {
+  PE_CHECK(cpu::matmul_supports(w.type), UnsupportedModelError, "dequantize: unsupported type ",
            type_name(uint32_t(w.type)));
   PE_CHECK(r >= 0 && r < w.rows, Error, "dequantize: row ", r, " out of range [0, ", w.rows, ")");
   row_bytes(w.type, w.cols);
-  cpu::dequantize_row_ref(w.type, static_cast<const uint8_t*>(w.data) + r * w.row_stride, w.cols, out);
+  dequantize_row_ref(w.type, static_cast<const uint8_t*>(w.data) + r * w.row_stride, w.cols, out);
 }
 
-void matmul_float_serial(const WeightView& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) {
-  check_args(w, x, m, ldx, y, ldy);
-  PE_CHECK(is_float_type(w.type), Error, "matmul_float_serial: ", type_name(uint32_t(w.type)), " is not a float type");
+void matmul_float_serial(const Tensor& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) {
+  // Internal (attention): the callers build these views from checked cache geometry.
   if (m > 0 && w.rows > 0) kernels().gemm_float(w, x, ldx, 0, w.rows, 0, m, y, ldy);
 }
 
-void matmul(const WeightView& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy, ThreadPool& pool) {
-  check_args(w, x, m, ldx, y, ldy);
-  if (m == 0 || w.rows == 0) return;
+void matmul(Executor& ex, const Tensor& w, const Tensor& xt, const Tensor& yt) {
+  const float* x = xt.row(0);
+  float* y = yt.row(0);
+  const int64_t m = xt.rows, ldx = xt.ld(), ldy = yt.ld();
+  ThreadPool& pool = ex.pool();
   const MatmulKernels& k = kernels();
   const int nth = pool.size();
 
@@ -95,8 +81,8 @@ void matmul(const WeightView& w, const float* x, int64_t m, int64_t ldx, float* 
   }
 
   // Quantized activations live in the calling thread's buffers; the pool's threads only read them.
-  const QuantScheme& s = *cpu::quant_scheme(w.type);
-  thread_local cpu::ScratchBuffer q_buf, sub_buf;
+  const QuantScheme& s = *quant_scheme(w.type);
+  thread_local ScratchBuffer q_buf, sub_buf;
   QuantizedX qx;
   qx.ldq = (w.cols + 63) & ~int64_t(63);
   qx.ldsub = w.cols / s.sub;
@@ -119,4 +105,4 @@ void matmul(const WeightView& w, const float* x, int64_t m, int64_t ldx, float* 
   });
 }
 
-}  // namespace pe
+}  // namespace pe::cpu

@@ -1,20 +1,21 @@
-#include "ops/rope.h"
-
 #include <cmath>
 #include <vector>
 
-namespace pe {
+#include "cpu/ops.h"
 
-void rope(float* x, int64_t n_tokens, int64_t token_stride, int n_heads, int head_dim, const int32_t* pos,
-          const RopeParams& p, ThreadPool& pool) {
+namespace pe::cpu {
+
+void rope(Executor& ex, const Tensor& x, int n_heads, int head_dim, int first_dim, const Tensor& pos_t,
+          const RopeParams& p) {
   const int half = p.n_dims / 2;
+  const int32_t* pos = static_cast<const int32_t*>(pos_t.data);
   // theta_i = base^(-2i/n_dims), as ggml computes it (powf of the base, not a running product).
   std::vector<float> inv_freq(half);
   for (int i = 0; i < half; i++) {
     inv_freq[i] = std::pow(p.freq_base, -2.0f * float(i) / float(p.n_dims));
     if (p.freq_factors) inv_freq[i] /= p.freq_factors[i];
   }
-  auto rotate_tokens = [&](int64_t t0, int64_t t1) {
+  ex.pool().for_range(x.rows, 4, [&](int64_t t0, int64_t t1) {
     std::vector<float> cs(half), sn(half);
     for (int64_t t = t0; t < t1; t++) {
       const float position = float(pos[t]) * p.freq_scale;
@@ -24,7 +25,7 @@ void rope(float* x, int64_t n_tokens, int64_t token_stride, int n_heads, int hea
         sn[i] = std::sin(a);
       }
       for (int h = 0; h < n_heads; h++) {
-        float* v = x + t * token_stride + int64_t(h) * head_dim;
+        float* v = x.row(t) + int64_t(h) * head_dim + first_dim;
         if (p.style == RopeStyle::Adjacent) {
           for (int i = 0; i < half; i++) {
             const float a = v[2 * i], b = v[2 * i + 1];
@@ -40,8 +41,7 @@ void rope(float* x, int64_t n_tokens, int64_t token_stride, int n_heads, int hea
         }
       }
     }
-  };
-  pool.for_range(n_tokens, 4, rotate_tokens);
+  });
 }
 
-}  // namespace pe
+}  // namespace pe::cpu

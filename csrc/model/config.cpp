@@ -9,11 +9,32 @@ namespace {
 // = head_dim / 2) and stores Q/K/V fused as attn_qkv and gate/up fused as ffn_up, as llama.cpp does.
 // chatglm1 (ChatGLM-6B) is ours, not llama.cpp's: LayerNorm, GELU, alpha-scaled residuals from the
 // normalized input, 2-D RoPE (NeoX halves) with a bidirectional prompt prefix.
+ArchSpec llama_like(const char* name, RopeStyle rope) {
+  ArchSpec a{name};
+  a.rope = rope;
+  return a;
+}
+ArchSpec chatglm() {
+  ArchSpec a{"chatglm"};
+  a.fused_gate_up = true;
+  return a;
+}
+ArchSpec chatglm1() {
+  ArchSpec a{"chatglm1"};
+  a.norm = NormType::Layer;
+  a.rope = RopeStyle::NeoX;
+  a.act = Activation::GELU;
+  a.gated_ffn = false;
+  a.residual_from_norm = true;
+  a.positions = Positions::Rope2D;
+  a.mask = Mask::PrefixLM;
+  return a;
+}
 const ArchSpec kArchs[] = {
-    {"llama", NormType::RMS, RopeStyle::Adjacent, Activation::SiLU, true, false},
-    {"qwen2", NormType::RMS, RopeStyle::NeoX, Activation::SiLU, true, false},
-    {"chatglm", NormType::RMS, RopeStyle::Adjacent, Activation::SiLU, true, true},
-    {"chatglm1", NormType::Layer, RopeStyle::NeoX, Activation::GELU, false, false, true, true},
+    llama_like("llama", RopeStyle::Adjacent),
+    llama_like("qwen2", RopeStyle::NeoX),
+    chatglm(),
+    chatglm1(),
 };
 }  // namespace
 
@@ -70,12 +91,12 @@ ModelConfig read_config(const GGUFFile& f) {
              "' is not supported (none, linear, and Llama-3 rope_freqs are)");
   }
   if (spec->residual_from_norm) c.residual_scale = float(f.get_float(p + "residual_scale"));
-  if (spec->rope_2d) {
+  if (spec->positions == Positions::Rope2D) {
     PE_CHECK(2 * c.rope.n_dims <= c.head_dim, ModelFormatError, f.path(), ": ", p, "rope.dimension_count ",
              c.rope.n_dims, " must be at most half the head size ", c.head_dim, " for 2-D RoPE");
-    c.prefix_end_token = f.get_int("tokenizer.ggml.bos_token_id");
     c.mask_token = f.get_int("tokenizer.ggml.mask_token_id", -1);
   }
+  if (spec->mask == Mask::PrefixLM) c.prefix_end_token = f.get_int("tokenizer.ggml.bos_token_id");
   return c;
 }
 

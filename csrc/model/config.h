@@ -1,32 +1,48 @@
-// A model architecture as data: the flags that distinguish one decoder-only transformer from
-// another, plus the hyper-parameters read from GGUF metadata (llama.cpp's keys).
+// A model architecture as data: its family, the flags that tell one transformer of a family from
+// another, how it places tokens (positions) and which keys a token sees (mask), plus the
+// hyper-parameters read from GGUF metadata (llama.cpp's keys).
 #pragma once
 #include <string>
 
 #include "gguf.h"
 #include "ops/activation.h"
+#include "ops/norm.h"
 #include "ops/rope.h"
 
 namespace pe {
 
-enum class NormType { RMS, Layer };
+// Which stacks a model has and how they connect; one block function per family (model/forward.cpp).
+enum class Family {
+  DecoderOnly,  // one causal stack over a growing KV cache, LM head on top (llama, qwen2, chatglm)
+};
+
+// How a token's place in its sequence becomes its position encoding.
+enum class Positions {
+  Rope,    // RoPE at the token's index in the sequence
+  Rope2D,  // ChatGLM-6B: one RoPE half by position id, the other by block position (THUDM's get_position_ids)
+};
+
+// Which keys of its sequence a token sees.
+enum class Mask {
+  Causal,    // itself and everything before it
+  PrefixLM,  // ChatGLM-6B: the prompt up to the prefix-end token (BOS, <sop>) sees the whole prompt
+             // (bidirectional); from there on, causal
+};
 
 // What the GGUF architecture name implies (one row per architecture in config.cpp).
 struct ArchSpec {
   const char* name;
-  NormType norm;
-  RopeStyle rope;
-  Activation act;
-  bool gated_ffn;        // SwiGLU-style gate * up, or a plain act(up)
-  bool fused_gate_up;    // ffn_up holds [gate; up] stacked (ChatGLM2+): 2*n_ff rows
+  Family family = Family::DecoderOnly;
+  NormType norm = NormType::RMS;
+  RopeStyle rope = RopeStyle::Adjacent;
+  Activation act = Activation::SiLU;
+  bool gated_ffn = true;           // act(gate) * up, or a plain act(up)
+  bool fused_gate_up = false;      // ffn_up holds [gate; up] stacked (ChatGLM2+): 2*n_ff rows
   // ChatGLM-6B: each residual branch is added to its *normalized* input times {arch}.residual_scale
   // (h = ln(x)*alpha + f(ln(x))) instead of to x.
   bool residual_from_norm = false;
-  // ChatGLM-6B's 2-D RoPE: the first rope.dimension_count dims of each head rotate by the position id,
-  // the next as many by the block position id. The prompt up to the BOS token (<sop>, after [gMASK])
-  // attends bidirectionally; from BOS on, the position id stays at the mask token's index and the block
-  // position counts 1, 2, ... (THUDM's get_position_ids / get_masks).
-  bool rope_2d = false;
+  Positions positions = Positions::Rope;
+  Mask mask = Mask::Causal;
 };
 
 struct ModelConfig {
@@ -42,9 +58,9 @@ struct ModelConfig {
   int64_t n_ctx_train = 0;
   float norm_eps = 1e-5f;
   RopeParams rope;  // freq_factors filled in by the model if it has rope_freqs.weight
-  float residual_scale = 1.f;    // residual_from_norm: alpha
-  int64_t prefix_end_token = -1;  // rope_2d: the token that ends the bidirectional prefix (BOS, <sop>)
-  int64_t mask_token = -1;        // rope_2d: the mask token ([gMASK]) whose index is the generation position id
+  float residual_scale = 1.f;     // residual_from_norm: alpha
+  int64_t prefix_end_token = -1;  // Mask::PrefixLM: the token that ends the bidirectional prefix (BOS, <sop>)
+  int64_t mask_token = -1;        // Positions::Rope2D: the mask token ([gMASK]) whose index is the generation position id
 };
 
 // Supported architecture names, comma-separated (for error messages).

@@ -1,15 +1,15 @@
-// Row normalisation over n rows of d floats (rows contiguous).
+// Row normalisation.
 #pragma once
-#include <cstdint>
-
-#include "threadpool.h"
+#include "executor.h"
+#include "tensor.h"
 
 namespace pe {
 
-// y = x / sqrt(mean(x^2) + eps) * w
-void rms_norm(const float* x, const float* w, float* y, int64_t n, int64_t d, float eps, ThreadPool& pool);
-// y = (x - mean) / sqrt(var + eps) * w + b   (b may be null)
-void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, int64_t d, float eps,
-                ThreadPool& pool);
+enum class NormType { RMS, Layer };
+
+// y = x / sqrt(mean(x^2) + eps) * w            (RMS)
+// y = (x - mean) / sqrt(var + eps) * w + b     (Layer; b may be empty)
+// x, y: F32 [n x d] (may be the same tensor); w, b: F32 [1 x d].
+void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps);
 
 }  // namespace pe

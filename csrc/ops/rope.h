@@ -1,8 +1,7 @@
 // Rotary position embedding, in place.
 #pragma once
-#include <cstdint>
-
-#include "threadpool.h"
+#include "executor.h"
+#include "tensor.h"
 
 namespace pe {
 
@@ -19,9 +18,10 @@ struct RopeParams {
   const float* freq_factors = nullptr;  // per pair divisors (llama.cpp's rope_freqs, Llama-3 scaling), or null
 };
 
-// x: n_tokens rows, `token_stride` floats apart, each holding n_heads heads of head_dim floats.
-// Head h of token t is rotated by angle pos[t] * theta_i.
-void rope(float* x, int64_t n_tokens, int64_t token_stride, int n_heads, int head_dim, const int32_t* pos,
-          const RopeParams& p, ThreadPool& pool);
+// x: F32 [n_tokens x n_heads * head_dim] (a column range of a fused QKV is fine); `first_dim` skips
+// that many dims of every head before the rotated ones (ChatGLM-6B's second RoPE half).
+// pos: I32 [1 x n_tokens]; head h of token t is rotated by angle pos[t] * theta_i.
+void rope(Executor& ex, const Tensor& x, int n_heads, int head_dim, int first_dim, const Tensor& pos,
+          const RopeParams& p);
 
 }  // namespace pe

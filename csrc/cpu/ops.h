@@ -1,0 +1,35 @@
+// The CPU backend: one implementation per op (csrc/ops/<op>.h says what each computes). Called by
+// the device-neutral op files after their argument checks; SIMD variants are chosen inside, by
+// cpu_path(). Row metadata tensors (I32) are host arrays here.
+#pragma once
+#include "executor.h"
+#include "ops/activation.h"
+#include "ops/attention.h"
+#include "ops/norm.h"
+#include "ops/rope.h"
+#include "tensor.h"
+
+namespace pe::cpu {
+
+void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y);
+bool matmul_supports(GGMLType t);
+// The product for float weights (F32, F16, BF16) on the calling thread only, for callers that split
+// their work over the pool themselves (attention, per head and page).
+void matmul_float_serial(const Tensor& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy);
+// out[0..w.cols) = row r of w as float32.
+void dequantize_row(const Tensor& w, int64_t r, float* out);
+
+void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps);
+void rope(Executor& ex, const Tensor& x, int n_heads, int head_dim, int first_dim, const Tensor& pos,
+          const RopeParams& p);
+void gated_activation(Executor& ex, Activation act, const Tensor& gate, const Tensor& up, const Tensor& out);
+void activation(Executor& ex, Activation act, const Tensor& x);
+void add(Executor& ex, const Tensor& x, const Tensor& y);
+void add_bias(Executor& ex, const Tensor& y, const Tensor& b);
+void scale(Executor& ex, const Tensor& x, float alpha, const Tensor& y);
+void get_rows(Executor& ex, const Tensor& table, const Tensor& ids, const Tensor& out);
+void kv_store(Executor& ex, KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
+void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
+               float scale, const Tensor& out);
+
+}  // namespace pe::cpu

@@ -1,0 +1,73 @@
+// The keys and values of every layer for many sequences, in pages of kPageSize positions.
+//
+// A sequence is a list of pages. Copying a sequence shares its pages (a page is copied only when a
+// sequence appends to a page another sequence also holds), so forking a long shared prompt costs a
+// list copy; truncating returns whole pages. The bookkeeping here is device-neutral; how a page lays
+// out its keys and values is the business of the backend that owns the storage (cpu/kv_cache.cpp
+// stores K as [kv_head][position][head_dim] and V transposed, [kv_head][head_dim][position], so that
+// attention is two matrix products per page), and only that backend's store and attention read it.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "executor.h"
+#include "tensor.h"
+
+namespace pe {
+
+class KVCache {
+ public:
+  static constexpr int64_t kPageSize = 64;
+
+  // Room for n_seq_max sequences of up to n_ctx positions each. type: F16 or F32.
+  KVCache(Executor& ex, GGMLType type, int n_layer, int n_kv_head, int head_dim, int n_seq_max, int64_t n_ctx);
+
+  GGMLType type() const { return type_; }
+  Device device() const { return storage_.device(); }
+  int n_layer() const { return n_layer_; }
+  int n_kv_head() const { return n_kv_head_; }
+  int head_dim() const { return head_dim_; }
+  int n_seq_max() const { return int(seq_pages_.size()); }
+  int64_t n_ctx() const { return n_ctx_; }
+  int64_t n_pages() const { return n_pages_; }
+  int64_t seq_len(int seq) const;
+  // Pages of sequence `seq`, in position order.
+  const std::vector<int32_t>& pages(int seq) const;
+
+  void clear();
+  void seq_truncate(int seq, int64_t n);
+  // dst becomes a copy of src (sharing its pages); dst's old contents are dropped.
+  void seq_copy(int src, int dst);
+  // Extends `seq` by n positions: allocates pages, and copies the last page first if it is shared.
+  // Throws ContextLengthError when the sequence would pass n_ctx or the cache has no free page.
+  void seq_extend(int seq, int64_t n);
+  // Cache slot (page * kPageSize + offset in the page) of position `pos` of `seq`.
+  int32_t slot(int seq, int64_t pos) const;
+
+  // Writes rows of K and V (F32 [n x n_kv_head * head_dim]) of `layer` at `slots` (I32 [1 x n]).
+  void store(Executor& ex, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
+
+  // One layer's part of a page (its K block, then its V block), in the backend's layout.
+  uint8_t* page_data(int layer, int32_t page) const {
+    return static_cast<uint8_t*>(storage_.data()) + (size_t(layer) * n_pages_ + size_t(page)) * page_bytes_;
+  }
+  size_t element_size() const { return type_ == GGMLType::F16 ? 2 : 4; }
+
+ private:
+  int32_t alloc_page();
+  void release_page(int32_t page);
+  void check_seq(int seq, const char* what) const;
+
+  GGMLType type_;
+  int n_layer_, n_kv_head_, head_dim_;
+  int64_t n_ctx_;
+  int64_t n_pages_;
+  size_t page_bytes_;  // per layer and page: K and V
+  Buffer storage_;     // [layer][page][K, V]
+  std::vector<std::vector<int32_t>> seq_pages_;
+  std::vector<int64_t> seq_len_;
+  std::vector<int32_t> refs_;  // sequences holding each page
+  std::vector<int32_t> free_;  // free page ids (a stack)
+};
+
+}  // namespace pe

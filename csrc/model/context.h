@@ -1,0 +1,76 @@
+// An inference context: a KV cache holding many sequences on one model's weights, and the forward
+// pass over batches of rows from any of them.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "executor.h"
+#include "kv_cache.h"
+#include "model/forward.h"
+#include "model/model.h"
+#include "model/sequence.h"
+
+namespace pe {
+
+// One step's input (llama.cpp's llama_batch): rows of tokens, each appended at the next position of
+// its sequence, and whether the row's logits are wanted. Rows of one sequence are evaluated in order.
+struct Batch {
+  std::vector<int32_t> tokens, seqs;
+  std::vector<uint8_t> logits;
+
+  void add(int32_t token, int32_t seq, bool want_logits) {
+    tokens.push_back(token);
+    seqs.push_back(seq);
+    logits.push_back(want_logits);
+  }
+  int64_t size() const { return int64_t(tokens.size()); }
+  int64_t n_logits() const;
+};
+
+class Context {
+ public:
+  // n_ctx: positions per sequence; n_seq_max: sequences; n_batch: rows per forward pass (a longer
+  // batch is evaluated in passes of n_batch rows); kv_type: F16 (default) or F32.
+  Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> executor, int64_t n_ctx, int n_seq_max = 1,
+          int64_t n_batch = 512, GGMLType kv_type = GGMLType::F16);
+
+  // Evaluates every row of the batch: all rows go through each matmul together, so the weights are
+  // read once per pass for all the sequences in it. logits: null, or room for batch.n_logits() rows of
+  // n_vocab floats, filled in row order. On an error, the sequences are left as before the call
+  // (except a sequence whose bidirectional prefix was being re-evaluated, which is emptied).
+  void decode(const Batch& batch, float* logits);
+  // The batch-of-one case: n tokens appended to `seq`; logits of the last token, of all, or none.
+  void eval(const int32_t* tokens, int64_t n, float* logits, bool all_logits, int seq = 0);
+
+  int64_t seq_len(int seq) const { return kv_.seq_len(seq); }
+  void seq_truncate(int seq, int64_t n);
+  // dst becomes a copy of src, sharing its cache pages until either appends.
+  void seq_copy(int src, int dst);
+  void clear();
+
+  int64_t n_ctx() const { return kv_.n_ctx(); }
+  int n_seq_max() const { return kv_.n_seq_max(); }
+  int n_threads() const { return ex_->n_threads(); }
+  const Model& model() const { return *model_; }
+  const std::shared_ptr<Executor>& executor() const { return ex_; }
+
+ private:
+  struct Row {
+    int32_t token, seq;
+    bool logits;
+  };
+  void check_rows(const Batch& batch) const;
+  std::vector<Row> expand_replays(const Batch& batch);
+  void run_pass(const Row* rows, int64_t n, float* logits);
+
+  std::shared_ptr<const Model> model_;
+  std::shared_ptr<Executor> ex_;
+  int64_t n_batch_;
+  KVCache kv_;
+  SequencePolicy policy_;
+  std::vector<SequenceState> seqs_;
+  RowPlan plan_;
+  Activations act_;
+};
+
+}  // namespace pe

@@ -1,0 +1,24 @@
+#include "ops/matmul.h"
+
+#include "ops/dispatch.h"
+
+namespace pe {
+
+bool matmul_supports(GGMLType t) { return cpu::matmul_supports(t); }
+
+void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y) {
+  check_device(ex, w, "matmul: weights");
+  PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "matmul: unsupported weight type ",
+           type_name(uint32_t(w.type)));
+  PE_CHECK(w.rows >= 0 && w.cols > 0, Error, "matmul: bad weight shape ", w.rows, " x ", w.cols);
+  const size_t rb = row_bytes(w.type, w.cols);  // throws if cols is not a multiple of the block size
+  PE_CHECK(w.row_stride >= rb, Error, "matmul: weight row stride ", w.row_stride, " < row size ", rb);
+  PE_CHECK(x.rows >= 0, Error, "matmul: negative number of rows");
+  check_f32(ex, x, x.rows, w.cols, "matmul: x");
+  check_f32(ex, y, x.rows, w.rows, "matmul: y");
+  PE_CHECK(x.rows == 0 || w.rows == 0 || w.data, Error, "matmul: null weights");
+  if (x.rows == 0 || w.rows == 0) return;
+  PE_DISPATCH(ex, matmul, ex, w, x, y);
+}
+
+}  // namespace pe
