@@ -6,14 +6,15 @@
 from ._C import ContextLengthError, EngineError, ModelFormatError, UnsupportedModelError
 from .chat_template import ChatTemplate, TemplateError
 from .default_model import ModelNotFoundError, find_default_model, resolve_model
-from .generation import ChatSession, ContextShiftWarning, Generation, GenerationStats, generate
+from .generation import ChatSession, ContextShiftWarning, Generation, GenerationStats, generate, generate_batch
+from .engine import Engine
 from .llm import LLM
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [
-    "LLM", "Tokenizer", "IncrementalDetokenizer", "SamplingParams", "Sampler", "ChatTemplate", "ChatSession",
-    "Generation", "GenerationStats", "generate", "find_default_model", "resolve_model",
+    "LLM", "Engine", "Tokenizer", "IncrementalDetokenizer", "SamplingParams", "Sampler", "ChatTemplate", "ChatSession",
+    "Generation", "GenerationStats", "generate", "generate_batch", "find_default_model", "resolve_model",
     "ContextLengthError", "ContextShiftWarning", "EngineError", "ModelFormatError", "ModelNotFoundError",
     "TemplateError", "UnsupportedModelError",
 ]

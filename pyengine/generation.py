@@ -1,7 +1,8 @@
-"""Text generation and multi-turn chat on top of `LLM`, `Tokenizer`, `Sampler` and `ChatTemplate`.
+"""Text generation and multi-turn chat on top of `Engine`, `Tokenizer`, `Sampler` and `ChatTemplate`.
 
-`generate()` evaluates a prompt, then samples, evaluates and detokenizes one token at a time,
-streaming text pieces. Stop strings are held back while the text could still turn into one, so no
+A `Generation` is a state machine (logits in; token and text out) with a driver for one sequence;
+`generate_batch` drives many of them on one engine, one forward pass per step for all. Text streams
+in pieces. Stop strings are held back while the text could still turn into one, so no
 part of a stop string is ever streamed; stop token ids and the model's end-of-generation ids end the
 stream without text.
 
@@ -25,9 +26,9 @@ from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from .llm import LLM
+    from .engine import Engine
 
-__all__ = ["ChatSession", "ContextShiftWarning", "Generation", "GenerationStats", "generate"]
+__all__ = ["ChatSession", "ContextShiftWarning", "Generation", "GenerationStats", "generate", "generate_batch"]
 
 
 class ContextShiftWarning(UserWarning):
@@ -71,12 +72,16 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class Generation:
-    """A generation in progress: iterate it for text pieces; `text`, `token_ids` and `stats` fill in as it runs.
+    """One sequence's generation: a state machine that takes the logits of the last evaluated token
+    and gives the next token and the text it completes, plus a driver that runs it on one sequence.
 
-    Iterating is what runs the model; breaking out of the loop stops it (`finish_reason` "cancelled").
+    Iterate it for text pieces (that runs the model: `llm.eval` on sequence 0, reusing `n_cached`
+    prompt tokens already in the KV cache); breaking out of the loop stops it (`finish_reason`
+    "cancelled"). `text`, `token_ids` and `stats` fill in as it runs. Drivers of many sequences
+    (`generate_batch`) call `step` and `finish` themselves.
     """
 
-    def __init__(self, llm: "LLM", tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+    def __init__(self, llm: "Engine", tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                  n_cached: int = 0, owner: object = None):
         self.llm = llm
         self.owner = owner  # who may reuse the KV cache this leaves behind (a ChatSession), see _claim
@@ -88,8 +93,14 @@ class Generation:
         self.text = ""  # streamed so far (stop strings and stop tokens excluded)
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
         self.cache_ids: list[int] = []  # tokens held in the KV cache once done
+        self._sampler = Sampler(params)
+        self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eog_ids))
+        self._stops = [s for s in params.stop if s]
+        self._detok = tokenizer.detokenizer(skip_special_tokens=True)
+        self._pending = ""  # decoded, not yet streamed: could be the start of a stop string
         self._iterator = self._run()
         self._on_finish: list[Callable[[Generation], None]] = []
+        self._closed = False
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -117,21 +128,74 @@ class Generation:
     def finished(self) -> bool:
         return self.stats.finish_reason is not None
 
+    # --- the state machine ------------------------------------------------------------------
+    def check_prompt(self, n_ctx: int) -> None:
+        """Raise if the prompt cannot be generated from in a context of `n_ctx` tokens."""
+        if not self.prompt_ids:
+            raise ValueError("generate needs a prompt of at least one token")
+        if len(self.prompt_ids) > n_ctx:
+            raise ContextLengthError(
+                f"the prompt has {len(self.prompt_ids)} tokens, more than the context of {n_ctx}"
+            )
+
+    def step(self, logits: np.ndarray) -> str:
+        """Sample the next token from `logits` (float32 [n_vocab], of the last evaluated token) and
+        return the text it completes, possibly "" (text that could still become a stop string is held
+        back). Afterwards either `finished` is set, or the caller evaluates `token_ids[-1]` and steps again."""
+        p, stats = self.params, self.stats
+        if self.finished:
+            raise RuntimeError("step() on a finished generation")
+        if len(self.token_ids) >= p.max_new_tokens:
+            stats.finish_reason = "length"
+            return ""
+        t0 = time.perf_counter()
+        token = self._sampler(logits, self.token_ids, self.prompt_ids)
+        stats.sampling_seconds += time.perf_counter() - t0
+        self.token_ids.append(token)
+        stats.generated_tokens += 1
+        if token in self._stop_ids:
+            stats.finish_reason, stats.stop = "stop", token
+            return ""
+        self._pending += self._detok.add(token)
+        hit = min(((self._pending.find(s), s) for s in self._stops if s in self._pending), default=None)
+        if hit is not None:
+            self._pending, stats.finish_reason, stats.stop = self._pending[: hit[0]], "stop", hit[1]
+            return ""
+        out = self._pending[: len(self._pending) - _held_back(self._pending, self._stops)]
+        self._pending = self._pending[len(out):]
+        self.text += out
+        if len(self.token_ids) >= p.max_new_tokens:
+            stats.finish_reason = "length"  # nothing follows this token: no need to evaluate it
+        return out
+
+    def finish(self, reason: str = "length") -> str:
+        """End the generation with `reason` unless `step` already ended it; return the text held
+        back until now, which is final."""
+        if self.stats.finish_reason is None:
+            self.stats.finish_reason = reason
+        if not isinstance(self.stats.stop, str):
+            self._pending += self._detok.flush()  # an unfinished character shows as U+FFFD, as decode() has it
+        out, self._pending = self._pending, ""
+        self.text += out
+        return out
+
+    def _close(self, loop_start: float | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.stats.finish_reason is None:
+            self.stats.finish_reason = "cancelled"
+        if loop_start is not None:
+            self.stats.generation_seconds = time.perf_counter() - loop_start
+        for callback in self._on_finish:
+            callback(self)
+
+    # --- the one-sequence driver --------------------------------------------------------------
     def _run(self) -> Iterator[str]:
-        llm, tok, p, stats = self.llm, self.tokenizer, self.params, self.stats
-        sampler = Sampler(p)
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(tok.eog_ids))
-        stops = [s for s in p.stop if s]
-        detok = tok.detokenizer(skip_special_tokens=True)
-        pending = ""  # decoded, not yet streamed: could be the start of a stop string
+        llm, stats = self.llm, self.stats
         loop_start = None
         try:
-            if not self.prompt_ids:
-                raise ValueError("generate needs a prompt of at least one token")
-            if len(self.prompt_ids) > llm.n_ctx:
-                raise ContextLengthError(
-                    f"the prompt has {len(self.prompt_ids)} tokens, more than the context of {llm.n_ctx}"
-                )
+            self.check_prompt(llm.n_ctx)
             # At least one prompt token is evaluated, to get logits; and the cache must hold what we reuse.
             n_cached = max(0, min(self.n_cached, len(self.prompt_ids) - 1, llm.n_past))
             stats.cached_tokens = n_cached
@@ -143,51 +207,82 @@ class Generation:
             stats.prompt_seconds = time.perf_counter() - start
 
             loop_start = time.perf_counter()
-            while len(self.token_ids) < p.max_new_tokens:
-                t0 = time.perf_counter()
-                token = sampler(logits, self.token_ids, self.prompt_ids)
-                stats.sampling_seconds += time.perf_counter() - t0
-                self.token_ids.append(token)
-                stats.generated_tokens += 1
-                if token in stop_ids:
-                    stats.finish_reason, stats.stop = "stop", token
+            while True:
+                piece = self.step(logits)
+                if piece:
+                    yield piece
+                if self.finished or llm.n_past >= llm.n_ctx:
                     break
-                pending += detok.add(token)
-                hit = min(((pending.find(s), s) for s in stops if s in pending), default=None)
-                if hit is not None:
-                    pending, stats.finish_reason, stats.stop = pending[: hit[0]], "stop", hit[1]
-                    break
-                out = pending[: len(pending) - _held_back(pending, stops)]
-                if out:
-                    pending = pending[len(out) :]
-                    self.text += out
-                    yield out
-                if len(self.token_ids) >= p.max_new_tokens:
-                    break  # nothing follows this token: no need to evaluate it
-                if llm.n_past >= llm.n_ctx:
-                    break
-                logits = llm.eval([token])
-                self.cache_ids.append(token)
-            if stats.finish_reason is None:
-                stats.finish_reason = "length"
-            if not isinstance(stats.stop, str):
-                pending += detok.flush()  # an unfinished character shows as U+FFFD, as decode() has it
-            if pending:
-                self.text += pending
-                yield pending
+                logits = llm.eval([self.token_ids[-1]])
+                self.cache_ids.append(self.token_ids[-1])
+            piece = self.finish("length")
+            if piece:
+                yield piece
         except Exception:
             stats.finish_reason = "error"
             raise
         finally:
-            if stats.finish_reason is None:
-                stats.finish_reason = "cancelled"
-            if loop_start is not None:
-                stats.generation_seconds = time.perf_counter() - loop_start
-            for callback in self._on_finish:
-                callback(self)
+            self._close(loop_start)
 
 
-def _claim(llm: "LLM", owner: object) -> None:
+def generate_batch(engine: "Engine", generations: Sequence[Generation]) -> Iterator[tuple[int, str]]:
+    """Run many generations together on `engine`, generation i on sequence i: their prompts are
+    evaluated as one batch, then each step samples every unfinished generation and evaluates all
+    their new tokens in one forward pass (the weights are read once per step for all of them).
+    Yields (index, text piece) as the pieces come. Each generation samples with its own seeded
+    sampler, so its text is the one it would give alone. `engine` is emptied first."""
+    n = len(generations)
+    if n > engine.n_seq_max:
+        raise ValueError(f"{n} generations need a context of at least {n} sequences, not {engine.n_seq_max}")
+    for g in generations:
+        g.check_prompt(engine.n_ctx)
+    loop_start = None
+    try:
+        start = time.perf_counter()
+        engine.reset()
+        tokens = [t for g in generations for t in g.prompt_ids]
+        seqs = [i for i, g in enumerate(generations) for _ in g.prompt_ids]
+        last = np.cumsum([len(g.prompt_ids) for g in generations]) - 1
+        want = np.zeros(len(tokens), dtype=bool)
+        want[last] = True
+        rows = engine.decode(tokens, seqs, want)
+        for g in generations:
+            g.cache_ids = list(g.prompt_ids)
+            g.stats.prompt_seconds = time.perf_counter() - start
+        loop_start = time.perf_counter()
+        active = list(range(n))
+        while active:
+            going = []
+            for row, i in zip(rows, active):
+                g = generations[i]
+                piece = g.step(row)
+                if piece:
+                    yield i, piece
+                if g.finished or engine.seq_len(i) >= engine.n_ctx:
+                    piece = g.finish("length")
+                    g._close(loop_start)
+                    if piece:
+                        yield i, piece
+                else:
+                    going.append(i)
+            if not going:
+                break
+            next_tokens = [generations[i].token_ids[-1] for i in going]
+            rows = engine.decode(next_tokens, going)
+            for i, t in zip(going, next_tokens):
+                generations[i].cache_ids.append(t)
+            active = going
+    except BaseException:
+        for g in generations:
+            if not g.finished:
+                g.stats.finish_reason = "error"
+        raise
+    finally:
+        for g in generations:
+            g._close(loop_start)
+
+
+def _claim(llm: "Engine", owner: object) -> None:
     """Mark the KV cache as `owner`'s: a ChatSession reuses cached tokens only while it holds the
     cache, so a `generate` call or another session on the same context in between is not mistaken
     for the conversation's prefix."""
@@ -198,7 +293,7 @@ def _claim(llm: "LLM", owner: object) -> None:
 
 
 def generate(
-    llm: "LLM",
+    llm: "Engine",
     tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     params: SamplingParams | None = None,
@@ -231,7 +326,7 @@ class ChatSession:
     the reply is in `messages`. `context_shifts` counts the times old turns were dropped.
     """
 
-    llm: "LLM"
+    llm: "Engine"
     tokenizer: Tokenizer
     template: ChatTemplate | None = None
     system_prompt: str | None = None

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable
 import numpy as np
 
 if TYPE_CHECKING:
-    from .llm import LLM
+    from .engine import Engine
 
 __all__ = ["PerplexityResult", "KLResult", "tokenize_text", "perplexity", "perplexity_of_tokens",
            "save_kl_base", "kl_divergence", "log_softmax", "KL_MAGIC"]
@@ -125,13 +125,13 @@ class KLResult:
 
 # --- tokens and chunks ---------------------------------------------------------------------------------
 
-def _tokenizer(llm: "LLM"):
+def _tokenizer(llm: "Engine"):
     from .tokenizer import Tokenizer
 
     return Tokenizer.from_metadata(llm.metadata)
 
 
-def tokenize_text(llm: "LLM", text: str) -> tuple[np.ndarray, int | None]:
+def tokenize_text(llm: "Engine", text: str) -> tuple[np.ndarray, int | None]:
     """The text's tokens (with BOS when the model adds it) and the BOS id to put at each chunk's start
     (None when the model adds no BOS), as llama-perplexity's ``common_tokenize(ctx, text, true)``."""
     tok = _tokenizer(llm)
@@ -152,7 +152,7 @@ def _n_chunks(n_tokens: int, n_ctx: int, n_chunks: int | None) -> int:
     return n_max if n_chunks is None or n_chunks < 0 else min(n_chunks, n_max)
 
 
-def _chunk_logits(llm: "LLM", tokens: np.ndarray, i: int, n_ctx: int, bos: int | None) -> np.ndarray:
+def _chunk_logits(llm: "Engine", tokens: np.ndarray, i: int, n_ctx: int, bos: int | None) -> np.ndarray:
     """Logits of chunk ``i`` at the scored positions: float32 [n_ctx - 1 - n_ctx//2, n_vocab]."""
     chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
     if bos is not None:
@@ -162,13 +162,13 @@ def _chunk_logits(llm: "LLM", tokens: np.ndarray, i: int, n_ctx: int, bos: int |
     return logits[first:n_ctx - 1]
 
 
-def _context_for(llm: "LLM", n_ctx: int) -> "LLM":
+def _context_for(llm: "Engine", n_ctx: int) -> "Engine":
     return llm if llm.n_ctx >= n_ctx else llm.new_context(n_ctx=n_ctx)
 
 
 # --- perplexity ----------------------------------------------------------------------------------------
 
-def perplexity_of_tokens(llm: "LLM", tokens: np.ndarray, bos: int | None, n_ctx: int = 512,
+def perplexity_of_tokens(llm: "Engine", tokens: np.ndarray, bos: int | None, n_ctx: int = 512,
                          n_chunks: int | None = None, on_chunk: Callable[[int, float], None] | None = None,
                          kl_base_out: BinaryIO | None = None) -> PerplexityResult:
     """Perplexity of already tokenized text (see the module docstring for the protocol).
@@ -213,7 +213,7 @@ def perplexity_of_tokens(llm: "LLM", tokens: np.ndarray, bos: int | None, n_ctx:
                             n_text_tokens=int(tokens.size), running=running, seconds=time.perf_counter() - t0)
 
 
-def perplexity(llm: "LLM", text: str, n_ctx: int = 512, n_chunks: int | None = None,
+def perplexity(llm: "Engine", text: str, n_ctx: int = 512, n_chunks: int | None = None,
                on_chunk: Callable[[int, float], None] | None = None) -> PerplexityResult:
     """Perplexity of ``text`` under ``llm`` with llama-perplexity's protocol (chunks of ``n_ctx`` tokens,
     second half of each chunk scored). ``n_chunks`` limits the number of chunks (default: all).
@@ -260,7 +260,7 @@ def decode_logprobs(records: np.ndarray, n_vocab: int) -> np.ndarray:
     return scale * records[:, 4:4 + n_vocab].astype(np.float32) + min_log_prob
 
 
-def save_kl_base(llm: "LLM", text: str, path: str | os.PathLike, n_ctx: int = 512, n_chunks: int | None = None,
+def save_kl_base(llm: "Engine", text: str, path: str | os.PathLike, n_ctx: int = 512, n_chunks: int | None = None,
                  on_chunk: Callable[[int, float], None] | None = None) -> PerplexityResult:
     """Evaluate the base model's perplexity on ``text`` and save its tokens and log-probs to ``path``
     (llama.cpp's --kl-divergence-base format). About n_chunks * n_ctx/2 * n_vocab * 2 bytes."""
@@ -289,7 +289,7 @@ def _read_kl_header(f: BinaryIO, path: Path) -> tuple[int, int, int, np.ndarray]
     return n_ctx, n_vocab, n_chunk, tokens.astype(np.int32)
 
 
-def kl_divergence(llm: "LLM", base_path: str | os.PathLike, n_chunks: int | None = None,
+def kl_divergence(llm: "Engine", base_path: str | os.PathLike, n_chunks: int | None = None,
                   on_chunk: Callable[[int, "KLResult"], None] | None = None) -> KLResult:
     """Compare ``llm`` against a base file written by `save_kl_base` (or llama-perplexity
     --kl-divergence-base) on the tokens stored in it: KL(base || llm) per scored token, as llama.cpp."""

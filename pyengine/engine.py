@@ -1,0 +1,239 @@
+"""`Engine`: a GGUF model loaded into the C++ engine, and an inference context on it.
+
+The engine handle underneath `pyengine.LLM`: token ids in, logits out, no text. A context holds up
+to `n_seq_max` sequences in one KV cache; `decode` evaluates one batch of rows from any of them in a
+single forward pass (llama.cpp's `llama_decode`), and `eval` / `logits` are the one-sequence case.
+
+    engine = Engine("model.gguf", n_seq_max=4)
+    logits = engine.decode([1, 2, 3, 1], seq_ids=[0, 0, 0, 1])   # [4, n_vocab]
+    engine.seq_copy(0, 2)                                        # fork: pages are shared
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import weakref
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from . import _C
+
+if TYPE_CHECKING:
+    from .chat_template import ChatTemplate
+    from .sampling import SamplingParams
+    from .tokenizer import Tokenizer
+
+__all__ = ["DEFAULT_SAMPLING", "Engine", "default_threads"]
+
+# Sampling when the GGUF has no `general.sampling.*` keys: llama.cpp's defaults.
+DEFAULT_SAMPLING: dict[str, Any] = dict(
+    max_new_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.0
+)
+# SamplingParams field <- GGUF key, as tools/convert/convert.py writes them from generation_config.json.
+SAMPLING_KEYS = {
+    "temperature": "general.sampling.temp",
+    "top_k": "general.sampling.top_k",
+    "top_p": "general.sampling.top_p",
+    "min_p": "general.sampling.min_p",
+    "repetition_penalty": "general.sampling.penalty_repeat",
+}
+# Tokenizers are built once per model (a large vocabulary takes a second) and shared by its contexts.
+_TOKENIZERS: "weakref.WeakKeyDictionary[Any, Tokenizer]" = weakref.WeakKeyDictionary()
+
+
+def default_threads() -> int:
+    """Physical cores: hyper-threads share the core's vector units, so they only add contention."""
+    return max(1, _C.physical_core_count())
+
+
+def _ids(token_ids: Sequence[int] | np.ndarray, what: str = "token_ids") -> np.ndarray:
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{what}: values must fit in int32")
+    return ids.astype(np.int32)
+
+
+class Engine:
+    """A model and its inference context.
+
+    Args:
+        model_path: a GGUF file.
+        n_ctx: tokens per sequence (KV cache positions); 0 means the model's training context.
+        n_threads: CPU threads; default: the number of physical cores.
+        n_batch: rows evaluated per forward pass (a longer prompt or batch runs in several passes).
+        kv_type: KV cache element type, "f16" (default, half the memory) or "f32".
+        n_seq_max: sequences the context holds at once (its KV cache has room for n_seq_max * n_ctx).
+    """
+
+    def __init__(self, model_path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
+                 n_batch: int = 512, kv_type: str = "f16", n_seq_max: int = 1):
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        self.model_path = path
+        self._model = _C.Model(str(path))
+        if n_threads is None or n_threads <= 0:
+            n_threads = default_threads()
+        self._executor = _C.Executor(int(n_threads))
+        self._init_context(n_ctx, n_batch, kv_type, n_seq_max)
+
+    def _init_context(self, n_ctx: int, n_batch: int, kv_type: str, n_seq_max: int) -> None:
+        if n_ctx <= 0:
+            n_ctx = int(self._model.config["n_ctx_train"])
+        self._ctx = _C.Context(self._model, self._executor, int(n_ctx), int(n_seq_max), int(n_batch), kv_type)
+
+    def new_context(self, n_ctx: int | None = None, n_threads: int | None = None, n_batch: int = 512,
+                    kv_type: str = "f16", n_seq_max: int = 1) -> "Engine":
+        """Another engine of the same class on the same weights (shared, not copied) with its own KV
+        cache. It shares this one's thread pool (their forward passes take turns) unless `n_threads`
+        asks for a different number of threads."""
+        other = object.__new__(type(self))
+        other.model_path = self.model_path
+        other._model = self._model
+        same = n_threads is None or n_threads == self.n_threads
+        other._executor = self._executor if same else _C.Executor(int(n_threads))
+        other._init_context(self.n_ctx if n_ctx is None else n_ctx, n_batch, kv_type, n_seq_max)
+        return other
+
+    # --- model facts -------------------------------------------------------------------------
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        """The GGUF metadata (keys as in the file)."""
+        return self._model.file.metadata
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Hyper-parameters the engine runs with (arch, n_embd, n_layer, n_head, ...)."""
+        return self._model.config
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self._model.config["n_vocab"])
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens each sequence can hold."""
+        return self._ctx.n_ctx
+
+    @property
+    def n_seq_max(self) -> int:
+        return self._ctx.n_seq_max
+
+    @property
+    def n_threads(self) -> int:
+        return self._ctx.n_threads
+
+    @property
+    def n_past(self) -> int:
+        """Tokens held in the KV cache for sequence 0 (the one `eval` uses)."""
+        return self._ctx.n_past
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def eval(self, token_ids: Sequence[int] | np.ndarray, all_logits: bool = False, seq: int = 0) -> np.ndarray:
+        """Append tokens to sequence `seq` and return float32 logits: of the last token ([n_vocab]),
+        or of every new token ([len(token_ids), n_vocab]) with ``all_logits``.
+
+        Raises ``pyengine.ContextLengthError`` if the sequence would exceed ``n_ctx``.
+        """
+        ids = _ids(token_ids)
+        if ids.size == 0:
+            raise ValueError("eval needs at least one token")
+        return self._ctx.eval(ids, "all" if all_logits else "last", int(seq))
+
+    def decode(self, token_ids: Sequence[int] | np.ndarray, seq_ids: Sequence[int] | np.ndarray,
+               logits: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+        """Evaluate one batch of rows in one forward pass: token ``token_ids[i]`` is appended to
+        sequence ``seq_ids[i]`` (rows of a sequence in order). Returns float32 logits of the rows
+        whose ``logits`` flag is set (every row when None), [rows, n_vocab], in row order. If it
+        raises, every sequence is as it was before the call."""
+        ids, seqs = _ids(token_ids), _ids(seq_ids, "seq_ids")
+        if ids.size == 0:
+            raise ValueError("decode needs at least one row")
+        want = None if logits is None else np.asarray(logits, dtype=bool).reshape(-1)
+        return self._ctx.decode(ids, seqs, want)
+
+    def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Logits of every position of ``token_ids`` in a fresh context: float32 [len, n_vocab]."""
+        self.reset()
+        return self.eval(token_ids, all_logits=True)
+
+    def reset(self) -> None:
+        """Empty every sequence of the context."""
+        self._ctx.clear()
+
+    def truncate(self, n_past: int) -> None:
+        """Keep the first ``n_past`` tokens of sequence 0 and forget the rest."""
+        self._ctx.seq_truncate(0, int(n_past))
+
+    def seq_len(self, seq: int) -> int:
+        """Tokens held for sequence `seq`."""
+        return self._ctx.seq_len(int(seq))
+
+    def seq_truncate(self, seq: int, n: int) -> None:
+        """Keep the first `n` tokens of sequence `seq`."""
+        self._ctx.seq_truncate(int(seq), int(n))
+
+    def seq_copy(self, src: int, dst: int) -> None:
+        """Make sequence `dst` a copy of `src` (a fork: their cache pages are shared until either
+        appends to a shared page, so a long common prefix is not copied)."""
+        self._ctx.seq_copy(int(src), int(dst))
+
+    # --- the model's text side ---------------------------------------------------------------
+    @property
+    def tokenizer(self) -> "Tokenizer":
+        """The model's tokenizer, built from the GGUF metadata on first use and shared by `new_context` copies."""
+        from .tokenizer import Tokenizer
+
+        tokenizer = _TOKENIZERS.get(self._model)
+        if tokenizer is None:
+            tokenizer = _TOKENIZERS[self._model] = Tokenizer.from_metadata(self.metadata)
+        return tokenizer
+
+    @cached_property
+    def chat_template(self) -> "ChatTemplate":
+        """The model's chat template (`tokenizer.chat_template`), else a built-in guessed from the vocabulary."""
+        from .chat_template import ChatTemplate
+
+        return ChatTemplate.for_tokenizer(self.tokenizer)
+
+    @cached_property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """`SamplingParams` fields this model generates with unless told otherwise: the
+        `general.sampling.*` keys of the GGUF (from the checkpoint's generation_config.json), else
+        `DEFAULT_SAMPLING`; plus the extra end-of-generation ids that generation_config.json lists."""
+        md = self.metadata
+        defaults = dict(DEFAULT_SAMPLING)
+        for name, key in SAMPLING_KEYS.items():
+            if md.get(key) is not None:
+                defaults[name] = type(DEFAULT_SAMPLING[name])(md[key])
+        eos = md.get("pyengine.generation.eos_token_ids")
+        if eos is not None:
+            defaults["stop_token_ids"] = tuple(int(i) for i in np.atleast_1d(eos))
+        return defaults
+
+    def sampling_params(self, params: "SamplingParams | None" = None, **overrides: Any) -> "SamplingParams":
+        """`SamplingParams` from the model's defaults (or `params`), with `overrides` applied.
+
+        Overrides are SamplingParams fields (transformers' names): max_new_tokens, temperature,
+        top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stop,
+        stop_token_ids, ignore_eos. A value of None keeps the default.
+        """
+        from .sampling import SamplingParams
+
+        fields = {f.name for f in dataclasses.fields(SamplingParams)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        base = dataclasses.asdict(params) if params is not None else dict(self.sampling_defaults)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if params is None and "stop_token_ids" in given:  # the model's own end ids keep stopping it
+            given["stop_token_ids"] = (*given["stop_token_ids"], *base.get("stop_token_ids", ()))
+        return SamplingParams(**{**base, **given})
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"{type(self).__name__}({str(self.model_path)!r}, arch={c['arch']}, n_layer={c['n_layer']}, "
+                f"n_embd={c['n_embd']}, n_ctx={self.n_ctx}, n_seq_max={self.n_seq_max}, n_threads={self.n_threads})")
