@@ -103,13 +103,23 @@ def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class StackMap:
+    """One stack of transformer blocks (a decoder; an encoder and a decoder for T5-style models): where
+    its block tensors sit in the checkpoint and in the GGUF, with llama.cpp's prefixes ("blk"; T5's
+    "enc.blk" / "dec.blk")."""
+    hf_prefix: str                              # e.g. "model.layers.{bid}."
+    tensors: dict[str, str]                     # HF name inside a block -> GGUF name inside a block
+    gguf_prefix: str = "blk"
+    n_layer: str = "n_layer"                    # the HParams field that counts its blocks
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Everything architecture-specific the converter needs."""
     name: str                                   # GGUF general.architecture
     hf_architectures: tuple[str, ...]           # config.json "architectures" entries handled
     global_tensors: dict[str, str] = field(default_factory=lambda: dict(LLAMA_GLOBAL_TENSORS))
-    block_tensors: dict[str, str] = field(default_factory=lambda: dict(LLAMA_BLOCK_TENSORS))
-    block_prefix: str = "model.layers.{bid}."
+    stacks: tuple[StackMap, ...] = (StackMap("model.layers.{bid}.", LLAMA_BLOCK_TENSORS),)
     hparam_keys: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(LLAMA_HPARAM_KEYS))
     # Q/K rows permuted from HF half-split RoPE to adjacent-pair RoPE (llama.cpp `llama`).
     permute_qk: bool = False
@@ -200,13 +210,13 @@ CHATGLM = ArchSpec(
     global_tensors={"transformer.embedding.word_embeddings": "token_embd",
                     "transformer.encoder.final_layernorm": "output_norm",
                     "transformer.output_layer": "output"},
-    block_prefix="transformer.encoder.layers.{bid}.",
-    block_tensors={"input_layernorm": "attn_norm",
-                   "self_attention.query_key_value": "attn_qkv",
-                   "self_attention.dense": "attn_output",
-                   "post_attention_layernorm": "ffn_norm",
-                   "mlp.dense_h_to_4h": "ffn_up",          # [gate; up]
-                   "mlp.dense_4h_to_h": "ffn_down"},
+    stacks=(StackMap("transformer.encoder.layers.{bid}.",
+                     {"input_layernorm": "attn_norm",
+                      "self_attention.query_key_value": "attn_qkv",
+                      "self_attention.dense": "attn_output",
+                      "post_attention_layernorm": "ffn_norm",
+                      "mlp.dense_h_to_4h": "ffn_up",          # [gate; up]
+                      "mlp.dense_4h_to_h": "ffn_down"}),),
     hparam_keys={"n_vocab": ("padded_vocab_size", "vocab_size"), "n_embd": ("hidden_size",),
                  "n_layer": ("num_layers",), "n_head": ("num_attention_heads",),
                  "n_head_kv": ("multi_query_group_num",), "n_ff": ("ffn_hidden_size",), "n_ctx": ("seq_length",),
@@ -228,13 +238,13 @@ CHATGLM1 = ArchSpec(
     global_tensors={"transformer.word_embeddings": "token_embd",
                     "transformer.final_layernorm": "output_norm",
                     "lm_head": "output"},
-    block_prefix="transformer.layers.{bid}.",
-    block_tensors={"input_layernorm": "attn_norm",
-                   "attention.query_key_value": "attn_qkv",
-                   "attention.dense": "attn_output",
-                   "post_attention_layernorm": "ffn_norm",
-                   "mlp.dense_h_to_4h": "ffn_up",
-                   "mlp.dense_4h_to_h": "ffn_down"},
+    stacks=(StackMap("transformer.layers.{bid}.",
+                     {"input_layernorm": "attn_norm",
+                      "attention.query_key_value": "attn_qkv",
+                      "attention.dense": "attn_output",
+                      "post_attention_layernorm": "ffn_norm",
+                      "mlp.dense_h_to_4h": "ffn_up",
+                      "mlp.dense_4h_to_h": "ffn_down"}),),
     hparam_keys={"n_vocab": ("vocab_size",), "n_embd": ("hidden_size",), "n_layer": ("num_layers",),
                  "n_head": ("num_attention_heads",), "n_head_kv": (), "n_ff": ("inner_hidden_size",),
                  "n_ctx": ("max_sequence_length",), "head_dim": (), "norm_eps": ("layernorm_epsilon",),
@@ -268,8 +278,9 @@ def _glm_hf_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
 GLM_HF = ArchSpec(
     name="chatglm",
     hf_architectures=("GlmForCausalLM",),
-    block_tensors={**{k: v for k, v in LLAMA_BLOCK_TENSORS.items() if k not in ("mlp.gate_proj", "mlp.up_proj")},
-                   "mlp.gate_up_proj": "ffn_up"},
+    stacks=(StackMap("model.layers.{bid}.",
+                     {**{k: v for k, v in LLAMA_BLOCK_TENSORS.items() if k not in ("mlp.gate_proj", "mlp.up_proj")},
+                      "mlp.gate_up_proj": "ffn_up"}),),
     shapes=_glm_hf_shapes,
     tokenizers=("glm4-bpe",),
     fix_hparams=_glm_hf_fix,

@@ -32,7 +32,7 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
 
 from . import quants
-from .arch import ArchSpec, HParams, find_arch, permute_rope_rows, supported_architectures
+from .arch import ArchSpec, HParams, StackMap, find_arch, permute_rope_rows, supported_architectures
 from .errors import ConversionError
 from .lora import LoraAdapter
 from .progress import Progress
@@ -174,23 +174,35 @@ def llama3_rope_factors(hp: HParams) -> np.ndarray:
 # --- tensor plan --------------------------------------------------------------------------------------
 
 class NameMap:
-    """HF tensor name <-> GGUF tensor name for one architecture."""
+    """HF tensor name <-> GGUF tensor name for one architecture, over all its stacks."""
 
     def __init__(self, spec: ArchSpec):
         self.spec = spec
-        self.block_re = re.compile(re.escape(spec.block_prefix).replace(re.escape("{bid}"), r"(\d+)") + r"(.+)")
-        self.block_order = {g: i for i, g in enumerate(spec.block_tensors.values())}
+        number = re.escape("{bid}")
+        self.hf_res = [re.compile(re.escape(st.hf_prefix).replace(number, r"(\d+)") + r"(.+)") for st in spec.stacks]
+        self.gguf_res = [re.compile(re.escape(st.gguf_prefix) + r"\.(\d+)\.(.+)") for st in spec.stacks]
+        self.block_order = [{g: i for i, g in enumerate(st.tensors.values())} for st in spec.stacks]
 
-    def to_gguf(self, hf_name: str) -> tuple[str, int | None] | None:
+    def to_gguf(self, hf_name: str) -> tuple[str, int | None, StackMap | None] | None:
+        """(GGUF name, block index, stack) of an HF tensor name; None if the architecture has no such tensor."""
         base, _, suffix = hf_name.rpartition(".")
         if suffix not in ("weight", "bias"):
             return None
         if base in self.spec.global_tensors:
-            return f"{self.spec.global_tensors[base]}.{suffix}", None
-        m = self.block_re.fullmatch(base)
-        if m and m.group(2) in self.spec.block_tensors:
-            bid = int(m.group(1))
-            return f"blk.{bid}.{self.spec.block_tensors[m.group(2)]}.{suffix}", bid
+            return f"{self.spec.global_tensors[base]}.{suffix}", None, None
+        for stack, rx in zip(self.spec.stacks, self.hf_res):
+            m = rx.fullmatch(base)
+            if m and m.group(2) in stack.tensors:
+                bid = int(m.group(1))
+                return f"{stack.gguf_prefix}.{bid}.{stack.tensors[m.group(2)]}.{suffix}", bid, stack
+        return None
+
+    def block(self, gguf_name: str) -> tuple[int, int, str] | None:
+        """(stack index, block index, name inside the block) of a GGUF block tensor name."""
+        for k, rx in enumerate(self.gguf_res):
+            m = rx.fullmatch(gguf_name)
+            if m:
+                return k, int(m.group(1)), m.group(2)
         return None
 
     def to_hf(self, gguf_name: str) -> str:
@@ -198,22 +210,26 @@ class NameMap:
         for hf, g in self.spec.global_tensors.items():
             if g == base:
                 return f"{hf}.{suffix}"
-        _, bid, local = base.split(".", 2)
-        hf = next(h for h, g in self.spec.block_tensors.items() if g == local)
-        return self.spec.block_prefix.format(bid=bid) + f"{hf}.{suffix}"
+        k, bid, local = self.block(base)
+        stack = self.spec.stacks[k]
+        hf = next(h for h, g in stack.tensors.items() if g == local)
+        return stack.hf_prefix.format(bid=bid) + f"{hf}.{suffix}"
 
     def sort_key(self, gguf_name: str) -> tuple:
-        parts = gguf_name.split(".")
-        if parts[0] == "blk":
-            return (1, int(parts[1]), self.block_order.get(parts[2], 99), parts[3])
-        return (0 if parts[0] == "token_embd" else 2, 0, 0, gguf_name)
+        blk = self.block(gguf_name)
+        if blk is not None:
+            k, bid, local = blk
+            name, _, suffix = local.rpartition(".")
+            return (1 + k, bid, self.block_order[k].get(name, 99), suffix)
+        return (0 if gguf_name.startswith("token_embd.") else 1 + len(self.spec.stacks), 0, 0, gguf_name)
 
-
-def expected_shape(shapes: dict[str, tuple[int, ...]], gguf_name: str) -> tuple[int, ...] | None:
-    parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        parts[1] = "{bid}"
-    return shapes.get(".".join(parts))
+    def shape_key(self, gguf_name: str) -> str:
+        """The name as `ArchSpec.shapes` spells it: the block index as `{bid}`."""
+        blk = self.block(gguf_name)
+        if blk is None:
+            return gguf_name
+        k, _, local = blk
+        return f"{self.spec.stacks[k].gguf_prefix}.{{bid}}.{local}"
 
 
 def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuantizationType,
@@ -229,21 +245,22 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         if mapped is None:
             raise ConversionError(f"unexpected tensor {hf_name} in {t.file.name}: not part of a "
                                   f"{spec.hf_architectures[0]} checkpoint")
-        gguf_name, bid = mapped
-        if bid is not None and bid >= hp.n_layer:
+        gguf_name, bid, stack = mapped
+        if stack is not None and bid >= getattr(hp, stack.n_layer):
             raise ConversionError(f"tensor {hf_name} is in block {bid} but config.json has "
-                                  f"num_hidden_layers={hp.n_layer}")
+                                  f"{getattr(hp, stack.n_layer)} blocks")
         if gguf_name == "output.weight" and hp.tied:
             continue                              # tied: the engine reuses token_embd
-        want = expected_shape(shapes, gguf_name)
+        want = shapes.get(names.shape_key(gguf_name))
         if want is not None and t.shape != want:
             raise ConversionError(f"tensor {hf_name} has shape {list(t.shape)} but config.json implies {list(want)}")
         found[gguf_name] = hf_name
 
     required = ["token_embd.weight", "output_norm.weight"] + ([] if hp.tied else ["output.weight"])
-    for bid in range(hp.n_layer):
-        required += [f"blk.{bid}.{g}.weight" for g in spec.block_tensors.values()]
-        required += [f"blk.{bid}.{g}.bias" for g in spec.required_biases]
+    for stack in spec.stacks:
+        for bid in range(getattr(hp, stack.n_layer)):
+            required += [f"{stack.gguf_prefix}.{bid}.{g}.weight" for g in stack.tensors.values()]
+            required += [f"{stack.gguf_prefix}.{bid}.{g}.bias" for g in spec.required_biases]
     for name in required:
         if name not in found:
             raise ConversionError(f"missing tensor {names.to_hf(name)} in {ckpt.model_dir}")
@@ -267,7 +284,7 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         base = gguf_name.rpartition(".")[0]
         n_rot_heads = hp.n_head if base.endswith("attn_q") else hp.n_head_kv if base.endswith("attn_k") else 0
         permute = n_rot_heads if spec.permute_qk else 0
-        transform = spec.row_transforms.get(base.rpartition(".")[2]) if base.startswith("blk.") else None
+        transform = spec.row_transforms.get(base.rpartition(".")[2]) if names.block(base) else None
 
         def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform) -> np.ndarray:
             x = ckpt.load(hf_name)
