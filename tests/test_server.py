@@ -225,6 +225,21 @@ def test_eight_concurrent_streams_match_sequential(server):
     assert max(peak) > 1, "the requests never ran at the same time"
 
 
+def test_next_turn_reuses_the_cached_prompt(one_slot, weights):
+    """The second turn of a conversation starts with the first turn's tokens: the slot that holds
+    them evaluates only the rest, and the reply equals a fresh evaluation's (LLM.chat, greedy)."""
+    client = one_slot.client(KEY)
+    first = [{"role": "system", "content": "You answer in one short sentence."}, *PARIS]
+    reply = chat(client, one_slot.model, first, temperature=0, max_tokens=8).choices[0].message.content
+    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "And of Italy?"}]
+    before = one_slot.health()["prompt_tokens_reused"]
+    got = chat(client, one_slot.model, second, temperature=0, max_tokens=8).choices[0].message.content
+    n_first = len(weights.tokenizer.encode(weights.chat_template.render(first, add_generation_prompt=True),
+                                           add_special_tokens=False))
+    assert one_slot.health()["prompt_tokens_reused"] - before >= n_first
+    assert got == weights.new_context(n_ctx=256).chat(second, temperature=0, max_new_tokens=8)
+
+
 # Greedy, this prompt counts on for as long as it may: only the client can end it early.
 COUNTING = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400, "temperature": 0}
 

@@ -1,17 +1,21 @@
-"""One engine thread serving several requests at once, token by token.
+"""One engine thread serving many requests with continuous batching.
 
-Each of the `parallel` slots is an `LLM.new_context()`: its own KV cache on the shared weights. The
-engine thread admits waiting jobs into free slots, then visits the busy slots in turn and does one
-step for each: a chunk of the prompt while it prefills, else one decode step of its `Generation`.
-So N clients progress together while only one forward pass runs at a time (the machine's cores
-go to that pass instead of N passes fighting over them).
+The `parallel` slots are the sequences of one engine context (one KV cache on the shared weights).
+Each step is one forward pass over one batch: a chunk of the prompt of every slot that is still
+prefilling, plus the last sampled token of every slot that is decoding. So the weights are read once
+per step for all the requests, new requests join the running batch at the next step, and a long
+prompt advances `prefill_chunk` tokens a step instead of stalling the others. A request that finishes
+or whose client went away leaves the batch at once.
 
-A slot's result depends only on its own request: the prompt is always prefilled in the same chunks
-from an empty cache, and each request samples with its own seeded `Sampler`, so a seed gives the
-same text whether the request ran alone or next to others.
+A slot's result depends only on its own request: each request samples with its own seeded `Sampler`,
+and the kernels give a row the same result whatever else is in the batch, so a seed gives the same
+text whether the request ran alone or next to others.
 
-Jobs talk to the asyncio side through an `asyncio.Queue` fed with `call_soon_threadsafe`; a job
-whose client went away is cancelled, and its slot is freed before the next step.
+A slot keeps the tokens of its last request when it is freed; a new request whose prompt starts with
+the same tokens (the next turn of a conversation, a shared system prompt) is placed in the free slot
+that shares the longest prefix and evaluates only the rest.
+
+Jobs talk to the asyncio side through an `asyncio.Queue` fed with `call_soon_threadsafe`.
 """
 from __future__ import annotations
 
@@ -23,8 +27,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generation import Generation, GenerationStats
-from ..llm import LLM
+import numpy as np
+
+from ..engine import Engine
+from ..generation import Generation, GenerationStats, _common_prefix
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 
@@ -60,42 +66,42 @@ class Job:
 
 
 class _Slot:
-    def __init__(self, index: int, llm: LLM):
+    """Sequence `index` of the engine's context, and the request it serves."""
+
+    def __init__(self, index: int, llm: Engine):
         self.index = index
         self.llm = llm
         self.job: Job | None = None
         self.generation: Generation | None = None
-        self.n_prefilled = 0
+        self.n_evaluated = 0  # prompt tokens in the cache
+        self.cached: list[int] = []  # tokens in the cache (kept after the request, for prefix reuse)
+        self.loop_start: float | None = None
 
-    def start(self, job: Job) -> None:
-        self.job, self.generation, self.n_prefilled = job, None, 0
-        self.llm.reset()
-
-    def free(self) -> None:
-        if self.generation is not None:
-            self.generation.close()
-        self.job, self.generation, self.n_prefilled = None, None, 0
+    @property
+    def prefilling(self) -> bool:
+        return self.n_evaluated < len(self.job.prompt_ids)
 
 
 class Scheduler:
     """`parallel` slots on `llm`'s weights, a waiting queue of `queue_size` jobs, one engine thread.
 
-    `prefill_chunk` tokens of a prompt are evaluated per step, so a long prompt delays the other
-    slots' next tokens by one chunk at a time rather than by the whole prompt.
+    `prefill_chunk` prompt tokens of each prefilling slot are evaluated per step.
     """
 
-    def __init__(self, llm: LLM, tokenizer: Tokenizer, parallel: int = 4, queue_size: int = 16,
+    def __init__(self, llm: Engine, tokenizer: Tokenizer, parallel: int = 4, queue_size: int = 16,
                  n_ctx: int | None = None, prefill_chunk: int = 128):
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
         self.tokenizer = tokenizer
         self.queue_size = queue_size
         self.prefill_chunk = max(1, prefill_chunk)
-        # Every slot gets a context of its own, so `llm`'s context stays its owner's.
-        self.slots = [_Slot(i, llm.new_context(n_ctx)) for i in range(parallel)]
-        self.n_ctx = self.slots[0].llm.n_ctx
+        # A context of its own with a sequence per slot, so `llm`'s context stays its owner's.
+        self.engine = llm.new_context(n_ctx, n_seq_max=parallel)
+        self.slots = [_Slot(i, self.engine) for i in range(parallel)]
+        self.n_ctx = self.engine.n_ctx
         self._waiting: collections.deque[Job] = collections.deque()
-        self.counters = {"requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0, "tokens_generated": 0}
+        self.counters = {"requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0,
+                         "tokens_generated": 0, "prompt_tokens_reused": 0}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="pyengine-engine", daemon=True)
@@ -135,54 +141,103 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     break
-                for slot in self.slots:
-                    while slot.job is None and self._waiting:
-                        job = self._waiting.popleft()
-                        if not job.cancelled.is_set():
-                            slot.start(job)
-                busy = [s for s in self.slots if s.job is not None]
-            for slot in busy:
-                try:
-                    self._step(slot)
-                except Exception as e:  # a failed request must not take the engine thread down
-                    log.exception("slot %d failed", slot.index)
+                self._admit()
+            for slot in self.slots:
+                if slot.job is not None and slot.job.cancelled.is_set():
+                    self._free(slot, "requests_cancelled")
+            busy = [s for s in self.slots if s.job is not None]
+            if not busy:
+                continue
+            try:
+                self._step(busy)
+            except Exception as e:  # a failed step fails its requests, never the engine thread
+                log.exception("engine step failed")
+                for slot in busy:
                     job = slot.job
-                    self._free(slot, "requests_failed")
                     if job is not None:
+                        self._free(slot, "requests_failed")
                         job._emit("error", e)
         for slot in self.slots:
             if slot.job is not None:
                 slot.job._emit("error", RuntimeError("server shutting down"))
                 self._free(slot)
 
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots, each into the one whose cache shares most of its prompt."""
+        while self._waiting:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                continue
+            generation = Generation(self.engine, self.tokenizer, job.prompt_ids, job.params)
+            try:
+                generation.check_prompt(self.n_ctx)
+            except Exception as e:
+                self.counters["requests_failed"] += 1
+                job._emit("error", e)
+                continue
+            slot = max(free, key=lambda s: _common_prefix(job.prompt_ids, s.cached))
+            # At least the last prompt token is evaluated, for its logits.
+            keep = min(_common_prefix(job.prompt_ids, slot.cached), len(job.prompt_ids) - 1)
+            self.engine.seq_truncate(slot.index, keep)
+            slot.cached = slot.cached[:keep]
+            slot.job, slot.generation, slot.n_evaluated, slot.loop_start = job, generation, keep, None
+            generation.n_cached = generation.stats.cached_tokens = keep
+            self.counters["prompt_tokens_reused"] += keep
+
     def _free(self, slot: _Slot, outcome: str | None = None) -> None:
         with self._cond:
-            if slot.generation is not None:
-                self.counters["tokens_generated"] += len(slot.generation.token_ids)
+            gen = slot.generation
+            if gen is not None:
+                self.counters["tokens_generated"] += len(gen.token_ids)
+                gen._close(slot.loop_start)
+            slot.cached = slot.cached[: self.engine.seq_len(slot.index)]  # what the cache holds
             if outcome:
                 self.counters[outcome] += 1
-            slot.free()
+            slot.job, slot.generation = None, None
 
-    def _step(self, slot: _Slot) -> None:
-        job = slot.job
-        if job.cancelled.is_set():
-            self._free(slot, "requests_cancelled")
-            return
-        if slot.generation is None:
-            # Prefill all but the last prompt token in fixed chunks; Generation evaluates the last
-            # one itself and samples from its logits.
-            end = len(job.prompt_ids) - 1
-            if slot.n_prefilled < end:
-                stop = min(end, slot.n_prefilled + self.prefill_chunk)
-                slot.llm.eval(job.prompt_ids[slot.n_prefilled:stop])
-                slot.n_prefilled = stop
-                return
-            slot.generation = Generation(slot.llm, self.tokenizer, job.prompt_ids, job.params, n_cached=end)
-        try:
-            piece = next(slot.generation)
-        except StopIteration:
-            stats: GenerationStats = slot.generation.stats
-            self._free(slot, "requests_finished")
-            job._emit("done", stats)
-            return
-        job._emit("text", piece)
+    def _step(self, busy: list[_Slot]) -> None:
+        """One forward pass: a prompt chunk of each prefilling slot, the new token of each decoding one."""
+        tokens: list[int] = []
+        seqs: list[int] = []
+        want: list[bool] = []
+        for slot in busy:
+            if slot.prefilling:
+                chunk = slot.job.prompt_ids[slot.n_evaluated: slot.n_evaluated + self.prefill_chunk]
+                done = slot.n_evaluated + len(chunk) == len(slot.job.prompt_ids)
+                tokens += chunk
+                want += [False] * (len(chunk) - 1) + [done]
+            else:
+                chunk = [slot.generation.token_ids[-1]]
+                tokens += chunk
+                want.append(True)
+            seqs += [slot.index] * len(chunk)
+        start = time.perf_counter()
+        rows = iter(self.engine.decode(np.array(tokens, np.int32), np.array(seqs, np.int32), np.array(want)))
+        elapsed = time.perf_counter() - start
+        for slot in busy:
+            gen = slot.generation
+            if slot.prefilling:
+                chunk = slot.job.prompt_ids[slot.n_evaluated: slot.n_evaluated + self.prefill_chunk]
+                slot.cached += chunk
+                slot.n_evaluated += len(chunk)
+                gen.stats.prompt_seconds += elapsed
+                if slot.prefilling:
+                    continue
+                slot.loop_start = time.perf_counter()
+            else:
+                slot.cached.append(gen.token_ids[-1])
+            piece = gen.step(next(rows))
+            if piece:
+                slot.job._emit("text", piece)
+            if gen.finished or self.engine.seq_len(slot.index) >= self.n_ctx:
+                piece = gen.finish("length")
+                if piece:
+                    slot.job._emit("text", piece)
+                job = slot.job
+                stats: GenerationStats = gen.stats
+                gen.cache_ids = list(slot.cached)
+                self._free(slot, "requests_finished")
+                job._emit("done", stats)
