@@ -28,6 +28,10 @@ struct Avx2 {
   static constexpr int kMaxSmallM = 3;       // up to this many activation rows, decode kernels
   static constexpr int kTileM = 4;           // activation rows per prefill register tile ...
   static constexpr int kPrefillPanels = 1;   // ... times this many panels
+  // Decode: two panels per loop for the 32-element types; a K-quant block's state (16 scales, 16 mins)
+  // already overflows the 16 ymm registers, and a second panel only added spills (15-25% slower).
+  template <class P>
+  static constexpr int decode_panels() { return P::kSubsPerUnit == 1 ? 2 : 1; }
 
   // Integer ops.
   static PE_INLINE I zero_i() { return _mm256_setzero_si256(); }

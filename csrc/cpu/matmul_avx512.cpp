@@ -23,6 +23,8 @@ struct Avx512 {
   static constexpr int kMaxSmallM = 3;       // up to this many activation rows, decode kernels
   static constexpr int kTileM = 6;           // activation rows per prefill register tile ...
   static constexpr int kPrefillPanels = 2;   // ... times this many panels
+  template <class P>
+  static constexpr int decode_panels() { return 2; }
 
   // Integer ops.
   static PE_INLINE I zero_i() { return _mm512_setzero_si512(); }

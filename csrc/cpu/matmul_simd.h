@@ -20,7 +20,8 @@
 // and shift ops; load_transpose / load_f16 / load_u32 / add_q5_high_bits / bits / or_bits for the
 // unpackers; the integer dot step (kVnni: vpdpbusd; otherwise pmaddubsw + pmaddwd, with int16 sums
 // over a packer's kGS groups); float ops; store_rows for a panel's last rows; and for quantize_x,
-// hmax, hsum_i32 and store_q8 (32 int32 to 32 int8). Tile shapes: kMaxSmallM, kTileM, kPrefillPanels.
+// hmax, hsum_i32 and store_q8 (32 int32 to 32 int8). Tile shapes: kMaxSmallM, kTileM, kPrefillPanels,
+// decode_panels<P>() (1 or 2 panels per decode loop, per packer).
 #pragma once
 #include <algorithm>
 #include <cstring>
@@ -252,9 +253,10 @@ void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1
   const int8_t* xq = x.q + m0 * x.ldq;
   const XSub* xs = x.sub + m0 * x.ldsub;
   int64_t rp = r0;
-  for (; rp + 2 * V::kRows <= r1; rp += 2 * V::kRows)
-    gemm_small_panel<V, P, NC, 2>(panel_at<V, P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy,
-                                  rp, 2 * V::kRows);
+  if constexpr (V::template decode_panels<P>() == 2)
+    for (; rp + 2 * V::kRows <= r1; rp += 2 * V::kRows)
+      gemm_small_panel<V, P, NC, 2>(panel_at<V, P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy,
+                                    ldy, rp, 2 * V::kRows);
   for (; rp < r1; rp += V::kRows)
     gemm_small_panel<V, P, NC, 1>(panel_at<V, P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy,
                                   rp, std::min<int64_t>(V::kRows, r1 - rp));
