@@ -188,3 +188,57 @@ def test_matmul_argument_errors():
     np.testing.assert_array_equal(
         _C.dequantize(raw.tobytes(), int(QT.Q4_0), 4, 64), _C.dequantize(raw, int(QT.Q4_0), 4, 64)
     )
+
+
+def batch_bound(qtype: QT, path: str, cols: int, scale: np.ndarray) -> np.ndarray | float:
+    """How far row i of a batched matmul may be from row i alone: 0 (bit-identical) everywhere except
+    float weights on AVX-512, whose many-row kernel (16 or more rows: outer products over transposed
+    panels) sums each dot product serially over k while the few-row kernel sums 16 lanes of k and
+    reduces them. Both are recursive float32 sums, each within (depth) * 2^-24 * sum|x w| of the exact
+    value (depth <= k serial steps + 1 for the final reduction's rounding, k / 16 + 4 for the lanes),
+    so they are within the sum of the two bounds of each other."""
+    if qtype in FLOAT_TYPES and path == "avx512":
+        return (cols + 1 + cols / 16 + 4) * 2.0**-24 * scale
+    return 0.0
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_row_does_not_depend_on_batch(qtype, cpu_path):
+    """Row i of X @ W.T is the same whether X has 1 row or m, and wherever row i sits in the kernels'
+    register tiles or the threads' split: batched decoding of many sequences must give each sequence
+    what it would get alone (a last-bit difference can flip an 8-bit activation rounding in the next
+    layer, which then shows as a ~1e-3 change in the logits)."""
+    rng = np.random.default_rng(300 + int(qtype))
+    cols = cols_for(qtype)[-1]
+    for rows in (37, 70):
+        raw = make_weights(qtype, rows, cols, rng)
+        x = rng.standard_normal((20, cols)).astype(np.float32)
+        _, scale = matmul_ref(qtype, raw, cols, x)
+        alone = np.concatenate([_C.matmul(raw, int(qtype), rows, cols, x[i : i + 1]) for i in range(20)])
+        bound = batch_bound(qtype, cpu_path, cols, scale)
+        for m, n_threads in itertools.product(range(1, 21), (1, 3)):
+            got = _C.matmul(raw, int(qtype), rows, cols, x[:m], n_threads)
+            err = np.abs(got - alone[:m])
+            bad = err > (bound[:m] if isinstance(bound, np.ndarray) else bound)
+            assert not bad.any(), (
+                f"{qtype.name} {cpu_path} rows={rows} m={m} threads={n_threads}: rows {np.nonzero(bad)[0]} "
+                f"differ from the row alone by up to {err.max():.3g}"
+            )
+
+
+@pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
+def test_zero_weighted_columns_change_nothing(qtype, cpu_path):
+    """Float weights: appending columns whose activations are 0 leaves every result bit-identical.
+    Attention relies on it: decode sums P V over the keys a token sees, prefill over all the chunk's
+    keys with P = 0 beyond, and the two must agree."""
+    rng = np.random.default_rng(400 + int(qtype))
+    for n in range(1, 50):
+        for extra in (1, 7, 16, 33):
+            w = make_weights(qtype, 19, n + extra, rng).reshape(19, n + extra, -1)
+            x = np.zeros((17, n + extra), np.float32)
+            x[:, :n] = rng.standard_normal((17, n))
+            for m in (1, 17):
+                short = _C.matmul(np.ascontiguousarray(w[:, :n]).reshape(19, -1), int(qtype), 19, n,
+                                  np.ascontiguousarray(x[:m, :n]))
+                padded = _C.matmul(w.reshape(19, -1), int(qtype), 19, n + extra, x[:m])
+                np.testing.assert_array_equal(short, padded, err_msg=f"{qtype.name} {cpu_path} k={n}+{extra} m={m}")

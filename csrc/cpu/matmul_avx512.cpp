@@ -1,321 +1,155 @@
-// AVX-512 matmul kernels (F, BW, VL, DQ, VNNI). This file is compiled with those ISA flags and is only
-// called once cpu_path() says the CPU has them.
-//
-// Quantized weights: a "panel" is 16 weight rows. Packing a panel's block transposes it so that one
-// zmm holds 4 consecutive elements (u bytes, see quant_blocks.h) of each of the 16 rows: one
-// vpdpbusd against 4 activation bytes broadcast to every lane then advances 16 row dot products at
-// once, and each sub-block ends with a single convert + scale + accumulate for all 16 rows, with no
-// horizontal reductions. Prefill packs whole panels once and streams every activation row over them
-// (a 32-row x 6-activation-row register tile); decode unpacks block by block into registers and uses
-// them at once. Weight unpacking lives in unpack_avx512.h, float weights in matmul_float_avx512.cpp.
+// AVX-512 matmul kernels (F, BW, VL, DQ, VNNI): the vector traits for matmul_simd.h, which holds the
+// kernels. This file is compiled with those ISA flags and is only called once cpu_path() says the CPU
+// has them. Float weights are in matmul_float_avx512.cpp.
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstring>
-
-#include "cpu/matmul_kernels.h"
-#include "cpu/unpack_avx512.h"
 
 // GCC 12 flags the intrinsics' own _mm512_undefined_* placeholders.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-namespace pe::cpu {
+#include "cpu/matmul_kernels.h"
+#include "cpu/unpack_simd.h"
 
+namespace pe::cpu {
 namespace {
 
-using namespace avx512;  // packers, PanelRows, kPanel
+struct Avx512 {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kRows = 16;           // weight rows per panel: one int32 lane each
+  static constexpr bool kVnni = true;        // integer dot step: vpdpbusd
+  static constexpr int kMaxSmallM = 3;       // up to this many activation rows, decode kernels
+  static constexpr int kTileM = 6;           // activation rows per prefill register tile ...
+  static constexpr int kPrefillPanels = 2;   // ... times this many panels
+  template <class P>
+  static constexpr int decode_panels() { return 2; }
 
-constexpr int kMaxSmallM = 3;  // up to this many activation rows, unpack and use at once (no panel reuse)
-constexpr int kTileM = 6;      // activation rows per register tile when whole panels are packed
+  // Integer ops.
+  static PE_INLINE I zero_i() { return _mm512_setzero_si512(); }
+  static PE_INLINE I set1_i8(int v) { return _mm512_set1_epi8(char(v)); }
+  static PE_INLINE I set1_i16(int v) { return _mm512_set1_epi16(short(v)); }
+  static PE_INLINE I set1_i32(int v) { return _mm512_set1_epi32(v); }
+  static PE_INLINE I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static PE_INLINE I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static PE_INLINE I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+  static PE_INLINE I add_i32(I a, I b) { return _mm512_add_epi32(a, b); }
+  static PE_INLINE I sub_i32(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static PE_INLINE I srli_i16(I v, int n) { return _mm512_srli_epi16(v, n); }
+  static PE_INLINE I srli_i32(I v, int n) { return _mm512_srli_epi32(v, n); }
+  static PE_INLINE I slli_i32(I v, int n) { return _mm512_slli_epi32(v, n); }
+  static PE_INLINE I srai_i32(I v, int n) { return _mm512_srai_epi32(v, n); }
+  static PE_INLINE I load_i(const void* p) { return _mm512_load_si512(p); }
+  static PE_INLINE void store_i(void* p, I v) { _mm512_store_si512(p, v); }
+  static PE_INLINE I dpbusd(I acc, I u, I x) { return _mm512_dpbusd_epi32(acc, u, x); }
+  static PE_INLINE int hsum_i32(I v) { return _mm512_reduce_add_epi32(v); }
 
-PE_INLINE int32_t load_i32(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
+  // Float ops.
+  static PE_INLINE F zero_ps() { return _mm512_setzero_ps(); }
+  static PE_INLINE F set1_ps(float v) { return _mm512_set1_ps(v); }
+  static PE_INLINE F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static PE_INLINE I cvt_i32(F v) { return _mm512_cvtps_epi32(v); }
+  static PE_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static PE_INLINE F neg(F v) { return _mm512_sub_ps(_mm512_setzero_ps(), v); }
+  static PE_INLINE F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static PE_INLINE F abs_ps(F v) { return _mm512_abs_ps(v); }
+  static PE_INLINE F max_ps(F a, F b) { return _mm512_max_ps(a, b); }
+  static PE_INLINE float hmax(F v) { return _mm512_reduce_max_ps(v); }
+  static PE_INLINE F load_ps(const void* p) { return _mm512_load_ps(p); }
+  static PE_INLINE F loadu_ps(const float* p) { return _mm512_loadu_ps(p); }
+  static PE_INLINE void store_ps(void* p, F v) { _mm512_store_ps(p, v); }
+  static PE_INLINE void storeu_ps(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static PE_INLINE void store_rows(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), v); }
 
-// ---------------------------------------------------------------------------------------------------
-// Activation quantization (see QuantizedX): rounding through cvtps2dq is round-half-even, as the
-// portable path's nearbyint.
+  // 32 int32 (|q| <= 127) to 32 int8.
+  static PE_INLINE void store_q8(int8_t* dst, const I q[2]) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(q[0]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtepi32_epi8(q[1]));
+  }
 
-void quantize_x(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, const QuantScheme& s,
-                const QuantizedX& out) {
-  for (int64_t r = m0; r < m1; r++) {
-    const float* xr = x + r * ldx;
-    int8_t* q = out.q + r * out.ldq;
-    XSub* sub = out.sub + r * out.ldsub;
-    for (int64_t b = 0; b < k / 32; b++) {
-      const __m512 v0 = _mm512_loadu_ps(xr + 32 * b), v1 = _mm512_loadu_ps(xr + 32 * b + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const float d = amax / 127.0f;
-      const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-      const __m512 vid = _mm512_set1_ps(id);
-      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
-      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtepi32_epi8(q0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
-      const int s0 = _mm512_reduce_add_epi32(q0), s1 = _mm512_reduce_add_epi32(q1);
-      if (s.sub == 16) {
-        sub[2 * b] = XSub{-s.offset * s0, d, d * float(s0), 0.0f};
-        sub[2 * b + 1] = XSub{-s.offset * s1, d, d * float(s1), 0.0f};
-      } else {
-        sub[b] = XSub{-s.offset * (s0 + s1), d, d * float(s0 + s1), 0.0f};
-      }
+  // Unpacking.
+
+  // t[g] (g < 4): int32 lane i = bytes 4g..4g+3 of the 16 bytes at row i + off.
+  // Row 4j+k goes to 128-bit lane j of register k, so that the in-lane 4x4 transpose leaves rows in
+  // order; masked broadcasts fill the lanes (a load plus a blend, which unlike vinserti32x4 is not tied
+  // to port 5).
+  static PE_INLINE void load_transpose(const PanelRows& r, int64_t off, I t[4]) {
+    for (int k = 0; k < 4; k++) {
+      I a = _mm512_castsi128_si512(load128(r.at(k, off)));
+      a = _mm512_mask_broadcast_i32x4(a, 0x00F0, load128(r.at(4 + k, off)));
+      a = _mm512_mask_broadcast_i32x4(a, 0x0F00, load128(r.at(8 + k, off)));
+      a = _mm512_mask_broadcast_i32x4(a, 0xF000, load128(r.at(12 + k, off)));
+      t[k] = a;
     }
+    const I t0 = _mm512_unpacklo_epi32(t[0], t[1]), t1 = _mm512_unpackhi_epi32(t[0], t[1]);
+    const I t2 = _mm512_unpacklo_epi32(t[2], t[3]), t3 = _mm512_unpackhi_epi32(t[2], t[3]);
+    t[0] = _mm512_unpacklo_epi64(t0, t2);
+    t[1] = _mm512_unpackhi_epi64(t0, t2);
+    t[2] = _mm512_unpacklo_epi64(t1, t3);
+    t[3] = _mm512_unpackhi_epi64(t1, t3);
   }
-}
 
-// The panel at rows [rp, rp + 16) of w; a last panel with fewer rows is copied to `tail` with its last
-// row repeated, so that kernels always read 16 evenly spaced rows (the copies' results are not stored).
-template <class P>
-PanelRows panel_at(const WeightView& w, int64_t rp, int64_t r1, ScratchBuffer& tail) {
-  const auto* base = static_cast<const uint8_t*>(w.data);
-  if (r1 - rp >= kPanel) return PanelRows{base + rp * int64_t(w.row_stride), int64_t(w.row_stride)};
-  const int64_t rb = w.cols / P::kBlock * P::kBytes;
-  auto* d = static_cast<uint8_t*>(tail.get(size_t(kPanel * rb)));
-  for (int i = 0; i < kPanel; i++) std::memcpy(d + i * rb, base + std::min(rp + i, r1 - 1) * int64_t(w.row_stride), rb);
-  return PanelRows{d, rb};
-}
-
-// Writes 16-row results for NC activation rows to y[c * ldy + row0 + lane], keeping the first nrows.
-template <int NC>
-PE_INLINE void store_panel(const __m512 (&acc)[NC], float* y, int64_t ldy, int64_t row0, int64_t nrows) {
-  for (int c = 0; c < NC; c++) {
-    float* dst = y + c * ldy + row0;
-    if (nrows >= kPanel) _mm512_storeu_ps(dst, acc[c]);
-    else _mm512_mask_storeu_ps(dst, __mmask16((1u << nrows) - 1), acc[c]);
+  // The fp16 at row i + off, for the 16 rows, as floats. Composed in registers: going through a stack
+  // array instead (16 narrow stores, one wide load) measured slower, the failed store forwarding
+  // stalling the block.
+  static PE_INLINE F load_f16(const PanelRows& r, int64_t off) {
+    uint64_t q[4];
+    for (int j = 0; j < 4; j++)
+      q[j] = load_u16(r.at(4 * j, off)) | load_u16(r.at(4 * j + 1, off)) << 16 |
+             load_u16(r.at(4 * j + 2, off)) << 32 | load_u16(r.at(4 * j + 3, off)) << 48;
+    return _mm512_cvtph_ps(_mm256_set_epi64x(int64_t(q[3]), int64_t(q[2]), int64_t(q[1]), int64_t(q[0])));
   }
-}
 
-// ---------------------------------------------------------------------------------------------------
-// Decode (few activation rows): unpack each unit of a panel into registers and use it at once.
-
-// Sub-blocks j0b.. of the unit's block (global sub-block index j0..) against NC activation rows.
-template <class P, int NC>
-PE_INLINE void dot_unit(const UnitOf<P>& un, const typename P::State& st, int j0b, int64_t j0, const int8_t* xq,
-                        int64_t ldq, const XSub* xs, int64_t ldxs, __m512 (&acc)[NC]) {
-#pragma GCC unroll 4
-  for (int s = 0; s < P::kSubsPerUnit; s++) {
-    const int64_t j = j0 + s;
-    // Two accumulators per row halve the vpdpbusd dependency chain.
-    __m512i ai[NC], bi[NC];
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; c++) {
-      ai[c] = _mm512_set1_epi32(xs[c * ldxs + j].bias);
-      bi[c] = _mm512_setzero_si512();
-    }
-#pragma GCC unroll 8
-    for (int g = 0; g < P::kG; g += 2)
-#pragma GCC unroll 4
-      for (int c = 0; c < NC; c++) {
-        const int8_t* xg = xq + c * ldq + j * P::kSub + 4 * g;
-        ai[c] = _mm512_dpbusd_epi32(ai[c], un.u[s][g], _mm512_set1_epi32(load_i32(xg)));
-        bi[c] = _mm512_dpbusd_epi32(bi[c], un.u[s][g + 1], _mm512_set1_epi32(load_i32(xg + 4)));
-      }
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; c++) {
-      const __m512i dot = _mm512_add_epi32(ai[c], bi[c]);
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[c * ldxs + j].d));
-      acc[c] = _mm512_fmadd_ps(v, st.scale[j0b + s], acc[c]);
-      if (P::kMin) acc[c] = _mm512_fmadd_ps(st.min[j0b + s], _mm512_set1_ps(xs[c * ldxs + j].s), acc[c]);
-    }
+  static PE_INLINE I load_u32(const PanelRows& r, int64_t off) {
+    alignas(64) uint32_t h[16];
+    for (int i = 0; i < 16; i++) std::memcpy(&h[i], r.at(i, off), 4);
+    __asm__("" ::"m"(h));
+    return _mm512_load_si512(h);
   }
-}
 
-// NP panels at once (rows.p + 16 p * stride): independent dependency chains for the out-of-order core.
-template <class P, int NC, int NP>
-__attribute__((noinline)) void gemm_small_panel(const PanelRows& rows, int64_t nblk, const int8_t* xq, int64_t ldq,
-                                                const XSub* xs, int64_t ldxs, float* y, int64_t ldy, int64_t row0,
-                                                int64_t nrows) {
-  __m512 acc[NP][NC];
-  for (int p = 0; p < NP; p++)
-    for (int c = 0; c < NC; c++) acc[p][c] = _mm512_setzero_ps();
-  PanelRows pr[NP];
-  for (int p = 0; p < NP; p++) pr[p] = PanelRows{rows.p + kPanel * p * rows.stride, rows.stride};
-  // Sixteen row streams advancing a few bytes per step defeat the hardware prefetchers: fetch the next
-  // panels (the following rows, contiguous in a dense tensor) while these run.
-  const uint8_t* next = rows.p + NP * kPanel * rows.stride;
-  const int64_t next_lines = NP * kPanel * rows.stride / 64;
-  const int64_t lines_per_block = (next_lines + nblk - 1) / nblk;
-  for (int64_t b = 0; b < nblk; b++) {
-    for (int64_t l = b * lines_per_block; l < std::min(next_lines, (b + 1) * lines_per_block); l++)
-      _mm_prefetch(reinterpret_cast<const char*>(next + 64 * l), _MM_HINT_T0);
-#pragma GCC unroll 2
-    for (int p = 0; p < NP; p++) {
-      typename P::State st;
-      P::begin(pr[p], b * P::kBytes, st);
-#pragma GCC unroll 8
-      for (int unit = 0; unit < kUnits<P>; unit++) {
-        UnitOf<P> un;
-        P::unpack(pr[p], b * P::kBytes, unit, st, un);
-        dot_unit<P, NC>(un, st, unit * P::kSubsPerUnit, (b * kUnits<P> + unit) * P::kSubsPerUnit, xq, ldq, xs, ldxs,
-                        acc[p]);
-      }
-    }
+  // Adds 16 to the bytes of group g (elements 4g..4g+3) whose bit in the 32-bit qh of their row is set.
+  static PE_INLINE I add_q5_high_bits(I u, I qh, int g) {
+    // Every byte of lane i takes byte g/2 of qh[i]; the test then keeps bit 4g + (byte index).
+    const I idx = _mm512_add_epi8(
+        _mm512_set_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404,
+                         0x00000000, 0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000, 0x0C0C0C0C, 0x08080808,
+                         0x04040404, 0x00000000),
+        _mm512_set1_epi8(char(g / 2)));
+    const I bytes = _mm512_shuffle_epi8(qh, idx);
+    const I bits = _mm512_set1_epi32((g & 1) ? int32_t(0x80402010) : 0x08040201);
+    const __mmask64 k = _mm512_test_epi8_mask(bytes, bits);
+    return _mm512_mask_add_epi8(u, k, u, _mm512_set1_epi8(0x10));
   }
-  for (int p = 0; p < NP; p++) store_panel<NC>(acc[p], y, ldy, row0 + kPanel * p, nrows - kPanel * p);
-}
 
-template <class P, int NC>
-void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, float* y, int64_t ldy) {
-  thread_local ScratchBuffer tail;
-  const int64_t nblk = w.cols / P::kBlock;
-  const int8_t* xq = x.q + m0 * x.ldq;
-  const XSub* xs = x.sub + m0 * x.ldsub;
-  int64_t rp = r0;
-  for (; rp + 2 * kPanel <= r1; rp += 2 * kPanel)
-    gemm_small_panel<P, NC, 2>(panel_at<P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp,
-                               2 * kPanel);
-  for (; rp < r1; rp += kPanel)
-    gemm_small_panel<P, NC, 1>(panel_at<P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp,
-                               std::min<int64_t>(kPanel, r1 - rp));
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Prefill (many activation rows): pack whole panels into a buffer, then stream activation rows over
-// them. Packed layout, per sub-block of 4G elements:
-//   G x 64 bytes  the unit's u vectors
-//   16 floats     scales
-//   16 floats     mins (types with a min only)
-
-template <int G, bool MIN>
-constexpr int kSubBytes = G * 64 + (MIN ? 128 : 64);
-
-template <class P>
-__attribute__((noinline)) void pack_panel(const PanelRows& rows, int64_t nblk, uint8_t* dst) {
-  for (int64_t b = 0; b < nblk; b++) {
-    typename P::State st;
-    P::begin(rows, b * P::kBytes, st);
-    for (int unit = 0; unit < kUnits<P>; unit++) {
-      UnitOf<P> un;
-      P::unpack(rows, b * P::kBytes, unit, st, un);
-      for (int s = 0; s < P::kSubsPerUnit; s++, dst += kSubBytes<P::kG, P::kMin>) {
-        for (int g = 0; g < P::kG; g++) _mm512_store_si512(dst + 64 * g, un.u[s][g]);
-        _mm512_store_ps(dst + 64 * P::kG, st.scale[unit * P::kSubsPerUnit + s]);
-        if (P::kMin) _mm512_store_ps(dst + 64 * P::kG + 64, st.min[unit * P::kSubsPerUnit + s]);
-      }
-    }
+  // (v >> shift) & mask in every byte (32-bit shifts; the mask drops what crosses byte boundaries).
+  static PE_INLINE I bits(I v, int shift, int mask) {
+    const I s = shift >= 0 ? _mm512_srli_epi32(v, shift) : _mm512_slli_epi32(v, -shift);
+    return _mm512_and_si512(s, _mm512_set1_epi8(char(mask)));
   }
-}
 
-// Register tile: NP packed panels (panel p at pan + p * pstride) x NC activation rows (row c's values
-// at xq + c * ldq, its sub-block entries at xs + c * ldxs) over nsub sub-blocks.
-template <int G, bool MIN, int NP, int NC>
-PE_INLINE void tile(const uint8_t* pan, int64_t pstride, int64_t nsub, const int8_t* xq, int64_t ldq, const XSub* xs,
-                    int64_t ldxs, __m512 (&acc)[NP][NC]) {
-  for (int64_t j = 0; j < nsub; j++, pan += kSubBytes<G, MIN>, xq += 4 * G, xs++) {
-    __m512i ai[NP][NC];
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; c++) {
-      const __m512i bias = _mm512_set1_epi32(xs[c * ldxs].bias);
-#pragma GCC unroll 4
-      for (int p = 0; p < NP; p++) ai[p][c] = bias;
-    }
-#pragma GCC unroll 8
-    for (int g = 0; g < G; g++) {
-      __m512i wv[NP];
-#pragma GCC unroll 4
-      for (int p = 0; p < NP; p++) wv[p] = _mm512_load_si512(pan + p * pstride + 64 * g);
-#pragma GCC unroll 8
-      for (int c = 0; c < NC; c++) {
-        const __m512i xb = _mm512_set1_epi32(load_i32(xq + c * ldq + 4 * g));
-#pragma GCC unroll 4
-        for (int p = 0; p < NP; p++) ai[p][c] = _mm512_dpbusd_epi32(ai[p][c], wv[p], xb);
-      }
-    }
-#pragma GCC unroll 4
-    for (int p = 0; p < NP; p++) {
-      const __m512 sc = _mm512_load_ps(pan + p * pstride + 64 * G);
-#pragma GCC unroll 8
-      for (int c = 0; c < NC; c++) {
-        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(ai[p][c]), _mm512_set1_ps(xs[c * ldxs].d));
-        acc[p][c] = _mm512_fmadd_ps(v, sc, acc[p][c]);
-      }
-      if (MIN) {
-        const __m512 mn = _mm512_load_ps(pan + p * pstride + 64 * G + 64);
-#pragma GCC unroll 8
-        for (int c = 0; c < NC; c++) acc[p][c] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[c * ldxs].s), acc[p][c]);
-      }
-    }
+  // u | ((v >> shift) & mask) per byte, one ternary-logic op after the shift.
+  static PE_INLINE I or_bits(I u, I v, int shift, int mask) {
+    const I s = shift >= 0 ? _mm512_srli_epi32(v, shift) : _mm512_slli_epi32(v, -shift);
+    return _mm512_ternarylogic_epi32(u, s, _mm512_set1_epi8(char(mask)), 0xF8);  // a | (b & c)
   }
-}
 
-template <int G, bool MIN, int NP, int NC>
-void run_tile(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x, int64_t c0, float* y,
-              int64_t ldy, int64_t rp, int64_t nrows) {
-  __m512 acc[NP][NC];
-  for (int p = 0; p < NP; p++)
-    for (int c = 0; c < NC; c++) acc[p][c] = _mm512_setzero_ps();
-  tile<G, MIN, NP, NC>(pan, pstride, nsub, x.q + c0 * x.ldq, x.ldq, x.sub + c0 * x.ldsub, x.ldsub, acc);
-  for (int p = 0; p < NP && nrows - kPanel * p > 0; p++)
-    store_panel<NC>(acc[p], y + c0 * ldy, ldy, rp + kPanel * p, nrows - kPanel * p);
-}
-
-template <int G, bool MIN, int NP>
-__attribute__((noinline)) void run_tiles(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x,
-                                         int64_t m0, int64_t m1, float* y, int64_t ldy, int64_t rp, int64_t nrows) {
-  int64_t c = m0;
-  for (; c + kTileM <= m1; c += kTileM) run_tile<G, MIN, NP, kTileM>(pan, pstride, nsub, x, c, y, ldy, rp, nrows);
-  switch (m1 - c) {
-    case 1: run_tile<G, MIN, NP, 1>(pan, pstride, nsub, x, c, y, ldy, rp, nrows); break;
-    case 2: run_tile<G, MIN, NP, 2>(pan, pstride, nsub, x, c, y, ldy, rp, nrows); break;
-    case 3: run_tile<G, MIN, NP, 3>(pan, pstride, nsub, x, c, y, ldy, rp, nrows); break;
-    case 4: run_tile<G, MIN, NP, 4>(pan, pstride, nsub, x, c, y, ldy, rp, nrows); break;
-    case 5: run_tile<G, MIN, NP, 5>(pan, pstride, nsub, x, c, y, ldy, rp, nrows); break;
-    default: break;
+ private:
+  static PE_INLINE __m128i load128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+  static PE_INLINE uint64_t load_u16(const uint8_t* p) {
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
   }
-  static_assert(kTileM == 6, "run_tiles' switch covers the tails of kTileM");
-}
-
-template <class P>
-void gemm_large(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
-                int64_t ldy) {
-  constexpr int G = P::kG;
-  const int64_t nblk = w.cols / P::kBlock;
-  const int64_t nsub = w.cols / P::kSub;
-  const int64_t pstride = nsub * kSubBytes<G, P::kMin>;
-  thread_local ScratchBuffer packed, tail;
-  auto* buf = static_cast<uint8_t*>(packed.get(size_t(2 * pstride)));
-  for (int64_t rp = r0; rp < r1; rp += 2 * kPanel) {
-    const int np = r1 - rp > kPanel ? 2 : 1;
-    for (int p = 0; p < np; p++) pack_panel<P>(panel_at<P>(w, rp + kPanel * p, r1, tail), nblk, buf + p * pstride);
-    if (np == 2) run_tiles<G, P::kMin, 2>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
-    else run_tiles<G, P::kMin, 1>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
-  }
-}
-
-template <class P>
-void gemm_type(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
-               int64_t ldy) {
-  switch (m1 - m0) {
-    case 1: return gemm_small<P, 1>(w, x, r0, r1, m0, y, ldy);
-    case 2: return gemm_small<P, 2>(w, x, r0, r1, m0, y, ldy);
-    case 3: return gemm_small<P, 3>(w, x, r0, r1, m0, y, ldy);
-    default: return gemm_large<P>(w, x, r0, r1, m0, m1, y, ldy);
-  }
-  static_assert(kMaxSmallM == 3, "gemm_type's switch covers 1..kMaxSmallM");
-}
-
-void gemm_quant(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
-                int64_t ldy) {
-  switch (w.type) {
-    case GGMLType::Q4_0: return gemm_type<PackQ4_0>(w, x, r0, r1, m0, m1, y, ldy);
-    case GGMLType::Q4_1: return gemm_type<PackQ4_1>(w, x, r0, r1, m0, m1, y, ldy);
-    case GGMLType::Q5_0: return gemm_type<PackQ5<false>>(w, x, r0, r1, m0, m1, y, ldy);
-    case GGMLType::Q5_1: return gemm_type<PackQ5<true>>(w, x, r0, r1, m0, m1, y, ldy);
-    case GGMLType::Q8_0: return gemm_type<PackQ8_0>(w, x, r0, r1, m0, m1, y, ldy);
-    case GGMLType::Q2_K: return gemm_type<PackQ2_K>(w, x, r0, r1, m0, m1, y, ldy);
-    case GGMLType::Q3_K: return gemm_type<PackQ3_K>(w, x, r0, r1, m0, m1, y, ldy);
-    case GGMLType::Q4_K: return gemm_type<PackQ4_K>(w, x, r0, r1, m0, m1, y, ldy);
-    case GGMLType::Q5_K: return gemm_type<PackQ5_K>(w, x, r0, r1, m0, m1, y, ldy);
-    case GGMLType::Q6_K: return gemm_type<PackQ6_K>(w, x, r0, r1, m0, m1, y, ldy);
-    default: return;
-  }
-}
+};
 
 }  // namespace
+}  // namespace pe::cpu
 
-const MatmulKernels kAvx512Kernels = {quantize_x, gemm_quant, gemm_float_avx512};
+#include "cpu/matmul_simd.h"
+
+namespace pe::cpu {
+
+const MatmulKernels kAvx512Kernels = {quantize_x<Avx512>, gemm_quant<Avx512>, gemm_float_avx512};
 
 }  // namespace pe::cpu

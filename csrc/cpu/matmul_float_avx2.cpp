@@ -12,12 +12,6 @@ namespace {
 
 PE_INLINE __m128i load128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 
-PE_INLINE uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-
 PE_INLINE float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -36,17 +30,21 @@ PE_INLINE __m256 load_w8(const uint8_t* row, int64_t i) {
   }
 }
 
+// Elements [i, k) of a row (fewer than 8), zero-padded to a vector. Element i + l lands in lane l as in
+// the main loop, so a row's lane sums, and the result, do not change when k grows by zero-weighted
+// elements (attention's P V: decode sums over the visible keys, prefill over all keys with P = 0 beyond).
 template <GGMLType T>
-PE_INLINE float w_scalar(const uint8_t* row, int64_t i) {
-  if constexpr (T == GGMLType::F32) {
-    float f;
-    std::memcpy(&f, row + 4 * i, 4);
-    return f;
-  } else if constexpr (T == GGMLType::F16) {
-    return _cvtsh_ss(uint16_t(load_u16(row + 2 * i)));
-  } else {
-    return bf16_to_fp32(uint16_t(load_u16(row + 2 * i)));
-  }
+PE_INLINE __m256 load_w8_tail(const uint8_t* row, int64_t i, int64_t k) {
+  const size_t elem = T == GGMLType::F32 ? 4 : 2;
+  alignas(32) uint8_t buf[32] = {};
+  std::memcpy(buf, row + elem * i, size_t(k - i) * elem);
+  return load_w8<T>(buf, 0);
+}
+
+PE_INLINE __m256 load_x8_tail(const float* x, int64_t n) {
+  alignas(32) float buf[8] = {};
+  std::memcpy(buf, x, size_t(n) * sizeof(float));
+  return _mm256_load_ps(buf);
 }
 
 template <GGMLType T, int R, int C>
@@ -69,12 +67,16 @@ void float_tile(const WeightView& w, const float* x, int64_t ldx, int64_t r, int
       for (int a = 0; a < R; a++) acc[a][c] = _mm256_fmadd_ps(wv[a], xv, acc[a][c]);
     }
   }
-  for (int a = 0; a < R; a++)
+  if (i < k) {
+    __m256 wv[R];
+    for (int a = 0; a < R; a++) wv[a] = load_w8_tail<T>(rows[a], i, k);
     for (int c = 0; c < C; c++) {
-      float tail = 0.0f;
-      for (int64_t t = i; t < k; t++) tail += w_scalar<T>(rows[a], t) * x[(c0 + c) * ldx + t];
-      y[(c0 + c) * ldy + r + a] = hsum(acc[a][c]) + tail;
+      const __m256 xv = load_x8_tail(x + (c0 + c) * ldx + i, k - i);
+      for (int a = 0; a < R; a++) acc[a][c] = _mm256_fmadd_ps(wv[a], xv, acc[a][c]);
     }
+  }
+  for (int a = 0; a < R; a++)
+    for (int c = 0; c < C; c++) y[(c0 + c) * ldy + r + a] = hsum(acc[a][c]);
 }
 
 template <GGMLType T, int R>

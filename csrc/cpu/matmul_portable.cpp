@@ -87,17 +87,19 @@ void gemm_float(const WeightView& w, const float* x, int64_t ldx, int64_t r0, in
     dequantize_row_ref(w.type, static_cast<const uint8_t*>(w.data) + r * w.row_stride, k, wf);
     for (int64_t c = m0; c < m1; c++) {
       const float* xc = x + c * ldx;
-      // Four partial sums: shorter dependency chains, and closer to the SIMD paths' rounding.
-      float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      // Four partial sums: shorter dependency chains, and closer to the SIMD paths' rounding. Element i
+      // always goes to sum i % 4, tail included, so that zero-weighted elements appended to k (attention's
+      // masked keys) leave the result unchanged.
+      float a[4] = {0, 0, 0, 0};
       int64_t i = 0;
       for (; i + 4 <= k; i += 4) {
-        a0 += wf[i] * xc[i];
-        a1 += wf[i + 1] * xc[i + 1];
-        a2 += wf[i + 2] * xc[i + 2];
-        a3 += wf[i + 3] * xc[i + 3];
+        a[0] += wf[i] * xc[i];
+        a[1] += wf[i + 1] * xc[i + 1];
+        a[2] += wf[i + 2] * xc[i + 2];
+        a[3] += wf[i + 3] * xc[i + 3];
       }
-      for (; i < k; i++) a0 += wf[i] * xc[i];
-      y[c * ldy + r] = (a0 + a1) + (a2 + a3);
+      for (int l = 0; i < k; i++, l++) a[l] += wf[i] * xc[i];
+      y[c * ldy + r] = (a[0] + a[1]) + (a[2] + a[3]);
     }
   }
 }

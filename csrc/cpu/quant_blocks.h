@@ -23,8 +23,28 @@ struct QuantScheme {
   int block_bytes;
 };
 
+// Every quantized type the matmul kernels handle. A constant expression, so that the SIMD kernels'
+// unpackers (unpack_simd.h) take their block geometry from here at compile time.
+inline constexpr QuantScheme kQuantSchemes[] = {
+    // type            block sub  off max_u min    bytes
+    {GGMLType::Q4_0, QK4_0, 32, 8, 15, false, sizeof(block_q4_0)},
+    {GGMLType::Q4_1, QK4_1, 32, 0, 15, true, sizeof(block_q4_1)},
+    {GGMLType::Q5_0, QK5_0, 32, 16, 31, false, sizeof(block_q5_0)},
+    {GGMLType::Q5_1, QK5_1, 32, 0, 31, true, sizeof(block_q5_1)},
+    {GGMLType::Q8_0, QK8_0, 32, 128, 255, false, sizeof(block_q8_0)},
+    {GGMLType::Q2_K, QK_K, 16, 0, 3, true, sizeof(block_q2_K)},
+    {GGMLType::Q3_K, QK_K, 16, 4, 7, false, sizeof(block_q3_K)},
+    {GGMLType::Q4_K, QK_K, 32, 0, 15, true, sizeof(block_q4_K)},
+    {GGMLType::Q5_K, QK_K, 32, 0, 31, true, sizeof(block_q5_K)},
+    {GGMLType::Q6_K, QK_K, 16, 32, 63, false, sizeof(block_q6_K)},
+};
+
 // nullptr for float types (F32, F16, BF16) and types the kernels do not handle.
-const QuantScheme* quant_scheme(GGMLType t);
+constexpr const QuantScheme* quant_scheme(GGMLType t) {
+  for (const auto& s : kQuantSchemes)
+    if (s.type == t) return &s;
+  return nullptr;
+}
 
 // Unpacks one ggml block (raw bytes) to u[block], scale[block/sub] and, if has_min, min[block/sub].
 void unpack_block(const QuantScheme& s, const uint8_t* blk, uint8_t* u, float* scale, float* min);

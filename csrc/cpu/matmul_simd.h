@@ -1,0 +1,380 @@
+// The quantized matmul kernels, written once over a vector-traits type V and compiled once per ISA:
+// matmul_avx2.cpp and matmul_avx512.cpp each define their V and include this file under their own ISA
+// flags. Everything here has internal linkage (anonymous namespace), so each file gets its own copy and
+// the linker cannot keep the AVX-512 one for the AVX2 file.
+//
+// Scheme: a "panel" is V::kRows weight rows (16 for AVX-512, 8 for AVX2). Unpacking a panel's block
+// transposes it so that one vector holds 4 consecutive u bytes (see quant_blocks.h) of each of the rows:
+// one integer dot-product step against 4 activation bytes broadcast to every lane then advances all
+// the rows' dot products at once, and each sub-block ends with a single convert + scale + accumulate,
+// with no horizontal reductions. Prefill packs whole panels once and streams every activation row over
+// them (a V::kPrefillPanels x V::kTileM register tile); decode unpacks block by block into registers
+// and uses them at once, two panels per loop.
+//
+// Every output is the same float sequence whatever the kernel, tile or ISA: per sub-block,
+// acc = fma(float(idot) * d_x, scale, acc), then acc = fma(min, s_x, acc). The integer dot products are
+// exact, so a row's result does not depend on how many activation rows share the call, and the ISAs
+// agree bit for bit.
+//
+// What V provides (see the two definitions): vector types I (int) and F (float32), kRows lanes; bitwise
+// and shift ops; load_transpose / load_f16 / load_u32 / add_q5_high_bits / bits / or_bits for the
+// unpackers; the integer dot step (kVnni: vpdpbusd; otherwise pmaddubsw + pmaddwd, with int16 sums
+// over a packer's kGS groups); float ops; store_rows for a panel's last rows; and for quantize_x,
+// hmax, hsum_i32 and store_q8 (32 int32 to 32 int8). Tile shapes: kMaxSmallM, kTileM, kPrefillPanels,
+// decode_panels<P>() (1 or 2 panels per decode loop, per packer).
+#pragma once
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/matmul_kernels.h"
+#include "cpu/unpack_simd.h"
+
+namespace pe::cpu {
+namespace {
+
+PE_INLINE int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Activation quantization (see QuantizedX): rounding through cvtps2dq is round-half-even, as the
+// portable path's nearbyint.
+
+template <class V>
+void quantize_x(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, const QuantScheme& s,
+                const QuantizedX& out) {
+  using F = typename V::F;
+  using I = typename V::I;
+  constexpr int N = 32 / V::kRows;  // vectors per 32-element block
+  static_assert(N == 2 || N == 4, "quantize_x's max tree covers 2 or 4 vectors");
+  for (int64_t r = m0; r < m1; r++) {
+    const float* xr = x + r * ldx;
+    int8_t* q = out.q + r * out.ldq;
+    XSub* sub = out.sub + r * out.ldsub;
+    for (int64_t b = 0; b < k / 32; b++) {
+      F v[N], a[N];
+      for (int i = 0; i < N; i++) {
+        v[i] = V::loadu_ps(xr + 32 * b + V::kRows * i);
+        a[i] = V::abs_ps(v[i]);
+      }
+      const F mx = N == 2 ? V::max_ps(a[0], a[1]) : V::max_ps(V::max_ps(a[0], a[1]), V::max_ps(a[2], a[3]));
+      const float amax = V::hmax(mx);
+      const float d = amax / 127.0f;
+      const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+      const F vid = V::set1_ps(id);
+      I qi[N];
+      for (int i = 0; i < N; i++) qi[i] = V::cvt_i32(V::mul(v[i], vid));
+      V::store_q8(q + 32 * b, qi);
+      I h0 = qi[0], h1 = qi[N / 2];
+      for (int i = 1; i < N / 2; i++) {
+        h0 = V::add_i32(h0, qi[i]);
+        h1 = V::add_i32(h1, qi[N / 2 + i]);
+      }
+      const int s0 = V::hsum_i32(h0), s1 = V::hsum_i32(h1);
+      if (s.sub == 16) {
+        sub[2 * b] = XSub{-s.offset * s0, d, d * float(s0), 0.0f};
+        sub[2 * b + 1] = XSub{-s.offset * s1, d, d * float(s1), 0.0f};
+      } else {
+        sub[b] = XSub{-s.offset * (s0 + s1), d, d * float(s0 + s1), 0.0f};
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Shared pieces.
+
+// The panel at rows [rp, rp + kRows) of w; a last panel with fewer rows is copied to `tail` with its
+// last row repeated, so that kernels always read kRows evenly spaced rows (the copies' results are not
+// stored).
+template <class V, class P>
+PanelRows panel_at(const WeightView& w, int64_t rp, int64_t r1, ScratchBuffer& tail) {
+  const auto* base = static_cast<const uint8_t*>(w.data);
+  if (r1 - rp >= V::kRows) return PanelRows{base + rp * int64_t(w.row_stride), int64_t(w.row_stride)};
+  const int64_t rb = w.cols / P::kBlock * P::kBytes;
+  auto* d = static_cast<uint8_t*>(tail.get(size_t(V::kRows * rb)));
+  for (int i = 0; i < V::kRows; i++)
+    std::memcpy(d + i * rb, base + std::min(rp + i, r1 - 1) * int64_t(w.row_stride), rb);
+  return PanelRows{d, rb};
+}
+
+// Writes kRows-row results for NC activation rows to y[c * ldy + row0 + lane], keeping the first nrows.
+template <class V, int NC>
+PE_INLINE void store_panel(const typename V::F (&acc)[NC], float* y, int64_t ldy, int64_t row0, int64_t nrows) {
+  for (int c = 0; c < NC; c++) {
+    float* dst = y + c * ldy + row0;
+    if (nrows >= V::kRows) V::storeu_ps(dst, acc[c]);
+    else V::store_rows(dst, acc[c], nrows);
+  }
+}
+
+// Integer dot products of one sub-block (G groups of 4 elements) of NP panels with NC activation rows:
+// acc[p][c] lane i = bias_c + sum over the sub-block of u[p][row i] * x[c] (no bias when SIGNED).
+// w(p, g) is panel p's vector of group g; row c's 4G int8 values are at xq + c * ldq, its entry at
+// xs + c * ldxs.
+template <class V, int G, int GS, bool SIGNED, int NP, int NC, class W>
+PE_INLINE void dot_sub(const W& w, const int8_t* xq, int64_t ldq, const XSub* xs, int64_t ldxs,
+                       typename V::I (&acc)[NP][NC]) {
+  using I = typename V::I;
+  if constexpr (V::kVnni) {
+    static_assert(!SIGNED, "vpdpbusd takes unsigned weights");
+    // Few independent chains (decode): two accumulators per output halve the vpdpbusd dependency chain.
+    constexpr int kChains = NP * NC < 4 ? 2 : 1;
+    I part[kChains][NP][NC];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++) {
+      const I bias = V::set1_i32(xs[c * ldxs].bias);
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; p++) {
+        part[0][p][c] = bias;
+        if (kChains == 2) part[kChains - 1][p][c] = V::zero_i();
+      }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+      I wv[NP];
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; p++) wv[p] = w(p, g);
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; c++) {
+        const I xb = V::set1_i32(load_i32(xq + c * ldq + 4 * g));
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; p++) part[g % kChains][p][c] = V::dpbusd(part[g % kChains][p][c], wv[p], xb);
+      }
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; p++)
+        acc[p][c] = kChains == 2 ? V::add_i32(part[0][p][c], part[kChains - 1][p][c]) : part[0][p][c];
+  } else {
+    // pmaddubsw sums pairs of u8 x s8 products to int16 (saturating); GS groups' sums stay in int16
+    // before one pmaddwd widens them (the packer's kGS keeps them below 2^15).
+    const I ones = V::set1_i16(1);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++)
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; p++) acc[p][c] = SIGNED ? V::zero_i() : V::set1_i32(xs[c * ldxs].bias);
+#pragma GCC unroll 8
+    for (int g0 = 0; g0 < G; g0 += GS) {
+      I s16[NP][NC];
+      for (int g = g0; g < g0 + GS && g < G; g++) {
+        I wv[NP], wabs[NP];
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; p++) {
+          wv[p] = w(p, g);
+          wabs[p] = SIGNED ? V::sign_i8(wv[p], wv[p]) : wv[p];
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) {
+          const I xb = V::set1_i32(load_i32(xq + c * ldq + 4 * g));
+#pragma GCC unroll 4
+          for (int p = 0; p < NP; p++) {
+            const I prod = V::maddubs(wabs[p], SIGNED ? V::sign_i8(xb, wv[p]) : xb);
+            s16[p][c] = g == g0 ? prod : V::add_i16(s16[p][c], prod);
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; c++)
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; p++) acc[p][c] = V::add_i32(acc[p][c], V::madd_i16(s16[p][c], ones));
+    }
+  }
+}
+
+// The float step that ends every sub-block: acc += float(idot) * d_x * scale (+ min * s_x).
+template <class V, bool MIN, int NC>
+PE_INLINE void scale_sub(const typename V::I (&idot)[NC], typename V::F scale, typename V::F min, const XSub* xs,
+                         int64_t ldxs, typename V::F (&acc)[NC]) {
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; c++) {
+    const typename V::F v = V::mul(V::cvt(idot[c]), V::set1_ps(xs[c * ldxs].d));
+    acc[c] = V::fmadd(v, scale, acc[c]);
+  }
+  if (MIN)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++) acc[c] = V::fmadd(min, V::set1_ps(xs[c * ldxs].s), acc[c]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Decode (few activation rows): unpack each unit of a panel into registers and use it at once.
+
+// NP panels at once (rows.p + kRows p * stride): independent dependency chains for the out-of-order
+// core.
+template <class V, class P, int NC, int NP>
+__attribute__((noinline)) void gemm_small_panel(const PanelRows& rows, int64_t nblk, const int8_t* xq, int64_t ldq,
+                                                const XSub* xs, int64_t ldxs, float* y, int64_t ldy, int64_t row0,
+                                                int64_t nrows) {
+  using I = typename V::I;
+  using F = typename V::F;
+  F acc[NP][NC];
+  for (int p = 0; p < NP; p++)
+    for (int c = 0; c < NC; c++) acc[p][c] = V::zero_ps();
+  PanelRows pr[NP];
+  for (int p = 0; p < NP; p++) pr[p] = PanelRows{rows.p + V::kRows * p * rows.stride, rows.stride};
+  // kRows row streams advancing a few bytes per step defeat the hardware prefetchers: fetch the next
+  // panels (the following rows, contiguous in a dense tensor) while these run.
+  const uint8_t* next = rows.p + NP * V::kRows * rows.stride;
+  const int64_t next_lines = NP * V::kRows * rows.stride / 64;
+  const int64_t lines_per_block = (next_lines + nblk - 1) / nblk;
+  for (int64_t b = 0; b < nblk; b++) {
+    for (int64_t l = b * lines_per_block; l < std::min(next_lines, (b + 1) * lines_per_block); l++)
+      _mm_prefetch(reinterpret_cast<const char*>(next + 64 * l), _MM_HINT_T0);
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; p++) {
+      typename P::State st;
+      P::begin(pr[p], b * P::kBytes, st);
+#pragma GCC unroll 8
+      for (int unit = 0; unit < kUnits<P>; unit++) {
+        UnitOf<V, P> un;
+        P::unpack(pr[p], b * P::kBytes, unit, st, un);
+        // Half unrolled: fully unrolling a K-quant unit's 8 sub-blocks measured 16% slower on AVX-512 (Q3_K).
+#pragma GCC unroll 4
+        for (int s = 0; s < P::kSubsPerUnit; s++) {
+          const int sb = unit * P::kSubsPerUnit + s;
+          const int64_t j = b * (P::kBlock / P::kSub) + sb;
+          I idot[1][NC];
+          dot_sub<V, P::kG, P::kGS, P::kSigned, 1, NC>([&](int, int g) { return un.u[s][g]; }, xq + j * P::kSub,
+                                                       ldq, xs + j, ldxs, idot);
+          scale_sub<V, P::kMin, NC>(idot[0], st.scale[sb], st.min[sb], xs + j, ldxs, acc[p]);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < NP; p++) store_panel<V, NC>(acc[p], y, ldy, row0 + V::kRows * p, nrows - V::kRows * p);
+}
+
+template <class V, class P, int NC>
+void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, float* y, int64_t ldy) {
+  thread_local ScratchBuffer tail;
+  const int64_t nblk = w.cols / P::kBlock;
+  const int8_t* xq = x.q + m0 * x.ldq;
+  const XSub* xs = x.sub + m0 * x.ldsub;
+  int64_t rp = r0;
+  if constexpr (V::template decode_panels<P>() == 2)
+    for (; rp + 2 * V::kRows <= r1; rp += 2 * V::kRows)
+      gemm_small_panel<V, P, NC, 2>(panel_at<V, P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy,
+                                    ldy, rp, 2 * V::kRows);
+  for (; rp < r1; rp += V::kRows)
+    gemm_small_panel<V, P, NC, 1>(panel_at<V, P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy,
+                                  rp, std::min<int64_t>(V::kRows, r1 - rp));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Prefill (many activation rows): pack whole panels into a buffer, then stream activation rows over
+// them. Packed layout, per sub-block of 4G elements:
+//   G vectors  the unit's u vectors
+//   1 vector   scales (floats)
+//   1 vector   mins (types with a min only)
+
+template <class V, int G, bool MIN>
+constexpr int kSubBytes = G * sizeof(typename V::I) + (MIN ? 2 : 1) * sizeof(typename V::F);
+
+template <class V, class P>
+__attribute__((noinline)) void pack_panel(const PanelRows& rows, int64_t nblk, uint8_t* dst) {
+  constexpr int kVec = sizeof(typename V::I);
+  for (int64_t b = 0; b < nblk; b++) {
+    typename P::State st;
+    P::begin(rows, b * P::kBytes, st);
+    for (int unit = 0; unit < kUnits<P>; unit++) {
+      UnitOf<V, P> un;
+      P::unpack(rows, b * P::kBytes, unit, st, un);
+      for (int s = 0; s < P::kSubsPerUnit; s++, dst += kSubBytes<V, P::kG, P::kMin>) {
+        for (int g = 0; g < P::kG; g++) V::store_i(dst + kVec * g, un.u[s][g]);
+        V::store_ps(dst + kVec * P::kG, st.scale[unit * P::kSubsPerUnit + s]);
+        if (P::kMin) V::store_ps(dst + kVec * P::kG + kVec, st.min[unit * P::kSubsPerUnit + s]);
+      }
+    }
+  }
+}
+
+// Register tile: NP packed panels (panel p at pan + p * pstride) x NC activation rows from row c0, over
+// nsub sub-blocks; stores rows [rp, rp + nrows) of the NC outputs.
+template <class V, int G, int GS, bool MIN, bool SIGNED, int NP, int NC>
+void run_tile(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x, int64_t c0, float* y,
+              int64_t ldy, int64_t rp, int64_t nrows) {
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr int kVec = sizeof(I);
+  F acc[NP][NC];
+  for (int p = 0; p < NP; p++)
+    for (int c = 0; c < NC; c++) acc[p][c] = V::zero_ps();
+  const int8_t* xq = x.q + c0 * x.ldq;
+  const XSub* xs = x.sub + c0 * x.ldsub;
+  for (int64_t j = 0; j < nsub; j++, pan += kSubBytes<V, G, MIN>, xq += 4 * G, xs++) {
+    I idot[NP][NC];
+    dot_sub<V, G, GS, SIGNED, NP, NC>([&](int p, int g) { return V::load_i(pan + p * pstride + kVec * g); }, xq,
+                                      x.ldq, xs, x.ldsub, idot);
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++) {
+      const F sc = V::load_ps(pan + p * pstride + kVec * G);
+      const F mn = MIN ? V::load_ps(pan + p * pstride + kVec * G + kVec) : sc;
+      scale_sub<V, MIN, NC>(idot[p], sc, mn, xs, x.ldsub, acc[p]);
+    }
+  }
+  for (int p = 0; p < NP && nrows - V::kRows * p > 0; p++)
+    store_panel<V, NC>(acc[p], y + c0 * ldy, ldy, rp + V::kRows * p, nrows - V::kRows * p);
+}
+
+template <class V, int G, int GS, bool MIN, bool SIGNED, int NP, int... Tails>
+PE_INLINE void run_tile_tail(int64_t left, const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x,
+                             int64_t c, float* y, int64_t ldy, int64_t rp, int64_t nrows,
+                             std::integer_sequence<int, Tails...>) {
+  ((left == Tails + 1 ? run_tile<V, G, GS, MIN, SIGNED, NP, Tails + 1>(pan, pstride, nsub, x, c, y, ldy, rp, nrows)
+                      : void()),
+   ...);
+}
+
+template <class V, int G, int GS, bool MIN, bool SIGNED, int NP>
+__attribute__((noinline)) void run_tiles(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x,
+                                         int64_t m0, int64_t m1, float* y, int64_t ldy, int64_t rp, int64_t nrows) {
+  constexpr int M = V::kTileM;
+  int64_t c = m0;
+  for (; c + M <= m1; c += M) run_tile<V, G, GS, MIN, SIGNED, NP, M>(pan, pstride, nsub, x, c, y, ldy, rp, nrows);
+  if (c < m1)
+    run_tile_tail<V, G, GS, MIN, SIGNED, NP>(m1 - c, pan, pstride, nsub, x, c, y, ldy, rp, nrows,
+                                             std::make_integer_sequence<int, M - 1>{});
+}
+
+template <class V, class P>
+void gemm_large(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
+                int64_t ldy) {
+  constexpr int G = P::kG, NP = V::kPrefillPanels;
+  static_assert(NP == 1 || NP == 2, "gemm_large runs full tiles of NP panels, then single panels");
+  const int64_t nblk = w.cols / P::kBlock;
+  const int64_t nsub = w.cols / P::kSub;
+  const int64_t pstride = nsub * kSubBytes<V, G, P::kMin>;
+  thread_local ScratchBuffer packed, tail;
+  auto* buf = static_cast<uint8_t*>(packed.get(size_t(NP * pstride)));
+  for (int64_t rp = r0; rp < r1; rp += NP * V::kRows) {
+    const int np = r1 - rp > (NP - 1) * V::kRows ? NP : 1;
+    for (int p = 0; p < np; p++)
+      pack_panel<V, P>(panel_at<V, P>(w, rp + V::kRows * p, r1, tail), nblk, buf + p * pstride);
+    if (np == NP) run_tiles<V, G, P::kGS, P::kMin, P::kSigned, NP>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+    else run_tiles<V, G, P::kGS, P::kMin, P::kSigned, 1>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+  }
+}
+
+template <class V, class P>
+void gemm_type(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
+               int64_t ldy) {
+  static_assert(V::kMaxSmallM == 3, "gemm_type's switch covers 1..kMaxSmallM");
+  switch (m1 - m0) {
+    case 1: return gemm_small<V, P, 1>(w, x, r0, r1, m0, y, ldy);
+    case 2: return gemm_small<V, P, 2>(w, x, r0, r1, m0, y, ldy);
+    case 3: return gemm_small<V, P, 3>(w, x, r0, r1, m0, y, ldy);
+    default: return gemm_large<V, P>(w, x, r0, r1, m0, m1, y, ldy);
+  }
+}
+
+template <class V>
+void gemm_quant(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
+                int64_t ldy) {
+  with_packer<V>(w.type, [&](auto packer) { gemm_type<V, decltype(packer)>(w, x, r0, r1, m0, m1, y, ldy); });
+}
+
+}  // namespace
+}  // namespace pe::cpu

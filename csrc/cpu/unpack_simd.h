@@ -1,0 +1,305 @@
+// Weight unpacking for the SIMD matmul kernels, written once over a vector-traits type V (see
+// matmul_simd.h for what V provides): V::kRows rows of a block of any quantized type to vectors of u
+// bytes (see quant_blocks.h), one int32 lane per row. Included by matmul_simd.h only, so it is compiled
+// once per ISA with that file's flags; everything here has internal linkage, so the linker cannot
+// swap one ISA's copy for another's.
+#pragma once
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/matmul_kernels.h"
+
+namespace pe::cpu {
+namespace {
+
+// V::kRows weight rows `stride` bytes apart.
+struct PanelRows {
+  const uint8_t* p;
+  int64_t stride;
+  PE_INLINE const uint8_t* at(int i, int64_t off) const { return p + i * stride + off; }
+};
+
+template <class V, int S, int G>
+struct Unit {
+  typename V::I u[S][G];
+};
+
+template <class V, int NSUB>
+struct ScaleState {
+  typename V::F scale[NSUB];
+  typename V::F min[NSUB];
+};
+
+// Q4_0-style nibbles: groups 0..3 are the low nibbles of bytes 0..15, groups 4..7 the high ones.
+template <class V>
+PE_INLINE void nibble_groups(const typename V::I t[4], typename V::I out[8]) {
+  const auto m4 = V::set1_i8(0x0F);
+  for (int g = 0; g < 4; g++) {
+    out[g] = V::and_(t[g], m4);
+    out[g + 4] = V::and_(V::srli_i16(t[g], 4), m4);
+  }
+}
+
+// ((v >> shift) & mask) per int32 lane, as float.
+template <class V>
+PE_INLINE typename V::F field_f(typename V::I v, int shift, int mask) {
+  return V::cvt(V::and_(V::srli_i32(v, shift), V::set1_i32(mask)));
+}
+
+// A packer describes one type: its QuantScheme S (block geometry, offset, min), sub-blocks of
+// kSub = 4 kG elements unpacked kSubsPerUnit at a time. begin() decodes what a block's units share
+// (scales, mins, high bits) into a State; unpack() produces one unit's u vectors: per sub-block, kG
+// vectors where vector g holds u of elements 4g..4g+3 of row i in int32 lane i.
+//
+// kSigned: u holds the signed q (Q8_0 on ISAs without vpdpbusd: pmaddubsw's u8 x s8 products of u up to
+// 255 would saturate int16, so the kernel uses the sign trick instead and ignores the offset).
+template <class V, GGMLType T, int SUBS_PER_UNIT, bool SIGNED = false>
+struct PackBase {
+  static constexpr const QuantScheme& S = *quant_scheme(T);
+  static constexpr int kBlock = S.block, kSub = S.sub, kG = S.sub / 4, kSubsPerUnit = SUBS_PER_UNIT;
+  static constexpr int kBytes = S.block_bytes;
+  static constexpr bool kMin = S.has_min, kSigned = SIGNED;
+  // Groups whose pmaddubsw results can be summed in int16: each is at most 2 * max|u| * 127.
+  static constexpr int kMaxAbsU = SIGNED ? 128 : S.max_u;
+  static constexpr int kGS = std::max(1, std::min(kG, 32767 / (2 * 127 * kMaxAbsU)));
+  static_assert(V::kVnni || 2 * 127 * kMaxAbsU <= 32767, "pmaddubsw would saturate: use the signed form");
+};
+
+template <class V>
+struct PackQ4_0 : PackBase<V, GGMLType::Q4_0, 1> {
+  using I = typename V::I;
+  using State = ScaleState<V, 1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) { st.scale[0] = V::load_f16(r, off); }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
+    I t[4];
+    V::load_transpose(r, off + 2, t);
+    nibble_groups<V>(t, out.u[0]);
+  }
+};
+
+template <class V>
+struct PackQ4_1 : PackBase<V, GGMLType::Q4_1, 1> {
+  using I = typename V::I;
+  using State = ScaleState<V, 1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    st.scale[0] = V::load_f16(r, off);
+    st.min[0] = V::load_f16(r, off + 2);
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
+    I t[4];
+    V::load_transpose(r, off + 4, t);
+    nibble_groups<V>(t, out.u[0]);
+  }
+};
+
+template <class V, bool Q51>
+struct PackQ5 : PackBase<V, Q51 ? GGMLType::Q5_1 : GGMLType::Q5_0, 1> {
+  using I = typename V::I;
+  using State = ScaleState<V, 1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    st.scale[0] = V::load_f16(r, off);
+    if (Q51) st.min[0] = V::load_f16(r, off + 2);
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
+    constexpr int qh_off = Q51 ? 4 : 2;
+    I t[4];
+    V::load_transpose(r, off + qh_off + 4, t);
+    nibble_groups<V>(t, out.u[0]);
+    const I qh = V::load_u32(r, off + qh_off);
+    for (int g = 0; g < 8; g++) out.u[0][g] = V::add_q5_high_bits(out.u[0][g], qh, g);
+  }
+};
+template <class V>
+using PackQ5_0 = PackQ5<V, false>;
+template <class V>
+using PackQ5_1 = PackQ5<V, true>;
+
+template <class V>
+struct PackQ8_0 : PackBase<V, GGMLType::Q8_0, 1, !V::kVnni> {
+  using I = typename V::I;
+  using State = ScaleState<V, 1>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) { st.scale[0] = V::load_f16(r, off); }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
+    // vpdpbusd: int8 q -> u = q + 128 (the offset); otherwise the signed q as it is.
+    const I flip = V::set1_i8(V::kVnni ? 0x80 : 0);
+    I t[4];
+    V::load_transpose(r, off + 2, t);
+    for (int g = 0; g < 4; g++) out.u[0][g] = V::kVnni ? V::xor_(t[g], flip) : t[g];
+    V::load_transpose(r, off + 18, t);
+    for (int g = 0; g < 4; g++) out.u[0][g + 4] = V::kVnni ? V::xor_(t[g], flip) : t[g];
+  }
+};
+
+// Q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin. Element 128n + 32j + l is
+// bits 2j..2j+1 of qs[32n + l]; unit n holds sub-blocks 8n..8n+7 (sub-block 8n + 2j + l / 16).
+template <class V>
+struct PackQ2_K : PackBase<V, GGMLType::Q2_K, 8> {
+  using I = typename V::I;
+  using F = typename V::F;
+  using State = ScaleState<V, 16>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const F d = V::load_f16(r, off + 80), dmin = V::load_f16(r, off + 82);
+    I s[4];
+    V::load_transpose(r, off, s);
+    for (int j = 0; j < 16; j++) {
+      st.scale[j] = V::mul(d, field_f<V>(s[j / 4], 8 * (j % 4), 0xF));
+      st.min[j] = V::neg(V::mul(dmin, field_f<V>(s[j / 4], 8 * (j % 4) + 4, 0xF)));
+    }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State&, Unit<V, 8, 4>& out) {
+    I q[8];
+    V::load_transpose(r, off + 16 + 32 * n, q);
+    V::load_transpose(r, off + 32 + 32 * n, q + 4);
+    for (int j = 0; j < 4; j++)
+      for (int h = 0; h < 2; h++)
+        for (int g = 0; g < 4; g++) out.u[2 * j + h][g] = V::bits(q[4 * h + g], 2 * j, 3);
+  }
+};
+
+// Q3_K: hmask[32], qs[64], scales[12] (16 6-bit values, offset 32), d. Element 128n + 32j + l is bits
+// 2j..2j+1 of qs[32n + l] plus 4 * bit (4n + j) of hmask[l]; unit n holds sub-blocks 8n..8n+7.
+template <class V>
+struct PackQ3_K : PackBase<V, GGMLType::Q3_K, 8> {
+  using I = typename V::I;
+  using F = typename V::F;
+  struct State : ScaleState<V, 16> {
+    I hm[8];
+  };
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const F d = V::load_f16(r, off + 108);
+    I s[4];  // bytes 92..107: s[1..3] are the scales (the read stays inside the block)
+    V::load_transpose(r, off + 92, s);
+    for (int j = 0; j < 16; j++) {
+      const I lo = V::and_(V::srli_i32(s[1 + (j % 8) / 4], 8 * (j % 4) + 4 * (j / 8)), V::set1_i32(0xF));
+      const I hi = V::and_(V::srli_i32(s[3], 8 * (j % 4) + 2 * (j / 4)), V::set1_i32(3));
+      const I sc = V::sub_i32(V::or_(lo, V::slli_i32(hi, 4)), V::set1_i32(32));
+      st.scale[j] = V::mul(d, V::cvt(sc));
+    }
+    V::load_transpose(r, off, st.hm);
+    V::load_transpose(r, off + 16, st.hm + 4);
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State& st, Unit<V, 8, 4>& out) {
+    I q[8];
+    V::load_transpose(r, off + 32 + 32 * n, q);
+    V::load_transpose(r, off + 48 + 32 * n, q + 4);
+    for (int j = 0; j < 4; j++)
+      for (int h = 0; h < 2; h++)
+        for (int g = 0; g < 4; g++) {
+          const int b = 4 * n + j;  // hmask bit, moved to bit 2
+          out.u[2 * j + h][g] = V::or_bits(V::bits(q[4 * h + g], 2 * j, 3), st.hm[4 * h + g], b - 2, 4);
+        }
+  }
+};
+
+// Q4_K / Q5_K: d, dmin, 12 bytes of 6-bit scales and mins, (Q5_K: qh[32]), qs[128]. Sub-block 2c is the
+// low nibbles of qs[32c..32c+32), 2c+1 the high ones; Q5_K's fifth bit of element 32j + l is bit j of
+// qh[l]. Unit c holds sub-blocks 2c and 2c+1.
+template <class V, bool Q5>
+struct PackQ45_K : PackBase<V, Q5 ? GGMLType::Q5_K : GGMLType::Q4_K, 2> {
+  using I = typename V::I;
+  using F = typename V::F;
+  struct State : ScaleState<V, 8> {
+    I qh[Q5 ? 8 : 1];
+  };
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const F d = V::load_f16(r, off), dmin = V::load_f16(r, off + 2);
+    I s[4];  // bytes 4..19: s[0..2] are the 12 scale bytes
+    V::load_transpose(r, off + 4, s);
+    for (int j = 0; j < 8; j++) {
+      I sc, m;
+      if (j < 4) {
+        sc = V::and_(V::srli_i32(s[0], 8 * j), V::set1_i32(63));
+        m = V::and_(V::srli_i32(s[1], 8 * j), V::set1_i32(63));
+      } else {
+        const int i = 8 * (j - 4);
+        sc = V::or_(V::and_(V::srli_i32(s[2], i), V::set1_i32(0xF)),
+                    V::and_(V::srli_i32(s[0], i + 2), V::set1_i32(0x30)));
+        m = V::or_(V::and_(V::srli_i32(s[2], i + 4), V::set1_i32(0xF)),
+                   V::and_(V::srli_i32(s[1], i + 2), V::set1_i32(0x30)));
+      }
+      st.scale[j] = V::mul(d, V::cvt(sc));
+      st.min[j] = V::neg(V::mul(dmin, V::cvt(m)));
+    }
+    if (Q5) {
+      V::load_transpose(r, off + 16, st.qh);
+      V::load_transpose(r, off + 32, st.qh + 4);
+    }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int c, const State& st, Unit<V, 2, 8>& out) {
+    const int qs = (Q5 ? 48 : 16) + 32 * c;
+    I t[8];
+    V::load_transpose(r, off + qs, t);
+    V::load_transpose(r, off + qs + 16, t + 4);
+    for (int g = 0; g < 8; g++) {
+      out.u[0][g] = V::bits(t[g], 0, 0xF);
+      out.u[1][g] = V::bits(t[g], 4, 0xF);
+      if (Q5) {
+        out.u[0][g] = V::or_bits(out.u[0][g], st.qh[g], 2 * c - 4, 0x10);
+        out.u[1][g] = V::or_bits(out.u[1][g], st.qh[g], 2 * c + 1 - 4, 0x10);
+      }
+    }
+  }
+};
+template <class V>
+using PackQ4_K = PackQ45_K<V, false>;
+template <class V>
+using PackQ5_K = PackQ45_K<V, true>;
+
+// Q6_K: ql[128], qh[64], int8 scales[16], d. Element 128n + 64s + t is nibble s of ql[64n + t] plus
+// bits 2k..2k+1 of qh[32n + t % 32] (k = 2s + t / 32) times 16; unit n holds sub-blocks 8n..8n+7.
+template <class V>
+struct PackQ6_K : PackBase<V, GGMLType::Q6_K, 8> {
+  using I = typename V::I;
+  using F = typename V::F;
+  using State = ScaleState<V, 16>;
+  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
+    const F d = V::load_f16(r, off + 208);
+    I s[4];
+    V::load_transpose(r, off + 192, s);
+    for (int j = 0; j < 16; j++) {
+      const I sc = V::srai_i32(V::slli_i32(s[j / 4], 24 - 8 * (j % 4)), 24);
+      st.scale[j] = V::mul(d, V::cvt(sc));
+    }
+  }
+  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State&, Unit<V, 8, 4>& out) {
+    I ql[16], qh[8];
+    for (int i = 0; i < 4; i++) V::load_transpose(r, off + 64 * n + 16 * i, ql + 4 * i);
+    for (int i = 0; i < 2; i++) V::load_transpose(r, off + 128 + 32 * n + 16 * i, qh + 4 * i);
+    for (int sub = 0; sub < 8; sub++) {
+      const int s = sub / 4;
+      for (int gg = 0; gg < 4; gg++) {
+        const int g = 4 * (sub % 4) + gg;  // group within the 64 ql bytes
+        const int k = 2 * s + g / 8;
+        out.u[sub][gg] = V::or_bits(V::bits(ql[g], 4 * s, 0xF), qh[g % 8], 2 * k - 4, 0x30);
+      }
+    }
+  }
+};
+
+// Which packer unpacks which type: the one list of types the SIMD kernels handle. Calls
+// f(Packer<V>{}) for w's type; returns false for a type without a packer.
+template <class V, class Fn>
+PE_INLINE bool with_packer(GGMLType t, Fn&& f) {
+  switch (t) {
+    case GGMLType::Q4_0: f(PackQ4_0<V>{}); return true;
+    case GGMLType::Q4_1: f(PackQ4_1<V>{}); return true;
+    case GGMLType::Q5_0: f(PackQ5_0<V>{}); return true;
+    case GGMLType::Q5_1: f(PackQ5_1<V>{}); return true;
+    case GGMLType::Q8_0: f(PackQ8_0<V>{}); return true;
+    case GGMLType::Q2_K: f(PackQ2_K<V>{}); return true;
+    case GGMLType::Q3_K: f(PackQ3_K<V>{}); return true;
+    case GGMLType::Q4_K: f(PackQ4_K<V>{}); return true;
+    case GGMLType::Q5_K: f(PackQ5_K<V>{}); return true;
+    case GGMLType::Q6_K: f(PackQ6_K<V>{}); return true;
+    default: return false;
+  }
+}
+
+template <class P>
+constexpr int kUnits = P::kBlock / (P::kSub * P::kSubsPerUnit);
+
+template <class V, class P>
+using UnitOf = Unit<V, P::kSubsPerUnit, P::kG>;
+
+}  // namespace
+}  // namespace pe::cpu
