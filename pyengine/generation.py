@@ -28,7 +28,8 @@ from .tokenizer import Tokenizer
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["ChatSession", "ContextShiftWarning", "Generation", "GenerationStats", "generate", "generate_batch"]
+__all__ = ["ChatSession", "ContextShiftWarning", "Generation", "GenerationStats", "TokenLogprob", "generate",
+           "generate_batch"]
 
 
 class ContextShiftWarning(UserWarning):
@@ -58,6 +59,27 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else float("nan")
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits, before
+    penalties and temperature, as OpenAI and vLLM report them) and the most likely tokens at that step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token, logprob), most likely first
+
+
+def _logprob_entry(logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
+    x = np.asarray(logits, dtype=np.float64)
+    log_z = x.max() + np.log(np.exp(x - x.max()).sum())
+    top: list[tuple[int, float]] = []
+    if n_top > 0:
+        ids = np.argpartition(x, x.size - n_top)[x.size - n_top:]
+        ids = ids[np.argsort(-x[ids], kind="stable")]
+        top = [(int(i), float(x[i] - log_z)) for i in ids]
+    return TokenLogprob(token, float(x[token] - log_z), top)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -93,6 +115,7 @@ class Generation:
         self.text = ""  # streamed so far (stop strings and stop tokens excluded)
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
         self.cache_ids: list[int] = []  # tokens held in the KV cache once done
+        self.logprobs: list[TokenLogprob] = []  # per generated token, when params.logprobs is set
         self._sampler = Sampler(params)
         self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eog_ids))
         self._stops = [s for s in params.stop if s]
@@ -153,6 +176,8 @@ class Generation:
         stats.sampling_seconds += time.perf_counter() - t0
         self.token_ids.append(token)
         stats.generated_tokens += 1
+        if p.logprobs is not None:
+            self.logprobs.append(_logprob_entry(logits, token, p.logprobs))
         if token in self._stop_ids:
             stats.finish_reason, stats.stop = "stop", token
             return ""

@@ -38,6 +38,7 @@ class SamplingParams:
     stop: Sequence[str] = ()  # strings that end generation; they are not part of the output
     stop_token_ids: Sequence[int] = ()  # ids that end generation, besides the model's end-of-generation ids
     ignore_eos: bool = False  # keep going past the model's end-of-generation ids
+    logprobs: int | None = None  # record each token's log-probability and the top-N alternatives (0-20)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +50,7 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be None or in [0, 20]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -7,6 +7,7 @@ models, 413 for bodies over the cap, 503 when every slot is busy and the queue i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -19,13 +20,16 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import ChatTemplate, TemplateError
-from ..generation import GenerationStats
+from ..generation import GenerationStats, TokenLogprob
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .scheduler import Job, QueueFullError, Scheduler
 from .schemas import ChatCompletionRequest, CompletionRequest, check_supported
 
 __all__ = ["ServerConfig", "create_app"]
+
+COUNTERS = {"requests_finished", "requests_cancelled", "requests_failed", "tokens_generated", "prompt_tokens",
+            "prompt_tokens_reused"}
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded"}
@@ -129,6 +133,15 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
     async def health() -> dict:
         return {"status": "ok", **scheduler.status()}
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format: the scheduler's counters and gauges."""
+        lines = []
+        for name, value in scheduler.status().items():
+            metric = f"pyengine_{name}" + ("_total" if name in COUNTERS else "")
+            lines += [f"# TYPE {metric} {'counter' if name in COUNTERS else 'gauge'}", f"{metric} {value}"]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [_model_card(config.model_id, created)]}
@@ -150,7 +163,7 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
             raise ApiError(400, str(e), "messages") from None
         # As transformers' apply_chat_template: the template writes BOS itself where the model wants one.
         ids = tokenizer.encode(prompt, add_special_tokens=False)
-        return await _serve(request, req, ids, "chat.completion", scheduler, config)
+        return await _serve(request, req, ids, "chat.completion", scheduler, config, tokenizer)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -164,7 +177,7 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
         else:
             text = prompt[0] if isinstance(prompt, list) else prompt
             ids = tokenizer.encode(text or "", add_special_tokens=True)
-        return await _serve(request, req, ids, "text_completion", scheduler, config)
+        return await _serve(request, req, ids, "text_completion", scheduler, config, tokenizer)
 
     return app
 
@@ -229,16 +242,66 @@ def _sampling_params(req: Any, n_prompt: int, scheduler: Scheduler, config: Serv
     )
 
 
-def _usage(n_prompt: int, stats: GenerationStats | None) -> dict:
-    generated = stats.generated_tokens if stats else 0
+def _usage(n_prompt: int, stats: list[GenerationStats | None]) -> dict:
+    generated = sum(st.generated_tokens for st in stats if st is not None)
     return {"prompt_tokens": n_prompt, "completion_tokens": generated, "total_tokens": n_prompt + generated}
 
 
-async def _serve(request: Request, req: Any, ids: list[int], kind: str, scheduler: Scheduler,
-                 config: ServerConfig) -> Response:
-    params = _sampling_params(req, len(ids), scheduler, config)
+def _logprobs_json(entries: list[TokenLogprob], chat: bool, tokenizer: Tokenizer, offset: int = 0) -> dict:
+    """OpenAI's logprobs object: chat's {"content": [...]}, or completions' parallel lists."""
+    def text(t: int) -> tuple[str, list[int]]:
+        b = tokenizer.token_to_piece(t)
+        return b.decode("utf-8", errors="replace"), list(b)
+
+    if chat:
+        content = []
+        for e in entries:
+            tok, raw = text(e.token)
+            top = [{"token": (tt := text(t))[0], "logprob": lp, "bytes": tt[1]} for t, lp in e.top]
+            content.append({"token": tok, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
+        return {"content": content}
+    tokens = [text(e.token)[0] for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(t)[0]: lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+def _submit(scheduler: Scheduler, ids: list[int], params: SamplingParams, n: int) -> list[Job]:
+    """n jobs for n choices; with a seed, choice i samples with seed + i."""
+    jobs: list[Job] = []
     try:
-        job = scheduler.submit(ids, params)
+        for i in range(n):
+            seed = None if params.seed is None else params.seed + i
+            jobs.append(scheduler.submit(ids, dataclasses.replace(params, seed=seed)))
+    except QueueFullError:
+        for job in jobs:
+            job.cancel()
+        raise
+    return jobs
+
+
+def _merge(jobs: list[Job]) -> tuple[asyncio.Queue, list[asyncio.Task]]:
+    """One queue of (choice index, event, value) fed by every job's events."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, job: Job) -> None:
+        while True:
+            event, value = await job.events.get()
+            merged.put_nowait((i, event, value))
+            if event not in ("text", "logprobs"):
+                return
+
+    return merged, [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+
+
+async def _serve(request: Request, req: Any, ids: list[int], kind: str, scheduler: Scheduler,
+                 config: ServerConfig, tokenizer: Tokenizer) -> Response:
+    params = dataclasses.replace(_sampling_params(req, len(ids), scheduler, config), logprobs=req.n_top_logprobs())
+    try:
+        jobs = _submit(scheduler, ids, params, req.n)
     except QueueFullError as e:
         return error_response(503, str(e), code="server_busy", headers={"Retry-After": "1"})
     chat = kind == "chat.completion"
@@ -246,75 +309,107 @@ async def _serve(request: Request, req: Any, ids: list[int], kind: str, schedule
             "model": config.model_id}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(job, meta, chat, len(ids), include_usage), media_type="text/event-stream",
+        return StreamingResponse(_stream(jobs, meta, chat, len(ids), include_usage, tokenizer),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    pieces, stats = [], None
+    n = len(jobs)
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    stats: list[GenerationStats | None] = [None] * n
+    merged, pumps = _merge(jobs)
     loop = asyncio.get_running_loop()
     next_check = loop.time() + config.disconnect_poll_s
     try:
-        while True:
+        while any(st is None for st in stats):
             try:
-                event, value = await asyncio.wait_for(job.events.get(), config.disconnect_poll_s)
+                i, event, value = await asyncio.wait_for(merged.get(), config.disconnect_poll_s)
             except asyncio.TimeoutError:
-                event, value = None, None
+                i, event, value = None, None, None
             # Checked on a clock, not only when no text arrives: a fast model never leaves the queue idle.
             if loop.time() >= next_check:
                 next_check = loop.time() + config.disconnect_poll_s
                 if await request.is_disconnected():
                     return Response(status_code=499)
-            if event is None:
-                continue
             if event == "text":
-                pieces.append(value)
+                pieces[i].append(value)
+            elif event == "logprobs":
+                logprobs[i] += value
             elif event == "done":
-                stats = value
-                break
-            else:
+                stats[i] = value
+            elif event == "error":
                 return error_response(500, f"generation failed: {value}", code="generation_failed")
     finally:
-        job.cancel()  # no-op when done; frees the slot when the client left or the handler was cancelled
-    text = "".join(pieces)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": stats.finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return JSONResponse({**meta, "object": kind, "choices": [choice], "usage": _usage(len(ids), stats)})
+        for job in jobs:
+            job.cancel()  # no-op when done; frees the slot when the client left or the handler was cancelled
+        for pump in pumps:
+            pump.cancel()
+    choices = []
+    for i in range(n):
+        text = "".join(pieces[i])
+        lp = None if params.logprobs is None else _logprobs_json(logprobs[i], chat, tokenizer)
+        choice: dict[str, Any] = {"index": i, "finish_reason": stats[i].finish_reason, "logprobs": lp}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choices.append(choice)
+    return JSONResponse({**meta, "object": kind, "choices": choices, "usage": _usage(len(ids), stats)})
 
 
-async def _stream(job: Job, meta: dict, chat: bool, n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+async def _stream(jobs: list[Job], meta: dict, chat: bool, n_prompt: int, include_usage: bool,
+                  tokenizer: Tokenizer) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; with n > 1 the
+    choices' chunks interleave, each carrying its index."""
     kind = "chat.completion.chunk" if chat else "text_completion"
+    n = len(jobs)
+    pending_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    offsets = [0] * n
+    stats: list[GenerationStats | None] = [None] * n
+    want_logprobs = jobs[0].params.logprobs is not None
 
-    def chunk(delta: dict | str, finish_reason: str | None = None) -> str:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    def chunk(i: int, delta: dict | str, finish_reason: str | None = None) -> str:
+        lp = None
+        if want_logprobs and pending_logprobs[i]:
+            lp = _logprobs_json(pending_logprobs[i], chat, tokenizer, offsets[i])
+            pending_logprobs[i] = []
+        choice: dict[str, Any] = {"index": i, "finish_reason": finish_reason, "logprobs": lp}
         if chat:
             choice["delta"] = delta
         else:
             choice["text"] = delta
+            offsets[i] += len(delta)
         body: dict[str, Any] = {**meta, "object": kind, "choices": [choice]}
         if include_usage:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    merged, pumps = _merge(jobs)
     try:
         if chat:
-            yield chunk({"role": "assistant", "content": ""})
-        while True:
-            event, value = await job.events.get()
-            if event == "text":
-                yield chunk({"content": value} if chat else value)
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+        while any(st is None for st in stats):
+            i, event, value = await merged.get()
+            if event == "logprobs":
+                pending_logprobs[i] += value
+            elif event == "text":
+                yield chunk(i, {"content": value} if chat else value)
             elif event == "done":
-                yield chunk({} if chat else "", value.finish_reason)
-                if include_usage:
-                    yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': _usage(n_prompt, value)})}\n\n"
-                break
+                stats[i] = value
+                yield chunk(i, {} if chat else "", value.finish_reason)
             else:
                 error = {"message": f"generation failed: {value}", "type": "server_error", "param": None,
                          "code": "generation_failed"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 break
+        else:
+            if include_usage:
+                usage = _usage(n_prompt, stats)
+                yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel()  # the client disconnected (the response was cancelled), or we are done
+        for job in jobs:
+            job.cancel()  # the client disconnected (the response was cancelled), or we are done
+        for pump in pumps:
+            pump.cancel()

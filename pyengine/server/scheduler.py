@@ -76,6 +76,7 @@ class _Slot:
         self.n_evaluated = 0  # prompt tokens in the cache
         self.cached: list[int] = []  # tokens in the cache (kept after the request, for prefix reuse)
         self.loop_start: float | None = None
+        self.sent_logprobs = 0  # entries of generation.logprobs already sent
 
     @property
     def prefilling(self) -> bool:
@@ -101,7 +102,7 @@ class Scheduler:
         self.n_ctx = self.engine.n_ctx
         self._waiting: collections.deque[Job] = collections.deque()
         self.counters = {"requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0,
-                         "tokens_generated": 0, "prompt_tokens_reused": 0}
+                         "tokens_generated": 0, "prompt_tokens": 0, "prompt_tokens_reused": 0}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="pyengine-engine", daemon=True)
@@ -184,8 +185,10 @@ class Scheduler:
             self.engine.seq_truncate(slot.index, keep)
             slot.cached = slot.cached[:keep]
             slot.job, slot.generation, slot.n_evaluated, slot.loop_start = job, generation, keep, None
+            slot.sent_logprobs = 0
             generation.n_cached = generation.stats.cached_tokens = keep
             self.counters["prompt_tokens_reused"] += keep
+            self.counters["prompt_tokens"] += len(job.prompt_ids)
 
     def _free(self, slot: _Slot, outcome: str | None = None) -> None:
         with self._cond:
@@ -197,6 +200,15 @@ class Scheduler:
             if outcome:
                 self.counters[outcome] += 1
             slot.job, slot.generation = None, None
+
+    @staticmethod
+    def _send_logprobs(slot: _Slot) -> None:
+        """The new tokens' log-probabilities, ahead of their text; not those of a stop token."""
+        gen = slot.generation
+        end = len(gen.logprobs) - (1 if gen.finished and isinstance(gen.stats.stop, int) else 0)
+        if end > slot.sent_logprobs:
+            slot.job._emit("logprobs", gen.logprobs[slot.sent_logprobs:end])
+            slot.sent_logprobs = end
 
     def _step(self, busy: list[_Slot]) -> None:
         """One forward pass: a prompt chunk of each prefilling slot, the new token of each decoding one."""
@@ -230,6 +242,7 @@ class Scheduler:
             else:
                 slot.cached.append(gen.token_ids[-1])
             piece = gen.step(next(rows))
+            self._send_logprobs(slot)
             if piece:
                 slot.job._emit("text", piece)
             if gen.finished or self.engine.seq_len(slot.index) >= self.n_ctx:

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI API, as much of them as the server honours.
 
-Fields the server does not implement but clients send by habit (`user`, `logprobs: false`, ...)
-are ignored; ones that would change the answer if ignored (`n` > 1, `logprobs: true`, `tools`,
-`echo`, `suffix`) are rejected with a 400 by `check_supported`.
+Fields the server does not implement but clients send by habit (`user`, ...) are ignored; ones that
+would change the answer if ignored (`tools`, `echo`, `suffix`, `n` above `MAX_N`) are rejected with a
+400 by `check_supported`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "MAX_N", "StreamOptions"]
+
+MAX_N = 8  # choices per request; each takes a slot
 
 
 class _Request(BaseModel):
@@ -46,7 +48,12 @@ class _Sampling(_Request):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    # chat: logprobs (bool) + top_logprobs (0-20); completions: logprobs (int, 0-5 in OpenAI's API)
     logprobs: Optional[Union[bool, int]] = None
+
+    def n_top_logprobs(self) -> Optional[int]:
+        """None: no log-probabilities; else how many alternatives per token."""
+        raise NotImplementedError
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -56,9 +63,13 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     tools: Optional[list[Any]] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def n_top_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
@@ -72,13 +83,18 @@ class CompletionRequest(_Sampling):
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens
 
+    def n_top_logprobs(self) -> Optional[int]:
+        return None if self.logprobs is None or self.logprobs is False else int(self.logprobs)
+
 
 def check_supported(req: _Sampling) -> tuple[str, str] | None:
     """(message, param) of the first field set to something the server does not do, or None."""
-    if req.n != 1:
-        return "only n=1 is supported", "n"
-    if req.logprobs:
-        return "logprobs are not supported", "logprobs"
+    if not 1 <= req.n <= MAX_N:
+        return f"n must be in [1, {MAX_N}]", "n"
+    if isinstance(req, CompletionRequest) and req.logprobs is not None and not 0 <= int(req.logprobs) <= 20:
+        return "logprobs must be in [0, 20]", "logprobs"
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
+        return "top_logprobs needs logprobs: true", "top_logprobs"
     if len(req.stop_list()) > 4:
         return "at most 4 stop sequences", "stop"
     if isinstance(req, ChatCompletionRequest) and req.tools:
