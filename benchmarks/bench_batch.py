@@ -7,8 +7,10 @@ decode call with B rows (random next tokens, logits for all B rows); tokens/s = 
 - pyengine: one subprocess per (model, B); one warm-up round, then the median of --reps rounds.
 - llama.cpp: `llama-batched-bench` (built natively by llama_cpp_tools.py) on the same file, one process
   per rep covering every B, the S_TG t/s column; median per B over --reps processes. Each process warms
-  up on 16 tokens itself. Flash attention is left at its default (auto) in both llama-bench and
-  llama-batched-bench; the JSON keeps the tool's own settings line.
+  up on 16 tokens itself. Flash attention is left at its default, auto, in both llama-bench and
+  llama-batched-bench (no -fa); in llama.cpp 0.3.36 auto builds FLASH_ATTN_EXT nodes on the CPU, so it is
+  on. The JSON keeps the tool's own settings line and every rep's value: on a shared machine one rep
+  can be several times slower than the others, which the median of 3 hides and of 2 does not.
 
     python benchmarks/make_models.py --types q4_0,q8_0
     python benchmarks/bench_batch.py [--models smollm2-q4_0,smollm2-q8_0,chatglm3-6b-q4_0] [--batches 1,2,4,8,16]
