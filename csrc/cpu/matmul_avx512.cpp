@@ -20,7 +20,7 @@ struct Avx512 {
   using F = __m512;
   static constexpr int kRows = 16;           // weight rows per panel: one int32 lane each
   static constexpr bool kVnni = true;        // integer dot step: vpdpbusd
-  static constexpr int kMaxSmallM = 3;       // up to this many activation rows, decode kernels
+  static constexpr int kMaxSmallM = 8;       // up to this many activation rows, decode kernels
   static constexpr int kTileM = 6;           // activation rows per prefill register tile ...
   static constexpr int kPrefillPanels = 2;   // ... times this many panels
   template <class P>

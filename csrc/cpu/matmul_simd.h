@@ -254,7 +254,8 @@ void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1
   const int8_t* xq = x.q + m0 * x.ldq;
   const XSub* xs = x.sub + m0 * x.ldsub;
   int64_t rp = r0;
-  if constexpr (V::template decode_panels<P>() == 2)
+  // Two panels per loop give the core independent chains; with more rows the rows already do.
+  if constexpr (V::template decode_panels<P>() == 2 && NC <= 3)
     for (; rp + 2 * V::kRows <= r1; rp += 2 * V::kRows)
       gemm_small_panel<V, P, NC, 2>(panel_at<V, P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy,
                                     ldy, rp, 2 * V::kRows);
@@ -358,16 +359,19 @@ void gemm_large(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1
   }
 }
 
+template <class V, class P, int... N>
+PE_INLINE void small_rows(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
+                          float* y, int64_t ldy, std::integer_sequence<int, N...>) {
+  ((m1 - m0 == N + 1 ? gemm_small<V, P, N + 1>(w, x, r0, r1, m0, y, ldy) : void()), ...);
+}
+
 template <class V, class P>
 void gemm_type(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
                int64_t ldy) {
-  static_assert(V::kMaxSmallM == 3, "gemm_type's switch covers 1..kMaxSmallM");
-  switch (m1 - m0) {
-    case 1: return gemm_small<V, P, 1>(w, x, r0, r1, m0, y, ldy);
-    case 2: return gemm_small<V, P, 2>(w, x, r0, r1, m0, y, ldy);
-    case 3: return gemm_small<V, P, 3>(w, x, r0, r1, m0, y, ldy);
-    default: return gemm_large<V, P>(w, x, r0, r1, m0, m1, y, ldy);
-  }
+  // Up to kMaxSmallM rows (a decode step of a few sequences) unpack each weight unit into registers
+  // and use it for every row at once: packing a panel to memory first only pays for many rows.
+  if (m1 - m0 > V::kMaxSmallM) return gemm_large<V, P>(w, x, r0, r1, m0, m1, y, ldy);
+  small_rows<V, P>(w, x, r0, r1, m0, m1, y, ldy, std::make_integer_sequence<int, V::kMaxSmallM>{});
 }
 
 template <class V>
