@@ -1,25 +1,48 @@
 // Attention over the paged CPU KV cache. Query rows are cut into blocks of consecutive rows of one
 // sequence (a prompt chunk, or one decode row); each (block, head) is one work item, run on one
 // thread: for every cache page the block sees, scores = Q K_page^T, then a softmax over each row's
-// visible keys, then out = sum over pages of P_page V_page. Each K and V page is read once per block
-// and head, through the float matmul kernels' register tiles.
-//
-// Blocks hold at most kQueryBlock rows, below the row count from which the float kernels switch to
-// their packed-panel algorithm (16 on AVX-512): every row's dot products are then summed in the same
-// order whether the row is decoded alone or prefilled among others, so a sequence gets the same
-// bits either way (8-bit activation rounding would otherwise amplify one-ulp differences).
+// visible keys, then out = sum over pages of P_page V_page (attention_kernels.h). Each K and V page
+// is read once per block and head. A row's sums run in the same order whatever its block, so a
+// sequence gets the same bits decoded token by token or prefilled (8-bit activation rounding would
+// otherwise amplify one-ulp differences).
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#define PE_ATTN_INLINE inline
+#include "cpu/attention_simd.h"
 #include "cpu/kv_layout.h"
 #include "cpu/ops.h"
+#include "cpu_features.h"
 
 namespace pe::cpu {
 
 namespace {
 
-constexpr int64_t kQueryBlock = 8;  // query rows per work item; see the note in attention()
+constexpr int64_t kQueryBlock = kMaxQueryBlock;  // query rows per work item
+
+// The portable kernels: attention_simd.h's loops with one float per "vector".
+struct Scalar {
+  using F = float;
+  static constexpr int W = 1;
+  static F zero() { return 0.f; }
+  static F set1(float v) { return v; }
+  static F fmadd(F a, F b, F c) { return a * b + c; }
+  static F load_f32(const float* p, int) { return *p; }
+  static F load_f16(const fp16_t* p, int) { return fp16_to_fp32(*p); }
+  static void store(float* p, F v, int) { *p = v; }
+};
+
+const AttentionKernels& kernels() {
+#if defined(PE_X86)
+  switch (cpu_path()) {
+    case CpuPath::AVX512: return kAvx512Attention;
+    case CpuPath::AVX2: return kAvx2Attention;
+    default: break;
+  }
+#endif
+  return kPortableAttention;
+}
 
 // p[0..n) = softmax(scale * s[0..n)), in place.
 void softmax(float* s, int64_t n, float scale) {
@@ -42,9 +65,13 @@ struct Block {
 
 }  // namespace
 
+const AttentionKernels kPortableAttention = {scores<Scalar>, values<Scalar>};
+
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
                float scale, const Tensor& out) {
   const KVPageLayout lay(kv);
+  const AttentionKernels& k = kernels();
+  const bool f16 = lay.type == GGMLType::F16;
   const int hd = lay.head_dim, group = n_head / lay.n_kv_head;
   const int64_t P = KVCache::kPageSize;
   const auto* seq = static_cast<const int32_t*>(rows.seq.data);
@@ -72,16 +99,15 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     const int64_t nb = b.r1 - b.r0;
     const int64_t first_page = b.k0 / P, last_page = (b.k1 - 1) / P;
     const int64_t base = first_page * P, width = b.k1 - base;  // scores cover keys [base, k1)
-    thread_local std::vector<float> scores, partial;
+    thread_local std::vector<float> scores;
     if (int64_t(scores.size()) < nb * width) scores.resize(size_t(nb * width));
-    if (int64_t(partial.size()) < nb * hd) partial.resize(size_t(nb * hd));
     float* const sc = scores.data();
 
     const float* qb = q.row(b.r0) + int64_t(h) * hd;
     for (int64_t pg = first_page; pg <= last_page; pg++) {
       const int64_t n_keys = std::min(P, b.k1 - pg * P);
       uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
-      matmul_float_serial(lay.keys_view(page, g, n_keys), qb, nb, q.ld(), sc + (pg * P - base), width);
+      k.scores(lay.keys_t(page, g), f16, P, hd, int(n_keys), qb, q.ld(), int(nb), sc + (pg * P - base), width);
     }
     for (int64_t t = 0; t < nb; t++) {
       float* s = sc + t * width;
@@ -91,17 +117,11 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       std::fill(s + hi, s + width, 0.0f);
     }
     float* ob = out.row(b.r0) + int64_t(h) * hd;
+    for (int64_t t = 0; t < nb; t++) std::fill(ob + t * out.ld(), ob + t * out.ld() + hd, 0.0f);
     for (int64_t pg = first_page; pg <= last_page; pg++) {
       const int64_t n_keys = std::min(P, b.k1 - pg * P);
       uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
-      const Tensor vt = lay.values_t_view(page, g, n_keys);
-      if (pg == first_page) {
-        matmul_float_serial(vt, sc + (pg * P - base), nb, width, ob, out.ld());
-        continue;
-      }
-      matmul_float_serial(vt, sc + (pg * P - base), nb, width, partial.data(), hd);
-      for (int64_t t = 0; t < nb; t++)
-        for (int d = 0; d < hd; d++) ob[t * out.ld() + d] += partial[size_t(t * hd + d)];
+      k.values(lay.values(page, g), f16, hd, int(n_keys), sc + (pg * P - base), width, int(nb), ob, out.ld());
     }
   });
 }

@@ -370,8 +370,11 @@ void gemm_type(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1,
                int64_t ldy) {
   // Up to kMaxSmallM rows (a decode step of a few sequences) unpack each weight unit into registers
   // and use it for every row at once: packing a panel to memory first only pays for many rows.
-  if (m1 - m0 > V::kMaxSmallM) return gemm_large<V, P>(w, x, r0, r1, m0, m1, y, ldy);
-  small_rows<V, P>(w, x, r0, r1, m0, m1, y, ldy, std::make_integer_sequence<int, V::kMaxSmallM>{});
+  // Up to twice that, two passes over the weights still cost less than packing them.
+  if (m1 - m0 > 2 * V::kMaxSmallM) return gemm_large<V, P>(w, x, r0, r1, m0, m1, y, ldy);
+  for (int64_t c = m0; c < m1; c += V::kMaxSmallM)
+    small_rows<V, P>(w, x, r0, r1, c, std::min<int64_t>(m1, c + V::kMaxSmallM), y, ldy,
+                     std::make_integer_sequence<int, V::kMaxSmallM>{});
 }
 
 template <class V>
