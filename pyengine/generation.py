@@ -22,7 +22,7 @@ import numpy as np
 
 from ._C import ContextLengthError
 from .chat_template import ChatTemplate
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, json_schema_of
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -121,6 +121,13 @@ class Generation:
         self._stops = [s for s in params.stop if s]
         self._detok = tokenizer.detokenizer(skip_special_tokens=True)
         self._pending = ""  # decoded, not yet streamed: could be the start of a stop string
+        constrained, schema = json_schema_of(params.response_format)
+        self._constraint = None
+        if constrained:
+            from .constraint import json_constraint
+
+            self._constraint = json_constraint(tokenizer, schema)
+            self._stop_ids |= set(tokenizer.eog_ids)  # the document is complete: nothing may follow
         self._iterator = self._run()
         self._on_finish: list[Callable[[Generation], None]] = []
         self._closed = False
@@ -172,7 +179,12 @@ class Generation:
             stats.finish_reason = "length"
             return ""
         t0 = time.perf_counter()
-        token = self._sampler(logits, self.token_ids, self.prompt_ids)
+        allowed = logits
+        if self._constraint is not None:  # only tokens that keep the output valid JSON
+            allowed = np.where(self._constraint.mask(), logits, np.float32(-np.inf))
+        token = self._sampler(allowed, self.token_ids, self.prompt_ids)
+        if self._constraint is not None and token not in self._stop_ids:
+            self._constraint.advance(token)
         stats.sampling_seconds += time.perf_counter() - t0
         self.token_ids.append(token)
         stats.generated_tokens += 1

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Sampler", "SamplingParams"]
+__all__ = ["Sampler", "SamplingParams", "json_schema_of"]
 
 
 @dataclass
@@ -39,6 +39,9 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()  # ids that end generation, besides the model's end-of-generation ids
     ignore_eos: bool = False  # keep going past the model's end-of-generation ids
     logprobs: int | None = None  # record each token's log-probability and the top-N alternatives (0-20)
+    # Constrained output, OpenAI's (and llama-cpp-python's) shape: {"type": "json_object"}, or
+    # {"type": "json_schema", "json_schema": {"schema": {...}}}; {"type": "text"} or None: free text.
+    response_format: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,9 +55,29 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be None or in [0, 20]"),
         ]
+        if self.response_format is not None:
+            json_schema_of(self.response_format)  # raises on a malformed one
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"SamplingParams: {message}, got {self}")
+
+
+def json_schema_of(response_format: dict | None) -> tuple[bool, dict | None]:
+    """(constrained?, schema) of a response_format: json_object is (True, None), any JSON object."""
+    if response_format is None:
+        return False, None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError('response_format json_schema needs {"json_schema": {"schema": {...}}}')
+        return True, schema
+    raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', not {kind!r}")
 
 
 class Sampler:

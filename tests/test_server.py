@@ -252,6 +252,31 @@ def test_n_choices(server):
     assert streamed == texts
 
 
+def test_response_format(server):
+    """json_schema and json_object output by constrained sampling: what comes back parses, and
+    validates against the schema (jsonschema, an independent validator)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client = server.client()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    ask = [{"role": "user", "content": "Give the capital of France and its population as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    r = chat(client, server.model, ask, temperature=0, max_tokens=80, response_format=fmt)
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    assert r.choices[0].finish_reason == "stop"
+    streamed, _ = stream_text(client, server.model, ask, temperature=0, max_tokens=80, response_format=fmt)
+    assert streamed == r.choices[0].message.content
+    free = chat(client, server.model, ask, temperature=0.8, seed=3, max_tokens=80,
+                response_format={"type": "json_object"}).choices[0].message.content
+    assert isinstance(json.loads(free), dict)
+    url = f"{server.url}/v1/chat/completions"
+    bad = {"model": server.model, "messages": ask, "max_tokens": 4}
+    for response_format in ({"type": "json_schema", "json_schema": {"schema": {"not": {"type": "string"}}}},
+                            {"type": "yaml"}, {"type": "json_schema"}):
+        assert assert_error(httpx.post(url, json={**bad, "response_format": response_format}), 400)["param"] == \
+            "response_format"
+
+
 def test_metrics(server):
     chat(server.client(), server.model, PARIS, temperature=0, max_tokens=2)
     r = httpx.get(f"{server.url}/metrics")

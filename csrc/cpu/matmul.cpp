@@ -58,11 +58,6 @@ void dequantize_row(const Tensor& w, int64_t r, float* out) {
   dequantize_row_ref(w.type, static_cast<const uint8_t*>(w.data) + r * w.row_stride, w.cols, out);
 }
 
-void matmul_float_serial(const Tensor& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) {
-  // Internal (attention): the callers build these views from checked cache geometry.
-  if (m > 0 && w.rows > 0) kernels().gemm_float(w, x, ldx, 0, w.rows, 0, m, y, ldy);
-}
-
 void matmul(Executor& ex, const Tensor& w, const Tensor& xt, const Tensor& yt) {
   const float* x = xt.row(0);
   float* y = yt.row(0);

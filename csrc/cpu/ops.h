@@ -13,9 +13,6 @@ namespace pe::cpu {
 
 void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y);
 bool matmul_supports(GGMLType t);
-// The product for float weights (F32, F16, BF16) on the calling thread only, for callers that split
-// their work over the pool themselves (attention, per head and page).
-void matmul_float_serial(const Tensor& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy);
 // out[0..w.cols) = row r of w as float32.
 void dequantize_row(const Tensor& w, int64_t r, float* out);
 

@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import ChatTemplate, TemplateError
 from ..generation import GenerationStats, TokenLogprob
-from ..sampling import SamplingParams
+from ..constraint import json_constraint
+from ..sampling import SamplingParams, json_schema_of
 from ..tokenizer import Tokenizer
 from .scheduler import Job, QueueFullError, Scheduler
 from .schemas import ChatCompletionRequest, CompletionRequest, check_supported
@@ -223,7 +224,8 @@ def _text(content: Any, index: int) -> str:
     return "".join(texts)
 
 
-def _sampling_params(req: Any, n_prompt: int, scheduler: Scheduler, config: ServerConfig) -> SamplingParams:
+def _sampling_params(req: Any, n_prompt: int, scheduler: Scheduler, config: ServerConfig,
+                     tokenizer: Tokenizer) -> SamplingParams:
     if n_prompt == 0:
         raise ApiError(400, "the prompt is empty", "prompt")
     if n_prompt > scheduler.n_ctx:
@@ -235,10 +237,17 @@ def _sampling_params(req: Any, n_prompt: int, scheduler: Scheduler, config: Serv
         raise ApiError(400, f"{param} is {max_tokens}, more than this server allows ({config.max_tokens_cap})", param)
     room = scheduler.n_ctx - n_prompt + 1  # generation stops at a full context anyway
     limit = min(config.max_tokens_cap, room) if max_tokens is None else min(max_tokens, room)
+    try:
+        constrained, schema = json_schema_of(req.response_format)
+        if constrained:
+            json_constraint(tokenizer, schema)  # a schema it cannot enforce is the client's error
+    except (ValueError, ImportError) as e:
+        raise ApiError(400, str(e), "response_format") from None
     return SamplingParams(
         max_new_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, seed=req.seed, stop=tuple(s for s in req.stop_list() if s),
+        response_format=req.response_format,
     )
 
 
@@ -299,7 +308,8 @@ def _merge(jobs: list[Job]) -> tuple[asyncio.Queue, list[asyncio.Task]]:
 
 async def _serve(request: Request, req: Any, ids: list[int], kind: str, scheduler: Scheduler,
                  config: ServerConfig, tokenizer: Tokenizer) -> Response:
-    params = dataclasses.replace(_sampling_params(req, len(ids), scheduler, config), logprobs=req.n_top_logprobs())
+    params = dataclasses.replace(_sampling_params(req, len(ids), scheduler, config, tokenizer),
+                                 logprobs=req.n_top_logprobs())
     try:
         jobs = _submit(scheduler, ids, params, req.n)
     except QueueFullError as e:

@@ -50,6 +50,8 @@ class _Sampling(_Request):
     repetition_penalty: float = Field(1.0, gt=0.0)
     # chat: logprobs (bool) + top_logprobs (0-20); completions: logprobs (int, 0-5 in OpenAI's API)
     logprobs: Optional[Union[bool, int]] = None
+    # {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}
+    response_format: Optional[dict[str, Any]] = None
 
     def n_top_logprobs(self) -> Optional[int]:
         """None: no log-probabilities; else how many alternatives per token."""
