@@ -257,7 +257,8 @@ def test_response_format(server):
     validates against the schema (jsonschema, an independent validator)."""
     jsonschema = pytest.importorskip("jsonschema")
     client = server.client()
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                               "population": {"type": "integer", "minimum": 0, "maximum": 10**9}},
               "required": ["city", "population"], "additionalProperties": False}
     ask = [{"role": "user", "content": "Give the capital of France and its population as JSON."}]
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
