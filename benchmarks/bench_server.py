@@ -1,12 +1,15 @@
-"""`pyengine serve` under load: throughput and time to first token at 1, 4 and 8 concurrent clients.
+"""`pyengine serve` and llama.cpp's `llama-server` under load: throughput and time to first token at
+1, 4 and 8 concurrent clients, same GGUF, same threads, same run.
 
-Starts the server in a subprocess on a free 127.0.0.1 port (so the clients' Python does not share
-its GIL), then for each concurrency c runs c clients at once, each sending --requests streaming chat
-completions one after another. Throughput is all completion tokens (from the usage chunk) over the
-wall time of the round; TTFT is from sending a request to its first content chunk.
+Each server runs in a subprocess on a free 127.0.0.1 port (so the clients' Python does not share
+its GIL) with as many slots as the largest concurrency (`--parallel` / `-np`, continuous batching in
+both). For each concurrency c, c clients run at once, each sending --requests streaming chat
+completions one after another. Throughput is all completion tokens (from the usage chunk, else one
+per content chunk) over the wall time of the round; TTFT is from sending a request to its first
+content chunk. llama-server is built natively by llama_cpp_tools.py.
 
-    python benchmarks/bench_server.py                        # default model, 1/4/8 clients
-    python benchmarks/bench_server.py -m model.gguf -c 1,2 --max-tokens 64
+    python benchmarks/bench_server.py                        # default model, 1/4/8 clients, both engines
+    python benchmarks/bench_server.py -m model.gguf -c 1,2 --max-tokens 64 --engines pyengine
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def one_request(url: str, model: str, question: str, max_tokens: int, seed: int)
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0.7, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, chunks = None, 0, 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -56,9 +59,11 @@ def one_request(url: str, model: str, question: str, max_tokens: int, seed: int)
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - t0
-    return {"ttft": ttft if ttft is not None else time.perf_counter() - t0, "tokens": tokens,
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    return {"ttft": ttft if ttft is not None else time.perf_counter() - t0, "tokens": tokens or chunks,
             "seconds": time.perf_counter() - t0}
 
 
@@ -93,26 +98,23 @@ def run_round(url: str, model: str, clients: int, requests: int, max_tokens: int
             "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95)}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
-    p.add_argument("-c", "--clients", default="1,4,8", help="concurrency levels")
-    p.add_argument("--requests", type=int, default=2, help="requests per client per round")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--out", default=str(HERE / "results" / "server.json"))
-    args = p.parse_args()
-    levels = [int(c) for c in args.clients.split(",")]
+def server_command(engine: str, model: Path, port: int, slots: int, threads: int) -> list[str]:
+    if engine == "pyengine":
+        return [sys.executable, "-m", "pyengine", "serve", "--port", str(port), "--parallel", str(slots),
+                "--n-ctx", "1024", "--log-level", "warning", "-m", str(model), "-t", str(threads)]
+    from llama_cpp_tools import tool_path
 
+    return [str(tool_path("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-np", str(slots), "-c", str(1024 * slots), "-t", str(threads), "-tb", str(threads), "--log-disable"]
+
+
+def bench_engine(engine: str, model: Path, levels: list[int], args) -> list[dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "pyengine", "serve", "--port", str(port), "--parallel", str(max(levels)),
-           "--n-ctx", "1024", "--log-level", "warning"]
-    cmd += ["-m", args.model] if args.model else []
-    cmd += ["-t", str(args.threads)] if args.threads else []
-    server = subprocess.Popen(cmd)
+    server = subprocess.Popen(server_command(engine, model, port, max(levels), args.threads),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while True:
             try:
                 if httpx.get(f"{url}/health").status_code == 200:
@@ -120,30 +122,49 @@ def main() -> int:
             except httpx.TransportError:
                 pass
             if server.poll() is not None or time.time() > deadline:
-                raise SystemExit("bench_server: the server did not start")
+                raise SystemExit(f"bench_server: {engine} did not start")
             time.sleep(0.2)
-        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        one_request(url, model, QUESTIONS[0], 4, 0)  # warm-up
+        name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        one_request(url, name, QUESTIONS[0], 4, 0)  # warm-up
         rows = []
         for c in levels:
-            rows.append(run_round(url, model, c, args.requests, args.max_tokens))
-            r = rows[-1]
-            print(f"  {c} clients: {r['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+            rows.append({"engine": engine, **run_round(url, name, c, args.requests, args.max_tokens)})
+            print(f"  {engine}, {c} clients: {rows[-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+        return rows
     finally:
         server.terminate()
         server.wait(timeout=30)
 
-    print(f"\nmodel {model}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
-          f"{platform.machine()} with {os.cpu_count()} CPUs\n")
-    print("| clients | requests | tokens | total tok/s | per-client tok/s | TTFT p50 (s) | TTFT p95 (s) |")
-    print("|--------:|---------:|-------:|------------:|-----------------:|-------------:|-------------:|")
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-c", "--clients", default="1,4,8", help="concurrency levels")
+    p.add_argument("--requests", type=int, default=2, help="requests per client per round")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("--engines", default="pyengine,llama.cpp")
+    p.add_argument("--out", default=str(HERE / "results" / "server.json"))
+    args = p.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+    sys.path.insert(0, str(HERE))
+    from pyengine.default_model import find_default_model
+
+    model = Path(args.model) if args.model else find_default_model()
+    rows = [r for engine in args.engines.split(",") for r in bench_engine(engine, model, levels, args)]
+
+    print(f"\nmodel {model.name}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
+          f"{args.threads} threads, {platform.machine()} with {os.cpu_count()} CPUs\n")
+    print("| engine | clients | requests | tokens | total tok/s | per-client tok/s | TTFT p50 (s) | TTFT p95 (s) |")
+    print("|---|--------:|---------:|-------:|------------:|-----------------:|-------------:|-------------:|")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['completion_tokens']} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['completion_tokens']} | {r['tokens_per_s']:.1f} | "
               f"{r['per_client_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
-                               "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"model": model.name, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+                               "threads": args.threads, "cpus": os.cpu_count(), "cpu": platform.processor(),
+                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
 

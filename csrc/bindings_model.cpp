@@ -95,7 +95,7 @@ void bind_model(py::module_& m) {
           "tokens ([n, n_vocab]) or None.")
       .def(
           "decode",
-          [](Context& ctx, const IntArray& tokens, const IntArray& seqs, py::object logits) {
+          [](Context& ctx, const IntArray& tokens, const IntArray& seqs, py::object logits, bool embeddings) {
             const int32_t* tp = vector_data(tokens, "tokens");
             const int32_t* sp = vector_data(seqs, "seq_ids");
             const int64_t n = tokens.shape(0);
@@ -111,17 +111,19 @@ void bind_model(py::module_& m) {
                 throw py::value_error("logits must be None or a bool sequence as long as tokens");
               b.logits.assign(want.data(), want.data() + n);
             }
-            py::array_t<float> out({b.n_logits(), ctx.model().config().n_vocab});
+            const ModelConfig& c = ctx.model().config();
+            py::array_t<float> out({b.n_logits(), embeddings ? c.n_embd : c.n_vocab});
             float* dst = out.mutable_data();
             {
               py::gil_scoped_release nogil;
-              ctx.decode(b, dst);
+              ctx.decode(b, dst, embeddings);
             }
             return out;
           },
-          py::arg("tokens"), py::arg("seq_ids"), py::arg("logits") = py::none(),
+          py::arg("tokens"), py::arg("seq_ids"), py::arg("logits") = py::none(), py::arg("embeddings") = false,
           "Evaluate one batch of rows: token i is appended to sequence seq_ids[i]. Returns float32 "
-          "[rows with logits wanted, n_vocab] in row order (logits: bool per row; None: every row).")
+          "[rows with logits wanted, n_vocab] in row order (logits: bool per row; None: every row); with "
+          "embeddings=True their final hidden states after the output norm, [rows, n_embd].")
       .def("seq_len", &Context::seq_len, py::arg("seq"))
       .def("seq_truncate", &Context::seq_truncate, py::arg("seq"), py::arg("n"),
            "Keep only the first n tokens of a sequence.")

@@ -155,6 +155,26 @@ class Engine:
         want = None if logits is None else np.asarray(logits, dtype=bool).reshape(-1)
         return self._ctx.decode(ids, seqs, want)
 
+    def embed(self, inputs: Sequence[Sequence[int]], normalize: bool = True) -> np.ndarray:
+        """Embeddings of token-id sequences, float32 [len(inputs), n_embd]: the mean of each sequence's
+        final hidden states (after the output norm), L2-normalized unless `normalize` is False
+        (llama.cpp's mean pooling for decoder models). The sequences run as one batch in a context of
+        their own; this one's is left alone."""
+        seqs = [_ids(x) for x in inputs]
+        if not seqs or any(x.size == 0 for x in seqs):
+            raise ValueError("embed needs at least one non-empty sequence")
+        need = max(x.size for x in seqs)
+        if need > self.n_ctx:
+            raise _C.ContextLengthError(f"an input has {need} tokens, more than the context of {self.n_ctx}")
+        ctx = self.new_context(n_ctx=need, n_seq_max=len(seqs))
+        hidden = ctx._ctx.decode(np.concatenate(seqs), np.repeat(np.arange(len(seqs), dtype=np.int32),
+                                                                  [x.size for x in seqs]), None, True)
+        bounds = np.cumsum([0] + [x.size for x in seqs])
+        out = np.stack([hidden[bounds[i]:bounds[i + 1]].mean(axis=0) for i in range(len(seqs))]).astype(np.float32)
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
+        return out
+
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Logits of every position of ``token_ids`` in a fresh context: float32 [len, n_vocab]."""
         self.reset()

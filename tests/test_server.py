@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -195,18 +196,50 @@ def test_stop_strings(server):
 
 
 @pytest.fixture(scope="module")
-def transformers_logits():
-    """transformers' float32 logits on the same GGUF, for every position of `ids`."""
+def hf_smollm2():
+    """transformers on the same GGUF (weights dequantized to float32)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
+    return transformers.AutoModelForCausalLM.from_pretrained(
         SMOLLM2.parent, gguf_file=SMOLLM2.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def transformers_logits(hf_smollm2):
+    """transformers' float32 logits for every position of `ids`."""
+    import torch
 
     def run(ids: list[int]):
         with torch.no_grad():
-            return model(torch.tensor([ids])).logits[0].double()
+            return hf_smollm2(torch.tensor([ids])).logits[0].double()
 
     return run
+
+
+def test_embeddings_match_transformers(server, weights, hf_smollm2):
+    """/v1/embeddings: the mean of the final hidden states (after the output norm), L2-normalized, as
+    llama.cpp pools decoder models; against transformers' last_hidden_state on the same weights.
+    8-bit activations: cosine 0.9997 and above measured. A batch gives each input what it gives alone."""
+    import torch
+
+    texts = ["The capital of France is Paris.", "def fib(n): return n", "Hello", "猫が好きです。"]
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"model": server.model, "input": texts}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    got = np.array([d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])])
+    ids = [weights.tokenizer.encode(t) for t in texts]
+    assert body["usage"]["prompt_tokens"] == sum(len(x) for x in ids)
+    for i, x in enumerate(ids):
+        with torch.no_grad():
+            ref = hf_smollm2.model(torch.tensor([x])).last_hidden_state[0].mean(0).double().numpy()
+        assert float(got[i] @ ref / np.linalg.norm(ref)) > 0.999
+        np.testing.assert_allclose(weights.embed([x])[0], got[i], atol=1e-5)
+    one = httpx.post(f"{server.url}/v1/embeddings", json={"model": server.model, "input": ids[2]}).json()
+    np.testing.assert_allclose(one["data"][0]["embedding"], got[2], atol=1e-5)
+    url = f"{server.url}/v1/embeddings"
+    assert assert_error(httpx.post(url, json={"model": server.model, "input": []}), 400)["param"] == "input"
+    assert assert_error(httpx.post(url, json={"model": server.model, "input": [[10**7]]}), 400)["param"] == "input"
+    assert_error(httpx.post(url, json={"model": server.model, "input": "hi " * 600}), 400, "context_length_exceeded")
 
 
 def test_logprobs_match_transformers(server, weights, transformers_logits):

@@ -93,7 +93,7 @@ std::vector<Context::Row> Context::expand_replays(const Batch& batch) {
   return rows;
 }
 
-void Context::decode(const Batch& batch, float* logits) {
+void Context::decode(const Batch& batch, float* logits, bool hidden) {
   auto lock = ex_->lock();
   check_rows(batch);
   std::vector<int64_t> old_len(seqs_.size());
@@ -116,9 +116,10 @@ void Context::decode(const Batch& batch, float* logits) {
                  "sequence ", rows[size_t(end - 1)].seq, " must be consecutive rows");
         end++;
       }
-      run_pass(rows.data() + begin, end - begin, logits);
+      run_pass(rows.data() + begin, end - begin, logits, hidden);
+      const int64_t width = hidden ? model_->config().n_embd : model_->config().n_vocab;
       if (logits)
-        for (int64_t r = begin; r < end; r++) logits += rows[size_t(r)].logits ? model_->config().n_vocab : 0;
+        for (int64_t r = begin; r < end; r++) logits += rows[size_t(r)].logits ? width : 0;
       begin = end;
     }
   } catch (...) {
@@ -130,7 +131,7 @@ void Context::decode(const Batch& batch, float* logits) {
   }
 }
 
-void Context::run_pass(const Row* rows, int64_t n, float* logits) {
+void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
   RowPlan& p = plan_;
   p.clear();
   for (int64_t r = 0; r < n; r++) {
@@ -148,11 +149,11 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits) {
     if (rows[r].logits) p.logit_rows.push_back(int32_t(r));
   }
   act_.reserve(model_->config(), n, ex_->device());
-  const int64_t n_vocab = model_->config().n_vocab;
+  const int64_t width = hidden ? model_->config().n_embd : model_->config().n_vocab;
   const Tensor out = logits && !p.logit_rows.empty()
-                         ? f32_tensor(logits, int64_t(p.logit_rows.size()), n_vocab, n_vocab)
+                         ? f32_tensor(logits, int64_t(p.logit_rows.size()), width, width)
                          : Tensor{};
-  forward_decoder(*ex_, *model_, kv_, p, act_, out);
+  forward_decoder(*ex_, *model_, kv_, p, act_, out, hidden);
 }
 
 }  // namespace pe

@@ -38,7 +38,9 @@ class Context {
   // read once per pass for all the sequences in it. logits: null, or room for batch.n_logits() rows of
   // n_vocab floats, filled in row order. On an error, the sequences are left as before the call
   // (except a sequence whose bidirectional prefix was being re-evaluated, which is emptied).
-  void decode(const Batch& batch, float* logits);
+  // hidden: instead of logits, the wanted rows' final hidden states after the output norm
+  // (batch.n_logits() rows of n_embd floats), from which embeddings are pooled.
+  void decode(const Batch& batch, float* logits, bool hidden = false);
   // The batch-of-one case: n tokens appended to `seq`; logits of the last token, of all, or none.
   void eval(const int32_t* tokens, int64_t n, float* logits, bool all_logits, int seq = 0);
 
@@ -61,7 +63,7 @@ class Context {
   };
   void check_rows(const Batch& batch) const;
   std::vector<Row> expand_replays(const Batch& batch);
-  void run_pass(const Row* rows, int64_t n, float* logits);
+  void run_pass(const Row* rows, int64_t n, float* out, bool hidden);
 
   std::shared_ptr<const Model> model_;
   std::shared_ptr<Executor> ex_;

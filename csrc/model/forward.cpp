@@ -31,7 +31,7 @@ void Activations::reserve(const ModelConfig& c, int64_t rows, Device device) {
 }
 
 void forward_decoder(Executor& ex, const Model& M, KVCache& kv, const RowPlan& rows, Activations& a,
-                     const Tensor& logits) {
+                     const Tensor& logits, bool hidden_out) {
   const ModelConfig& c = M.config();
   const ArchSpec& spec = c.spec;
   const Device dev = ex.device();
@@ -96,12 +96,12 @@ void forward_decoder(Executor& ex, const Model& M, KVCache& kv, const RowPlan& r
     add(ex, x, xn);
   }
 
-  // LM head, on the rows whose logits are wanted only.
+  // LM head (or the hidden states), on the rows whose output is wanted only.
   if (logits.empty() || rows.logit_rows.empty()) return;
-  const Tensor h = xn.rows_view(0, int64_t(rows.logit_rows.size()));
+  const Tensor h = hidden_out ? logits : xn.rows_view(0, int64_t(rows.logit_rows.size()));
   get_rows(ex, x, RowPlan::i32(rows.logit_rows), h);
   norm(ex, spec.norm, h, tensor_of(M.decoder.output_norm), tensor_of(M.decoder.output_norm_b), h, c.norm_eps);
-  linear(M.output, h, logits);
+  if (!hidden_out) linear(M.output, h, logits);
 }
 
 }  // namespace pe

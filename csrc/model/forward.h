@@ -29,8 +29,9 @@ struct Activations {
 
 // The decoder-only family (llama, qwen2, chatglm, chatglm1): embeds the rows' tokens, runs the block
 // stack (each layer appends the rows' keys and values to `kv` and attends over their sequences), and
-// writes the logits of rows.logit_rows into `logits` (F32 [logit_rows x n_vocab]; empty: none).
+// writes the logits of rows.logit_rows into `out` (F32 [logit_rows x n_vocab]; empty: none), or with
+// `hidden` their final hidden states after the output norm (F32 [logit_rows x n_embd]: embeddings).
 void forward_decoder(Executor& ex, const Model& model, KVCache& kv, const RowPlan& rows, Activations& a,
-                     const Tensor& logits);
+                     const Tensor& out, bool hidden = false);
 
 }  // namespace pe

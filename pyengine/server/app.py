@@ -21,14 +21,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import ChatTemplate, TemplateError
 from ..generation import GenerationStats, TokenLogprob
+from .._C import ContextLengthError
 from ..constraint import json_constraint
 from ..sampling import SamplingParams, json_schema_of
 from ..tokenizer import Tokenizer
 from .scheduler import Job, QueueFullError, Scheduler
-from .schemas import ChatCompletionRequest, CompletionRequest, check_supported
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, check_supported
 
 __all__ = ["ServerConfig", "create_app"]
 
+MAX_EMBED_INPUTS = 64  # inputs per /v1/embeddings request: one batch, one sequence each
 COUNTERS = {"requests_finished", "requests_cancelled", "requests_failed", "tokens_generated", "prompt_tokens",
             "prompt_tokens_reused"}
 
@@ -166,6 +168,21 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         return await _serve(request, req, ids, "chat.completion", scheduler, config, tokenizer)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        req = _parse(await request.body(), EmbeddingRequest)
+        _check_model(req.model, config)
+        inputs = _embedding_inputs(req.input, tokenizer)
+        try:
+            vectors = await asyncio.to_thread(scheduler.engine.embed, inputs)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), "input", "context_length_exceeded") from None
+        n_tokens = sum(len(x) for x in inputs)
+        return JSONResponse({"object": "list", "model": config.model_id,
+                             "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
+                                      for i, v in enumerate(vectors)],
+                             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = _parse(await request.body(), CompletionRequest)
@@ -181,6 +198,25 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
         return await _serve(request, req, ids, "text_completion", scheduler, config, tokenizer)
 
     return app
+
+
+def _embedding_inputs(given: Any, tokenizer: Tokenizer) -> list[list[int]]:
+    """OpenAI's input: a string, a list of strings, a list of token ids, or a list of such lists."""
+    items = given if isinstance(given, list) and given and not isinstance(given[0], int) else [given]
+    if not items or len(items) > MAX_EMBED_INPUTS:
+        raise ApiError(400, f"input must hold 1 to {MAX_EMBED_INPUTS} items", "input")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            ids = tokenizer.encode(item, add_special_tokens=True)
+        elif isinstance(item, list) and all(isinstance(t, int) and 0 <= t < tokenizer.n_vocab for t in item):
+            ids = list(item)
+        else:
+            raise ApiError(400, f"input {i}: a string or a list of token ids in [0, {tokenizer.n_vocab})", "input")
+        if not ids:
+            raise ApiError(400, f"input {i} is empty", "input")
+        out.append(ids)
+    return out
 
 
 def _model_card(model_id: str, created: int) -> dict:

@@ -10,7 +10,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "MAX_N", "StreamOptions"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "EmbeddingRequest", "MAX_N",
+           "StreamOptions"]
 
 MAX_N = 8  # choices per request; each takes a slot
 
@@ -89,8 +90,17 @@ class CompletionRequest(_Sampling):
         return None if self.logprobs is None or self.logprobs is False else int(self.logprobs)
 
 
-def check_supported(req: _Sampling) -> tuple[str, str] | None:
+class EmbeddingRequest(_Request):
+    model: str
+    # A string, a list of strings, a list of token ids, or a list of token-id lists.
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float"] = "float"
+
+
+def check_supported(req: _Request) -> tuple[str, str] | None:
     """(message, param) of the first field set to something the server does not do, or None."""
+    if not isinstance(req, _Sampling):
+        return None
     if not 1 <= req.n <= MAX_N:
         return f"n must be in [1, {MAX_N}]", "n"
     if isinstance(req, CompletionRequest) and req.logprobs is not None and not 0 <= int(req.logprobs) <= 20:
