@@ -98,6 +98,34 @@ def run_round(url: str, model: str, clients: int, requests: int, max_tokens: int
             "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95)}
 
 
+def chat_ttft(url: str, model: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
+    """(time to the first content chunk, whole reply) of one greedy streaming chat request."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    t0, ttft, text = time.perf_counter(), None, ""
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                piece = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
+                if piece:
+                    ttft = ttft or time.perf_counter() - t0
+                    text += piece
+    return (ttft or time.perf_counter() - t0), text
+
+
+def prefix_reuse(url: str, model: str) -> dict:
+    """TTFT of a conversation's second turn, whose prompt starts with the first turn's ~1,000 tokens,
+    against the first turn's (the server keeps them in the slot)."""
+    story = " ".join(QUESTIONS) + " "
+    system = {"role": "system", "content": "Background notes: " + story * 18}  # about 1,000 tokens
+    first = [system, {"role": "user", "content": "Summarize the notes in one line."}]
+    ttft1, reply = chat_ttft(url, model, first, 16)
+    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "And in one word?"}]
+    ttft2, _ = chat_ttft(url, model, second, 16)
+    return {"first_turn_ttft_s": ttft1, "second_turn_ttft_s": ttft2, "ratio": ttft2 / ttft1}
+
+
 def server_command(engine: str, model: Path, port: int, slots: int, threads: int) -> list[str]:
     if engine == "pyengine":
         return [sys.executable, "-m", "pyengine", "serve", "--port", str(port), "--parallel", str(slots),
@@ -130,7 +158,9 @@ def bench_engine(engine: str, model: Path, levels: list[int], args) -> list[dict
         for c in levels:
             rows.append({"engine": engine, **run_round(url, name, c, args.requests, args.max_tokens)})
             print(f"  {engine}, {c} clients: {rows[-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
-        return rows
+        reuse = {"engine": engine, **prefix_reuse(url, name)}
+        print(f"  {engine}, second turn TTFT / first: {reuse['ratio']:.2f}", file=sys.stderr)
+        return rows, reuse
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -151,7 +181,11 @@ def main() -> int:
     from pyengine.default_model import find_default_model
 
     model = Path(args.model) if args.model else find_default_model()
-    rows = [r for engine in args.engines.split(",") for r in bench_engine(engine, model, levels, args)]
+    rows, reuse = [], []
+    for engine in args.engines.split(","):
+        r, p2 = bench_engine(engine, model, levels, args)
+        rows += r
+        reuse.append(p2)
 
     print(f"\nmodel {model.name}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
           f"{args.threads} threads, {platform.machine()} with {os.cpu_count()} CPUs\n")
@@ -160,11 +194,15 @@ def main() -> int:
     for r in rows:
         print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['completion_tokens']} | {r['tokens_per_s']:.1f} | "
               f"{r['per_client_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |")
+    print("\n| engine | first turn TTFT (s) | second turn TTFT (s) | ratio |\n|---|---:|---:|---:|")
+    for p2 in reuse:
+        print(f"| {p2['engine']} | {p2['first_turn_ttft_s']:.3f} | {p2['second_turn_ttft_s']:.3f} | {p2['ratio']:.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model.name, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
                                "threads": args.threads, "cpus": os.cpu_count(), "cpu": platform.processor(),
-                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
+                               "date": time.strftime("%Y-%m-%d"), "rows": rows,
+                               "prefix_reuse": reuse}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
 

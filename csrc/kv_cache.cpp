@@ -17,6 +17,7 @@ KVCache::KVCache(Executor& ex, GGMLType type, int n_layer, int n_kv_head, int he
            " positions");
   page_bytes_ = 2 * size_t(n_kv_head) * size_t(head_dim) * size_t(kPageSize) * element_size();
   storage_ = Buffer(ex.device(), page_bytes_ * size_t(n_pages_) * size_t(n_layer));
+  storage_.zero();  // touch it now: the memory a context needs shows at once, not as it fills
   seq_pages_.resize(size_t(n_seq_max));
   seq_len_.assign(size_t(n_seq_max), 0);
   refs_.assign(size_t(n_pages_), 0);
