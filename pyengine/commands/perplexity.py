@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from .chat import positive_int
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pyengine perplexity", description=__doc__,
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default 512)")
     ap.add_argument("--chunks", type=int, default=-1, help="max chunks to evaluate (default: all)")
     ap.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per forward pass")
-    ap.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    ap.add_argument("-t", "--threads", type=positive_int, default=None, help="threads (default: physical cores)")
     ap.add_argument("--kl-divergence-base", metavar="FILE", default=None,
                     help="with -f: save tokens and log-probs here; with --kl-divergence: read them")
     ap.add_argument("--kl-divergence", action="store_true",

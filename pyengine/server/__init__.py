@@ -57,13 +57,15 @@ def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..commands.chat import positive_int
+
     p = argparse.ArgumentParser(prog="pyengine serve", description="OpenAI-compatible HTTP server.")
     p.add_argument("-m", "--model", help="GGUF file, folder or model name (default: SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("-c", "--n-ctx", type=int, default=2048, help="context length of each slot, in tokens")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (only 0 for now)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("-np", "--parallel", type=int, default=4, help="requests generated at once (slots)")
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting for a slot before 503s")
