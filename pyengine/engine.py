@@ -144,16 +144,17 @@ class Engine:
         return self._ctx.eval(ids, "all" if all_logits else "last", int(seq))
 
     def decode(self, token_ids: Sequence[int] | np.ndarray, seq_ids: Sequence[int] | np.ndarray,
-               logits: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+               logits: Sequence[bool] | np.ndarray | None = None, embeddings: bool = False) -> np.ndarray:
         """Evaluate one batch of rows in one forward pass: token ``token_ids[i]`` is appended to
         sequence ``seq_ids[i]`` (rows of a sequence in order). Returns float32 logits of the rows
         whose ``logits`` flag is set (every row when None), [rows, n_vocab], in row order. If it
-        raises, every sequence is as it was before the call."""
+        raises, every sequence is as it was before the call. With ``embeddings`` the rows' final
+        hidden states after the output norm instead, [rows, n_embd]."""
         ids, seqs = _ids(token_ids), _ids(seq_ids, "seq_ids")
         if ids.size == 0:
             raise ValueError("decode needs at least one row")
         want = None if logits is None else np.asarray(logits, dtype=bool).reshape(-1)
-        return self._ctx.decode(ids, seqs, want)
+        return self._ctx.decode(ids, seqs, want, embeddings)
 
     def embed(self, inputs: Sequence[Sequence[int]], normalize: bool = True) -> np.ndarray:
         """Embeddings of token-id sequences, float32 [len(inputs), n_embd]: the mean of each sequence's
@@ -167,8 +168,8 @@ class Engine:
         if need > self.n_ctx:
             raise _C.ContextLengthError(f"an input has {need} tokens, more than the context of {self.n_ctx}")
         ctx = self.new_context(n_ctx=need, n_seq_max=len(seqs))
-        hidden = ctx._ctx.decode(np.concatenate(seqs), np.repeat(np.arange(len(seqs), dtype=np.int32),
-                                                                  [x.size for x in seqs]), None, True)
+        hidden = ctx.decode(np.concatenate(seqs), np.repeat(np.arange(len(seqs)), [x.size for x in seqs]),
+                            embeddings=True)
         bounds = np.cumsum([0] + [x.size for x in seqs])
         out = np.stack([hidden[bounds[i]:bounds[i + 1]].mean(axis=0) for i in range(len(seqs))]).astype(np.float32)
         if normalize:

@@ -215,32 +215,29 @@ class Scheduler:
         tokens: list[int] = []
         seqs: list[int] = []
         want: list[bool] = []
+        chunks: list[list[int]] = []  # what each slot evaluates in this pass
         for slot in busy:
             if slot.prefilling:
                 chunk = slot.job.prompt_ids[slot.n_evaluated: slot.n_evaluated + self.prefill_chunk]
-                done = slot.n_evaluated + len(chunk) == len(slot.job.prompt_ids)
-                tokens += chunk
-                want += [False] * (len(chunk) - 1) + [done]
+                want += [False] * (len(chunk) - 1) + [slot.n_evaluated + len(chunk) == len(slot.job.prompt_ids)]
             else:
                 chunk = [slot.generation.token_ids[-1]]
-                tokens += chunk
                 want.append(True)
+            tokens += chunk
             seqs += [slot.index] * len(chunk)
+            chunks.append(chunk)
         start = time.perf_counter()
         rows = iter(self.engine.decode(np.array(tokens, np.int32), np.array(seqs, np.int32), np.array(want)))
         elapsed = time.perf_counter() - start
-        for slot in busy:
+        for slot, chunk in zip(busy, chunks):
             gen = slot.generation
+            slot.cached += chunk
             if slot.prefilling:
-                chunk = slot.job.prompt_ids[slot.n_evaluated: slot.n_evaluated + self.prefill_chunk]
-                slot.cached += chunk
                 slot.n_evaluated += len(chunk)
                 gen.stats.prompt_seconds += elapsed
                 if slot.prefilling:
                     continue
                 slot.loop_start = time.perf_counter()
-            else:
-                slot.cached.append(gen.token_ids[-1])
             piece = gen.step(next(rows))
             self._send_logprobs(slot)
             if piece:
