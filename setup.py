@@ -2,6 +2,7 @@
 
 Environment:
   PYENGINE_CUDA=1/0   force the CUDA backend on or off (default: on if nvcc is found)
+  PYENGINE_CUDA_ARCHS GPU architectures to compile for (default "80;86;89;90")
   PYENGINE_BUILD_TYPE Release (default) or Debug/RelWithDebInfo
 """
 import os
@@ -54,6 +55,8 @@ class CMakeBuild(build_ext):
         cuda = os.environ.get("PYENGINE_CUDA")
         if cuda is not None:
             args.append(f"-DPYENGINE_CUDA={'ON' if cuda.lower() in ('1', 'on', 'true', 'yes') else 'OFF'}")
+        if os.environ.get("PYENGINE_CUDA_ARCHS"):
+            args.append(f"-DPYENGINE_CUDA_ARCHS={os.environ['PYENGINE_CUDA_ARCHS']}")
         try:
             import ninja  # noqa: F401
 

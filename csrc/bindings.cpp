@@ -16,6 +16,7 @@ PYBIND11_MODULE(_C, m) {
   static py::exception<pe::ModelFormatError> fmt(m, "ModelFormatError", PyExc_ValueError);
   static py::exception<pe::UnsupportedModelError> unsup(m, "UnsupportedModelError", PyExc_ValueError);
   static py::exception<pe::ContextLengthError> ctx(m, "ContextLengthError", PyExc_ValueError);
+  static py::exception<pe::DeviceMemoryError> devmem(m, "DeviceMemoryError", base.ptr());
   // Messages can quote names read from a corrupt file: decode them leniently.
   static auto raise = [](const py::object& type, const char* what) {
     py::object msg = py::reinterpret_steal<py::object>(PyUnicode_DecodeUTF8(what, Py_ssize_t(std::strlen(what)), "replace"));
@@ -28,6 +29,8 @@ PYBIND11_MODULE(_C, m) {
       raise(fmt, e.what());
     } catch (const pe::UnsupportedModelError& e) {
       raise(unsup, e.what());
+    } catch (const pe::DeviceMemoryError& e) {
+      raise(devmem, e.what());
     } catch (const pe::ContextLengthError& e) {
       raise(ctx, e.what());
     } catch (const pe::Error& e) {
@@ -58,4 +61,6 @@ PYBIND11_MODULE(_C, m) {
   pe::bind_kernels(m);
   pe::bind_gguf(m);
   pe::bind_model(m);
+  pe::bind_cuda_quant(m);
+  pe::bind_cuda_attention(m);
 }

@@ -27,6 +27,44 @@ Executor& executor_for(int n_threads) {
   return *e;
 }
 
+Executor& cuda_executor() {
+  static std::mutex mu;
+  static std::shared_ptr<Executor> ex;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!ex) ex = Executor::cuda();
+  return *ex;
+}
+
+// A tensor's bytes copied to `device` (the same view on the CPU: no copy). `keep` owns the copy.
+Tensor on_device(Executor& ex, const Tensor& t, std::vector<Buffer>& keep) {
+  if (ex.device() == Device::CPU) return t;
+  keep.emplace_back(ex.device(), t.row_stride * size_t(t.rows));
+  copy_between(ex, ex.device(), keep.back().data(), Device::CPU, t.data, t.row_stride * size_t(t.rows));
+  Tensor d = t;
+  d.data = keep.back().data();
+  d.device = ex.device();
+  return d;
+}
+
+Executor& executor_on(const std::string& device, int n_threads) {
+  if (device == "cpu") return executor_for(n_threads);
+  if (device == "cuda") return cuda_executor();
+  throw py::value_error("device must be 'cpu' or 'cuda', not '" + device + "'");
+}
+
+// Runs op(ex, inputs on the device..., output on the device) and copies the output back to `out`.
+template <typename Op>
+void run_on(Executor& ex, const std::vector<Tensor>& inputs, const Tensor& out, Op op) {
+  auto lock = ex.lock();
+  std::vector<Buffer> keep;
+  std::vector<Tensor> dev;
+  for (const Tensor& t : inputs) dev.push_back(on_device(ex, t, keep));
+  const Tensor dout = on_device(ex, out, keep);
+  op(ex, dev, dout);
+  if (ex.device() != Device::CPU)
+    copy_between(ex, Device::CPU, out.data, ex.device(), dout.data, out.row_stride * size_t(out.rows));
+}
+
 // Validates raw GGUF bytes of a rows x cols matrix and returns a view of them.
 Tensor weight_view(const py::buffer_info& info, uint32_t type_id, int64_t rows, int64_t cols) {
   if (info.itemsize != 1) throw py::value_error("weights must be raw bytes (a uint8 array or bytes)");
@@ -48,7 +86,8 @@ Tensor weight_view(const py::buffer_info& info, uint32_t type_id, int64_t rows, 
 }
 
 py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
-                             const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int n_threads) {
+                             const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int n_threads,
+                             const std::string& device) {
   const py::buffer_info wi = w.request();
   const Tensor view = weight_view(wi, type_id, rows, cols);
   if (x.ndim() != 2 || x.shape(1) != cols)
@@ -60,14 +99,15 @@ py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows
   float* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    Executor& ex = executor_for(n_threads);
-    auto lock = ex.lock();
-    matmul(ex, view, f32_tensor(const_cast<float*>(xp), m, cols, cols), f32_tensor(yp, m, rows, rows));
+    Executor& ex = executor_on(device, n_threads);
+    run_on(ex, {view, f32_tensor(const_cast<float*>(xp), m, cols, cols)}, f32_tensor(yp, m, rows, rows),
+           [](Executor& e, const std::vector<Tensor>& in, const Tensor& y) { matmul(e, in[0], in[1], y); });
   }
   return y;
 }
 
-py::array_t<float> py_dequantize(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols) {
+py::array_t<float> py_dequantize(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
+                                 const std::string& device) {
   const py::buffer_info wi = w.request();
   const Tensor view = weight_view(wi, type_id, rows, cols);
   py::array_t<float> out({rows, cols});
@@ -76,9 +116,9 @@ py::array_t<float> py_dequantize(const py::buffer& w, uint32_t type_id, int64_t 
     py::gil_scoped_release release;
     std::vector<int32_t> ids(static_cast<size_t>(rows));
     for (int64_t r = 0; r < rows; r++) ids[size_t(r)] = int32_t(r);
-    Executor& ex = executor_for(1);
-    auto lock = ex.lock();
-    get_rows(ex, view, Tensor{GGMLType::I32, ids.data(), 1, rows, size_t(rows) * 4}, f32_tensor(op, rows, cols, cols));
+    Executor& ex = executor_on(device, 1);
+    run_on(ex, {view, Tensor{GGMLType::I32, ids.data(), 1, rows, size_t(rows) * 4}}, f32_tensor(op, rows, cols, cols),
+           [](Executor& e, const std::vector<Tensor>& in, const Tensor& y) { get_rows(e, in[0], in[1], y); });
   }
   return out;
 }
@@ -87,10 +127,12 @@ py::array_t<float> py_dequantize(const py::buffer& w, uint32_t type_id, int64_t 
 
 void bind_kernels(py::module_& m) {
   m.def("matmul", &py_matmul, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"), py::arg("x"),
-        py::arg("n_threads") = 1,
+        py::arg("n_threads") = 1, py::arg("device") = "cpu",
         "Y = X @ W.T with W given as raw GGUF bytes of a rows x cols matrix of ggml type `type_id`, "
-        "X float32 (m, cols). Returns float32 (m, rows). Runs on the current CPU path.");
+        "X float32 (m, cols). Returns float32 (m, rows). Runs on the current CPU path, or with "
+        "device='cuda' on the GPU (inputs copied there and back).");
   m.def("dequantize", &py_dequantize, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
+        py::arg("device") = "cpu",
         "Raw GGUF bytes of a rows x cols matrix of ggml type `type_id` as float32 (rows, cols).");
 }
 

@@ -3,6 +3,10 @@
 
 #include "bindings.h"
 #include "model/context.h"
+#include "model/placement.h"
+#ifdef PE_CUDA
+#include "cuda/runtime.h"
+#endif
 
 namespace py = pybind11;
 
@@ -32,6 +36,16 @@ void bind_model(py::module_& m) {
            }),
            py::arg("path"))
       .def_property_readonly("file", [](const Model& md) { return md.file_; })
+      .def(
+          "offload",
+          [](Model& md, int n) {
+            py::gil_scoped_release nogil;
+            md.offload(n);
+          },
+          py::arg("n_gpu_layers"),
+          "Copy the last n_gpu_layers blocks (all of them: also the head) to the GPU, before any context.")
+      .def_property_readonly("n_gpu_layers", [](const Model& md) { return md.gpu().n_layers; })
+      .def_property_readonly("gpu_bytes", [](const Model& md) { return md.gpu().bytes; })
       .def_property_readonly("config", [](const Model& md) {
         const ModelConfig& c = md.config();
         py::dict d;
@@ -136,7 +150,44 @@ void bind_model(py::module_& m) {
       .def_property_readonly("n_ctx", &Context::n_ctx)
       .def_property_readonly("n_seq_max", &Context::n_seq_max)
       .def_property_readonly("n_threads", &Context::n_threads)
-      .def_property_readonly("executor", &Context::executor);
+      .def_property_readonly("executor", &Context::executor)
+      .def_property_readonly("n_gpu_layers", &Context::n_gpu_layers)
+      .def_property_readonly("gpu_kv_bytes", &Context::gpu_kv_bytes);
+
+  m.def("cuda_device_count", &cuda_device_count, "CUDA devices this build can use (0 without CUDA).");
+  m.def(
+      "cuda_memory",
+      []() -> py::object {
+#ifdef PE_CUDA
+        if (cuda_device_count() > 0) {
+          size_t free_b = 0, total_b = 0;
+          cuda::memory_info(&free_b, &total_b);
+          return py::make_tuple(free_b, total_b, std::string(cuda::device_description()));
+        }
+#endif
+        return py::none();
+      },
+      "(free bytes, total bytes, description) of the GPU, or None without one.");
+  m.def(
+      "plan_offload",
+      [](const Model& model, int n_gpu_layers, int64_t n_ctx, int n_seq_max, int64_t n_batch,
+         const std::string& kv_type, size_t free_bytes) {
+        OffloadRequest req{n_gpu_layers, n_ctx, n_seq_max, n_batch, kv_type_of(kv_type)};
+        const OffloadPlan p = plan_offload(model, req, free_bytes);
+        py::dict d;
+        d["n_gpu_layers"] = p.n_gpu_layers;
+        d["head"] = p.head;
+        d["weights"] = p.weights;
+        d["kv_cache"] = p.kv_cache;
+        d["scratch"] = p.scratch;
+        d["total"] = p.total();
+        d["margin"] = kOffloadMargin;
+        return d;
+      },
+      py::arg("model"), py::arg("n_gpu_layers"), py::arg("n_ctx"), py::arg("n_seq_max"), py::arg("n_batch"),
+      py::arg("kv_type"), py::arg("free_bytes"),
+      "The GPU memory plan for offloading n_gpu_layers blocks (-1: as many as fit in free_bytes). Raises "
+      "DeviceMemoryError when an explicit count does not fit.");
 }
 
 }  // namespace pe

@@ -12,6 +12,7 @@ namespace pe {
 //   ModelFormatError      -> pyengine.ModelFormatError      (malformed / truncated / inconsistent file)
 //   UnsupportedModelError -> pyengine.UnsupportedModelError (valid file we cannot run: arch, type)
 //   ContextLengthError    -> pyengine.ContextLengthError    (more tokens than n_ctx)
+//   DeviceMemoryError     -> pyengine.DeviceMemoryError     (the GPU has not enough free memory)
 //   Error                 -> RuntimeError
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -23,6 +24,9 @@ struct UnsupportedModelError : Error {
   using Error::Error;
 };
 struct ContextLengthError : Error {
+  using Error::Error;
+};
+struct DeviceMemoryError : Error {
   using Error::Error;
 };
 

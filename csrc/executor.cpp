@@ -3,12 +3,43 @@
 #include <cstdlib>
 #include <cstring>
 
+#ifdef PE_CUDA
+#include "cuda/runtime.h"
+#endif
+
 namespace pe {
 
 const char* device_name(Device d) { return d == Device::CPU ? "cpu" : "cuda"; }
 
+#ifdef PE_CUDA
+bool cuda_built() { return true; }
+int cuda_device_count() { return cuda::device_count(); }
+#define PE_NEED_CUDA() (void)0
+#else
+bool cuda_built() { return false; }
+int cuda_device_count() { return 0; }
+#define PE_NEED_CUDA() PE_THROW(UnsupportedModelError, "this build of pyengine has no CUDA backend")
+namespace cuda {
+// Never called: every CUDA path checks PE_NEED_CUDA() first. They keep the code below one path.
+inline void* device_alloc(size_t) { return nullptr; }
+inline void device_free(void*) {}
+inline void* stream_create() { return nullptr; }
+inline void stream_destroy(void*) {}
+inline void stream_synchronize(void*) {}
+inline void copy_host_to_device(void*, const void*, size_t, void*) {}
+inline void copy_device_to_host(void*, const void*, size_t, void*) {}
+inline void copy_device_to_device(void*, const void*, size_t, void*) {}
+inline void memset_device(void*, int, size_t, void*) {}
+}  // namespace cuda
+#endif
+
 Executor::Executor(Device device, int n_threads) : device_(device) {
   if (device == Device::CPU) pool_ = std::make_unique<ThreadPool>(n_threads);
+}
+
+Executor::~Executor() {
+  workspace_.clear();
+  if (stream_) cuda::stream_destroy(stream_);
 }
 
 std::shared_ptr<Executor> Executor::cpu(int n_threads) {
@@ -16,14 +47,56 @@ std::shared_ptr<Executor> Executor::cpu(int n_threads) {
   return std::shared_ptr<Executor>(new Executor(Device::CPU, n_threads));
 }
 
+std::shared_ptr<Executor> Executor::cuda() {
+  PE_NEED_CUDA();
+  PE_CHECK(cuda_device_count() > 0, UnsupportedModelError, "no CUDA device found (no GPU, or no NVIDIA driver)");
+  std::shared_ptr<Executor> ex(new Executor(Device::CUDA, 1));
+  ex->stream_ = cuda::stream_create();
+  return ex;
+}
+
 ThreadPool& Executor::pool() {
   PE_CHECK(pool_, Error, "the ", device_name(device_), " executor has no CPU thread pool");
   return *pool_;
 }
 
+void* Executor::workspace(int slot, size_t bytes) {
+  PE_CHECK(slot >= 0 && slot < 64, Error, "workspace slot ", slot, " out of range");
+  if (size_t(slot) >= workspace_.size()) workspace_.resize(size_t(slot) + 1);
+  Buffer& b = workspace_[size_t(slot)];
+  if (b.device() != device_ || b.size() < bytes) {
+    // The GPU may still be reading the old buffer: freeing it must wait for the queued work.
+    synchronize();
+    b = Buffer(device_, bytes + bytes / 4);
+  }
+  return b.data();
+}
+
+void Executor::synchronize() {
+  if (stream_) cuda::stream_synchronize(stream_);
+}
+
 void device_copy(Device device, void* dst, const void* src, size_t n) {
-  PE_CHECK(device == Device::CPU, UnsupportedModelError, "no ", device_name(device), " backend in this build");
-  std::memcpy(dst, src, n);
+  if (n == 0) return;
+  if (device == Device::CPU) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  PE_NEED_CUDA();
+  cuda::copy_device_to_device(dst, src, n, nullptr);
+}
+
+void copy_between(Executor& ex, Device dst_device, void* dst, Device src_device, const void* src, size_t n) {
+  if (n == 0) return;
+  if (dst_device == Device::CPU && src_device == Device::CPU) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  PE_NEED_CUDA();
+  void* s = ex.stream();
+  if (dst_device == Device::CUDA && src_device == Device::CUDA) cuda::copy_device_to_device(dst, src, n, s);
+  else if (dst_device == Device::CUDA) cuda::copy_host_to_device(dst, src, n, s);
+  else cuda::copy_device_to_host(dst, src, n, s);
 }
 
 Buffer::Buffer(Device device, size_t bytes) : device_(device) { reserve(bytes); }
@@ -43,23 +116,32 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
 }
 
 void Buffer::release() {
-  if (data_ && device_ == Device::CPU) std::free(data_);
+  if (data_) {
+    if (device_ == Device::CPU) std::free(data_);
+    else cuda::device_free(data_);
+  }
   data_ = nullptr;
   size_ = 0;
 }
 
 void Buffer::reserve(size_t bytes) {
   if (bytes <= size_) return;
-  PE_CHECK(device_ == Device::CPU, UnsupportedModelError, "no ", device_name(device_), " backend in this build");
+  if (device_ != Device::CPU) PE_NEED_CUDA();
   release();
-  const size_t rounded = (bytes + 63) & ~size_t(63);
-  data_ = std::aligned_alloc(64, rounded);
-  PE_CHECK(data_, Error, "out of memory allocating ", rounded, " bytes");
+  const size_t rounded = (bytes + 255) & ~size_t(255);
+  if (device_ == Device::CPU) {
+    data_ = std::aligned_alloc(64, rounded);
+    PE_CHECK(data_, Error, "out of memory allocating ", rounded, " bytes");
+  } else {
+    data_ = cuda::device_alloc(rounded);
+  }
   size_ = rounded;
 }
 
 void Buffer::zero() {
-  if (data_) std::memset(data_, 0, size_);
+  if (!data_) return;
+  if (device_ == Device::CPU) std::memset(data_, 0, size_);
+  else cuda::memset_device(data_, 0, size_, nullptr);
 }
 
 }  // namespace pe

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from . import _C
+from ._C import EngineError
 
 if TYPE_CHECKING:
     from .chat_template import ChatTemplate
@@ -49,6 +50,42 @@ def default_threads() -> int:
     return max(1, _C.physical_core_count())
 
 
+def gpu_info() -> dict[str, Any] | None:
+    """The GPU this build can use: {"name", "free", "total"} (bytes), or None (no CUDA build or no GPU)."""
+    mem = _C.cuda_memory() if _C.has_cuda else None
+    if mem is None:
+        return None
+    return {"name": mem[2], "free": int(mem[0]), "total": int(mem[1])}
+
+
+def offload(model: "_C.Model", n_gpu_layers: int | str, n_ctx: int, n_seq_max: int, n_batch: int,
+            kv_type: str) -> dict[str, Any] | None:
+    """Puts the last `n_gpu_layers` blocks of `model` on the GPU after checking the memory plan;
+    returns the plan (None for CPU only). Raises DeviceMemoryError naming what fits, or EngineError
+    when there is no GPU to use."""
+    auto = isinstance(n_gpu_layers, str)
+    if auto and n_gpu_layers != "auto":
+        raise ValueError(f"n_gpu_layers must be a number of layers or 'auto', not {n_gpu_layers!r}")
+    if not auto and (isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or n_gpu_layers < 0):
+        raise ValueError(f"n_gpu_layers must be a number >= 0 or 'auto', not {n_gpu_layers!r}")
+    if n_gpu_layers == 0:
+        return None
+    gpu = gpu_info()
+    if gpu is None:
+        why = ("this build of pyengine has no CUDA backend (it was built without nvcc)" if not _C.has_cuda
+               else "no CUDA GPU was found")
+        if auto:
+            return None  # "as many as fit": none, on a machine without a GPU
+        raise EngineError(f"n_gpu_layers={n_gpu_layers}: {why}; run with n_gpu_layers=0 (-ngl 0) for the CPU")
+    plan = _C.plan_offload(model, -1 if auto else int(n_gpu_layers), int(n_ctx), int(n_seq_max), int(n_batch),
+                           kv_type, gpu["free"])
+    if plan["n_gpu_layers"] == 0:
+        return None
+    model.offload(plan["n_gpu_layers"])
+    plan["device"] = gpu["name"]
+    return plan
+
+
 def _ids(token_ids: Sequence[int] | np.ndarray, what: str = "token_ids") -> np.ndarray:
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
@@ -66,10 +103,14 @@ class Engine:
         n_batch: rows evaluated per forward pass (a longer prompt or batch runs in several passes).
         kv_type: KV cache element type, "f16" (default, half the memory) or "f32".
         n_seq_max: sequences the context holds at once (its KV cache has room for n_seq_max * n_ctx).
+        n_gpu_layers: transformer blocks to run on the GPU (llama.cpp's -ngl): the last N blocks and
+            their KV cache go to the GPU, the rest run on the CPU; N >= the number of blocks puts the
+            whole model there, output layer included. "auto": as many as the free GPU memory holds
+            with room for the KV cache and scratch. 0 (default): CPU only.
     """
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_batch: int = 512, kv_type: str = "f16", n_seq_max: int = 1):
+                 n_batch: int = 512, kv_type: str = "f16", n_seq_max: int = 1, n_gpu_layers: int | str = 0):
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -78,11 +119,15 @@ class Engine:
         if n_threads is None or n_threads <= 0:
             n_threads = default_threads()
         self._executor = _C.Executor(int(n_threads))
+        n_ctx = self._resolve_n_ctx(n_ctx)
+        self.offload_plan = offload(self._model, n_gpu_layers, n_ctx, n_seq_max, n_batch, kv_type)
         self._init_context(n_ctx, n_batch, kv_type, n_seq_max)
 
+    def _resolve_n_ctx(self, n_ctx: int) -> int:
+        return int(self._model.config["n_ctx_train"]) if n_ctx <= 0 else int(n_ctx)
+
     def _init_context(self, n_ctx: int, n_batch: int, kv_type: str, n_seq_max: int) -> None:
-        if n_ctx <= 0:
-            n_ctx = int(self._model.config["n_ctx_train"])
+        n_ctx = self._resolve_n_ctx(n_ctx)
         self._ctx = _C.Context(self._model, self._executor, int(n_ctx), int(n_seq_max), int(n_batch), kv_type)
 
     def new_context(self, n_ctx: int | None = None, n_threads: int | None = None, n_batch: int = 512,
@@ -93,6 +138,7 @@ class Engine:
         other = object.__new__(type(self))
         other.model_path = self.model_path
         other._model = self._model
+        other.offload_plan = self.offload_plan
         same = n_threads is None or n_threads == self.n_threads
         other._executor = self._executor if same else _C.Executor(int(n_threads))
         other._init_context(self.n_ctx if n_ctx is None else n_ctx, n_batch, kv_type, n_seq_max)
@@ -121,6 +167,11 @@ class Engine:
     @property
     def n_seq_max(self) -> int:
         return self._ctx.n_seq_max
+
+    @property
+    def n_gpu_layers(self) -> int:
+        """Transformer blocks running on the GPU (0: CPU only)."""
+        return int(self._model.n_gpu_layers)
 
     @property
     def n_threads(self) -> int:

@@ -10,30 +10,49 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
                  int64_t n_batch, GGMLType kv_type)
     : model_(std::move(model)),
       ex_(std::move(executor)),
+      gpu_ex_(model_->gpu().executor),
       n_batch_(n_batch),
-      kv_(*ex_, kv_type, int(model_->config().n_layer), int(model_->config().n_head_kv), int(model_->config().head_dim),
-          n_seq_max, n_ctx),
       policy_(model_->config()),
       seqs_(size_t(n_seq_max)) {
+  const ModelConfig& c = model_->config();
+  PE_CHECK(ex_->device() == Device::CPU, Error, "a context takes the CPU executor (the GPU's is the model's)");
   PE_CHECK(n_batch > 0, Error, "n_batch must be positive");
-  act_.reserve(model_->config(), std::min<int64_t>(n_batch, n_ctx * n_seq_max), ex_->device());
+  const int n_gpu = model_->gpu().n_layers;
+  kv_.reserve(2);
+  kv_.emplace_back(*ex_, kv_type, int(c.n_layer) - n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, n_ctx);
+  if (n_gpu) kv_.emplace_back(*gpu_ex_, kv_type, n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, n_ctx);
+  const int64_t rows = std::min<int64_t>(n_batch, n_ctx * n_seq_max);
+  act_.reserve(c, rows, Device::CPU);
+  if (n_gpu) gpu_act_.reserve(c, rows, Device::CUDA);
+}
+
+size_t Context::gpu_kv_bytes() const {
+  if (kv_.size() < 2) return 0;
+  const KVCache& g = kv_.back();
+  return size_t(g.n_layer()) * size_t(g.n_pages()) * size_t(KVCache::kPageSize) * 2 * size_t(g.n_kv_head()) *
+         size_t(g.head_dim()) * g.element_size();
+}
+
+std::pair<std::unique_lock<std::mutex>, std::unique_lock<std::mutex>> Context::lock() {
+  auto cpu = ex_->lock();
+  return {std::move(cpu), gpu_ex_ ? gpu_ex_->lock() : std::unique_lock<std::mutex>()};
 }
 
 void Context::seq_truncate(int seq, int64_t n) {
-  auto lock = ex_->lock();
-  kv_.seq_truncate(seq, n);
+  auto lock = this->lock();
+  for_each_kv([&](KVCache& kv) { kv.seq_truncate(seq, n); });
   policy_.truncate(seqs_[size_t(seq)], n);
 }
 
 void Context::seq_copy(int src, int dst) {
-  auto lock = ex_->lock();
-  kv_.seq_copy(src, dst);
+  auto lock = this->lock();
+  for_each_kv([&](KVCache& kv) { kv.seq_copy(src, dst); });
   seqs_[size_t(dst)] = seqs_[size_t(src)];
 }
 
 void Context::clear() {
-  auto lock = ex_->lock();
-  kv_.clear();
+  auto lock = this->lock();
+  for_each_kv([](KVCache& kv) { kv.clear(); });
   for (auto& s : seqs_) s = SequenceState{};
 }
 
@@ -59,7 +78,7 @@ void Context::check_rows(const Batch& batch) const {
     count[size_t(s)]++;
   }
   for (int s = 0; s < n_seq_max(); s++)
-    PE_CHECK(kv_.seq_len(s) + count[size_t(s)] <= n_ctx(), ContextLengthError, "context overflow: ", kv_.seq_len(s),
+    PE_CHECK(kv().seq_len(s) + count[size_t(s)] <= n_ctx(), ContextLengthError, "context overflow: ", kv().seq_len(s),
              " tokens in the context + ", count[size_t(s)], " new > n_ctx ", n_ctx(),
              n_seq_max() > 1 ? str_cat(" (sequence ", s, ")") : std::string());
 }
@@ -83,7 +102,7 @@ std::vector<Context::Row> Context::expand_replays(const Batch& batch) {
       SequenceState& st = seqs_[size_t(s)];
       if (policy_.needs_replay(st, in.data(), int64_t(in.size()))) {
         const std::vector<int32_t> history = st.tokens;
-        kv_.seq_truncate(s, 0);
+        for_each_kv([&](KVCache& kv) { kv.seq_truncate(s, 0); });
         policy_.truncate(st, 0);
         for (int32_t t : history) rows.push_back(Row{t, s, false});
       }
@@ -94,12 +113,12 @@ std::vector<Context::Row> Context::expand_replays(const Batch& batch) {
 }
 
 void Context::decode(const Batch& batch, float* logits, bool hidden) {
-  auto lock = ex_->lock();
+  auto lock = this->lock();
   check_rows(batch);
   std::vector<int64_t> old_len(seqs_.size());
-  for (size_t s = 0; s < seqs_.size(); s++) old_len[s] = kv_.seq_len(int(s));
+  for (size_t s = 0; s < seqs_.size(); s++) old_len[s] = kv().seq_len(int(s));
   const std::vector<Row> rows = expand_replays(batch);
-  for (size_t s = 0; s < seqs_.size(); s++) old_len[s] = std::min(old_len[s], kv_.seq_len(int(s)));
+  for (size_t s = 0; s < seqs_.size(); s++) old_len[s] = std::min(old_len[s], kv().seq_len(int(s)));
   try {
     // Positions of the rows, and the sequences' tokens (which fix a bidirectional prefix).
     std::vector<int64_t> pos(rows.size());
@@ -124,7 +143,7 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
     }
   } catch (...) {
     for (size_t s = 0; s < seqs_.size(); s++) {
-      if (kv_.seq_len(int(s)) > old_len[s]) kv_.seq_truncate(int(s), old_len[s]);
+      if (kv().seq_len(int(s)) > old_len[s]) for_each_kv([&](KVCache& kv) { kv.seq_truncate(int(s), old_len[s]); });
       if (int64_t(seqs_[s].tokens.size()) > old_len[s]) policy_.truncate(seqs_[s], old_len[s]);
     }
     throw;
@@ -136,8 +155,8 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
   p.clear();
   for (int64_t r = 0; r < n; r++) {
     const int32_t s = rows[r].seq;
-    const int64_t pos = kv_.seq_len(s);
-    kv_.seq_extend(s, 1);
+    const int64_t pos = kv().seq_len(s);
+    for_each_kv([&](KVCache& kv) { kv.seq_extend(s, 1); });
     const RowPlace place = policy_.place(seqs_[size_t(s)], pos);
     p.token.push_back(rows[r].token);
     p.seq.push_back(s);
@@ -145,15 +164,35 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
     p.rope_pos2.push_back(place.rope_pos2);
     p.key_begin.push_back(place.key_begin);
     p.key_end.push_back(place.key_end);
-    p.slot.push_back(kv_.slot(s, pos));
+    p.slot.push_back(kv().slot(s, pos));
     if (rows[r].logits) p.logit_rows.push_back(int32_t(r));
   }
-  act_.reserve(model_->config(), n, ex_->device());
-  const int64_t width = hidden ? model_->config().n_embd : model_->config().n_vocab;
+  const ModelConfig& c = model_->config();
+  const GpuLayers& gpu = model_->gpu();
+  PE_CHECK(gpu.n_layers == (kv_.size() > 1 ? kv_.back().n_layer() : 0), Error,
+           "the model was offloaded to the GPU after this context was created: create a new context");
+  act_.reserve(c, n, Device::CPU);
+  if (gpu_ex_) gpu_act_.reserve(c, n, Device::CUDA);
+  const int64_t width = hidden ? c.n_embd : c.n_vocab;
   const Tensor out = logits && !p.logit_rows.empty()
                          ? f32_tensor(logits, int64_t(p.logit_rows.size()), width, width)
                          : Tensor{};
-  forward_decoder(*ex_, *model_, kv_, p, act_, out, hidden);
+  // The first n_layer - n_gpu blocks on the CPU, the rest on the GPU (llama.cpp's n_gpu_layers).
+  std::vector<StackPart> parts(kv_.size());
+  parts[0].ex = ex_.get();
+  parts[0].kv = &kv_[0];
+  parts[0].act = &act_;
+  for (int64_t l = 0; l < c.n_layer - gpu.n_layers; l++) parts[0].layers.push_back(&model_->decoder.layers[size_t(l)]);
+  if (gpu_ex_) {
+    parts[1].ex = gpu_ex_.get();
+    parts[1].first = c.n_layer - gpu.n_layers;
+    parts[1].kv = &kv_[1];
+    parts[1].act = &gpu_act_;
+    for (const Layer& L : gpu.layers) parts[1].layers.push_back(&L);
+  }
+  const bool head_on_gpu = gpu_ex_ && gpu.head;
+  forward_decoder(*model_, parts[0], parts, head_on_gpu ? parts[1] : parts[0],
+                  head_on_gpu ? gpu.head_weights : model_->decoder.head, p, out, hidden);
 }
 
 }  // namespace pe

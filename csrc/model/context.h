@@ -2,6 +2,8 @@
 // pass over batches of rows from any of them.
 #pragma once
 #include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "executor.h"
@@ -44,14 +46,17 @@ class Context {
   // The batch-of-one case: n tokens appended to `seq`; logits of the last token, of all, or none.
   void eval(const int32_t* tokens, int64_t n, float* logits, bool all_logits, int seq = 0);
 
-  int64_t seq_len(int seq) const { return kv_.seq_len(seq); }
+  int64_t seq_len(int seq) const { return kv().seq_len(seq); }
   void seq_truncate(int seq, int64_t n);
   // dst becomes a copy of src, sharing its cache pages until either appends.
   void seq_copy(int src, int dst);
   void clear();
 
-  int64_t n_ctx() const { return kv_.n_ctx(); }
-  int n_seq_max() const { return kv_.n_seq_max(); }
+  int64_t n_ctx() const { return kv().n_ctx(); }
+  int n_seq_max() const { return kv().n_seq_max(); }
+  // Blocks on the GPU (the model's offload), and the bytes of this context's GPU KV cache.
+  int n_gpu_layers() const { return model_->gpu().n_layers; }
+  size_t gpu_kv_bytes() const;
   int n_threads() const { return ex_->n_threads(); }
   const Model& model() const { return *model_; }
   const std::shared_ptr<Executor>& executor() const { return ex_; }
@@ -64,15 +69,25 @@ class Context {
   void check_rows(const Batch& batch) const;
   std::vector<Row> expand_replays(const Batch& batch);
   void run_pass(const Row* rows, int64_t n, float* out, bool hidden);
+  // Both executors' locks (CPU, then GPU): contexts sharing either take turns.
+  std::pair<std::unique_lock<std::mutex>, std::unique_lock<std::mutex>> lock();
+  // The cache of the first part: every part's cache holds the same sequences in the same pages,
+  // so its bookkeeping answers for all. Changes go to every part (for_each_kv).
+  const KVCache& kv() const { return kv_.front(); }
+  template <typename F>
+  void for_each_kv(F f) {
+    for (KVCache& kv : kv_) f(kv);
+  }
 
   std::shared_ptr<const Model> model_;
-  std::shared_ptr<Executor> ex_;
+  std::shared_ptr<Executor> ex_;      // the CPU's
+  std::shared_ptr<Executor> gpu_ex_;  // the model's GPU stream, when blocks are offloaded
   int64_t n_batch_;
-  KVCache kv_;
+  std::vector<KVCache> kv_;  // the CPU blocks' cache, then the GPU blocks' (when offloaded)
   SequencePolicy policy_;
   std::vector<SequenceState> seqs_;
   RowPlan plan_;
-  Activations act_;
+  Activations act_, gpu_act_;
 };
 
 }  // namespace pe

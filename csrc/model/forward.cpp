@@ -17,10 +17,10 @@ void RowPlan::clear() {
   for (auto* v : {&token, &seq, &rope_pos, &rope_pos2, &key_begin, &key_end, &slot, &logit_rows}) v->clear();
 }
 
-void Activations::reserve(const ModelConfig& c, int64_t rows, Device device) {
+void Activations::reserve(const ModelConfig& c, int64_t n_rows, Device device) {
   const int64_t q_dim = c.n_head * c.head_dim, kv_dim = c.n_head_kv * c.head_dim;
-  const size_t f = sizeof(float) * size_t(rows);
-  for (Buffer* b : {&x, &xn, &qkv, &att, &ff_a, &ff_b})
+  const size_t f = sizeof(float) * size_t(n_rows);
+  for (Buffer* b : {&x, &xn, &qkv, &att, &ff_a, &ff_b, &out, &rows})
     if (b->device() != device) *b = Buffer(device, 0);
   x.reserve(f * size_t(c.n_embd));
   xn.reserve(f * size_t(c.n_embd));
@@ -30,12 +30,40 @@ void Activations::reserve(const ModelConfig& c, int64_t rows, Device device) {
   ff_b.reserve(f * size_t(c.n_ff));
 }
 
-void forward_decoder(Executor& ex, const Model& M, KVCache& kv, const RowPlan& rows, Activations& a,
-                     const Tensor& logits, bool hidden_out) {
-  const ModelConfig& c = M.config();
+RowTensors Activations::upload(Executor& ex, const RowPlan& p) {
+  const std::vector<int32_t>* v[] = {&p.token, &p.seq, &p.rope_pos, &p.rope_pos2,
+                                     &p.key_begin, &p.key_end, &p.slot, &p.logit_rows};
+  Tensor* t[8];
+  RowTensors r;
+  t[0] = &r.token, t[1] = &r.seq, t[2] = &r.rope_pos, t[3] = &r.rope_pos2;
+  t[4] = &r.key_begin, t[5] = &r.key_end, t[6] = &r.slot, t[7] = &r.logit_rows;
+  const Device dev = ex.device();
+  std::vector<int32_t> packed;  // one copy to the GPU for all eight
+  if (dev != Device::CPU) {
+    for (auto* vec : v) packed.insert(packed.end(), vec->begin(), vec->end());
+    if (rows.device() != dev) rows = Buffer(dev, 0);
+    rows.reserve(packed.size() * sizeof(int32_t));
+    copy_between(ex, dev, rows.data(), Device::CPU, packed.data(), packed.size() * sizeof(int32_t));
+  }
+  size_t off = 0;
+  for (int i = 0; i < 8; i++) {
+    const int64_t n = int64_t(v[i]->size());
+    int32_t* data = dev == Device::CPU ? const_cast<int32_t*>(v[i]->data()) : static_cast<int32_t*>(rows.data()) + off;
+    *t[i] = Tensor{GGMLType::I32, data, 1, n, size_t(n) * sizeof(int32_t), dev};
+    off += size_t(n);
+  }
+  return r;
+}
+
+namespace {
+
+// One block of the decoder stack (attention, then feed-forward, each pre-normed with a residual),
+// for the n rows of `x` on the part's device.
+void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, KVCache& kv, int kv_layer, const RowTensors& rt,
+                   Activations& a, int64_t n) {
   const ArchSpec& spec = c.spec;
   const Device dev = ex.device();
-  const int64_t n = rows.size(), d = c.n_embd, hd = c.head_dim, n_ff = c.n_ff;
+  const int64_t d = c.n_embd, hd = c.head_dim, n_ff = c.n_ff;
   const int64_t q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, qkv_w = q_dim + 2 * kv_dim;
   auto f32 = [&](Buffer& b, int64_t cols) { return f32_tensor(static_cast<float*>(b.data()), n, cols, cols, dev); };
   const Tensor x = f32(a.x, d), xn = f32(a.xn, d), qkv = f32(a.qkv, qkv_w), att = f32(a.att, q_dim);
@@ -43,65 +71,101 @@ void forward_decoder(Executor& ex, const Model& M, KVCache& kv, const RowPlan& r
   // FFN hidden: [gate | up] side by side when ffn_up holds both (ChatGLM2+), else gate in ff_a, up in ff_b.
   const Tensor ff_a = f32(a.ff_a, spec.fused_gate_up ? 2 * n_ff : n_ff), ff_b = f32(a.ff_b, n_ff);
   const Tensor hidden = ff_a.cols_view(0, n_ff);
-  const AttentionRows attn_rows{RowPlan::i32(rows.seq), RowPlan::i32(rows.key_begin), RowPlan::i32(rows.key_end)};
   const float kq_scale = 1.0f / std::sqrt(float(hd));
 
   // Pre-norm of the residual stream x into xn; ChatGLM-6B restarts the stream from it, times alpha.
-  auto pre_norm = [&](const Vec& w, const Vec& b) {
-    norm(ex, spec.norm, x, tensor_of(w), tensor_of(b), xn, c.norm_eps);
+  auto pre_norm = [&](const Tensor& w, const Tensor& b) {
+    norm(ex, spec.norm, x, w, b, xn, c.norm_eps);
     if (spec.residual_from_norm) scale(ex, xn, c.residual_scale, x);
   };
-  auto linear = [&](const Linear& L, const Tensor& in, const Tensor& out) {
-    matmul(ex, L.w, in, out);
-    if (!L.b.empty()) add_bias(ex, out, tensor_of(L.b));
+  auto linear = [&](const Linear& W, const Tensor& in, const Tensor& out) {
+    matmul(ex, W.w, in, out);
+    if (!W.b.empty()) add_bias(ex, out, W.b);
   };
   auto rotate = [&](const Tensor& heads, int n_heads) {
-    rope(ex, heads, n_heads, int(hd), 0, RowPlan::i32(rows.rope_pos), c.rope);
-    if (spec.positions == Positions::Rope2D)
-      rope(ex, heads, n_heads, int(hd), c.rope.n_dims, RowPlan::i32(rows.rope_pos2), c.rope);
+    rope(ex, heads, n_heads, int(hd), 0, rt.rope_pos, c.rope);
+    if (spec.positions == Positions::Rope2D) rope(ex, heads, n_heads, int(hd), c.rope.n_dims, rt.rope_pos2, c.rope);
   };
 
-  get_rows(ex, M.tok_embd, RowPlan::i32(rows.token), x);
-  for (int64_t l = 0; l < c.n_layer; l++) {
-    const Layer& L = M.decoder.layers[size_t(l)];
-    // Attention block.
-    pre_norm(L.attn_norm, L.attn_norm_b);
-    if (L.wqkv.present()) {
-      linear(L.wqkv, xn, qkv);
-    } else {
-      linear(L.wq, xn, q);
-      linear(L.wk, xn, k);
-      linear(L.wv, xn, v);
-    }
-    rotate(q, int(c.n_head));
-    rotate(k, int(c.n_head_kv));
-    kv.store(ex, int(l), k, v, RowPlan::i32(rows.slot));
-    attention(ex, q, int(c.n_head), kv, int(l), attn_rows, kq_scale, att);
-    linear(L.wo, att, xn);
-    add(ex, x, xn);
-    // Feed-forward block.
-    pre_norm(L.ffn_norm, L.ffn_norm_b);
-    if (spec.fused_gate_up) {
-      linear(L.w_up, xn, ff_a);
-      gated_activation(ex, spec.act, hidden, ff_a.cols_view(n_ff, n_ff), hidden);
-    } else if (spec.gated_ffn) {
-      linear(L.w_gate, xn, hidden);
-      linear(L.w_up, xn, ff_b);
-      gated_activation(ex, spec.act, hidden, ff_b, hidden);
-    } else {
-      linear(L.w_up, xn, hidden);
-      activation(ex, spec.act, hidden);
-    }
-    linear(L.w_down, hidden, xn);
-    add(ex, x, xn);
+  // Attention block.
+  pre_norm(L.attn_norm, L.attn_norm_b);
+  if (L.wqkv.present()) {
+    linear(L.wqkv, xn, qkv);
+  } else {
+    linear(L.wq, xn, q);
+    linear(L.wk, xn, k);
+    linear(L.wv, xn, v);
+  }
+  rotate(q, int(c.n_head));
+  rotate(k, int(c.n_head_kv));
+  kv.store(ex, kv_layer, k, v, rt.slot);
+  attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, rt.key_begin, rt.key_end}, kq_scale, att);
+  linear(L.wo, att, xn);
+  add(ex, x, xn);
+  // Feed-forward block.
+  pre_norm(L.ffn_norm, L.ffn_norm_b);
+  if (spec.fused_gate_up) {
+    linear(L.w_up, xn, ff_a);
+    gated_activation(ex, spec.act, hidden, ff_a.cols_view(n_ff, n_ff), hidden);
+  } else if (spec.gated_ffn) {
+    linear(L.w_gate, xn, hidden);
+    linear(L.w_up, xn, ff_b);
+    gated_activation(ex, spec.act, hidden, ff_b, hidden);
+  } else {
+    linear(L.w_up, xn, hidden);
+    activation(ex, spec.act, hidden);
+  }
+  linear(L.w_down, hidden, xn);
+  add(ex, x, xn);
+}
+
+}  // namespace
+
+void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<StackPart>& parts,
+                     const StackPart& head_part, const Head& head, const RowPlan& rows, const Tensor& out,
+                     bool hidden_out) {
+  const ModelConfig& c = M.config();
+  const int64_t n = rows.size(), d = c.n_embd;
+  const size_t x_bytes = size_t(n * d) * sizeof(float);
+
+  // Token embeddings: looked up on the CPU, where the embedding table stays.
+  RowTensors host_rows = cpu.act->upload(*cpu.ex, rows);
+  get_rows(*cpu.ex, M.tok_embd, host_rows.token, f32_tensor(static_cast<float*>(cpu.act->x.data()), n, d, d));
+
+  // The residual stream x (n x d, contiguous) moves to a part's device when it changes.
+  const StackPart* prev = &cpu;
+  auto enter = [&](const StackPart& part) {
+    if (prev->ex->device() != part.ex->device())
+      copy_between(*part.ex, part.ex->device(), part.act->x.data(), prev->ex->device(), prev->act->x.data(), x_bytes);
+    prev = &part;
+    return part.ex->device() == Device::CPU ? host_rows : part.act->upload(*part.ex, rows);
+  };
+  RowTensors rt = host_rows;
+  for (const StackPart& part : parts) {
+    if (part.layers.empty()) continue;
+    rt = enter(part);
+    for (size_t i = 0; i < part.layers.size(); i++)
+      decoder_block(*part.ex, c, *part.layers[i], *part.kv, int(i), rt, *part.act, n);
   }
 
   // LM head (or the hidden states), on the rows whose output is wanted only.
-  if (logits.empty() || rows.logit_rows.empty()) return;
-  const Tensor h = hidden_out ? logits : xn.rows_view(0, int64_t(rows.logit_rows.size()));
-  get_rows(ex, x, RowPlan::i32(rows.logit_rows), h);
-  norm(ex, spec.norm, h, tensor_of(M.decoder.output_norm), tensor_of(M.decoder.output_norm_b), h, c.norm_eps);
-  if (!hidden_out) linear(M.output, h, logits);
+  if (out.empty() || rows.logit_rows.empty()) return;
+  if (prev->ex->device() != head_part.ex->device()) rt = enter(head_part);
+  Executor& ex = *head_part.ex;
+  Activations& a = *head_part.act;
+  const Device dev = ex.device();
+  const int64_t n_out = int64_t(rows.logit_rows.size()), width = hidden_out ? d : c.n_vocab;
+  const Tensor x = f32_tensor(static_cast<float*>(a.x.data()), n, d, d, dev);
+  if (dev != Device::CPU) a.out.reserve(size_t(n_out * width) * sizeof(float));
+  const Tensor y = dev == Device::CPU ? out : f32_tensor(static_cast<float*>(a.out.data()), n_out, width, width, dev);
+  const Tensor h = hidden_out ? y : f32_tensor(static_cast<float*>(a.xn.data()), n_out, d, d, dev);
+  get_rows(ex, x, rt.logit_rows, h);
+  norm(ex, c.spec.norm, h, head.output_norm, head.output_norm_b, h, c.norm_eps);
+  if (!hidden_out) {
+    matmul(ex, head.output.w, h, y);
+    if (!head.output.b.empty()) add_bias(ex, y, head.output.b);
+  }
+  if (dev != Device::CPU) copy_between(ex, Device::CPU, out.data, dev, y.data, size_t(n_out * width) * sizeof(float));
 }
 
 }  // namespace pe

@@ -1,4 +1,5 @@
-// The forward pass of each model family over one plan of rows, which may come from many sequences.
+// The forward pass of each model family over one plan of rows, which may come from many sequences,
+// with its blocks split between devices (the first ones on the CPU, the rest on a GPU).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -9,29 +10,46 @@
 
 namespace pe {
 
-// One forward pass's rows as the ops take them (I32 row metadata; host arrays on the CPU backend).
+// One forward pass's rows as the ops take them (I32 row metadata, host vectors).
 struct RowPlan {
   std::vector<int32_t> token, seq, rope_pos, rope_pos2, key_begin, key_end, slot;
   std::vector<int32_t> logit_rows;  // rows whose logits are wanted, ascending
 
   int64_t size() const { return int64_t(token.size()); }
   void clear();
-  static Tensor i32(const std::vector<int32_t>& v) {
-    return Tensor{GGMLType::I32, const_cast<int32_t*>(v.data()), 1, int64_t(v.size()), v.size() * sizeof(int32_t)};
-  }
 };
 
-// Activation scratch of a context, on its executor's device, grown to the largest pass seen.
+// The plan's vectors as I32 tensors on one device (host views on the CPU, one upload on a GPU).
+struct RowTensors {
+  Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows;
+};
+
+// Scratch of a context on one device, grown to the largest pass seen.
 struct Activations {
-  Buffer x, xn, qkv, att, ff_a, ff_b;
+  Buffer x, xn, qkv, att, ff_a, ff_b, out, rows;
   void reserve(const ModelConfig& c, int64_t rows, Device device);
+  RowTensors upload(Executor& ex, const RowPlan& plan);
 };
 
-// The decoder-only family (llama, qwen2, chatglm, chatglm1): embeds the rows' tokens, runs the block
-// stack (each layer appends the rows' keys and values to `kv` and attends over their sequences), and
-// writes the logits of rows.logit_rows into `out` (F32 [logit_rows x n_vocab]; empty: none), or with
-// `hidden` their final hidden states after the output norm (F32 [logit_rows x n_embd]: embeddings).
-void forward_decoder(Executor& ex, const Model& model, KVCache& kv, const RowPlan& rows, Activations& a,
-                     const Tensor& out, bool hidden = false);
+// Consecutive blocks [first, first + layers.size()) that run on one device, with that device's
+// executor, KV cache (its layer i holds block first + i) and scratch.
+struct StackPart {
+  Executor* ex = nullptr;
+  std::vector<const Layer*> layers;
+  int64_t first = 0;
+  KVCache* kv = nullptr;
+  Activations* act = nullptr;
+};
+
+// The decoder-only family (llama, qwen2, chatglm, chatglm1): embeds the rows' tokens (on the CPU),
+// runs the parts' blocks in order (each appends the rows' keys and values to its cache and attends
+// over their sequences), and writes the logits of rows.logit_rows into `out` (host F32
+// [logit_rows x n_vocab]; empty: none), or with `hidden` their final hidden states after the
+// output norm (F32 [logit_rows x n_embd]: embeddings). `cpu` is the CPU part, which does the
+// embedding lookup even when it has no blocks; `head` (the output norm and LM head) runs on
+// `head_part`'s device.
+void forward_decoder(const Model& model, const StackPart& cpu, const std::vector<StackPart>& parts,
+                     const StackPart& head_part, const Head& head, const RowPlan& rows, const Tensor& out,
+                     bool hidden = false);
 
 }  // namespace pe

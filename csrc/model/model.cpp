@@ -34,12 +34,7 @@ class Loader {
     return Tensor{GGMLType(t->type), const_cast<uint8_t*>(t->data), rows, cols, row_bytes(GGMLType(t->type), cols)};
   }
 
-  Linear linear(const std::string& base, int64_t rows, int64_t cols, bool required = true) const {
-    Linear l;
-    l.w = matrix(base + ".weight", rows, cols, required);
-    if (l.present()) l.b = vec(base + ".bias", rows, false);
-    return l;
-  }
+  Linear linear(Model& m, const std::string& base, int64_t rows, int64_t cols, bool required = true) const;
 
   // A 1-D float tensor of n elements, converted to F32.
   Vec vec(const std::string& name, int64_t n, bool required = true) const {
@@ -74,6 +69,74 @@ class Loader {
 
 }  // namespace
 
+Tensor Model::keep(Vec v) {
+  if (v.empty()) return Tensor{};
+  vecs_.push_back(std::move(v));
+  return f32_vector(vecs_.back().data(), int64_t(vecs_.back().size()));
+}
+
+std::vector<Tensor*> Layer::tensors() {
+  return {&attn_norm, &attn_norm_b, &wqkv.w, &wqkv.b, &wq.w, &wq.b, &wk.w, &wk.b, &wv.w, &wv.b, &wo.w, &wo.b,
+          &ffn_norm, &ffn_norm_b, &w_gate.w, &w_gate.b, &w_up.w, &w_up.b, &w_down.w, &w_down.b};
+}
+
+std::vector<Tensor*> Head::tensors() { return {&output_norm, &output_norm_b, &output.w, &output.b}; }
+
+namespace {
+
+size_t device_bytes(const Tensor& t) { return t.empty() ? 0 : (t.row_stride * size_t(t.rows) + 255) & ~size_t(255); }
+
+template <typename Part>
+size_t part_bytes(const Part& p) {
+  size_t n = 0;
+  for (const Tensor* t : const_cast<Part&>(p).tensors()) n += device_bytes(*t);
+  return n;
+}
+
+// A copy of `part` whose tensors live in one new buffer on the executor's device.
+template <typename Part>
+Part copy_to(Executor& ex, const Part& part, std::vector<Buffer>& memory) {
+  Part out = part;
+  memory.emplace_back(ex.device(), part_bytes(part));
+  uint8_t* dst = static_cast<uint8_t*>(memory.back().data());
+  for (Tensor* t : out.tensors()) {
+    if (t->empty()) continue;
+    copy_between(ex, ex.device(), dst, Device::CPU, t->data, t->row_stride * size_t(t->rows));
+    t->data = dst;
+    t->device = ex.device();
+    dst += device_bytes(*t);
+  }
+  return out;
+}
+
+}  // namespace
+
+size_t Model::layer_bytes(int64_t layer) const { return part_bytes(decoder.layers.at(size_t(layer))); }
+size_t Model::head_bytes() const { return part_bytes(decoder.head); }
+
+void Model::offload(int n_gpu_layers) {
+  PE_CHECK(gpu_.n_layers == 0, Error, "the model is already offloaded (", gpu_.n_layers, " layers)");
+  const int n_layer = int(cfg_.n_layer);
+  const int n = n_gpu_layers < 0 ? 0 : (n_gpu_layers > n_layer ? n_layer : n_gpu_layers);
+  if (n == 0) return;
+  GpuLayers g;
+  g.executor = Executor::cuda();
+  g.n_layers = n;
+  g.head = n == n_layer;
+  for (int l = n_layer - n; l < n_layer; l++) g.layers.push_back(copy_to(*g.executor, decoder.layers[size_t(l)], g.memory));
+  if (g.head) g.head_weights = copy_to(*g.executor, decoder.head, g.memory);
+  for (const Buffer& b : g.memory) g.bytes += b.size();
+  g.executor->synchronize();
+  gpu_ = std::move(g);
+}
+
+Linear Loader::linear(Model& m, const std::string& base, int64_t rows, int64_t cols, bool required) const {
+  Linear l;
+  l.w = matrix(base + ".weight", rows, cols, required);
+  if (l.present()) l.b = m.keep(vec(base + ".bias", rows, false));
+  return l;
+}
+
 Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) {
   cfg_ = read_config(*file_);
   const ModelConfig& c = cfg_;
@@ -85,10 +148,11 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
   cfg_.n_vocab = emb->ne[1];
   tok_embd = ld.matrix("token_embd.weight", cfg_.n_vocab, c.n_embd);
 
-  decoder.output_norm = ld.vec("output_norm.weight", c.n_embd);
-  if (c.spec.norm == NormType::Layer) decoder.output_norm_b = ld.vec("output_norm.bias", c.n_embd, false);
-  output = ld.linear("output", cfg_.n_vocab, c.n_embd, false);
-  if (!output.present()) output.w = tok_embd;  // tied embeddings
+  Head& head = decoder.head;
+  head.output_norm = keep(ld.vec("output_norm.weight", c.n_embd));
+  if (c.spec.norm == NormType::Layer) head.output_norm_b = keep(ld.vec("output_norm.bias", c.n_embd, false));
+  head.output = ld.linear(*this, "output", cfg_.n_vocab, c.n_embd, false);
+  if (!head.output.present()) head.output.w = tok_embd;  // tied embeddings
 
   if (const GGUFTensorInfo* rf = ld.find("rope_freqs.weight", false)) {
     (void)rf;
@@ -101,20 +165,20 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
   for (int64_t l = 0; l < c.n_layer; l++) {
     Layer& L = decoder.layers[size_t(l)];
     const std::string b = "blk." + std::to_string(l) + ".";
-    L.attn_norm = ld.vec(b + "attn_norm.weight", c.n_embd);
-    if (c.spec.norm == NormType::Layer) L.attn_norm_b = ld.vec(b + "attn_norm.bias", c.n_embd, false);
-    L.wqkv = ld.linear(b + "attn_qkv", q_dim + 2 * kv_dim, c.n_embd, false);
+    L.attn_norm = keep(ld.vec(b + "attn_norm.weight", c.n_embd));
+    if (c.spec.norm == NormType::Layer) L.attn_norm_b = keep(ld.vec(b + "attn_norm.bias", c.n_embd, false));
+    L.wqkv = ld.linear(*this, b + "attn_qkv", q_dim + 2 * kv_dim, c.n_embd, false);
     if (!L.wqkv.present()) {
-      L.wq = ld.linear(b + "attn_q", q_dim, c.n_embd);
-      L.wk = ld.linear(b + "attn_k", kv_dim, c.n_embd);
-      L.wv = ld.linear(b + "attn_v", kv_dim, c.n_embd);
+      L.wq = ld.linear(*this, b + "attn_q", q_dim, c.n_embd);
+      L.wk = ld.linear(*this, b + "attn_k", kv_dim, c.n_embd);
+      L.wv = ld.linear(*this, b + "attn_v", kv_dim, c.n_embd);
     }
-    L.wo = ld.linear(b + "attn_output", c.n_embd, q_dim);
-    L.ffn_norm = ld.vec(b + "ffn_norm.weight", c.n_embd);
-    if (c.spec.norm == NormType::Layer) L.ffn_norm_b = ld.vec(b + "ffn_norm.bias", c.n_embd, false);
-    if (c.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(b + "ffn_gate", c.n_ff, c.n_embd);
-    L.w_up = ld.linear(b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
-    L.w_down = ld.linear(b + "ffn_down", c.n_embd, c.n_ff);
+    L.wo = ld.linear(*this, b + "attn_output", c.n_embd, q_dim);
+    L.ffn_norm = keep(ld.vec(b + "ffn_norm.weight", c.n_embd));
+    if (c.spec.norm == NormType::Layer) L.ffn_norm_b = keep(ld.vec(b + "ffn_norm.bias", c.n_embd, false));
+    if (c.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(*this, b + "ffn_gate", c.n_ff, c.n_embd);
+    L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
+    L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);
   }
 }
 

@@ -1,8 +1,10 @@
 // A loaded model: its configuration and its weights, viewed in place in the GGUF mapping.
 #pragma once
+#include <deque>
 #include <memory>
 #include <vector>
 
+#include "executor.h"
 #include "gguf.h"
 #include "model/config.h"
 #include "tensor.h"
@@ -10,31 +12,50 @@
 namespace pe {
 
 // A 1-D parameter (norm weight, bias) converted to F32 at load: they are tiny and the file may
-// store them in any float type.
+// store them in any float type. Layers see them as one-row F32 tensors.
 using Vec = std::vector<float>;
-// The vector as a one-row F32 tensor; an empty tensor for an absent (empty) vector.
-inline Tensor tensor_of(const Vec& v) { return v.empty() ? Tensor{} : f32_vector(v.data(), int64_t(v.size())); }
 
 struct Linear {
   Tensor w{};
-  Vec b;  // empty: no bias
+  Tensor b{};  // empty: no bias
   bool present() const { return w.data != nullptr; }
 };
 
 struct Layer {
-  Vec attn_norm, attn_norm_b;
+  Tensor attn_norm, attn_norm_b;  // empty tensors for absent parameters
   Linear wqkv;  // fused [q; k; v] rows (ChatGLM); when present, wq/wk/wv are absent
   Linear wq, wk, wv, wo;
-  Vec ffn_norm, ffn_norm_b;
+  Tensor ffn_norm, ffn_norm_b;
   Linear w_gate, w_up, w_down;  // w_gate absent for non-gated or fused gate/up FFNs
+
+  // Every tensor of the block (absent ones too, as empty tensors), for copying a layer to a device.
+  std::vector<Tensor*> tensors();
 };
 
-// A stack of transformer blocks and the norm after its last block.
+// The output norm and the LM head on top of the last block.
+struct Head {
+  Tensor output_norm, output_norm_b;
+  Linear output;  // the token embedding when tied
+  std::vector<Tensor*> tensors();
+};
+
+// A stack of transformer blocks and its head.
 struct Stack {
   std::vector<Layer> layers;
-  Vec output_norm, output_norm_b;
+  Head head;
 };
 
+// The blocks (and, when all of them, the head) copied to a GPU: llama.cpp's n_gpu_layers counts
+// from the top, so the last n_layers blocks run there and the first ones on the CPU.
+struct GpuLayers {
+  int n_layers = 0;
+  bool head = false;          // output norm and LM head on the GPU too (all blocks offloaded)
+  std::vector<Layer> layers;  // device copies of blocks [n_layer - n_layers, n_layer)
+  Head head_weights;
+  std::shared_ptr<Executor> executor;  // the GPU stream every context of this model uses
+  std::vector<Buffer> memory;
+  size_t bytes = 0;
+};
 class Model {
  public:
   explicit Model(const std::string& path);
@@ -43,10 +64,23 @@ class Model {
 
   ModelConfig cfg_;
   std::shared_ptr<GGUFFile> file_;
-  Tensor tok_embd{};
+  Tensor tok_embd{};  // stays in the mapping (on the CPU) even when every block is offloaded
   Stack decoder;
-  Linear output;  // the LM head; the token embedding when tied
   Vec rope_freqs;
+
+  // Copies the last n_gpu_layers blocks (and the head, when that is all of them) to the GPU; once,
+  // before any context is created. n_gpu_layers is clamped to n_layer.
+  void offload(int n_gpu_layers);
+  const GpuLayers& gpu() const { return gpu_; }
+  // Bytes a block's / the head's weights take on a device (as offload() lays them out).
+  size_t layer_bytes(int64_t layer) const;
+  size_t head_bytes() const;
+  // Owns v for the model's lifetime; returns a one-row tensor of it (empty for an empty v).
+  Tensor keep(Vec v);
+
+ private:
+  std::deque<Vec> vecs_;
+  GpuLayers gpu_;
 };
 
 }  // namespace pe

@@ -5,10 +5,19 @@
 #include "cpu/ops.h"
 #include "executor.h"
 
+#ifdef PE_CUDA
+#include "cuda/ops.h"
+#define PE_CUDA_CASE(op, ...) \
+  case ::pe::Device::CUDA: return ::pe::cuda::op(__VA_ARGS__);
+#else
+#define PE_CUDA_CASE(op, ...)
+#endif
+
 #define PE_DISPATCH(ex, op, ...)                                                                       \
   do {                                                                                                 \
     switch ((ex).device()) {                                                                           \
       case ::pe::Device::CPU: return ::pe::cpu::op(__VA_ARGS__);                                      \
+      PE_CUDA_CASE(op, __VA_ARGS__)                                                                    \
       default:                                                                                         \
         PE_THROW(UnsupportedModelError, #op ": no ", ::pe::device_name((ex).device()), " backend in this build"); \
     }                                                                                                  \

@@ -6,10 +6,17 @@ namespace pe {
 
 bool matmul_supports(GGMLType t) { return cpu::matmul_supports(t); }
 
+bool matmul_supports(GGMLType t, Device d) {
+#ifdef PE_CUDA
+  if (d == Device::CUDA) return cuda::matmul_supports(t);
+#endif
+  return d == Device::CPU && cpu::matmul_supports(t);
+}
+
 void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y) {
   check_device(ex, w, "matmul: weights");
-  PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "matmul: unsupported weight type ",
-           type_name(uint32_t(w.type)));
+  PE_CHECK(matmul_supports(w.type, ex.device()), UnsupportedModelError, "matmul: weight type ",
+           type_name(uint32_t(w.type)), " is not supported on ", device_name(ex.device()));
   PE_CHECK(w.rows >= 0 && w.cols > 0, Error, "matmul: bad weight shape ", w.rows, " x ", w.cols);
   const size_t rb = row_bytes(w.type, w.cols);  // throws if cols is not a multiple of the block size
   PE_CHECK(w.row_stride >= rb, Error, "matmul: weight row stride ", w.row_stride, " < row size ", rb);

@@ -13,7 +13,9 @@ using WeightView = Tensor;
 // fly to 8-bit blocks (as ggml: Q8_0 / Q8_1 / Q8_K) and the dot products run on integers.
 void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y);
 
-// Whether matmul accepts weights of this type.
+// Whether matmul accepts weights of this type (on the CPU, which runs every type a model may hold),
+// and on a given device.
 bool matmul_supports(GGMLType t);
+bool matmul_supports(GGMLType t, Device d);
 
 }  // namespace pe

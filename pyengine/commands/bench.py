@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import positive_int
+from .chat import add_gpu_args, positive_int
 
 
 def peak_rss_mb() -> float:
@@ -24,13 +24,13 @@ def peak_rss_mb() -> float:
 
 
 def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None,
-              reps: int = 3, n_batch: int = 512) -> dict:
+              reps: int = 3, n_batch: int = 512, n_gpu_layers: int | str = 0) -> dict:
     """Measure pp and tg tokens/s; returns the result dict that `--json` prints."""
     from ..default_model import resolve_model
     from ..llm import LLM
 
     path = resolve_model(None if model is None else str(model))
-    llm = LLM(path, n_ctx=max(n_prompt, n_gen, 1) + 1, n_threads=threads, n_batch=n_batch)
+    llm = LLM(path, n_ctx=max(n_prompt, n_gen, 1) + 1, n_threads=threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, llm.n_vocab, size=n_prompt, dtype=np.int32)
     gen = rng.integers(0, llm.n_vocab, size=n_gen, dtype=np.int32)
@@ -53,6 +53,7 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
         "arch": llm.config["arch"],
         "file_type": _file_type(llm.metadata),
         "threads": llm.n_threads,
+        "n_gpu_layers": llm.n_gpu_layers,
         "n_prompt": n_prompt,
         "n_gen": n_gen,
         "reps": reps,
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (0 to skip)")
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (0 to skip)")
     ap.add_argument("-t", "--threads", type=positive_int, default=None, help="threads (default: physical cores)")
+    add_gpu_args(ap)
     ap.add_argument("-r", "--reps", type=int, default=3, help="repetitions after the warm-up")
     ap.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per forward pass in pp")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from .. import EngineError, ModelFormatError, UnsupportedModelError
 
     try:
-        r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.reps, args.batch_size)
+        r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.reps, args.batch_size,
+                          n_gpu_layers=args.n_gpu_layers)
     except (FileNotFoundError, ValueError, ModelFormatError, UnsupportedModelError, EngineError) as e:
         print(f"pyengine bench: {e}", file=sys.stderr)
         return 1

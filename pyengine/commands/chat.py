@@ -64,7 +64,27 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads (default: physical cores)")
     ap.add_argument("-c", "--ctx-size", type=non_negative_int, default=4096,
                     help="context length in tokens; 0: the model's training context (default: 4096)")
+    add_gpu_args(ap)
     ap.add_argument("--verbose", action="store_true", help="model details, and statistics after every reply")
+
+
+def gpu_layers(text: str) -> int | str:
+    """-ngl's value: a number of layers >= 0, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of layers >= 0 or 'auto', got {text!r}")
+    return n
+
+
+def add_gpu_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("-ngl", "--n-gpu-layers", type=gpu_layers, default=0,
+                    help="transformer blocks on the GPU (the rest run on the CPU); 'auto': as many as fit; "
+                         "a number >= the block count: the whole model (default: 0, CPU only)")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser, default_n: int) -> None:
@@ -141,12 +161,16 @@ def load_model(args: argparse.Namespace) -> "LLM":
     path = resolve_model(args.model)
     start = time.perf_counter()
     with Spinner(f"loading {path.name}"):
-        llm = LLM(path, n_ctx=args.ctx_size, n_threads=args.threads)
+        llm = LLM(path, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
         llm.tokenizer  # built now, so the first reply does not pay for it
     if args.verbose:
         c = llm.config
         print(f"loaded {path} in {time.perf_counter() - start:.2f} s: {c['arch']}, {c['n_layer']} layers, "
               f"n_embd {c['n_embd']}, n_ctx {llm.n_ctx}, {llm.n_threads} threads", file=sys.stderr)
+        if llm.offload_plan:
+            p = llm.offload_plan
+            print(f"GPU: {p['device']}: {p['n_gpu_layers']} of {c['n_layer']} layers, "
+                  f"{p['total'] / 2**30:.2f} GiB", file=sys.stderr)
     return llm
 
 

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .chat import positive_int
+from .chat import add_gpu_args, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=-1, help="max chunks to evaluate (default: all)")
     ap.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per forward pass")
     ap.add_argument("-t", "--threads", type=positive_int, default=None, help="threads (default: physical cores)")
+    add_gpu_args(ap)
     ap.add_argument("--kl-divergence-base", metavar="FILE", default=None,
                     help="with -f: save tokens and log-probs here; with --kl-divergence: read them")
     ap.add_argument("--kl-divergence", action="store_true",
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         path = resolve_model(args.model)
         # with --kl-divergence the base file sets the chunk size, as in llama-perplexity
         n_ctx = _base_ctx(args.kl_divergence_base) if args.kl_divergence else args.ctx_size
-        llm = LLM(path, n_ctx=max(n_ctx, 4), n_threads=args.threads, n_batch=args.batch_size)
+        llm = LLM(path, n_ctx=max(n_ctx, 4), n_threads=args.threads, n_batch=args.batch_size,
+                  n_gpu_layers=args.n_gpu_layers)
         if args.kl_divergence:
             def kl_progress(i: int, r: quality.KLResult) -> None:
                 print(f"{i:4d}    {r.ppl:9.4f} ± {r.ppl_unc:9.4f}    {r.ln_ppl_ratio:10.5f} ± {r.ln_ppl_ratio_unc:10.5f}"

@@ -36,10 +36,11 @@ def wait_until_healthy(url: str, process, timeout: float = 120.0) -> bool:
 
 def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: int = 4, queue_size: int = 16,
                  api_key: str | None = None, threads: int | None = None, max_body_bytes: int = 1 << 20,
-                 max_tokens_cap: int | None = None, prefill_chunk: int = 128, llm=None):
+                 max_tokens_cap: int | None = None, prefill_chunk: int = 128, llm=None, n_gpu_layers: int | str = 0):
     """(app, scheduler): the FastAPI app and the engine behind it. `llm`: serve these loaded weights
     instead of loading `model` (several servers can share them)."""
     from ..default_model import resolve_model
+    from ..engine import offload
     from ..llm import LLM
     from ..tokenizer import Tokenizer
     from .app import ServerConfig, create_app
@@ -48,6 +49,8 @@ def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: i
     if llm is None:
         # The slots get their own contexts; this one only holds the weights, so it is tiny.
         llm = LLM(resolve_model(None if model is None else str(model)), n_ctx=16, n_threads=threads)
+        # Offload planned for the slots' contexts (n_ctx each, `parallel` of them), made below.
+        llm.offload_plan = offload(llm._model, n_gpu_layers, n_ctx, parallel, 512, "f16")
     tokenizer = Tokenizer.from_metadata(llm.metadata)
     scheduler = Scheduler(llm, tokenizer, parallel=parallel, queue_size=queue_size, n_ctx=n_ctx,
                           prefill_chunk=prefill_chunk)
@@ -57,14 +60,14 @@ def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..commands.chat import positive_int
+    from ..commands.chat import add_gpu_args, positive_int
 
     p = argparse.ArgumentParser(prog="pyengine serve", description="OpenAI-compatible HTTP server.")
     p.add_argument("-m", "--model", help="GGUF file, folder or model name (default: SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("-c", "--n-ctx", type=int, default=2048, help="context length of each slot, in tokens")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (only 0 for now)")
+    add_gpu_args(p)
     p.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("-np", "--parallel", type=int, default=4, help="requests generated at once (slots)")
@@ -80,16 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     from .._C import EngineError
     from ..default_model import ModelNotFoundError
 
-    if args.n_gpu_layers:
-        print(f"pyengine serve: GPU layers are unavailable in this build; -ngl {args.n_gpu_layers} ignored, "
-              "running on the CPU", file=sys.stderr)
     if args.parallel < 1 or args.queue_size < 0 or args.n_ctx < 1:
         print("pyengine serve: --parallel and --n-ctx must be >= 1, --queue-size >= 0", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     try:
         app, scheduler = build_server(args.model, args.n_ctx, args.parallel, args.queue_size, args.api_key,
-                                      args.threads, args.max_body_bytes, args.max_tokens, args.prefill_chunk)
+                                      args.threads, args.max_body_bytes, args.max_tokens, args.prefill_chunk,
+                                      n_gpu_layers=args.n_gpu_layers)
     except (ModelNotFoundError, FileNotFoundError, EngineError, ValueError) as e:
         print(f"pyengine serve: {e}", file=sys.stderr)
         return 1

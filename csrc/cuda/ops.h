@@ -1,0 +1,32 @@
+// The CUDA backend: one implementation per op (csrc/ops/<op>.h says what each computes), called by
+// the device-neutral op files after their argument checks. Every tensor, including the I32 row
+// metadata, is in device memory; work is queued on the executor's stream and nothing here waits
+// for the GPU (a copy back to the host does).
+#pragma once
+#include "executor.h"
+#include "kv_cache.h"
+#include "ops/activation.h"
+#include "ops/attention.h"
+#include "ops/norm.h"
+#include "ops/rope.h"
+#include "tensor.h"
+
+namespace pe::cuda {
+
+void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y);
+bool matmul_supports(GGMLType t);
+
+void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps);
+void rope(Executor& ex, const Tensor& x, int n_heads, int head_dim, int first_dim, const Tensor& pos,
+          const RopeParams& p);
+void gated_activation(Executor& ex, Activation act, const Tensor& gate, const Tensor& up, const Tensor& out);
+void activation(Executor& ex, Activation act, const Tensor& x);
+void add(Executor& ex, const Tensor& x, const Tensor& y);
+void add_bias(Executor& ex, const Tensor& y, const Tensor& b);
+void scale(Executor& ex, const Tensor& x, float alpha, const Tensor& y);
+void get_rows(Executor& ex, const Tensor& table, const Tensor& ids, const Tensor& out);
+void kv_store(Executor& ex, KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
+void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
+               float scale, const Tensor& out);
+
+}  // namespace pe::cuda

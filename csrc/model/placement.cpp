@@ -1,0 +1,59 @@
+#include "model/placement.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "kv_cache.h"
+
+namespace pe {
+
+namespace {
+
+std::string gib(size_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", double(bytes) / double(size_t(1) << 30));
+  return buf;
+}
+
+}  // namespace
+
+OffloadPlan offload_cost(const Model& model, const OffloadRequest& req, int n) {
+  const ModelConfig& c = model.config();
+  OffloadPlan p;
+  p.n_gpu_layers = std::clamp(n, 0, int(c.n_layer));
+  p.head = p.n_gpu_layers == int(c.n_layer);
+  if (p.n_gpu_layers == 0) return p;
+  for (int64_t l = c.n_layer - p.n_gpu_layers; l < c.n_layer; l++) p.weights += model.layer_bytes(l);
+  if (p.head) p.weights += model.head_bytes();
+  const int64_t pages = (req.n_ctx + KVCache::kPageSize - 1) / KVCache::kPageSize * req.n_seq_max;
+  const size_t elem = req.kv_type == GGMLType::F16 ? 2 : 4;
+  p.kv_cache = size_t(p.n_gpu_layers) * size_t(pages) * size_t(KVCache::kPageSize) * 2 * size_t(c.n_head_kv) *
+               size_t(c.head_dim) * elem;
+  // Activations (model/forward.cpp: x, xn, qkv, att, ff_a, ff_b), the logits or hidden states of a
+  // pass, the attention's split-K partials (up to 64 splits of head_dim + 2 floats per row and head)
+  // and the row metadata.
+  const int64_t rows = std::min<int64_t>(req.n_batch, req.n_ctx * req.n_seq_max);
+  const int64_t act = 2 * c.n_embd + (c.n_head + 2 * c.n_head_kv) * c.head_dim + c.n_head * c.head_dim + 3 * c.n_ff;
+  const int64_t out = p.head ? std::max(c.n_vocab, c.n_embd) : 0;
+  const int64_t partials = std::min<int64_t>(rows, 64) * c.n_head * 64 * (c.head_dim + 2);
+  p.scratch = size_t(rows * (act + out) + partials) * sizeof(float) + size_t(rows) * 8 * sizeof(int32_t) +
+              (size_t(16) << 20);
+  return p;
+}
+
+OffloadPlan plan_offload(const Model& model, const OffloadRequest& req, size_t free_bytes) {
+  const int n_layer = int(model.config().n_layer);
+  const size_t usable = free_bytes > kOffloadMargin ? free_bytes - kOffloadMargin : 0;
+  int fits = 0;  // the largest n whose plan fits (cost grows with n)
+  for (int n = 1; n <= n_layer && offload_cost(model, req, n).total() <= usable; n++) fits = n;
+  if (req.n_gpu_layers < 0) return offload_cost(model, req, fits);
+  const OffloadPlan want = offload_cost(model, req, req.n_gpu_layers);
+  PE_CHECK(want.total() <= usable, DeviceMemoryError, "n_gpu_layers=", req.n_gpu_layers, " needs ",
+           gib(want.total()), " of GPU memory (weights ", gib(want.weights), ", KV cache ", gib(want.kv_cache),
+           " for n_ctx=", req.n_ctx, " x ", req.n_seq_max, " sequences, scratch ", gib(want.scratch), ") plus ",
+           gib(kOffloadMargin), " headroom, but ", gib(free_bytes), " is free: pass n_gpu_layers=", fits,
+           fits ? " or fewer" : "", " (-ngl ", fits, "), n_gpu_layers='auto', or a smaller n_ctx");
+  return want;
+}
+
+}  // namespace pe

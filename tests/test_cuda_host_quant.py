@@ -1,0 +1,175 @@
+"""The CUDA kernels' dequantisation (csrc/cuda/quant_blocks.cuh), run on the host.
+
+_C.cuda_host_dequantize decodes with the very functions the GPU kernels call, compiled by the host
+compiler, so this machine checks them without a GPU: they must equal the CPU backend bit for bit and
+gguf-py's dequantize. The bindings are compiled in every build, with or without CUDA.
+"""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
+
+from pyengine import _C  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FLOAT_TYPES = [QT.F32, QT.F16, QT.BF16]
+LEGACY_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]
+K_TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+ALL_TYPES = FLOAT_TYPES + LEGACY_TYPES + K_TYPES
+
+# Byte offsets of the fp16 scales in each block: random bytes elsewhere are valid quants.
+SCALE_OFFSETS = {
+    QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],
+    QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208],
+}  # fmt: skip
+
+
+def random_blocks(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes with sane fp16 scales: every quant bit pattern, every scale/min byte."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for off in SCALE_OFFSETS[qtype]:
+        d = (rng.uniform(0.001, 0.01, (rows, cols // block)) * rng.choice([-1, 1], (rows, cols // block)))
+        raw[:, :, off : off + 2] = d.astype(np.float16).view(np.uint8).reshape(rows, cols // block, 2)
+    return raw.reshape(rows, -1)
+
+
+def make_weights(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Raw GGUF bytes (rows, row_bytes) of rows x cols matrices of type qtype, a few ways."""
+    if qtype == QT.F32:
+        w = rng.standard_normal(rows * cols).astype(np.float32)
+        specials = np.array([np.inf, -np.inf, np.nan, 1e-40, -0.0, 3e38, -1e-45], dtype=np.float32)
+        w[: len(specials)] = specials[: w.size]
+        return [w.reshape(rows, cols).view(np.uint8)]
+    if qtype in (QT.F16, QT.BF16):
+        # Every bit pattern is a value: normals, subnormals, zeros, infinities, NaNs.
+        return [rng.integers(0, 1 << 16, (rows, cols), dtype=np.uint16).view(np.uint8)]
+    out = [random_blocks(qtype, rows, cols, rng)]
+    if qtype in LEGACY_TYPES:
+        w = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(0.01, 10, (rows, 1)).astype(np.float32)
+        out.append(np.ascontiguousarray(gguf.quants.quantize(w, qtype)).view(np.uint8).reshape(rows, -1))
+    return out
+
+
+def gguf_dequant(qtype: QT, raw: np.ndarray, cols: int) -> np.ndarray:
+    if qtype == QT.F32:
+        return raw.view(np.float32).reshape(-1, cols)
+    if qtype == QT.F16:
+        return raw.view(np.float16).astype(np.float32).reshape(-1, cols)
+    return gguf.quants.dequantize(raw, qtype).reshape(-1, cols)
+
+
+def cols_for(qtype: QT) -> list[int]:
+    if qtype in FLOAT_TYPES:
+        return [32, 64, 200, 577]  # 200 and 577 end in a partial chunk
+    if qtype in K_TYPES:
+        return [256, 768, 1280]
+    return [32, 96, 576]
+
+
+def assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    assert got.dtype == np.float32 and want.dtype == np.float32 and got.shape == want.shape, what
+    bad = got.view(np.uint32) != want.view(np.uint32)
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{what}: {bad.sum()} elements differ, first at {i}: {got[i]!r} vs {want[i]!r}")
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_host_dequantize_matches_cpu_and_gguf(qtype):
+    rng = np.random.default_rng(1000 + int(qtype))
+    for rows in (1, 3, 37):
+        for cols in cols_for(qtype):
+            for raw in make_weights(qtype, rows, cols, rng):
+                what = f"{qtype.name} {rows}x{cols}"
+                got = _C.cuda_host_dequantize(raw, int(qtype), rows, cols)
+                assert got.shape == (rows, cols)
+                assert_bits_equal(got, _C.dequantize(raw, int(qtype), rows, cols), what + " vs CPU")
+                # gguf-py: equal values (NaN where NaN; its F16 conversion may quieten NaN payloads).
+                np.testing.assert_array_equal(got, gguf_dequant(qtype, raw, cols), err_msg=what + " vs gguf")
+
+
+@pytest.mark.parametrize("qtype", [QT.F16, QT.BF16], ids=lambda t: t.name)
+def test_host_half_conversion_exhaustive(qtype):
+    """All 65536 bit patterns, including subnormals, infinities and NaN payloads."""
+    raw = np.arange(1 << 16, dtype=np.uint16).view(np.uint8)
+    got = _C.cuda_host_dequantize(raw, int(qtype), 2, 1 << 15)
+    assert_bits_equal(got, _C.dequantize(raw, int(qtype), 2, 1 << 15), qtype.name)
+    bits = np.arange(1 << 16, dtype=np.uint32).reshape(2, -1)
+    if qtype == QT.BF16:
+        want = (bits << 16).view(np.float32)
+    else:
+        want = bits.astype(np.uint16).view(np.float16).astype(np.float32)
+    finite = ~np.isnan(want)
+    assert_bits_equal(got[finite], want[finite], qtype.name + " vs numpy")
+    assert np.isnan(got[~finite]).all()
+
+
+def test_host_dequantize_rejects_bad_input():
+    raw = np.zeros(18, dtype=np.uint8)
+    with pytest.raises(ValueError):
+        _C.cuda_host_dequantize(raw, int(QT.Q4_0), 1, 64)  # 36 bytes expected
+    with pytest.raises(ValueError):
+        _C.cuda_host_dequantize(raw, int(QT.Q4_0), 1, 48)  # not a whole block
+    with pytest.raises(ValueError):  # a type without a chunk decoder (Q8_K)
+        _C.cuda_host_dequantize(np.zeros(292, dtype=np.uint8), int(QT.Q8_K), 1, 256)
+    with pytest.raises(ValueError):
+        _C.cuda_host_dequantize(np.zeros(4, dtype=np.float32), int(QT.F32), 1, 4)  # not raw bytes
+    with pytest.raises(ValueError):
+        _C.cuda_host_dequantize(np.zeros((2, 36), dtype=np.uint8)[:, ::2], int(QT.Q4_0), 2, 32)  # strided
+    assert _C.cuda_host_dequantize(raw[:0], int(QT.Q4_0), 0, 32).shape == (0, 32)
+
+
+def test_host_dequantize_in_every_build():
+    """The host mirror is part of _C whether or not the build has CUDA, and works the same."""
+    assert hasattr(_C, "cuda_host_dequantize")
+    assert isinstance(_C.has_cuda, bool)
+    raw = np.ascontiguousarray(gguf.quants.quantize(np.linspace(-1, 1, 64, dtype=np.float32)[None], QT.Q8_0))
+    got = _C.cuda_host_dequantize(raw.view(np.uint8), int(QT.Q8_0), 1, 64)
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, QT.Q8_0).reshape(1, 64))
+
+
+def _pybind11_includes() -> list[str]:
+    pybind11 = pytest.importorskip("pybind11")
+    py_inc = subprocess.run(
+        [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    return ["-I" + pybind11.get_include(), "-I" + py_inc]
+
+
+def test_host_mirror_compiles_without_cuda():
+    """bindings_cuda_quant.cpp and quant_blocks.cuh compile with a plain C++ compiler and pull in no
+    CUDA header: a build without CUDA compiles them too. The header is also warning-free."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        pytest.skip("no C++ compiler")
+    src = ROOT / "csrc" / "bindings_cuda_quant.cpp"
+    deps = subprocess.run(
+        [cxx, "-std=c++17", "-M", "-I", str(ROOT / "csrc"), *_pybind11_includes(), str(src)],
+        capture_output=True, text=True,
+    )
+    assert deps.returncode == 0, deps.stderr
+    headers = deps.stdout.replace("\\\n", " ").split()
+    cuda_headers = [h for h in headers if Path(h).name.startswith(("cuda", "cuda_")) or "/cuda/include" in h]
+    assert not cuda_headers, cuda_headers
+    probe = (
+        '#include "cuda/quant_blocks.cuh"\n'
+        "float probe(pe::GGMLType t, const uint8_t* row) {\n"
+        "  float out[32];\n"
+        "  return pe::cuda::dequantize_chunk(t, row, 256, 3, out) ? out[5] : 0.0f;\n"
+        "}\n"
+    )
+    res = subprocess.run(
+        [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "csrc"), "-x", "c++", "-"],
+        input=probe, capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr
