@@ -2,7 +2,10 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
-#include <sstream>
+#include <charconv>
+#include <cstdio>
+#include <string_view>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 
@@ -30,11 +33,38 @@ struct DeviceMemoryError : Error {
   using Error::Error;
 };
 
+// Message text from parts. Deliberately not std::ostringstream: a module that carries its own copy
+// of libstdc++ (some CUDA toolchains link it statically) crashes formatting numbers through iostream
+// locales when the host process has loaded another copy; to_chars/snprintf need no locale.
+namespace detail {
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, std::string_view v) { s.append(v.data(), v.size()); }
+inline void append(std::string& s, const char* v) { s += v ? v : "(null)"; }
+inline void append(std::string& s, char v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+template <typename T>
+inline std::enable_if_t<std::is_integral_v<T> || std::is_enum_v<T>> append(std::string& s, T v) {
+  if constexpr (std::is_enum_v<T>) {
+    append(s, static_cast<std::underlying_type_t<T>>(v));
+  } else {
+    char buf[24];
+    const auto r = std::to_chars(buf, buf + sizeof buf, v);
+    s.append(buf, r.ptr);
+  }
+}
+template <typename T>
+inline std::enable_if_t<std::is_floating_point_v<T>> append(std::string& s, T v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", double(v));
+  s += buf;
+}
+}  // namespace detail
+
 template <typename... Args>
 std::string str_cat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
 }
 
 }  // namespace pe

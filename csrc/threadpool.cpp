@@ -1,7 +1,7 @@
 #include "threadpool.h"
 
 #include <algorithm>
-#include <fstream>
+#include <cstdio>
 #include <set>
 #include <string>
 #include <utility>
@@ -15,15 +15,27 @@
 
 namespace pe {
 
+namespace {
+int read_int(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "r");
+  int v = -1;
+  if (f) {
+    if (std::fscanf(f, "%d", &v) != 1) v = -1;
+    std::fclose(f);
+  }
+  return v;
+}
+}  // namespace
+
 int physical_core_count() {
   // Count distinct (package, core) pairs; SMT siblings share one. Falls back to logical CPUs.
   std::set<std::pair<int, int>> cores;
   const unsigned n = std::max(1u, std::thread::hardware_concurrency());
   for (unsigned cpu = 0; cpu < n; cpu++) {
     const std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
-    std::ifstream core(base + "core_id"), pkg(base + "physical_package_id");
-    int c = -1, p = -1;
-    if (!(core >> c) || !(pkg >> p)) return int(n);
+    // stdio, not iostreams: see str_cat in common.h on builds that carry their own libstdc++.
+    const int c = read_int(base + "core_id"), p = read_int(base + "physical_package_id");
+    if (c < 0 || p < 0) return int(n);
     cores.insert({p, c});
   }
   return cores.empty() ? int(n) : int(cores.size());

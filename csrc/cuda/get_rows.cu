@@ -14,7 +14,7 @@ constexpr int kThreads = 128;
 // out[i] = row ids[i] of the table, or zeros for an id outside [0, table_rows): the ids are on the
 // GPU, so the op file cannot check them, and reading past the table is not an option.
 template <GGMLType T>
-__global__ void __launch_bounds__(kThreads) get_rows_kernel(const uint8_t* __restrict__ table, int64_t table_rows,
+__global__ void __launch_bounds__(kThreads, 1) get_rows_kernel(const uint8_t* __restrict__ table, int64_t table_rows,
                                                             int64_t cols, size_t stride,
                                                             const int32_t* __restrict__ ids, float* __restrict__ out,
                                                             int64_t ldo) {
