@@ -2,7 +2,7 @@
 # Registers, shared memory and spills of every CUDA kernel for every default architecture (ptxas -v),
 # into benchmarks/results/cuda_ptxas.txt. Needs nvcc only (no GPU).
 #   benchmarks/cuda_ptxas.sh [ARCHS]     (default "80 86 89 90")
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results/cuda_ptxas.txt
 ARCHS=${1:-80 86 89 90}

@@ -21,6 +21,7 @@ step() { echo; echo "=== $* ($(date +%T))"; }
 step machine
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv || exit 1
 echo "cores: $(nproc)"; $PY -V; nvcc --version | tail -1
+env | grep -E "^(CC|CXX|CUDAHOSTCXX|CFLAGS|CXXFLAGS|LDFLAGS)=" || true
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pe_site .whl/*.whl \
