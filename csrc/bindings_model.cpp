@@ -62,6 +62,9 @@ void bind_model(py::module_& m) {
         d["rope_dims"] = c.rope.n_dims;
         d["rope_freq_base"] = c.rope.freq_base;
         d["rope_style"] = c.rope.style == RopeStyle::NeoX ? "neox" : "adjacent";
+        d["family"] = c.spec.family == Family::EncoderOnly ? "encoder" : "decoder";
+        static const char* const kPooling[] = {"none", "mean", "cls", "last"};
+        d["pooling"] = kPooling[int(c.pooling)];
         return d;
       });
 

@@ -124,7 +124,11 @@ class Engine:
         self._init_context(n_ctx, n_batch, kv_type, n_seq_max)
 
     def _resolve_n_ctx(self, n_ctx: int) -> int:
-        return int(self._model.config["n_ctx_train"]) if n_ctx <= 0 else int(n_ctx)
+        """0: the training context. An encoder has a learned position per slot: at most that many."""
+        train = int(self._model.config["n_ctx_train"])
+        if n_ctx <= 0:
+            return train
+        return min(int(n_ctx), train) if self._model.config["family"] == "encoder" else int(n_ctx)
 
     def _init_context(self, n_ctx: int, n_batch: int, kv_type: str, n_seq_max: int) -> None:
         n_ctx = self._resolve_n_ctx(n_ctx)
@@ -208,10 +212,11 @@ class Engine:
         return self._ctx.decode(ids, seqs, want, embeddings)
 
     def embed(self, inputs: Sequence[Sequence[int]], normalize: bool = True) -> np.ndarray:
-        """Embeddings of token-id sequences, float32 [len(inputs), n_embd]: the mean of each sequence's
-        final hidden states (after the output norm), L2-normalized unless `normalize` is False
-        (llama.cpp's mean pooling for decoder models). The sequences run as one batch in a context of
-        their own; this one's is left alone."""
+        """Embeddings of token-id sequences, float32 [len(inputs), n_embd], pooled from each sequence's
+        final hidden states (after the output norm, where the model has one) as the model says:
+        encoders (BERT) by their `pooling_type` (mean, the first token [CLS], or the last), decoder
+        models by the mean (llama.cpp's default for them); L2-normalized unless `normalize` is False.
+        The sequences run as one batch in a context of their own; this one's is left alone."""
         seqs = [_ids(x) for x in inputs]
         if not seqs or any(x.size == 0 for x in seqs):
             raise ValueError("embed needs at least one non-empty sequence")
@@ -222,7 +227,14 @@ class Engine:
         hidden = ctx.decode(np.concatenate(seqs), np.repeat(np.arange(len(seqs)), [x.size for x in seqs]),
                             embeddings=True)
         bounds = np.cumsum([0] + [x.size for x in seqs])
-        out = np.stack([hidden[bounds[i]:bounds[i + 1]].mean(axis=0) for i in range(len(seqs))]).astype(np.float32)
+        pooling = self.config.get("pooling", "none")
+        if pooling == "cls":
+            rows = [hidden[bounds[i]] for i in range(len(seqs))]
+        elif pooling == "last":
+            rows = [hidden[bounds[i + 1] - 1] for i in range(len(seqs))]
+        else:
+            rows = [hidden[bounds[i]:bounds[i + 1]].mean(axis=0) for i in range(len(seqs))]
+        out = np.stack(rows).astype(np.float32)
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out

@@ -6,10 +6,13 @@
     for piece in llm.chat([{"role": "user", "content": "Hi"}], stream=True): ...
     chat = llm.chat_session(system="Be brief.")                                     # keeps the KV cache
     print(chat.send("What is the capital of France?", stream=False).text)
+    pyengine.LLM("all-MiniLM-L6-v2-f16.gguf").embed(["a sentence", "another"])       # -> float32 [2, 384]
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from .engine import DEFAULT_SAMPLING, Engine, default_threads
 from .generation import ChatSession, Generation, generate_batch
@@ -86,6 +89,13 @@ class LLM(Engine):
         text = self.chat_template.render(list(messages), add_generation_prompt=True)
         # As transformers' apply_chat_template: the template writes BOS itself where the model wants one.
         return self.generate(text, stream=stream, params=params, add_special_tokens=False, **sampling)
+
+    def embed(self, inputs: "str | Sequence[str] | Sequence[Sequence[int]]", normalize: bool = True) -> np.ndarray:
+        """Sentence embeddings, float32 [n, dim]: texts are tokenized with the model's special tokens
+        ([CLS] ... [SEP] for BERT) and pooled as `Engine.embed` says (a single text gives one row)."""
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        ids = [self.tokenizer.encode(x, add_special_tokens=True) if isinstance(x, str) else x for x in items]
+        return super().embed(ids, normalize=normalize)
 
     def perplexity(self, text: str, n_ctx: int = 512, n_chunks: int | None = None) -> "PerplexityResult":
         """Perplexity of ``text`` with llama-perplexity's protocol (chunks of ``n_ctx`` tokens, second

@@ -11,6 +11,14 @@ inline float gelu(float x) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
   return 0.5f * x * (1.f + std::tanh(kSqrt2OverPi * x * (1.f + 0.044715f * x * x)));
 }
+inline float gelu_erf(float x) { return 0.5f * x * (1.f + std::erf(x * 0.7071067811865476f)); }
+inline float apply(Activation act, float x) {
+  switch (act) {
+    case Activation::SiLU: return silu(x);
+    case Activation::GELU: return gelu(x);
+    default: return gelu_erf(x);
+  }
+}
 }  // namespace
 
 void gated_activation(Executor& ex, Activation act, const Tensor& gate, const Tensor& up, const Tensor& out) {
@@ -20,10 +28,10 @@ void gated_activation(Executor& ex, Activation act, const Tensor& gate, const Te
       const float* g = gate.row(r);
       const float* u = up.row(r);
       float* o = out.row(r);
-      if (act == Activation::SiLU)
+      if (act == Activation::SiLU)  // the common case, kept a plain loop the compiler vectorises
         for (int64_t i = 0; i < d; i++) o[i] = silu(g[i]) * u[i];
       else
-        for (int64_t i = 0; i < d; i++) o[i] = gelu(g[i]) * u[i];
+        for (int64_t i = 0; i < d; i++) o[i] = apply(act, g[i]) * u[i];
     }
   });
 }
@@ -33,10 +41,7 @@ void activation(Executor& ex, Activation act, const Tensor& x) {
   ex.pool().for_range(x.rows, 2, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       float* v = x.row(r);
-      if (act == Activation::SiLU)
-        for (int64_t i = 0; i < d; i++) v[i] = silu(v[i]);
-      else
-        for (int64_t i = 0; i < d; i++) v[i] = gelu(v[i]);
+      for (int64_t i = 0; i < d; i++) v[i] = apply(act, v[i]);
     }
   });
 }

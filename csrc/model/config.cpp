@@ -30,11 +30,28 @@ ArchSpec chatglm1() {
   a.mask = Mask::PrefixLM;
   return a;
 }
+// BERT as llama.cpp's `bert`: learned absolute positions plus token type 0, a LayerNorm of the
+// embeddings, post-LayerNorm blocks with biases everywhere, exact (erf) GELU, no LM head.
+ArchSpec bert() {
+  ArchSpec a{"bert"};
+  a.family = Family::EncoderOnly;
+  a.norm = NormType::Layer;
+  a.act = Activation::GELUErf;
+  a.gated_ffn = false;
+  a.positions = Positions::Learned;
+  a.mask = Mask::Bidirectional;
+  a.post_norm = true;
+  a.embedding_norm = true;
+  a.attn_norm_name = "attn_output_norm";
+  a.ffn_norm_name = "layer_output_norm";
+  return a;
+}
 const ArchSpec kArchs[] = {
     llama_like("llama", RopeStyle::Adjacent),
     llama_like("qwen2", RopeStyle::NeoX),
     chatglm(),
     chatglm1(),
+    bert(),
 };
 }  // namespace
 
@@ -97,6 +114,12 @@ ModelConfig read_config(const GGUFFile& f) {
     c.mask_token = f.get_int("tokenizer.ggml.mask_token_id", -1);
   }
   if (spec->mask == Mask::PrefixLM) c.prefix_end_token = f.get_int("tokenizer.ggml.bos_token_id");
+  if (spec->family == Family::EncoderOnly) {
+    const int64_t pooling = f.get_int(p + "pooling_type", int64_t(Pooling::Mean));
+    PE_CHECK(pooling >= 0 && pooling <= 3, UnsupportedModelError, f.path(), ": ", p, "pooling_type ", pooling,
+             " is not supported (0 none, 1 mean, 2 cls, 3 last)");
+    c.pooling = Pooling(pooling);
+  }
   return c;
 }
 

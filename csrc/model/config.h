@@ -14,12 +14,14 @@ namespace pe {
 // Which stacks a model has and how they connect; one block function per family (model/forward.cpp).
 enum class Family {
   DecoderOnly,  // one causal stack over a growing KV cache, LM head on top (llama, qwen2, chatglm)
+  EncoderOnly,  // one bidirectional stack over the whole input, hidden states out (bert)
 };
 
 // How a token's place in its sequence becomes its position encoding.
 enum class Positions {
   Rope,    // RoPE at the token's index in the sequence
   Rope2D,  // ChatGLM-6B: one RoPE half by position id, the other by block position (THUDM's get_position_ids)
+  Learned, // a learned table of absolute positions added to the token embedding (BERT)
 };
 
 // Which keys of its sequence a token sees.
@@ -27,7 +29,11 @@ enum class Mask {
   Causal,    // itself and everything before it
   PrefixLM,  // ChatGLM-6B: the prompt up to the prefix-end token (BOS, <sop>) sees the whole prompt
              // (bidirectional); from there on, causal
+  Bidirectional,  // every token of the sequence (an encoder's input, evaluated whole)
 };
+
+// How an encoder's per-token hidden states become one vector (llama.cpp's pooling_type values).
+enum class Pooling { None = 0, Mean = 1, CLS = 2, Last = 3 };
 
 // What the GGUF architecture name implies (one row per architecture in config.cpp).
 struct ArchSpec {
@@ -43,6 +49,13 @@ struct ArchSpec {
   bool residual_from_norm = false;
   Positions positions = Positions::Rope;
   Mask mask = Mask::Causal;
+  // Post-norm blocks (BERT): x = norm(x + f(x)) after each sublayer, instead of x + f(norm(x)).
+  bool post_norm = false;
+  // A LayerNorm of the summed embeddings (token_embd_norm) before the first block (BERT).
+  bool embedding_norm = false;
+  // GGUF names of the two per-block norms (llama.cpp's: BERT's sit after the sublayers).
+  const char* attn_norm_name = "attn_norm";
+  const char* ffn_norm_name = "ffn_norm";
 };
 
 struct ModelConfig {
@@ -61,6 +74,7 @@ struct ModelConfig {
   float residual_scale = 1.f;     // residual_from_norm: alpha
   int64_t prefix_end_token = -1;  // Mask::PrefixLM: the token that ends the bidirectional prefix (BOS, <sop>)
   int64_t mask_token = -1;        // Positions::Rope2D: the mask token ([gMASK]) whose index is the generation position id
+  Pooling pooling = Pooling::None;  // encoders: {arch}.pooling_type
 };
 
 // Supported architecture names, comma-separated (for error messages).

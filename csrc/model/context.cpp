@@ -17,6 +17,8 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
   const ModelConfig& c = model_->config();
   PE_CHECK(ex_->device() == Device::CPU, Error, "a context takes the CPU executor (the GPU's is the model's)");
   PE_CHECK(n_batch > 0, Error, "n_batch must be positive");
+  PE_CHECK(c.spec.positions != Positions::Learned || n_ctx <= c.n_ctx_train, ContextLengthError, "n_ctx ", n_ctx,
+           " is more than the ", c.n_ctx_train, " positions this ", c.arch, " model has learned");
   const int n_gpu = model_->gpu().n_layers;
   kv_.reserve(2);
   kv_.emplace_back(*ex_, kv_type, int(c.n_layer) - n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, n_ctx);
@@ -84,12 +86,14 @@ void Context::check_rows(const Batch& batch) const {
 }
 
 // A sequence whose bidirectional prefix ends in this batch, but whose earlier tokens were evaluated
-// causally, is emptied and its tokens are put back ahead of its rows (without logits).
+// causally, is emptied and its tokens are put back ahead of its rows (without logits); so is an
+// encoder's sequence that gets more tokens (each of its tokens sees all the others).
 std::vector<Context::Row> Context::expand_replays(const Batch& batch) {
   std::vector<Row> rows;
   rows.reserve(size_t(batch.size()));
   std::vector<std::vector<int32_t>> incoming;
-  if (model_->config().spec.mask == Mask::PrefixLM) {
+  const Mask mask = model_->config().spec.mask;
+  if (mask == Mask::PrefixLM || mask == Mask::Bidirectional) {
     incoming.resize(seqs_.size());
     for (int64_t i = 0; i < batch.size(); i++) incoming[size_t(batch.seqs[size_t(i)])].push_back(batch.tokens[size_t(i)]);
   }
@@ -115,6 +119,8 @@ std::vector<Context::Row> Context::expand_replays(const Batch& batch) {
 void Context::decode(const Batch& batch, float* logits, bool hidden) {
   auto lock = this->lock();
   check_rows(batch);
+  PE_CHECK(hidden || !logits || model_->decoder.head.output.present(), UnsupportedModelError, "a ",
+           model_->config().arch, " model has no language-model head: ask for embeddings (hidden states) instead");
   std::vector<int64_t> old_len(seqs_.size());
   for (size_t s = 0; s < seqs_.size(); s++) old_len[s] = kv().seq_len(int(s));
   const std::vector<Row> rows = expand_replays(batch);

@@ -83,18 +83,26 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, KVCache& 
     if (!W.b.empty()) add_bias(ex, out, W.b);
   };
   auto rotate = [&](const Tensor& heads, int n_heads) {
+    if (spec.positions == Positions::Learned) return;  // added to the embeddings instead
     rope(ex, heads, n_heads, int(hd), 0, rt.rope_pos, c.rope);
     if (spec.positions == Positions::Rope2D) rope(ex, heads, n_heads, int(hd), c.rope.n_dims, rt.rope_pos2, c.rope);
   };
 
+  // Post-norm (BERT): each sublayer reads x itself and the norm follows the residual add.
+  const bool post = spec.post_norm;
+  auto post_norm = [&](const Tensor& w, const Tensor& b) {
+    if (post) norm(ex, spec.norm, x, w, b, x, c.norm_eps);
+  };
+
   // Attention block.
-  pre_norm(L.attn_norm, L.attn_norm_b);
+  if (!post) pre_norm(L.attn_norm, L.attn_norm_b);
+  const Tensor& attn_in = post ? x : xn;
   if (L.wqkv.present()) {
-    linear(L.wqkv, xn, qkv);
+    linear(L.wqkv, attn_in, qkv);
   } else {
-    linear(L.wq, xn, q);
-    linear(L.wk, xn, k);
-    linear(L.wv, xn, v);
+    linear(L.wq, attn_in, q);
+    linear(L.wk, attn_in, k);
+    linear(L.wv, attn_in, v);
   }
   rotate(q, int(c.n_head));
   rotate(k, int(c.n_head_kv));
@@ -102,21 +110,24 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, KVCache& 
   attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, rt.key_begin, rt.key_end}, kq_scale, att);
   linear(L.wo, att, xn);
   add(ex, x, xn);
+  post_norm(L.attn_norm, L.attn_norm_b);
   // Feed-forward block.
-  pre_norm(L.ffn_norm, L.ffn_norm_b);
+  if (!post) pre_norm(L.ffn_norm, L.ffn_norm_b);
+  const Tensor& ffn_in = post ? x : xn;
   if (spec.fused_gate_up) {
-    linear(L.w_up, xn, ff_a);
+    linear(L.w_up, ffn_in, ff_a);
     gated_activation(ex, spec.act, hidden, ff_a.cols_view(n_ff, n_ff), hidden);
   } else if (spec.gated_ffn) {
-    linear(L.w_gate, xn, hidden);
-    linear(L.w_up, xn, ff_b);
+    linear(L.w_gate, ffn_in, hidden);
+    linear(L.w_up, ffn_in, ff_b);
     gated_activation(ex, spec.act, hidden, ff_b, hidden);
   } else {
-    linear(L.w_up, xn, hidden);
+    linear(L.w_up, ffn_in, hidden);
     activation(ex, spec.act, hidden);
   }
   linear(L.w_down, hidden, xn);
   add(ex, x, xn);
+  post_norm(L.ffn_norm, L.ffn_norm_b);
 }
 
 }  // namespace
@@ -130,7 +141,15 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
 
   // Token embeddings: looked up on the CPU, where the embedding table stays.
   RowTensors host_rows = cpu.act->upload(*cpu.ex, rows);
-  get_rows(*cpu.ex, M.tok_embd, host_rows.token, f32_tensor(static_cast<float*>(cpu.act->x.data()), n, d, d));
+  const Tensor x0 = f32_tensor(static_cast<float*>(cpu.act->x.data()), n, d, d);
+  get_rows(*cpu.ex, M.tok_embd, host_rows.token, x0);
+  if (c.spec.positions == Positions::Learned) {
+    const Tensor pos = f32_tensor(static_cast<float*>(cpu.act->xn.data()), n, d, d);
+    get_rows(*cpu.ex, M.position_embd, host_rows.rope_pos, pos);  // checks every position against the table
+    add(*cpu.ex, x0, pos);
+    if (!M.token_type.empty()) add_bias(*cpu.ex, x0, M.token_type);
+  }
+  if (c.spec.embedding_norm) norm(*cpu.ex, c.spec.norm, x0, M.embd_norm, M.embd_norm_b, x0, c.norm_eps);
 
   // The residual stream x (n x d, contiguous) moves to a part's device when it changes.
   const StackPart* prev = &cpu;
@@ -160,7 +179,7 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
   const Tensor y = dev == Device::CPU ? out : f32_tensor(static_cast<float*>(a.out.data()), n_out, width, width, dev);
   const Tensor h = hidden_out ? y : f32_tensor(static_cast<float*>(a.xn.data()), n_out, d, d, dev);
   get_rows(ex, x, rt.logit_rows, h);
-  norm(ex, c.spec.norm, h, head.output_norm, head.output_norm_b, h, c.norm_eps);
+  if (!head.output_norm.empty()) norm(ex, c.spec.norm, h, head.output_norm, head.output_norm_b, h, c.norm_eps);
   if (!hidden_out) {
     matmul(ex, head.output.w, h, y);
     if (!head.output.b.empty()) add_bias(ex, y, head.output.b);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/ops.h"
 #include "ops/matmul.h"
 
 namespace pe {
@@ -149,10 +150,33 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
   tok_embd = ld.matrix("token_embd.weight", cfg_.n_vocab, c.n_embd);
 
   Head& head = decoder.head;
-  head.output_norm = keep(ld.vec("output_norm.weight", c.n_embd));
+  const bool lm = c.spec.family == Family::DecoderOnly;  // encoders end in hidden states: no LM head
+  head.output_norm = keep(ld.vec("output_norm.weight", c.n_embd, lm));
   if (c.spec.norm == NormType::Layer) head.output_norm_b = keep(ld.vec("output_norm.bias", c.n_embd, false));
-  head.output = ld.linear(*this, "output", cfg_.n_vocab, c.n_embd, false);
-  if (!head.output.present()) head.output.w = tok_embd;  // tied embeddings
+  if (lm) {
+    head.output = ld.linear(*this, "output", cfg_.n_vocab, c.n_embd, false);
+    if (!head.output.present()) head.output.w = tok_embd;  // tied embeddings
+  }
+  if (c.spec.positions == Positions::Learned) {
+    const GGUFTensorInfo* pos = ld.find("position_embd.weight", true);
+    const int64_t n_pos = pos->ne.size() >= 2 ? pos->ne[1] : 0;
+    PE_CHECK(n_pos > 0 && n_pos <= (int64_t(1) << 24), ModelFormatError, file_->path(),
+             ": tensor 'position_embd.weight' has ", n_pos, " positions");
+    position_embd = ld.matrix("position_embd.weight", n_pos, c.n_embd);
+    cfg_.n_ctx_train = std::min(cfg_.n_ctx_train, n_pos);  // no position beyond the table
+    if (const GGUFTensorInfo* tt = ld.find("token_types.weight", false)) {
+      const int64_t n_types = tt->ne.size() >= 2 ? tt->ne[1] : 0;
+      PE_CHECK(n_types > 0 && n_types <= 1024, ModelFormatError, file_->path(), ": tensor 'token_types.weight' has ",
+               n_types, " types");
+      Vec type0(size_t(c.n_embd));
+      cpu::dequantize_row(ld.matrix("token_types.weight", n_types, c.n_embd), 0, type0.data());
+      token_type = keep(std::move(type0));
+    }
+  }
+  if (c.spec.embedding_norm) {
+    embd_norm = keep(ld.vec("token_embd_norm.weight", c.n_embd));
+    embd_norm_b = keep(ld.vec("token_embd_norm.bias", c.n_embd, false));
+  }
 
   if (const GGUFTensorInfo* rf = ld.find("rope_freqs.weight", false)) {
     (void)rf;
@@ -165,8 +189,9 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
   for (int64_t l = 0; l < c.n_layer; l++) {
     Layer& L = decoder.layers[size_t(l)];
     const std::string b = "blk." + std::to_string(l) + ".";
-    L.attn_norm = keep(ld.vec(b + "attn_norm.weight", c.n_embd));
-    if (c.spec.norm == NormType::Layer) L.attn_norm_b = keep(ld.vec(b + "attn_norm.bias", c.n_embd, false));
+    const std::string an = b + c.spec.attn_norm_name, fn = b + c.spec.ffn_norm_name;
+    L.attn_norm = keep(ld.vec(an + ".weight", c.n_embd));
+    if (c.spec.norm == NormType::Layer) L.attn_norm_b = keep(ld.vec(an + ".bias", c.n_embd, false));
     L.wqkv = ld.linear(*this, b + "attn_qkv", q_dim + 2 * kv_dim, c.n_embd, false);
     if (!L.wqkv.present()) {
       L.wq = ld.linear(*this, b + "attn_q", q_dim, c.n_embd);
@@ -174,8 +199,8 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
       L.wv = ld.linear(*this, b + "attn_v", kv_dim, c.n_embd);
     }
     L.wo = ld.linear(*this, b + "attn_output", c.n_embd, q_dim);
-    L.ffn_norm = keep(ld.vec(b + "ffn_norm.weight", c.n_embd));
-    if (c.spec.norm == NormType::Layer) L.ffn_norm_b = keep(ld.vec(b + "ffn_norm.bias", c.n_embd, false));
+    L.ffn_norm = keep(ld.vec(fn + ".weight", c.n_embd));
+    if (c.spec.norm == NormType::Layer) L.ffn_norm_b = keep(ld.vec(fn + ".bias", c.n_embd, false));
     if (c.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(*this, b + "ffn_gate", c.n_ff, c.n_embd);
     L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
     L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);

@@ -65,6 +65,9 @@ class Model {
   ModelConfig cfg_;
   std::shared_ptr<GGUFFile> file_;
   Tensor tok_embd{};  // stays in the mapping (on the CPU) even when every block is offloaded
+  // Positions::Learned: the absolute position table [n_ctx_train x n_embd]; token type 0's embedding
+  // as F32 (every token is type 0: one sentence per input); the LayerNorm of the summed embeddings.
+  Tensor position_embd{}, token_type{}, embd_norm{}, embd_norm_b{};
   Stack decoder;
   Vec rope_freqs;
 

@@ -5,6 +5,7 @@
 namespace pe {
 
 bool SequencePolicy::needs_replay(const SequenceState& s, const int32_t* tokens, int64_t n) const {
+  if (c_.spec.mask == Mask::Bidirectional) return !s.tokens.empty() && n > 0;  // every key changes
   return c_.spec.mask == Mask::PrefixLM && s.prefix_len < 0 && !s.tokens.empty() &&
          std::find(tokens, tokens + n, int32_t(c_.prefix_end_token)) != tokens + n;
 }
@@ -32,6 +33,7 @@ RowPlace SequencePolicy::place(const SequenceState& s, int64_t pos) const {
   RowPlace r;
   r.key_end = int32_t(pos + 1);
   if (c_.spec.mask == Mask::PrefixLM && pos < s.prefix_len) r.key_end = int32_t(s.prefix_len);
+  if (c_.spec.mask == Mask::Bidirectional) r.key_end = int32_t(s.tokens.size());
   r.rope_pos = int32_t(pos);
   if (c_.spec.positions == Positions::Rope2D && s.prefix_len >= 0 && pos >= s.prefix_len) {
     // THUDM's get_position_ids: generated tokens keep the mask token's position and count blocks.

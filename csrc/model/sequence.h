@@ -36,6 +36,7 @@ class SequencePolicy {
   // Whether the row at `pos` must be in the same forward pass as the next row of its sequence (a
   // bidirectional prefix is evaluated in one pass: each of its rows sees all the others).
   bool joins_next(const SequenceState& s, int64_t pos) const {
+    if (c_.spec.mask == Mask::Bidirectional) return pos + 1 < int64_t(s.tokens.size());
     return c_.spec.mask == Mask::PrefixLM && pos + 1 < s.prefix_len;
   }
 
