@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "chat": ("pyengine.commands.chat", "talk to a model in the terminal (default model: SmolLM2-135M-Instruct)"),
     "generate": ("pyengine.commands.generate", "complete a prompt, streaming to stdout"),
+    "embed": ("pyengine.commands.embed", "sentence embeddings of texts (BERT-style encoders, or any model)"),
     "convert": ("pyengine_convert", "convert a Hugging Face checkpoint folder to a GGUF file"),
     "bench": ("pyengine.commands.bench", "measure prompt processing and generation speed (llama-bench style)"),
     "perplexity": ("pyengine.commands.perplexity", "perplexity / KL divergence on a text (llama-perplexity style)"),
