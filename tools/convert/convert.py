@@ -16,6 +16,8 @@ Metadata beyond llama.cpp's keys:
       generation should stop on any of them.
   chatglm1.residual_scale  ChatGLM-6B's alpha = sqrt(2 * num_layers); chatglm1 also writes
       tokenizer.ggml.mask_token_id ([gMASK], whose index is the position id of generated tokens).
+  BERT: pyengine.embedding.normalize (bert.py) and pyengine.tokenizer.bert.{clean_text,
+      handle_chinese_chars,max_input_chars_per_word} (vocab.py load_wordpiece).
 """
 from __future__ import annotations
 
