@@ -11,6 +11,14 @@ A GGUF stores the vocabulary under llama.cpp's keys (`tokenizer.ggml.*`). We reb
   with byte fallback to the `<0xXX>` tokens. Spaces become "▁", and a "▁" is prepended to every run of
   text between special tokens when `add_space_prefix` is set (llama.cpp and SentencePiece both do so).
 
+* `tokenizer.ggml.model == "bert"`: WordPiece (BERT). llama.cpp stores the vocabulary in a "phantom
+  space" spelling (a word-start token gets "▁", a "##" continuation loses its "##", control tokens stay);
+  we undo it and rebuild BERT's pipeline: BertNormalizer (`tokenizer.ggml.normalizer.lowercase` /
+  `strip_accents`, llama.cpp's keys, and pyengine's `pyengine.tokenizer.bert.clean_text` /
+  `handle_chinese_chars`; all default to true as in BertNormalizer and llama.cpp), BertPreTokenizer,
+  WordPiece with "##" continuations (`pyengine.tokenizer.bert.max_input_chars_per_word`, default 100),
+  and `[CLS] ... [SEP]` (BOS and separator ids) around the text when special tokens are added.
+
 Control, unknown and user-defined tokens are matched whole in the text, before any splitting.
 
 THUDM's ChatGLM tokenizers add their own tokens where `add_special_tokens` asks for them:
@@ -253,19 +261,29 @@ class Tokenizer:
             self.backend = self._build_byte_level_bpe(md, pre)
             self.add_space_prefix = False
             add_bos_default = pre.add_bos
+        elif self.model == "bert":
+            self.backend = self._build_wordpiece(md)
+            self.add_space_prefix = False
+            add_bos_default = True
         elif self.model == "llama":
             self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
             self.backend = self._build_sentencepiece_bpe(md, prepend=self.add_space_prefix and self.pre != "chatglm1")
             add_bos_default = True
         else:
             raise UnsupportedModelError(
-                f"tokenizer.ggml.model = {self.model!r} is not supported (supported: 'gpt2', 'llama')"
+                f"tokenizer.ggml.model = {self.model!r} is not supported (supported: 'gpt2', 'llama', 'bert')"
             )
 
         self.bos_id = _meta_int(md, "tokenizer.ggml.bos_token_id", n)
         self.eos_id = _meta_int(md, "tokenizer.ggml.eos_token_id", n)
         self.unk_id = _meta_int(md, "tokenizer.ggml.unknown_token_id", n)
         self.pad_id = _meta_int(md, "tokenizer.ggml.padding_token_id", n)
+        self.sep_id = _meta_int(md, "tokenizer.ggml.seperator_token_id", n)  # sic: llama.cpp's spelling
+        if self.model == "bert":  # llama.cpp's defaults for a file that names none (bert-base's ids)
+            for attr, typ, i in (("bos_id", "bos", 101), ("unk_id", "unknown", 100), ("sep_id", "seperator", 102),
+                                 ("pad_id", "padding", 0)):
+                if f"tokenizer.ggml.{typ}_token_id" not in md and i < n:
+                    setattr(self, attr, i)
         if self.pre in ("chatglm-bpe", "glm4"):
             self.bos_id = None  # llama.cpp: GLM-4 has no BOS, whatever the file says
         self.eot_id = _meta_int(md, "tokenizer.ggml.eot_token_id", n)
@@ -284,6 +302,12 @@ class Tokenizer:
         # ids `add_special_tokens` puts before and after the text
         self._prefix = [self.bos_id] if self.add_bos else []
         self._suffix = [self.eos_id] if self.add_eos else []
+        if self.model == "bert":
+            # llama.cpp's WordPiece tokenizer adds BOS ([CLS]) and the separator ([SEP]), whatever the flags say
+            sep = self.sep_id if self.sep_id is not None else self.eos_id
+            self._prefix = [self.bos_id] if self.bos_id is not None else []
+            self._suffix = [sep] if sep is not None else []
+            self.add_bos, self.add_eos = bool(self._prefix), False
         before, after = _GLM_AFFIXES.get(self.pre or "", ((), ()))
         if all(t in self._index for t in before + after):
             self._prefix += [self._index[t] for t in before]
@@ -338,6 +362,43 @@ class Tokenizer:
         tok.pre_tokenizer = _build_pre_tokenizer(pre)
         tok.decoder = decoders.ByteLevel()
         self._add_tokens_matched_whole(tok)
+        return tok
+
+    def _build_wordpiece(self, md: Mapping[str, Any]) -> HFTokenizer:
+        # undo llama.cpp's phantom spelling (tools/convert/vocab.py phantom_token)
+        words = []
+        for token, kind in zip(self._tokens, self._types):
+            if kind == TokenType.CONTROL:
+                words.append(token)
+            elif token.startswith("\u2581"):
+                words.append(token[1:])
+            else:
+                words.append("##" + token)
+        vocab: dict[str, int] = {}
+        for i, word in enumerate(words):
+            vocab.setdefault(word, i)
+        unk = _meta_int(md, "tokenizer.ggml.unknown_token_id", len(words))
+        unk_word = words[unk] if unk is not None else "[UNK]"
+        max_chars = int(md.get("pyengine.tokenizer.bert.max_input_chars_per_word", 100))
+        tok = HFTokenizer(models.WordPiece(vocab=vocab, unk_token=unk_word, max_input_chars_per_word=max_chars))
+        lowercase = bool(md.get("tokenizer.ggml.normalizer.lowercase", True))
+        strip_accents = md.get("tokenizer.ggml.normalizer.strip_accents")
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=bool(md.get("pyengine.tokenizer.bert.clean_text", True)),
+            handle_chinese_chars=bool(md.get("pyengine.tokenizer.bert.handle_chinese_chars", True)),
+            strip_accents=None if strip_accents is None else bool(strip_accents),
+            lowercase=lowercase,
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+        for kinds, special in (((TokenType.CONTROL, TokenType.UNKNOWN), True), ((TokenType.USER_DEFINED,), False)):
+            # a user-defined token is stored "▁" + its text, like a word start
+            added = [AddedToken(words[i], special=special, normalized=False)
+                     for i in np.flatnonzero(np.isin(self._types, kinds))]
+            if special:
+                tok.add_special_tokens(added)
+            else:
+                tok.add_tokens(added)
         return tok
 
     def _build_sentencepiece_bpe(self, md: Mapping[str, Any], prepend: bool) -> HFTokenizer:
@@ -499,7 +560,8 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._strip_space = tokenizer.model == "llama" and tokenizer.add_space_prefix
+        # a SentencePiece text's dummy-prefix space, a WordPiece text's first word-start "▁"
+        self._strip_space = (tokenizer.model == "llama" and tokenizer.add_space_prefix) or tokenizer.model == "bert"
         self._started = False
 
     def add(self, token_id: int) -> str:

@@ -565,7 +565,7 @@ def test_errors_name_the_key():
     with pytest.raises(ModelFormatError, match="tokenizer.ggml.tokens"):
         Tokenizer.from_metadata({"tokenizer.ggml.model": "gpt2"})
     with pytest.raises(UnsupportedModelError, match="tokenizer.ggml.model"):
-        Tokenizer.from_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+        Tokenizer.from_metadata({"tokenizer.ggml.model": "rwkv", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(UnsupportedModelError, match="tokenizer.ggml.pre"):
         Tokenizer.from_metadata({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "nope", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(ModelFormatError, match="duplicate"):

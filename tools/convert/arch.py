@@ -65,6 +65,8 @@ class HParams:
     tied: bool
     n_rot: int = 0                    # rotated dims per head; 0: all of head_dim
     residual_scale: float = 0.0       # ChatGLM-6B's alpha; 0: none
+    # architecture-specific values a spec's fix_hparams reads (BERT: n_token_types, labels)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def llama_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
@@ -139,6 +141,17 @@ class ArchSpec:
     row_transforms: dict[str, Callable[[np.ndarray, HParams], np.ndarray]] = field(default_factory=dict)
     norm: str = "rms"                           # "rms" or "layer": which epsilon key is written
     add_bos: bool | None = None                 # overrides the tokenizer's add_bos_token
+    # HF tensor name -> the name the maps above use (a model-class prefix dropped, old LayerNorm
+    # gamma/beta renamed), or None for a tensor the GGUF leaves out (an MLM head, a pooler)
+    rename: Callable[[str, dict[str, Any]], str | None] = lambda name, config: name
+    # GGUF tensors every file must have besides the blocks' (None: token_embd, output_norm, and output
+    # unless tied)
+    required_globals: Callable[[HParams], tuple[str, ...]] | None = None
+    # 2-D tensors written as F32 whatever the qtype (llama.cpp keeps position and token-type tables float)
+    float_tensors: tuple[str, ...] = ()
+    # writes the architecture's hyper-parameter keys (None: the llama-like decoder's, write_hparams)
+    write_hparams: Callable[..., None] | None = None
+    decoder: bool = True                        # False: an encoder (no causal LM to calibrate on)
 
 
 LLAMA = ArchSpec(
@@ -287,7 +300,119 @@ GLM_HF = ArchSpec(
     add_bos=False,
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, CHATGLM, CHATGLM1, GLM_HF)
+
+# --- BERT (encoder-only) ---------------------------------------------------------------------------------
+# llama.cpp's `bert` architecture (conversion/bert.py BertModel and gguf-py's tensor map): post-LayerNorm
+# blocks, word + position + token-type embeddings. The GGUF keys are written by bert.py.
+
+def _bert_fix(config: dict[str, Any], hp: HParams) -> None:
+    hp.norm_eps = float(config.get("layer_norm_eps", 1e-12))
+    hp.extra["n_token_types"] = int(config.get("type_vocab_size", 1))
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise ConversionError(f"config.json position_embedding_type={config['position_embedding_type']!r}: "
+                              "only absolute positions are supported")
+    if config.get("hidden_act", "gelu") not in ("gelu", "gelu_python"):
+        raise ConversionError(f"config.json hidden_act={config['hidden_act']!r}: only gelu is supported")
+    if is_bert_classifier(config):
+        labels = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))}
+        hp.extra["labels"] = [v for _, v in sorted((int(k), v) for k, v in labels.items())]
+
+
+def is_bert_classifier(config: dict[str, Any]) -> bool:
+    return "BertForSequenceClassification" in (config.get("architectures") or [])
+
+
+def _bert_rename(name: str, config: dict[str, Any]) -> str | None:
+    """As llama.cpp's BertModel.filter_tensors, except that a classifier keeps BERT's pooler (see BERT)."""
+    name = name.removeprefix("bert.")
+    if name.endswith(".gamma"):
+        name = name[:-len(".gamma")] + ".weight"
+    elif name.endswith(".beta"):
+        name = name[:-len(".beta")] + ".bias"
+    if name == "embeddings.position_ids" or name.startswith(("cls.predictions.", "cls.seq_relationship.")):
+        return None
+    if name.startswith("pooler.") and not is_bert_classifier(config):
+        return None
+    return name
+
+
+def _bert_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    e = hp.n_embd
+    shapes = {
+        "token_embd.weight": (hp.n_vocab, e),
+        "token_types.weight": (hp.extra.get("n_token_types", 1), e),
+        "position_embd.weight": (hp.n_ctx, e),
+        "blk.{bid}.ffn_up.weight": (hp.n_ff, e),
+        "blk.{bid}.ffn_up.bias": (hp.n_ff,),
+        "blk.{bid}.ffn_down.weight": (e, hp.n_ff),
+        "cls.weight": (e, e),
+        "cls.output.weight": (len(hp.extra.get("labels", ())), e),
+        "cls.output.bias": (len(hp.extra.get("labels", ())),),
+    }
+    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        shapes[f"blk.{{bid}}.{name}.weight"] = (e, e)
+    one_d = ["token_embd_norm.weight", "token_embd_norm.bias", "cls.bias", "blk.{bid}.ffn_down.bias"]
+    one_d += [f"blk.{{bid}}.{n}.bias" for n in ("attn_q", "attn_k", "attn_v", "attn_output")]
+    one_d += [f"blk.{{bid}}.{n}.{s}" for n in ("attn_output_norm", "layer_output_norm") for s in ("weight", "bias")]
+    for name in one_d:
+        shapes[name] = (e,)
+    return shapes
+
+
+def _bert_required(hp: HParams) -> tuple[str, ...]:
+    names = ("token_embd.weight", "token_types.weight", "position_embd.weight", "token_embd_norm.weight",
+             "token_embd_norm.bias")
+    if "labels" in hp.extra:
+        names += ("cls.weight", "cls.bias", "cls.output.weight", "cls.output.bias")
+    return names
+
+
+def _write_bert_hparams(*args: Any, **kwargs: Any) -> None:
+    from .bert import write_bert_hparams
+
+    write_bert_hparams(*args, **kwargs)
+
+
+# BertForSequenceClassification: llama.cpp's converter drops BERT's pooler (dense + tanh on [CLS]) and writes
+# the classifier alone, which gives other scores than transformers. We write the pooler as `cls` and the
+# classifier as `cls.output`: llama.cpp's rank pooling computes exactly cls_out(tanh(cls(h[CLS]))).
+BERT = ArchSpec(
+    name="bert",
+    hf_architectures=("BertModel", "BertForMaskedLM", "BertForSequenceClassification"),
+    global_tensors={"embeddings.word_embeddings": "token_embd",
+                    "embeddings.token_type_embeddings": "token_types",
+                    "embeddings.position_embeddings": "position_embd",
+                    "embeddings.LayerNorm": "token_embd_norm",
+                    "pooler.dense": "cls",
+                    "classifier": "cls.output"},
+    stacks=(StackMap("encoder.layer.{bid}.",
+                     {"attention.self.query": "attn_q",
+                      "attention.self.key": "attn_k",
+                      "attention.self.value": "attn_v",
+                      "attention.output.dense": "attn_output",
+                      "attention.output.LayerNorm": "attn_output_norm",
+                      "intermediate.dense": "ffn_up",
+                      "output.dense": "ffn_down",
+                      "output.LayerNorm": "layer_output_norm"}),),
+    hparam_keys={"n_vocab": ("vocab_size",), "n_embd": ("hidden_size",), "n_layer": ("num_hidden_layers",),
+                 "n_head": ("num_attention_heads",), "n_head_kv": (), "n_ff": ("intermediate_size",),
+                 "n_ctx": ("max_position_embeddings",), "head_dim": (), "norm_eps": ("layer_norm_eps",),
+                 "rope_theta": (), "tied": ()},
+    required_biases=("attn_q", "attn_k", "attn_v", "attn_output", "attn_output_norm", "ffn_up", "ffn_down",
+                     "layer_output_norm"),
+    shapes=_bert_shapes,
+    tokenizers=("wordpiece",),
+    ignored_suffixes=(),
+    fix_hparams=_bert_fix,
+    norm="layer",
+    rename=_bert_rename,
+    required_globals=_bert_required,
+    float_tensors=("position_embd.weight", "token_types.weight"),
+    write_hparams=_write_bert_hparams,
+    decoder=False,
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, CHATGLM, CHATGLM1, GLM_HF, BERT)
 
 
 def supported_architectures() -> list[str]:

@@ -16,6 +16,8 @@ Metadata beyond llama.cpp's keys:
       generation should stop on any of them.
   chatglm1.residual_scale  ChatGLM-6B's alpha = sqrt(2 * num_layers); chatglm1 also writes
       tokenizer.ggml.mask_token_id ([gMASK], whose index is the position id of generated tokens).
+  BERT: pyengine.embedding.normalize (bert.py) and pyengine.tokenizer.bert.{clean_text,
+      handle_chinese_chars,max_input_chars_per_word} (vocab.py load_wordpiece).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from .arch import ArchSpec, HParams, StackMap, find_arch, permute_rope_rows, sup
 from .errors import ConversionError
 from .lora import LoraAdapter
 from .progress import Progress
-from .source import Checkpoint, _read_json
+from .source import INTEGER_DTYPES, Checkpoint, _read_json
 from .thudm_quant import DequantizedCheckpoint
 from .vocab import load_vocab, write_vocab
 
@@ -234,14 +236,21 @@ class NameMap:
 
 def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuantizationType,
                  output: GGMLQuantizationType, lora: LoraAdapter | None, warnings: list[str],
-                 quant_method: str = "rtn", imatrix: dict[str, np.ndarray] | None = None) -> list[PlannedTensor]:
+                 quant_method: str = "rtn", imatrix: dict[str, np.ndarray] | None = None,
+                 config: dict[str, Any] | None = None) -> list[PlannedTensor]:
     names = NameMap(spec)
     shapes = spec.shapes(hp)
     found: dict[str, str] = {}                    # GGUF name -> HF name
     for hf_name, t in ckpt.tensors.items():
-        if hf_name.endswith(spec.ignored_suffixes):
+        if spec.ignored_suffixes and hf_name.endswith(spec.ignored_suffixes):
             continue
-        mapped = names.to_gguf(hf_name)
+        name = spec.rename(hf_name, config)
+        if name is None:
+            continue
+        if t.dtype in INTEGER_DTYPES:
+            raise ConversionError(f"unsupported dtype {t.dtype} of tensor {hf_name} in {t.file.name} "
+                                  "(supported: F32, F16, BF16)")
+        mapped = names.to_gguf(name)
         if mapped is None:
             raise ConversionError(f"unexpected tensor {hf_name} in {t.file.name}: not part of a "
                                   f"{spec.hf_architectures[0]} checkpoint")
@@ -254,9 +263,14 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         want = shapes.get(names.shape_key(gguf_name))
         if want is not None and t.shape != want:
             raise ConversionError(f"tensor {hf_name} has shape {list(t.shape)} but config.json implies {list(want)}")
+        if gguf_name in found:
+            raise ConversionError(f"tensors {found[gguf_name]} and {hf_name} both map to {gguf_name}")
         found[gguf_name] = hf_name
 
-    required = ["token_embd.weight", "output_norm.weight"] + ([] if hp.tied else ["output.weight"])
+    if spec.required_globals is not None:
+        required = list(spec.required_globals(hp))
+    else:
+        required = ["token_embd.weight", "output_norm.weight"] + ([] if hp.tied else ["output.weight"])
     for stack in spec.stacks:
         for bid in range(getattr(hp, stack.n_layer)):
             required += [f"{stack.gguf_prefix}.{bid}.{g}.weight" for g in stack.tensors.values()]
@@ -272,7 +286,7 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
     for gguf_name in sorted(found, key=names.sort_key):
         hf_name = found[gguf_name]
         src = ckpt.tensors[hf_name]
-        if len(src.shape) == 1:
+        if len(src.shape) == 1 or gguf_name in spec.float_tensors:
             qtype = Q.F32
         elif gguf_name in ("token_embd.weight", "output.weight"):
             qtype = output
@@ -412,6 +426,9 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
     if spec is None:
         raise ConversionError(f"unsupported architecture {hf_arch} in {model_dir / 'config.json'} "
                               f"(supported: {', '.join(supported_architectures())})")
+    if calibration is not None and not spec.decoder:
+        raise ConversionError(f"{model_dir}: a calibration text is run through a causal LM; an encoder "
+                              f"({hf_arch}) cannot be calibrated")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
         raise ConversionError(f"{model_dir / 'config.json'}: already-quantized checkpoints ({method}) are not "
@@ -443,7 +460,7 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
             imatrix = collect_imatrix(model_dir, load_calibration_text(calibration))
             if adapter is not None:
                 warnings.append("calibration statistics come from the model without the LoRA adapter")
-        plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings, quant_method, imatrix)
+        plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings, quant_method, imatrix, config)
     window = config.get("sliding_window")
     if isinstance(window, int) and window < hp.n_ctx and config.get("use_sliding_window", True):
         warnings.append(f"config.json sliding_window={window} is not stored in GGUF (llama.cpp's {spec.name} "
@@ -462,7 +479,10 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         w.add_name(model_dir.resolve().name)
         w.add_file_type(FILE_TYPES[main_type])
         w.add_quantization_version(GGML_QUANT_VERSION)
-        write_hparams(w, hp, spec)
+        if spec.write_hparams is not None:
+            spec.write_hparams(w, hp, spec, model_dir, config, warnings)
+        else:
+            write_hparams(w, hp, spec)
         write_generation_config(w, gen_config)
         write_vocab(w, vocab)
         for t in plan:

@@ -17,7 +17,10 @@ import numpy as np
 from .errors import ConversionError
 
 # dtypes a source tensor may have, and their element size
-SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1}  # I8: THUDM's quantized weights
+# I8: THUDM's quantized weights; I32/I64: buffers such as BERT's embeddings.position_ids, which the
+# architectures leave out (a weight of an integer type is refused by the converter's plan)
+SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "I32": 4, "I64": 8}
+INTEGER_DTYPES = ("I32", "I64")
 
 
 @dataclass
@@ -25,7 +28,7 @@ class SourceTensor:
     """One tensor of the checkpoint, not yet read."""
     name: str
     shape: tuple[int, ...]
-    dtype: str            # "F32", "F16", "BF16", "F64" or "I8"
+    dtype: str            # "F32", "F16", "BF16", "F64", "I8", "I32" or "I64"
     file: Path
     offset: int = 0       # safetensors: absolute byte offset of the data in `file`
 
@@ -83,7 +86,7 @@ def _safetensors_header(path: Path) -> dict[str, SourceTensor]:
 
 
 _TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64",
-                 "torch.int8": "I8"}
+                 "torch.int8": "I8", "torch.int32": "I32", "torch.int64": "I64"}
 
 
 def _torch_load(path: Path) -> tuple[dict[str, Any], bool]:
@@ -191,7 +194,8 @@ class Checkpoint:
     def _load(self, t: SourceTensor) -> np.ndarray:
         name = t.name
         if t.file.suffix == ".safetensors":
-            storage = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8", "I8": "i1"}[t.dtype]
+            storage = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8", "I8": "i1", "I32": "<i4",
+                       "I64": "<i8"}[t.dtype]
             if t.nbytes == 0:
                 return np.zeros(t.shape, np.float32)
             raw = np.memmap(t.file, dtype=storage, mode="r", offset=t.offset, shape=t.shape)

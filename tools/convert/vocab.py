@@ -6,6 +6,8 @@ Two kinds:
   * SentencePiece from tokenizer.model (Llama 2, Mistral): model "llama", tokens, scores, token types
     (byte tokens included).
 Both add the special-token ids, add_bos/add_eos, EOT and the chat template.
+  * WordPiece from tokenizer.json (BERT): model "bert", llama.cpp's phantom-space token list, special ids
+    as llama.cpp's gguf-py SpecialVocab finds them, and the BertNormalizer settings (see load_wordpiece).
 """
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ class Vocab:
     add_space_prefix: bool | None = None
     remove_extra_whitespaces: bool = False      # SentencePiece's normalizer option (llama.cpp's key)
     chat_template: str | list[dict[str, str]] | None = None
+    add_sep: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)        # other keys: bool, int or str values
 
 
 def _read_json(path: Path) -> Any:
@@ -414,9 +418,197 @@ def load_glm4_bpe(model_dir: Path, n_vocab: int) -> Vocab:
     return vocab
 
 
+# --- WordPiece (BERT) ------------------------------------------------------------------------------------
+
+# llama.cpp names the pre-tokenizer of a WordPiece vocabulary by the same hash of CHKTXT's ids (special
+# tokens included); llama.cpp's tokenizer ignores the name for WordPiece, so an unknown one is "default".
+KNOWN_WORDPIECE_HASHES = {
+    "0876d13b50744004aa9aeae05e7b0647eac9d801b5ba4668afc01e709c15e19f": "jina-v2-en",  # bge-small-en, MiniLM
+    "8e62295832751ca1e8f92f2226f403dea30dc5165e448b5bfa05af5340c64ec7": "bert-bge-large",  # bge-large-zh
+    "c7699093ba4255a91e702aa38a596aa81669f3525dae06c2953267dde580f448": "jina-v1-en",
+}
+# BertNormalizer settings llama.cpp has keys for (written as its SpecialVocab writes them) ...
+NORMALIZER_LOWERCASE_KEY = "tokenizer.ggml.normalizer.lowercase"
+NORMALIZER_STRIP_ACCENTS_KEY = "tokenizer.ggml.normalizer.strip_accents"
+# ... and the ones it has none for (pyengine's own keys; absent means BertNormalizer's default, true,
+# and WordPiece's 100)
+CLEAN_TEXT_KEY = "pyengine.tokenizer.bert.clean_text"
+CHINESE_CHARS_KEY = "pyengine.tokenizer.bert.handle_chinese_chars"
+MAX_WORD_CHARS_KEY = "pyengine.tokenizer.bert.max_input_chars_per_word"
+
+
+def phantom_token(token: str, token_type: int) -> str:
+    """llama.cpp's spelling of a WordPiece token: a word start gets "\u2581", a "##" continuation loses
+    its "##", control tokens stay as they are (conversion/bert.py BertModel.set_vocab)."""
+    if token_type == TokenType.CONTROL:
+        return token
+    if token.startswith("##"):
+        return token[2:]
+    return "\u2581" + token
+
+
+def _bert_normalizer(normalizer: dict[str, Any] | None, path: Path) -> dict[str, Any]:
+    """The GGUF keys of a tokenizer.json BertNormalizer (None: no normalizer, nothing changes the text)."""
+    if normalizer is None:
+        return {NORMALIZER_LOWERCASE_KEY: False, NORMALIZER_STRIP_ACCENTS_KEY: False, CLEAN_TEXT_KEY: False,
+                CHINESE_CHARS_KEY: False}
+    if normalizer.get("type") != "BertNormalizer":
+        raise ConversionError(f"unsupported normalizer {normalizer.get('type')!r} in {path}: only BertNormalizer "
+                              "WordPiece tokenizers can be converted")
+    keys: dict[str, Any] = {}
+    # as gguf-py SpecialVocab._parse_normalizer: each key only where tokenizer.json has it, strip_accents
+    # only when set (null: follow lowercase, which is also llama.cpp's default)
+    if isinstance(normalizer.get("lowercase"), bool):
+        keys[NORMALIZER_LOWERCASE_KEY] = normalizer["lowercase"]
+    if isinstance(normalizer.get("strip_accents"), bool):
+        keys[NORMALIZER_STRIP_ACCENTS_KEY] = normalizer["strip_accents"]
+    keys[CLEAN_TEXT_KEY] = bool(normalizer.get("clean_text", True))
+    keys[CHINESE_CHARS_KEY] = bool(normalizer.get("handle_chinese_chars", True))
+    return keys
+
+
+def _wordpiece_pre(path: Path) -> str:
+    try:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+        tok.no_padding()
+        tok.no_truncation()
+        ids = tok.encode(CHKTXT).ids
+    except Exception:  # an unreadable tokenizer.json gets llama.cpp's default name
+        return "default"
+    return KNOWN_WORDPIECE_HASHES.get(hashlib.sha256(str(ids).encode()).hexdigest(), "default")
+
+
+def _special_vocab(tj: dict[str, Any], tok_config: dict[str, Any] | None, config: dict[str, Any],
+                   n_vocab: int, vocab: Vocab) -> None:
+    """Special-token ids and add_bos/add_eos/add_sep as llama.cpp's gguf-py SpecialVocab finds them for a
+    tokenizer.json with a TemplateProcessing post-processor (BERT's `[CLS] $A [SEP]`): [CLS] is BOS, [SEP]
+    EOS and separator. Without tokenizer_config.json only config.json's *_token_id are used, as there.
+    (SpecialVocab also finds cls, but llama.cpp's writer has no key for it: BOS is the one to read.)"""
+    tc = dict(tok_config) if tok_config else None
+    text = lambda e: e if isinstance(e, str) else e.get("content") if isinstance(e, dict) else None  # noqa: E731
+    bos, cls = text((tc or {}).get("bos_token")), text((tc or {}).get("cls_token"))
+    eos, sep = text((tc or {}).get("eos_token")), text((tc or {}).get("sep_token"))
+    if tc and not bos and cls:
+        tc["bos_token"] = bos = cls
+    if tc and not eos and sep:
+        tc["eos_token"] = eos = sep
+    flags: dict[str, bool] = {}
+    pp = tj.get("post_processor") or {}
+    for proc in pp.get("processors", [pp]):
+        if proc.get("type") != "TemplateProcessing":
+            continue
+        single, pair = proc.get("single", []), proc.get("pair", [])
+        first = last = None
+        if len(single) > 1:
+            first = single[0].get("SpecialToken", {}).get("id")
+            if first:
+                if not tc:
+                    bos = first
+                elif first not in (bos, cls):
+                    if not bos:
+                        tc["bos_token"] = bos = first
+                    if not cls:
+                        tc["cls_token"] = cls = first
+                flags["bos"] = first in (bos, cls)
+            last = single[-1].get("SpecialToken", {}).get("id")
+            if last:
+                if not tc:
+                    eos = last
+                elif last != eos:
+                    tc["eos_token"] = eos = last
+                flags["eos"] = last == eos
+        if pair:
+            start = 1 if first and pair[0].get("SpecialToken", {}).get("id") == first else 0
+            stop = -1 if last and pair[-1].get("SpecialToken", {}).get("id") == last else None
+            middle = pair[start:stop]
+            if (middle and middle[0].get("Sequence", {}).get("id") == "A"
+                    and middle[-1].get("Sequence", {}).get("id") == "B" and middle[1:-1]):
+                middle = middle[1:-1]
+                add_sep = False
+                entry = middle[0].get("SpecialToken", {}).get("id")
+                if entry and entry in (sep, eos) and not last:
+                    add_sep = True
+                if len(middle) == 2 and middle[1].get("SpecialToken", {}).get("id") in (sep, eos):
+                    add_sep = True
+                flags["sep"] = add_sep
+    ids: dict[str, int] = {}
+    types = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+    if tc:
+        added = tj.get("added_tokens", [])
+        for typ in types:
+            if isinstance(tc.get(f"add_{typ}_token"), bool):
+                flags.setdefault(typ, tc[f"add_{typ}_token"])
+            content = text(tc.get(f"{typ}_token"))
+            i = next((a.get("id") for a in added if a.get("content") == content), None) if content else None
+            if isinstance(i, int) and 0 <= i < n_vocab:
+                ids.setdefault(typ, i)
+    for typ in types:
+        i = config.get(f"{typ}_token_id")
+        if isinstance(i, int) and 0 <= i < n_vocab:
+            ids.setdefault(typ, i)
+    ids.pop("cls", None)
+    vocab.special_ids = ids
+    vocab.add_bos, vocab.add_eos, vocab.add_sep = flags.get("bos"), flags.get("eos"), flags.get("sep")
+
+
+def load_wordpiece(model_dir: Path, n_vocab: int) -> Vocab:
+    """A BERT tokenizer.json as llama.cpp's BertModel.set_vocab writes it: tokens in its phantom-space
+    spelling (see phantom_token), types (added special tokens CONTROL, other added tokens USER_DEFINED,
+    ids without a token UNUSED "[PAD<i>]"), `tokenizer.ggml.token_type_count` (config.json
+    type_vocab_size), the special ids and flags of _special_vocab, and the normalizer keys of
+    _bert_normalizer plus MAX_WORD_CHARS_KEY, so that pyengine's runtime rebuilds the exact tokenizer."""
+    path = model_dir / "tokenizer.json"
+    tj = _read_json(path)
+    model = tj.get("model") or {}
+    if model.get("type") != "WordPiece":
+        raise ConversionError(f"unsupported tokenizer in {path}: a BERT model needs a WordPiece tokenizer.json "
+                              f"(found {model.get('type')!r})")
+    if model.get("continuing_subword_prefix", "##") != "##":
+        raise ConversionError(f"unsupported tokenizer in {path}: continuing_subword_prefix "
+                              f"{model['continuing_subword_prefix']!r} (llama.cpp's vocabulary assumes '##')")
+    pre = tj.get("pre_tokenizer") or {}
+    if pre.get("type") != "BertPreTokenizer":
+        raise ConversionError(f"unsupported pre-tokenizer {pre.get('type')!r} in {path}: only BertPreTokenizer")
+    id_to_text: dict[int, str] = {i: t for t, i in (model.get("vocab") or {}).items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    for i, a in added.items():
+        id_to_text[i] = a["content"]
+    if id_to_text and max(id_to_text) >= n_vocab:
+        raise ConversionError(f"tokenizer in {path} has token id {max(id_to_text)} but config.json vocab_size "
+                              f"is {n_vocab}")
+    unk = model.get("unk_token", "[UNK]")
+    if unk not in id_to_text.values():
+        raise ConversionError(f"{path}: the unknown token {unk!r} is not in the vocabulary")
+    tokens, types = [], []
+    for i in range(n_vocab):
+        text = id_to_text.get(i)
+        if text is None:
+            text, kind = f"[PAD{i}]", TokenType.UNUSED
+        elif i in added:
+            if added[i].get("special") or looks_special(text):
+                kind = TokenType.CONTROL
+            else:
+                text, kind = text.replace("\u2581", " "), TokenType.USER_DEFINED
+        else:
+            kind = TokenType.NORMAL
+        tokens.append(phantom_token(text, kind))
+        types.append(int(kind))
+    config = _read_json(model_dir / "config.json")
+    tok_config_path = model_dir / "tokenizer_config.json"
+    tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else None
+    vocab = Vocab(model="bert", pre=_wordpiece_pre(path), tokens=tokens, token_types=types)
+    _special_vocab(tj, tok_config, config, n_vocab, vocab)
+    vocab.extra = {"tokenizer.ggml.token_type_count": int(config.get("type_vocab_size", 1)),
+                   **_bert_normalizer(tj.get("normalizer"), path),
+                   MAX_WORD_CHARS_KEY: int(model.get("max_input_chars_per_word", 100))}
+    return vocab
+
+
 TOKENIZER_FILES = {"spm": ("tokenizer.model", load_sentencepiece), "bpe": ("tokenizer.json", load_bpe),
                    "chatglm": ("tokenizer.model", load_chatglm), "chatglm1": ("ice_text.model", load_chatglm1),
-                   "glm4-bpe": ("tokenizer.json", load_glm4_bpe)}
+                   "glm4-bpe": ("tokenizer.json", load_glm4_bpe), "wordpiece": ("tokenizer.json", load_wordpiece)}
 
 
 def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any],
@@ -431,6 +623,8 @@ def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any],
     else:
         names = " or ".join(TOKENIZER_FILES[k][0] for k in kinds)
         raise ConversionError(f"no tokenizer in {model_dir}: expected {names}")
+    if vocab.model == "bert":
+        return vocab  # its special ids and flags are llama.cpp's SpecialVocab's, set by load_wordpiece
 
     tok_config_path = model_dir / "tokenizer_config.json"
     tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else {}
@@ -491,5 +685,14 @@ def write_vocab(w: GGUFWriter, vocab: Vocab) -> None:
         w.add_add_space_prefix(vocab.add_space_prefix)
     if vocab.remove_extra_whitespaces:
         w.add_remove_extra_whitespaces(True)
+    if vocab.add_sep is not None:
+        w.add_add_sep_token(vocab.add_sep)
     if vocab.chat_template is not None:
         w.add_chat_template(vocab.chat_template)
+    for key, value in vocab.extra.items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_string(key, value)
