@@ -211,11 +211,13 @@ class Engine:
         want = None if logits is None else np.asarray(logits, dtype=bool).reshape(-1)
         return self._ctx.decode(ids, seqs, want, embeddings)
 
-    def embed(self, inputs: Sequence[Sequence[int]], normalize: bool = True) -> np.ndarray:
+    def embed(self, inputs: Sequence[Sequence[int]], normalize: bool | None = None) -> np.ndarray:
         """Embeddings of token-id sequences, float32 [len(inputs), n_embd], pooled from each sequence's
         final hidden states (after the output norm, where the model has one) as the model says:
         encoders (BERT) by their `pooling_type` (mean, the first token [CLS], or the last), decoder
-        models by the mean (llama.cpp's default for them); L2-normalized unless `normalize` is False.
+        models by the mean (llama.cpp's default for them); L2-normalized when `normalize` is True, or,
+        when it is None, unless the file says otherwise (`pyengine.embedding.normalize`: a
+        sentence-transformers model without a Normalize module).
         The sequences run as one batch in a context of their own; this one's is left alone."""
         seqs = [_ids(x) for x in inputs]
         if not seqs or any(x.size == 0 for x in seqs):
@@ -235,6 +237,8 @@ class Engine:
         else:
             rows = [hidden[bounds[i]:bounds[i + 1]].mean(axis=0) for i in range(len(seqs))]
         out = np.stack(rows).astype(np.float32)
+        if normalize is None:
+            normalize = bool(self.metadata.get("pyengine.embedding.normalize", True))
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out

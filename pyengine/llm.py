@@ -90,7 +90,7 @@ class LLM(Engine):
         # As transformers' apply_chat_template: the template writes BOS itself where the model wants one.
         return self.generate(text, stream=stream, params=params, add_special_tokens=False, **sampling)
 
-    def embed(self, inputs: "str | Sequence[str] | Sequence[Sequence[int]]", normalize: bool = True) -> np.ndarray:
+    def embed(self, inputs: "str | Sequence[str] | Sequence[Sequence[int]]", normalize: bool | None = None) -> np.ndarray:
         """Sentence embeddings, float32 [n, dim]: texts are tokenized with the model's special tokens
         ([CLS] ... [SEP] for BERT) and pooled as `Engine.embed` says (a single text gives one row)."""
         items = [inputs] if isinstance(inputs, str) else list(inputs)

@@ -11,6 +11,9 @@ config says.
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -183,3 +186,39 @@ def test_minilm_embeddings_match_transformers(minilm, tmp_path):
         got = eng.embed(ids)
         cos = (got * ref).sum(1)
         assert cos.min() >= floor, (qtype, cos)
+
+
+def hundred_sentences() -> list[str]:
+    subjects = ["The cat", "A young engineer", "My grandmother", "The government", "Le petit prince",
+                "Ein Hund", "北京的天气", "The café on the corner", "Someone I met in 2019", "Das Wetter"]
+    predicates = ["likes to sleep in the sun.", "wrote a program that runs on GPUs!", "is coming home tomorrow?",
+                  "announced new taxes; people were not happy.", "a visité Paris en été.", "bellt sehr laut.",
+                  "今天很好。", "serves the best espresso (really).", "taught me 3 languages in 12 months.",
+                  "ist heute schön, oder?"]
+    return [f"{s} {p}" for s in subjects for p in predicates]
+
+
+def test_minilm_converted_end_to_end(minilm, tmp_path):
+    """`pyengine convert` of the sentence-transformers folder, then LLM.embed(texts) through the GGUF's own
+    WordPiece tokenizer, against transformers' tokenizer + model + mean pooling + normalize, 100 sentences."""
+    from pyengine_convert import convert
+
+    model, tok, folder = minilm
+    tok.no_padding()
+    texts = hundred_sentences()
+    with torch.no_grad():
+        ref = np.stack([model(torch.tensor([e.ids])).last_hidden_state[0].mean(0).numpy()
+                        for e in tok.encode_batch(texts)])
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    for qtype, floor in (("f16", 0.9999), ("q8_0", 0.999)):
+        path = tmp_path / f"minilm-{qtype}.gguf"
+        convert(folder, path, qtype=qtype)
+        llm = pyengine.LLM(path)
+        assert llm.config["pooling"] == "mean" and llm.n_ctx == 512
+        got = llm.embed(texts)
+        cos = (got * ref).sum(1)
+        assert cos.min() >= floor, (qtype, cos.min())
+    r = subprocess.run([sys.executable, "-m", "pyengine", "embed", "-m", str(path), "-p", texts[0], "-p", texts[1]],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.array(json.loads(r.stdout)), got[:2], atol=1e-6)

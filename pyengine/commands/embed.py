@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         llm = load_model(args)
         vectors = []
         for i in range(0, len(texts), args.batch):
-            vectors.extend(llm.embed(texts[i:i + args.batch], normalize=not args.no_normalize))
+            vectors.extend(llm.embed(texts[i:i + args.batch], normalize=False if args.no_normalize else None))
     except model_errors() as e:
         print(f"pyengine embed: {e}", file=sys.stderr)
         return 1
