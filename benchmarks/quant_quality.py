@@ -190,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run([str(exe), str(models["f16"]), str(theirs), preset.upper(), str(threads or 2)],
                                check=True, capture_output=True)
                 info["llama_quantize_s"] = time.perf_counter() - t0
-                info["bytes_equal_llama_quantize"] = out.read_bytes() == theirs.read_bytes()
+                # tensors and metadata values; the order of two keys differs, so not whole files
+                from gguf import GGUFReader
+
+                def content(path: Path) -> tuple:
+                    r = GGUFReader(path)
+                    return ({t.name: (t.tensor_type, bytes(t.data.view("uint8").tobytes())) for t in r.tensors},
+                            {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")})
+                info["same_as_llama_quantize"] = content(out) == content(theirs)
         except ImportError:
             pass
         print(f"{preset}: {info}", flush=True)
