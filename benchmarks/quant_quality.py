@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-llama-cpp", type=int, default=0, metavar="N",
                     help="only compare pyengine's perplexity with llama.cpp's on N chunks of -m")
     ap.add_argument("-m", "--model", default=None, help="model for --check-llama-cpp (default: SmolLM2 Q4_1)")
+    ap.add_argument("--presets", default="", help="also requantize the F16 file to these presets (e.g. "
+                    "q4_k_m,q6_k) with `pyengine quantize` and with llama-quantize, timing both and comparing bytes")
     args = ap.parse_args(argv)
 
     from pyengine import LLM
@@ -168,6 +170,42 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {out.name} in {time.perf_counter() - t0:.1f} s", flush=True)
         models[name] = out
 
+    preset_rows: dict[str, dict] = {}
+    for preset in filter(None, args.presets.split(",")):
+        from pyengine_convert.requantize import requantize
+
+        out = work / f"smollm2-135m-{preset}.gguf"
+        t0 = time.perf_counter()
+        requantize(models["f16"], out, preset)
+        info = dict(pyengine_s=time.perf_counter() - t0)
+        try:
+            import subprocess
+
+            from llama_cpp_tools import bin_dir
+
+            exe = bin_dir() / "llama-quantize"
+            if exe.is_file():
+                theirs = work / f"smollm2-135m-{preset}-llama.gguf"
+                t0 = time.perf_counter()
+                subprocess.run([str(exe), str(models["f16"]), str(theirs), preset.upper(), str(threads or 2)],
+                               check=True, capture_output=True)
+                info["llama_quantize_s"] = time.perf_counter() - t0
+                # tensors and metadata values; the order of two keys differs, so not whole files
+                from gguf import GGUFReader
+
+                def content(path: Path) -> tuple:
+                    r = GGUFReader(path)
+                    return ({t.name: (t.tensor_type, bytes(t.data.view("uint8").tobytes())) for t in r.tensors},
+                            {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")})
+                info["same_as_llama_quantize"] = content(out) == content(theirs)
+        except ImportError:
+            pass
+        print(f"{preset}: {info}", flush=True)
+        models[preset] = out
+        VARIANTS[preset] = (preset, "ggml (pyengine quantize)", False)
+        names.append(preset)
+        preset_rows[preset] = info
+
     base = work / f"f16-c{args.ctx_size}-n{args.chunks}.kld"
     f16 = LLM(models["f16"], n_ctx=args.ctx_size, n_threads=threads)
     tokens, _ = tokenize_text(f16, text)
@@ -194,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                          dppl=r.ppl - base_ppl.ppl, ln_ppl_ratio=r.ln_ppl_ratio,
                          ln_ppl_ratio_unc=r.ln_ppl_ratio_unc, kld=r.kld, kld_unc=r.kld_unc,
                          kld_median=float(__import__("numpy").median(r.kld_values)),
-                         same_top=r.same_top, same_top_unc=r.same_top_unc, rms_dp=r.rms_dp))
+                         same_top=r.same_top, same_top_unc=r.same_top_unc, rms_dp=r.rms_dp,
+                         **preset_rows.get(name, {})))
     result = {"model": "SmolLM2-135M-Instruct (weights from its Q4_1 GGUF)", "text": TEXT.name,
               "n_ctx": args.ctx_size, "n_chunks": args.chunks, "n_scored": base_ppl.n_scored,
               "calibration": f"characters {len(text) // 2}..{len(text) // 2 + args.calib_chars} of the text "

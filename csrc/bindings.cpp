@@ -61,6 +61,7 @@ PYBIND11_MODULE(_C, m) {
   pe::bind_kernels(m);
   pe::bind_gguf(m);
   pe::bind_model(m);
+  pe::bind_quantize(m);
   pe::bind_cuda_quant(m);
   pe::bind_cuda_attention(m);
 }

@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": ("pyengine.commands.generate", "complete a prompt, streaming to stdout"),
     "embed": ("pyengine.commands.embed", "sentence embeddings of texts (BERT-style encoders, or any model)"),
     "convert": ("pyengine_convert", "convert a Hugging Face checkpoint folder to a GGUF file"),
+    "quantize": ("pyengine_convert.requantize", "requantize a GGUF file (q4_k_m, q6_k, ...; llama-quantize style)"),
     "bench": ("pyengine.commands.bench", "measure prompt processing and generation speed (llama-bench style)"),
     "perplexity": ("pyengine.commands.perplexity", "perplexity / KL divergence on a text (llama-perplexity style)"),
     "serve": ("pyengine.server", "OpenAI-compatible HTTP server"),
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[name][0])
     except ImportError as e:
         extra = " (pip install 'pyengine[server]')" if name == "serve" else ""
-        extra = " (pip install 'pyengine[convert]')" if name == "convert" else extra
+        extra = " (pip install 'pyengine[convert]')" if name in ("convert", "quantize") else extra
         print(f"pyengine {name}: missing dependency: {e}{extra}", file=sys.stderr)
         return 1
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .convert import QTYPES, convert
+from .convert import OUTPUT_QTYPES, QTYPE_CHOICES, convert
 from .errors import ConversionError
 
 
@@ -12,15 +12,19 @@ def build_parser(prog: str = "pyengine convert") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Convert a Hugging Face checkpoint folder to GGUF.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="folder with config.json, weights and tokenizer")
     p.add_argument("-o", "--out", required=True, metavar="OUT.gguf", help="output file")
-    p.add_argument("--qtype", default="q4_0", choices=list(QTYPES), help="type of the weight matrices (default q4_0)")
-    p.add_argument("--output-qtype", choices=list(QTYPES), default=None,
-                   help="type of token_embd and output (default q8_0 for q4_* files, else --qtype)")
+    p.add_argument("--qtype", default="q4_0", choices=list(QTYPE_CHOICES),
+                   help="type of the weight matrices (default q4_0), or a llama.cpp K-quant preset "
+                        "(q2_k ... q6_k: a type per tensor as llama-quantize chooses)")
+    p.add_argument("--output-qtype", choices=list(OUTPUT_QTYPES), default=None,
+                   help="type of token_embd and output (default q8_0 for q4_*/q5_* files, the preset's for "
+                        "K presets, else --qtype)")
     p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="PEFT LoRA adapter merged before quantization")
     p.add_argument("--quant-method", choices=["rtn", "search"], default=None,
                    help="rtn: round to nearest (llama.cpp's reference, default without --calibration); "
-                        "search: per-block error-minimising scale search for q4_0/q4_1 (default with --calibration)")
+                        "search: per-block error-minimising scale search for q4_0/q4_1 (default with --calibration, "
+                        "except for K presets)")
     p.add_argument("--calibration", metavar="TEXT_FILE", default=None,
-                   help="weight the scale search by mean squared activations on this text (an imatrix; "
+                   help="weight the quantizers by mean squared activations on this text (an imatrix; "
                         "needs torch)")
     p.add_argument("--vocab-only", action="store_true", help="write only the metadata and tokenizer")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -34,6 +34,7 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
 
 from . import quants
+from .presets import K_PRESETS, PRESETS, ModelInfo, Preset, fallback, mixed_type, tensor_type
 from .arch import ArchSpec, HParams, StackMap, find_arch, permute_rope_rows, supported_architectures
 from .errors import ConversionError
 from .lora import LoraAdapter
@@ -43,12 +44,21 @@ from .thudm_quant import DequantizedCheckpoint
 from .vocab import load_vocab, write_vocab
 
 Q = GGMLQuantizationType
+# Single types: every tensor but token_embd/output (and 1-D ones) gets this type.
 QTYPES: dict[str, GGMLQuantizationType] = {
     "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
+    "q5_0": Q.Q5_0, "q5_1": Q.Q5_1,
 }
+# --output-qtype may also name one K type.
+OUTPUT_QTYPES: dict[str, GGMLQuantizationType] = {
+    **QTYPES, "q2_k": Q.Q2_K, "q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K,
+}
+# --qtype: a single type above or one of llama.cpp's K-quant presets (presets.py: per-tensor type mix).
+QTYPE_CHOICES = (*QTYPES, *K_PRESETS)
 FILE_TYPES = {
     Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
     Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1,
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
@@ -87,11 +97,11 @@ class PlannedTensor:
     produce: Callable[[], np.ndarray]
 
 
-def parse_qtype(name: str, what: str = "qtype") -> GGMLQuantizationType:
+def parse_qtype(name: str, what: str = "qtype", table: dict[str, GGMLQuantizationType] = QTYPES) -> GGMLQuantizationType:
     try:
-        return QTYPES[name.lower()]
+        return table[name.lower()]
     except (KeyError, AttributeError):
-        raise ConversionError(f"unknown {what} {name!r} (choose from {', '.join(QTYPES)})") from None
+        raise ConversionError(f"unknown {what} {name!r} (choose from {', '.join(table)})") from None
 
 
 # --- hyper-parameters ---------------------------------------------------------------------------------
@@ -237,7 +247,8 @@ class NameMap:
 def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuantizationType,
                  output: GGMLQuantizationType, lora: LoraAdapter | None, warnings: list[str],
                  quant_method: str = "rtn", imatrix: dict[str, np.ndarray] | None = None,
-                 config: dict[str, Any] | None = None) -> list[PlannedTensor]:
+                 config: dict[str, Any] | None = None, preset: Preset | None = None,
+                 output_override: bool = False) -> list[PlannedTensor]:
     names = NameMap(spec)
     shapes = spec.shapes(hp)
     found: dict[str, str] = {}                    # GGUF name -> HF name
@@ -283,17 +294,28 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         lora.check(ckpt, set(found.values()))
 
     plan = []
+    info = ModelInfo(n_layer=hp.n_layer, n_gqa=hp.n_head // hp.n_head_kv, tied="output.weight" not in found,
+                     has_imatrix=imatrix is not None)
+    fallbacks: dict[str, int] = {}
     for gguf_name in sorted(found, key=names.sort_key):
         hf_name = found[gguf_name]
         src = ckpt.tensors[hf_name]
+        is_output = gguf_name in ("token_embd.weight", "output.weight")
         if len(src.shape) == 1 or gguf_name in spec.float_tensors:
             qtype = Q.F32
-        elif gguf_name in ("token_embd.weight", "output.weight"):
-            qtype = output
+        elif preset is not None and not (is_output and output_override):
+            qtype = tensor_type(preset, gguf_name, src.shape, info) or Q.F16
+            wanted = mixed_type(preset, gguf_name, src.shape[-1], info)
+            if qtype != wanted:
+                key = f"{wanted.name}->{qtype.name}"
+                fallbacks[key] = fallbacks.get(key, 0) + 1
+        elif is_output:
+            qtype = fallback(output, src.shape[-1]) if preset is not None else output
         else:
             qtype = main
-        if quants.is_quantized(qtype) and not quants.can_quantize(src.shape):
-            warnings.append(f"{gguf_name}: {src.shape[-1]} columns is not a multiple of {quants.QK}, stored as F16")
+        if quants.is_quantized(qtype) and not quants.can_quantize(src.shape, qtype):
+            warnings.append(f"{gguf_name}: {src.shape[-1]} columns is not a multiple of the {qtype.name} block "
+                            f"size, stored as F16")
             qtype = Q.F16
         base = gguf_name.rpartition(".")[0]
         n_rot_heads = hp.n_head if base.endswith("attn_q") else hp.n_head_kv if base.endswith("attn_k") else 0
@@ -314,6 +336,9 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
 
         plan.append(PlannedTensor(gguf_name, src.shape, qtype, src.nbytes, produce))
 
+    if fallbacks:
+        what = ", ".join(f"{n} {k}" for k, n in sorted(fallbacks.items()))
+        warnings.append(f"rows not a multiple of 256: tensors fell back to 32-element types as llama.cpp does ({what})")
     if hp.rope_scaling.get("rope_type") == "llama3":
         factors = llama3_rope_factors(hp)
         plan.append(PlannedTensor("rope_freqs.weight", factors.shape, Q.F32, 0, lambda: factors))
@@ -387,30 +412,37 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
             calibration: str | os.PathLike | None = None) -> ConversionReport:
     """Convert an HF checkpoint folder to a GGUF file.
 
-    qtype: type of the 2-D weights (f32, f16, bf16, q8_0, q4_0, q4_1); 1-D tensors are always F32.
-    output_qtype: type of token_embd and output (default q8_0 for q4_* files, else `qtype`).
+    qtype: type of the 2-D weights (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1), or one of llama.cpp's
+        K-quant presets (q2_k, q3_k_m, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k) that choose a type per tensor
+        as llama-quantize does (presets.py); 1-D tensors are always F32.
+    output_qtype: type of token_embd and output (default q8_0 for q4_*/q5_* files, the preset's choice
+        for K presets, else `qtype`).
     lora: a PEFT LoRA adapter folder, merged into the weights before quantization.
     vocab_only: write the metadata and tokenizer only.
     progress: draw a progress bar on stderr.
     quant_method: "rtn" (ggml's reference rounding, byte-equal to gguf.quants, llama-quantize's choice
         without an imatrix) or "search" (per-block error-minimising scale search, Q4_0/Q4_1 only; see
-        quants.py). Default: "search" with a calibration text, else "rtn".
-    calibration: a text file; the model is run on it (torch) to weight the search's squared error by
-        each input channel's mean squared activation (imatrix.py). Implies quant_method="search".
+        quants.py). Default: "search" with a calibration text and a single type, else "rtn".
+    calibration: a text file; the model is run on it (torch) to weight the quantizers' squared error by
+        each input channel's mean squared activation (imatrix.py): the numpy search for q4_0/q4_1, ggml's
+        importance-weighted quantizers (llama-quantize --imatrix) for K presets.
     Raises ConversionError (and leaves no file at out_path) on bad input.
     """
     start = time.perf_counter()
     model_dir, out_path = Path(model_dir), Path(out_path)
-    main_type = parse_qtype(qtype)
+    if not isinstance(qtype, str) or (qtype.lower() not in QTYPES and qtype.lower() not in K_PRESETS):
+        raise ConversionError(f"unknown qtype {qtype!r} (choose from {', '.join(QTYPE_CHOICES)})")
+    preset = PRESETS[qtype.lower()] if qtype.lower() in K_PRESETS else None
+    main_type = preset.base if preset is not None else parse_qtype(qtype)
     if quant_method is None:
-        quant_method = "search" if calibration is not None else "rtn"
+        quant_method = "search" if calibration is not None and preset is None else "rtn"
     if quant_method not in quants.QUANT_METHODS:
         raise ConversionError(f"unknown quantization method {quant_method!r} "
                               f"(choose from {', '.join(quants.QUANT_METHODS)})")
-    if calibration is not None and quant_method != "search":
+    if calibration is not None and quant_method != "search" and preset is None:
         raise ConversionError("a calibration text only weights the scale search: use quant_method='search'")
-    out_type = (parse_qtype(output_qtype, "output qtype") if output_qtype is not None
-                else Q.Q8_0 if main_type in (Q.Q4_0, Q.Q4_1) else main_type)
+    out_type = (parse_qtype(output_qtype, "output qtype", OUTPUT_QTYPES) if output_qtype is not None
+                else Q.Q8_0 if main_type in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1) else main_type)
     if not model_dir.is_dir():
         raise ConversionError(f"model folder not found: {model_dir}")
     if out_path.is_dir():
@@ -454,13 +486,14 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         if lora is not None:
             adapter = LoraAdapter(Path(lora), spec)
         imatrix = None
-        if calibration is not None and quants.SEARCH_QUANTIZERS.keys() & {main_type, out_type}:
+        if calibration is not None and (preset is not None or quants.SEARCH_QUANTIZERS.keys() & {main_type, out_type}):
             from .imatrix import collect_imatrix, load_calibration_text
 
             imatrix = collect_imatrix(model_dir, load_calibration_text(calibration))
             if adapter is not None:
                 warnings.append("calibration statistics come from the model without the LoRA adapter")
-        plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings, quant_method, imatrix, config)
+        plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings, quant_method, imatrix, config,
+                            preset=preset, output_override=output_qtype is not None)
     window = config.get("sliding_window")
     if isinstance(window, int) and window < hp.n_ctx and config.get("use_sliding_window", True):
         warnings.append(f"config.json sliding_window={window} is not stored in GGUF (llama.cpp's {spec.name} "
@@ -477,7 +510,7 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
     try:
         w.add_type("model")
         w.add_name(model_dir.resolve().name)
-        w.add_file_type(FILE_TYPES[main_type])
+        w.add_file_type(preset.file_type if preset is not None else FILE_TYPES[main_type])
         w.add_quantization_version(GGML_QUANT_VERSION)
         if spec.write_hparams is not None:
             spec.write_hparams(w, hp, spec, model_dir, config, warnings)
@@ -511,7 +544,7 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
     for t in plan:
         types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
     return ConversionReport(
-        out_path=out_path, arch=spec.name, hf_arch=hf_arch, qtype=main_type.name, output_qtype=out_type.name,
+        out_path=out_path, arch=spec.name, hf_arch=hf_arch, qtype=preset.name.upper() if preset else main_type.name, output_qtype=out_type.name,
         n_tensors=len(plan), n_params=n_params, file_size=size,
         bits_per_weight=size * 8 / n_params if n_params else 0.0, seconds=seconds,
         mb_per_s=sum(t.source_bytes for t in plan) / 1e6 / max(seconds, 1e-9), tensor_types=types,

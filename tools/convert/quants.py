@@ -224,8 +224,16 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
     return out.astype(np.uint16)
 
 
+# Every block type the engine's C++ quantizers write (csrc/cpu/quantize.cpp: ggml's quantize_<type>,
+# byte-equal, with the importance-weighted variant when an imatrix is given).
+CPP_TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+             GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q2_K,
+             GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
+             GGMLQuantizationType.Q6_K)
+
+
 def is_quantized(qtype: GGMLQuantizationType) -> bool:
-    return qtype in BLOCK_QUANTIZERS
+    return qtype in CPP_TYPES
 
 
 def nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
@@ -235,17 +243,21 @@ def nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     return n // block_size * type_size
 
 
-def can_quantize(shape: tuple[int, ...]) -> bool:
-    return len(shape) >= 1 and shape[-1] % QK == 0
+def can_quantize(shape: tuple[int, ...], qtype: GGMLQuantizationType | None = None) -> bool:
+    """Whether rows of this shape are whole blocks of `qtype` (of 32 elements if None)."""
+    block = GGML_QUANT_SIZES[qtype][0] if qtype is not None else QK
+    return len(shape) >= 1 and shape[-1] % block == 0
 
 
 def quantize(x: np.ndarray, qtype: GGMLQuantizationType, method: str = "rtn",
              importance: np.ndarray | None = None) -> np.ndarray:
-    """Convert a float array to the bytes/values GGUF stores for `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
+    """Convert a float array to the bytes/values GGUF stores for `qtype` (F32, F16, BF16, or a block type
+    of CPP_TYPES).
 
-    method: "rtn" (ggml's reference rounding) or "search" (error-minimising scale search; Q4_0/Q4_1
-    only, other types are unaffected). importance: per-column (input channel) weights for the search,
-    shape (cols,), e.g. mean squared activations from imatrix.py.
+    method: "rtn" (ggml's quantizers, in C++: the reference rounding without `importance`, the
+    importance-weighted search of llama-quantize --imatrix with it) or "search" (this file's numpy
+    error-minimising scale search for Q4_0/Q4_1; other types are unaffected). importance: per-column
+    (input channel) weights, shape (cols,), e.g. mean squared activations from imatrix.py.
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r} (choose from {', '.join(QUANT_METHODS)})")
@@ -256,9 +268,16 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType, method: str = "rtn",
     if qtype == GGMLQuantizationType.BF16:
         return to_bf16(x)
     search = method == "search" and qtype in SEARCH_QUANTIZERS
+    if not can_quantize(x.shape, qtype):
+        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of the {qtype.name} block size "
+                         f"{GGML_QUANT_SIZES[qtype][0]}")
+    if not search:
+        from pyengine import _C
+
+        if importance is not None:
+            importance = np.asarray(importance, dtype=np.float32).reshape(-1)
+        return _C.quantize(np.ascontiguousarray(x, dtype=np.float32), int(qtype), importance)
     quantize_blocks = BLOCK_QUANTIZERS[qtype]
-    if not can_quantize(x.shape):
-        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of {QK}")
     _, type_size = GGML_QUANT_SIZES[qtype]
     rows = x.reshape(-1, x.shape[-1])
     blocks_per_row = rows.shape[1] // QK
