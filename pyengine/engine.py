@@ -230,7 +230,7 @@ class Engine:
                             embeddings=True)
         bounds = np.cumsum([0] + [x.size for x in seqs])
         pooling = self.config.get("pooling", "none")
-        if pooling == "cls":
+        if pooling in ("cls", "rank"):
             rows = [hidden[bounds[i]] for i in range(len(seqs))]
         elif pooling == "last":
             rows = [hidden[bounds[i + 1] - 1] for i in range(len(seqs))]

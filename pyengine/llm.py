@@ -10,10 +10,12 @@
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ._C import UnsupportedModelError
 from .engine import DEFAULT_SAMPLING, Engine, default_threads
 from .generation import ChatSession, Generation, generate_batch
 
@@ -93,9 +95,45 @@ class LLM(Engine):
     def embed(self, inputs: "str | Sequence[str] | Sequence[Sequence[int]]", normalize: bool | None = None) -> np.ndarray:
         """Sentence embeddings, float32 [n, dim]: texts are tokenized with the model's special tokens
         ([CLS] ... [SEP] for BERT) and pooled as `Engine.embed` says (a single text gives one row)."""
+        return super().embed(self._embed_ids(inputs), normalize=normalize)
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names of a sequence-classification model (`bert.classifier.output_labels`), else []."""
+        return list(self.metadata.get(f"{self.config['arch']}.classifier.output_labels", []))
+
+    def classify(self, inputs: "str | Sequence[str] | Sequence[Sequence[int]]") -> np.ndarray:
+        """Class logits, float32 [n, len(labels)], of a `BertForSequenceClassification` file: as
+        transformers, tanh(pooler(h[CLS])) then the classifier, on the encoder's final hidden states.
+        The two small head matrices run in numpy (dequantized once); the encoder runs in the engine."""
+        if self.config.get("pooling") != "rank" or "cls.output.weight" not in self._tensor_names:
+            raise UnsupportedModelError(f"{self.model_path}: not a sequence-classification model "
+                                        "(no cls.output.weight / rank pooling)")
+        head = self._classifier_head
+        cls_rows = super().embed(self._embed_ids(inputs), normalize=False)  # rank pooling: the [CLS] rows
+        pooled = np.tanh(cls_rows @ head["cls.weight"].T + head["cls.bias"]) if "cls.weight" in head else cls_rows
+        return (pooled @ head["cls.output.weight"].T + head.get("cls.output.bias", 0.0)).astype(np.float32)
+
+    @cached_property
+    def _tensor_names(self) -> set[str]:
+        return {t["name"] for t in self._model.file.tensors}
+
+    @cached_property
+    def _classifier_head(self) -> dict[str, np.ndarray]:
+        from . import _C
+
+        out = {}
+        for t in self._model.file.tensors:
+            if t["name"] in ("cls.weight", "cls.bias", "cls.output.weight", "cls.output.bias"):
+                shape = t["shape"]
+                rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+                m = _C.dequantize(self._model.file.tensor_bytes(t["name"]), t["type"], rows, int(shape[0]))
+                out[t["name"]] = m if len(shape) > 1 else m[0]
+        return out
+
+    def _embed_ids(self, inputs) -> list:
         items = [inputs] if isinstance(inputs, str) else list(inputs)
-        ids = [self.tokenizer.encode(x, add_special_tokens=True) if isinstance(x, str) else x for x in items]
-        return super().embed(ids, normalize=normalize)
+        return [self.tokenizer.encode(x, add_special_tokens=True) if isinstance(x, str) else x for x in items]
 
     def perplexity(self, text: str, n_ctx: int = 512, n_chunks: int | None = None) -> "PerplexityResult":
         """Perplexity of ``text`` with llama-perplexity's protocol (chunks of ``n_ctx`` tokens, second

@@ -222,3 +222,28 @@ def test_minilm_converted_end_to_end(minilm, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(np.array(json.loads(r.stdout)), got[:2], atol=1e-6)
+
+
+def test_sequence_classifier_matches_transformers(tmp_path):
+    """A BertForSequenceClassification converted with `pyengine convert`: LLM.classify equals
+    transformers' logits (F32 to 1e-4; Q8_0 within its rounding), labels from the file."""
+    from pyengine_convert import convert
+    from test_convert_bert import make_bert
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    labels = ["negative", "neutral", "positive"]
+    d = make_bert(tmp_path / "cls", arch="BertForSequenceClassification", labels=labels, seed=3)
+    model = BertForSequenceClassification.from_pretrained(d).eval()
+    tok = AutoTokenizer.from_pretrained(d)
+    texts = ["the cat sat", "a dog", "hello world the cat"]
+    with torch.no_grad():
+        ref = np.stack([model(torch.tensor([tok(t)["input_ids"]])).logits[0].numpy() for t in texts])
+    for qtype, atol in (("f32", 1e-4), ("q8_0", 3e-2)):
+        path = tmp_path / f"{qtype}.gguf"
+        convert(d, path, qtype=qtype)
+        llm = pyengine.LLM(path)
+        assert llm.labels == labels
+        np.testing.assert_allclose(llm.classify(texts), ref, atol=atol * max(1.0, np.abs(ref).max()), err_msg=qtype)
+    with pytest.raises(pyengine.UnsupportedModelError, match="not a sequence-classification model"):
+        convert(make_bert(tmp_path / "plain", seed=1), tmp_path / "plain.gguf", qtype="f32")
+        pyengine.LLM(tmp_path / "plain.gguf").classify(["x"])

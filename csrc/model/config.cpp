@@ -116,8 +116,8 @@ ModelConfig read_config(const GGUFFile& f) {
   if (spec->mask == Mask::PrefixLM) c.prefix_end_token = f.get_int("tokenizer.ggml.bos_token_id");
   if (spec->family == Family::EncoderOnly) {
     const int64_t pooling = f.get_int(p + "pooling_type", int64_t(Pooling::Mean));
-    PE_CHECK(pooling >= 0 && pooling <= 3, UnsupportedModelError, f.path(), ": ", p, "pooling_type ", pooling,
-             " is not supported (0 none, 1 mean, 2 cls, 3 last)");
+    PE_CHECK(pooling >= 0 && pooling <= 4, UnsupportedModelError, f.path(), ": ", p, "pooling_type ", pooling,
+             " is not supported (0 none, 1 mean, 2 cls, 3 last, 4 rank)");
     c.pooling = Pooling(pooling);
   }
   return c;

@@ -33,7 +33,8 @@ enum class Mask {
 };
 
 // How an encoder's per-token hidden states become one vector (llama.cpp's pooling_type values).
-enum class Pooling { None = 0, Mean = 1, CLS = 2, Last = 3 };
+// Rank: a classification head on the [CLS] row (pyengine/llm.py classify()).
+enum class Pooling { None = 0, Mean = 1, CLS = 2, Last = 3, Rank = 4 };
 
 // What the GGUF architecture name implies (one row per architecture in config.cpp).
 struct ArchSpec {
