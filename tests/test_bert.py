@@ -247,3 +247,27 @@ def test_sequence_classifier_matches_transformers(tmp_path):
     with pytest.raises(pyengine.UnsupportedModelError, match="not a sequence-classification model"):
         convert(make_bert(tmp_path / "plain", seed=1), tmp_path / "plain.gguf", qtype="f32")
         pyengine.LLM(tmp_path / "plain.gguf").classify(["x"])
+
+
+def test_server_serves_encoder_embeddings(minilm, tmp_path):
+    """`pyengine serve` on an encoder: /v1/embeddings equals LLM.embed; the text endpoints answer 400."""
+    from fastapi.testclient import TestClient
+    from pyengine.server import build_server
+    from pyengine_convert import convert
+
+    _, _, folder = minilm
+    convert(folder, tmp_path / "minilm.gguf", qtype="f16")
+    app, scheduler = build_server(str(tmp_path / "minilm.gguf"), n_ctx=256, parallel=2)
+    try:
+        client = TestClient(app)
+        texts = ["Hello world", "Paris is the capital of France."]
+        r = client.post("/v1/embeddings", json={"model": "minilm", "input": texts})
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        np.testing.assert_allclose(got, pyengine.LLM(tmp_path / "minilm.gguf").embed(texts), atol=1e-6)
+        for route, body in (("/v1/completions", {"prompt": "hi"}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            r = client.post(route, json={"model": "minilm", **body})
+            assert r.status_code == 400 and "encoder" in r.json()["error"]["message"], r.text
+    finally:
+        scheduler.close()

@@ -156,6 +156,7 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        _check_generates(scheduler)
         req = _parse(await request.body(), ChatCompletionRequest)
         _check_model(req.model, config)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
@@ -185,6 +186,7 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        _check_generates(scheduler)
         req = _parse(await request.body(), CompletionRequest)
         _check_model(req.model, config)
         prompt = req.prompt
@@ -198,6 +200,12 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
         return await _serve(request, req, ids, "text_completion", scheduler, config, tokenizer)
 
     return app
+
+
+def _check_generates(scheduler: Scheduler) -> None:
+    if scheduler.engine.config.get("family") == "encoder":
+        raise ApiError(400, f"this model is an encoder ({scheduler.engine.config['arch']}): it makes embeddings "
+                       "(/v1/embeddings), not text", "model")
 
 
 def _embedding_inputs(given: Any, tokenizer: Tokenizer) -> list[list[int]]:
