@@ -20,10 +20,14 @@ from .engine import DEFAULT_SAMPLING, Engine, default_threads
 from .generation import ChatSession, Generation, generate_batch
 
 if TYPE_CHECKING:
+    from .beam import BeamHypothesis
     from .quality import PerplexityResult
     from .sampling import SamplingParams
 
 __all__ = ["LLM", "DEFAULT_SAMPLING", "default_threads"]
+
+
+BEAM_ARGS = ("num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size", "num_return_sequences")
 
 
 def _is_batch(prompt: Any) -> bool:
@@ -55,7 +59,20 @@ class LLM(Engine):
         `LLM.generate`) and returns the list of texts in order; `params` may then be a list with one
         `SamplingParams` per prompt (each with its own seed), and ``stream=True`` yields
         (prompt index, text piece) pairs. Each prompt's text is the one it gives alone.
+
+        ``num_beams > 1`` runs beam search instead (see `beam_search`; transformers' arguments
+        length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences); it returns the
+        best text, or a list of `num_return_sequences` texts.
         """
+        beam = {k: sampling.pop(k) for k in BEAM_ARGS if k in sampling}
+        if beam.get("num_beams", 1) > 1:
+            if stream or _is_batch(prompt):
+                raise ValueError("beam search takes one prompt and does not stream")
+            n_return = beam.get("num_return_sequences", 1)
+            hyps = self.beam_search(prompt, add_special_tokens=add_special_tokens,
+                                    max_new_tokens=sampling.get("max_new_tokens"), **beam)
+            texts = [self.tokenizer.decode([t for t in h.token_ids if t not in self.tokenizer.eog_ids]) for h in hyps]
+            return texts if n_return > 1 else texts[0]
         if _is_batch(prompt):
             return self._generate_many(list(prompt), stream, params, add_special_tokens, sampling)
         ids = self._prompt_ids(prompt, add_special_tokens)
@@ -96,6 +113,20 @@ class LLM(Engine):
         """Sentence embeddings, float32 [n, dim]: texts are tokenized with the model's special tokens
         ([CLS] ... [SEP] for BERT) and pooled as `Engine.embed` says (a single text gives one row)."""
         return super().embed(self._embed_ids(inputs), normalize=normalize)
+
+    def beam_search(self, prompt: str | Sequence[int], num_beams: int = 4, max_new_tokens: int | None = None,
+                    length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
+                    num_return_sequences: int = 1, add_special_tokens: bool = True) -> "list[BeamHypothesis]":
+        """Beam search with transformers' rules (token for token equal to its ``generate(num_beams=...)``
+        with the same arguments): the `num_return_sequences` best hypotheses (token ids, score), best first.
+        The beams are sequences of one context whose KV cache pages they share until they diverge."""
+        from .beam import beam_search
+
+        ids = self._prompt_ids(prompt, add_special_tokens)
+        if max_new_tokens is None:
+            max_new_tokens = self.sampling_params().max_new_tokens
+        return beam_search(self, ids, num_beams, max_new_tokens, self.tokenizer.eog_ids, length_penalty,
+                           early_stopping, no_repeat_ngram_size, num_return_sequences)
 
     @property
     def labels(self) -> list[str]:

@@ -1,0 +1,131 @@
+"""Beam search over the engine's KV cache: each beam is a sequence of one context, and reordering
+the beams after a step is a `seq_copy` of its parent (pages shared until they diverge, so a fork
+costs a page-table copy), as llama.cpp's beam search and vLLM do.
+
+The selection rules are transformers' `generate(num_beams=...)` (its `_beam_search`), step for step,
+so results are equal token for token: the top max(2, 1 + #eos) x num_beams continuations over all
+beams by accumulated log-probability; candidates that end (an end id, or the length limit) among the
+first num_beams become finished hypotheses scored by sum_logprobs / generated_length ** length_penalty;
+the others continue; `early_stopping` (True, False, "never") decides when the search stops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+NEG = np.float32(-1.0e9)
+
+
+@dataclass
+class BeamHypothesis:
+    token_ids: list[int]  # generated tokens (the end id included when the beam ended on one)
+    score: float          # sum of log-probabilities / generated_length ** length_penalty
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def _banned_ngram_tokens(seq: Sequence[int], n: int) -> set[int]:
+    """transformers' NoRepeatNGramLogitsProcessor: tokens that would repeat an n-gram of `seq`."""
+    if n <= 0 or len(seq) + 1 < n:
+        return set()
+    prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
+    return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix}
+
+
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, largest first (ties: lower index first)."""
+    idx = np.argsort(-x, kind="stable")
+    return idx[:k]
+
+
+def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new_tokens: int,
+                eos_ids: Sequence[int], length_penalty: float = 1.0, early_stopping: bool | str = False,
+                no_repeat_ngram_size: int = 0, num_return_sequences: int = 1) -> list[BeamHypothesis]:
+    """The `num_return_sequences` best hypotheses, best first."""
+    if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError("need num_beams >= 1 and 1 <= num_return_sequences <= num_beams")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError("early_stopping must be True, False or 'never'")
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("beam search needs a non-empty prompt")
+    k, p_len = num_beams, len(prompt)
+    max_length = p_len + max(0, int(max_new_tokens))
+    eos = set(int(t) for t in eos_ids)
+    keep = max(2, 1 + len(eos)) * k
+    ctx = engine.new_context(n_ctx=max_length + 1, n_seq_max=2 * k)
+    slots, spare = list(range(k)), list(range(k, 2 * k))
+
+    running = [list(prompt) for _ in range(k)]
+    running_scores = np.full(k, NEG, np.float32)
+    running_scores[0] = 0.0
+    finished: list[list[int]] = [list(prompt) for _ in range(k)]
+    finished_scores = np.full(k, NEG, np.float32)
+    is_finished = np.zeros(k, bool)
+    unsatisfied = True
+    cur_len = p_len
+    if max_length <= p_len:
+        return [BeamHypothesis([], 0.0)]
+
+    logits = ctx.decode(prompt, [0] * p_len, np.arange(p_len) == p_len - 1)  # [1, V]
+    logits = np.repeat(logits, k, axis=0)  # every beam holds the prompt (beams 1.. score -1e9)
+    while True:
+        log_probs = _log_softmax(logits)
+        if no_repeat_ngram_size > 0:
+            for b in range(k):
+                banned = list(_banned_ngram_tokens(running[b], no_repeat_ngram_size))
+                if banned:
+                    log_probs[b, banned] = -np.inf
+        acc = (log_probs + running_scores[:, None]).reshape(-1)
+        vocab = log_probs.shape[1]
+        top = _topk(acc, keep)
+        top_lp, parents, tokens = acc[top], top // vocab, top % vocab
+        top_seqs = [running[p] + [int(t)] for p, t in zip(parents, tokens)]
+        hits = np.array([int(t) in eos or cur_len + 1 >= max_length for t in tokens])
+
+        # Beams that go on: the best num_beams candidates that did not just end.
+        go_on = _topk(top_lp + hits.astype(np.float32) * NEG, k)
+        new_running = [top_seqs[i] for i in go_on]
+        new_scores = (top_lp + hits.astype(np.float32) * NEG)[go_on]
+        new_parents = parents[go_on]
+
+        # Finished hypotheses: candidates among the first num_beams that ended, if they beat the worst kept.
+        just_done = hits & (np.arange(keep) < k)
+        scored = (top_lp / np.float32((cur_len + 1 - p_len) ** length_penalty)).astype(np.float32)
+        if early_stopping is True and is_finished.all():
+            scored = scored + NEG
+        if not unsatisfied:
+            scored = scored + NEG
+        scored = scored + (~just_done).astype(np.float32) * NEG
+        merged_scores = np.concatenate([finished_scores, scored])
+        merged = finished + top_seqs
+        merged_done = np.concatenate([is_finished, just_done])
+        best = _topk(merged_scores, k)
+        finished = [merged[i] for i in best]
+        finished_scores = merged_scores[best]
+        is_finished = merged_done[best]
+
+        running, running_scores = new_running, new_scores.astype(np.float32)
+        cur_len += 1
+        hyp_len = (max_length if early_stopping == "never" and length_penalty > 0 else cur_len) - p_len
+        best_running = running_scores[0] / np.float32(hyp_len ** length_penalty)
+        worst_done = np.where(is_finished, finished_scores.min(), NEG)
+        unsatisfied = bool(unsatisfied and np.any(best_running > worst_done))
+        if not unsatisfied or (early_stopping is True and is_finished.all()) or hits.all():
+            break
+        # Reorder the cache: beam j continues its parent's sequence with its new token.
+        for j, parent in enumerate(new_parents):
+            ctx.seq_copy(slots[int(parent)], spare[j])
+        slots, spare = spare, slots
+        logits = ctx.decode([s[-1] for s in running], slots)
+
+    return [BeamHypothesis(finished[i][p_len:], float(finished_scores[i])) for i in range(num_return_sequences)]
