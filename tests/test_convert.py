@@ -530,10 +530,12 @@ def test_llama_attention_biases_permuted(tmp_path):
     np.testing.assert_array_equal(f32_tensor(ts["blk.0.ffn_down.bias"]), state["model.layers.0.mlp.down_proj.bias"])
 
 
-def test_sliding_window_warns(tmp_path):
+def test_sliding_window_is_stored(tmp_path):
     d = make_mistral(tmp_path / "m", n_layers=1, sliding_window=64)
     report = convert(d, tmp_path / "x.gguf", qtype="q8_0")
-    assert any("sliding_window=64" in w for w in report.warnings)
+    assert not any("sliding_window" in w for w in report.warnings)
+    field = gguf.GGUFReader(str(tmp_path / "x.gguf")).fields["llama.attention.sliding_window"]
+    assert int(field.parts[field.data[0]][0]) == 64
 
 
 # --- CLI ----------------------------------------------------------------------------------------------

@@ -114,6 +114,11 @@ ModelConfig read_config(const GGUFFile& f) {
     c.mask_token = f.get_int("tokenizer.ggml.mask_token_id", -1);
   }
   if (spec->mask == Mask::PrefixLM) c.prefix_end_token = f.get_int("tokenizer.ggml.bos_token_id");
+  c.sliding_window = f.get_int(p + "attention.sliding_window", 0);
+  PE_CHECK(c.sliding_window >= 0 && c.sliding_window <= (int64_t(1) << 30), ModelFormatError, f.path(), ": ", p,
+           "attention.sliding_window ", c.sliding_window, " is out of range");
+  PE_CHECK(c.sliding_window == 0 || spec->mask == Mask::Causal, UnsupportedModelError, f.path(), ": a sliding "
+           "window on a ", c.arch, " model (only causal attention takes one)");
   if (spec->family == Family::EncoderOnly) {
     const int64_t pooling = f.get_int(p + "pooling_type", int64_t(Pooling::Mean));
     PE_CHECK(pooling >= 0 && pooling <= 4, UnsupportedModelError, f.path(), ": ", p, "pooling_type ", pooling,

@@ -76,6 +76,7 @@ struct ModelConfig {
   int64_t prefix_end_token = -1;  // Mask::PrefixLM: the token that ends the bidirectional prefix (BOS, <sop>)
   int64_t mask_token = -1;        // Positions::Rope2D: the mask token ([gMASK]) whose index is the generation position id
   Pooling pooling = Pooling::None;  // encoders: {arch}.pooling_type
+  int64_t sliding_window = 0;       // causal rows see their last `sliding_window` positions (0: all): Mistral
 };
 
 // Supported architecture names, comma-separated (for error messages).

@@ -494,10 +494,11 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
                 warnings.append("calibration statistics come from the model without the LoRA adapter")
         plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings, quant_method, imatrix, config,
                             preset=preset, output_override=output_qtype is not None)
+    # Mistral's sliding window: each token attends to the last `window` positions (itself included), as
+    # transformers does; stored under gguf-py's {arch}.attention.sliding_window, which the engine honours.
     window = config.get("sliding_window")
-    if isinstance(window, int) and window < hp.n_ctx and config.get("use_sliding_window", True):
-        warnings.append(f"config.json sliding_window={window} is not stored in GGUF (llama.cpp's {spec.name} "
-                        f"has none): results differ from transformers past {window} tokens")
+    if not (isinstance(window, int) and 0 < window < hp.n_ctx and config.get("use_sliding_window", True)):
+        window = None
 
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
@@ -516,6 +517,8 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
             spec.write_hparams(w, hp, spec, model_dir, config, warnings)
         else:
             write_hparams(w, hp, spec)
+        if window is not None:
+            w.add_sliding_window(window)
         write_generation_config(w, gen_config)
         write_vocab(w, vocab)
         for t in plan:
