@@ -30,4 +30,20 @@ void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const T
   });
 }
 
+void norm_heads(Executor& ex, const Tensor& x, int n_heads, const Tensor& w, float eps) {
+  const int64_t hd = x.cols / n_heads;
+  const float* wv = w.row(0);
+  ex.pool().for_range(x.rows, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      for (int h = 0; h < n_heads; h++) {
+        float* v = x.row(r) + h * hd;
+        double ss = 0;
+        for (int64_t i = 0; i < hd; i++) ss += double(v[i]) * v[i];
+        const float s = float(1.0 / std::sqrt(ss / double(hd) + double(eps)));
+        for (int64_t i = 0; i < hd; i++) v[i] = v[i] * s * wv[i];
+      }
+    }
+  });
+}
+
 }  // namespace pe::cpu

@@ -30,7 +30,23 @@ __global__ void norm_kernel(bool rms, const float* x, int64_t ldx, const float* 
   for (int i = threadIdx.x; i < d; i += kThreads) yr[i] = (xr[i] - mean) * scale * w[i] + (b ? b[i] : 0.f);
 }
 
+// One warp per (row, head): Qwen3's per-head RMSNorm of q and k.
+__global__ void norm_heads_kernel(float* x, int64_t ldx, int head_dim, const float* w, float eps) {
+  float* v = x + int64_t(blockIdx.x) * ldx + int64_t(blockIdx.y) * head_dim;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < head_dim; i += 32) ss += v[i] * v[i];
+  const float scale = rsqrtf(warp_sum(ss) / float(head_dim) + eps);
+  for (int i = threadIdx.x; i < head_dim; i += 32) v[i] = v[i] * scale * w[i];
+}
+
 }  // namespace
+
+void norm_heads(Executor& ex, const Tensor& x, int n_heads, const Tensor& w, float eps) {
+  PE_CHECK(n_heads <= 65535 && x.rows <= 0x7fffffff, Error, "norm_heads: ", x.rows, " rows of ", n_heads, " heads");
+  const dim3 grid(unsigned(x.rows), unsigned(n_heads));
+  norm_heads_kernel<<<grid, 32, 0, stream_of(ex)>>>(x.row(0), x.ld(), int(x.cols / n_heads), w.row(0), eps);
+  PE_CUDA_LAUNCHED();
+}
 
 void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps) {
   if (x.rows == 0) return;

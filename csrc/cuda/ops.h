@@ -17,6 +17,7 @@ void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y);
 bool matmul_supports(GGMLType t);
 
 void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps);
+void norm_heads(Executor& ex, const Tensor& x, int n_heads, const Tensor& w, float eps);
 void rope(Executor& ex, const Tensor& x, int n_heads, int head_dim, int first_dim, const Tensor& pos,
           const RopeParams& p);
 void gated_activation(Executor& ex, Activation act, const Tensor& gate, const Tensor& up, const Tensor& out);

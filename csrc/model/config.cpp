@@ -49,6 +49,7 @@ ArchSpec bert() {
 const ArchSpec kArchs[] = {
     llama_like("llama", RopeStyle::Adjacent),
     llama_like("qwen2", RopeStyle::NeoX),
+    llama_like("qwen3", RopeStyle::NeoX),  // + per-head q/k RMSNorm (attn_q_norm / attn_k_norm), no qkv bias
     chatglm(),
     chatglm1(),
     bert(),

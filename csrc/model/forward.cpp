@@ -104,6 +104,8 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, KVCache& 
     linear(L.wk, attn_in, k);
     linear(L.wv, attn_in, v);
   }
+  if (!L.attn_q_norm.empty()) norm_heads(ex, q, int(c.n_head), L.attn_q_norm, c.norm_eps);
+  if (!L.attn_k_norm.empty()) norm_heads(ex, k, int(c.n_head_kv), L.attn_k_norm, c.norm_eps);
   rotate(q, int(c.n_head));
   rotate(k, int(c.n_head_kv));
   kv.store(ex, kv_layer, k, v, rt.slot);

@@ -25,6 +25,7 @@ struct Layer {
   Tensor attn_norm, attn_norm_b;  // empty tensors for absent parameters
   Linear wqkv;  // fused [q; k; v] rows (ChatGLM); when present, wq/wk/wv are absent
   Linear wq, wk, wv, wo;
+  Tensor attn_q_norm, attn_k_norm;  // per-head RMSNorm of q and k before RoPE (Qwen3), when present
   Tensor ffn_norm, ffn_norm_b;
   Linear w_gate, w_up, w_down;  // w_gate absent for non-gated or fused gate/up FFNs
 

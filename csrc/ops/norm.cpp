@@ -14,4 +14,12 @@ void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const T
   PE_DISPATCH(ex, norm, ex, type, x, w, b, y, eps);
 }
 
+void norm_heads(Executor& ex, const Tensor& x, int n_heads, const Tensor& w, float eps) {
+  PE_CHECK(n_heads > 0 && x.cols % n_heads == 0, Error, "norm_heads: ", x.cols, " columns are not ", n_heads, " heads");
+  check_f32(ex, x, x.rows, x.cols, "norm_heads: x");
+  check_f32(ex, w, 1, x.cols / n_heads, "norm_heads: weight");
+  if (x.rows == 0) return;
+  PE_DISPATCH(ex, norm_heads, ex, x, n_heads, w, eps);
+}
+
 }  // namespace pe

@@ -412,7 +412,23 @@ BERT = ArchSpec(
     decoder=False,
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, CHATGLM, CHATGLM1, GLM_HF, BERT)
+# Qwen3 (dense): llama.cpp's `qwen3`, Qwen2's layout without q/k/v biases plus a per-head RMSNorm of q
+# and k (q_norm / k_norm, [head_dim]) before RoPE; head_dim is explicit (128 with hidden 1024 in Qwen3-0.6B).
+def _qwen3_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    shapes = llama_shapes(hp)
+    shapes["blk.{bid}.attn_q_norm.weight"] = shapes["blk.{bid}.attn_k_norm.weight"] = (hp.head_dim,)
+    return shapes
+
+
+QWEN3 = ArchSpec(
+    name="qwen3",
+    hf_architectures=("Qwen3ForCausalLM",),
+    stacks=(StackMap("model.layers.{bid}.", {**LLAMA_BLOCK_TENSORS, "self_attn.q_norm": "attn_q_norm",
+                                             "self_attn.k_norm": "attn_k_norm"}),),
+    shapes=_qwen3_shapes,
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT)
 
 
 def supported_architectures() -> list[str]:
