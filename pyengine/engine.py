@@ -124,11 +124,12 @@ class Engine:
         self._init_context(n_ctx, n_batch, kv_type, n_seq_max)
 
     def _resolve_n_ctx(self, n_ctx: int) -> int:
-        """0: the training context. An encoder has a learned position per slot: at most that many."""
+        """0: the training context. A model with learned positions (BERT, GPT-2) has no position past
+        its table: at most that many."""
         train = int(self._model.config["n_ctx_train"])
         if n_ctx <= 0:
             return train
-        return min(int(n_ctx), train) if self._model.config["family"] == "encoder" else int(n_ctx)
+        return min(int(n_ctx), train) if self._model.config["positions"] == "learned" else int(n_ctx)
 
     def _init_context(self, n_ctx: int, n_batch: int, kv_type: str, n_seq_max: int) -> None:
         n_ctx = self._resolve_n_ctx(n_ctx)

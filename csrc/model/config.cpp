@@ -46,6 +46,16 @@ ArchSpec bert() {
   a.ffn_norm_name = "layer_output_norm";
   return a;
 }
+// GPT-2 as llama.cpp's `gpt2`: learned absolute positions, pre-LayerNorm blocks with biases, tanh
+// GELU, fused attn_qkv, tied output.
+ArchSpec gpt2() {
+  ArchSpec a{"gpt2"};
+  a.norm = NormType::Layer;
+  a.act = Activation::GELU;
+  a.gated_ffn = false;
+  a.positions = Positions::Learned;
+  return a;
+}
 const ArchSpec kArchs[] = {
     llama_like("llama", RopeStyle::Adjacent),
     llama_like("qwen2", RopeStyle::NeoX),
@@ -53,6 +63,7 @@ const ArchSpec kArchs[] = {
     chatglm(),
     chatglm1(),
     bert(),
+    gpt2(),
 };
 }  // namespace
 

@@ -152,6 +152,9 @@ class ArchSpec:
     # writes the architecture's hyper-parameter keys (None: the llama-like decoder's, write_hparams)
     write_hparams: Callable[..., None] | None = None
     decoder: bool = True                        # False: an encoder (no causal LM to calibrate on)
+    # GGUF block tensor names (e.g. "attn_qkv") whose weights the checkpoint stores transposed, [in, out]
+    # (GPT-2's Conv1D); the converter writes them [out, in] as every other weight
+    transposed: tuple[str, ...] = ()
 
 
 LLAMA = ArchSpec(
@@ -428,7 +431,66 @@ QWEN3 = ArchSpec(
     shapes=_qwen3_shapes,
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT)
+# --- GPT-2 ---------------------------------------------------------------------------------------------
+# llama.cpp's `gpt2`: learned absolute positions, pre-LayerNorm blocks with biases, tanh GELU, fused
+# c_attn as attn_qkv; transformers keeps the block weights as Conv1D ([in, out]), written transposed.
+
+def _gpt2_fix(config: dict[str, Any], hp: HParams) -> None:
+    hp.n_ff = int(config.get("n_inner") or 4 * hp.n_embd)
+    hp.tied = bool(config.get("tie_word_embeddings", True))
+    act = config.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConversionError(f"config.json activation_function={act!r}: only the tanh GELU (gelu_new) is supported")
+
+
+def _gpt2_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    e, f = hp.n_embd, hp.n_ff
+    shapes = {"token_embd.weight": (hp.n_vocab, e), "position_embd.weight": (hp.n_ctx, e),
+              "output.weight": (hp.n_vocab, e),
+              "blk.{bid}.attn_qkv.weight": (3 * e, e), "blk.{bid}.attn_qkv.bias": (3 * e,),
+              "blk.{bid}.attn_output.weight": (e, e), "blk.{bid}.ffn_up.weight": (f, e),
+              "blk.{bid}.ffn_up.bias": (f,), "blk.{bid}.ffn_down.weight": (e, f)}
+    for name in ("output_norm", "blk.{bid}.attn_norm", "blk.{bid}.ffn_norm"):
+        shapes[f"{name}.weight"] = shapes[f"{name}.bias"] = (e,)
+    shapes["blk.{bid}.attn_output.bias"] = shapes["blk.{bid}.ffn_down.bias"] = (e,)
+    return shapes
+
+
+def _write_gpt2_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_block_count(hp.n_layer)
+    w.add_head_count(hp.n_head)
+    w.add_layer_norm_eps(hp.norm_eps)
+
+
+GPT2 = ArchSpec(
+    name="gpt2",
+    hf_architectures=("GPT2LMHeadModel",),
+    global_tensors={"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
+                    "transformer.ln_f": "output_norm", "lm_head": "output"},
+    stacks=(StackMap("transformer.h.{bid}.", {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv",
+                                              "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                                              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}),),
+    hparam_keys={"n_vocab": ("vocab_size",), "n_embd": ("n_embd",), "n_layer": ("n_layer",), "n_head": ("n_head",),
+                 "n_head_kv": (), "n_ff": ("n_inner", "n_embd"), "n_ctx": ("n_positions",), "head_dim": (),
+                 "norm_eps": ("layer_norm_epsilon",), "rope_theta": (), "tied": ()},
+    required_biases=("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"),
+    shapes=_gpt2_shapes,
+    tokenizers=("bpe",),
+    ignored_suffixes=(".attn.bias", ".attn.masked_bias"),
+    fix_hparams=_gpt2_fix,
+    norm="layer",
+    required_globals=lambda hp: ("token_embd.weight", "position_embd.weight", "output_norm.weight",
+                                 "output_norm.bias") + (() if hp.tied else ("output.weight",)),
+    float_tensors=("position_embd.weight",),
+    write_hparams=_write_gpt2_hparams,
+    transposed=("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
+    add_bos=False,
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2)
 
 
 def supported_architectures() -> list[str]:

@@ -244,6 +244,12 @@ class NameMap:
         return f"{self.spec.stacks[k].gguf_prefix}.{{bid}}.{local}"
 
 
+def _stored_transposed(spec: ArchSpec, gguf_name: str, shape: tuple[int, ...]) -> bool:
+    """Whether the checkpoint stores this 2-D weight as [in, out] (GPT-2's Conv1D), not [out, in]."""
+    local = gguf_name.rpartition(".")[0].rpartition(".")[2]
+    return len(shape) == 2 and gguf_name.endswith(".weight") and local in spec.transposed
+
+
 def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuantizationType,
                  output: GGMLQuantizationType, lora: LoraAdapter | None, warnings: list[str],
                  quant_method: str = "rtn", imatrix: dict[str, np.ndarray] | None = None,
@@ -272,6 +278,8 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         if gguf_name == "output.weight" and hp.tied:
             continue                              # tied: the engine reuses token_embd
         want = shapes.get(names.shape_key(gguf_name))
+        if want is not None and _stored_transposed(spec, gguf_name, t.shape):
+            want = tuple(want[::-1])
         if want is not None and t.shape != want:
             raise ConversionError(f"tensor {hf_name} has shape {list(t.shape)} but config.json implies {list(want)}")
         if gguf_name in found:
@@ -291,6 +299,9 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
             raise ConversionError(f"missing tensor {names.to_hf(name)} in {ckpt.model_dir}")
 
     if lora is not None:
+        if spec.transposed:
+            raise ConversionError(f"LoRA adapters are not supported for {spec.name} (its Conv1D weights are "
+                                  "stored transposed)")
         lora.check(ckpt, set(found.values()))
 
     plan = []
@@ -300,21 +311,23 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
     for gguf_name in sorted(found, key=names.sort_key):
         hf_name = found[gguf_name]
         src = ckpt.tensors[hf_name]
+        transpose = _stored_transposed(spec, gguf_name, src.shape)
+        shape = tuple(src.shape[::-1]) if transpose else tuple(src.shape)
         is_output = gguf_name in ("token_embd.weight", "output.weight")
-        if len(src.shape) == 1 or gguf_name in spec.float_tensors:
+        if len(shape) == 1 or gguf_name in spec.float_tensors:
             qtype = Q.F32
         elif preset is not None and not (is_output and output_override):
-            qtype = tensor_type(preset, gguf_name, src.shape, info) or Q.F16
-            wanted = mixed_type(preset, gguf_name, src.shape[-1], info)
+            qtype = tensor_type(preset, gguf_name, shape, info) or Q.F16
+            wanted = mixed_type(preset, gguf_name, shape[-1], info)
             if qtype != wanted:
                 key = f"{wanted.name}->{qtype.name}"
                 fallbacks[key] = fallbacks.get(key, 0) + 1
         elif is_output:
-            qtype = fallback(output, src.shape[-1]) if preset is not None else output
+            qtype = fallback(output, shape[-1]) if preset is not None else output
         else:
             qtype = main
-        if quants.is_quantized(qtype) and not quants.can_quantize(src.shape, qtype):
-            warnings.append(f"{gguf_name}: {src.shape[-1]} columns is not a multiple of the {qtype.name} block "
+        if quants.is_quantized(qtype) and not quants.can_quantize(shape, qtype):
+            warnings.append(f"{gguf_name}: {shape[-1]} columns is not a multiple of the {qtype.name} block "
                             f"size, stored as F16")
             qtype = Q.F16
         base = gguf_name.rpartition(".")[0]
@@ -322,8 +335,11 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         permute = n_rot_heads if spec.permute_qk else 0
         transform = spec.row_transforms.get(base.rpartition(".")[2]) if names.block(base) else None
 
-        def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform) -> np.ndarray:
+        def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform,
+                    transpose=transpose) -> np.ndarray:
             x = ckpt.load(hf_name)
+            if transpose:
+                x = np.ascontiguousarray(x.T)
             if lora is not None:
                 x = lora.merge(hf_name, x)
             if permute:
@@ -331,10 +347,10 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
             if transform is not None:
                 x = transform(x, hp)
             # the permutation moves rows (output channels) only: the per-column importance still applies
-            importance = imatrix.get(hf_name) if imatrix else None
+            importance = imatrix.get(hf_name) if imatrix and not transpose else None
             return quants.quantize(x, qtype, quant_method, importance)
 
-        plan.append(PlannedTensor(gguf_name, src.shape, qtype, src.nbytes, produce))
+        plan.append(PlannedTensor(gguf_name, shape, qtype, src.nbytes, produce))
 
     if fallbacks:
         what = ", ".join(f"{n} {k}" for k, n in sorted(fallbacks.items()))
