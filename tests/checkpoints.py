@@ -190,9 +190,11 @@ def _make(arch: str, out_dir: Path, *, tied: bool, n_kv_heads: int, hidden: int,
     else:
         n_tokens = make_bpe_tokenizer(out_dir, style=tokenizer)
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[arch]
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                  "phi3": transformers.Phi3Config}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[arch]
+                 "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+                 "phi3": transformers.Phi3ForCausalLM}[arch]
     config = config_cls(
         vocab_size=vocab_size or n_tokens, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=n_layers,
         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_position,
@@ -251,6 +253,17 @@ def make_qwen3(out_dir: Path, *, tied: bool = True, n_kv_heads: int = 2, hidden:
     in the real models where head_dim is set explicitly)."""
     config_kwargs.setdefault("head_dim", 32)
     return _make("qwen3", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
+                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
+                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
+
+
+def make_phi3(out_dir: Path, *, tied: bool = False, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 2,
+              n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "spm",
+              dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
+              generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
+    """A tiny Phi3ForCausalLM (fused qkv_proj and gate_up_proj)."""
+    config_kwargs.setdefault("pad_token_id", 0)
+    return _make("phi3", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
                  n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
                  n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
 

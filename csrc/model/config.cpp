@@ -14,6 +14,13 @@ ArchSpec llama_like(const char* name, RopeStyle rope) {
   a.rope = rope;
   return a;
 }
+// Phi-3 (llama.cpp's phi3): fused attn_qkv and [gate; up] ffn_up, NeoX RoPE (partial where
+// rope.dimension_count says).
+ArchSpec phi3() {
+  ArchSpec a = llama_like("phi3", RopeStyle::NeoX);
+  a.fused_gate_up = true;
+  return a;
+}
 ArchSpec chatglm() {
   ArchSpec a{"chatglm"};
   a.fused_gate_up = true;
@@ -60,6 +67,7 @@ const ArchSpec kArchs[] = {
     llama_like("llama", RopeStyle::Adjacent),
     llama_like("qwen2", RopeStyle::NeoX),
     llama_like("qwen3", RopeStyle::NeoX),  // + per-head q/k RMSNorm (attn_q_norm / attn_k_norm), no qkv bias
+    phi3(),
     chatglm(),
     chatglm1(),
     bert(),

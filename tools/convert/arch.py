@@ -490,7 +490,36 @@ GPT2 = ArchSpec(
     add_bos=False,
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2)
+# --- Phi-3 --------------------------------------------------------------------------------------------
+# llama.cpp's `phi3`: fused qkv_proj as attn_qkv, fused gate_up_proj as a [gate; up] ffn_up, NeoX RoPE on
+# the first partial_rotary_factor of each head. LongRoPE (the 128k variants' short/long factors) is not
+# supported yet: read_rope refuses it with a clear error.
+
+def _phi3_fix(config: dict[str, Any], hp: HParams) -> None:
+    factor = float(config.get("partial_rotary_factor", 1.0))
+    hp.n_rot = int(hp.head_dim * factor) if factor != 1.0 else 0
+
+
+def _phi3_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+    shapes = llama_shapes(hp)
+    shapes["blk.{bid}.attn_qkv.weight"] = (q + 2 * kv, hp.n_embd)
+    shapes["blk.{bid}.ffn_up.weight"] = (2 * hp.n_ff, hp.n_embd)
+    return shapes
+
+
+PHI3 = ArchSpec(
+    name="phi3",
+    hf_architectures=("Phi3ForCausalLM",),
+    stacks=(StackMap("model.layers.{bid}.", {"input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv",
+                                             "self_attn.o_proj": "attn_output",
+                                             "post_attention_layernorm": "ffn_norm",
+                                             "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}),),
+    shapes=_phi3_shapes,
+    fix_hparams=_phi3_fix,
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3)
 
 
 def supported_architectures() -> list[str]:
