@@ -191,10 +191,10 @@ def _make(arch: str, out_dir: Path, *, tied: bool, n_kv_heads: int, hidden: int,
         n_tokens = make_bpe_tokenizer(out_dir, style=tokenizer)
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-                  "phi3": transformers.Phi3Config}[arch]
+                  "phi3": transformers.Phi3Config, "gemma2": transformers.Gemma2Config}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-                 "phi3": transformers.Phi3ForCausalLM}[arch]
+                 "phi3": transformers.Phi3ForCausalLM, "gemma2": transformers.Gemma2ForCausalLM}[arch]
     config = config_cls(
         vocab_size=vocab_size or n_tokens, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=n_layers,
         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_position,
@@ -264,6 +264,20 @@ def make_phi3(out_dir: Path, *, tied: bool = False, n_kv_heads: int = 2, hidden:
     """A tiny Phi3ForCausalLM (fused qkv_proj and gate_up_proj)."""
     config_kwargs.setdefault("pad_token_id", 0)
     return _make("phi3", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
+                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
+                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
+
+
+def make_gemma2(out_dir: Path, *, tied: bool = True, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 4,
+                n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "spm",
+                dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
+                generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
+    """A tiny Gemma2ForCausalLM: head_dim 16 (= query_pre_attn_scalar), a sliding window of 8 on even
+    layers, and soft-caps small enough to matter at this scale (attention 2, logits 3)."""
+    for k, v in (("head_dim", 16), ("query_pre_attn_scalar", 16), ("sliding_window", 8),
+                 ("attn_logit_softcapping", 2.0), ("final_logit_softcapping", 3.0), ("pad_token_id", 0)):
+        config_kwargs.setdefault(k, v)
+    return _make("gemma2", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
                  n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
                  n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
 

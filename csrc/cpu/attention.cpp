@@ -44,8 +44,13 @@ const AttentionKernels& kernels() {
   return kPortableAttention;
 }
 
-// p[0..n) = softmax(scale * s[0..n)), in place.
-void softmax(float* s, int64_t n, float scale) {
+// p[0..n) = softmax(scale * s[0..n)), in place; with softcap > 0 the scaled scores are soft-capped
+// first (softcap * tanh(x / softcap), Gemma 2).
+void softmax(float* s, int64_t n, float scale, float softcap) {
+  if (softcap > 0.f) {
+    for (int64_t j = 0; j < n; j++) s[j] = softcap * std::tanh(s[j] * scale / softcap);
+    scale = 1.f;
+  }
   float mx = -INFINITY;
   for (int64_t j = 0; j < n; j++) mx = std::max(mx, s[j] * scale);
   double sum = 0;
@@ -68,7 +73,7 @@ struct Block {
 const AttentionKernels kPortableAttention = {scores<Scalar>, values<Scalar>};
 
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out) {
+               float scale, const Tensor& out, float softcap) {
   const KVPageLayout lay(kv);
   const AttentionKernels& k = kernels();
   const bool f16 = lay.type == GGMLType::F16;
@@ -113,7 +118,7 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       float* s = sc + t * width;
       const int64_t lo = kb[b.r0 + t] - base, hi = ke[b.r0 + t] - base;
       std::fill(s, s + lo, 0.0f);
-      softmax(s + lo, hi - lo, scale);
+      softmax(s + lo, hi - lo, scale, softcap);
       std::fill(s + hi, s + width, 0.0f);
     }
     float* ob = out.row(b.r0) + int64_t(h) * hd;

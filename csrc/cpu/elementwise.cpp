@@ -1,3 +1,4 @@
+#include <cmath>
 #include <cstring>
 
 #include "cpu/ops.h"
@@ -34,6 +35,15 @@ void scale(Executor& ex, const Tensor& x, float alpha, const Tensor& y) {
       const float* a = x.row(r);
       float* b = y.row(r);
       for (int64_t i = 0; i < x.cols; i++) b[i] = a[i] * alpha;
+    }
+  });
+}
+
+void softcap(Executor& ex, const Tensor& x, float cap) {
+  ex.pool().for_range(x.rows, kParallelRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      float* a = x.row(r);
+      for (int64_t i = 0; i < x.cols; i++) a[i] = cap * std::tanh(a[i] / cap);
     }
   });
 }

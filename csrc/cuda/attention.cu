@@ -98,7 +98,8 @@ __device__ void row_split_keys(const Rows& rows, const PageTable& pt, int64_t ro
 // times head_dim.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const float* q, int64_t ldq, int n_head, CacheView cv,
-                                                             PageTable pt, Rows rows, float scale, int heads_per_block,
+                                                             PageTable pt, Rows rows, float scale, float softcap,
+                                                             int heads_per_block,
                                                              int n_chunks, int n_split, float* out, int64_t ldo,
                                                              float2* partial_ml, float* partial_acc) {
   __shared__ __align__(16) float q_s[kMaxHeadsPerBlock][kMaxHeadDim];    // q * scale
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const float* q, int
       for (int h = 0; h < kMaxHeadsPerBlock; h++) {
         if (h < nh) {  // nh is uniform: the whole warp shuffles
           const float s = warp_sum(dot[h]);
-          if (lane == 0) p_s[h][j] = s;
+          if (lane == 0) p_s[h][j] = softcap > 0.0f ? softcap * tanhf(s / softcap) : s;  // Gemma 2
         }
       }
     }
@@ -253,7 +254,7 @@ int multiprocessor_count() {
 }  // namespace
 
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out) {
+               float scale, const Tensor& out, float softcap) {
   const int64_t n_rows = q.rows;
   if (n_rows == 0) return;
   const int hd = kv.head_dim(), n_kv = kv.n_kv_head();
@@ -315,10 +316,10 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
   auto* od = static_cast<float*>(out.data);
   cudaStream_t stream = stream_of(ex);
   if (kv.type() == GGMLType::F16)
-    attention_kernel<__half><<<grid, kThreads, 0, stream>>>(qd, q.ld(), n_head, cv, pt, r, scale, heads_per_block,
+    attention_kernel<__half><<<grid, kThreads, 0, stream>>>(qd, q.ld(), n_head, cv, pt, r, scale, softcap, heads_per_block,
                                                             n_chunks, n_split, od, out.ld(), partial_ml, partial_acc);
   else
-    attention_kernel<float><<<grid, kThreads, 0, stream>>>(qd, q.ld(), n_head, cv, pt, r, scale, heads_per_block,
+    attention_kernel<float><<<grid, kThreads, 0, stream>>>(qd, q.ld(), n_head, cv, pt, r, scale, softcap, heads_per_block,
                                                            n_chunks, n_split, od, out.ld(), partial_ml, partial_acc);
   PE_CUDA_LAUNCHED();
   if (n_split > 1) {

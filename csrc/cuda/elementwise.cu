@@ -30,7 +30,23 @@ void axpby(Executor& ex, const float* x, int64_t ldx, float a, float* y, int64_t
   }
 }
 
+__global__ void softcap_kernel(float* x, int64_t ldx, float cap, int d) {
+  const int i = blockIdx.x * kThreads + threadIdx.x;
+  if (i >= d) return;
+  float& v = x[int64_t(blockIdx.y) * ldx + i];
+  v = cap * tanhf(v / cap);
+}
+
 }  // namespace
+
+void softcap(Executor& ex, const Tensor& x, float cap) {
+  for (int64_t r0 = 0; r0 < x.rows; r0 += 65535) {
+    const int64_t n = x.rows - r0 < 65535 ? x.rows - r0 : 65535;
+    const dim3 grid(unsigned(ceil_div(x.cols, kThreads)), unsigned(n));
+    softcap_kernel<<<grid, kThreads, 0, stream_of(ex)>>>(x.row(r0), x.ld(), cap, int(x.cols));
+    PE_CUDA_LAUNCHED();
+  }
+}
 
 void add(Executor& ex, const Tensor& x, const Tensor& y) {
   if (x.rows) axpby(ex, y.row(0), y.ld(), 1.f, x.row(0), x.ld(), 1.f, nullptr, x.rows, x.cols);

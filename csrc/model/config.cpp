@@ -63,6 +63,16 @@ ArchSpec gpt2() {
   a.positions = Positions::Learned;
   return a;
 }
+// Gemma 2 (llama.cpp's gemma2): embeddings times sqrt(d), RMSNorm (the converter adds Gemma's +1 to
+// the weights, as llama.cpp's), norms before and after attention and the FFN, tanh-GeGLU, NeoX RoPE,
+// soft-capped attention scores and logits, a sliding window on even layers.
+ArchSpec gemma2() {
+  ArchSpec a = llama_like("gemma2", RopeStyle::NeoX);
+  a.act = Activation::GELU;
+  a.scale_embeddings = true;
+  a.swa_period = 2;
+  return a;
+}
 const ArchSpec kArchs[] = {
     llama_like("llama", RopeStyle::Adjacent),
     llama_like("qwen2", RopeStyle::NeoX),
@@ -72,6 +82,7 @@ const ArchSpec kArchs[] = {
     chatglm1(),
     bert(),
     gpt2(),
+    gemma2(),
 };
 }  // namespace
 
@@ -135,6 +146,10 @@ ModelConfig read_config(const GGUFFile& f) {
   }
   if (spec->mask == Mask::PrefixLM) c.prefix_end_token = f.get_int("tokenizer.ggml.bos_token_id");
   c.sliding_window = f.get_int(p + "attention.sliding_window", 0);
+  c.attn_softcap = float(f.get_float(p + "attn_logit_softcapping", 0.0));
+  c.final_softcap = float(f.get_float(p + "final_logit_softcapping", 0.0));
+  PE_CHECK(c.attn_softcap >= 0 && c.final_softcap >= 0 && c.attn_softcap < 1e30f && c.final_softcap < 1e30f,
+           ModelFormatError, f.path(), ": ", p, "attn/final_logit_softcapping must be non-negative and finite");
   PE_CHECK(c.sliding_window >= 0 && c.sliding_window <= (int64_t(1) << 30), ModelFormatError, f.path(), ": ", p,
            "attention.sliding_window ", c.sliding_window, " is out of range");
   PE_CHECK(c.sliding_window == 0 || spec->mask == Mask::Causal, UnsupportedModelError, f.path(), ": a sliding "

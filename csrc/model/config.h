@@ -57,6 +57,11 @@ struct ArchSpec {
   // GGUF names of the two per-block norms (llama.cpp's: BERT's sit after the sublayers).
   const char* attn_norm_name = "attn_norm";
   const char* ffn_norm_name = "ffn_norm";
+  // Token embeddings times sqrt(n_embd) (Gemma).
+  bool scale_embeddings = false;
+  // With a sliding window: layer l is windowed when l % swa_period == 0 (1: every layer, Mistral;
+  // 2: even layers local, odd ones global, Gemma 2).
+  int swa_period = 1;
 };
 
 struct ModelConfig {
@@ -77,6 +82,9 @@ struct ModelConfig {
   int64_t mask_token = -1;        // Positions::Rope2D: the mask token ([gMASK]) whose index is the generation position id
   Pooling pooling = Pooling::None;  // encoders: {arch}.pooling_type
   int64_t sliding_window = 0;       // causal rows see their last `sliding_window` positions (0: all): Mistral
+  float attn_softcap = 0.f;         // {arch}.attn_logit_softcapping (Gemma 2; 0: none)
+  float final_softcap = 0.f;        // {arch}.final_logit_softcapping (Gemma 2; 0: none)
+  bool windowed(int64_t layer) const { return sliding_window > 0 && layer % spec.swa_period == 0; }
 };
 
 // Supported architecture names, comma-separated (for error messages).

@@ -170,6 +170,7 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
     p.rope_pos2.push_back(place.rope_pos2);
     p.key_begin.push_back(place.key_begin);
     p.key_end.push_back(place.key_end);
+    p.key_begin_window.push_back(place.key_begin_window);
     p.slot.push_back(kv().slot(s, pos));
     if (rows[r].logits) p.logit_rows.push_back(int32_t(r));
   }

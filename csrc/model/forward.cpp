@@ -14,7 +14,8 @@
 namespace pe {
 
 void RowPlan::clear() {
-  for (auto* v : {&token, &seq, &rope_pos, &rope_pos2, &key_begin, &key_end, &slot, &logit_rows}) v->clear();
+  for (auto* v : {&token, &seq, &rope_pos, &rope_pos2, &key_begin, &key_end, &slot, &logit_rows, &key_begin_window})
+    v->clear();
 }
 
 void Activations::reserve(const ModelConfig& c, int64_t n_rows, Device device) {
@@ -31,14 +32,15 @@ void Activations::reserve(const ModelConfig& c, int64_t n_rows, Device device) {
 }
 
 RowTensors Activations::upload(Executor& ex, const RowPlan& p) {
-  const std::vector<int32_t>* v[] = {&p.token, &p.seq, &p.rope_pos, &p.rope_pos2,
-                                     &p.key_begin, &p.key_end, &p.slot, &p.logit_rows};
-  Tensor* t[8];
+  const std::vector<int32_t>* v[] = {&p.token, &p.seq,  &p.rope_pos,   &p.rope_pos2,        &p.key_begin,
+                                     &p.key_end, &p.slot, &p.logit_rows, &p.key_begin_window};
+  constexpr int kN = 9;
+  Tensor* t[kN];
   RowTensors r;
   t[0] = &r.token, t[1] = &r.seq, t[2] = &r.rope_pos, t[3] = &r.rope_pos2;
-  t[4] = &r.key_begin, t[5] = &r.key_end, t[6] = &r.slot, t[7] = &r.logit_rows;
+  t[4] = &r.key_begin, t[5] = &r.key_end, t[6] = &r.slot, t[7] = &r.logit_rows, t[8] = &r.key_begin_window;
   const Device dev = ex.device();
-  std::vector<int32_t> packed;  // one copy to the GPU for all eight
+  std::vector<int32_t> packed;  // one copy to the GPU for all of them
   if (dev != Device::CPU) {
     for (auto* vec : v) packed.insert(packed.end(), vec->begin(), vec->end());
     if (rows.device() != dev) rows = Buffer(dev, 0);
@@ -46,7 +48,7 @@ RowTensors Activations::upload(Executor& ex, const RowPlan& p) {
     copy_between(ex, dev, rows.data(), Device::CPU, packed.data(), packed.size() * sizeof(int32_t));
   }
   size_t off = 0;
-  for (int i = 0; i < 8; i++) {
+  for (int i = 0; i < kN; i++) {
     const int64_t n = int64_t(v[i]->size());
     int32_t* data = dev == Device::CPU ? const_cast<int32_t*>(v[i]->data()) : static_cast<int32_t*>(rows.data()) + off;
     *t[i] = Tensor{GGMLType::I32, data, 1, n, size_t(n) * sizeof(int32_t), dev};
@@ -59,8 +61,8 @@ namespace {
 
 // One block of the decoder stack (attention, then feed-forward, each pre-normed with a residual),
 // for the n rows of `x` on the part's device.
-void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, KVCache& kv, int kv_layer, const RowTensors& rt,
-                   Activations& a, int64_t n) {
+void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t layer, KVCache& kv, int kv_layer,
+                   const RowTensors& rt, Activations& a, int64_t n) {
   const ArchSpec& spec = c.spec;
   const Device dev = ex.device();
   const int64_t d = c.n_embd, hd = c.head_dim, n_ff = c.n_ff;
@@ -109,8 +111,11 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, KVCache& 
   rotate(q, int(c.n_head));
   rotate(k, int(c.n_head_kv));
   kv.store(ex, kv_layer, k, v, rt.slot);
-  attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, rt.key_begin, rt.key_end}, kq_scale, att);
+  const Tensor& key_begin = c.windowed(layer) ? rt.key_begin_window : rt.key_begin;
+  attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, kq_scale, att,
+            c.attn_softcap);
   linear(L.wo, att, xn);
+  if (!L.attn_post_norm.empty()) norm(ex, spec.norm, xn, L.attn_post_norm, Tensor{}, xn, c.norm_eps);
   add(ex, x, xn);
   post_norm(L.attn_norm, L.attn_norm_b);
   // Feed-forward block.
@@ -128,6 +133,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, KVCache& 
     activation(ex, spec.act, hidden);
   }
   linear(L.w_down, hidden, xn);
+  if (!L.ffn_post_norm.empty()) norm(ex, spec.norm, xn, L.ffn_post_norm, Tensor{}, xn, c.norm_eps);
   add(ex, x, xn);
   post_norm(L.ffn_norm, L.ffn_norm_b);
 }
@@ -152,6 +158,7 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
     if (!M.token_type.empty()) add_bias(*cpu.ex, x0, M.token_type);
   }
   if (c.spec.embedding_norm) norm(*cpu.ex, c.spec.norm, x0, M.embd_norm, M.embd_norm_b, x0, c.norm_eps);
+  if (c.spec.scale_embeddings) scale(*cpu.ex, x0, std::sqrt(float(d)), x0);
 
   // The residual stream x (n x d, contiguous) moves to a part's device when it changes.
   const StackPart* prev = &cpu;
@@ -166,7 +173,7 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
     if (part.layers.empty()) continue;
     rt = enter(part);
     for (size_t i = 0; i < part.layers.size(); i++)
-      decoder_block(*part.ex, c, *part.layers[i], *part.kv, int(i), rt, *part.act, n);
+      decoder_block(*part.ex, c, *part.layers[i], part.first + int64_t(i), *part.kv, int(i), rt, *part.act, n);
   }
 
   // LM head (or the hidden states), on the rows whose output is wanted only.
@@ -185,6 +192,7 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
   if (!hidden_out) {
     matmul(ex, head.output.w, h, y);
     if (!head.output.b.empty()) add_bias(ex, y, head.output.b);
+    if (c.final_softcap > 0.f) softcap(ex, y, c.final_softcap);
   }
   if (dev != Device::CPU) copy_between(ex, Device::CPU, out.data, dev, y.data, size_t(n_out * width) * sizeof(float));
 }

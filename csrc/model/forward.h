@@ -12,7 +12,7 @@ namespace pe {
 
 // One forward pass's rows as the ops take them (I32 row metadata, host vectors).
 struct RowPlan {
-  std::vector<int32_t> token, seq, rope_pos, rope_pos2, key_begin, key_end, slot;
+  std::vector<int32_t> token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, key_begin_window;
   std::vector<int32_t> logit_rows;  // rows whose logits are wanted, ascending
 
   int64_t size() const { return int64_t(token.size()); }
@@ -21,7 +21,7 @@ struct RowPlan {
 
 // The plan's vectors as I32 tensors on one device (host views on the CPU, one upload on a GPU).
 struct RowTensors {
-  Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows;
+  Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows, key_begin_window;
 };
 
 // Scratch of a context on one device, grown to the largest pass seen.

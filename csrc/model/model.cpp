@@ -78,7 +78,7 @@ Tensor Model::keep(Vec v) {
 
 std::vector<Tensor*> Layer::tensors() {
   return {&attn_norm, &attn_norm_b, &wqkv.w, &wqkv.b, &wq.w, &wq.b, &wk.w, &wk.b, &wv.w, &wv.b, &wo.w, &wo.b,
-          &attn_q_norm, &attn_k_norm, &ffn_norm, &ffn_norm_b, &w_gate.w, &w_gate.b, &w_up.w, &w_up.b, &w_down.w, &w_down.b};
+          &attn_q_norm, &attn_k_norm, &attn_post_norm, &ffn_post_norm, &ffn_norm, &ffn_norm_b, &w_gate.w, &w_gate.b, &w_up.w, &w_up.b, &w_down.w, &w_down.b};
 }
 
 std::vector<Tensor*> Head::tensors() { return {&output_norm, &output_norm_b, &output.w, &output.b}; }
@@ -201,6 +201,8 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
     L.wo = ld.linear(*this, b + "attn_output", c.n_embd, q_dim);
     L.attn_q_norm = keep(ld.vec(b + "attn_q_norm.weight", c.head_dim, false));
     L.attn_k_norm = keep(ld.vec(b + "attn_k_norm.weight", c.head_dim, false));
+    L.attn_post_norm = keep(ld.vec(b + "post_attention_norm.weight", c.n_embd, false));
+    L.ffn_post_norm = keep(ld.vec(b + "post_ffw_norm.weight", c.n_embd, false));
     L.ffn_norm = keep(ld.vec(fn + ".weight", c.n_embd));
     if (c.spec.norm == NormType::Layer) L.ffn_norm_b = keep(ld.vec(fn + ".bias", c.n_embd, false));
     if (c.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(*this, b + "ffn_gate", c.n_ff, c.n_embd);

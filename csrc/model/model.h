@@ -26,6 +26,7 @@ struct Layer {
   Linear wqkv;  // fused [q; k; v] rows (ChatGLM); when present, wq/wk/wv are absent
   Linear wq, wk, wv, wo;
   Tensor attn_q_norm, attn_k_norm;  // per-head RMSNorm of q and k before RoPE (Qwen3), when present
+  Tensor attn_post_norm, ffn_post_norm;  // norms of the sublayers' outputs before the residual add (Gemma 2)
   Tensor ffn_norm, ffn_norm_b;
   Linear w_gate, w_up, w_down;  // w_gate absent for non-gated or fused gate/up FFNs
 

@@ -34,7 +34,9 @@ RowPlace SequencePolicy::place(const SequenceState& s, int64_t pos) const {
   r.key_end = int32_t(pos + 1);
   if (c_.spec.mask == Mask::PrefixLM && pos < s.prefix_len) r.key_end = int32_t(s.prefix_len);
   if (c_.spec.mask == Mask::Bidirectional) r.key_end = int32_t(s.tokens.size());
-  if (c_.sliding_window > 0 && r.key_end > c_.sliding_window) r.key_begin = int32_t(r.key_end - c_.sliding_window);
+  r.key_begin_window = r.key_begin;
+  if (c_.sliding_window > 0 && r.key_end > c_.sliding_window)
+    r.key_begin_window = int32_t(r.key_end - c_.sliding_window);
   r.rope_pos = int32_t(pos);
   if (c_.spec.positions == Positions::Rope2D && s.prefix_len >= 0 && pos >= s.prefix_len) {
     // THUDM's get_position_ids: generated tokens keep the mask token's position and count blocks.

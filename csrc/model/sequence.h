@@ -20,6 +20,7 @@ struct RowPlace {
   int32_t rope_pos2 = 0;  // Rope2D: the block position
   int32_t key_begin = 0;  // visible keys [key_begin, key_end) of the sequence
   int32_t key_end = 0;
+  int32_t key_begin_window = 0;  // the first key a windowed layer sees (ModelConfig::sliding_window)
 };
 
 class SequencePolicy {

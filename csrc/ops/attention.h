@@ -17,7 +17,8 @@ struct AttentionRows {
 // out = softmax(scale * q K^T) V per row and head, K and V from `layer` of `kv` (the layer's own
 // self-attention cache, or a cache holding another stack's keys, as cross-attention will).
 // q, out: F32 [n x n_head * head_dim]. Head h reads KV head h / (n_head / n_kv_head) (grouped-query).
+// softcap > 0: each scaled score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2).
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out);
+               float scale, const Tensor& out, float softcap = 0.f);
 
 }  // namespace pe

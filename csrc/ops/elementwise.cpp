@@ -26,6 +26,13 @@ void scale(Executor& ex, const Tensor& x, float alpha, const Tensor& y) {
   PE_DISPATCH(ex, scale, ex, x, alpha, y);
 }
 
+void softcap(Executor& ex, const Tensor& x, float cap) {
+  check_f32(ex, x, x.rows, x.cols, "softcap: x");
+  PE_CHECK(cap > 0.f && cap < 1e30f, Error, "softcap: cap ", cap, " must be positive and finite");
+  if (x.rows == 0) return;
+  PE_DISPATCH(ex, softcap, ex, x, cap);
+}
+
 void get_rows(Executor& ex, const Tensor& table, const Tensor& ids, const Tensor& out) {
   check_device(ex, table, "get_rows: table");
   PE_CHECK(table.type == GGMLType::F32 || matmul_supports(table.type), UnsupportedModelError,

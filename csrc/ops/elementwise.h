@@ -12,6 +12,8 @@ void add(Executor& ex, const Tensor& x, const Tensor& y);
 void add_bias(Executor& ex, const Tensor& y, const Tensor& b);
 // y = x * alpha; F32 [n x d].
 void scale(Executor& ex, const Tensor& x, float alpha, const Tensor& y);
+// x = cap * tanh(x / cap) in place (Gemma 2's final logit soft-capping); cap > 0.
+void softcap(Executor& ex, const Tensor& x, float cap);
 // out[i] = row ids[i] of `table` as F32 (table of any matmul type: the token embedding; or F32
 // activations). ids: I32 [1 x n], each checked against table.rows; out F32 [n x table.cols].
 void get_rows(Executor& ex, const Tensor& table, const Tensor& ids, const Tensor& out);

@@ -137,7 +137,8 @@ class ArchSpec:
     # config.json -> architecture-specific changes to the generic hyper-parameters (raise ConversionError
     # for a variant the engine cannot run)
     fix_hparams: Callable[[dict[str, Any], HParams], None] = lambda config, hp: None
-    # GGUF block tensor name (e.g. "attn_qkv") -> rewrite of its rows, applied to weights and biases
+    # GGUF tensor name without block prefix (e.g. "attn_qkv", "output_norm") -> rewrite of its rows, applied
+    # to weights and biases
     row_transforms: dict[str, Callable[[np.ndarray, HParams], np.ndarray]] = field(default_factory=dict)
     norm: str = "rms"                           # "rms" or "layer": which epsilon key is written
     add_bos: bool | None = None                 # overrides the tokenizer's add_bos_token
@@ -519,7 +520,59 @@ PHI3 = ArchSpec(
     fix_hparams=_phi3_fix,
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3)
+# --- Gemma 2 -------------------------------------------------------------------------------------------
+# llama.cpp's `gemma2`: Gemma's RMSNorm multiplies by (1 + w), so the converter adds 1 to every norm
+# weight (as llama.cpp's); norms after attention and the FFN (post_attention_norm / post_ffw_norm);
+# soft-capping and the sliding window (on even layers) as GGUF keys; tied embeddings.
+
+def _gemma2_fix(config: dict[str, Any], hp: HParams) -> None:
+    hp.tied = True
+    q_scalar = config.get("query_pre_attn_scalar", hp.head_dim)
+    if q_scalar != hp.head_dim:
+        raise ConversionError(f"config.json query_pre_attn_scalar={q_scalar} differs from head_dim {hp.head_dim} "
+                              "(Gemma 2 27B): not supported yet")
+    act = config.get("hidden_activation", config.get("hidden_act", "gelu_pytorch_tanh"))
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise ConversionError(f"config.json hidden_activation={act!r}: only the tanh GELU is supported")
+    hp.extra["softcap"] = (float(config.get("attn_logit_softcapping") or 0.0),
+                           float(config.get("final_logit_softcapping") or 0.0))
+
+
+def _gemma2_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    shapes = llama_shapes(hp)
+    shapes["blk.{bid}.post_attention_norm.weight"] = shapes["blk.{bid}.post_ffw_norm.weight"] = (hp.n_embd,)
+    return shapes
+
+
+def _write_gemma2_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
+    from .convert import write_hparams
+
+    write_hparams(w, hp, spec)
+    attn, final = hp.extra["softcap"]
+    if attn:
+        w.add_attn_logit_softcapping(attn)
+    if final:
+        w.add_final_logit_softcapping(final)
+
+
+def _plus_one(x: np.ndarray, hp: HParams) -> np.ndarray:
+    return x + np.float32(1.0)
+
+
+GEMMA2 = ArchSpec(
+    name="gemma2",
+    hf_architectures=("Gemma2ForCausalLM",),
+    stacks=(StackMap("model.layers.{bid}.", {**LLAMA_BLOCK_TENSORS, "post_attention_layernorm": "post_attention_norm",
+                                             "pre_feedforward_layernorm": "ffn_norm",
+                                             "post_feedforward_layernorm": "post_ffw_norm"}),),
+    shapes=_gemma2_shapes,
+    fix_hparams=_gemma2_fix,
+    write_hparams=_write_gemma2_hparams,
+    row_transforms={n: _plus_one for n in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm",
+                                           "output_norm")},
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3, GEMMA2)
 
 
 def supported_architectures() -> list[str]:

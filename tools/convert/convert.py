@@ -333,7 +333,7 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         base = gguf_name.rpartition(".")[0]
         n_rot_heads = hp.n_head if base.endswith("attn_q") else hp.n_head_kv if base.endswith("attn_k") else 0
         permute = n_rot_heads if spec.permute_qk else 0
-        transform = spec.row_transforms.get(base.rpartition(".")[2]) if names.block(base) else None
+        transform = spec.row_transforms.get(base.rpartition(".")[2])
 
         def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform,
                     transpose=transpose) -> np.ndarray:
