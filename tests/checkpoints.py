@@ -191,10 +191,12 @@ def _make(arch: str, out_dir: Path, *, tied: bool, n_kv_heads: int, hidden: int,
         n_tokens = make_bpe_tokenizer(out_dir, style=tokenizer)
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-                  "phi3": transformers.Phi3Config, "gemma2": transformers.Gemma2Config}[arch]
+                  "phi3": transformers.Phi3Config, "gemma2": transformers.Gemma2Config,
+                  "gemma3": transformers.Gemma3TextConfig}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-                 "phi3": transformers.Phi3ForCausalLM, "gemma2": transformers.Gemma2ForCausalLM}[arch]
+                 "phi3": transformers.Phi3ForCausalLM, "gemma2": transformers.Gemma2ForCausalLM,
+                 "gemma3": transformers.Gemma3ForCausalLM}[arch]
     config = config_cls(
         vocab_size=vocab_size or n_tokens, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=n_layers,
         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_position,
@@ -278,6 +280,19 @@ def make_gemma2(out_dir: Path, *, tied: bool = True, n_kv_heads: int = 2, hidden
                  ("attn_logit_softcapping", 2.0), ("final_logit_softcapping", 3.0), ("pad_token_id", 0)):
         config_kwargs.setdefault(k, v)
     return _make("gemma2", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
+                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
+                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
+
+
+def make_gemma3(out_dir: Path, *, tied: bool = True, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 7,
+                n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "spm",
+                dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
+                generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
+    """A tiny Gemma3ForCausalLM (text): 7 layers (the sixth global, the rest windowed by 8), head_dim
+    16, q/k norms, RoPE bases 10000 (windowed) and 1e6 (global)."""
+    for k, v in (("head_dim", 16), ("query_pre_attn_scalar", 16), ("sliding_window", 8), ("pad_token_id", 0)):
+        config_kwargs.setdefault(k, v)
+    return _make("gemma3", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
                  n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
                  n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
 

@@ -1,5 +1,7 @@
 #include "model/config.h"
 
+#include <cmath>
+
 namespace pe {
 
 namespace {
@@ -70,7 +72,15 @@ ArchSpec gemma2() {
   ArchSpec a = llama_like("gemma2", RopeStyle::NeoX);
   a.act = Activation::GELU;
   a.scale_embeddings = true;
-  a.swa_period = 2;
+  a.swa_pattern = 2;
+  return a;
+}
+// Gemma 3 (text; llama.cpp's gemma3): Gemma 2 without soft-capping, with per-head q/k norms, five
+// windowed layers to one global, and a RoPE base of its own on the windowed layers.
+ArchSpec gemma3() {
+  ArchSpec a = gemma2();
+  a.name = "gemma3";
+  a.swa_pattern = 6;
   return a;
 }
 const ArchSpec kArchs[] = {
@@ -83,6 +93,7 @@ const ArchSpec kArchs[] = {
     bert(),
     gpt2(),
     gemma2(),
+    gemma3(),
 };
 }  // namespace
 
@@ -146,6 +157,20 @@ ModelConfig read_config(const GGUFFile& f) {
   }
   if (spec->mask == Mask::PrefixLM) c.prefix_end_token = f.get_int("tokenizer.ggml.bos_token_id");
   c.sliding_window = f.get_int(p + "attention.sliding_window", 0);
+  c.swa_pattern = f.get_int(p + "attention.sliding_window_pattern", spec->swa_pattern);
+  PE_CHECK(c.swa_pattern >= 0 && c.swa_pattern <= 4096, ModelFormatError, f.path(), ": ", p,
+           "attention.sliding_window_pattern ", c.swa_pattern, " is out of range");
+  c.rope_swa = c.rope;
+  if (const GGUFValue* b = f.find(p + "rope.freq_base_swa")) {
+    (void)b;
+    c.rope_swa.freq_base = float(f.get_float(p + "rope.freq_base_swa"));
+    c.rope_swa.freq_scale = 1.f;  // the windowed layers' RoPE is not scaled (Gemma 3)
+    PE_CHECK(c.rope_swa.freq_base > 0 && std::isfinite(c.rope_swa.freq_base), ModelFormatError, f.path(), ": ", p,
+             "rope.freq_base_swa must be positive");
+  } else if (spec->swa_pattern == 6) {
+    c.rope_swa.freq_base = 10000.f;  // llama.cpp's gemma3 default for its local layers
+    c.rope_swa.freq_scale = 1.f;
+  }
   c.attn_softcap = float(f.get_float(p + "attn_logit_softcapping", 0.0));
   c.final_softcap = float(f.get_float(p + "final_logit_softcapping", 0.0));
   PE_CHECK(c.attn_softcap >= 0 && c.final_softcap >= 0 && c.attn_softcap < 1e30f && c.final_softcap < 1e30f,

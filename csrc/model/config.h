@@ -59,9 +59,10 @@ struct ArchSpec {
   const char* ffn_norm_name = "ffn_norm";
   // Token embeddings times sqrt(n_embd) (Gemma).
   bool scale_embeddings = false;
-  // With a sliding window: layer l is windowed when l % swa_period == 0 (1: every layer, Mistral;
-  // 2: even layers local, odd ones global, Gemma 2).
-  int swa_period = 1;
+  // With a sliding window, which layers are windowed: 0, every layer (Mistral); p > 0, all but every
+  // p-th (layer l is global when l % p == p - 1: Gemma 2's p = 2, Gemma 3's 6). Overridden by
+  // {arch}.attention.sliding_window_pattern.
+  int swa_pattern = 0;
 };
 
 struct ModelConfig {
@@ -84,7 +85,11 @@ struct ModelConfig {
   int64_t sliding_window = 0;       // causal rows see their last `sliding_window` positions (0: all): Mistral
   float attn_softcap = 0.f;         // {arch}.attn_logit_softcapping (Gemma 2; 0: none)
   float final_softcap = 0.f;        // {arch}.final_logit_softcapping (Gemma 2; 0: none)
-  bool windowed(int64_t layer) const { return sliding_window > 0 && layer % spec.swa_period == 0; }
+  int64_t swa_pattern = 0;          // see ArchSpec::swa_pattern
+  RopeParams rope_swa;              // RoPE of windowed layers (Gemma 3: base {arch}.rope.freq_base_swa, unscaled)
+  bool windowed(int64_t layer) const {
+    return sliding_window > 0 && (swa_pattern == 0 || layer % swa_pattern != swa_pattern - 1);
+  }
 };
 
 // Supported architecture names, comma-separated (for error messages).

@@ -84,9 +84,10 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
     matmul(ex, W.w, in, out);
     if (!W.b.empty()) add_bias(ex, out, W.b);
   };
+  const RopeParams& rope_params = c.windowed(layer) ? c.rope_swa : c.rope;
   auto rotate = [&](const Tensor& heads, int n_heads) {
     if (spec.positions == Positions::Learned) return;  // added to the embeddings instead
-    rope(ex, heads, n_heads, int(hd), 0, rt.rope_pos, c.rope);
+    rope(ex, heads, n_heads, int(hd), 0, rt.rope_pos, rope_params);
     if (spec.positions == Positions::Rope2D) rope(ex, heads, n_heads, int(hd), c.rope.n_dims, rt.rope_pos2, c.rope);
   };
 

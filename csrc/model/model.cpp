@@ -181,7 +181,7 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
   if (const GGUFTensorInfo* rf = ld.find("rope_freqs.weight", false)) {
     (void)rf;
     rope_freqs = ld.vec("rope_freqs.weight", c.rope.n_dims / 2);
-    cfg_.rope.freq_factors = rope_freqs.data();
+    cfg_.rope.freq_factors = cfg_.rope_swa.freq_factors = rope_freqs.data();
   }
 
   const int64_t q_dim = c.n_head * c.head_dim, kv_dim = c.n_head_kv * c.head_dim;

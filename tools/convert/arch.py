@@ -572,7 +572,52 @@ GEMMA2 = ArchSpec(
                                            "output_norm")},
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3, GEMMA2)
+# --- Gemma 3 (text) ------------------------------------------------------------------------------------
+# llama.cpp's `gemma3`: Gemma 2's layout plus per-head q/k norms ((1 + w) too), no soft-capping, five
+# windowed layers to one global (checked against config.json layer_types, and written as
+# gemma3.attention.sliding_window_pattern), the windowed layers' RoPE base as gemma3.rope.freq_base_swa.
+
+def _gemma3_fix(config: dict[str, Any], hp: HParams) -> None:
+    _gemma2_fix(config, hp)
+    types = config.get("layer_types") or []
+    pattern = next((i + 1 for i, t in enumerate(types) if t == "full_attention"), 0)
+    want = ["full_attention" if pattern and i % pattern == pattern - 1 else "sliding_attention"
+            for i in range(len(types))]
+    if types and types != want:
+        raise ConversionError("config.json layer_types is not a repeating pattern of windowed layers and one "
+                              "global layer: not supported")
+    hp.extra["swa_pattern"] = pattern
+    params = config.get("rope_parameters") or {}
+    local = (params.get("sliding_attention") or {}).get("rope_theta", config.get("rope_local_base_freq", 10000.0))
+    hp.extra["rope_local_base"] = float(local)
+
+
+def _write_gemma3_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
+    _write_gemma2_hparams(w, hp, spec)
+    if hp.extra["swa_pattern"]:
+        w.add_uint32(f"{spec.name}.attention.sliding_window_pattern", hp.extra["swa_pattern"])
+    w.add_float32(f"{spec.name}.rope.freq_base_swa", hp.extra["rope_local_base"])
+
+
+def _gemma3_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    shapes = _gemma2_shapes(hp)
+    shapes["blk.{bid}.attn_q_norm.weight"] = shapes["blk.{bid}.attn_k_norm.weight"] = (hp.head_dim,)
+    return shapes
+
+
+GEMMA3 = ArchSpec(
+    name="gemma3",
+    hf_architectures=("Gemma3ForCausalLM",),
+    stacks=(StackMap("model.layers.{bid}.", {**GEMMA2.stacks[0].tensors, "self_attn.q_norm": "attn_q_norm",
+                                             "self_attn.k_norm": "attn_k_norm"}),),
+    shapes=_gemma3_shapes,
+    fix_hparams=_gemma3_fix,
+    write_hparams=_write_gemma3_hparams,
+    row_transforms={**GEMMA2.row_transforms, "attn_q_norm": _plus_one, "attn_k_norm": _plus_one},
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3, GEMMA2,
+                                       GEMMA3)
 
 
 def supported_architectures() -> list[str]:
