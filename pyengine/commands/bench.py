@@ -27,6 +27,7 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
               reps: int = 3, n_batch: int = 512, n_gpu_layers: int | str = 0) -> dict:
     """Measure pp and tg tokens/s; returns the result dict that `--json` prints."""
     from ..default_model import resolve_model
+    from ..gguf import file_type_name
     from ..llm import LLM
 
     path = resolve_model(None if model is None else str(model))
@@ -51,7 +52,7 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
     result = {
         "model": str(path),
         "arch": llm.config["arch"],
-        "file_type": _file_type(llm.metadata),
+        "file_type": file_type_name(llm.metadata),
         "threads": llm.n_threads,
         "n_gpu_layers": llm.n_gpu_layers,
         "n_prompt": n_prompt,
@@ -73,13 +74,6 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
         result["tg_times_s"] = times
     result["peak_rss_mb"] = peak_rss_mb()
     return result
-
-
-def _file_type(md: dict) -> str:
-    names = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-             12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
-    ft = md.get("general.file_type")
-    return names.get(ft, str(ft)) if ft is not None else "?"
 
 
 def format_table(r: dict) -> str:
