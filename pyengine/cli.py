@@ -17,6 +17,9 @@ COMMANDS = {
     "bench": ("pyengine.commands.bench", "measure prompt processing and generation speed (llama-bench style)"),
     "perplexity": ("pyengine.commands.perplexity", "perplexity / KL divergence on a text (llama-perplexity style)"),
     "serve": ("pyengine.server", "OpenAI-compatible HTTP server"),
+    "pull": ("pyengine.commands.pull", "download a GGUF model from the Hugging Face hub (OWNER/NAME[:FILE])"),
+    "list": ("pyengine.commands.list_models", "the downloaded models: name, size, architecture, quantization"),
+    "rm": ("pyengine.commands.rm", "delete a downloaded model"),
 }
 
 

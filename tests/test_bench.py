@@ -18,6 +18,25 @@ def test_bench_json_schema():
         assert key in r, key
     assert r["threads"] == 1 and r["n_prompt"] == 16 and r["n_gen"] == 4
     assert r["pp_tokens_per_s"] > 0 and r["tg_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
+    assert r["pp_stddev_ts"] == 0 and r["pp_avg_ts"] == r["pp_samples_ts"][0]  # one repetition: no spread
+
+
+def test_bench_mean_and_stddev_as_llama_bench():
+    """t/s is the mean ± sample standard deviation of the per-repetition tokens/s, in the table and the JSON."""
+    import re
+    import statistics
+
+    args = [sys.executable, "-m", "pyengine", "bench", "-p", "16", "-n", "4", "-r", "3", "-t", "1"]
+    r = json.loads(subprocess.run(args + ["--json"], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    for test, n in (("pp", 16), ("tg", 4)):
+        samples = [n / t for t in r[f"{test}_times_s"]]
+        assert r[f"{test}_samples_ts"] == pytest.approx(samples) and len(samples) == 3
+        assert r[f"{test}_avg_ts"] == pytest.approx(statistics.mean(samples))
+        assert r[f"{test}_stddev_ts"] == pytest.approx(statistics.stdev(samples)) and r[f"{test}_stddev_ts"] > 0
+        assert r[f"{test}_tokens_per_s"] == pytest.approx(n / statistics.median(r[f"{test}_times_s"]))
+    table = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rows = re.findall(r"\| (pp16|tg4) +\| +(\d+\.\d\d) ± (\d+\.\d\d) \|", table)
+    assert [t for t, _, _ in rows] == ["pp16", "tg4"], table
 
 
 def test_bench_table_and_bad_model(tmp_path):

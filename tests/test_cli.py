@@ -106,11 +106,12 @@ def test_generate_streams_the_raw_completion():
     import pyengine
 
     expected = pyengine.LLM(SMOLLM2, n_ctx=256).generate("Once upon a time", max_new_tokens=8, temperature=0)
+    assert not expected.endswith("\n")
     r = pyengine_cmd("generate", "-p", "Once upon a time", "-n", "8", "--temp", "0")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == expected
+    assert r.stdout == expected + "\n"  # ended by a newline through a pipe too
     r = pyengine_cmd("generate", "-p", "-", "-n", "8", "--temp", "0", input="Once upon a time\n")
-    assert r.stdout == expected
+    assert r.stdout == expected + "\n"
 
 
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
@@ -167,3 +168,29 @@ def test_out_of_range_flags_are_one_line_errors(args, flag):
     assert r.returncode == 2, r.stderr
     error = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and f"argument {flag}: must be" in error[0], r.stderr
+
+
+@needs_model
+@pytest.mark.parametrize("args, stdin", [
+    (("generate", "-p", "The capital of France is", "-n", "3", "--temp", "0", "-c", "64"), None),
+    (("generate", "-p", "1, 2, 3,", "-n", "3", "--chat", "-c", "128"), None),
+    (("chat", "--temp", "0", "-n", "3", "-c", "128"), "Hi\n"),
+    (("embed", "-p", "a text"), None),
+    (("bench", "-p", "8", "-n", "2", "-r", "1"), None),
+    (("bench", "-p", "8", "-n", "0", "-r", "1", "--json"), None),
+    (("list",), None),
+    (("--help",), None),
+])
+def test_stdout_ends_with_a_newline(args, stdin, tmp_path):
+    """Through a pipe, every command's output ends with a newline (a shell prompt starts on its own line)."""
+    r = pyengine_cmd(*args, input=stdin if stdin is not None else "", env={"PYENGINE_MODELS": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and r.stdout.endswith("\n"), repr(r.stdout)
+
+
+@needs_model
+def test_perplexity_of_a_missing_file_is_one_line(tmp_path):
+    missing = tmp_path / "missing.txt"
+    r = pyengine_cmd("perplexity", "-f", str(missing), "-c", "64")
+    _one_line_error(r, str(missing))
+    assert r.stderr == r.stderr.lstrip()  # no blank line before the message

@@ -2,7 +2,10 @@
 
 pp: evaluate a prompt of p tokens in a fresh context (one forward over the prompt, in n_batch
 chunks). tg: generate n tokens one at a time from an empty context (each step evaluates one
-token). Each test runs once as a warm-up, then -r times; the median is reported.
+token). Each test runs once as a warm-up, then -r times. The table shows, as llama-bench does, the mean
+and the standard deviation of the -r tokens/s samples ("562.51 ± 3.20"); --json has them as
+`pp_avg_ts` / `pp_stddev_ts` (and tg_...) beside the samples (`pp_samples_ts`, `pp_times_s`) and the
+median's tokens/s (`pp_tokens_per_s`, what benchmarks/bench_engine.py compares with llama.cpp).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
               reps: int = 3, n_batch: int = 512, n_gpu_layers: int | str = 0) -> dict:
     """Measure pp and tg tokens/s; returns the result dict that `--json` prints."""
     from ..default_model import resolve_model
+    from ..gguf import file_type_name
     from ..llm import LLM
 
     path = resolve_model(None if model is None else str(model))
@@ -51,7 +55,7 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
     result = {
         "model": str(path),
         "arch": llm.config["arch"],
-        "file_type": _file_type(llm.metadata),
+        "file_type": file_type_name(llm.metadata),
         "threads": llm.n_threads,
         "n_gpu_layers": llm.n_gpu_layers,
         "n_prompt": n_prompt,
@@ -62,33 +66,31 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
     }
     if n_prompt > 0:
         pp()
-        times = [pp() for _ in range(reps)]
-        result["pp_tokens_per_s"] = n_prompt / statistics.median(times)
-        result["pp_times_s"] = times
+        result.update(_summary("pp", n_prompt, [pp() for _ in range(reps)]))
     if n_gen > 0:
         llm.reset()
         llm.eval(gen[:1])
-        times = [tg() for _ in range(reps)]
-        result["tg_tokens_per_s"] = n_gen / statistics.median(times)
-        result["tg_times_s"] = times
+        result.update(_summary("tg", n_gen, [tg() for _ in range(reps)]))
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
-def _file_type(md: dict) -> str:
-    names = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-             12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
-    ft = md.get("general.file_type")
-    return names.get(ft, str(ft)) if ft is not None else "?"
+def _summary(test: str, n_tokens: int, times: list[float]) -> dict:
+    """llama-bench's statistics of one test: mean and sample standard deviation of the per-repetition
+    tokens/s (0 with one repetition), plus the median's tokens/s."""
+    samples = [n_tokens / t for t in times]
+    return {f"{test}_tokens_per_s": n_tokens / statistics.median(times), f"{test}_times_s": times,
+            f"{test}_samples_ts": samples, f"{test}_avg_ts": statistics.mean(samples),
+            f"{test}_stddev_ts": statistics.stdev(samples) if len(samples) > 1 else 0.0}
 
 
 def format_table(r: dict) -> str:
     name = Path(r["model"]).name
     rows = [("model", "type", "threads", "test", "t/s")]
-    if r["pp_tokens_per_s"] is not None:
-        rows.append((name, r["file_type"], str(r["threads"]), f"pp{r['n_prompt']}", f"{r['pp_tokens_per_s']:.2f}"))
-    if r["tg_tokens_per_s"] is not None:
-        rows.append((name, r["file_type"], str(r["threads"]), f"tg{r['n_gen']}", f"{r['tg_tokens_per_s']:.2f}"))
+    for test, n in (("pp", r["n_prompt"]), ("tg", r["n_gen"])):
+        if r[f"{test}_tokens_per_s"] is not None:
+            rows.append((name, r["file_type"], str(r["threads"]), f"{test}{n}",
+                         f"{r[f'{test}_avg_ts']:.2f} ± {r[f'{test}_stddev_ts']:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     out = []
     for k, row in enumerate(rows):

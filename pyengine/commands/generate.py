@@ -1,8 +1,9 @@
 """`pyengine generate`: complete a prompt, streaming the continuation to stdout.
 
 The prompt is raw text (no chat template unless --chat); `-p -` reads it from stdin, as does a
-missing -p when stdin is not a terminal (without its final newline). Only the generated text goes to stdout (plus a final newline
-when stdout is a terminal); statistics (--verbose) go to stderr.
+missing -p when stdin is not a terminal (without its final newline). Only the generated text goes to stdout,
+ended by a newline unless it already ends with one (so a shell prompt or the next line of a log starts
+on a line of its own); statistics (--verbose) go to stderr.
 
 Exit codes: 0 done, 1 the model could not be loaded (the message says why), 2 bad arguments,
 130 interrupted (Ctrl-C).
@@ -46,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         generation = llm.generate(prompt, stream=True, params=params)
     from .. import ContextLengthError
 
+    last = ""
     try:
         for piece in generation:
             sys.stdout.write(piece)
             sys.stdout.flush()
+            last = piece or last
     except ContextLengthError as e:
         print(f"pyengine generate: {e}", file=sys.stderr)
         return 1
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         generation.close()
         return 130
     finally:
-        if sys.stdout.isatty():
+        if not last.endswith("\n"):
             sys.stdout.write("\n")
         sys.stdout.flush()
         if args.verbose and generation.finished:

@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..default_model import resolve_model
     from ..llm import LLM
 
+    started = False  # whether stdout holds an unfinished line of running estimates
+
     def progress(i: int, ppl: float) -> None:
+        nonlocal started
+        started = True
         print(f"[{i}]{ppl:.4f},", end="", flush=True)
 
     try:
@@ -73,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             r = quality.perplexity(llm, text, args.ctx_size, args.chunks, progress)
     except (FileNotFoundError, ValueError, ModelFormatError, UnsupportedModelError, EngineError) as e:
-        print(f"\npyengine perplexity: {e}", file=sys.stderr)
+        if started:
+            print()  # end the line of running estimates; the error is then one line on stderr
+        print(f"pyengine perplexity: {e}", file=sys.stderr)
         return 1
     print()
     print(f"{r.n_chunks} chunks of {r.n_ctx} tokens, {r.n_scored} tokens scored "
