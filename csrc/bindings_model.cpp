@@ -30,11 +30,12 @@ const int32_t* vector_data(const IntArray& a, const char* what) {
 
 void bind_model(py::module_& m) {
   py::class_<Model, std::shared_ptr<Model>>(m, "Model", "Weights of a GGUF model, mapped from the file.")
-      .def(py::init([](const std::string& path) {
+      .def(py::init([](const std::string& path, bool use_mmap) {
              py::gil_scoped_release nogil;
-             return std::make_shared<Model>(path);
+             return std::make_shared<Model>(path, use_mmap);
            }),
-           py::arg("path"))
+           py::arg("path"), py::arg("use_mmap") = true,
+           "use_mmap=False reads the weights into private memory instead of mapping the file.")
       .def_property_readonly("file", [](const Model& md) { return md.file_; })
       .def(
           "offload",

@@ -1,10 +1,5 @@
 #include "gguf.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -102,32 +97,8 @@ int64_t GGUFTensorInfo::nelements() const {
   return n;
 }
 
-MappedFile::MappedFile(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  PE_CHECK(fd >= 0, Error, path, ": cannot open: ", std::strerror(errno));
-  struct stat st;
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    PE_THROW(Error, path, ": not a regular file");
-  }
-  size_ = size_t(st.st_size);
-  if (size_ > 0) {
-    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) {
-      const int err = errno;
-      ::close(fd);
-      PE_THROW(Error, path, ": mmap failed: ", std::strerror(err));
-    }
-    data_ = static_cast<const uint8_t*>(p);
-  }
-  ::close(fd);
-}
-
-MappedFile::~MappedFile() {
-  if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
-}
-
-GGUFFile::GGUFFile(const std::string& path) : path_(path), map_(std::make_shared<MappedFile>(path)) {
+GGUFFile::GGUFFile(const std::string& path, bool use_mmap)
+    : path_(path), map_(std::make_shared<MappedFile>(path, use_mmap)) {
   Cursor c(path_, map_->data(), map_->size());
   PE_CHECK(map_->size() >= 4 && c.read<uint32_t>("magic") == kMagic, ModelFormatError, path_,
            ": not a GGUF file (bad magic)");
@@ -222,6 +193,7 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path), map_(std::make_shared
              data_size, " bytes of tensor data): the file is truncated or corrupt");
     ti.data = map_->data() + data_start + ti.offset;
   }
+  check_unchanged();
 }
 
 const GGUFValue* GGUFFile::find(const std::string& key) const {

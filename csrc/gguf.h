@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common.h"
+#include "mapped_file.h"
 
 namespace pe {
 
@@ -41,26 +42,17 @@ struct GGUFTensorInfo {
   int64_t nelements() const;
 };
 
-class MappedFile {
- public:
-  explicit MappedFile(const std::string& path);
-  ~MappedFile();
-  MappedFile(const MappedFile&) = delete;
-  MappedFile& operator=(const MappedFile&) = delete;
-  const uint8_t* data() const { return data_; }
-  size_t size() const { return size_; }
-
- private:
-  const uint8_t* data_ = nullptr;
-  size_t size_ = 0;
-};
-
 class GGUFFile {
  public:
-  explicit GGUFFile(const std::string& path);
+  // use_mmap: map the file (default) or read it into private memory (see mapped_file.h).
+  explicit GGUFFile(const std::string& path, bool use_mmap = true);
   const std::string& path() const { return path_; }
   uint32_t version() const { return version_; }
   uint32_t alignment() const { return alignment_; }
+  bool mapped() const { return map_->mapped(); }
+  // Throws ModelFormatError naming the file if it changed on disk since it was opened (mapped_file.h).
+  // Called around every read of the mapping after load: forward passes, metadata, tensor bytes.
+  void check_unchanged() const { map_->check(); }
 
   const std::map<std::string, GGUFValue>& metadata() const { return kv_; }
   const std::vector<GGUFTensorInfo>& tensors() const { return tensors_; }

@@ -107,15 +107,22 @@ class Engine:
             their KV cache go to the GPU, the rest run on the CPU; N >= the number of blocks puts the
             whole model there, output layer included. "auto": as many as the free GPU memory holds
             with room for the KV cache and scratch. 0 (default): CPU only.
+        use_mmap: True (default): the weights are used in place in a shared mapping of the file
+            (nothing copied; pages shared with other processes and the page cache). If the file is
+            truncated or rewritten in place while loaded, the next call raises ModelFormatError
+            naming it instead of computing with what the file now holds; replacing the file by
+            rename is harmless (the old file stays mapped). False: read the whole file into private
+            memory, unaffected by whatever happens to the file afterwards (llama.cpp's --no-mmap).
     """
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_batch: int = 512, kv_type: str = "f16", n_seq_max: int = 1, n_gpu_layers: int | str = 0):
+                 n_batch: int = 512, kv_type: str = "f16", n_seq_max: int = 1, n_gpu_layers: int | str = 0,
+                 use_mmap: bool = True):
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         self.model_path = path
-        self._model = _C.Model(str(path))
+        self._model = _C.Model(str(path), use_mmap=bool(use_mmap))
         if n_threads is None or n_threads <= 0:
             n_threads = default_threads()
         self._executor = _C.Executor(int(n_threads))

@@ -114,6 +114,7 @@ std::vector<Context::Row> Context::expand_replays(const Batch& batch) {
 
 void Context::decode(const Batch& batch, float* logits, bool hidden) {
   auto lock = this->lock();
+  model_->file().check_unchanged();
   check_rows(batch);
   std::vector<int64_t> old_len(seqs_.size());
   for (size_t s = 0; s < seqs_.size(); s++) old_len[s] = kv().seq_len(int(s));
@@ -141,6 +142,9 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
         for (int64_t r = begin; r < end; r++) logits += rows[size_t(r)].logits ? width : 0;
       begin = end;
     }
+    // The weights were read from the mapping: a file that changed during the pass (mapped_file.h)
+    // gave zeros or other weights, so the pass is undone.
+    model_->file().check_unchanged();
   } catch (...) {
     for (size_t s = 0; s < seqs_.size(); s++) {
       if (kv().seq_len(int(s)) > old_len[s]) for_each_kv([&](KVCache& kv) { kv.seq_truncate(int(s), old_len[s]); });

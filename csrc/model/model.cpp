@@ -137,7 +137,7 @@ Linear Loader::linear(Model& m, const std::string& base, int64_t rows, int64_t c
   return l;
 }
 
-Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) {
+Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GGUFFile>(path, use_mmap)) {
   cfg_ = read_config(*file_);
   const ModelConfig& c = cfg_;
   Loader ld(*file_);
@@ -180,6 +180,7 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
     L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
     L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);
   }
+  file_->check_unchanged();  // the 1-D parameters were copied out of the mapping
 }
 
 }  // namespace pe
