@@ -146,3 +146,166 @@ def test_cli_no_mmap_flag():
     add_model_args(ap)
     assert ap.parse_args([]).use_mmap is True
     assert ap.parse_args(["--no-mmap"]).use_mmap is False
+
+
+# --- 2. non-finite numbers -------------------------------------------------------------------------
+
+PATH_ORDER = ["portable", "avx2", "avx512"]
+CPU_PATHS = PATH_ORDER[: PATH_ORDER.index(_C.best_cpu_path()) + 1]
+
+
+@pytest.fixture
+def all_paths():
+    """Runs the body once per CPU path: yields a function that calls f on each and returns the results."""
+    before = _C.cpu_path()
+
+    def each(f):
+        out = {}
+        for p in CPU_PATHS:
+            _C.set_cpu_path(p)
+            out[p] = f()
+        return out
+
+    yield each
+    _C.set_cpu_path(before)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q6_K", "Q2_K"])
+def test_nonfinite_activations_in_quantized_matmul(qtype, all_paths):
+    """Rows of x holding a NaN or Inf give NaN output rows on every path; other rows are unaffected
+    and equal the all-finite result (no integer conversion of NaN, no signed overflow)."""
+    import gguf
+    from test_kernels import make_weights
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    rng = np.random.default_rng(0)
+    rows, cols = 40, 256
+    raw = make_weights(qt, rows, cols, rng)
+    x = rng.standard_normal((6, cols)).astype(np.float32)
+    bad = x.copy()
+    bad[1, 5] = np.nan
+    bad[3, 200] = np.inf
+    bad[4, 31] = -np.inf
+    clean = all_paths(lambda: _C.matmul(raw, int(qt), rows, cols, x))
+    got = all_paths(lambda: _C.matmul(raw, int(qt), rows, cols, bad))
+    for p in CPU_PATHS:
+        assert np.isnan(got[p][[1, 3, 4]]).all(), p
+        assert np.array_equal(got[p][[0, 2, 5]], clean[p][[0, 2, 5]]), p
+
+
+def write_quantized_llama(path, qtype="Q8_0", **patch):
+    """write_tiny_llama's model with its 2-D weights quantized to `qtype` (gguf-py's quantizer)."""
+    import gguf
+
+    src = gguf.GGUFReader(str(write_tiny_llama(Path(str(path) + ".f32"))))
+    w = gguf.GGUFWriter(str(path), "llama")
+    for f in src.fields.values():
+        if f.name.startswith("llama.") and f.types[0] == gguf.GGUFValueType.UINT32:
+            w.add_uint32(f.name, int(f.parts[-1][0]))
+        elif f.name.startswith("llama."):
+            w.add_float32(f.name, float(f.parts[-1][0]))
+    for k, v in patch.items():
+        w.add_float32(k, v)
+    qt = gguf.GGMLQuantizationType[qtype]
+    for t in src.tensors:
+        data = np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        if data.ndim == 2:
+            q = gguf.quants.quantize(data, qt)
+            w.add_tensor(t.name, q, raw_dtype=qt)
+        else:
+            w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def poke(path, tensor, offset, value: bytes):
+    """Overwrite bytes of a tensor's data in a GGUF file."""
+    import gguf
+
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == tensor)
+    with open(path, "r+b") as f:
+        f.seek(int(t.data_offset) + offset)
+        f.write(value)
+
+
+@pytest.mark.parametrize("scale", [b"\x00\x7e", b"\x00\x7c"], ids=["nan", "inf"])
+def test_nonfinite_weight_scale_names_the_layer_on_every_path(tmp_path, scale, all_paths):
+    path = write_quantized_llama(tmp_path / "q8.gguf")
+    good = pyengine.Engine(path, n_ctx=16, n_threads=1)
+    ref = all_paths(lambda: good.logits([1, 2, 3]))
+    for p in CPU_PATHS:  # the paths agree on the intact model
+        np.testing.assert_allclose(ref[p], ref["portable"], rtol=1e-4, atol=1e-4)
+    del good
+    poke(path, "blk.0.ffn_down.weight", 0, scale)  # the first Q8_0 block's fp16 scale
+    eng = pyengine.Engine(path, n_ctx=16, n_threads=1)
+
+    def run():
+        try:
+            eng.logits([1, 2, 3])
+        except pyengine.NumericalError as e:
+            return str(e)
+        return "no error"
+
+    msgs = all_paths(run)
+    for p, m in msgs.items():
+        assert "layer 0 " in m and "blk.0." in m and str(path) in m, (p, m)
+    assert len(set(msgs.values())) == 1
+    assert eng.n_past == 0
+
+
+def test_nonfinite_norm_weight_and_embedding(tmp_path, all_paths):
+    path = write_tiny_llama(tmp_path / "t.gguf")
+    import gguf
+
+    poke(path, "blk.0.attn_norm.weight", 4 * 3, np.float32(np.inf).tobytes())
+    eng = pyengine.Engine(path, n_ctx=16, n_threads=1)
+    for p, m in all_paths(lambda: pytest.raises(pyengine.NumericalError, eng.logits, [1, 2]).value).items():
+        assert "layer 0 " in str(m), (p, m)
+    # A NaN in one token's embedding row (untied output): only that token fails, naming the embeddings.
+    path2 = write_tiny_llama(tmp_path / "t2.gguf", shapes={"output.weight": (48, 32)})
+    poke(path2, "token_embd.weight", 4 * 32 * 7, np.float32(np.nan).tobytes())
+    eng2 = pyengine.Engine(path2, n_ctx=16, n_threads=1)
+    assert np.isfinite(eng2.logits([1, 2, 3])).all()
+    with pytest.raises(pyengine.NumericalError, match="token_embd"):
+        eng2.eval([7])
+    assert eng2.n_past == 3  # the failed eval was rolled back
+    del gguf
+
+
+def test_generation_raises_instead_of_sampling_nan(tmp_path):
+    path = write_tiny_llama(tmp_path / "t.gguf")
+    poke(path, "output_norm.weight", 0, np.float32(np.nan).tobytes())
+    eng = pyengine.Engine(path, n_ctx=16, n_threads=1)
+    with pytest.raises(pyengine.NumericalError, match="output layer"):
+        eng.eval([1, 2])
+    with pytest.raises(pyengine.NumericalError, match="output norm"):
+        eng.decode([1, 2], [0, 0], embeddings=True)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("llama.attention.layer_norm_rms_epsilon", 0.0), ("llama.attention.layer_norm_rms_epsilon", -1e-5),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan")), ("llama.attention.layer_norm_rms_epsilon", 1e-50),
+    ("llama.rope.freq_base", 0.0), ("llama.rope.freq_base", float("inf")), ("llama.rope.freq_base", -10000.0),
+    ("llama.rope.freq_base", 1e300), ("llama.rope.scale_linear", 0.0), ("llama.rope.scale_linear", float("nan")),
+])
+def test_nonsense_float_hyperparameters_are_refused(tmp_path, key, value):
+    import gguf
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(32)
+    w.add_block_count(1)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    if key != "llama.attention.layer_norm_rms_epsilon":
+        w.add_layer_norm_rms_eps(1e-5)
+    w.add_float64(key, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(pyengine.ModelFormatError, match=key.replace(".", r"\.")):
+        _C.Model(str(path))

@@ -157,6 +157,9 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
   if (const GGUFTensorInfo* rf = ld.find("rope_freqs.weight", false)) {
     (void)rf;
     rope_freqs = ld.vec("rope_freqs.weight", c.rope.n_dims / 2);
+    for (float v : rope_freqs)
+      PE_CHECK(std::isfinite(v) && v > 0, ModelFormatError, file_->path(), ": tensor 'rope_freqs.weight' holds ", v,
+               ": RoPE frequency factors must be positive finite numbers");
     cfg_.rope.freq_factors = rope_freqs.data();
   }
 
