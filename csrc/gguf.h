@@ -50,6 +50,7 @@ class GGUFFile {
   uint32_t version() const { return version_; }
   uint32_t alignment() const { return alignment_; }
   bool mapped() const { return map_->mapped(); }
+  size_t file_size() const { return map_->size(); }
   // Throws ModelFormatError naming the file if it changed on disk since it was opened (mapped_file.h).
   // Called around every read of the mapping after load: forward passes, metadata, tensor bytes.
   void check_unchanged() const { map_->check(); }

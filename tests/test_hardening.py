@@ -309,3 +309,72 @@ def test_nonsense_float_hyperparameters_are_refused(tmp_path, key, value):
     w.close()
     with pytest.raises(pyengine.ModelFormatError, match=key.replace(".", r"\.")):
         _C.Model(str(path))
+
+
+# --- 3. resource limits ------------------------------------------------------------------------------
+
+from gguf_craft import F64, U32, U64, shared_llama  # noqa: E402
+
+
+def kv_bytes(n_layer, n_ctx, n_seq, n_head_kv, head_dim, elem=2):
+    """The KV cache as kv_cache.h lays it out: pages of 64 positions, K and V, per layer."""
+    return n_layer * (-(-n_ctx // 64)) * n_seq * 64 * 2 * n_head_kv * head_dim * elem
+
+
+def test_amplification_file_is_refused_with_the_figure(tmp_path):
+    """About 1 MB of file declaring 1024 layers (all sharing one copy of their tensors) and a vocabulary
+    of 4,000: the memory it would take is computed before allocating, and refused above max_memory."""
+    path = shared_llama(tmp_path / "amp.gguf", n_embd=32, n_layer=1024, n_ff=32, n_head=1, n_vocab=4000,
+                        extra_kv=[("llama.context_length", U32, 1 << 24)])
+    assert path.stat().st_size < 1.2e6
+    model = _C.Model(str(path))
+    plan = _C.host_memory_plan(model, n_ctx=32, n_seq_max=1, n_batch=512)
+    assert plan["kv_cache"] == kv_bytes(1024, 32, 1, 1, 32) == 8 << 20
+    assert plan["logits"] == 32 * 4000 * 4  # rows of a pass: min(n_batch, n_ctx * n_seq_max)
+    assert plan["weights"] == path.stat().st_size
+    assert plan["total"] == plan["weights"] + plan["kv_cache"] + plan["scratch"] + plan["logits"]
+    gib = f"{plan['total'] / 2**30:.2f} GiB"
+    with pytest.raises(pyengine.MemoryLimitError, match=f"need {gib} .*KV cache 0.01 GiB.*max_memory is 0.01 GiB") as e:
+        pyengine.Engine(path, n_ctx=32, n_threads=1, max_memory=8 << 20)
+    assert str(path) in str(e.value)
+    # n_ctx=0 takes the file's context_length (16M): 2 TiB of KV cache, far above the machine.
+    with pytest.raises(pyengine.MemoryLimitError,
+                       match="KV cache 2048.00 GiB for n_ctx=16777216 x 1 sequences of 1024 layers.*this machine has"):
+        pyengine.Engine(path, n_ctx=0, n_threads=1)
+    # Within the limit it loads and runs.
+    eng = pyengine.Engine(path, n_ctx=32, n_threads=1, max_memory=1 << 30)
+    assert np.isfinite(eng.eval([1, 2])).all()
+
+
+def test_scratch_does_not_grow_with_n_batch_beyond_the_context(tmp_path):
+    path = shared_llama(tmp_path / "v.gguf", n_embd=32, n_layer=1, n_ff=32, n_head=1, n_vocab=8000)
+    model = _C.Model(str(path))
+    small = _C.host_memory_plan(model, n_ctx=16, n_seq_max=2, n_batch=32)
+    huge = _C.host_memory_plan(model, n_ctx=16, n_seq_max=2, n_batch=1 << 20)
+    assert small["scratch"] == huge["scratch"] and small["logits"] == huge["logits"] == 32 * 8000 * 4
+    assert _C.host_memory_plan(model, n_ctx=16, n_seq_max=2, n_batch=8)["logits"] == 8 * 8000 * 4
+
+
+@pytest.mark.parametrize("key,type_,value,match", [
+    ("llama.feed_forward_length", U64, 1 << 62, "feed_forward_length"),
+    ("llama.feed_forward_length", U64, (1 << 22) + 32, "feed_forward_length"),
+    ("llama.rope.dimension_count", U64, (1 << 32) + 16, r"rope\.dimension_count 4294967312"),
+    ("llama.context_length", U64, 0, "context_length"),
+    ("llama.attention.layer_norm_rms_epsilon", F64, float("inf"), "layer_norm_rms_epsilon"),
+])
+def test_hyperparameters_feeding_allocations_are_bounded(tmp_path, key, type_, value, match):
+    path = shared_llama(tmp_path / "h.gguf", n_embd=32, n_layer=1, n_ff=32, n_head=1, n_vocab=64,
+                        extra_kv=[(key, type_, value)])
+    with pytest.raises(pyengine.ModelFormatError, match=match) as e:
+        _C.Model(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_context_arguments_are_bounded(tmp_path):
+    path = shared_llama(tmp_path / "c.gguf", n_embd=32, n_layer=1, n_ff=32, n_head=1, n_vocab=64)
+    with pytest.raises(pyengine.EngineError, match="n_seq_max"):
+        pyengine.Engine(path, n_ctx=16, n_threads=1, n_seq_max=-1)
+    with pytest.raises(pyengine.EngineError, match="n_ctx"):
+        pyengine.Engine(path, n_ctx=1 << 40, n_threads=1)
+    with pytest.raises(ValueError, match="max_memory"):
+        pyengine.Engine(path, n_ctx=16, n_threads=1, max_memory=0)

@@ -75,8 +75,12 @@ ModelConfig read_config(const GGUFFile& f) {
   c.n_ctx_train = f.get_int(p + "context_length", 2048);
   PE_CHECK(c.n_embd > 0 && c.n_layer > 0 && c.n_ff > 0 && c.n_head > 0 && c.n_head_kv > 0, ModelFormatError, f.path(),
            ": hyper-parameters must be positive (", p, "embedding_length/block_count/feed_forward_length/head_count)");
-  PE_CHECK(c.n_layer <= 4096 && c.n_head <= 4096 && c.n_embd <= (1 << 20), ModelFormatError, f.path(),
-           ": implausible hyper-parameters (", c.n_layer, " layers, ", c.n_head, " heads, width ", c.n_embd, ")");
+  // Bounds far above any real model, low enough that no size computed from them overflows.
+  PE_CHECK(c.n_layer <= 4096 && c.n_head <= 4096 && c.n_embd <= (1 << 20) && c.n_ff <= (1 << 22), ModelFormatError,
+           f.path(), ": implausible hyper-parameters (", c.n_layer, " layers, ", c.n_head, " heads, width ", c.n_embd,
+           ", feed_forward_length ", c.n_ff, ")");
+  PE_CHECK(c.n_ctx_train > 0, ModelFormatError, f.path(), ": ", p, "context_length ", c.n_ctx_train,
+           " must be positive");
   PE_CHECK(c.n_head % c.n_head_kv == 0, ModelFormatError, f.path(), ": ", p, "attention.head_count (", c.n_head,
            ") is not a multiple of head_count_kv (", c.n_head_kv, ")");
   c.head_dim = f.get_int(p + "attention.key_length", c.n_embd / c.n_head);
@@ -89,9 +93,10 @@ ModelConfig read_config(const GGUFFile& f) {
   PE_CHECK(c.norm_eps > 0, ModelFormatError, f.path(), ": metadata key '", p, eps_key, "' underflows float32");
 
   c.rope.style = spec->rope;
-  c.rope.n_dims = int(f.get_int(p + "rope.dimension_count", c.head_dim));
-  PE_CHECK(c.rope.n_dims > 0 && c.rope.n_dims <= c.head_dim && c.rope.n_dims % 2 == 0, ModelFormatError, f.path(),
-           ": ", p, "rope.dimension_count ", c.rope.n_dims, " must be even and at most the head size ", c.head_dim);
+  const int64_t rope_dims = f.get_int(p + "rope.dimension_count", c.head_dim);
+  PE_CHECK(rope_dims > 0 && rope_dims <= c.head_dim && rope_dims % 2 == 0, ModelFormatError, f.path(), ": ", p,
+           "rope.dimension_count ", rope_dims, " must be even and at most the head size ", c.head_dim);
+  c.rope.n_dims = int(rope_dims);
   c.rope.freq_base = float(positive_float(f, p + "rope.freq_base", 10000.0));
   PE_CHECK(std::isfinite(c.rope.freq_base) && c.rope.freq_base > 0, ModelFormatError, f.path(), ": metadata key '", p,
            "rope.freq_base' does not fit a float32");

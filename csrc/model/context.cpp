@@ -2,22 +2,28 @@
 
 #include <algorithm>
 
+#include "model/memory.h"
+
 namespace pe {
 
 int64_t Batch::n_logits() const { return int64_t(std::count(logits.begin(), logits.end(), uint8_t(1))); }
 
 Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> executor, int64_t n_ctx, int n_seq_max,
-                 int64_t n_batch, GGMLType kv_type)
+                 int64_t n_batch, GGMLType kv_type, size_t max_memory)
     : model_(std::move(model)),
       ex_(std::move(executor)),
       gpu_ex_(model_->gpu().executor),
       n_batch_(n_batch),
-      policy_(model_->config()),
-      seqs_(size_t(n_seq_max)) {
+      policy_(model_->config()) {
   const ModelConfig& c = model_->config();
   PE_CHECK(ex_->device() == Device::CPU, Error, "a context takes the CPU executor (the GPU's is the model's)");
   PE_CHECK(n_batch > 0, Error, "n_batch must be positive");
+  PE_CHECK(n_ctx > 0 && n_ctx <= (int64_t(1) << 24), Error, "n_ctx must be in [1, 16M], not ", n_ctx);
+  PE_CHECK(n_seq_max >= 1 && n_seq_max <= 4096, Error, "n_seq_max must be in [1, 4096], not ", n_seq_max);
+  seqs_.resize(size_t(n_seq_max));
   const int n_gpu = model_->gpu().n_layers;
+  check_host_memory(*model_, host_memory_plan(*model_, n_ctx, n_seq_max, n_batch, kv_type, n_gpu), max_memory, n_ctx,
+                    n_seq_max);
   kv_.reserve(2);
   kv_.emplace_back(*ex_, kv_type, int(c.n_layer) - n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, n_ctx);
   if (n_gpu) kv_.emplace_back(*gpu_ex_, kv_type, n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, n_ctx);
