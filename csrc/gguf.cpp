@@ -1,8 +1,10 @@
 #include "gguf.h"
 
-#include <cerrno>
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 
 #include "ggml_types.h"
 
@@ -193,7 +195,35 @@ GGUFFile::GGUFFile(const std::string& path, bool use_mmap)
              data_size, " bytes of tensor data): the file is truncated or corrupt");
     ti.data = map_->data() + data_start + ti.offset;
   }
+  copy_misaligned_tensors();
   check_unchanged();
+}
+
+void GGUFFile::copy_misaligned_tensors() {
+  constexpr uintptr_t kNeed = 4;  // the widest scalar a kernel reads from weights (F32)
+  // One copy per distinct offset (tensors may share data); bounded by twice the file, so that a file
+  // of many overlapping misaligned tensors cannot make us copy without end.
+  std::map<const uint8_t*, std::pair<size_t, uint8_t*>> copies;
+  size_t copied = 0;
+  for (const auto& ti : tensors_)
+    if (reinterpret_cast<uintptr_t>(ti.data) % kNeed != 0 && ti.nbytes > 0) {
+      size_t& n = copies[ti.data].first;
+      n = std::max(n, ti.nbytes);
+    }
+  for (auto& [src, c] : copies) {
+    PE_CHECK(copied + c.first <= 2 * map_->size() + 4096, ModelFormatError, path_,
+             ": misaligned tensors overlap too much to be copied (", copied + c.first, " bytes)");
+    copied += c.first;
+    auto* p = static_cast<uint8_t*>(std::aligned_alloc(64, (c.first + 63) & ~size_t(63)));
+    PE_CHECK(p, Error, path_, ": cannot allocate ", c.first, " bytes for an aligned copy of a tensor");
+    aligned_copies_.emplace_back(p, std::free);
+    std::memcpy(p, src, c.first);
+    c.second = p;
+  }
+  for (auto& ti : tensors_) {
+    auto it = copies.find(ti.data);
+    if (it != copies.end()) ti.data = it->second.second;
+  }
 }
 
 const GGUFValue* GGUFFile::find(const std::string& key) const {

@@ -69,6 +69,8 @@ class GGUFFile {
   std::string get_str(const std::string& key, const std::string& dflt) const;
 
  private:
+  void copy_misaligned_tensors();
+
   std::string path_;
   std::shared_ptr<MappedFile> map_;
   uint32_t version_ = 0;
@@ -76,6 +78,10 @@ class GGUFFile {
   std::map<std::string, GGUFValue> kv_;
   std::vector<GGUFTensorInfo> tensors_;
   std::map<std::string, size_t> tensor_index_;
+  // Aligned copies of tensors whose data the file places at an address the kernels may not read
+  // (general.alignment below 4 with odd offsets): F16/BF16 and block fp16 scales are read as 2-byte
+  // and F32 as 4-byte values, which must not be misaligned (undefined behaviour in C++).
+  std::vector<std::shared_ptr<uint8_t>> aligned_copies_;
 };
 
 }  // namespace pe

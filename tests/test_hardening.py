@@ -378,3 +378,73 @@ def test_context_arguments_are_bounded(tmp_path):
         pyengine.Engine(path, n_ctx=1 << 40, n_threads=1)
     with pytest.raises(ValueError, match="max_memory"):
         pyengine.Engine(path, n_ctx=16, n_threads=1, max_memory=0)
+
+
+# --- 4. misaligned tensor data ----------------------------------------------------------------------
+
+def recraft(src: Path, dst: Path, alignment: int, shift: int) -> Path:
+    """`src` rewritten by gguf_craft with general.alignment = `alignment` and every tensor's data
+    `shift` bytes past an `alignment` boundary (odd addresses for alignment 1, shift 1)."""
+    import gguf
+
+    from gguf_craft import ARR, F32 as GF32, STR, U32 as GU32, gguf_bytes
+
+    r = gguf.GGUFReader(str(src))
+    kv = [("general.alignment", GU32, alignment)]
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.alignment":
+            continue
+        t = f.types[0]
+        if t == gguf.GGUFValueType.STRING:
+            kv.append((f.name, STR, bytes(f.parts[-1]).decode()))
+        elif t == gguf.GGUFValueType.UINT32:
+            kv.append((f.name, GU32, int(f.parts[-1][0])))
+        elif t == gguf.GGUFValueType.FLOAT32:
+            kv.append((f.name, GF32, float(f.parts[-1][0])))
+    data, tensors = bytearray(), []
+    for t in r.tensors:
+        data += b"\0" * ((-len(data) % max(alignment, 32)) + shift)
+        tensors.append((t.name, [int(x) for x in t.shape], int(t.tensor_type), len(data)))
+        data += np.asarray(t.data).tobytes()
+    dst.write_bytes(gguf_bytes(kv, tensors, bytes(data), alignment=alignment))
+    del ARR
+    return dst
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "F16"])
+def test_misaligned_file_loads_correctly(tmp_path, qtype, all_paths):
+    """general.alignment = 1 with odd offsets: the engine must not read F32/F16 values or block
+    scales at odd addresses (it copies such tensors to aligned memory); the logits equal those of the
+    same tensors aligned."""
+    import gguf
+
+    if qtype == "F16":
+        import gguf as g
+        src = tmp_path / "f16.gguf"
+        r = g.GGUFReader(str(write_tiny_llama(tmp_path / "f32.gguf")))
+        w = g.GGUFWriter(str(src), "llama")
+        for f in r.fields.values():
+            if f.name.startswith("llama.") and f.types[0] == g.GGUFValueType.UINT32:
+                w.add_uint32(f.name, int(f.parts[-1][0]))
+            elif f.name.startswith("llama."):
+                w.add_float32(f.name, float(f.parts[-1][0]))
+        for t in r.tensors:
+            w.add_tensor(t.name, np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)]).astype(np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    else:
+        src = write_quantized_llama(tmp_path / "q.gguf", qtype)
+    aligned = recraft(src, tmp_path / "aligned.gguf", 32, 0)
+    odd = recraft(src, tmp_path / "odd.gguf", 1, 1)
+    f = _C.GGUFFile(str(odd))
+    assert f.alignment == 1
+    header = gguf.GGUFReader(str(odd))
+    assert all(int(t.data_offset) % 2 == 1 for t in header.tensors)
+    for t in header.tensors:  # the bytes read back are the file's
+        assert np.array_equal(f.tensor_bytes(t.name), np.asarray(t.data).view(np.uint8).ravel())
+    ref = all_paths(lambda: pyengine.Engine(aligned, n_ctx=16, n_threads=1).logits([1, 2, 3, 4]))
+    got = all_paths(lambda: pyengine.Engine(odd, n_ctx=16, n_threads=1).logits([1, 2, 3, 4]))
+    for p in CPU_PATHS:
+        assert np.array_equal(got[p], ref[p]), p
