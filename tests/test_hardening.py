@@ -448,3 +448,40 @@ def test_misaligned_file_loads_correctly(tmp_path, qtype, all_paths):
     got = all_paths(lambda: pyengine.Engine(odd, n_ctx=16, n_threads=1).logits([1, 2, 3, 4]))
     for p in CPU_PATHS:
         assert np.array_equal(got[p], ref[p]), p
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_tiny_activations_quantize_to_zero_on_every_path(qtype, all_paths):
+    """max|x| below 3.7e-37 made 127 / max|x| infinite (then Inf converted to int8: found by the
+    fuzzer, tests/fuzz/regressions/subnormal-activation-amax.gguf): such a block counts as zeros."""
+    import gguf
+    from test_kernels import make_weights
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    rng = np.random.default_rng(0)
+    raw = make_weights(qt, 24, 256, rng)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    tiny = x.copy()
+    tiny[0, 32:64] = 1e-38
+    tiny[1, :32] = np.float32(1e-44)  # subnormal
+    zeroed = x.copy()
+    zeroed[0, 32:64] = 0
+    zeroed[1, :32] = 0
+    got = all_paths(lambda: _C.matmul(raw, int(qt), 24, 256, tiny))
+    ref = all_paths(lambda: _C.matmul(raw, int(qt), 24, 256, zeroed))
+    for p in CPU_PATHS:
+        assert np.array_equal(got[p], ref[p]), p
+
+
+def test_fuzzer_regressions_load_cleanly():
+    """Every input the fuzzer found a bug with loads and runs to a clean answer (here without
+    sanitizers; tests/fuzz/run.sh replays them under ASan and UBSan)."""
+    for f in sorted((TESTS / "fuzz" / "regressions").iterdir()):
+        try:
+            model = _C.Model(str(f))
+            ctx = _C.Context(model, _C.Executor(1), 8, 2, 4, max_memory=256 << 20)
+            ctx.decode(np.array([1, 8 % model.config["n_vocab"], 1], np.int32), np.array([0, 1, 0], np.int32))
+        except pyengine.EngineError:
+            pass
+        except (pyengine.ModelFormatError, pyengine.UnsupportedModelError):
+            pass

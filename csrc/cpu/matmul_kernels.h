@@ -69,6 +69,11 @@ class ScratchBuffer {
   size_t size_ = 0;
 };
 
+// Below this max|x| a block quantizes to zeros: 127 / max|x| would overflow to Inf (max|x| under
+// 3.7e-37, subnormals included) and Inf * x cannot be converted to an integer. Such a block adds
+// under 1e-30 times the weights to any output.
+constexpr float kMinQuantAmax = 1e-30f;
+
 // The XSub of an activation block that holds a NaN or Inf (see QuantizedX).
 inline XSub non_finite_xsub() {
   const float nan = __builtin_nanf("");

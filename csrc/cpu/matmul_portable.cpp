@@ -34,6 +34,7 @@ void quantize_x_row_ref(const float* x, int64_t k, const QuantScheme& s, int8_t*
     }
     float amax = 0.0f;
     for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xb[i]));
+    if (amax < kMinQuantAmax) amax = 0.0f;
     const float d = amax / 127.0f;
     const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     for (int i = 0; i < 32; i++) qb[i] = int8_t(std::nearbyint(xb[i] * id));

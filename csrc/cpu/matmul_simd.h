@@ -66,7 +66,8 @@ void quantize_x(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, 
         a[i] = V::abs_ps(v[i]);
       }
       const F mx = N == 2 ? V::max_ps(a[0], a[1]) : V::max_ps(V::max_ps(a[0], a[1]), V::max_ps(a[2], a[3]));
-      const float amax = V::hmax(mx);
+      float amax = V::hmax(mx);
+      if (amax < kMinQuantAmax) amax = 0.0f;
       const float d = amax / 127.0f;
       const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
       const F vid = V::set1_ps(id);
