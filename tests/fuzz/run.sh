@@ -18,7 +18,7 @@ JOBS="${JOBS:-$(nproc)}"
 mkdir -p "$OUT/obj" "$OUT/corpus" "$OUT/artifacts"
 
 SAN="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
-CXXFLAGS="-std=c++17 -O1 -g $SAN -DPE_X86=1 -I$ROOT/csrc -Wno-unused-command-line-argument"
+CXXFLAGS="-std=c++17 -O1 -g $SAN -DPE_X86=1 -I$ROOT/csrc -Wno-unused-command-line-argument -Wno-unknown-warning-option"
 
 compile() {  # source -> object, with the ISA flags the CMake build gives it
   src="$1"
