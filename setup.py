@@ -4,6 +4,8 @@ Environment:
   PYENGINE_CUDA=1/0   force the CUDA backend on or off (default: on if nvcc is found)
   PYENGINE_CUDA_ARCHS GPU architectures to compile for (default "80;86;89;90")
   PYENGINE_BUILD_TYPE Release (default) or Debug/RelWithDebInfo
+  PYENGINE_SANITIZE   e.g. "address,undefined": an instrumented module (own build folder); see
+                      README "Sanitizer and fuzz runs" for how to run the tests with it
 """
 import os
 import shutil
@@ -40,7 +42,9 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / ext.name
+        sanitize = os.environ.get("PYENGINE_SANITIZE", "")
+        # A sanitized build keeps its own CMake cache, so switching back and forth rebuilds neither from scratch.
+        build_dir = Path(self.build_temp).resolve() / (ext.name + (f"-san-{sanitize.replace(',', '-')}" if sanitize else ""))
         build_dir.mkdir(parents=True, exist_ok=True)
         _drop_stale_cache(build_dir)
         import pybind11
@@ -51,6 +55,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DPYENGINE_SANITIZE={sanitize}",
         ]
         cuda = os.environ.get("PYENGINE_CUDA")
         if cuda is not None:

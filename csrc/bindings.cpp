@@ -17,6 +17,8 @@ PYBIND11_MODULE(_C, m) {
   static py::exception<pe::UnsupportedModelError> unsup(m, "UnsupportedModelError", PyExc_ValueError);
   static py::exception<pe::ContextLengthError> ctx(m, "ContextLengthError", PyExc_ValueError);
   static py::exception<pe::DeviceMemoryError> devmem(m, "DeviceMemoryError", base.ptr());
+  static py::exception<pe::MemoryLimitError> memlimit(m, "MemoryLimitError", base.ptr());
+  static py::exception<pe::NumericalError> numerical(m, "NumericalError", base.ptr());
   // Messages can quote names read from a corrupt file: decode them leniently.
   static auto raise = [](const py::object& type, const char* what) {
     py::object msg = py::reinterpret_steal<py::object>(PyUnicode_DecodeUTF8(what, Py_ssize_t(std::strlen(what)), "replace"));
@@ -31,6 +33,10 @@ PYBIND11_MODULE(_C, m) {
       raise(unsup, e.what());
     } catch (const pe::DeviceMemoryError& e) {
       raise(devmem, e.what());
+    } catch (const pe::MemoryLimitError& e) {
+      raise(memlimit, e.what());
+    } catch (const pe::NumericalError& e) {
+      raise(numerical, e.what());
     } catch (const pe::ContextLengthError& e) {
       raise(ctx, e.what());
     } catch (const pe::Error& e) {

@@ -1,3 +1,5 @@
+#include <cstring>
+
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -67,18 +69,21 @@ py::object to_python(const GGUFValue& v, const std::string& path, const std::str
 
 void bind_gguf(py::module_& m) {
   py::class_<GGUFFile, std::shared_ptr<GGUFFile>>(m, "GGUFFile", "A GGUF file, memory-mapped and validated.")
-      .def(py::init([](const std::string& path) {
+      .def(py::init([](const std::string& path, bool use_mmap) {
              py::gil_scoped_release nogil;
-             return std::make_shared<GGUFFile>(path);
+             return std::make_shared<GGUFFile>(path, use_mmap);
            }),
-           py::arg("path"))
+           py::arg("path"), py::arg("use_mmap") = true)
       .def_property_readonly("path", &GGUFFile::path)
       .def_property_readonly("version", &GGUFFile::version)
       .def_property_readonly("alignment", &GGUFFile::alignment)
       .def_property_readonly("metadata",
                              [](const GGUFFile& f) {
+                               // Numeric arrays are copied out of the mapping: check around the copy.
+                               f.check_unchanged();
                                py::dict d;
                                for (const auto& [k, v] : f.metadata()) d[py::str(k)] = to_python(v, f.path(), k);
+                               f.check_unchanged();
                                return d;
                              })
       .def_property_readonly("tensors",
@@ -98,16 +103,18 @@ void bind_gguf(py::module_& m) {
                              })
       .def(
           "tensor_bytes",
-          [](py::object self, const std::string& name) {
-            const GGUFFile& f = self.cast<const GGUFFile&>();
+          [](const GGUFFile& f, const std::string& name) {
             const GGUFTensorInfo* t = f.find_tensor(name);
             if (!t) throw py::key_error("no tensor named '" + name + "' in " + f.path());
-            // A read-only view into the mapping that keeps the file object alive.
-            py::array a(py::dtype("uint8"), {py::ssize_t(t->nbytes)}, {1}, t->data, self);
-            py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+            // A copy, not a view of the mapping: a view read after the file shrank would fault
+            // outside any check (mapped_file.h).
+            f.check_unchanged();
+            py::array_t<uint8_t> a(py::ssize_t(t->nbytes));
+            if (t->nbytes) std::memcpy(a.mutable_data(), t->data, t->nbytes);
+            f.check_unchanged();
             return a;
           },
-          py::arg("name"), "Raw bytes of a tensor as a read-only uint8 numpy view of the mapping.");
+          py::arg("name"), "Raw bytes of a tensor as a uint8 numpy array (a copy).");
 }
 
 }  // namespace pe

@@ -3,6 +3,7 @@
 
 #include "bindings.h"
 #include "model/context.h"
+#include "model/memory.h"
 #include "model/placement.h"
 #ifdef PE_CUDA
 #include "cuda/runtime.h"
@@ -30,11 +31,12 @@ const int32_t* vector_data(const IntArray& a, const char* what) {
 
 void bind_model(py::module_& m) {
   py::class_<Model, std::shared_ptr<Model>>(m, "Model", "Weights of a GGUF model, mapped from the file.")
-      .def(py::init([](const std::string& path) {
+      .def(py::init([](const std::string& path, bool use_mmap) {
              py::gil_scoped_release nogil;
-             return std::make_shared<Model>(path);
+             return std::make_shared<Model>(path, use_mmap);
            }),
-           py::arg("path"))
+           py::arg("path"), py::arg("use_mmap") = true,
+           "use_mmap=False reads the weights into private memory instead of mapping the file.")
       .def_property_readonly("file", [](const Model& md) { return md.file_; })
       .def(
           "offload",
@@ -82,13 +84,15 @@ void bind_model(py::module_& m) {
   py::class_<Context>(m, "Context",
                       "An inference context: a KV cache holding up to n_seq_max sequences of n_ctx tokens each.")
       .def(py::init([](std::shared_ptr<Model> model, std::shared_ptr<Executor> executor, int64_t n_ctx,
-                       int n_seq_max, int64_t n_batch, const std::string& kv_type) {
+                       int n_seq_max, int64_t n_batch, const std::string& kv_type, size_t max_memory) {
              const GGMLType t = kv_type_of(kv_type);
              py::gil_scoped_release nogil;
-             return new Context(std::move(model), std::move(executor), n_ctx, n_seq_max, n_batch, t);
+             return new Context(std::move(model), std::move(executor), n_ctx, n_seq_max, n_batch, t, max_memory);
            }),
            py::arg("model"), py::arg("executor"), py::arg("n_ctx"), py::arg("n_seq_max") = 1,
-           py::arg("n_batch") = 512, py::arg("kv_type") = "f16")
+           py::arg("n_batch") = 512, py::arg("kv_type") = "f16", py::arg("max_memory") = 0,
+           "max_memory: bytes the model and this context may take on the host (0: the machine's memory); "
+           "more raises MemoryLimitError before anything is allocated.")
       .def(
           "eval",
           [](Context& ctx, const IntArray& tokens, const std::string& logits, int seq) -> py::object {
@@ -158,6 +162,22 @@ void bind_model(py::module_& m) {
       .def_property_readonly("n_gpu_layers", &Context::n_gpu_layers)
       .def_property_readonly("gpu_kv_bytes", &Context::gpu_kv_bytes);
 
+  m.def(
+      "host_memory_plan",
+      [](const Model& model, int64_t n_ctx, int n_seq_max, int64_t n_batch, const std::string& kv_type) {
+        const HostMemoryPlan p =
+            host_memory_plan(model, n_ctx, n_seq_max, n_batch, kv_type_of(kv_type), model.gpu().n_layers);
+        py::dict d;
+        d["weights"] = p.weights;
+        d["kv_cache"] = p.kv_cache;
+        d["scratch"] = p.scratch;
+        d["logits"] = p.logits;
+        d["total"] = p.total();
+        d["limit"] = host_memory_limit();
+        return d;
+      },
+      py::arg("model"), py::arg("n_ctx"), py::arg("n_seq_max") = 1, py::arg("n_batch") = 512,
+      py::arg("kv_type") = "f16", "Host memory (bytes) a context with these settings needs, and the machine's limit.");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices this build can use (0 without CUDA).");
   m.def(
       "cuda_memory",

@@ -16,6 +16,8 @@ namespace pe {
 //   UnsupportedModelError -> pyengine.UnsupportedModelError (valid file we cannot run: arch, type)
 //   ContextLengthError    -> pyengine.ContextLengthError    (more tokens than n_ctx)
 //   DeviceMemoryError     -> pyengine.DeviceMemoryError     (the GPU has not enough free memory)
+//   MemoryLimitError      -> pyengine.MemoryLimitError      (a model + context larger than RAM or max_memory)
+//   NumericalError        -> pyengine.NumericalError        (NaN or Inf in a layer's output)
 //   Error                 -> RuntimeError
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -30,6 +32,12 @@ struct ContextLengthError : Error {
   using Error::Error;
 };
 struct DeviceMemoryError : Error {
+  using Error::Error;
+};
+struct MemoryLimitError : Error {
+  using Error::Error;
+};
+struct NumericalError : Error {
   using Error::Error;
 };
 

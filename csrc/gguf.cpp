@@ -1,13 +1,10 @@
 #include "gguf.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 
 #include "ggml_types.h"
 
@@ -102,32 +99,8 @@ int64_t GGUFTensorInfo::nelements() const {
   return n;
 }
 
-MappedFile::MappedFile(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  PE_CHECK(fd >= 0, Error, path, ": cannot open: ", std::strerror(errno));
-  struct stat st;
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    PE_THROW(Error, path, ": not a regular file");
-  }
-  size_ = size_t(st.st_size);
-  if (size_ > 0) {
-    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) {
-      const int err = errno;
-      ::close(fd);
-      PE_THROW(Error, path, ": mmap failed: ", std::strerror(err));
-    }
-    data_ = static_cast<const uint8_t*>(p);
-  }
-  ::close(fd);
-}
-
-MappedFile::~MappedFile() {
-  if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
-}
-
-GGUFFile::GGUFFile(const std::string& path) : path_(path), map_(std::make_shared<MappedFile>(path)) {
+GGUFFile::GGUFFile(const std::string& path, bool use_mmap)
+    : path_(path), map_(std::make_shared<MappedFile>(path, use_mmap)) {
   Cursor c(path_, map_->data(), map_->size());
   PE_CHECK(map_->size() >= 4 && c.read<uint32_t>("magic") == kMagic, ModelFormatError, path_,
            ": not a GGUF file (bad magic)");
@@ -221,6 +194,35 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path), map_(std::make_shared
              ti.name, "' (", ti.nbytes, " bytes at data offset ", ti.offset, ") runs past the end of the file (",
              data_size, " bytes of tensor data): the file is truncated or corrupt");
     ti.data = map_->data() + data_start + ti.offset;
+  }
+  copy_misaligned_tensors();
+  check_unchanged();
+}
+
+void GGUFFile::copy_misaligned_tensors() {
+  constexpr uintptr_t kNeed = 4;  // the widest scalar a kernel reads from weights (F32)
+  // One copy per distinct offset (tensors may share data); bounded by twice the file, so that a file
+  // of many overlapping misaligned tensors cannot make us copy without end.
+  std::map<const uint8_t*, std::pair<size_t, uint8_t*>> copies;
+  size_t copied = 0;
+  for (const auto& ti : tensors_)
+    if (reinterpret_cast<uintptr_t>(ti.data) % kNeed != 0 && ti.nbytes > 0) {
+      size_t& n = copies[ti.data].first;
+      n = std::max(n, ti.nbytes);
+    }
+  for (auto& [src, c] : copies) {
+    PE_CHECK(copied + c.first <= 2 * map_->size() + 4096, ModelFormatError, path_,
+             ": misaligned tensors overlap too much to be copied (", copied + c.first, " bytes)");
+    copied += c.first;
+    auto* p = static_cast<uint8_t*>(std::aligned_alloc(64, (c.first + 63) & ~size_t(63)));
+    PE_CHECK(p, Error, path_, ": cannot allocate ", c.first, " bytes for an aligned copy of a tensor");
+    aligned_copies_.emplace_back(p, std::free);
+    std::memcpy(p, src, c.first);
+    c.second = p;
+  }
+  for (auto& ti : tensors_) {
+    auto it = copies.find(ti.data);
+    if (it != copies.end()) ti.data = it->second.second;
   }
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common.h"
+#include "mapped_file.h"
 
 namespace pe {
 
@@ -41,26 +42,18 @@ struct GGUFTensorInfo {
   int64_t nelements() const;
 };
 
-class MappedFile {
- public:
-  explicit MappedFile(const std::string& path);
-  ~MappedFile();
-  MappedFile(const MappedFile&) = delete;
-  MappedFile& operator=(const MappedFile&) = delete;
-  const uint8_t* data() const { return data_; }
-  size_t size() const { return size_; }
-
- private:
-  const uint8_t* data_ = nullptr;
-  size_t size_ = 0;
-};
-
 class GGUFFile {
  public:
-  explicit GGUFFile(const std::string& path);
+  // use_mmap: map the file (default) or read it into private memory (see mapped_file.h).
+  explicit GGUFFile(const std::string& path, bool use_mmap = true);
   const std::string& path() const { return path_; }
   uint32_t version() const { return version_; }
   uint32_t alignment() const { return alignment_; }
+  bool mapped() const { return map_->mapped(); }
+  size_t file_size() const { return map_->size(); }
+  // Throws ModelFormatError naming the file if it changed on disk since it was opened (mapped_file.h).
+  // Called around every read of the mapping after load: forward passes, metadata, tensor bytes.
+  void check_unchanged() const { map_->check(); }
 
   const std::map<std::string, GGUFValue>& metadata() const { return kv_; }
   const std::vector<GGUFTensorInfo>& tensors() const { return tensors_; }
@@ -76,6 +69,8 @@ class GGUFFile {
   std::string get_str(const std::string& key, const std::string& dflt) const;
 
  private:
+  void copy_misaligned_tensors();
+
   std::string path_;
   std::shared_ptr<MappedFile> map_;
   uint32_t version_ = 0;
@@ -83,6 +78,10 @@ class GGUFFile {
   std::map<std::string, GGUFValue> kv_;
   std::vector<GGUFTensorInfo> tensors_;
   std::map<std::string, size_t> tensor_index_;
+  // Aligned copies of tensors whose data the file places at an address the kernels may not read
+  // (general.alignment below 4 with odd offsets): F16/BF16 and block fp16 scales are read as 2-byte
+  // and F32 as 4-byte values, which must not be misaligned (undefined behaviour in C++).
+  std::vector<std::shared_ptr<uint8_t>> aligned_copies_;
 };
 
 }  // namespace pe

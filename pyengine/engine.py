@@ -107,15 +107,30 @@ class Engine:
             their KV cache go to the GPU, the rest run on the CPU; N >= the number of blocks puts the
             whole model there, output layer included. "auto": as many as the free GPU memory holds
             with room for the KV cache and scratch. 0 (default): CPU only.
+        use_mmap: True (default): the weights are used in place in a shared mapping of the file
+            (nothing copied; pages shared with other processes and the page cache). If the file is
+            truncated or rewritten in place while loaded, the next call raises ModelFormatError
+            naming it instead of computing with what the file now holds; replacing the file by
+            rename is harmless (the old file stays mapped). False: read the whole file into private
+            memory, unaffected by whatever happens to the file afterwards (llama.cpp's --no-mmap).
+        max_memory: bytes of host memory the model and this context may take (weights, KV cache,
+            scratch, one pass's logits); None: the machine's memory (or its container's limit). A
+            context that needs more raises pyengine.MemoryLimitError, with the figures, before
+            anything is allocated. `memory_plan()` gives the figures.
     """
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_batch: int = 512, kv_type: str = "f16", n_seq_max: int = 1, n_gpu_layers: int | str = 0):
+                 n_batch: int = 512, kv_type: str = "f16", n_seq_max: int = 1, n_gpu_layers: int | str = 0,
+                 use_mmap: bool = True, max_memory: int | None = None):
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
+                                       or max_memory <= 0):
+            raise ValueError(f"max_memory must be a positive number of bytes or None, not {max_memory!r}")
         self.model_path = path
-        self._model = _C.Model(str(path))
+        self.max_memory = max_memory
+        self._model = _C.Model(str(path), use_mmap=bool(use_mmap))
         if n_threads is None or n_threads <= 0:
             n_threads = default_threads()
         self._executor = _C.Executor(int(n_threads))
@@ -133,7 +148,8 @@ class Engine:
 
     def _init_context(self, n_ctx: int, n_batch: int, kv_type: str, n_seq_max: int) -> None:
         n_ctx = self._resolve_n_ctx(n_ctx)
-        self._ctx = _C.Context(self._model, self._executor, int(n_ctx), int(n_seq_max), int(n_batch), kv_type)
+        self._ctx = _C.Context(self._model, self._executor, int(n_ctx), int(n_seq_max), int(n_batch), kv_type,
+                               int(self.max_memory or 0))
 
     def new_context(self, n_ctx: int | None = None, n_threads: int | None = None, n_batch: int = 512,
                     kv_type: str = "f16", n_seq_max: int = 1) -> "Engine":
@@ -142,12 +158,20 @@ class Engine:
         asks for a different number of threads."""
         other = object.__new__(type(self))
         other.model_path = self.model_path
+        other.max_memory = self.max_memory
         other._model = self._model
         other.offload_plan = self.offload_plan
         same = n_threads is None or n_threads == self.n_threads
         other._executor = self._executor if same else _C.Executor(int(n_threads))
         other._init_context(self.n_ctx if n_ctx is None else n_ctx, n_batch, kv_type, n_seq_max)
         return other
+
+    def memory_plan(self, n_ctx: int | None = None, n_seq_max: int | None = None, n_batch: int = 512,
+                    kv_type: str = "f16") -> dict[str, int]:
+        """Host memory in bytes a context with these settings needs with this model ("weights",
+        "kv_cache", "scratch", "logits", "total") and the machine's "limit"; defaults: this context's."""
+        return _C.host_memory_plan(self._model, int(self.n_ctx if n_ctx is None else n_ctx),
+                                   int(self.n_seq_max if n_seq_max is None else n_seq_max), int(n_batch), kv_type)
 
     # --- model facts -------------------------------------------------------------------------
     @cached_property

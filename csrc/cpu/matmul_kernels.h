@@ -21,7 +21,9 @@ struct XSub {
 
 // Activations quantized for one matmul, as ggml's Q8_0 but with a float scale: each 32 elements get
 // d = max|x| / 127 and q = round-half-even(x * 127 / max|x|), so |q| <= 127 (pmaddubsw's sign trick
-// and the u8 x s8 products rely on q != -128). Row r's values start at q + r * ldq (ldq a multiple of
+// and the u8 x s8 products rely on q != -128). A block holding a NaN or Inf is stored as q = 0 with
+// d = s = NaN (kNonFiniteBlock), never converted to integers: every path then gives NaN for the
+// rows it touches, and the forward pass reports the layer (model/forward.cpp). Row r's values start at q + r * ldq (ldq a multiple of
 // 64), its sub-block entries at sub + r * ldsub.
 struct QuantizedX {
   int8_t* q = nullptr;
@@ -66,6 +68,17 @@ class ScratchBuffer {
   void* data_ = nullptr;
   size_t size_ = 0;
 };
+
+// Below this max|x| a block quantizes to zeros: 127 / max|x| would overflow to Inf (max|x| under
+// 3.7e-37, subnormals included) and Inf * x cannot be converted to an integer. Such a block adds
+// under 1e-30 times the weights to any output.
+constexpr float kMinQuantAmax = 1e-30f;
+
+// The XSub of an activation block that holds a NaN or Inf (see QuantizedX).
+inline XSub non_finite_xsub() {
+  const float nan = __builtin_nanf("");
+  return XSub{0, nan, nan, 0.0f};
+}
 
 // Scalar reference for one activation row (shared by the portable path and the SIMD paths' tails).
 void quantize_x_row_ref(const float* x, int64_t k, const QuantScheme& s, int8_t* q, XSub* sub);

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <new>
 
+#include "cpu/finite.h"
 #include "cpu/matmul_kernels.h"
 
 namespace pe::cpu {
@@ -26,8 +27,14 @@ void quantize_x_row_ref(const float* x, int64_t k, const QuantScheme& s, int8_t*
   for (int64_t b = 0; b < k / 32; b++) {
     const float* xb = x + 32 * b;
     int8_t* qb = q + 32 * b;
+    if (!all_finite(xb, 32)) {
+      std::memset(qb, 0, 32);
+      for (int j = 0; j < per_block; j++) sub[b * per_block + j] = non_finite_xsub();
+      continue;
+    }
     float amax = 0.0f;
     for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xb[i]));
+    if (amax < kMinQuantAmax) amax = 0.0f;
     const float d = amax / 127.0f;
     const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     for (int i = 0; i < 32; i++) qb[i] = int8_t(std::nearbyint(xb[i] * id));

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/finite.h"
 #include "cpu/matmul_kernels.h"
 #include "cpu/unpack_simd.h"
 
@@ -54,13 +55,19 @@ void quantize_x(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, 
     int8_t* q = out.q + r * out.ldq;
     XSub* sub = out.sub + r * out.ldsub;
     for (int64_t b = 0; b < k / 32; b++) {
+      if (!all_finite(xr + 32 * b, 32)) {  // cvtps2dq would give INT_MIN: see QuantizedX
+        std::memset(q + 32 * b, 0, 32);
+        for (int j = 0; j < 32 / s.sub; j++) sub[b * (32 / s.sub) + j] = non_finite_xsub();
+        continue;
+      }
       F v[N], a[N];
       for (int i = 0; i < N; i++) {
         v[i] = V::loadu_ps(xr + 32 * b + V::kRows * i);
         a[i] = V::abs_ps(v[i]);
       }
       const F mx = N == 2 ? V::max_ps(a[0], a[1]) : V::max_ps(V::max_ps(a[0], a[1]), V::max_ps(a[2], a[3]));
-      const float amax = V::hmax(mx);
+      float amax = V::hmax(mx);
+      if (amax < kMinQuantAmax) amax = 0.0f;
       const float d = amax / 127.0f;
       const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
       const F vid = V::set1_ps(id);

@@ -2,24 +2,30 @@
 
 #include <algorithm>
 
+#include "model/memory.h"
+
 namespace pe {
 
 int64_t Batch::n_logits() const { return int64_t(std::count(logits.begin(), logits.end(), uint8_t(1))); }
 
 Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> executor, int64_t n_ctx, int n_seq_max,
-                 int64_t n_batch, GGMLType kv_type)
+                 int64_t n_batch, GGMLType kv_type, size_t max_memory)
     : model_(std::move(model)),
       ex_(std::move(executor)),
       gpu_ex_(model_->gpu().executor),
       n_batch_(n_batch),
-      policy_(model_->config()),
-      seqs_(size_t(n_seq_max)) {
+      policy_(model_->config()) {
   const ModelConfig& c = model_->config();
   PE_CHECK(ex_->device() == Device::CPU, Error, "a context takes the CPU executor (the GPU's is the model's)");
   PE_CHECK(n_batch > 0, Error, "n_batch must be positive");
+  PE_CHECK(n_ctx > 0 && n_ctx <= (int64_t(1) << 24), Error, "n_ctx must be in [1, 16M], not ", n_ctx);
+  PE_CHECK(n_seq_max >= 1 && n_seq_max <= 4096, Error, "n_seq_max must be in [1, 4096], not ", n_seq_max);
+  seqs_.resize(size_t(n_seq_max));
   PE_CHECK(c.spec.positions != Positions::Learned || n_ctx <= c.n_ctx_train, ContextLengthError, "n_ctx ", n_ctx,
            " is more than the ", c.n_ctx_train, " positions this ", c.arch, " model has learned");
   const int n_gpu = model_->gpu().n_layers;
+  check_host_memory(*model_, host_memory_plan(*model_, n_ctx, n_seq_max, n_batch, kv_type, n_gpu), max_memory, n_ctx,
+                    n_seq_max);
   kv_.reserve(2);
   kv_.emplace_back(*ex_, kv_type, int(c.n_layer) - n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, n_ctx);
   if (n_gpu) kv_.emplace_back(*gpu_ex_, kv_type, n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, n_ctx);
@@ -118,6 +124,7 @@ std::vector<Context::Row> Context::expand_replays(const Batch& batch) {
 
 void Context::decode(const Batch& batch, float* logits, bool hidden) {
   auto lock = this->lock();
+  model_->file().check_unchanged();
   check_rows(batch);
   PE_CHECK(hidden || !logits || model_->decoder.head.output.present(), UnsupportedModelError, "a ",
            model_->config().arch, " model has no language-model head: ask for embeddings (hidden states) instead");
@@ -147,6 +154,9 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
         for (int64_t r = begin; r < end; r++) logits += rows[size_t(r)].logits ? width : 0;
       begin = end;
     }
+    // The weights were read from the mapping: a file that changed during the pass (mapped_file.h)
+    // gave zeros or other weights, so the pass is undone.
+    model_->file().check_unchanged();
   } catch (...) {
     for (size_t s = 0; s < seqs_.size(); s++) {
       if (kv().seq_len(int(s)) > old_len[s]) for_each_kv([&](KVCache& kv) { kv.seq_truncate(int(s), old_len[s]); });

@@ -32,9 +32,11 @@ struct Batch {
 class Context {
  public:
   // n_ctx: positions per sequence; n_seq_max: sequences; n_batch: rows per forward pass (a longer
-  // batch is evaluated in passes of n_batch rows); kv_type: F16 (default) or F32.
+  // batch is evaluated in passes of n_batch rows); kv_type: F16 (default) or F32. Before allocating,
+  // the host memory it needs with the model (model/memory.h) is checked against max_memory bytes
+  // (0: the machine's memory); too much throws MemoryLimitError with the figures.
   Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> executor, int64_t n_ctx, int n_seq_max = 1,
-          int64_t n_batch = 512, GGMLType kv_type = GGMLType::F16);
+          int64_t n_batch = 512, GGMLType kv_type = GGMLType::F16, size_t max_memory = 0);
 
   // Evaluates every row of the batch: all rows go through each matmul together, so the weights are
   // read once per pass for all the sequences in it. logits: null, or room for batch.n_logits() rows of

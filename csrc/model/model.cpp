@@ -138,7 +138,7 @@ Linear Loader::linear(Model& m, const std::string& base, int64_t rows, int64_t c
   return l;
 }
 
-Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) {
+Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GGUFFile>(path, use_mmap)) {
   cfg_ = read_config(*file_);
   const ModelConfig& c = cfg_;
   Loader ld(*file_);
@@ -181,6 +181,9 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
   if (const GGUFTensorInfo* rf = ld.find("rope_freqs.weight", false)) {
     (void)rf;
     rope_freqs = ld.vec("rope_freqs.weight", c.rope.n_dims / 2);
+    for (float v : rope_freqs)
+      PE_CHECK(std::isfinite(v) && v > 0, ModelFormatError, file_->path(), ": tensor 'rope_freqs.weight' holds ", v,
+               ": RoPE frequency factors must be positive finite numbers");
     cfg_.rope.freq_factors = cfg_.rope_swa.freq_factors = rope_freqs.data();
   }
 
@@ -209,6 +212,7 @@ Model::Model(const std::string& path) : file_(std::make_shared<GGUFFile>(path)) 
     L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
     L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);
   }
+  file_->check_unchanged();  // the 1-D parameters were copied out of the mapping
 }
 
 }  // namespace pe

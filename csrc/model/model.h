@@ -60,7 +60,8 @@ struct GpuLayers {
 };
 class Model {
  public:
-  explicit Model(const std::string& path);
+  // use_mmap: weights used in place in a shared mapping of the file (default) or in a private copy.
+  explicit Model(const std::string& path, bool use_mmap = true);
   const ModelConfig& config() const { return cfg_; }
   const GGUFFile& file() const { return *file_; }
 

@@ -65,7 +65,14 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-c", "--ctx-size", type=non_negative_int, default=4096,
                     help="context length in tokens; 0: the model's training context (default: 4096)")
     add_gpu_args(ap)
+    add_mmap_arg(ap)
     ap.add_argument("--verbose", action="store_true", help="model details, and statistics after every reply")
+
+
+def add_mmap_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--no-mmap", dest="use_mmap", action="store_false",
+                    help="read the model into private memory instead of mapping the file (then changes to "
+                         "the file on disk cannot affect the running model)")
 
 
 def gpu_layers(text: str) -> int | str:
@@ -161,7 +168,8 @@ def load_model(args: argparse.Namespace) -> "LLM":
     path = resolve_model(args.model)
     start = time.perf_counter()
     with Spinner(f"loading {path.name}"):
-        llm = LLM(path, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+        llm = LLM(path, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                  use_mmap=args.use_mmap)
         llm.tokenizer  # built now, so the first reply does not pay for it
     if args.verbose:
         c = llm.config

@@ -36,7 +36,8 @@ def wait_until_healthy(url: str, process, timeout: float = 120.0) -> bool:
 
 def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: int = 4, queue_size: int = 16,
                  api_key: str | None = None, threads: int | None = None, max_body_bytes: int = 1 << 20,
-                 max_tokens_cap: int | None = None, prefill_chunk: int = 128, llm=None, n_gpu_layers: int | str = 0):
+                 max_tokens_cap: int | None = None, prefill_chunk: int = 128, llm=None, n_gpu_layers: int | str = 0,
+                 use_mmap: bool = True):
     """(app, scheduler): the FastAPI app and the engine behind it. `llm`: serve these loaded weights
     instead of loading `model` (several servers can share them)."""
     from ..default_model import resolve_model
@@ -48,7 +49,8 @@ def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: i
 
     if llm is None:
         # The slots get their own contexts; this one only holds the weights, so it is tiny.
-        llm = LLM(resolve_model(None if model is None else str(model)), n_ctx=16, n_threads=threads)
+        llm = LLM(resolve_model(None if model is None else str(model)), n_ctx=16, n_threads=threads,
+                  use_mmap=use_mmap)
         # Offload planned for the slots' contexts (n_ctx each, `parallel` of them), made below.
         llm.offload_plan = offload(llm._model, n_gpu_layers, n_ctx, parallel, 512, "f16")
     tokenizer = Tokenizer.from_metadata(llm.metadata)
@@ -60,7 +62,7 @@ def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..commands.chat import add_gpu_args, positive_int
+    from ..commands.chat import add_gpu_args, add_mmap_arg, positive_int
 
     p = argparse.ArgumentParser(prog="pyengine serve", description="OpenAI-compatible HTTP server.")
     p.add_argument("-m", "--model", help="GGUF file, folder or model name (default: SmolLM2-135M-Instruct)")
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("-c", "--n-ctx", type=int, default=2048, help="context length of each slot, in tokens")
     add_gpu_args(p)
+    add_mmap_arg(p)
     p.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("-np", "--parallel", type=int, default=4, help="requests generated at once (slots)")
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app, scheduler = build_server(args.model, args.n_ctx, args.parallel, args.queue_size, args.api_key,
                                       args.threads, args.max_body_bytes, args.max_tokens, args.prefill_chunk,
-                                      n_gpu_layers=args.n_gpu_layers)
+                                      n_gpu_layers=args.n_gpu_layers, use_mmap=args.use_mmap)
     except (ModelNotFoundError, FileNotFoundError, EngineError, ValueError) as e:
         print(f"pyengine serve: {e}", file=sys.stderr)
         return 1
