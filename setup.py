@@ -50,8 +50,11 @@ class CMakeBuild(build_ext):
         import pybind11
 
         cfg = os.environ.get("PYENGINE_BUILD_TYPE", "Release")
+        # Each build folder links into its own output folder, copied to out_dir below: a sanitized and
+        # a normal build never see each other's module as up to date.
+        lib_dir = build_dir / "out"
         args = [
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
@@ -71,6 +74,10 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        built = lib_dir / Path(self.get_ext_fullpath(ext.name)).name
+        shutil.copyfile(built, out_dir / built.name)
+        shutil.copymode(built, out_dir / built.name)
 
 
     def copy_extensions_to_source(self) -> None:

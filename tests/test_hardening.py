@@ -100,7 +100,10 @@ def test_fault_elsewhere_still_kills(tmp_path):
         os.truncate(sys.argv[2], 0)
         print(m[60000])
     """, str(path), str(other))
-    assert r.returncode == -7, (r.returncode, r.stderr)
+    # Killed by SIGBUS; or, under ASan (README "Sanitizer and fuzz runs"), the handler that was there
+    # before ours, ASan's, reports the foreign fault: it was forwarded either way, not swallowed.
+    asan_report = "AddressSanitizer" in r.stderr and "BUS" in r.stderr and "mmap" in r.stderr
+    assert r.returncode == -7 or asan_report, (r.returncode, r.stderr)
 
 
 def test_modified_in_place_raises(tmp_path):
