@@ -446,12 +446,19 @@ def test_api_key(one_slot):
     assert one_slot.health()["status"] == "ok"  # /health needs no key
 
 
-def test_cli_rejects_a_missing_model_and_says_gpu_layers_are_unavailable(capsys):
+def test_cli_rejects_a_missing_model_and_gpu_layers_without_a_gpu(capsys):
+    from pyengine import _C
+    from pyengine.default_model import find_default_model
     from pyengine.server import main
 
     assert main(["-m", "/nonexistent/model.gguf", "--port", "1", "-ngl", "99"]) == 1
-    err = capsys.readouterr().err
-    assert "not found" in err and "GPU layers are unavailable" in err
+    assert "not found" in capsys.readouterr().err
+    model = find_default_model()
+    if model is None or _C.cuda_device_count() > 0:
+        pytest.skip("checks -ngl on a machine without a GPU, with the default model installed")
+    assert main(["-m", str(model), "--port", "1", "-ngl", "99"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "n_gpu_layers=99" in err[0] and "-ngl 0" in err[0], err
 
 
 # --- robustness under load --------------------------------------------------------------------------
