@@ -110,7 +110,10 @@ def llama_embedding(path: Path, texts: list[str], threads: int) -> tuple[float, 
         t = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         best = min(best, time.perf_counter() - t)
-    return best, np.array([d["embedding"] for d in json.loads(out)["data"]], np.float32)
+    # Its JSON is not always well-formed in this version (stray characters between numbers): read the
+    # "embedding" arrays' numbers directly.
+    rows = re.findall(r'"embedding":\s*\[([^\]]*)\]', out)
+    return best, np.array([[float(x) for x in re.findall(r"-?\d+\.?\d*(?:[eE][-+]?\d+)?", r)] for r in rows], np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:
