@@ -82,7 +82,7 @@ def test_bos_replaces_each_chunks_first_token(tmp_path):
     # another order than LLM.logits' over all rows, a float32 rounding difference (~1e-8 here)
     assert r.ppl == pytest.approx(ppl, rel=1e-7) and r.uncertainty == pytest.approx(unc, rel=1e-6)
     without_bos, _, _ = reference_ppl(llm, ids, 16, 3, None)
-    assert without_bos != pytest.approx(ppl, rel=1e-9)   # the replacement is visible in the result
+    assert without_bos != pytest.approx(ppl, rel=1e-4)   # the replacement is visible, far beyond rounding
 
 
 @needs_smollm2
