@@ -194,3 +194,17 @@ def test_perplexity_of_a_missing_file_is_one_line(tmp_path):
     r = pyengine_cmd("perplexity", "-f", str(missing), "-c", "64")
     _one_line_error(r, str(missing))
     assert r.stderr == r.stderr.lstrip()  # no blank line before the message
+
+
+def test_chat_replies_have_a_default_length_limit():
+    """A reply that never reaches an end token stops at 1024 tokens unless -n says otherwise (-1: the context)."""
+    import argparse
+
+    from pyengine.commands.chat import add_sampling_args, sampling_overrides
+
+    ap = argparse.ArgumentParser()
+    add_sampling_args(ap, default_n=1024)
+    assert sampling_overrides(ap.parse_args([]), 4096)["max_new_tokens"] == 1024
+    assert sampling_overrides(ap.parse_args(["-n", "-1"]), 4096)["max_new_tokens"] == 4096
+    r = pyengine_cmd("chat", "--help")
+    assert "(default: 1024)" in " ".join(r.stdout.split())  # however argparse wraps the help

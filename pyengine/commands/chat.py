@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMMANDS_HELP)
     add_model_args(ap)
     ap.add_argument("-s", "--system", default=None, help="system prompt (default: the chat template's)")
-    add_sampling_args(ap, default_n=-1)
+    add_sampling_args(ap, default_n=1024)  # a runaway reply stops; -n -1 lets it fill the context
     args = ap.parse_args(argv)
 
     try:
