@@ -137,17 +137,13 @@ class LLM(Engine):
         """Class logits, float32 [n, len(labels)], of a `BertForSequenceClassification` file: as
         transformers, tanh(pooler(h[CLS])) then the classifier, on the encoder's final hidden states.
         The two small head matrices run in numpy (dequantized once); the encoder runs in the engine."""
-        if self.config.get("pooling") != "rank" or "cls.output.weight" not in self._tensor_names:
+        if self.config.get("pooling") != "rank" or "cls.output.weight" not in self._classifier_head:
             raise UnsupportedModelError(f"{self.model_path}: not a sequence-classification model "
                                         "(no cls.output.weight / rank pooling)")
         head = self._classifier_head
         cls_rows = super().embed(self._embed_ids(inputs), normalize=False)  # rank pooling: the [CLS] rows
         pooled = np.tanh(cls_rows @ head["cls.weight"].T + head["cls.bias"]) if "cls.weight" in head else cls_rows
         return (pooled @ head["cls.output.weight"].T + head.get("cls.output.bias", 0.0)).astype(np.float32)
-
-    @cached_property
-    def _tensor_names(self) -> set[str]:
-        return {t["name"] for t in self._model.file.tensors}
 
     @cached_property
     def _classifier_head(self) -> dict[str, np.ndarray]:
@@ -162,9 +158,10 @@ class LLM(Engine):
                 out[t["name"]] = m if len(shape) > 1 else m[0]
         return out
 
-    def _embed_ids(self, inputs) -> list:
+    def _embed_ids(self, inputs) -> list[list[int]]:
+        """Texts (one, or a list) or token-id lists as token ids, texts with the model's special tokens."""
         items = [inputs] if isinstance(inputs, str) else list(inputs)
-        return [self.tokenizer.encode(x, add_special_tokens=True) if isinstance(x, str) else x for x in items]
+        return [self._prompt_ids(x, add_special_tokens=True) for x in items]
 
     def perplexity(self, text: str, n_ctx: int = 512, n_chunks: int | None = None) -> "PerplexityResult":
         """Perplexity of ``text`` with llama-perplexity's protocol (chunks of ``n_ctx`` tokens, second

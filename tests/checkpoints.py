@@ -215,86 +215,39 @@ def _make(arch: str, out_dir: Path, *, tied: bool, n_kv_heads: int, hidden: int,
     return out_dir
 
 
-def make_llama(out_dir: Path, *, tied: bool = False, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 2,
-               n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "llama3",
-               dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
-               generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
-    """A tiny LlamaForCausalLM. tokenizer: "llama3", "smollm", "gpt2" (byte-level BPE) or "spm"
-    (Llama 2 SentencePiece). fmt: "safetensors" or "bin". config_kwargs go to LlamaConfig
-    (e.g. rope_scaling=..., rope_theta=..., head_dim=..., attention_bias=True)."""
-    return _make("llama", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
-                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
-                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
+# Defaults of every tiny model; each maker below overrides some and may add config.json keys, which
+# _make passes on to the transformers config.
+_TINY = dict(tied=False, n_kv_heads=2, hidden=64, n_layers=2, n_heads=4, ff=128, vocab_size=None, tokenizer="llama3",
+             dtype=torch.float32, fmt="safetensors", n_shards=1, seed=0, generation=None, max_position=256)
 
 
-def make_mistral(out_dir: Path, *, tied: bool = False, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 2,
-                 n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "spm",
-                 dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
-                 generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
-    """A tiny MistralForCausalLM with a SentencePiece tokenizer (converted as GGUF arch `llama`)."""
-    return _make("mistral", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
-                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
-                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
+def _maker(arch: str, doc: str, **defaults: Any):
+    def make(out_dir: Path, **kwargs: Any) -> Path:
+        return _make(arch, out_dir, **{**_TINY, **defaults, **kwargs})
+
+    make.__name__ = make.__qualname__ = f"make_{arch}"
+    make.__doc__ = doc
+    return make
 
 
-def make_qwen2(out_dir: Path, *, tied: bool = True, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 2,
-               n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "qwen2",
-               dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
-               generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
-    """A tiny Qwen2ForCausalLM (q/k/v biases, tied embeddings by default like Qwen2.5-0.5B)."""
-    return _make("qwen2", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
-                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
-                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
-
-
-def make_qwen3(out_dir: Path, *, tied: bool = True, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 2,
-               n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "qwen2",
-               dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
-               generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
-    """A tiny Qwen3ForCausalLM (q/k RMSNorm per head, no q/k/v bias; head_dim 32 != hidden / heads, as
-    in the real models where head_dim is set explicitly)."""
-    config_kwargs.setdefault("head_dim", 32)
-    return _make("qwen3", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
-                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
-                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
-
-
-def make_phi3(out_dir: Path, *, tied: bool = False, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 2,
-              n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "spm",
-              dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
-              generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
-    """A tiny Phi3ForCausalLM (fused qkv_proj and gate_up_proj)."""
-    config_kwargs.setdefault("pad_token_id", 0)
-    return _make("phi3", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
-                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
-                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
-
-
-def make_gemma2(out_dir: Path, *, tied: bool = True, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 4,
-                n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "spm",
-                dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
-                generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
-    """A tiny Gemma2ForCausalLM: head_dim 16 (= query_pre_attn_scalar), a sliding window of 8 on even
-    layers, and soft-caps small enough to matter at this scale (attention 2, logits 3)."""
-    for k, v in (("head_dim", 16), ("query_pre_attn_scalar", 16), ("sliding_window", 8),
-                 ("attn_logit_softcapping", 2.0), ("final_logit_softcapping", 3.0), ("pad_token_id", 0)):
-        config_kwargs.setdefault(k, v)
-    return _make("gemma2", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
-                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
-                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
-
-
-def make_gemma3(out_dir: Path, *, tied: bool = True, n_kv_heads: int = 2, hidden: int = 64, n_layers: int = 7,
-                n_heads: int = 4, ff: int = 128, vocab_size: int | None = None, tokenizer: str = "spm",
-                dtype: torch.dtype = torch.float32, fmt: str = "safetensors", n_shards: int = 1, seed: int = 0,
-                generation: dict[str, Any] | None = None, max_position: int = 256, **config_kwargs: Any) -> Path:
-    """A tiny Gemma3ForCausalLM (text): 7 layers (the sixth global, the rest windowed by 8), head_dim
-    16, q/k norms, RoPE bases 10000 (windowed) and 1e6 (global)."""
-    for k, v in (("head_dim", 16), ("query_pre_attn_scalar", 16), ("sliding_window", 8), ("pad_token_id", 0)):
-        config_kwargs.setdefault(k, v)
-    return _make("gemma3", out_dir, tied=tied, n_kv_heads=n_kv_heads, hidden=hidden, n_layers=n_layers,
-                 n_heads=n_heads, ff=ff, vocab_size=vocab_size, tokenizer=tokenizer, dtype=dtype, fmt=fmt,
-                 n_shards=n_shards, seed=seed, generation=generation, max_position=max_position, **config_kwargs)
+make_llama = _maker("llama", """A tiny LlamaForCausalLM. tokenizer: "llama3", "smollm", "gpt2" (byte-level BPE) or "spm"
+    (Llama 2 SentencePiece). fmt: "safetensors" or "bin". Other keyword arguments go to LlamaConfig
+    (e.g. rope_scaling=..., rope_theta=..., head_dim=..., attention_bias=True).""")
+make_mistral = _maker("mistral", "A tiny MistralForCausalLM with a SentencePiece tokenizer (converted as GGUF arch `llama`).",
+                      tokenizer="spm")
+make_qwen2 = _maker("qwen2", "A tiny Qwen2ForCausalLM (q/k/v biases, tied embeddings by default like Qwen2.5-0.5B).",
+                    tied=True, tokenizer="qwen2")
+make_qwen3 = _maker("qwen3", """A tiny Qwen3ForCausalLM (q/k RMSNorm per head, no q/k/v bias; head_dim 32 != hidden / heads,
+    as in the real models where head_dim is set explicitly).""", tied=True, tokenizer="qwen2", head_dim=32)
+make_phi3 = _maker("phi3", "A tiny Phi3ForCausalLM (fused qkv_proj and gate_up_proj).", tokenizer="spm", pad_token_id=0)
+make_gemma2 = _maker("gemma2", """A tiny Gemma2ForCausalLM: head_dim 16 (= query_pre_attn_scalar), a sliding window of 8 on
+    even layers, and soft-caps small enough to matter at this scale (attention 2, logits 3).""",
+                     tied=True, tokenizer="spm", n_layers=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=0)
+make_gemma3 = _maker("gemma3", """A tiny Gemma3ForCausalLM (text): 7 layers (the sixth global, the rest windowed by 8),
+    head_dim 16, q/k norms, RoPE bases 10000 (windowed) and 1e6 (global).""",
+                     tied=True, tokenizer="spm", n_layers=7, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                     pad_token_id=0)
 
 
 def load_hf_model(model_dir: Path) -> torch.nn.Module:

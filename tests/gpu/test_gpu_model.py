@@ -165,13 +165,15 @@ def test_qk_norm_and_sliding_window_on_gpu(tmp_path):
         np.testing.assert_allclose(llm.logits(ids), ref, **scaled(ref, 5e-3), err_msg=name)
 
 
-def test_gemma2_on_gpu(tmp_path):
-    """Gemma 2's soft-capped attention (CUDA kernel) and logits (softcap op), post-norms, windows."""
-    from checkpoints import make_gemma2
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_on_gpu(tmp_path, arch):
+    """Gemma 2's soft-capped attention (CUDA kernel) and logits (softcap op), post-norms and windows;
+    Gemma 3's window pattern, local RoPE base and q/k norms; split and whole."""
+    import checkpoints
     from pyengine_convert import convert
     from transformers import AutoModelForCausalLM
 
-    hf_dir = make_gemma2(tmp_path / "hf")
+    hf_dir = getattr(checkpoints, f"make_{arch}")(tmp_path / "hf")
     convert(hf_dir, tmp_path / "g.gguf", qtype="f32")
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     ids = np.random.default_rng(3).integers(3, 400, size=40).tolist()
@@ -180,18 +182,3 @@ def test_gemma2_on_gpu(tmp_path):
     for ngl in (2, ALL):
         llm = pyengine.LLM(tmp_path / "g.gguf", n_ctx=64, kv_type="f32", n_gpu_layers=ngl)
         np.testing.assert_allclose(llm.logits(ids), ref, **scaled(ref, 5e-3), err_msg=f"n_gpu_layers={ngl}")
-
-
-def test_gemma3_on_gpu(tmp_path):
-    from checkpoints import make_gemma3
-    from pyengine_convert import convert
-    from transformers import AutoModelForCausalLM
-
-    hf_dir = make_gemma3(tmp_path / "hf")
-    convert(hf_dir, tmp_path / "g.gguf", qtype="f32")
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    ids = np.random.default_rng(4).integers(3, 400, size=40).tolist()
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].float().numpy()
-    llm = pyengine.LLM(tmp_path / "g.gguf", n_ctx=64, kv_type="f32", n_gpu_layers=ALL)
-    np.testing.assert_allclose(llm.logits(ids), ref, **scaled(ref, 5e-3))
