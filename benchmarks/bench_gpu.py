@@ -39,15 +39,18 @@ def peak(table: dict, name: str) -> float | None:
 
 
 def random_tensor(qtype: str, rows: int, cols: int, rng: np.random.Generator):
-    """(data, raw_dtype) for gguf's writer: a few distinct rows quantized with gguf, tiled to `rows`."""
+    """(data, raw_dtype) for gguf's writer: a few distinct rows quantized (pyengine's quantizers, byte-equal
+    to ggml's; gguf-py cannot quantize K types), tiled to `rows`."""
     import gguf
+
+    from pyengine import _C
 
     base = rng.standard_normal((min(rows, 64), cols)).astype(np.float32) * 0.02
     if qtype == "f16":
         return np.tile(base.astype(np.float16), (rows // base.shape[0] + 1, 1))[:rows], None
     t = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_k": gguf.GGMLQuantizationType.Q4_K,
          "q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
-    q = gguf.quants.quantize(base, t)
+    q = _C.quantize(base, int(t))
     return np.tile(q, (rows // q.shape[0] + 1, 1))[:rows], t
 
 

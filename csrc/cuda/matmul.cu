@@ -8,7 +8,7 @@
 //     rows and FMA them with x, which the block stages in shared memory one slice of columns at a
 //     time (padded so that lanes reading different chunks hit different banks). Accumulators live
 //     in registers (the kernel is templated on m); a warp shuffle sums the lanes.
-//   * m > 8 (prefill): gemm_wmma_kernel. 64 x 64 output tiles, K steps of 64: the block converts an
+//   * m > 8 (prefill): gemm_wmma_kernel (gemm_f32_kernel for F32 weights, which keeps fp32). 64 x 64 output tiles, K steps of 64: the block converts an
 //     x tile to half and dequantises a W tile to half in shared memory, then four warps run
 //     m16n16k16 tensor-core MMAs with float accumulation. Edges are zero-padded.
 // Left for later: dp4a / int8 MMA on x quantised to 8 bits (as the CPU does), weight repacking at
@@ -251,9 +251,69 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_wmma_kernel(const uint8_t* 
   }
 }
 
+// ---- fp32 GEMM for F32 weights (m > 8) -----------------------------------------------------------------
+//
+// F32 weights ask for F32 results: the tensor-core path would round both factors to half (a 7-layer
+// F32 model then drifts ~1% of the logit scale from transformers). F32 weights are for references and
+// tests, not speed, so this is a plain shared-memory tiled SIMT GEMM: 64 x 64 output tiles, K steps
+// of 16, each thread 4 x 4 outputs strided by 16 (conflict-free shared reads, coalesced writes).
+
+constexpr int kF32Tile = 64;
+constexpr int kF32TileK = 16;
+constexpr int kF32Threads = 256;
+
+__global__ void __launch_bounds__(kF32Threads) gemm_f32_kernel(const uint8_t* __restrict__ w, int64_t w_rows,
+                                                               int64_t cols, size_t w_stride,
+                                                               const float* __restrict__ x, int64_t m, int64_t ldx,
+                                                               float* __restrict__ y, int64_t ldy) {
+  __shared__ float xs[kF32TileK][kF32Tile + 1];  // transposed tiles: [k][row]
+  __shared__ float ws[kF32TileK][kF32Tile + 1];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t n0 = int64_t(blockIdx.x) * kF32Tile;
+  const int64_t m0 = int64_t(blockIdx.y) * kF32Tile;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+
+  for (int64_t k0 = 0; k0 < cols; k0 += kF32TileK) {
+    for (int e = tid; e < kF32Tile * kF32TileK; e += kF32Threads) {
+      const int r = e / kF32TileK, k = e % kF32TileK;
+      const int64_t gk = k0 + k, gm = m0 + r, gn = n0 + r;
+      xs[k][r] = gm < m && gk < cols ? x[gm * ldx + gk] : 0.0f;
+      ws[k][r] = gn < w_rows && gk < cols ? reinterpret_cast<const float*>(w + gn * w_stride)[gk] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kF32TileK; k++) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) a[i] = xs[k][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; j++) b[j] = ws[k][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const int64_t gr = m0 + ty + 16 * i;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int64_t gn = n0 + tx + 16 * j;
+      if (gr < m && gn < w_rows) y[gr * ldy + gn] = acc[i][j];
+    }
+  }
+}
+
 template <GGMLType T>
 void launch_gemm(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, int64_t m, float* y,
                  int64_t ldy) {
+  static_assert(kTileM == kF32Tile && kTileN == kF32Tile, "one grid shape for both GEMMs");
   const int64_t n_tiles = ceil_div(w.rows, kTileN);
   PE_CHECK(n_tiles <= 0x7fffffff, Error, "matmul: too many weight rows for one grid (", w.rows, ")");
   // gridDim.y is at most 65535: rows of x beyond that many tiles go in further launches.
@@ -261,8 +321,13 @@ void launch_gemm(cudaStream_t stream, const Tensor& w, const float* x, int64_t l
   for (int64_t r0 = 0; r0 < m; r0 += kMaxRowsPerLaunch) {
     const int64_t mr = m - r0 < kMaxRowsPerLaunch ? m - r0 : kMaxRowsPerLaunch;
     const dim3 grid(unsigned(n_tiles), unsigned(ceil_div(mr, kTileM)));
-    gemm_wmma_kernel<T><<<grid, kGemmThreads, 0, stream>>>(static_cast<const uint8_t*>(w.data), w.rows, w.cols,
-                                                           w.row_stride, x + r0 * ldx, mr, ldx, y + r0 * ldy, ldy);
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data);
+    if constexpr (T == GGMLType::F32)
+      gemm_f32_kernel<<<grid, kF32Threads, 0, stream>>>(wp, w.rows, w.cols, w.row_stride, x + r0 * ldx, mr, ldx,
+                                                        y + r0 * ldy, ldy);
+    else
+      gemm_wmma_kernel<T><<<grid, kGemmThreads, 0, stream>>>(wp, w.rows, w.cols, w.row_stride, x + r0 * ldx, mr,
+                                                             ldx, y + r0 * ldy, ldy);
     PE_CUDA_LAUNCHED();
   }
 }
