@@ -7,13 +7,23 @@ mutating the inputs) raises `TemplateError`. What a template sees is transformer
 (`bos_token`, `eos_token`, ...), `raise_exception`, `strftime_now`, a `tojson` that does not escape
 HTML, `trim_blocks` and `lstrip_blocks` on, and the loop-control extension.
 
+A template may also not take more than its share: rendering stops with `TemplateError` after
+`MAX_RENDER_SECONDS`, and no string or list it builds (with `*`, `+`, `%`, `**`, the string methods and
+filters that pad, join, replace or indent, or its whole output) may exceed `MAX_TEMPLATE_CHARS`; the
+source itself is at most `MAX_TEMPLATE_SOURCE` characters. Real templates are far inside these (the
+largest we know, with tool calling, are ~20 KB and render in milliseconds).
+
 Models without a template get a built-in one (ChatML, Llama 2, Llama 3, ChatGLM3, ChatGLM2, ChatGLM-6B), by name or by
 what the vocabulary looks like.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import math
+import re
+import threading
 from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -26,7 +36,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
-__all__ = ["BUILTIN_TEMPLATES", "ChatTemplate", "TemplateError", "guess_template_name", "render_chat_template"]
+__all__ = ["BUILTIN_TEMPLATES", "ChatTemplate", "MAX_RENDER_SECONDS", "MAX_TEMPLATE_CHARS", "MAX_TEMPLATE_SOURCE",
+           "TemplateError", "guess_template_name", "render_chat_template"]
+
+MAX_RENDER_SECONDS = 10.0  # parse + render
+MAX_TEMPLATE_CHARS = 1 << 24  # any string or list a template builds, and its output (16 Mi characters)
+MAX_TEMPLATE_SOURCE = 1 << 20
 
 
 class TemplateError(ValueError):
@@ -128,7 +143,146 @@ def _raise_exception(message: str) -> None:
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
             sort_keys: bool = False) -> str:
     # Jinja's own tojson escapes <, >, & and ' for HTML; transformers' does not.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    if isinstance(indent, str):
+        _check_size(len(indent) * 64, "tojson indent")
+    elif indent is not None:
+        _check_size(int(indent) * 64, "tojson indent")  # a width repeated per nesting level and line
+    return _sized(json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys))
+
+
+# ---- resource limits ----------------------------------------------------------------------------------------
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > MAX_TEMPLATE_CHARS:
+        raise TemplateError(f"chat template too large: {what} of {n} characters or items "
+                            f"(the limit is {MAX_TEMPLATE_CHARS})")
+
+
+def _sized(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple)):
+        _check_size(len(value), "string or list")
+    return value
+
+
+_WIDTHS = re.compile(r"\d+")
+
+
+def _check_format_widths(fmt: str) -> None:
+    """Widths and precisions in a %-format or str.format string ('%100000000d', '{:>99999999}')."""
+    for m in _WIDTHS.finditer(fmt):
+        if len(m.group()) > 8 or int(m.group()) > MAX_TEMPLATE_CHARS:
+            _check_size(10 ** min(len(m.group()), 30), "formatted field")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int)
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    sized = (str, list, tuple)
+    if operator == "*":
+        if isinstance(left, sized) and _is_int(right):
+            _check_size(len(left) * max(int(right), 0), "repeated string or list")
+        elif isinstance(right, sized) and _is_int(left):
+            _check_size(len(right) * max(int(left), 0), "repeated string or list")
+    elif operator == "+":
+        if isinstance(left, sized) and isinstance(right, sized):
+            _check_size(len(left) + len(right), "concatenated string or list")
+    elif operator == "%" and isinstance(left, str):
+        _check_format_widths(left)
+        for v in right if isinstance(right, tuple) else (right,):
+            if _is_int(v):
+                _check_size(abs(int(v)), "formatted field")  # '%*d' % (width, x)
+    elif operator == "**" and _is_int(left) and _is_int(right) and abs(int(left)) > 1 and int(right) > 0:
+        bits = int(right) * math.log2(abs(int(left)))
+        if bits > 1 << 16:
+            raise TemplateError(f"chat template computes a {bits:.3g}-bit power")
+
+
+def _check_str_method(obj: Any, args: tuple, kwargs: dict) -> None:
+    """Bounds for the str methods whose output can be far larger than their input."""
+    s, name = obj.__self__, obj.__name__
+    params = list(args) + list(kwargs.values())
+    if name in ("center", "ljust", "rjust", "zfill") and params and _is_int(params[0]):
+        _check_size(int(params[0]), f"str.{name} result")
+    elif name == "expandtabs":
+        _check_size(len(s) * (int(params[0]) if params and _is_int(params[0]) else 8), "str.expandtabs result")
+    elif name == "join" and params and isinstance(params[0], (list, tuple)):
+        items = params[0]
+        _check_size(sum(len(x) for x in items if isinstance(x, str)) + len(s) * len(items), "joined string")
+    elif name == "replace" and len(params) >= 2 and isinstance(params[0], str) and isinstance(params[1], str):
+        old, new = params[0], params[1]
+        if len(new) > len(old):
+            hits = len(s) + 1 if not old else s.count(old)
+            _check_size(len(s) + hits * (len(new) - len(old)), "replaced string")
+
+
+def _limited_filter(name: str, f: Any) -> Any:
+    """Jinja's filters that can make large strings, with the size checks of the str methods above."""
+
+    def check(args: tuple, kwargs: dict) -> None:
+        skip = 1 if name in ("join", "replace") else 0  # these two take Jinja's eval context first
+        value = args[skip] if len(args) > skip else None
+        rest = args[skip + 1:]
+        if name == "center":
+            _check_str_method(str(value).center, rest, kwargs)
+        elif name == "indent":
+            width = rest[0] if rest else kwargs.get("width", 4)
+            w = len(width) if isinstance(width, str) else int(width) if _is_int(width) else 0
+            _check_size(w * (str(value).count("\n") + 1) + len(str(value)), "indented string")
+        elif name == "format" and kwargs:
+            _check_format_widths(str(value))
+        elif name == "format" and isinstance(value, str):
+            _check_binop("%", value, tuple(rest))
+        elif name == "join" and isinstance(value, (list, tuple)):
+            d = rest[0] if rest else kwargs.get("d", "")
+            _check_str_method(str(d).join, ([str(x) for x in value],), {})
+        elif name == "replace" and isinstance(value, str):
+            _check_str_method(value.replace, rest, kwargs)
+
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        check(args, kwargs)
+        return _sized(f(*args, **kwargs))
+
+    for attr in ("jinja_pass_arg",):  # keep Jinja's pass_eval_context / pass_environment marks
+        if hasattr(f, attr):
+            setattr(limited, attr, getattr(f, attr))
+    return limited
+
+
+class _RenderTimeout(BaseException):
+    """Raised inside a render that ran past MAX_RENDER_SECONDS (a BaseException: nothing catches it on the way)."""
+
+
+def _run_limited(fn: Any, what: str) -> Any:
+    """fn() on a worker thread, stopped by an asynchronous exception after MAX_RENDER_SECONDS.
+
+    Python cannot kill a thread, but it can raise in one at its next bytecode: template loops are
+    Python code, and the size checks keep any single C-level step (a string repeat, a join) short.
+    """
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
+            error.append(e)
+
+    worker = threading.Thread(target=work, name="pyengine-chat-template", daemon=True)
+    worker.start()
+    worker.join(MAX_RENDER_SECONDS)
+    if worker.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_RenderTimeout))
+        worker.join(1.0)
+        raise TemplateError(f"chat template took more than {MAX_RENDER_SECONDS:g} s to {what}")
+    if error:
+        e = error[0]
+        if isinstance(e, _RenderTimeout):
+            raise TemplateError(f"chat template took more than {MAX_RENDER_SECONDS:g} s to {what}") from None
+        raise e
+    return result[0]
 
 
 def _strftime_now(format: str) -> str:
@@ -166,11 +320,30 @@ class _TemplateDict:
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, failing loudly: by default an unsafe attribute reads as an undefined
-    value that renders as "", so `{{ f.__globals__ }}` would pass silently."""
+    """Jinja's immutable sandbox, failing loudly (by default an unsafe attribute reads as an undefined
+    value that renders as "", so `{{ f.__globals__ }}` would pass silently) and within size limits."""
+
+    intercepted_binops = frozenset(["*", "+", "%", "**"])
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        _check_binop(operator, left, right)
+        return _sized(super().call_binop(context, operator, left, right))
+
+    def wrap_str_format(self, value: Any) -> Any:
+        # str.format / format_map are wrapped by the sandbox at attribute access, not checked in call().
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        _check_format_widths(value.__self__)
+        return lambda *args, **kwargs: _sized(wrapped(*args, **kwargs))
+
+    def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        if isinstance(getattr(__obj, "__self__", None), str):
+            _check_str_method(__obj, args, kwargs)
+        return _sized(super().call(__context, __obj, *args, **kwargs))
 
 
 @lru_cache(maxsize=32)
@@ -178,6 +351,8 @@ def _compile(source: str) -> jinja2.Template:
     env = _Sandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
+    for name in ("center", "indent", "format", "join", "replace"):
+        env.filters[name] = _limited_filter(name, env.filters[name])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -187,6 +362,17 @@ def _compile(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template does not parse: {e.message} (line {e.lineno})") from None
+    except (RecursionError, MemoryError) as e:  # nesting deeper than the parser's recursion
+        raise TemplateError(f"chat template does not parse: {type(e).__name__}") from None
+
+
+def _render_output(template: jinja2.Template, context: dict) -> str:
+    parts, n = [], 0
+    for piece in template.generate(**context):
+        n += len(piece)
+        _check_size(n, "rendered prompt")
+        parts.append(piece)
+    return "".join(parts)
 
 
 def _plain(value: Any) -> Any:
@@ -232,19 +418,16 @@ def render_chat_template(
     **variables: Any,
 ) -> str:
     """Render a Jinja chat template as transformers' `apply_chat_template(..., tokenize=False)` does."""
-    template = _compile(source)
+    if len(source) > MAX_TEMPLATE_SOURCE:
+        raise TemplateError(f"chat template has {len(source)} characters, more than the limit of {MAX_TEMPLATE_SOURCE}")
     chat = [_with_reasoning_aliases(m) for m in _plain(list(messages))]
     for message in chat:
         if not isinstance(message, dict):
             raise TemplateError(f"chat messages must be dicts, got {message!r}")
+    context = dict(messages=chat, tools=_plain(tools), documents=_plain(documents),
+                   add_generation_prompt=add_generation_prompt, **_plain(variables))
     try:
-        return template.render(
-            messages=chat,
-            tools=_plain(tools),
-            documents=_plain(documents),
-            add_generation_prompt=add_generation_prompt,
-            **_plain(variables),
-        )
+        return _run_limited(lambda: _render_output(_compile(source), context), "render")
     except TemplateError:
         raise
     except jinja2.exceptions.SecurityError as e:

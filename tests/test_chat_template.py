@@ -287,3 +287,78 @@ def test_inputs_are_copied():
     chat = [{"role": "user", "content": "hi"}]
     render_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}", chat)
     assert chat == [{"role": "user", "content": "hi"}]
+
+
+# Templates that try to take the machine: each must stop with TemplateError, quickly, without first
+# building what it asks for (the size checks run before the operation).
+EXHAUSTION = {
+    "string repeat": "{{ 'a' * 10**9 }}",
+    "list repeat": "{{ ([1] * 10**9)|length }}",
+    "doubling in a loop": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+                          "{% endfor %}{{ ns.s|length }}",
+    "center method": "{{ 'a'.center(10**10) }}",
+    "center filter": "{{ 'a'|center(10**10) }}",
+    "ljust": "{{ 'a'.ljust(10**10) }}",
+    "zfill": "{{ '1'.zfill(10**10) }}",
+    "expandtabs": "{{ ('\\t' * 100000).expandtabs(10**6) }}",
+    "%-format width": "{{ '%10000000000d' % 1 }}",
+    "%-format star width": "{{ '%*d' % (10**10, 1) }}",
+    "str.format width": "{{ '{:>10000000000}'.format(1) }}",
+    "format_map width": "{{ '{a:>10000000000}'.format_map({'a': 1}) }}",
+    "format filter": "{{ '%10000000000d'|format(1) }}",
+    "join method": "{% set s = 'a' * 10000000 %}{{ ''.join([s, s, s, s]) }}",
+    "join filter": "{% set s = 'a' * 10000000 %}{{ [s, s, s, s]|join }}",
+    "replace method": "{{ ('a' * 1000000).replace('a', 'a' * 100) }}",
+    "replace filter": "{{ ('a' * 1000000)|replace('a', 'a' * 100) }}",
+    "indent filter": "{{ ('a\\n' * 1000000)|indent(1000) }}",
+    "tojson indent": "{{ messages|tojson(indent=10**9) }}",
+    "huge power": "{{ 7 ** 100000000 }}",
+    "output size": "{% for i in range(100000) %}{{ 'a' * 1000 }}{% endfor %}",
+    "deep nesting": "{{ " + "(" * 20000 + "1" + ")" * 20000 + " }}",
+    "recursive macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "huge source": "{# " + "x" * (2 << 20) + " #}",
+}
+
+
+@pytest.mark.parametrize("source", EXHAUSTION.values(), ids=EXHAUSTION.keys())
+def test_resource_exhaustion_is_refused(source):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(TemplateError):
+        render_chat_template(source, [{"role": "user", "content": "hi"}])
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("source", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{% for a in 'x' * 100000 %}{% for b in 'y' * 100000 %}{% endfor %}{% endfor %}",
+    "{% for m in range(100000) %}{% for s in messages %}{% for i in range(100000) %}{% endfor %}{% endfor %}"
+    "{% endfor %}",
+], ids=["nested ranges", "nested strings", "loops around the input"])
+def test_render_time_is_limited(source, monkeypatch):
+    import threading
+    import time
+
+    import pyengine.chat_template as ct
+
+    monkeypatch.setattr(ct, "MAX_RENDER_SECONDS", 1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(TemplateError, match="took more than 1 s"):
+        render_chat_template(source, [{"role": "user", "content": "hi"}])
+    assert time.perf_counter() - t0 < 3
+    time.sleep(0.2)  # the interrupted render has ended, not left spinning on a thread
+    assert not [t for t in threading.enumerate() if t.name == "pyengine-chat-template"]
+
+
+def test_limits_leave_real_templates_alone():
+    """Sizes just under the limits and everything a real template does still render."""
+    import pyengine.chat_template as ct
+
+    n = ct.MAX_TEMPLATE_CHARS
+    assert len(render_chat_template("{{ 'a' * %d }}" % n, [])) == n
+    assert render_chat_template("{{ '%5d|{:>4}'.format(7) % 3 }}", []) == "    3|   7"
+    assert render_chat_template("{{ ['a', 'b']|join(', ') }}|{{ 'x'|center(5) }}|{{ 'ab'|replace('a', 'cc') }}", []) \
+        == "a, b|  x  |ccb"
+    long = [{"role": "user", "content": "word " * 200000}]  # a 1 MB message
+    assert len(ChatTemplate.builtin("chatml").render(long)) > 1_000_000
