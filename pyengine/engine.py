@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from . import _C
-from ._C import EngineError
+from ._C import EngineError, ModelFormatError
 
 if TYPE_CHECKING:
     from .chat_template import ChatTemplate
@@ -302,7 +302,11 @@ class Engine:
 
         tokenizer = _TOKENIZERS.get(self._model)
         if tokenizer is None:
-            tokenizer = _TOKENIZERS[self._model] = Tokenizer.from_metadata(self.metadata)
+            tokenizer = Tokenizer.from_metadata(self.metadata)
+            if tokenizer.n_vocab != self.n_vocab:  # ids the model makes would have no text, or the reverse
+                raise ModelFormatError(f"{self.model_path}: tokenizer.ggml.tokens has {tokenizer.n_vocab} tokens but the "
+                                       f"model's embedding has {self.n_vocab} rows")
+            _TOKENIZERS[self._model] = tokenizer
         return tokenizer
 
     @cached_property

@@ -226,6 +226,76 @@ def _meta_int(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
     return value if 0 <= value < n_vocab else None
 
 
+# Limits on what a vocabulary may ask of us (files are untrusted). Real vocabularies are far inside:
+# the longest token we know is ~130 characters, the largest vocabularies ~260,000 tokens holding
+# ~2 million characters.
+MAX_TOKEN_CHARS = 1 << 16
+MAX_VOCAB_CHARS = 1 << 26  # all tokens together (SentencePiece's merge search visits every split of every token)
+_STR_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template")
+_INT_KEYS = tuple(f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos", "unknown", "padding", "seperator", "eot",
+                                                             "eom")) + ("pyengine.tokenizer.bert.max_input_chars_per_word",)
+_BOOL_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix",
+              "tokenizer.ggml.remove_extra_whitespaces", "tokenizer.ggml.normalizer.lowercase",
+              "tokenizer.ggml.normalizer.strip_accents", "pyengine.tokenizer.bert.clean_text",
+              "pyengine.tokenizer.bert.handle_chinese_chars")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_metadata(md: Mapping[str, Any]) -> None:
+    """Types, lengths and ranges of every tokenizer key, so that a bad file fails here with the key's
+    name instead of deep inside `tokenizers` (or silently)."""
+    tokens = md.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ModelFormatError("GGUF metadata has no tokenizer.ggml.tokens: the file carries no vocabulary")
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) for t in tokens):
+        raise ModelFormatError("tokenizer.ggml.tokens must be an array of strings")
+    n = len(tokens)
+    if n == 0:
+        raise ModelFormatError("tokenizer.ggml.tokens is empty")
+    total = 0
+    for i, t in enumerate(tokens):
+        if len(t) > MAX_TOKEN_CHARS:
+            raise ModelFormatError(f"tokenizer.ggml.tokens[{i}] has {len(t)} characters (the limit is {MAX_TOKEN_CHARS})")
+        total += len(t)
+    if total > MAX_VOCAB_CHARS:
+        raise ModelFormatError(f"tokenizer.ggml.tokens hold {total} characters (the limit is {MAX_VOCAB_CHARS})")
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        arr = md.get(key)
+        if arr is None:
+            continue
+        kind = "iu" if key.endswith("type") else "iuf"
+        if isinstance(arr, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arr):
+            arr = np.asarray(arr)  # a caller's dict (from_metadata) may hold lists
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype.kind not in kind:
+            raise ModelFormatError(f"{key} must be a numeric array" + (" of integers" if kind == "iu" else ""))
+        if arr.shape != (n,):
+            raise ModelFormatError(f"{key} has {arr.size} entries for {n} tokens")
+        if kind == "iu" and arr.size and (arr.min() < 0 or arr.max() > max(TokenType)):  # 0: undefined
+            bad = int(np.flatnonzero((arr < 0) | (arr > max(TokenType)))[0])
+            raise ModelFormatError(f"{key}[{bad}] = {arr[bad]} is not a token type (0..{max(TokenType)})")
+        if kind == "iuf" and not np.isfinite(arr).all():
+            raise ModelFormatError(f"{key}[{int(np.flatnonzero(~np.isfinite(arr))[0])}] is not a finite number")
+    merges = md.get("tokenizer.ggml.merges")
+    if merges is not None and (not isinstance(merges, (list, tuple)) or not all(isinstance(m, str) for m in merges)):
+        raise ModelFormatError("tokenizer.ggml.merges must be an array of strings")
+    for key in _STR_KEYS:
+        if md.get(key) is not None and not isinstance(md[key], str):
+            raise ModelFormatError(f"{key} must be a string, not {type(md[key]).__name__}")
+    for key in _INT_KEYS:
+        if md.get(key) is not None and not _is_int(md[key]):
+            raise ModelFormatError(f"{key} must be an integer, not {type(md[key]).__name__}")
+    for key in _BOOL_KEYS:
+        if md.get(key) is not None and not isinstance(md[key], (bool, np.bool_)) and not _is_int(md[key]):
+            raise ModelFormatError(f"{key} must be a boolean, not {type(md[key]).__name__}")
+    max_chars = md.get("pyengine.tokenizer.bert.max_input_chars_per_word")
+    if max_chars is not None and not 1 <= int(max_chars) <= MAX_TOKEN_CHARS:
+        raise ModelFormatError(f"pyengine.tokenizer.bert.max_input_chars_per_word = {max_chars} is outside "
+                               f"[1, {MAX_TOKEN_CHARS}]")
+
+
 class Tokenizer:
     """Text <-> token ids for one model, built from its GGUF metadata.
 
@@ -236,22 +306,30 @@ class Tokenizer:
 
     def __init__(self, metadata: Mapping[str, Any]):
         md = metadata
+        _check_metadata(md)
         self.model: str = md.get("tokenizer.ggml.model", "")
-        tokens = md.get("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise ModelFormatError("GGUF metadata has no tokenizer.ggml.tokens: the file carries no vocabulary")
-        self._tokens: list[str] = list(tokens)
+        self._tokens: list[str] = list(md["tokenizer.ggml.tokens"])
         n = len(self._tokens)
         types = md.get("tokenizer.ggml.token_type")
         self._types = np.full(n, TokenType.NORMAL, np.int32) if types is None else np.asarray(types, np.int32)
-        if self._types.shape != (n,):
-            raise ModelFormatError(f"tokenizer.ggml.token_type has {self._types.size} entries for {n} tokens")
+        self._types[self._types == 0] = TokenType.NORMAL  # llama.cpp's LLAMA_TOKEN_TYPE_UNDEFINED
         self._index = {}
         for i, token in enumerate(self._tokens):
             if self._index.setdefault(token, i) != i:
                 raise ModelFormatError(f"duplicate token {token!r} in tokenizer.ggml.tokens (ids {self._index[token]} and {i})")
 
         self.pre: str | None = md.get("tokenizer.ggml.pre")
+        try:
+            add_bos_default = self._build_backend(md)
+        except (ModelFormatError, UnsupportedModelError):
+            raise
+        except Exception as e:  # `tokenizers` refusing what the checks above let through
+            raise ModelFormatError(f"tokenizer metadata ({self.model} vocabulary of {n} tokens) is invalid: "
+                                   f"{type(e).__name__}: {e}") from None
+        self._finish(md, n, add_bos_default)
+
+    def _build_backend(self, md: Mapping[str, Any]) -> bool:
+        """Builds self.backend for the vocabulary's model; returns whether BOS is added by default."""
         if self.model == "gpt2":
             pre = PRE_TOKENIZERS.get(self.pre or "default")
             if pre is None:
@@ -273,7 +351,9 @@ class Tokenizer:
             raise UnsupportedModelError(
                 f"tokenizer.ggml.model = {self.model!r} is not supported (supported: 'gpt2', 'llama', 'bert')"
             )
+        return add_bos_default
 
+    def _finish(self, md: Mapping[str, Any], n: int, add_bos_default: bool) -> None:
         self.bos_id = _meta_int(md, "tokenizer.ggml.bos_token_id", n)
         self.eos_id = _meta_int(md, "tokenizer.ggml.eos_token_id", n)
         self.unk_id = _meta_int(md, "tokenizer.ggml.unknown_token_id", n)
@@ -378,7 +458,12 @@ class Tokenizer:
         for i, word in enumerate(words):
             vocab.setdefault(word, i)
         unk = _meta_int(md, "tokenizer.ggml.unknown_token_id", len(words))
-        unk_word = words[unk] if unk is not None else "[UNK]"
+        if unk is None:  # no valid id: the vocabulary's unknown-type token, else BERT's spelling
+            unk = next(iter(np.flatnonzero(self._types == TokenType.UNKNOWN)), vocab.get("[UNK]"))
+        if unk is None:
+            raise ModelFormatError("the WordPiece vocabulary has no unknown token (tokenizer.ggml.unknown_token_id "
+                                   "is missing or out of range and no token is of the unknown type or '[UNK]')")
+        unk_word = words[int(unk)]
         max_chars = int(md.get("pyengine.tokenizer.bert.max_input_chars_per_word", 100))
         tok = HFTokenizer(models.WordPiece(vocab=vocab, unk_token=unk_word, max_input_chars_per_word=max_chars))
         lowercase = bool(md.get("tokenizer.ggml.normalizer.lowercase", True))
@@ -452,16 +537,22 @@ class Tokenizer:
         """Number of tokens in the vocabulary."""
         return len(self._tokens)
 
+    def _check_id(self, token_id: int) -> int:
+        token_id = int(token_id)
+        if not 0 <= token_id < len(self._tokens):
+            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{len(self._tokens) - 1})")
+        return token_id
+
     def id_to_token(self, token_id: int) -> str:
         """The token's spelling in the vocabulary (byte-level or "▁"-spelled)."""
-        return self._tokens[token_id]
+        return self._tokens[self._check_id(token_id)]
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a token spelled as in the vocabulary, or None."""
         return self._index.get(token)
 
     def token_type(self, token_id: int) -> TokenType:
-        return TokenType(int(self._types[token_id]))
+        return TokenType(int(self._types[self._check_id(token_id)]))
 
     def is_special(self, token_id: int) -> bool:
         """True for control and unknown tokens, the ones `skip_special_tokens` drops."""
@@ -509,7 +600,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of the token ids; bytes that are not valid UTF-8 become U+FFFD."""
-        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode([self._check_id(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _glm1_postprocess(text) if self._glm1_split is not None else text
 
     def token_to_piece(self, token_id: int) -> bytes:
@@ -518,7 +609,7 @@ class Tokenizer:
         Concatenating the pieces of a sequence gives the UTF-8 of `decode(ids)`, except that a
         SentencePiece decode drops the single leading space that `add_space_prefix` put there.
         """
-        piece = self._pieces[token_id]
+        piece = self._pieces[self._check_id(token_id)]
         if piece is None:
             piece = self._pieces[token_id] = self._compute_piece(token_id)
         return piece
