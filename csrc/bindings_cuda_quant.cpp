@@ -4,9 +4,11 @@
 #include <pybind11/numpy.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "bindings.h"
 #include "common.h"
+#include "cuda/gemv_span.cuh"
 #include "cuda/quant_blocks.cuh"
 #include "ggml_types.h"
 
@@ -16,9 +18,9 @@ namespace pe {
 
 namespace {
 
-py::array_t<float> cuda_host_dequantize(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols) {
+// Checks raw weight bytes of a rows x cols matrix of a chunk type; returns the type and row bytes.
+GGMLType check_weights(const py::buffer_info& info, uint32_t type_id, int64_t rows, int64_t cols, size_t* rb_out) {
   // Bad arguments raise pe errors (ModelFormatError is a ValueError), as the engine's own checks do.
-  const py::buffer_info info = w.request();
   PE_CHECK(info.itemsize == 1, ModelFormatError, "weights must be raw bytes (a uint8 array or bytes)");
   PE_CHECK(rows >= 0 && cols > 0, ModelFormatError, "bad weight shape ", rows, " x ", cols);
   PE_CHECK(type_traits(type_id), UnsupportedModelError, "unknown tensor type id ", type_id);
@@ -34,6 +36,14 @@ py::array_t<float> cuda_host_dequantize(const py::buffer& w, uint32_t type_id, i
   const size_t rb = row_bytes(t, cols);  // throws if cols is not a multiple of the block size
   PE_CHECK(size_t(info.size) == rb * size_t(rows), ModelFormatError, "weights of type ", type_name(type_id), " ",
            rows, " x ", cols, " take ", rb * size_t(rows), " bytes, got ", info.size);
+  *rb_out = rb;
+  return t;
+}
+
+py::array_t<float> cuda_host_dequantize(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols) {
+  const py::buffer_info info = w.request();
+  size_t rb;
+  const GGMLType t = check_weights(info, type_id, rows, cols, &rb);
   py::array_t<float> out({rows, cols});
   const auto* src = static_cast<const uint8_t*>(info.ptr);
   float* dst = out.mutable_data();
@@ -54,6 +64,73 @@ py::array_t<float> cuda_host_dequantize(const py::buffer& w, uint32_t type_id, i
   return out;
 }
 
+// The CUDA GEMV's path from weight bytes to floats, on the host: rows laid out contiguously from an
+// address `misalign` (even) bytes past a 16-byte boundary, each span copied piece by piece as the 32
+// lanes of gemv_v2_kernel copy it (cuda/gemv_span.cuh) into a 16-byte aligned buffer at the same
+// offset mod 16, then chunk `lane` of the staged span decoded as the kernel decodes it. Throws if
+// the pieces overlap, leave a byte out, or are not aligned to their size, or if the decoded values
+// past the row's end are not 0.
+py::array_t<float> cuda_host_gemv_staged_dequantize(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
+                                                    int misalign) {
+  const py::buffer_info info = w.request();
+  size_t rb;
+  const GGMLType t = check_weights(info, type_id, rows, cols, &rb);
+  PE_CHECK(misalign >= 0 && misalign < 16 && misalign % cuda::chunk_row_alignment(t) == 0, ModelFormatError,
+           "misalign must be in [0, 16) and a multiple of ", cuda::chunk_row_alignment(t), " for ", type_name(type_id));
+  py::array_t<float> out({rows, cols});
+  const auto* src = static_cast<const uint8_t*>(info.ptr);
+  float* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    // The "global" copy of the weights, its first row at misalign mod 16.
+    std::vector<uint8_t> global(rb * size_t(rows) + 16);
+    const size_t base = (size_t(misalign) - reinterpret_cast<uintptr_t>(global.data())) & 15;
+    std::copy(src, src + rb * size_t(rows), global.begin() + ptrdiff_t(base));
+    alignas(16) uint8_t buf[cuda::span_max_bytes(GGMLType::F32) + 32];
+    std::vector<int> covered;
+    const int64_t n_chunks = (cols + cuda::kChunk - 1) / cuda::kChunk;
+    const int64_t n_spans = (n_chunks + cuda::kSpanChunks - 1) / cuda::kSpanChunks;
+    float chunk[cuda::kChunk];
+    for (int64_t r = 0; r < rows; r++) {
+      const uint8_t* row = global.data() + base + size_t(r) * rb;
+      for (int64_t s = 0; s < n_spans; s++) {
+        int64_t b, e;
+        cuda::span_bytes(t, cols, s, &b, &e);
+        const int n = int(e - b);
+        PE_CHECK(n > 0 && n <= cuda::span_max_bytes(t) && n % 2 == 0, Error, "span ", s, " has ", n, " bytes");
+        const uint8_t* span = row + b;
+        const int mis = int(reinterpret_cast<uintptr_t>(span) & 15);
+        std::fill(std::begin(buf), std::end(buf), uint8_t(0xa5));
+        covered.assign(size_t(n), 0);
+        for (int lane = 0; lane < 32; lane++) {
+          cuda::for_each_span_piece(mis, n, lane, [&](int off, int size) {
+            PE_CHECK((size == 2 || size == 4 || size == 8 || size == 16) && off >= 0 && off + size <= n &&
+                         (mis + off) % size == 0,
+                     Error, "bad piece (", off, ", ", size, ") of a ", n, "-byte span at ", mis, " mod 16");
+            std::copy(span + off, span + off + size, buf + mis + off);
+            for (int i = off; i < off + size; i++) covered[size_t(i)]++;
+          });
+        }
+        for (int i = 0; i < n; i++)
+          PE_CHECK(covered[size_t(i)] == 1, Error, "byte ", i, " of a ", n, "-byte span at ", mis, " mod 16 copied ",
+                   covered[size_t(i)], " times");
+        for (int lane = 0; lane < cuda::kSpanChunks && s * cuda::kSpanChunks + lane < n_chunks; lane++) {
+          cuda::dequantize_chunk(t, buf + mis, cuda::span_cols(cols, s), lane, chunk);
+          const int64_t k0 = (s * cuda::kSpanChunks + lane) * cuda::kChunk;
+          const int64_t m = std::min<int64_t>(cuda::kChunk, cols - k0);
+          std::copy(chunk, chunk + m, dst + r * cols + k0);
+          // Past the row's end the kernel multiplies by x's zero padding: anything but 0 (bytes beyond
+          // the staged span, which may be NaN) would leak into the sum.
+          for (int64_t l = m; l < cuda::kChunk; l++)
+            PE_CHECK(chunk[l] == 0.0f, Error, "element ", k0 + l, " past the end of a ", cols, "-element row is ",
+                     chunk[l], ", not 0");
+        }
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_cuda_quant(py::module_& m) {
@@ -61,6 +138,10 @@ void bind_cuda_quant(py::module_& m) {
         py::arg("cols"),
         "Raw GGUF bytes of a rows x cols matrix of ggml type `type_id` as float32 (rows, cols), decoded on "
         "the host by the CUDA kernels' chunk decoders (cuda/quant_blocks.cuh). For tests.");
+  m.def("cuda_host_gemv_staged_dequantize", &cuda_host_gemv_staged_dequantize, py::arg("w"), py::arg("type_id"),
+        py::arg("rows"), py::arg("cols"), py::arg("misalign") = 0,
+        "As cuda_host_dequantize, but through the CUDA GEMV's shared-memory staging (cuda/gemv_span.cuh) with the "
+        "rows starting `misalign` bytes past a 16-byte boundary. For tests.");
 }
 
 }  // namespace pe
