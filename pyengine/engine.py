@@ -304,8 +304,8 @@ class Engine:
         if tokenizer is None:
             tokenizer = Tokenizer.from_metadata(self.metadata)
             if tokenizer.n_vocab != self.n_vocab:  # ids the model makes would have no text, or the reverse
-                raise ModelFormatError(f"{self.model_path}: tokenizer.ggml.tokens has {tokenizer.n_vocab} tokens but the "
-                                       f"model's embedding has {self.n_vocab} rows")
+                raise ModelFormatError(f"{self.model_path}: tokenizer.ggml.tokens has {tokenizer.n_vocab} tokens "
+                                       f"but the model's embedding has {self.n_vocab} rows")
             _TOKENIZERS[self._model] = tokenizer
         return tokenizer
 

@@ -14,6 +14,8 @@ the nucleus, and min-p cuts by a threshold. See benchmarks/bench_sampling.py.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -52,7 +54,11 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            # Bounded so that penalised float32 logits stay finite (a logit of 1e4 times 1e4).
+            (1e-4 <= self.repetition_penalty <= 1e4, "repetition_penalty must be in [1e-4, 1e4]"),
+            (self.seed is None or self.seed >= 0, "seed must be None or >= 0"),
+            (all(math.isfinite(v) for v in (self.presence_penalty, self.frequency_penalty)),
+             "presence_penalty and frequency_penalty must be finite"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be None or in [0, 20]"),
         ]
         if self.response_format is not None:
@@ -140,7 +146,8 @@ class Sampler:
             ids = self._top_k(x, p.top_k)
             x = x[ids]
         top = x.max()
-        inv_t = np.float32(1.0 / p.temperature)
+        # Capped: a tiny positive temperature (1e-300) would make inf, and 0 * inf a NaN at the maximum.
+        inv_t = np.float32(min(1.0 / p.temperature, 1e30)) if p.temperature > 1e-30 else np.float32(1e30)
         # p_i >= min_p * p_max  <=>  x_i >= top + T * log(min_p)
         min_p_cut = top + p.temperature * np.log(p.min_p) if p.min_p > 0 else None
         if p.top_p < 1:

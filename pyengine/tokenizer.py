@@ -232,8 +232,9 @@ def _meta_int(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
 MAX_TOKEN_CHARS = 1 << 16
 MAX_VOCAB_CHARS = 1 << 26  # all tokens together (SentencePiece's merge search visits every split of every token)
 _STR_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template")
-_INT_KEYS = tuple(f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos", "unknown", "padding", "seperator", "eot",
-                                                             "eom")) + ("pyengine.tokenizer.bert.max_input_chars_per_word",)
+_SPECIAL_IDS = ("bos", "eos", "unknown", "padding", "seperator", "eot", "eom")
+_INT_KEYS = tuple(f"tokenizer.ggml.{k}_token_id" for k in _SPECIAL_IDS) + (
+    "pyengine.tokenizer.bert.max_input_chars_per_word",)
 _BOOL_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix",
               "tokenizer.ggml.remove_extra_whitespaces", "tokenizer.ggml.normalizer.lowercase",
               "tokenizer.ggml.normalizer.strip_accents", "pyengine.tokenizer.bert.clean_text",
@@ -258,7 +259,8 @@ def _check_metadata(md: Mapping[str, Any]) -> None:
     total = 0
     for i, t in enumerate(tokens):
         if len(t) > MAX_TOKEN_CHARS:
-            raise ModelFormatError(f"tokenizer.ggml.tokens[{i}] has {len(t)} characters (the limit is {MAX_TOKEN_CHARS})")
+            raise ModelFormatError(f"tokenizer.ggml.tokens[{i}] has {len(t)} characters "
+                                   f"(the limit is {MAX_TOKEN_CHARS})")
         total += len(t)
     if total > MAX_VOCAB_CHARS:
         raise ModelFormatError(f"tokenizer.ggml.tokens hold {total} characters (the limit is {MAX_VOCAB_CHARS})")
@@ -294,6 +296,16 @@ def _check_metadata(md: Mapping[str, Any]) -> None:
     if max_chars is not None and not 1 <= int(max_chars) <= MAX_TOKEN_CHARS:
         raise ModelFormatError(f"pyengine.tokenizer.bert.max_input_chars_per_word = {max_chars} is outside "
                                f"[1, {MAX_TOKEN_CHARS}]")
+
+
+def _check_text(text: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (from a JSON "\\ud800" escape) has no UTF-8."""
+    if not isinstance(text, str):
+        raise TypeError(f"text to encode must be a str, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode: {e.reason} at position {e.start}") from None
 
 
 class Tokenizer:
@@ -569,6 +581,7 @@ class Tokenizer:
 
         With `add_special_tokens`, BOS/EOS are added as the file says (`tokenizer.ggml.add_bos_token`).
         """
+        _check_text(text)
         if self._glm1_split is not None:
             ids = self._encode_chatglm1(text)
         elif self.model == "llama" and not text:
@@ -594,6 +607,8 @@ class Tokenizer:
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` for many texts, in parallel threads."""
         texts = list(texts)
+        for text in texts:
+            _check_text(text)
         if (self.model == "llama" and not all(texts)) or self._glm1_split is not None:
             return [self.encode(t, add_special_tokens) for t in texts]
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]

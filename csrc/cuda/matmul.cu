@@ -18,9 +18,10 @@
 //     arithmetic, but each lane reads its chunk straight from global memory with 16-bit loads, lanes
 //     one chunk apart, so a warp-wide load touches ~18 sectors for 64 useful bytes (Q4_0) and few
 //     bytes are in flight per SM.
-//   * m > 8 (prefill): gemm_wmma_kernel (gemm_f32_kernel for F32 weights, which keeps fp32). 64 x 64 output tiles, K steps of 64: the block converts an
+//   * m > 8 (prefill): gemm_wmma_kernel. 64 x 64 output tiles, K steps of 64: the block converts an
 //     x tile to half and dequantises a W tile to half in shared memory, then four warps run
-//     m16n16k16 tensor-core MMAs with float accumulation. Edges are zero-padded.
+//     m16n16k16 tensor-core MMAs with float accumulation. Edges are zero-padded. F32 weights take
+//     gemm_f32_kernel instead, which keeps fp32 throughout.
 // Left for later: dp4a / int8 MMA on x quantised to 8 bits (as the CPU does), weight repacking at
 // load time (a tensor-core-friendly layout, no per-chunk scale decoding), mma.sync with ldmatrix
 // and cp.async double buffering (Marlin-style), split-K for small grids.
@@ -29,10 +30,11 @@
 // passes the GPU tests, compute-sanitizer memcheck and racecheck on an H200. Whole 7B-shaped model
 // decode on the H200 (benchmarks/bench_gpu.py, same run): Q4_K 112 -> 130 tok/s, Q4_0 154 -> 156
 // tok/s with v2; both far from the HBM limit (~10%), so most of a decode step is elsewhere (launch
-// overhead of ~550 kernels per token without CUDA graphs is the first suspect). Likely GEMV limits to look for in a profile: the decoders still read
-// shared memory 16 bits at a time with lanes one block apart (18-byte strides for Q4_0: a few-way
-// bank conflict; 64-byte strides for F16: 16-way), the int-to-float conversions of the decoders,
-// and at m = 8 the fp32 FMAs themselves; the GEMM's unoverlapped tile loads.
+// overhead of ~550 kernels per token without CUDA graphs is the first suspect). Likely GEMV limits
+// to look for in a profile: the decoders still read shared memory 16 bits at a time with lanes one
+// block apart (18-byte strides for Q4_0: a few-way bank conflict; 64-byte strides for F16: 16-way),
+// the int-to-float conversions of the decoders, and at m = 8 the fp32 FMAs themselves; the GEMM's
+// unoverlapped tile loads.
 #include <mma.h>
 
 #include <cstdlib>
@@ -266,10 +268,9 @@ __device__ __forceinline__ void stage_span(uint8_t* buf, const uint8_t* src, int
 // The launch bounds ask for 16 warps per SM, i.e. at most 128 registers per thread: without the
 // minimum, ptxas held the 4-warp F32 kernel at m = 8 to 96 registers and spilled.
 template <GGMLType T, int M>
-__global__ void __launch_bounds__(kV2Warps<T> * 32, 16 / kV2Warps<T>) gemv_v2_kernel(const uint8_t* __restrict__ w, int64_t w_rows,
-                                                                   int64_t cols, size_t w_stride,
-                                                                   const float* __restrict__ x, int64_t ldx,
-                                                                   float* __restrict__ y, int64_t ldy) {
+__global__ void __launch_bounds__(kV2Warps<T> * 32, 16 / kV2Warps<T>)
+    gemv_v2_kernel(const uint8_t* __restrict__ w, int64_t w_rows, int64_t cols, size_t w_stride,
+                   const float* __restrict__ x, int64_t ldx, float* __restrict__ y, int64_t ldy) {
   constexpr int kThreads = kV2Warps<T> * 32;
   constexpr int kRowsPerBlock = kV2Warps<T> * kV2RowsPerWarp;
   constexpr int kStages = kV2Stages<T>;

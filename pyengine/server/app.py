@@ -166,7 +166,7 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
         except TemplateError as e:
             raise ApiError(400, str(e), "messages") from None
         # As transformers' apply_chat_template: the template writes BOS itself where the model wants one.
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        ids = _encode(tokenizer, prompt, False, "messages")
         return await _serve(request, req, ids, "chat.completion", scheduler, config, tokenizer)
 
     @app.post("/v1/embeddings")
@@ -195,8 +195,8 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig,
                 raise ApiError(400, f"token ids must be in [0, {tokenizer.n_vocab})", "prompt")
             ids = list(prompt)
         else:
-            text = prompt[0] if isinstance(prompt, list) else prompt
-            ids = tokenizer.encode(text or "", add_special_tokens=True)
+            text = (prompt[0] if prompt else "") if isinstance(prompt, list) else prompt
+            ids = _encode(tokenizer, text or "", True, "prompt")
         return await _serve(request, req, ids, "text_completion", scheduler, config, tokenizer)
 
     return app
@@ -216,7 +216,7 @@ def _embedding_inputs(given: Any, tokenizer: Tokenizer) -> list[list[int]]:
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
-            ids = tokenizer.encode(item, add_special_tokens=True)
+            ids = _encode(tokenizer, item, True, "input")
         elif isinstance(item, list) and all(isinstance(t, int) and 0 <= t < tokenizer.n_vocab for t in item):
             ids = list(item)
         else:
@@ -225,6 +225,13 @@ def _embedding_inputs(given: Any, tokenizer: Tokenizer) -> list[list[int]]:
             raise ApiError(400, f"input {i} is empty", "input")
         out.append(ids)
     return out
+
+
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    try:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except ValueError as e:  # text that is not valid Unicode (lone surrogates from JSON escapes)
+        raise ApiError(400, str(e), param) from None
 
 
 def _model_card(model_id: str, created: int) -> dict:
@@ -242,6 +249,8 @@ def _parse(body: bytes, schema: type) -> Any:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
@@ -287,6 +296,13 @@ def _sampling_params(req: Any, n_prompt: int, scheduler: Scheduler, config: Serv
             json_constraint(tokenizer, schema)  # a schema it cannot enforce is the client's error
     except (ValueError, ImportError) as e:
         raise ApiError(400, str(e), "response_format") from None
+    try:
+        return _params(req, limit)
+    except ValueError as e:
+        raise ApiError(400, str(e).removeprefix("SamplingParams: ").split(", got ")[0]) from None
+
+
+def _params(req: Any, limit: int) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,

@@ -172,8 +172,8 @@ class Scheduler:
             job = self._waiting.popleft()
             if job.cancelled.is_set():
                 continue
-            generation = Generation(self.engine, self.tokenizer, job.prompt_ids, job.params)
-            try:
+            try:  # a request the engine refuses fails alone: the engine thread must never die
+                generation = Generation(self.engine, self.tokenizer, job.prompt_ids, job.params)
                 generation.check_prompt(self.n_ctx)
             except Exception as e:
                 self.counters["requests_failed"] += 1
