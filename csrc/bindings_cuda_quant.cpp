@@ -66,7 +66,7 @@ py::array_t<float> cuda_host_dequantize(const py::buffer& w, uint32_t type_id, i
 
 // The CUDA GEMV's path from weight bytes to floats, on the host: rows laid out contiguously from an
 // address `misalign` (even) bytes past a 16-byte boundary, each span copied piece by piece as the 32
-// lanes of gemv_v2_kernel copy it (cuda/gemv_span.cuh) into a 16-byte aligned buffer at the same
+// lanes of gemv_kernel copy it (cuda/gemv_span.cuh) into a 16-byte aligned buffer at the same
 // offset mod 16, then chunk `lane` of the staged span decoded as the kernel decodes it. Throws if
 // the pieces overlap, leave a byte out, or are not aligned to their size, or if the decoded values
 // past the row's end are not 0.

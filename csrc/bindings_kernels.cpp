@@ -134,17 +134,6 @@ void bind_kernels(py::module_& m) {
         "Y = X @ W.T with W given as raw GGUF bytes of a rows x cols matrix of ggml type `type_id`, "
         "X float32 (m, cols). Returns float32 (m, rows). Runs on the current CPU path, or with "
         "device='cuda' on the GPU (inputs copied there and back).");
-  m.def(
-      "cuda_gemv_variant",
-      []() -> py::object {
-#ifdef PE_CUDA
-        return py::str(cuda::gemv_variant());
-#else
-        return py::none();
-#endif
-      },
-      "The CUDA GEMV kernel matmul runs for 1 to 8 rows of x: 'v2' (default) or 'v1', as the environment "
-      "variable PYENGINE_CUDA_GEMV chose on first use; None without CUDA.");
   m.def("dequantize", &py_dequantize, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
         py::arg("device") = "cpu",
         "Raw GGUF bytes of a rows x cols matrix of ggml type `type_id` as float32 (rows, cols).");

@@ -1,4 +1,4 @@
-// Index arithmetic of the decode GEMV (matmul.cu, gemv_v2_kernel) that stages weight bytes in shared
+// Index arithmetic of the decode GEMV (matmul.cu, gemv_kernel) that stages weight bytes in shared
 // memory: which bytes a span of chunks covers, and how a warp copies them with the widest loads
 // their alignment allows. Host-clean (no CUDA types), so tests/test_cuda_host_quant.py checks it on
 // machines without a GPU through bindings_cuda_quant.cpp.

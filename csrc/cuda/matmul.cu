@@ -3,21 +3,20 @@
 // Design. Weights stay in their GGUF blocks and are dequantised in registers, one 32-element chunk
 // per thread at a time, by cuda/quant_blocks.cuh (the same decoders the host tests check bit for bit
 // against the CPU backend).
-//   * m <= 8 (decode): gemv_v2_kernel. Memory-bound, so every weight byte is read once for all m
+//   * m <= 8 (decode): gemv_kernel. Memory-bound, so every weight byte is read once for all m
 //     rows of x, and the design is about keeping many wide, coalesced loads in flight. A warp owns
 //     two weight rows. It copies the contiguous bytes of the next 32 chunks of each row (a "span";
 //     for the K-quants 4 whole super-blocks) into its own shared-memory ring with cp.async, 16 bytes
 //     per lane (cuda/gemv_span.cuh plans the pieces for any 2-byte alignment), keeping up to
-//     kV2Stages - 1 further spans in flight while it computes one, so the bytes in flight per SM
+//     kGemvStages - 1 further spans in flight while it computes one, so the bytes in flight per SM
 //     do not hinge on occupancy. Each lane then decodes its chunk of the staged span with the
 //     decoders of quant_blocks.cuh and FMAs it with x, which the block stages in shared memory one
 //     slice of columns at a time (padded so that lanes reading different chunks hit different
 //     banks). Accumulators live in registers (the kernel is templated on m); a warp shuffle sums
 //     the lanes. Shared memory is dynamic (up to ~70 KiB a block at m = 8).
-//     gemv_kernel, the first version, stays for A/B runs (PYENGINE_CUDA_GEMV=v1): the same
-//     arithmetic, but each lane reads its chunk straight from global memory with 16-bit loads, lanes
-//     one chunk apart, so a warp-wide load touches ~18 sectors for 64 useful bytes (Q4_0) and few
-//     bytes are in flight per SM.
+//     The first version (git history) had the same arithmetic but each lane read its chunk straight
+//     from global memory with 16-bit loads, lanes one chunk apart: a warp-wide load touched ~18
+//     sectors for 64 useful bytes (Q4_0), and few bytes were in flight per SM.
 //   * m > 8 (prefill): gemm_wmma_kernel. 64 x 64 output tiles, K steps of 64: the block converts an
 //     x tile to half and dequantises a W tile to half in shared memory, then four warps run
 //     m16n16k16 tensor-core MMAs with float accumulation. Edges are zero-padded. F32 weights take
@@ -25,21 +24,16 @@
 // Left for later: dp4a / int8 MMA on x quantised to 8 bits (as the CPU does), weight repacking at
 // load time (a tensor-core-friendly layout, no per-chunk scale decoding), mma.sync with ldmatrix
 // and cp.async double buffering (Marlin-style), split-K for small grids.
-// Measured on an H200 (ncu, 4096 x 4096), gemv_kernel (v1) at m = 1: Q4_K in 19 us (~0.5 TB/s),
-// Q4_0 in 12.5 us, F16 in 42 us; the WMMA GEMM at m = 512 runs at ~37 TFLOP/s (Q4_K). gemv_v2_kernel
-// passes the GPU tests, compute-sanitizer memcheck and racecheck on an H200. Whole 7B-shaped model
-// decode on the H200 (benchmarks/bench_gpu.py, same run): Q4_K 112 -> 130 tok/s, Q4_0 154 -> 156
-// tok/s with v2. Profiled (benchmarks/profile_gpu_decode.py, Q4_0): the GEMV is 4.0 of the 6.3 ms of
+// Measured on an H200 (ncu, 4096 x 4096), the first GEMV at m = 1: Q4_K in 19 us (~0.5 TB/s), Q4_0
+// in 12.5 us, F16 in 42 us; the WMMA GEMM at m = 512 runs at ~37 TFLOP/s (Q4_K). The staged GEMV
+// passes the GPU tests, compute-sanitizer memcheck and racecheck on an H200; whole 7B-shaped model
+// decode (benchmarks/bench_gpu.py, both kernels in one run): Q4_K 112 -> 130 tok/s, Q4_0 154 -> 156. Profiled (benchmarks/profile_gpu_decode.py, Q4_0): the GEMV is 4.0 of the 6.3 ms of
 // a decode step, 17.7 us per call on average, i.e. ~0.93 TB/s of the H200's 4.8. Likely GEMV limits
 // to look for next: the decoders still read shared memory 16 bits at a time with lanes one
 // block apart (18-byte strides for Q4_0: a few-way bank conflict; 64-byte strides for F16: 16-way),
 // the int-to-float conversions of the decoders, and at m = 8 the fp32 FMAs themselves; the GEMM's
 // unoverlapped tile loads.
 #include <mma.h>
-
-#include <cstdlib>
-#include <cstring>
-#include <string>
 
 #include "cuda/common.cuh"
 #include "cuda/gemv_span.cuh"
@@ -54,137 +48,21 @@ namespace {
 // ---- GEMV (m <= 8) ------------------------------------------------------------------------------------
 
 constexpr int kGemvMaxM = 8;
-constexpr int kGemvWarps = 8;
-constexpr int kGemvThreads = kGemvWarps * 32;
-// Two rows per warp: their loads are in flight together and each x value read from shared memory
-// serves both. ptxas holds these kernels to 128 registers and at m = 8 they sit at that limit (an
-// earlier form of this code spilled 8 bytes on sm_86/89); one row per warp with 16 warps needs far
-// fewer but ran 1.8x slower at m = 8 on an H200.
-constexpr int kGemvRowsPerWarp = 2;
-constexpr int kGemvRowsPerBlock = kGemvWarps * kGemvRowsPerWarp;
 // x slices in shared memory: chunk i of row r of the slice at xs[r * slice_stride + i * 36]. The 4
 // floats of padding per chunk put the float4 reads of the 8 lanes of a quarter-warp (lanes on
 // consecutive chunks) on distinct banks; 144-byte chunk strides keep them 16-byte aligned.
 constexpr int kPaddedChunk = kChunk + 4;
-constexpr int kGemvSmemFloats = 9216;  // 36 KiB, under the 48 KiB of static shared memory
 
-template <int M>
-constexpr int kGemvSliceChunks = kGemvSmemFloats / (M * kPaddedChunk);
-
-// y[r][row] = sum_k x[r][k] * W[row][k] for r < M, rows [blockIdx.x * kGemvRowsPerBlock, +kGemvRowsPerBlock).
-template <GGMLType T, int M>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const uint8_t* __restrict__ w, int64_t w_rows,
-                                                            int64_t cols, size_t w_stride,
-                                                            const float* __restrict__ x, int64_t ldx,
-                                                            float* __restrict__ y, int64_t ldy) {
-  constexpr int kSliceChunks = kGemvSliceChunks<M>;
-  constexpr int kSliceStride = kSliceChunks * kPaddedChunk;  // floats per x row in shared memory
-  static_assert(kSliceChunks >= 32, "a slice should give every lane a chunk");
-  static_assert(M * kSliceStride <= kGemvSmemFloats, "x slice exceeds shared memory");
-  __shared__ __align__(16) float xs[kGemvSmemFloats];
-
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int64_t row0 = int64_t(blockIdx.x) * kGemvRowsPerBlock + warp * kGemvRowsPerWarp;
-  const int64_t n_chunks = (cols + kChunk - 1) / kChunk;
-
-  float acc[kGemvRowsPerWarp][M];
-#pragma unroll
-  for (int i = 0; i < kGemvRowsPerWarp; i++)
-#pragma unroll
-    for (int r = 0; r < M; r++) acc[i][r] = 0.0f;
-
-  for (int64_t c0 = 0; c0 < n_chunks; c0 += kSliceChunks) {
-    const int nc = int(n_chunks - c0 < kSliceChunks ? n_chunks - c0 : kSliceChunks);
-    const int64_t k0 = c0 * kChunk;
-    __syncthreads();  // every warp is done with the previous slice
-    for (int r = 0; r < M; r++) {
-      const float* xr = x + r * ldx;
-      for (int k = threadIdx.x; k < nc * kChunk; k += kGemvThreads)
-        xs[r * kSliceStride + (k / kChunk) * kPaddedChunk + k % kChunk] = k0 + k < cols ? xr[k0 + k] : 0.0f;
-    }
-    __syncthreads();
-
-    for (int c = lane; c < nc; c += 32) {
-      // Both rows' chunks first, so that their loads are in flight together; a row past the end of W
-      // contributes zeros (its warp still takes part in every __syncthreads above).
-      float wv[kGemvRowsPerWarp][kChunk];
-#pragma unroll
-      for (int i = 0; i < kGemvRowsPerWarp; i++) {
-        const int64_t row = row0 + i;
-        if (row < w_rows) {
-          dequantize_chunk<T>(w + row * w_stride, cols, c0 + c, wv[i]);
-        } else {
-#pragma unroll
-          for (int l = 0; l < kChunk; l++) wv[i][l] = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < M; r++) {
-        const float4* xc = reinterpret_cast<const float4*>(xs + r * kSliceStride + c * kPaddedChunk);
-#pragma unroll
-        for (int q = 0; q < kChunk / 4; q++) {
-          const float4 xv = xc[q];
-#pragma unroll
-          for (int i = 0; i < kGemvRowsPerWarp; i++) {
-            float a = acc[i][r];
-            a = fmaf(wv[i][4 * q + 0], xv.x, a);
-            a = fmaf(wv[i][4 * q + 1], xv.y, a);
-            a = fmaf(wv[i][4 * q + 2], xv.z, a);
-            a = fmaf(wv[i][4 * q + 3], xv.w, a);
-            acc[i][r] = a;
-          }
-        }
-      }
-    }
-  }
-
-#pragma unroll
-  for (int i = 0; i < kGemvRowsPerWarp; i++) {
-#pragma unroll
-    for (int r = 0; r < M; r++) {
-      const float s = warp_sum(acc[i][r]);
-      const int64_t row = row0 + i;
-      if (lane == 0 && row < w_rows) y[r * ldy + row] = s;
-    }
-  }
-}
-
-template <GGMLType T, int M>
-void launch_gemv_m(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  const int64_t blocks = ceil_div(w.rows, kGemvRowsPerBlock);
-  PE_CHECK(blocks <= 0x7fffffff, Error, "matmul: too many weight rows for one grid (", w.rows, ")");
-  gemv_kernel<T, M><<<unsigned(blocks), kGemvThreads, 0, stream>>>(static_cast<const uint8_t*>(w.data), w.rows,
-                                                                   w.cols, w.row_stride, x, ldx, y, ldy);
-  PE_CUDA_LAUNCHED();
-}
-
-template <GGMLType T>
-void launch_gemv_v1(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, int64_t m, float* y,
-                    int64_t ldy) {
-  switch (m) {
-    case 1: return launch_gemv_m<T, 1>(stream, w, x, ldx, y, ldy);
-    case 2: return launch_gemv_m<T, 2>(stream, w, x, ldx, y, ldy);
-    case 3: return launch_gemv_m<T, 3>(stream, w, x, ldx, y, ldy);
-    case 4: return launch_gemv_m<T, 4>(stream, w, x, ldx, y, ldy);
-    case 5: return launch_gemv_m<T, 5>(stream, w, x, ldx, y, ldy);
-    case 6: return launch_gemv_m<T, 6>(stream, w, x, ldx, y, ldy);
-    case 7: return launch_gemv_m<T, 7>(stream, w, x, ldx, y, ldy);
-    case 8: return launch_gemv_m<T, 8>(stream, w, x, ldx, y, ldy);
-    default: PE_THROW(Error, "matmul: gemv takes 1 to ", kGemvMaxM, " rows of x, got ", m);
-  }
-}
-
-// ---- GEMV v2 (m <= 8): weight bytes staged in shared memory -----------------------------------------
+// ---- GEMV (m <= 8): weight bytes staged in shared memory -----------------------------------------------
 //
-// gemv_kernel's lanes each read a whole chunk straight from global memory with 16-bit loads, lanes
+// A first version's lanes each read a whole chunk straight from global memory with 16-bit loads, lanes
 // one chunk apart: a warp-wide load instruction touches 18 sectors (Q4_0) for 64 useful bytes, and
 // with 16 rows per block a 4096-row matrix is 256 blocks, too few bytes in flight per SM to cover
 // DRAM latency. Here a warp first copies the contiguous bytes of the next kSpanChunks (32) chunks of
 // each of its rows into its own shared-memory buffer with cp.async, 16 bytes per lane per
 // instruction (a warp-wide instruction reads 512 contiguous bytes), and only then do the lanes
 // decode their chunks from shared memory with the same decoders. The buffers form a ring of
-// kV2Stages<T> spans per row: a warp keeps the next spans' copies in flight while it computes one,
+// kGemvStages<T> spans per row: a warp keeps the next spans' copies in flight while it computes one,
 // so bytes in flight no longer depend on occupancy (Q4_0: 3 stages x 2 rows x 576 bytes per warp).
 // cp.async needs sm_80; older architectures copy synchronously (correct, not fast).
 //
@@ -194,32 +72,33 @@ void launch_gemv_v1(cudaStream_t stream, const Tensor& w, const float* x, int64_
 // pieces (cuda/gemv_span.cuh; the 2-byte ones, only for 2-byte aligned spans, through registers).
 // The decoders then read the buffer as a row of their own: chunk `lane` of the span, with the row
 // length made relative to the span so that a float row's partial last chunk is still cut short.
-// The per-element arithmetic and the fp32 FMAs are gemv_kernel's; only the order of the sum differs
-// (lane l sums chunks l, l + 32, ... of each slice).
+// Two rows per warp: their copies are in flight together and each x value read from shared memory
+// serves both (one row per warp with twice the warps ran 1.8x slower at m = 8 on an H200, in the
+// first version). Lane l sums chunks l, l + 32, ... of each slice, in fp32 FMAs.
 
-constexpr int kV2RowsPerWarp = 2;
+constexpr int kGemvRowsPerWarp = 2;
 // F32 spans are 4 KiB per row: 4 warps keep a block's shared memory under 99 KiB (sm_86/89's limit).
 template <GGMLType T>
-constexpr int kV2Warps = T == GGMLType::F32 ? 4 : 8;
+constexpr int kGemvWarps = T == GGMLType::F32 ? 4 : 8;
 // One row's staging buffer: a whole span, shifted by up to 15 bytes, in whole 16-byte units.
 template <GGMLType T>
-constexpr int kV2RowBuf = (span_max_bytes(T) + 15) / 16 * 16 + 16;
+constexpr int kGemvRowBuf = (span_max_bytes(T) + 15) / 16 * 16 + 16;
 // Stages per warp: about 4.5 KiB of staging per warp (3 stages for Q4_0 / Q4_K, 2 for Q8_0 / Q6_K,
 // 1 for the float types, whose spans are 2-4 KiB per row), at most 4.
-constexpr int kV2StageBudget = 4608;
+constexpr int kGemvStageBudget = 4608;
 constexpr int clamp_int(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 template <GGMLType T>
-constexpr int kV2Stages = clamp_int(kV2StageBudget / (kV2RowsPerWarp * kV2RowBuf<T>), 1, 4);
+constexpr int kGemvStages = clamp_int(kGemvStageBudget / (kGemvRowsPerWarp * kGemvRowBuf<T>), 1, 4);
 // x slices: whole spans, about 18 KiB (at least one span: 36 KiB at m = 8), laid out as in
-// gemv_kernel. A smaller slice than gemv_kernel's leaves room for the staging buffers and more
+// the first version. A smaller slice than its 36 KiB leaves room for the staging buffers and more
 // blocks per SM; at m = 1 a 4096-column row is still a single slice.
-constexpr int kV2XBudget = 18432;
+constexpr int kGemvXBudget = 18432;
 constexpr int kSpanXBytes = kSpanChunks * kPaddedChunk * 4;  // one span of one x row
 template <int M>
-constexpr int kV2SliceChunks = clamp_int(kV2XBudget / (M * kSpanXBytes), 1, 1 << 20) * kSpanChunks;
+constexpr int kGemvSliceChunks = clamp_int(kGemvXBudget / (M * kSpanXBytes), 1, 1 << 20) * kSpanChunks;
 template <GGMLType T, int M>
-constexpr int kV2SmemBytes = M * kV2SliceChunks<M> * kPaddedChunk * 4 +
-                             kV2Warps<T> * kV2Stages<T> * kV2RowsPerWarp * kV2RowBuf<T>;
+constexpr int kGemvSmemBytes = M * kGemvSliceChunks<M> * kPaddedChunk * 4 +
+                             kGemvWarps<T> * kGemvStages<T> * kGemvRowsPerWarp * kGemvRowBuf<T>;
 
 // cp.async of N bytes (4, 8 or 16; src and dst N-byte aligned) from global to shared memory. The
 // 16-byte form bypasses L1 (.cg): weight bytes are read once.
@@ -268,29 +147,29 @@ __device__ __forceinline__ void stage_span(uint8_t* buf, const uint8_t* src, int
 // The launch bounds ask for 16 warps per SM, i.e. at most 128 registers per thread: without the
 // minimum, ptxas held the 4-warp F32 kernel at m = 8 to 96 registers and spilled.
 template <GGMLType T, int M>
-__global__ void __launch_bounds__(kV2Warps<T> * 32, 16 / kV2Warps<T>)
-    gemv_v2_kernel(const uint8_t* __restrict__ w, int64_t w_rows, int64_t cols, size_t w_stride,
+__global__ void __launch_bounds__(kGemvWarps<T> * 32, 16 / kGemvWarps<T>)
+    gemv_kernel(const uint8_t* __restrict__ w, int64_t w_rows, int64_t cols, size_t w_stride,
                    const float* __restrict__ x, int64_t ldx, float* __restrict__ y, int64_t ldy) {
-  constexpr int kThreads = kV2Warps<T> * 32;
-  constexpr int kRowsPerBlock = kV2Warps<T> * kV2RowsPerWarp;
-  constexpr int kStages = kV2Stages<T>;
-  constexpr int kRowBuf = kV2RowBuf<T>;
-  constexpr int kSliceChunks = kV2SliceChunks<M>;
+  constexpr int kThreads = kGemvWarps<T> * 32;
+  constexpr int kRowsPerBlock = kGemvWarps<T> * kGemvRowsPerWarp;
+  constexpr int kStages = kGemvStages<T>;
+  constexpr int kRowBuf = kGemvRowBuf<T>;
+  constexpr int kSliceChunks = kGemvSliceChunks<M>;
   constexpr int kSliceStride = kSliceChunks * kPaddedChunk;  // floats per x row in shared memory
   static_assert(kSliceChunks % kSpanChunks == 0, "a span must not straddle two x slices");
-  static_assert(kV2SmemBytes<T, M> <= 99 * 1024, "GEMV shared memory exceeds sm_86/89's 99 KiB per block");
+  static_assert(kGemvSmemBytes<T, M> <= 99 * 1024, "GEMV shared memory exceeds sm_86/89's 99 KiB per block");
   extern __shared__ __align__(16) uint8_t gemv_smem[];
   float* xs = reinterpret_cast<float*>(gemv_smem);
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  // Staging buffer of row i of stage st: stage + (st * kV2RowsPerWarp + i) * kRowBuf.
-  uint8_t* stage = gemv_smem + M * kSliceStride * 4 + warp * (kStages * kV2RowsPerWarp * kRowBuf);
-  const int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock + warp * kV2RowsPerWarp;
+  // Staging buffer of row i of stage st: stage + (st * kGemvRowsPerWarp + i) * kRowBuf.
+  uint8_t* stage = gemv_smem + M * kSliceStride * 4 + warp * (kStages * kGemvRowsPerWarp * kRowBuf);
+  const int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock + warp * kGemvRowsPerWarp;
   // A row past the end of W reads the last row again (its sum is not stored): no branch in the loop.
-  const uint8_t* rows[kV2RowsPerWarp];
+  const uint8_t* rows[kGemvRowsPerWarp];
 #pragma unroll
-  for (int i = 0; i < kV2RowsPerWarp; i++) rows[i] = w + (row0 + i < w_rows ? row0 + i : w_rows - 1) * w_stride;
+  for (int i = 0; i < kGemvRowsPerWarp; i++) rows[i] = w + (row0 + i < w_rows ? row0 + i : w_rows - 1) * w_stride;
   const int64_t n_chunks = (cols + kChunk - 1) / kChunk;
   const int64_t n_spans = (n_chunks + kSpanChunks - 1) / kSpanChunks;
 
@@ -301,16 +180,16 @@ __global__ void __launch_bounds__(kV2Warps<T> * 32, 16 / kV2Warps<T>)
       int64_t b, e;
       span_bytes(T, cols, s, &b, &e);
 #pragma unroll
-      for (int i = 0; i < kV2RowsPerWarp; i++)
-        stage_span(stage + (int(s % kStages) * kV2RowsPerWarp + i) * kRowBuf, rows[i] + b, int(e - b), lane);
+      for (int i = 0; i < kGemvRowsPerWarp; i++)
+        stage_span(stage + (int(s % kStages) * kGemvRowsPerWarp + i) * kRowBuf, rows[i] + b, int(e - b), lane);
     }
     copy_async_commit();
   };
   for (int s = 0; s < kStages - 1; s++) issue(s);
 
-  float acc[kV2RowsPerWarp][M];
+  float acc[kGemvRowsPerWarp][M];
 #pragma unroll
-  for (int i = 0; i < kV2RowsPerWarp; i++)
+  for (int i = 0; i < kGemvRowsPerWarp; i++)
 #pragma unroll
     for (int r = 0; r < M; r++) acc[i][r] = 0.0f;
 
@@ -335,10 +214,10 @@ __global__ void __launch_bounds__(kV2Warps<T> * 32, 16 / kV2Warps<T>)
       if (c < nc) {
         int64_t b, e;
         span_bytes(T, cols, s, &b, &e);
-        float wv[kV2RowsPerWarp][kChunk];
+        float wv[kGemvRowsPerWarp][kChunk];
 #pragma unroll
-        for (int i = 0; i < kV2RowsPerWarp; i++) {
-          const uint8_t* staged = stage + (int(s % kStages) * kV2RowsPerWarp + i) * kRowBuf +
+        for (int i = 0; i < kGemvRowsPerWarp; i++) {
+          const uint8_t* staged = stage + (int(s % kStages) * kGemvRowsPerWarp + i) * kRowBuf +
                                   (reinterpret_cast<uintptr_t>(rows[i] + b) & 15);
           dequantize_chunk<T>(staged, span_cols(cols, s), lane, wv[i]);
         }
@@ -349,7 +228,7 @@ __global__ void __launch_bounds__(kV2Warps<T> * 32, 16 / kV2Warps<T>)
           for (int q = 0; q < kChunk / 4; q++) {
             const float4 xv = xc[q];
 #pragma unroll
-            for (int i = 0; i < kV2RowsPerWarp; i++) {
+            for (int i = 0; i < kGemvRowsPerWarp; i++) {
               float a = acc[i][r];
               a = fmaf(wv[i][4 * q + 0], xv.x, a);
               a = fmaf(wv[i][4 * q + 1], xv.y, a);
@@ -365,7 +244,7 @@ __global__ void __launch_bounds__(kV2Warps<T> * 32, 16 / kV2Warps<T>)
   copy_async_wait<0>();  // no copy may still target shared memory when the block exits
 
 #pragma unroll
-  for (int i = 0; i < kV2RowsPerWarp; i++) {
+  for (int i = 0; i < kGemvRowsPerWarp; i++) {
 #pragma unroll
     for (int r = 0; r < M; r++) {
       const float s = warp_sum(acc[i][r]);
@@ -376,37 +255,34 @@ __global__ void __launch_bounds__(kV2Warps<T> * 32, 16 / kV2Warps<T>)
 }
 
 template <GGMLType T, int M>
-void launch_gemv_v2_m(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  constexpr int kSmem = kV2SmemBytes<T, M>;
+void launch_gemv_m(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  constexpr int kSmem = kGemvSmemBytes<T, M>;
   // Above 48 KiB a kernel must opt in to dynamic shared memory (once: the engine uses one device).
   static const bool opted_in = [] {
     if (kSmem > 48 * 1024)
-      PE_CUDA_CHECK(cudaFuncSetAttribute(gemv_v2_kernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+      PE_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     return true;
   }();
   (void)opted_in;
-  const int64_t blocks = ceil_div(w.rows, kV2Warps<T> * kV2RowsPerWarp);
+  const int64_t blocks = ceil_div(w.rows, kGemvWarps<T> * kGemvRowsPerWarp);
   PE_CHECK(blocks <= 0x7fffffff, Error, "matmul: too many weight rows for one grid (", w.rows, ")");
-  gemv_v2_kernel<T, M><<<unsigned(blocks), kV2Warps<T> * 32, kSmem, stream>>>(
+  gemv_kernel<T, M><<<unsigned(blocks), kGemvWarps<T> * 32, kSmem, stream>>>(
       static_cast<const uint8_t*>(w.data), w.rows, w.cols, w.row_stride, x, ldx, y, ldy);
   PE_CUDA_LAUNCHED();
 }
 
-bool use_gemv_v1() { return std::strcmp(gemv_variant(), "v1") == 0; }
-
 template <GGMLType T>
 void launch_gemv(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, int64_t m, float* y,
                  int64_t ldy) {
-  if (use_gemv_v1()) return launch_gemv_v1<T>(stream, w, x, ldx, m, y, ldy);
   switch (m) {
-    case 1: return launch_gemv_v2_m<T, 1>(stream, w, x, ldx, y, ldy);
-    case 2: return launch_gemv_v2_m<T, 2>(stream, w, x, ldx, y, ldy);
-    case 3: return launch_gemv_v2_m<T, 3>(stream, w, x, ldx, y, ldy);
-    case 4: return launch_gemv_v2_m<T, 4>(stream, w, x, ldx, y, ldy);
-    case 5: return launch_gemv_v2_m<T, 5>(stream, w, x, ldx, y, ldy);
-    case 6: return launch_gemv_v2_m<T, 6>(stream, w, x, ldx, y, ldy);
-    case 7: return launch_gemv_v2_m<T, 7>(stream, w, x, ldx, y, ldy);
-    case 8: return launch_gemv_v2_m<T, 8>(stream, w, x, ldx, y, ldy);
+    case 1: return launch_gemv_m<T, 1>(stream, w, x, ldx, y, ldy);
+    case 2: return launch_gemv_m<T, 2>(stream, w, x, ldx, y, ldy);
+    case 3: return launch_gemv_m<T, 3>(stream, w, x, ldx, y, ldy);
+    case 4: return launch_gemv_m<T, 4>(stream, w, x, ldx, y, ldy);
+    case 5: return launch_gemv_m<T, 5>(stream, w, x, ldx, y, ldy);
+    case 6: return launch_gemv_m<T, 6>(stream, w, x, ldx, y, ldy);
+    case 7: return launch_gemv_m<T, 7>(stream, w, x, ldx, y, ldy);
+    case 8: return launch_gemv_m<T, 8>(stream, w, x, ldx, y, ldy);
     default: PE_THROW(Error, "matmul: gemv takes 1 to ", kGemvMaxM, " rows of x, got ", m);
   }
 }
@@ -595,16 +471,6 @@ bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % 
 }  // namespace
 
 bool matmul_supports(GGMLType t) { return chunk_type_supported(t); }
-
-const char* gemv_variant() {
-  static const char* const variant = [] {
-    const char* env = std::getenv("PYENGINE_CUDA_GEMV");
-    const std::string v = env ? env : "";
-    PE_CHECK(v.empty() || v == "v1" || v == "v2", Error, "PYENGINE_CUDA_GEMV must be v1 or v2, not '", v, "'");
-    return v == "v1" ? "v1" : "v2";
-  }();
-  return variant;
-}
 
 void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y) {
   PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "matmul: no CUDA kernel for weight type ",

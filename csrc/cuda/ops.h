@@ -15,9 +15,6 @@ namespace pe::cuda {
 
 void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y);
 bool matmul_supports(GGMLType t);
-// The GEMV kernel matmul runs for m <= 8: "v2" (gemv_v2_kernel, the default) or "v1" (gemv_kernel),
-// chosen by the environment variable PYENGINE_CUDA_GEMV, read once. For A/B runs and tests.
-const char* gemv_variant();
 
 void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps);
 void norm_heads(Executor& ex, const Tensor& x, int n_heads, const Tensor& w, float eps);

@@ -4,10 +4,6 @@ Each result is held to a bound derived from how it rounds (see gpu_tolerance / c
 wrong index, a missed chunk or a stale tile shows up as an error far above the bound, while honest
 rounding never does. Dequantisation (get_rows) must equal the CPU's bit for bit.
 """
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -150,25 +146,6 @@ def test_cuda_matmul_long_rows(qtype):
     cols = 8451 if qtype in FLOAT_TYPES else 8448
     failures = [msg for m in (1, 2, 8, 9) if (msg := check_matmul(qtype, 67, cols, m, rng))]
     assert not failures, "\n".join(failures)
-
-
-def test_cuda_gemv_variant():
-    """The GEMV the tests above ran: PYENGINE_CUDA_GEMV's choice (test_cuda_gemv_v1 sets it), v2 by default."""
-    assert _C.cuda_gemv_variant() == (os.environ.get("PYENGINE_CUDA_GEMV") or "v2")
-
-
-@pytest.mark.skipif(os.environ.get("PYENGINE_CUDA_GEMV") == "v1", reason="this process already runs v1")
-def test_cuda_gemv_v1():
-    """The old GEMV (gemv_kernel, kept for A/B runs) passes the same checks. The variant is read once per
-    process, so the checks run again in a child pytest with PYENGINE_CUDA_GEMV=v1."""
-    env = {**os.environ, "PYENGINE_CUDA_GEMV": "v1"}
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "matches_cpu_and_reference or long_rows or gemv_variant"],
-        env=env, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and " skipped" not in res.stdout, res.stdout[-2000:]
 
 
 def assert_bits_equal(got: np.ndarray, want: np.ndarray, what: str) -> None:
