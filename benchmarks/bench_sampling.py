@@ -69,10 +69,10 @@ def model_logits() -> np.ndarray | None:
     """SmolLM2's next-token logits after 400 tokens of the novel: from pyengine, else from transformers."""
     from pathlib import Path
 
-    from pyengine.default_model import find_default_model
+    from pyengine.default_model import find_packaged_model
     from pyengine.tokenizer import Tokenizer
 
-    path = find_default_model()
+    path = find_packaged_model("smollm2")
     if path is None:
         return None
     novel = Path(__file__).resolve().parents[2] / "shared/data/pride_and_prejudice.txt"

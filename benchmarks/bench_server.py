@@ -172,9 +172,9 @@ def main() -> int:
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     sys.path.insert(0, str(HERE))
-    from pyengine.default_model import find_default_model
+    from pyengine.default_model import find_packaged_model
 
-    model = Path(args.model) if args.model else find_default_model()
+    model = Path(args.model) if args.model else find_packaged_model("smollm2")
     rows, reuse = [], []
     for engine in args.engines.split(","):
         r, p2 = bench_engine(engine, model, levels, args)

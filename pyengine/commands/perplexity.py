@@ -22,7 +22,7 @@ from .chat import add_gpu_args, positive_int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pyengine perplexity", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-m", "--model", default=None, help="GGUF file, folder or model name (default: SmolLM2)")
+    ap.add_argument("-m", "--model", default=None, help="GGUF file, folder or model name (default: the default model, see pyengine chat --help)")
     ap.add_argument("-f", "--file", default=None, help="text file to evaluate")
     ap.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default 512)")
     ap.add_argument("--chunks", type=int, default=-1, help="max chunks to evaluate (default: all)")

