@@ -2,7 +2,9 @@
 
 Environment:
   PYENGINE_CUDA=1/0   force the CUDA backend on or off (default: on if nvcc is found)
-  PYENGINE_CUDA_ARCHS GPU architectures to compile for (default "80;86;89;90")
+  PYENGINE_CUDA_ARCHS GPU architectures to compile for (default: those of the GPUs nvidia-smi lists, so a
+                      GPU machine compiles one architecture instead of four; without a visible GPU
+                      "80;86;89;90", CMakeLists.txt's default)
   PYENGINE_BUILD_TYPE Release (default) or Debug/RelWithDebInfo
   PYENGINE_SANITIZE   e.g. "address,undefined": an instrumented module (own build folder); see
                       README "Sanitizer and fuzz runs" for how to run the tests with it
@@ -34,6 +36,20 @@ def _drop_stale_cache(build_dir: Path) -> None:
                 return
 
 
+def _local_gpu_archs() -> "str | None":
+    """The compute capabilities of this machine's GPUs as CMake architectures ("90"), or None."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    archs = sorted({line.strip().replace(".", "") for line in out.splitlines() if line.strip()})
+    return ";".join(archs) if archs and all(a.isdigit() for a in archs) else None
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -63,8 +79,9 @@ class CMakeBuild(build_ext):
         cuda = os.environ.get("PYENGINE_CUDA")
         if cuda is not None:
             args.append(f"-DPYENGINE_CUDA={'ON' if cuda.lower() in ('1', 'on', 'true', 'yes') else 'OFF'}")
-        if os.environ.get("PYENGINE_CUDA_ARCHS"):
-            args.append(f"-DPYENGINE_CUDA_ARCHS={os.environ['PYENGINE_CUDA_ARCHS']}")
+        archs = os.environ.get("PYENGINE_CUDA_ARCHS") or _local_gpu_archs()
+        if archs:
+            args.append(f"-DPYENGINE_CUDA_ARCHS={archs}")
         try:
             import ninja  # noqa: F401
 
