@@ -1,7 +1,9 @@
 """Builds pyengine._C through CMake (see CMakeLists.txt).
 
 Environment:
-  PYENGINE_CUDA=1/0   force the CUDA backend on or off (default: on if nvcc is found)
+  PYENGINE_CUDA=1/0   force the CUDA backend on or off (default: on when nvcc is found and nvidia-smi
+                      lists a GPU; a machine without a GPU gets the CPU-only module in about a minute
+                      instead of several minutes of CUDA compilation; CI sets 1 to compile the CUDA sources)
   PYENGINE_CUDA_ARCHS GPU architectures to compile for (default: those of the GPUs nvidia-smi lists, so a
                       GPU machine compiles one architecture instead of four; without a visible GPU
                       "80;86;89;90", CMakeLists.txt's default)
@@ -77,9 +79,12 @@ class CMakeBuild(build_ext):
             f"-DPYENGINE_SANITIZE={sanitize}",
         ]
         cuda = os.environ.get("PYENGINE_CUDA")
+        local_archs = _local_gpu_archs()
         if cuda is not None:
             args.append(f"-DPYENGINE_CUDA={'ON' if cuda.lower() in ('1', 'on', 'true', 'yes') else 'OFF'}")
-        archs = os.environ.get("PYENGINE_CUDA_ARCHS") or _local_gpu_archs()
+        elif local_archs is None:
+            args.append("-DPYENGINE_CUDA=OFF")  # no GPU here (CMake alone would build CUDA wherever nvcc is)
+        archs = os.environ.get("PYENGINE_CUDA_ARCHS") or local_archs
         if archs:
             args.append(f"-DPYENGINE_CUDA_ARCHS={archs}")
         try:
