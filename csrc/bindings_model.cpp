@@ -160,7 +160,27 @@ void bind_model(py::module_& m) {
       .def_property_readonly("n_threads", &Context::n_threads)
       .def_property_readonly("executor", &Context::executor)
       .def_property_readonly("n_gpu_layers", &Context::n_gpu_layers)
-      .def_property_readonly("gpu_kv_bytes", &Context::gpu_kv_bytes);
+      .def_property_readonly("gpu_kv_bytes", &Context::gpu_kv_bytes)
+      .def("collect_input_stats", &Context::collect_input_stats, py::arg("on"),
+           "Importance matrix: while on, every pass adds each linear layer's input (per column sums of x^2); "
+           "turning it on starts from zero. CPU layers only.")
+      .def(
+          "input_stats",
+          [](const Context& ctx) {
+            // Weight data -> tensor name, from the model file's tensor table.
+            std::unordered_map<const void*, std::string> names;
+            for (const auto& t : ctx.model().file().tensors()) names[t.data] = t.name;
+            py::dict out;
+            for (const auto& [weight, e] : ctx.input_stats().by_weight) {
+              auto it = names.find(weight);
+              PE_CHECK(it != names.end(), Error, "input statistics: a weight that is not a tensor of the file");
+              py::array_t<double> sums(py::ssize_t(e.sum2.size()));
+              std::copy(e.sum2.begin(), e.sum2.end(), sums.mutable_data());
+              out[py::str(it->second)] = py::make_tuple(sums, e.rows);
+            }
+            return out;
+          },
+          "{tensor name: (float64 [n_cols] sums of x^2 over the rows, rows)} since collect_input_stats(True).");
 
   m.def(
       "host_memory_plan",

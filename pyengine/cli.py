@@ -14,6 +14,7 @@ COMMANDS = {
     "embed": ("pyengine.commands.embed", "sentence embeddings of texts (BERT-style encoders, or any model)"),
     "convert": ("pyengine_convert", "convert a Hugging Face checkpoint folder to a GGUF file"),
     "quantize": ("pyengine_convert.requantize", "requantize a GGUF file (q4_k_m, q6_k, ...; llama-quantize style)"),
+    "imatrix": ("pyengine_convert.imatrix_cmd", "importance matrix of a model on a text, for quantize --imatrix (llama-imatrix style)"),
     "bench": ("pyengine.commands.bench", "measure prompt processing and generation speed (llama-bench style)"),
     "perplexity": ("pyengine.commands.perplexity", "perplexity / KL divergence on a text (llama-perplexity style)"),
     "serve": ("pyengine.server", "OpenAI-compatible HTTP server"),

@@ -277,6 +277,16 @@ class Engine:
         """Empty every sequence of the context."""
         self._ctx.clear()
 
+    def collect_input_stats(self, on: bool = True) -> None:
+        """Importance matrix (llama.cpp's imatrix): while on, every forward pass adds each linear
+        layer's input to per-column sums of squares (`input_stats`); turning it on starts from zero.
+        CPU layers only (n_gpu_layers=0)."""
+        self._ctx.collect_input_stats(bool(on))
+
+    def input_stats(self) -> dict[str, tuple[np.ndarray, int]]:
+        """{weight tensor name: (float64 per-column sums of x^2, rows summed)} since collection began."""
+        return self._ctx.input_stats()
+
     def truncate(self, n_past: int) -> None:
         """Keep the first ``n_past`` tokens of sequence 0 and forget the rest."""
         self._ctx.seq_truncate(0, int(n_past))

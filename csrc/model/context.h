@@ -54,6 +54,11 @@ class Context {
   void seq_copy(int src, int dst);
   void clear();
 
+  // Importance-matrix collection: while on, every pass adds each linear layer's input to stats()
+  // (CPU layers only: a model with GPU layers refuses). Turning it on starts from zero.
+  void collect_input_stats(bool on);
+  const InputStats& input_stats() const { return input_stats_; }
+
   int64_t n_ctx() const { return kv().n_ctx(); }
   int n_seq_max() const { return kv().n_seq_max(); }
   // Blocks on the GPU (the model's offload), and the bytes of this context's GPU KV cache.
@@ -90,6 +95,7 @@ class Context {
   std::vector<SequenceState> seqs_;
   RowPlan plan_;
   Activations act_, gpu_act_;
+  InputStats input_stats_;
 };
 
 }  // namespace pe

@@ -82,6 +82,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
     if (spec.residual_from_norm) scale(ex, xn, c.residual_scale, x);
   };
   auto linear = [&](const Linear& W, const Tensor& in, const Tensor& out) {
+    if (a.input_stats) a.input_stats->add(W.w, in);
     matmul(ex, W.w, in, out);
     if (!W.b.empty()) add_bias(ex, out, W.b);
   };

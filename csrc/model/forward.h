@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kv_cache.h"
+#include "model/input_stats.h"
 #include "model/model.h"
 #include "tensor.h"
 
@@ -27,6 +28,7 @@ struct RowTensors {
 // Scratch of a context on one device, grown to the largest pass seen.
 struct Activations {
   Buffer x, xn, qkv, att, ff_a, ff_b, out, rows;
+  InputStats* input_stats = nullptr;  // set while collecting an imatrix: every linear layer adds its input
   void reserve(const ModelConfig& c, int64_t rows, Device device);
   RowTensors upload(Executor& ex, const RowPlan& plan);
 };
