@@ -200,6 +200,15 @@ ModelConfig read_config(const GGUFFile& f) {
            "attention.sliding_window ", c.sliding_window, " is out of range");
   PE_CHECK(c.sliding_window == 0 || spec->mask == Mask::Causal, UnsupportedModelError, f.path(), ": a sliding "
            "window on a ", c.arch, " model (only causal attention takes one)");
+  c.prefix_length = f.get_int(p + "prefix_length", 0);
+  PE_CHECK(c.prefix_length >= 0 && c.prefix_length <= (int64_t(1) << 16), ModelFormatError, f.path(), ": ", p,
+           "prefix_length ", c.prefix_length, " is out of range [0, 65536]");
+  // A prefix sits before the sequence's first position and is seen by every row: causal RoPE
+  // decoders only (THUDM's ChatGLM2/3), where that is the whole story.
+  PE_CHECK(c.prefix_length == 0 || (spec->family == Family::DecoderOnly && spec->mask == Mask::Causal &&
+                                    spec->positions == Positions::Rope && c.sliding_window == 0),
+           UnsupportedModelError, f.path(), ": ", p, "prefix_length (a P-Tuning v2 prefix) on a ", c.arch,
+           " model: only causal decoders without a sliding window take one");
   if (spec->family == Family::EncoderOnly) {
     const int64_t pooling = f.get_int(p + "pooling_type", int64_t(Pooling::Mean));
     PE_CHECK(pooling >= 0 && pooling <= 4, UnsupportedModelError, f.path(), ": ", p, "pooling_type ", pooling,

@@ -87,6 +87,9 @@ struct ModelConfig {
   float final_softcap = 0.f;        // {arch}.final_logit_softcapping (Gemma 2; 0: none)
   int64_t swa_pattern = 0;          // see ArchSpec::swa_pattern
   RopeParams rope_swa;              // RoPE of windowed layers (Gemma 3: base {arch}.rope.freq_base_swa, unscaled)
+  // P-Tuning v2 (ChatGLM2/3's fine-tuning): {arch}.prefix_length learned past keys and values per layer
+  // (tensors blk.N.prefix_k / blk.N.prefix_v) that every sequence's cache starts with; 0: none.
+  int64_t prefix_length = 0;
   bool windowed(int64_t layer) const {
     return sliding_window > 0 && (swa_pattern == 0 || layer % swa_pattern != swa_pattern - 1);
   }

@@ -15,7 +15,8 @@
 namespace pe {
 
 void RowPlan::clear() {
-  for (auto* v : {&token, &seq, &rope_pos, &rope_pos2, &key_begin, &key_end, &slot, &logit_rows, &key_begin_window})
+  for (auto* v : {&token, &seq, &rope_pos, &rope_pos2, &key_begin, &key_end, &slot, &logit_rows, &key_begin_window,
+                  &prefix_slot})
     v->clear();
 }
 
@@ -34,12 +35,13 @@ void Activations::reserve(const ModelConfig& c, int64_t n_rows, Device device) {
 
 RowTensors Activations::upload(Executor& ex, const RowPlan& p) {
   const std::vector<int32_t>* v[] = {&p.token, &p.seq,  &p.rope_pos,   &p.rope_pos2,        &p.key_begin,
-                                     &p.key_end, &p.slot, &p.logit_rows, &p.key_begin_window};
-  constexpr int kN = 9;
+                                     &p.key_end, &p.slot, &p.logit_rows, &p.key_begin_window, &p.prefix_slot};
+  constexpr int kN = 10;
   Tensor* t[kN];
   RowTensors r;
   t[0] = &r.token, t[1] = &r.seq, t[2] = &r.rope_pos, t[3] = &r.rope_pos2;
   t[4] = &r.key_begin, t[5] = &r.key_end, t[6] = &r.slot, t[7] = &r.logit_rows, t[8] = &r.key_begin_window;
+  t[9] = &r.prefix_slot;
   const Device dev = ex.device();
   std::vector<int32_t> packed;  // one copy to the GPU for all of them
   if (dev != Device::CPU) {
@@ -112,6 +114,10 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
   if (!L.attn_k_norm.empty()) norm_heads(ex, k, int(c.n_head_kv), L.attn_k_norm, c.norm_eps);
   rotate(q, int(c.n_head));
   rotate(k, int(c.n_head_kv));
+  // P-Tuning v2: a sequence that starts in this pass begins with the layer's learned prefix, keys as
+  // stored (THUDM's prefix keys carry no RoPE), which all its rows attend to.
+  for (int64_t j = 0; j < rt.prefix_slot.cols; j += c.prefix_length)
+    kv.store(ex, kv_layer, L.prefix_k, L.prefix_v, rt.prefix_slot.cols_view(j, c.prefix_length));
   kv.store(ex, kv_layer, k, v, rt.slot);
   const Tensor& key_begin = c.windowed(layer) ? rt.key_begin_window : rt.key_begin;
   attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, kq_scale, att,

@@ -14,6 +14,9 @@ namespace pe {
 struct RowPlan {
   std::vector<int32_t> token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, key_begin_window;
   std::vector<int32_t> logit_rows;  // rows whose logits are wanted, ascending
+  // P-Tuning v2: the cache slots of the prefix of each sequence that starts in this pass
+  // (ModelConfig::prefix_length slots per sequence, positions 0.. of the sequence's cache).
+  std::vector<int32_t> prefix_slot;
 
   int64_t size() const { return int64_t(token.size()); }
   void clear();
@@ -21,7 +24,7 @@ struct RowPlan {
 
 // The plan's vectors as I32 tensors on one device (host views on the CPU, one upload on a GPU).
 struct RowTensors {
-  Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows, key_begin_window;
+  Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows, key_begin_window, prefix_slot;
 };
 
 // Scratch of a context on one device, grown to the largest pass seen.

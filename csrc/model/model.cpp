@@ -43,23 +43,36 @@ class Loader {
     if (!t) return {};
     PE_CHECK(t->nelements() == n && t->ne[0] == n, ModelFormatError, f_.path(), ": tensor '", name, "' has shape ",
              shape(*t), ", expected [", n, "]");
+    return floats(*t, name, "1-D");
+  }
+
+  // A [rows x cols] float tensor (ggml shape {cols, rows}), converted to F32 row-major.
+  Vec float_matrix(const std::string& name, int64_t rows, int64_t cols) const {
+    const GGUFTensorInfo* t = find(name, true);
+    PE_CHECK(t->ne.size() >= 2 && t->ne[0] == cols && t->ne[1] == rows && t->nelements() == rows * cols,
+             ModelFormatError, f_.path(), ": tensor '", name, "' has shape ", shape(*t), ", expected [", cols, ", ",
+             rows, "] from the hyper-parameters");
+    return floats(*t, name, "float");
+  }
+
+ private:
+  Vec floats(const GGUFTensorInfo& t, const std::string& name, const char* what) const {
+    const int64_t n = t.nelements();
     Vec out(static_cast<size_t>(n));
-    switch (GGMLType(t->type)) {
-      case GGMLType::F32: std::memcpy(out.data(), t->data, size_t(n) * 4); break;
+    switch (GGMLType(t.type)) {
+      case GGMLType::F32: std::memcpy(out.data(), t.data, size_t(n) * 4); break;
       case GGMLType::F16:
-        for (int64_t i = 0; i < n; i++) out[i] = fp16_to_fp32(reinterpret_cast<const fp16_t*>(t->data)[i]);
+        for (int64_t i = 0; i < n; i++) out[i] = fp16_to_fp32(reinterpret_cast<const fp16_t*>(t.data)[i]);
         break;
       case GGMLType::BF16:
-        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_fp32(reinterpret_cast<const bf16_t*>(t->data)[i]);
+        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_fp32(reinterpret_cast<const bf16_t*>(t.data)[i]);
         break;
       default:
-        PE_THROW(UnsupportedModelError, f_.path(), ": 1-D tensor '", name, "' has type ", type_name(t->type),
+        PE_THROW(UnsupportedModelError, f_.path(), ": ", what, " tensor '", name, "' has type ", type_name(t.type),
                  " (F32, F16 or BF16 expected)");
     }
     return out;
   }
-
- private:
   static std::string shape(const GGUFTensorInfo& t) {
     std::string s = "[";
     for (size_t d = 0; d < t.ne.size(); d++) s += (d ? ", " : "") + std::to_string(t.ne[d]);
@@ -70,15 +83,17 @@ class Loader {
 
 }  // namespace
 
-Tensor Model::keep(Vec v) {
+Tensor Model::keep(Vec v, int64_t rows) {
   if (v.empty()) return Tensor{};
   vecs_.push_back(std::move(v));
-  return f32_vector(vecs_.back().data(), int64_t(vecs_.back().size()));
+  const int64_t cols = int64_t(vecs_.back().size()) / rows;
+  return f32_tensor(vecs_.back().data(), rows, cols, cols);
 }
 
 std::vector<Tensor*> Layer::tensors() {
   return {&attn_norm, &attn_norm_b, &wqkv.w, &wqkv.b, &wq.w, &wq.b, &wk.w, &wk.b, &wv.w, &wv.b, &wo.w, &wo.b,
-          &attn_q_norm, &attn_k_norm, &attn_post_norm, &ffn_post_norm, &ffn_norm, &ffn_norm_b, &w_gate.w, &w_gate.b, &w_up.w, &w_up.b, &w_down.w, &w_down.b};
+          &attn_q_norm, &attn_k_norm, &attn_post_norm, &ffn_post_norm, &ffn_norm, &ffn_norm_b, &w_gate.w, &w_gate.b, &w_up.w, &w_up.b, &w_down.w, &w_down.b,
+          &prefix_k, &prefix_v};
 }
 
 std::vector<Tensor*> Head::tensors() { return {&output_norm, &output_norm_b, &output.w, &output.b}; }
@@ -211,6 +226,14 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
     if (c.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(*this, b + "ffn_gate", c.n_ff, c.n_embd);
     L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
     L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);
+    if (c.prefix_length > 0) {
+      L.prefix_k = keep(ld.float_matrix(b + "prefix_k", c.prefix_length, kv_dim), c.prefix_length);
+      L.prefix_v = keep(ld.float_matrix(b + "prefix_v", c.prefix_length, kv_dim), c.prefix_length);
+    } else {
+      PE_CHECK(!ld.find(b + "prefix_k", false) && !ld.find(b + "prefix_v", false), ModelFormatError, file_->path(),
+               ": tensors '", b, "prefix_k/v' (a P-Tuning v2 prefix) without metadata key '", c.arch,
+               ".prefix_length'");
+    }
   }
   file_->check_unchanged();  // the 1-D parameters were copied out of the mapping
 }

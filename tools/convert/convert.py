@@ -18,6 +18,8 @@ Metadata beyond llama.cpp's keys:
       tokenizer.ggml.mask_token_id ([gMASK], whose index is the position id of generated tokens).
   BERT: pyengine.embedding.normalize (bert.py) and pyengine.tokenizer.bert.{clean_text,
       handle_chinese_chars,max_input_chars_per_word} (vocab.py load_wordpiece).
+  chatglm.prefix_length and tensors blk.N.prefix_k / blk.N.prefix_v  a P-Tuning v2 prefix (--ptuning;
+      ptuning.py), which llama.cpp does not read.
 """
 from __future__ import annotations
 
@@ -425,7 +427,8 @@ def write_generation_config(w: GGUFWriter, gen: dict[str, Any]) -> None:
 def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "q4_0",
             lora: str | os.PathLike | None = None, output_qtype: str | None = None,
             vocab_only: bool = False, *, progress: bool = False, quant_method: str | None = None,
-            calibration: str | os.PathLike | None = None) -> ConversionReport:
+            calibration: str | os.PathLike | None = None,
+            ptuning: str | os.PathLike | None = None) -> ConversionReport:
     """Convert an HF checkpoint folder to a GGUF file.
 
     qtype: type of the 2-D weights (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1), or one of llama.cpp's
@@ -442,6 +445,10 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
     calibration: a text file; the model is run on it (torch) to weight the quantizers' squared error by
         each input channel's mean squared activation (imatrix.py): the numpy search for q4_0/q4_1, ggml's
         importance-weighted quantizers (llama-quantize --imatrix) for K presets.
+    ptuning: a THUDM P-Tuning v2 checkpoint of a ChatGLM2/3 / GLM-4 model (its folder, or the
+        pytorch_model.bin / model.safetensors holding transformer.prefix_encoder.*): the prefix
+        encoder is run here and its past keys and values stored per layer (ptuning.py); every sequence
+        then starts from them.
     Raises ConversionError (and leaves no file at out_path) on bad input.
     """
     start = time.perf_counter()
@@ -510,6 +517,21 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
                 warnings.append("calibration statistics come from the model without the LoRA adapter")
         plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings, quant_method, imatrix, config,
                             preset=preset, output_override=output_qtype is not None)
+    prefix = None
+    if ptuning is not None:
+        if spec.name != "chatglm" or spec.stacks[0].hf_prefix != "transformer.encoder.layers.{bid}.":
+            raise ConversionError(f"--ptuning: P-Tuning v2 prefixes are for THUDM's ChatGLM2/3 and GLM-4 "
+                                  f"checkpoints (ChatGLMModel), not {hf_arch}")
+        if vocab_only:
+            raise ConversionError("--ptuning with --vocab-only: a vocabulary file has no layers to hold a prefix")
+        from .ptuning import load_prefix
+
+        prefix = load_prefix(ptuning, hp)
+        for layer in range(hp.n_layer):
+            for kind, part in (("k", 0), ("v", 1)):
+                data = np.ascontiguousarray(prefix[:, layer, part])
+                plan.append(PlannedTensor(f"blk.{layer}.prefix_{kind}", data.shape, Q.F32, 0,
+                                          lambda data=data: data))
     # Mistral's sliding window: each token attends to the last `window` positions (itself included), as
     # transformers does; stored under gguf-py's {arch}.attention.sliding_window, which the engine honours.
     window = config.get("sliding_window")
@@ -535,6 +557,8 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
             write_hparams(w, hp, spec)
         if window is not None:
             w.add_sliding_window(window)
+        if prefix is not None:
+            w.add_uint32(f"{spec.name}.prefix_length", prefix.shape[0])
         write_generation_config(w, gen_config)
         write_vocab(w, vocab)
         for t in plan:
