@@ -9,6 +9,7 @@
 #include "ops/attention.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
+#include "ops/moe.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
 
@@ -31,6 +32,21 @@ void Activations::reserve(const ModelConfig& c, int64_t n_rows, Device device) {
   att.reserve(f * size_t(q_dim));
   ff_a.reserve(f * size_t(2 * c.n_ff));
   ff_b.reserve(f * size_t(c.n_ff));
+  if (c.n_expert > 0) {
+    if (moe_out.device() != device) moe_out = Buffer(device, 0);
+    moe_out.reserve(f * size_t(c.n_embd));
+    moe.reserve(moe_params(c), c.n_embd, n_rows, device);
+  }
+}
+
+MoEParams moe_params(const ModelConfig& c) {
+  MoEParams p;
+  p.n_expert = c.n_expert;
+  p.n_used = c.n_expert_used;
+  p.n_ff = c.n_ff_exp;
+  p.norm_weights = c.expert_weights_norm;
+  p.act = c.spec.act;
+  return p;
 }
 
 RowTensors Activations::upload(Executor& ex, const RowPlan& p) {
@@ -126,23 +142,29 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
   if (!L.attn_post_norm.empty()) norm(ex, spec.norm, xn, L.attn_post_norm, Tensor{}, xn, c.norm_eps);
   add(ex, x, xn);
   post_norm(L.attn_norm, L.attn_norm_b);
-  // Feed-forward block.
+  // Feed-forward block: one FFN, or a mixture of experts.
   if (!post) pre_norm(L.ffn_norm, L.ffn_norm_b);
   const Tensor& ffn_in = post ? x : xn;
-  if (spec.fused_gate_up) {
-    linear(L.w_up, ffn_in, ff_a);
-    gated_activation(ex, spec.act, hidden, ff_a.cols_view(n_ff, n_ff), hidden);
-  } else if (spec.gated_ffn) {
-    linear(L.w_gate, ffn_in, hidden);
-    linear(L.w_up, ffn_in, ff_b);
-    gated_activation(ex, spec.act, hidden, ff_b, hidden);
+  Tensor ffn_out = xn;
+  if (L.moe()) {
+    ffn_out = f32(a.moe_out, d);
+    moe_ffn(ex, L.experts, moe_params(c), ffn_in, ffn_out, a.moe, "blk." + std::to_string(layer));
   } else {
-    linear(L.w_up, ffn_in, hidden);
-    activation(ex, spec.act, hidden);
+    if (spec.fused_gate_up) {
+      linear(L.w_up, ffn_in, ff_a);
+      gated_activation(ex, spec.act, hidden, ff_a.cols_view(n_ff, n_ff), hidden);
+    } else if (spec.gated_ffn) {
+      linear(L.w_gate, ffn_in, hidden);
+      linear(L.w_up, ffn_in, ff_b);
+      gated_activation(ex, spec.act, hidden, ff_b, hidden);
+    } else {
+      linear(L.w_up, ffn_in, hidden);
+      activation(ex, spec.act, hidden);
+    }
+    linear(L.w_down, hidden, xn);
   }
-  linear(L.w_down, hidden, xn);
-  if (!L.ffn_post_norm.empty()) norm(ex, spec.norm, xn, L.ffn_post_norm, Tensor{}, xn, c.norm_eps);
-  add(ex, x, xn);
+  if (!L.ffn_post_norm.empty()) norm(ex, spec.norm, ffn_out, L.ffn_post_norm, Tensor{}, ffn_out, c.norm_eps);
+  add(ex, x, ffn_out);
   post_norm(L.ffn_norm, L.ffn_norm_b);
 }
 

@@ -6,6 +6,7 @@
 
 #include "kv_cache.h"
 #include "model/model.h"
+#include "ops/moe.h"
 #include "tensor.h"
 
 namespace pe {
@@ -27,9 +28,14 @@ struct RowTensors {
   Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows, key_begin_window, prefix_slot;
 };
 
+// The mixture-of-experts op's parameters of a model (ModelConfig::n_expert > 0).
+MoEParams moe_params(const ModelConfig& c);
+
 // Scratch of a context on one device, grown to the largest pass seen.
 struct Activations {
   Buffer x, xn, qkv, att, ff_a, ff_b, out, rows;
+  MoEScratch moe;    // mixture-of-experts FFNs: the op's scratch, and the FFN's output
+  Buffer moe_out;
   void reserve(const ModelConfig& c, int64_t rows, Device device);
   RowTensors upload(Executor& ex, const RowPlan& plan);
 };

@@ -34,7 +34,10 @@ OffloadPlan offload_cost(const Model& model, const OffloadRequest& req, int n) {
   // pass, the attention's split-K partials (up to 64 splits of head_dim + 2 floats per row and head)
   // and the row metadata.
   const int64_t rows = std::min<int64_t>(req.n_batch, req.n_ctx * req.n_seq_max);
-  const int64_t act = 2 * c.n_embd + (c.n_head + 2 * c.n_head_kv) * c.head_dim + c.n_head * c.head_dim + 3 * c.n_ff;
+  int64_t act = 2 * c.n_embd + (c.n_head + 2 * c.n_head_kv) * c.head_dim + c.n_head * c.head_dim + 3 * c.n_ff;
+  // the mixture-of-experts op (ops/moe.h): logits, gathered inputs, gate, up, the experts' outputs, the
+  // FFN's output, row metadata
+  if (c.n_expert > 0) act += c.n_expert + 2 * c.n_embd + 2 * c.n_ff_exp + c.n_expert_used * (c.n_embd + 3);
   const int64_t out = p.head ? std::max(c.n_vocab, c.n_embd) : 0;
   const int64_t partials = std::min<int64_t>(rows, 64) * c.n_head * 64 * (c.head_dim + 2);
   p.scratch = size_t(rows * (act + out) + partials) * sizeof(float) + size_t(rows) * 8 * sizeof(int32_t) +

@@ -196,6 +196,17 @@ class NameMap:
         self.hf_res = [re.compile(re.escape(st.hf_prefix).replace(number, r"(\d+)") + r"(.+)") for st in spec.stacks]
         self.gguf_res = [re.compile(re.escape(st.gguf_prefix) + r"\.(\d+)\.(.+)") for st in spec.stacks]
         self.block_order = [{g: i for i, g in enumerate(st.tensors.values())} for st in spec.stacks]
+        if spec.experts is not None:
+            for order in self.block_order:
+                order.update({g: len(order) + i for i, g in enumerate(spec.experts.kinds.values())})
+        kinds = "|".join(re.escape(k) for k in (*(spec.experts.kinds if spec.experts else ()),
+                                                 *(spec.experts.fused if spec.experts else ())))
+        # an expert's matrix (block, expert, kind), or a block's stacked matrices (block, kind)
+        self.expert_res = [(re.compile(re.escape(st.hf_prefix).replace(number, r"(\d+)")
+                                       + re.escape(spec.experts.prefix) + rf"(\d+)\.({kinds})\.weight"),
+                            re.compile(re.escape(st.hf_prefix).replace(number, r"(\d+)")
+                                       + re.escape(spec.experts.prefix) + rf"({kinds})(?:\.weight)?"))
+                           for st in spec.stacks] if spec.experts else []
 
     def to_gguf(self, hf_name: str) -> tuple[str, int | None, StackMap | None] | None:
         """(GGUF name, block index, stack) of an HF tensor name; None if the architecture has no such tensor."""
@@ -209,6 +220,15 @@ class NameMap:
             if m and m.group(2) in stack.tensors:
                 bid = int(m.group(1))
                 return f"{stack.gguf_prefix}.{bid}.{stack.tensors[m.group(2)]}.{suffix}", bid, stack
+        return None
+
+    def expert(self, hf_name: str) -> tuple[int, int, int | None, str] | None:
+        """(stack index, block index, expert index or None when stacked, HF kind) of an expert tensor."""
+        for k, (one, stacked) in enumerate(self.expert_res):
+            if m := one.fullmatch(hf_name):
+                return k, int(m.group(1)), int(m.group(2)), m.group(3)
+            if m := stacked.fullmatch(hf_name):
+                return k, int(m.group(1)), None, m.group(2)
         return None
 
     def block(self, gguf_name: str) -> tuple[int, int, str] | None:
@@ -260,6 +280,7 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
     names = NameMap(spec)
     shapes = spec.shapes(hp)
     found: dict[str, str] = {}                    # GGUF name -> HF name
+    experts: dict[str, dict[int | None, tuple[str, str]]] = {}   # GGUF *_exps name -> {expert: (HF name, kind)}
     for hf_name, t in ckpt.tensors.items():
         if spec.ignored_suffixes and hf_name.endswith(spec.ignored_suffixes):
             continue
@@ -269,6 +290,9 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         if t.dtype in INTEGER_DTYPES:
             raise ConversionError(f"unsupported dtype {t.dtype} of tensor {hf_name} in {t.file.name} "
                                   "(supported: F32, F16, BF16)")
+        if (hit := names.expert(name)) is not None:
+            _add_expert(spec, hp, names, hit, hf_name, experts)
+            continue
         mapped = names.to_gguf(name)
         if mapped is None:
             raise ConversionError(f"unexpected tensor {hf_name} in {t.file.name}: not part of a "
@@ -279,6 +303,11 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
                                   f"{getattr(hp, stack.n_layer)} blocks")
         if gguf_name == "output.weight" and hp.tied:
             continue                              # tied: the engine reuses token_embd
+        if stack is not None and spec.block_required is not None:
+            local = gguf_name[len(f"{stack.gguf_prefix}.{bid}."):].rpartition(".")[0]
+            if local not in spec.block_required(hp, bid):
+                raise ConversionError(f"unexpected tensor {hf_name} in {t.file.name}: block {bid} of this "
+                                      f"{spec.hf_architectures[0]} has no {local} (see its config.json)")
         want = shapes.get(names.shape_key(gguf_name))
         if want is not None and _stored_transposed(spec, gguf_name, t.shape):
             want = tuple(want[::-1])
@@ -292,32 +321,48 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         required = list(spec.required_globals(hp))
     else:
         required = ["token_embd.weight", "output_norm.weight"] + ([] if hp.tied else ["output.weight"])
+    stacked = _stack_experts(spec, hp, experts, ckpt)   # GGUF name -> its parts, checked
+    for gguf_name, parts in stacked.items():
+        found[gguf_name] = parts[0][0]
     for stack in spec.stacks:
         for bid in range(getattr(hp, stack.n_layer)):
-            required += [f"{stack.gguf_prefix}.{bid}.{g}.weight" for g in stack.tensors.values()]
+            local = spec.block_required(hp, bid) if spec.block_required else stack.tensors.values()
+            required += [f"{stack.gguf_prefix}.{bid}.{g}.weight" for g in local]
             required += [f"{stack.gguf_prefix}.{bid}.{g}.bias" for g in spec.required_biases]
     for name in required:
         if name not in found:
+            if spec.experts is not None and name.rpartition(".")[0].rpartition(".")[2] in spec.experts.kinds.values():
+                kind = next(k for k, g in spec.experts.kinds.items() if name.endswith(f".{g}.weight"))
+                bid = names.block(name)[1]
+                raise ConversionError(f"missing tensors {spec.stacks[0].hf_prefix.format(bid=bid)}"
+                                      f"{spec.experts.prefix}{{0..{hp.extra[spec.experts.n_expert] - 1}}}.{kind}"
+                                      f".weight in {ckpt.model_dir}")
             raise ConversionError(f"missing tensor {names.to_hf(name)} in {ckpt.model_dir}")
 
     if lora is not None:
         if spec.transposed:
             raise ConversionError(f"LoRA adapters are not supported for {spec.name} (its Conv1D weights are "
                                   "stored transposed)")
-        lora.check(ckpt, set(found.values()))
+        lora.check(ckpt, set(found.values()) | {h for parts in stacked.values() for h, _ in parts})
+    if imatrix is not None and stacked:
+        warnings.append("expert tensors (*_exps) are quantized without the imatrix (it has no per-expert "
+                        "statistics)")
 
     plan = []
     info = ModelInfo(n_layer=hp.n_layer, n_gqa=hp.n_head // hp.n_head_kv, tied="output.weight" not in found,
-                     has_imatrix=imatrix is not None)
+                     has_imatrix=imatrix is not None, n_expert=hp.extra.get("n_expert", 0))
     fallbacks: dict[str, int] = {}
     for gguf_name in sorted(found, key=names.sort_key):
         hf_name = found[gguf_name]
         src = ckpt.tensors[hf_name]
         transpose = _stored_transposed(spec, gguf_name, src.shape)
         shape = tuple(src.shape[::-1]) if transpose else tuple(src.shape)
+        parts = stacked.get(gguf_name)
+        if parts is not None:
+            shape = shapes[names.shape_key(gguf_name)]
         is_output = gguf_name in ("token_embd.weight", "output.weight")
-        if len(shape) == 1 or gguf_name in spec.float_tensors:
-            qtype = Q.F32
+        if len(shape) == 1 or gguf_name in spec.float_tensors or gguf_name.endswith(".ffn_gate_inp.weight"):
+            qtype = Q.F32                         # llama.cpp keeps MoE routers (ffn_gate_inp) F32 too
         elif preset is not None and not (is_output and output_override):
             qtype = tensor_type(preset, gguf_name, shape, info) or Q.F16
             wanted = mixed_type(preset, gguf_name, shape[-1], info)
@@ -338,7 +383,10 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         transform = spec.row_transforms.get(base.rpartition(".")[2])
 
         def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform,
-                    transpose=transpose) -> np.ndarray:
+                    transpose=transpose, parts=parts) -> np.ndarray:
+            if parts is not None:  # experts: stacked, each merged with its LoRA; no imatrix
+                x = _load_experts(ckpt, parts, lora)
+                return quants.quantize(x, qtype, quant_method, None)
             x = ckpt.load(hf_name)
             if transpose:
                 x = np.ascontiguousarray(x.T)
@@ -352,7 +400,8 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
             importance = imatrix.get(hf_name) if imatrix and not transpose else None
             return quants.quantize(x, qtype, quant_method, importance)
 
-        plan.append(PlannedTensor(gguf_name, shape, qtype, src.nbytes, produce))
+        source_bytes = sum(ckpt.tensors[h].nbytes for h, _ in parts) if parts is not None else src.nbytes
+        plan.append(PlannedTensor(gguf_name, shape, qtype, source_bytes, produce))
 
     if fallbacks:
         what = ", ".join(f"{n} {k}" for k, n in sorted(fallbacks.items()))
@@ -361,6 +410,72 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         factors = llama3_rope_factors(hp)
         plan.append(PlannedTensor("rope_freqs.weight", factors.shape, Q.F32, 0, lambda: factors))
     return plan
+
+
+def _add_expert(spec: ArchSpec, hp: HParams, names: NameMap, hit: tuple[int, int, int | None, str], hf_name: str,
+                experts: dict[str, dict[int | None, tuple[str, str]]]) -> None:
+    """Files one expert tensor (or a block's stacked ones) under the GGUF *_exps name(s) it goes into."""
+    k, bid, xid, kind = hit
+    stack, em = spec.stacks[k], spec.experts
+    n_layer, n_expert = getattr(hp, stack.n_layer), hp.extra[em.n_expert]
+    if bid >= n_layer:
+        raise ConversionError(f"tensor {hf_name} is in block {bid} but config.json has {n_layer} blocks")
+    if spec.block_required is not None and em.kinds[(em.fused.get(kind) or (kind,))[0]] not in spec.block_required(hp, bid):
+        raise ConversionError(f"unexpected tensor {hf_name}: block {bid} is a dense block (config.json "
+                              "mlp_only_layers / decoder_sparse_step), it has no experts")
+    if xid is not None and xid >= n_expert:
+        raise ConversionError(f"tensor {hf_name} is expert {xid} but config.json has {n_expert} experts")
+    for part in em.fused.get(kind) or (kind,):
+        gguf_name = f"{stack.gguf_prefix}.{bid}.{em.kinds[part]}.weight"
+        have = experts.setdefault(gguf_name, {})
+        if xid in have or (have and (xid is None) != (None in have)):
+            other = have.get(xid, next(iter(have.values())))[0]
+            raise ConversionError(f"tensors {other} and {hf_name} both hold experts of {gguf_name}")
+        have[xid] = (hf_name, kind)
+
+
+def _stack_experts(spec: ArchSpec, hp: HParams, experts: dict[str, dict[int | None, tuple[str, str]]],
+                   ckpt: Checkpoint) -> dict[str, list[tuple[str, slice | None]]]:
+    """For each *_exps tensor, where its rows come from: one (HF name, None) per expert, in expert order, or
+    one (HF name, rows of dim 1) when the checkpoint stacks them already; shapes checked against config.json."""
+    if spec.experts is None:
+        return {}
+    shapes, names, em = spec.shapes(hp), NameMap(spec), spec.experts
+    out: dict[str, list[tuple[str, slice | None]]] = {}
+    for gguf_name, have in experts.items():
+        want = shapes[names.shape_key(gguf_name)]          # (n_expert, rows, cols)
+        if None in have:
+            hf_name, kind = have[None]
+            parts = em.fused.get(kind) or (kind,)
+            part = next(i for i, p in enumerate(parts) if gguf_name.endswith(f".{em.kinds[p]}.weight"))
+            full = (want[0], want[1] * len(parts), want[2])
+            if ckpt.tensors[hf_name].shape != full:
+                raise ConversionError(f"tensor {hf_name} has shape {list(ckpt.tensors[hf_name].shape)} but "
+                                      f"config.json implies {list(full)}")
+            out[gguf_name] = [(hf_name, slice(part * want[1], (part + 1) * want[1]))]
+            continue
+        for xid in range(want[0]):
+            if xid not in have:
+                example = next(iter(have.values()))[0]
+                missing = re.sub(r"\.\d+\.([^.]+\.weight)$", rf".{xid}.\1", example)
+                raise ConversionError(f"missing tensor {missing} in {ckpt.model_dir} ({want[0]} experts)")
+            hf_name = have[xid][0]
+            if ckpt.tensors[hf_name].shape != want[1:]:
+                raise ConversionError(f"tensor {hf_name} has shape {list(ckpt.tensors[hf_name].shape)} but "
+                                      f"config.json implies {list(want[1:])}")
+        out[gguf_name] = [(have[xid][0], None) for xid in range(want[0])]
+    return out
+
+
+def _load_experts(ckpt: Checkpoint, parts: list[tuple[str, slice | None]], lora: LoraAdapter | None) -> np.ndarray:
+    if len(parts) == 1 and parts[0][1] is not None:
+        hf_name, rows = parts[0]
+        return np.ascontiguousarray(ckpt.load(hf_name)[:, rows])
+    mats = []
+    for hf_name, _ in parts:
+        x = ckpt.load(hf_name)
+        mats.append(lora.merge(hf_name, x) if lora is not None else x)
+    return np.stack(mats)
 
 
 # --- metadata -----------------------------------------------------------------------------------------
