@@ -145,12 +145,31 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def hub_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mixture-of-experts weights as checkpoints on the Hub hold them (and transformers' save_pretrained
+    writes them): one matrix per expert (mlp.experts.{e}.gate_proj.weight, ...), not transformers 5's
+    stacked parameters (mlp.experts.gate_up_proj [n_expert, 2 x n_ff, d], mlp.experts.down_proj)."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            base = name[:-len("gate_up_proj")]
+            for e, (gate, up) in enumerate(zip(*t.chunk(2, dim=1))):
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate.contiguous(), up.contiguous()
+        elif name.endswith(".mlp.experts.down_proj"):
+            base = name[:-len("down_proj")]
+            for e, down in enumerate(t):
+                out[f"{base}{e}.down_proj.weight"] = down.contiguous()
+        else:
+            out[name] = t
+    return out
+
+
 def save_weights(model: torch.nn.Module, out_dir: Path, fmt: str = "safetensors", n_shards: int = 1) -> None:
     """Save the state dict as model.safetensors / pytorch_model.bin, or in `n_shards` shards with
     the HF index file, without the tied duplicate of lm_head."""
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = hub_layout({k: v.contiguous() for k, v in model.state_dict().items()})
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     names = list(state)
