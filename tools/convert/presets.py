@@ -3,9 +3,10 @@
 A preset such as Q4_K_M is not one type: llama.cpp gives some tensors more bits (attn_v and ffn_down
 in the first, last and every third layer, the output matrix) and falls back to a 32-element type when
 a row is not a multiple of 256. `tensor_type` reproduces `llama_tensor_get_type` of llama.cpp's
-src/llama-quant.cpp (the version vendored by llama-cpp-python 0.3.36) for dense models (no experts,
-no Falcon special cases), so that a file from `pyengine convert --qtype q4_k_m` or `pyengine quantize`
-has the same tensor types as llama-quantize's.
+src/llama-quant.cpp (the version vendored by llama-cpp-python 0.3.36) for the architectures pyengine
+reads (no Falcon special cases; for mixture-of-experts models, the experts' *_exps tensors count as their
+kind and the 8-expert rules apply), so that a file from `pyengine convert --qtype q4_k_m` or `pyengine
+quantize` has the same tensor types as llama-quantize's.
 """
 from __future__ import annotations
 
