@@ -333,7 +333,11 @@ def test_converter_refuses_bad_checkpoints(tmp_path):
     fails("model.layers.0.mlp.experts.8.up_proj.weight is expert 8 but config.json has 8 experts",
           {**sd, "model.layers.0.mlp.experts.8.up_proj.weight": sd[e3].clone()})
     fails("missing tensor model.layers.0.mlp.gate.weight", {k: v for k, v in sd.items() if k != "model.layers.0.mlp.gate.weight"})
+    fails(r"missing tensors model.layers.0.mlp.experts.\{0..7\}.up_proj.weight",
+          {k: v for k, v in sd.items() if not re.fullmatch(r"model.layers.0.mlp.experts.\d+.up_proj.weight", k)})
     fails("num_experts_per_tok=9 is more than the 8 experts", num_experts_per_tok=9)
+    fails("rope scaling 'linear' on Qwen3-MoE is not supported yet",
+          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     fails("num_experts_per_tok=0: number of experts per token must be a positive integer", num_experts_per_tok=0)
     fails(r"unexpected tensor model.layers.0.mlp.gate_proj.weight .*block 0 of this Qwen3MoeForCausalLM has no ffn_gate",
           {**sd, "model.layers.0.mlp.gate_proj.weight": torch.zeros(128, 64)})

@@ -473,6 +473,9 @@ def _qwen3moe_fix(config: dict[str, Any], hp: HParams) -> None:
                 return v
         raise ConversionError(f"config.json has no {what} (looked for {', '.join(keys)})")
 
+    if hp.rope_scaling:
+        raise ConversionError(f"config.json rope scaling {hp.rope_scaling.get('rope_type')!r} on Qwen3-MoE is not "
+                              "supported yet")
     n_expert = number(("num_local_experts", "num_experts"), "expert count")
     used = number(("num_experts_per_tok",), "number of experts per token")
     if used > n_expert:

@@ -196,17 +196,16 @@ class NameMap:
         self.hf_res = [re.compile(re.escape(st.hf_prefix).replace(number, r"(\d+)") + r"(.+)") for st in spec.stacks]
         self.gguf_res = [re.compile(re.escape(st.gguf_prefix) + r"\.(\d+)\.(.+)") for st in spec.stacks]
         self.block_order = [{g: i for i, g in enumerate(st.tensors.values())} for st in spec.stacks]
+        self.expert_res: list[tuple[re.Pattern, re.Pattern]] = []
         if spec.experts is not None:
-            for order in self.block_order:
-                order.update({g: len(order) + i for i, g in enumerate(spec.experts.kinds.values())})
-        kinds = "|".join(re.escape(k) for k in (*(spec.experts.kinds if spec.experts else ()),
-                                                 *(spec.experts.fused if spec.experts else ())))
-        # an expert's matrix (block, expert, kind), or a block's stacked matrices (block, kind)
-        self.expert_res = [(re.compile(re.escape(st.hf_prefix).replace(number, r"(\d+)")
-                                       + re.escape(spec.experts.prefix) + rf"(\d+)\.({kinds})\.weight"),
-                            re.compile(re.escape(st.hf_prefix).replace(number, r"(\d+)")
-                                       + re.escape(spec.experts.prefix) + rf"({kinds})(?:\.weight)?"))
-                           for st in spec.stacks] if spec.experts else []
+            em = spec.experts
+            kinds = "|".join(re.escape(k) for k in (*em.kinds, *em.fused))
+            for st, order in zip(spec.stacks, self.block_order):
+                experts = re.escape(st.hf_prefix).replace(number, r"(\d+)") + re.escape(em.prefix)
+                # one expert's matrix (block, expert, kind), or a block's experts stacked (block, kind)
+                self.expert_res.append((re.compile(experts + rf"(\d+)\.({kinds})\.weight"),
+                                        re.compile(experts + rf"({kinds})(?:\.weight)?")))
+                order.update({g: len(order) + i for i, g in enumerate(em.kinds.values())})
 
     def to_gguf(self, hf_name: str) -> tuple[str, int | None, StackMap | None] | None:
         """(GGUF name, block index, stack) of an HF tensor name; None if the architecture has no such tensor."""
@@ -331,12 +330,12 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
             required += [f"{stack.gguf_prefix}.{bid}.{g}.bias" for g in spec.required_biases]
     for name in required:
         if name not in found:
-            if spec.experts is not None and name.rpartition(".")[0].rpartition(".")[2] in spec.experts.kinds.values():
-                kind = next(k for k, g in spec.experts.kinds.items() if name.endswith(f".{g}.weight"))
-                bid = names.block(name)[1]
-                raise ConversionError(f"missing tensors {spec.stacks[0].hf_prefix.format(bid=bid)}"
-                                      f"{spec.experts.prefix}{{0..{hp.extra[spec.experts.n_expert] - 1}}}.{kind}"
-                                      f".weight in {ckpt.model_dir}")
+            k, bid, local = names.block(name) or (0, 0, "")
+            em = spec.experts
+            kind = next((h for h, g in em.kinds.items() if local == f"{g}.weight"), None) if em else None
+            if kind is not None:  # a kind of expert matrix, of no expert
+                raise ConversionError(f"missing tensors {spec.stacks[k].hf_prefix.format(bid=bid)}{em.prefix}"
+                                      f"{{0..{hp.extra[em.n_expert] - 1}}}.{kind}.weight in {ckpt.model_dir}")
             raise ConversionError(f"missing tensor {names.to_hf(name)} in {ckpt.model_dir}")
 
     if lora is not None:
