@@ -10,6 +10,7 @@
 #include "common.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
+#include "ops/moe.h"
 #ifdef PE_CUDA
 #include "cuda/ops.h"
 #endif
@@ -126,9 +127,47 @@ py::array_t<float> py_dequantize(const py::buffer& w, uint32_t type_id, int64_t 
   return out;
 }
 
+py::array_t<float> py_moe_ffn(const py::array_t<float, py::array::c_style | py::array::forcecast>& router,
+                              const py::buffer& gate, const py::buffer& up, const py::buffer& down, uint32_t type_id,
+                              int64_t n_ff, int64_t n_used, bool norm_weights,
+                              const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int n_threads,
+                              const std::string& device) {
+  if (router.ndim() != 2 || x.ndim() != 2 || x.shape(1) != router.shape(1))
+    throw py::value_error("router must be (n_expert, d) and x (n, d)");
+  if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+  const int64_t n_expert = router.shape(0), d = router.shape(1), n = x.shape(0);
+  const py::buffer_info gi = gate.request(), ui = up.request(), di = down.request();
+  const Tensor g = weight_view(gi, type_id, n_expert * n_ff, d), u = weight_view(ui, type_id, n_expert * n_ff, d);
+  const Tensor dn = weight_view(di, type_id, n_expert * d, n_ff);
+  const Tensor r = f32_tensor(const_cast<float*>(router.data()), n_expert, d, d);
+  py::array_t<float> out({n, d});
+  float* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    Executor& ex = executor_on(device, n_threads);
+    MoEParams p;
+    p.n_expert = n_expert;
+    p.n_used = n_used;
+    p.n_ff = n_ff;
+    p.norm_weights = norm_weights;
+    run_on(ex, {r, g, u, dn, f32_tensor(const_cast<float*>(x.data()), n, d, d)}, f32_tensor(op, n, d, d),
+           [&](Executor& e, const std::vector<Tensor>& in, const Tensor& y) {
+             MoEScratch scratch;
+             moe_ffn(e, Experts{in[0], in[1], in[2], in[3]}, p, in[4], y, scratch, "moe");
+           });
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_kernels(py::module_& m) {
+  m.def("moe_ffn", &py_moe_ffn, py::arg("router"), py::arg("gate"), py::arg("up"), py::arg("down"),
+        py::arg("type_id"), py::arg("n_ff"), py::arg("n_used"), py::arg("norm_weights"), py::arg("x"),
+        py::arg("n_threads") = 1, py::arg("device") = "cpu",
+        "The mixture-of-experts op (ops/moe.h) on numpy arrays: router float32 (n_expert, d); gate/up raw GGUF "
+        "bytes of n_expert stacked (n_ff, d) matrices of type `type_id`, down of (d, n_ff) ones; x float32 (n, d). "
+        "Returns float32 (n, d).");
   m.def("matmul", &py_matmul, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"), py::arg("x"),
         py::arg("n_threads") = 1, py::arg("device") = "cpu",
         "Y = X @ W.T with W given as raw GGUF bytes of a rows x cols matrix of ggml type `type_id`, "

@@ -60,6 +60,10 @@ void bind_model(py::module_& m) {
         d["head_dim"] = c.head_dim;
         d["n_ff"] = c.n_ff;
         d["n_ctx_train"] = c.n_ctx_train;
+        d["prefix_length"] = c.prefix_length;
+        d["n_expert"] = c.n_expert;
+        d["n_expert_used"] = c.n_expert_used;
+        d["n_ff_exp"] = c.n_ff_exp;
         d["norm_eps"] = c.norm_eps;
         d["rope_dims"] = c.rope.n_dims;
         d["rope_freq_base"] = c.rope.freq_base;

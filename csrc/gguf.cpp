@@ -262,6 +262,14 @@ double GGUFFile::get_float(const std::string& key) const {
 }
 double GGUFFile::get_float(const std::string& key, double dflt) const { return find(key) ? get_float(key) : dflt; }
 
+bool GGUFFile::get_bool(const std::string& key, bool dflt) const {
+  const GGUFValue* v = find(key);
+  if (!v) return dflt;
+  PE_CHECK(v->type == GGUFType::BOOL, ModelFormatError, path_, ": metadata key '", key, "' should be a bool, not ",
+           gguf_type_name(v->type));
+  return v->u != 0;
+}
+
 std::string GGUFFile::get_str(const std::string& key) const {
   const GGUFValue* v = find(key);
   PE_CHECK(v, ModelFormatError, path_, ": missing required metadata key '", key, "'");

@@ -65,6 +65,7 @@ class GGUFFile {
   int64_t get_int(const std::string& key, int64_t dflt) const;
   double get_float(const std::string& key) const;
   double get_float(const std::string& key, double dflt) const;
+  bool get_bool(const std::string& key, bool dflt) const;
   std::string get_str(const std::string& key) const;
   std::string get_str(const std::string& key, const std::string& dflt) const;
 

@@ -145,12 +145,31 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def hub_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mixture-of-experts weights as checkpoints on the Hub hold them (and transformers' save_pretrained
+    writes them): one matrix per expert (mlp.experts.{e}.gate_proj.weight, ...), not transformers 5's
+    stacked parameters (mlp.experts.gate_up_proj [n_expert, 2 x n_ff, d], mlp.experts.down_proj)."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            base = name[:-len("gate_up_proj")]
+            for e, (gate, up) in enumerate(zip(*t.chunk(2, dim=1))):
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate.contiguous(), up.contiguous()
+        elif name.endswith(".mlp.experts.down_proj"):
+            base = name[:-len("down_proj")]
+            for e, down in enumerate(t):
+                out[f"{base}{e}.down_proj.weight"] = down.contiguous()
+        else:
+            out[name] = t
+    return out
+
+
 def save_weights(model: torch.nn.Module, out_dir: Path, fmt: str = "safetensors", n_shards: int = 1) -> None:
     """Save the state dict as model.safetensors / pytorch_model.bin, or in `n_shards` shards with
     the HF index file, without the tied duplicate of lm_head."""
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = hub_layout({k: v.contiguous() for k, v in model.state_dict().items()})
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     names = list(state)
@@ -191,10 +210,12 @@ def _make(arch: str, out_dir: Path, *, tied: bool, n_kv_heads: int, hidden: int,
         n_tokens = make_bpe_tokenizer(out_dir, style=tokenizer)
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                  "qwen3moe": transformers.Qwen3MoeConfig,
                   "phi3": transformers.Phi3Config, "gemma2": transformers.Gemma2Config,
                   "gemma3": transformers.Gemma3TextConfig}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+                 "qwen3moe": transformers.Qwen3MoeForCausalLM,
                  "phi3": transformers.Phi3ForCausalLM, "gemma2": transformers.Gemma2ForCausalLM,
                  "gemma3": transformers.Gemma3ForCausalLM}[arch]
     config = config_cls(
@@ -204,6 +225,10 @@ def _make(arch: str, out_dir: Path, *, tied: bool, n_kv_heads: int, hidden: int,
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _randomize(model, seed)
+    with torch.no_grad():  # MoE routers: decisive routing (well separated top-k), as trained ones are
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(8.0)
     if tied:
         model.tie_weights()
     model.to(dtype)
@@ -239,6 +264,11 @@ make_qwen2 = _maker("qwen2", "A tiny Qwen2ForCausalLM (q/k/v biases, tied embedd
                     tied=True, tokenizer="qwen2")
 make_qwen3 = _maker("qwen3", """A tiny Qwen3ForCausalLM (q/k RMSNorm per head, no q/k/v bias; head_dim 32 != hidden / heads,
     as in the real models where head_dim is set explicitly).""", tied=True, tokenizer="qwen2", head_dim=32)
+make_qwen3moe = _maker("qwen3moe", """A tiny Qwen3MoeForCausalLM: Qwen3's attention (head_dim 32), 8 experts of 32, top-2 with
+    renormalised weights, every block sparse unless mlp_only_layers / decoder_sparse_step say otherwise
+    (dense blocks have intermediate_size `ff`).""", tied=True, tokenizer="qwen2", head_dim=32, num_experts=8,
+                       num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[],
+                       norm_topk_prob=True)
 make_phi3 = _maker("phi3", "A tiny Phi3ForCausalLM (fused qkv_proj and gate_up_proj).", tokenizer="spm", pad_token_id=0)
 make_gemma2 = _maker("gemma2", """A tiny Gemma2ForCausalLM: head_dim 16 (= query_pre_attn_scalar), a sliding window of 8 on
     even layers, and soft-caps small enough to matter at this scale (attention 2, logits 3).""",

@@ -27,6 +27,8 @@ void add_bias(Executor& ex, const Tensor& y, const Tensor& b);
 void scale(Executor& ex, const Tensor& x, float alpha, const Tensor& y);
 void softcap(Executor& ex, const Tensor& x, float cap);
 void get_rows(Executor& ex, const Tensor& table, const Tensor& ids, const Tensor& out);
+void moe_combine(Executor& ex, const Tensor& y, const Tensor& slot, const Tensor& weight, int64_t k,
+                 const Tensor& out);
 void kv_store(Executor& ex, KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
                float scale, const Tensor& out, float softcap);

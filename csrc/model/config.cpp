@@ -83,10 +83,17 @@ ArchSpec gemma3() {
   a.swa_pattern = 6;
   return a;
 }
+// Qwen3-MoE (llama.cpp's qwen3moe): Qwen3's attention, mixture-of-experts FFNs.
+ArchSpec qwen3moe() {
+  ArchSpec a = llama_like("qwen3moe", RopeStyle::NeoX);
+  a.moe = true;
+  return a;
+}
 const ArchSpec kArchs[] = {
     llama_like("llama", RopeStyle::Adjacent),
     llama_like("qwen2", RopeStyle::NeoX),
     llama_like("qwen3", RopeStyle::NeoX),  // + per-head q/k RMSNorm (attn_q_norm / attn_k_norm), no qkv bias
+    qwen3moe(),
     phi3(),
     chatglm(),
     chatglm1(),
@@ -200,6 +207,31 @@ ModelConfig read_config(const GGUFFile& f) {
            "attention.sliding_window ", c.sliding_window, " is out of range");
   PE_CHECK(c.sliding_window == 0 || spec->mask == Mask::Causal, UnsupportedModelError, f.path(), ": a sliding "
            "window on a ", c.arch, " model (only causal attention takes one)");
+  c.prefix_length = f.get_int(p + "prefix_length", 0);
+  PE_CHECK(c.prefix_length >= 0 && c.prefix_length <= (int64_t(1) << 16), ModelFormatError, f.path(), ": ", p,
+           "prefix_length ", c.prefix_length, " is out of range [0, 65536]");
+  // A prefix sits before the sequence's first position and is seen by every row: causal RoPE
+  // decoders only (THUDM's ChatGLM2/3), where that is the whole story.
+  PE_CHECK(c.prefix_length == 0 || (spec->family == Family::DecoderOnly && spec->mask == Mask::Causal &&
+                                    spec->positions == Positions::Rope && c.sliding_window == 0),
+           UnsupportedModelError, f.path(), ": ", p, "prefix_length (a P-Tuning v2 prefix) on a ", c.arch,
+           " model: only causal decoders without a sliding window take one");
+  if (spec->moe) {
+    c.n_expert = f.get_int(p + "expert_count");
+    c.n_expert_used = f.get_int(p + "expert_used_count");
+    PE_CHECK(c.n_expert > 0 && c.n_expert <= 4096, ModelFormatError, f.path(), ": ", p, "expert_count ", c.n_expert,
+             " is out of range [1, 4096]");
+    PE_CHECK(c.n_expert_used > 0 && c.n_expert_used <= c.n_expert, ModelFormatError, f.path(), ": ", p,
+             "expert_used_count ", c.n_expert_used, " must be in [1, expert_count ", c.n_expert, "]");
+    // llama.cpp's default when the key is absent
+    c.n_ff_exp = f.get_int(p + "expert_feed_forward_length", c.n_ff / c.n_expert_used);
+    PE_CHECK(c.n_ff_exp > 0 && c.n_ff_exp <= (1 << 22), ModelFormatError, f.path(), ": ", p,
+             "expert_feed_forward_length ", c.n_ff_exp, " is out of range");
+    c.expert_weights_norm = f.get_bool(p + "expert_weights_norm", true);
+    const int64_t gating = f.get_int(p + "expert_gating_func", 1);
+    PE_CHECK(gating == 1, UnsupportedModelError, f.path(), ": ", p, "expert_gating_func ", gating,
+             " is not supported (1: softmax is)");
+  }
   if (spec->family == Family::EncoderOnly) {
     const int64_t pooling = f.get_int(p + "pooling_type", int64_t(Pooling::Mean));
     PE_CHECK(pooling >= 0 && pooling <= 4, UnsupportedModelError, f.path(), ": ", p, "pooling_type ", pooling,

@@ -59,6 +59,10 @@ struct ArchSpec {
   const char* ffn_norm_name = "ffn_norm";
   // Token embeddings times sqrt(n_embd) (Gemma).
   bool scale_embeddings = false;
+  // Mixture-of-experts FFNs (Qwen3-MoE): a block with a router (ffn_gate_inp) sends each row through its
+  // {arch}.expert_used_count best of {arch}.expert_count SwiGLU experts (ffn_{gate,up,down}_exps, of
+  // {arch}.expert_feed_forward_length); a block without one has the dense FFN.
+  bool moe = false;
   // With a sliding window, which layers are windowed: 0, every layer (Mistral); p > 0, all but every
   // p-th (layer l is global when l % p == p - 1: Gemma 2's p = 2, Gemma 3's 6). Overridden by
   // {arch}.attention.sliding_window_pattern.
@@ -87,6 +91,13 @@ struct ModelConfig {
   float final_softcap = 0.f;        // {arch}.final_logit_softcapping (Gemma 2; 0: none)
   int64_t swa_pattern = 0;          // see ArchSpec::swa_pattern
   RopeParams rope_swa;              // RoPE of windowed layers (Gemma 3: base {arch}.rope.freq_base_swa, unscaled)
+  // P-Tuning v2 (ChatGLM2/3's fine-tuning): {arch}.prefix_length learned past keys and values per layer
+  // (tensors blk.N.prefix_k / blk.N.prefix_v) that every sequence's cache starts with; 0: none.
+  int64_t prefix_length = 0;
+  // ArchSpec::moe: the experts (n_expert 0: none), and whether the chosen experts' weights are
+  // renormalised to sum to 1 ({arch}.expert_weights_norm, default true as llama.cpp's qwen3moe).
+  int64_t n_expert = 0, n_expert_used = 0, n_ff_exp = 0;
+  bool expert_weights_norm = true;
   bool windowed(int64_t layer) const {
     return sliding_window > 0 && (swa_pattern == 0 || layer % swa_pattern != swa_pattern - 1);
   }

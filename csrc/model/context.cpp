@@ -14,6 +14,7 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
       ex_(std::move(executor)),
       gpu_ex_(model_->gpu().executor),
       n_batch_(n_batch),
+      prefix_(model_->config().prefix_length),
       policy_(model_->config()) {
   const ModelConfig& c = model_->config();
   PE_CHECK(ex_->device() == Device::CPU, Error, "a context takes the CPU executor (the GPU's is the model's)");
@@ -27,8 +28,9 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
   check_host_memory(*model_, host_memory_plan(*model_, n_ctx, n_seq_max, n_batch, kv_type, n_gpu), max_memory, n_ctx,
                     n_seq_max);
   kv_.reserve(2);
-  kv_.emplace_back(*ex_, kv_type, int(c.n_layer) - n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, n_ctx);
-  if (n_gpu) kv_.emplace_back(*gpu_ex_, kv_type, n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, n_ctx);
+  const int64_t positions = n_ctx + prefix_;
+  kv_.emplace_back(*ex_, kv_type, int(c.n_layer) - n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, positions);
+  if (n_gpu) kv_.emplace_back(*gpu_ex_, kv_type, n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, positions);
   const int64_t rows = std::min<int64_t>(n_batch, n_ctx * n_seq_max);
   act_.reserve(c, rows, Device::CPU);
   if (n_gpu) gpu_act_.reserve(c, rows, Device::CUDA);
@@ -46,9 +48,17 @@ std::pair<std::unique_lock<std::mutex>, std::unique_lock<std::mutex>> Context::l
   return {std::move(cpu), gpu_ex_ ? gpu_ex_->lock() : std::unique_lock<std::mutex>()};
 }
 
+int64_t Context::seq_len(int seq) const {
+  const int64_t n = kv().seq_len(seq);
+  return n > prefix_ ? n - prefix_ : 0;
+}
+
 void Context::seq_truncate(int seq, int64_t n) {
   auto lock = this->lock();
-  for_each_kv([&](KVCache& kv) { kv.seq_truncate(seq, n); });
+  const int64_t len = seq_len(seq);
+  PE_CHECK(n >= 0 && n <= len, Error, "cannot truncate sequence ", seq, " to ", n, " tokens: it holds ", len);
+  const int64_t keep = kv().seq_len(seq) > 0 ? prefix_ + n : 0;  // the prefix stays
+  for_each_kv([&](KVCache& kv) { kv.seq_truncate(seq, keep); });
   policy_.truncate(seqs_[size_t(seq)], n);
 }
 
@@ -86,7 +96,7 @@ void Context::check_rows(const Batch& batch) const {
     count[size_t(s)]++;
   }
   for (int s = 0; s < n_seq_max(); s++)
-    PE_CHECK(kv().seq_len(s) + count[size_t(s)] <= n_ctx(), ContextLengthError, "context overflow: ", kv().seq_len(s),
+    PE_CHECK(seq_len(s) + count[size_t(s)] <= n_ctx(), ContextLengthError, "context overflow: ", seq_len(s),
              " tokens in the context + ", count[size_t(s)], " new > n_ctx ", n_ctx(),
              n_seq_max() > 1 ? str_cat(" (sequence ", s, ")") : std::string());
 }
@@ -128,10 +138,14 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
   check_rows(batch);
   PE_CHECK(hidden || !logits || model_->decoder.head.output.present(), UnsupportedModelError, "a ",
            model_->config().arch, " model has no language-model head: ask for embeddings (hidden states) instead");
-  std::vector<int64_t> old_len(seqs_.size());
-  for (size_t s = 0; s < seqs_.size(); s++) old_len[s] = kv().seq_len(int(s));
+  // What each sequence held before (cache positions, and tokens), to undo a failed call.
+  std::vector<int64_t> old_kv(seqs_.size()), old_len(seqs_.size());
+  for (size_t s = 0; s < seqs_.size(); s++) old_kv[s] = kv().seq_len(int(s)), old_len[s] = seq_len(int(s));
   const std::vector<Row> rows = expand_replays(batch);
-  for (size_t s = 0; s < seqs_.size(); s++) old_len[s] = std::min(old_len[s], kv().seq_len(int(s)));
+  for (size_t s = 0; s < seqs_.size(); s++) {
+    old_kv[s] = std::min(old_kv[s], kv().seq_len(int(s)));
+    old_len[s] = std::min(old_len[s], seq_len(int(s)));
+  }
   try {
     // Positions of the rows, and the sequences' tokens (which fix a bidirectional prefix).
     std::vector<int64_t> pos(rows.size());
@@ -159,7 +173,7 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
     model_->file().check_unchanged();
   } catch (...) {
     for (size_t s = 0; s < seqs_.size(); s++) {
-      if (kv().seq_len(int(s)) > old_len[s]) for_each_kv([&](KVCache& kv) { kv.seq_truncate(int(s), old_len[s]); });
+      if (kv().seq_len(int(s)) > old_kv[s]) for_each_kv([&](KVCache& kv) { kv.seq_truncate(int(s), old_kv[s]); });
       if (int64_t(seqs_[s].tokens.size()) > old_len[s]) policy_.truncate(seqs_[s], old_len[s]);
     }
     throw;
@@ -171,17 +185,23 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
   p.clear();
   for (int64_t r = 0; r < n; r++) {
     const int32_t s = rows[r].seq;
-    const int64_t pos = kv().seq_len(s);
+    if (prefix_ > 0 && kv().seq_len(s) == 0) {  // a new sequence: its cache starts with the prefix
+      for_each_kv([&](KVCache& kv) { kv.seq_extend(s, prefix_); });
+      for (int64_t i = 0; i < prefix_; i++) p.prefix_slot.push_back(kv().slot(s, i));
+    }
+    const int64_t at = kv().seq_len(s), pos = at - prefix_;  // cache position, token index
     for_each_kv([&](KVCache& kv) { kv.seq_extend(s, 1); });
+    // Positions count tokens from 0 after the prefix (THUDM's get_position_ids); keys are cache
+    // positions, the prefix's included (key_begin stays 0: a prefix comes with causal attention only).
     const RowPlace place = policy_.place(seqs_[size_t(s)], pos);
     p.token.push_back(rows[r].token);
     p.seq.push_back(s);
     p.rope_pos.push_back(place.rope_pos);
     p.rope_pos2.push_back(place.rope_pos2);
     p.key_begin.push_back(place.key_begin);
-    p.key_end.push_back(place.key_end);
+    p.key_end.push_back(int32_t(place.key_end + prefix_));
     p.key_begin_window.push_back(place.key_begin_window);
-    p.slot.push_back(kv().slot(s, pos));
+    p.slot.push_back(kv().slot(s, at));
     if (rows[r].logits) p.logit_rows.push_back(int32_t(r));
   }
   const ModelConfig& c = model_->config();

@@ -48,7 +48,8 @@ class Context {
   // The batch-of-one case: n tokens appended to `seq`; logits of the last token, of all, or none.
   void eval(const int32_t* tokens, int64_t n, float* logits, bool all_logits, int seq = 0);
 
-  int64_t seq_len(int seq) const { return kv().seq_len(seq); }
+  // Tokens in sequence `seq` (a P-Tuning v2 prefix before them is not counted).
+  int64_t seq_len(int seq) const;
   void seq_truncate(int seq, int64_t n);
   // dst becomes a copy of src, sharing its cache pages until either appends.
   void seq_copy(int src, int dst);
@@ -59,7 +60,7 @@ class Context {
   void collect_input_stats(bool on);
   const InputStats& input_stats() const { return input_stats_; }
 
-  int64_t n_ctx() const { return kv().n_ctx(); }
+  int64_t n_ctx() const { return kv().n_ctx() - prefix_; }
   int n_seq_max() const { return kv().n_seq_max(); }
   // Blocks on the GPU (the model's offload), and the bytes of this context's GPU KV cache.
   int n_gpu_layers() const { return model_->gpu().n_layers; }
@@ -91,6 +92,10 @@ class Context {
   std::shared_ptr<Executor> gpu_ex_;  // the model's GPU stream, when blocks are offloaded
   int64_t n_batch_;
   std::vector<KVCache> kv_;  // the CPU blocks' cache, then the GPU blocks' (when offloaded)
+  // Cache positions [0, prefix_) of every sequence that holds anything are the model's P-Tuning v2
+  // prefix (ModelConfig::prefix_length); its tokens follow, so a token's cache position is its
+  // index + prefix_. The prefix is written when a sequence gets its first token and never truncated.
+  int64_t prefix_ = 0;
   SequencePolicy policy_;
   std::vector<SequenceState> seqs_;
   RowPlan plan_;

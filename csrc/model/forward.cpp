@@ -9,13 +9,15 @@
 #include "ops/attention.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
+#include "ops/moe.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
 
 namespace pe {
 
 void RowPlan::clear() {
-  for (auto* v : {&token, &seq, &rope_pos, &rope_pos2, &key_begin, &key_end, &slot, &logit_rows, &key_begin_window})
+  for (auto* v : {&token, &seq, &rope_pos, &rope_pos2, &key_begin, &key_end, &slot, &logit_rows, &key_begin_window,
+                  &prefix_slot})
     v->clear();
 }
 
@@ -30,16 +32,32 @@ void Activations::reserve(const ModelConfig& c, int64_t n_rows, Device device) {
   att.reserve(f * size_t(q_dim));
   ff_a.reserve(f * size_t(2 * c.n_ff));
   ff_b.reserve(f * size_t(c.n_ff));
+  if (c.n_expert > 0) {
+    if (moe_out.device() != device) moe_out = Buffer(device, 0);
+    moe_out.reserve(f * size_t(c.n_embd));
+    moe.reserve(moe_params(c), c.n_embd, n_rows, device);
+  }
+}
+
+MoEParams moe_params(const ModelConfig& c) {
+  MoEParams p;
+  p.n_expert = c.n_expert;
+  p.n_used = c.n_expert_used;
+  p.n_ff = c.n_ff_exp;
+  p.norm_weights = c.expert_weights_norm;
+  p.act = c.spec.act;
+  return p;
 }
 
 RowTensors Activations::upload(Executor& ex, const RowPlan& p) {
   const std::vector<int32_t>* v[] = {&p.token, &p.seq,  &p.rope_pos,   &p.rope_pos2,        &p.key_begin,
-                                     &p.key_end, &p.slot, &p.logit_rows, &p.key_begin_window};
-  constexpr int kN = 9;
+                                     &p.key_end, &p.slot, &p.logit_rows, &p.key_begin_window, &p.prefix_slot};
+  constexpr int kN = 10;
   Tensor* t[kN];
   RowTensors r;
   t[0] = &r.token, t[1] = &r.seq, t[2] = &r.rope_pos, t[3] = &r.rope_pos2;
   t[4] = &r.key_begin, t[5] = &r.key_end, t[6] = &r.slot, t[7] = &r.logit_rows, t[8] = &r.key_begin_window;
+  t[9] = &r.prefix_slot;
   const Device dev = ex.device();
   std::vector<int32_t> packed;  // one copy to the GPU for all of them
   if (dev != Device::CPU) {
@@ -113,6 +131,10 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
   if (!L.attn_k_norm.empty()) norm_heads(ex, k, int(c.n_head_kv), L.attn_k_norm, c.norm_eps);
   rotate(q, int(c.n_head));
   rotate(k, int(c.n_head_kv));
+  // P-Tuning v2: a sequence that starts in this pass begins with the layer's learned prefix, keys as
+  // stored (THUDM's prefix keys carry no RoPE), which all its rows attend to.
+  for (int64_t j = 0; j < rt.prefix_slot.cols; j += c.prefix_length)
+    kv.store(ex, kv_layer, L.prefix_k, L.prefix_v, rt.prefix_slot.cols_view(j, c.prefix_length));
   kv.store(ex, kv_layer, k, v, rt.slot);
   const Tensor& key_begin = c.windowed(layer) ? rt.key_begin_window : rt.key_begin;
   attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, kq_scale, att,
@@ -121,23 +143,29 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
   if (!L.attn_post_norm.empty()) norm(ex, spec.norm, xn, L.attn_post_norm, Tensor{}, xn, c.norm_eps);
   add(ex, x, xn);
   post_norm(L.attn_norm, L.attn_norm_b);
-  // Feed-forward block.
+  // Feed-forward block: one FFN, or a mixture of experts.
   if (!post) pre_norm(L.ffn_norm, L.ffn_norm_b);
   const Tensor& ffn_in = post ? x : xn;
-  if (spec.fused_gate_up) {
-    linear(L.w_up, ffn_in, ff_a);
-    gated_activation(ex, spec.act, hidden, ff_a.cols_view(n_ff, n_ff), hidden);
-  } else if (spec.gated_ffn) {
-    linear(L.w_gate, ffn_in, hidden);
-    linear(L.w_up, ffn_in, ff_b);
-    gated_activation(ex, spec.act, hidden, ff_b, hidden);
+  Tensor ffn_out = xn;
+  if (L.moe()) {
+    ffn_out = f32(a.moe_out, d);
+    moe_ffn(ex, L.experts, moe_params(c), ffn_in, ffn_out, a.moe, "blk." + std::to_string(layer));
   } else {
-    linear(L.w_up, ffn_in, hidden);
-    activation(ex, spec.act, hidden);
+    if (spec.fused_gate_up) {
+      linear(L.w_up, ffn_in, ff_a);
+      gated_activation(ex, spec.act, hidden, ff_a.cols_view(n_ff, n_ff), hidden);
+    } else if (spec.gated_ffn) {
+      linear(L.w_gate, ffn_in, hidden);
+      linear(L.w_up, ffn_in, ff_b);
+      gated_activation(ex, spec.act, hidden, ff_b, hidden);
+    } else {
+      linear(L.w_up, ffn_in, hidden);
+      activation(ex, spec.act, hidden);
+    }
+    linear(L.w_down, hidden, xn);
   }
-  linear(L.w_down, hidden, xn);
-  if (!L.ffn_post_norm.empty()) norm(ex, spec.norm, xn, L.ffn_post_norm, Tensor{}, xn, c.norm_eps);
-  add(ex, x, xn);
+  if (!L.ffn_post_norm.empty()) norm(ex, spec.norm, ffn_out, L.ffn_post_norm, Tensor{}, ffn_out, c.norm_eps);
+  add(ex, x, ffn_out);
   post_norm(L.ffn_norm, L.ffn_norm_b);
 }
 

@@ -7,6 +7,7 @@
 #include "kv_cache.h"
 #include "model/input_stats.h"
 #include "model/model.h"
+#include "ops/moe.h"
 #include "tensor.h"
 
 namespace pe {
@@ -15,6 +16,9 @@ namespace pe {
 struct RowPlan {
   std::vector<int32_t> token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, key_begin_window;
   std::vector<int32_t> logit_rows;  // rows whose logits are wanted, ascending
+  // P-Tuning v2: the cache slots of the prefix of each sequence that starts in this pass
+  // (ModelConfig::prefix_length slots per sequence, positions 0.. of the sequence's cache).
+  std::vector<int32_t> prefix_slot;
 
   int64_t size() const { return int64_t(token.size()); }
   void clear();
@@ -22,12 +26,17 @@ struct RowPlan {
 
 // The plan's vectors as I32 tensors on one device (host views on the CPU, one upload on a GPU).
 struct RowTensors {
-  Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows, key_begin_window;
+  Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows, key_begin_window, prefix_slot;
 };
+
+// The mixture-of-experts op's parameters of a model (ModelConfig::n_expert > 0).
+MoEParams moe_params(const ModelConfig& c);
 
 // Scratch of a context on one device, grown to the largest pass seen.
 struct Activations {
   Buffer x, xn, qkv, att, ff_a, ff_b, out, rows;
+  MoEScratch moe;    // mixture-of-experts FFNs: the op's scratch, and the FFN's output
+  Buffer moe_out;
   InputStats* input_stats = nullptr;  // set while collecting an imatrix: every linear layer adds its input
   void reserve(const ModelConfig& c, int64_t rows, Device device);
   RowTensors upload(Executor& ex, const RowPlan& plan);

@@ -51,14 +51,22 @@ HostMemoryPlan host_memory_plan(const Model& model, int64_t n_ctx, int n_seq_max
   HostMemoryPlan p;
   p.weights = model.file().file_size();
   const uint64_t cpu_layers = nonneg(c.n_layer - n_gpu_layers);
-  const uint64_t pages = mul({(nonneg(n_ctx) + KVCache::kPageSize - 1) / KVCache::kPageSize, nonneg(n_seq_max)});
+  const uint64_t positions = nonneg(n_ctx) + nonneg(c.prefix_length);  // each sequence's P-Tuning v2 prefix too
+  const uint64_t pages = mul({(positions + KVCache::kPageSize - 1) / KVCache::kPageSize, nonneg(n_seq_max)});
   p.kv_cache = mul({cpu_layers, pages, uint64_t(KVCache::kPageSize), 2, nonneg(c.n_head_kv), nonneg(c.head_dim),
                     kv_type == GGMLType::F16 ? 2u : 4u});
   // model/forward.cpp's Activations (x, xn, qkv, att, ff_a with room for [gate | up], ff_b) and the
   // matmul's quantized activations (one byte per element plus 16 bytes per 32, of the widest input).
   const uint64_t rows = std::min(nonneg(n_batch), mul({nonneg(n_ctx), nonneg(n_seq_max)}));
   const uint64_t q_dim = mul({nonneg(c.n_head), nonneg(c.head_dim)}), kv_dim = mul({nonneg(c.n_head_kv), nonneg(c.head_dim)});
-  const uint64_t act = add(add(mul({2, nonneg(c.n_embd)}), add(q_dim, mul({2, kv_dim}))), add(q_dim, mul({3, nonneg(c.n_ff)})));
+  uint64_t act = add(add(mul({2, nonneg(c.n_embd)}), add(q_dim, mul({2, kv_dim}))), add(q_dim, mul({3, nonneg(c.n_ff)})));
+  if (c.n_expert > 0) {
+    // the mixture-of-experts op (ops/moe.h): router logits (and their host copy), gathered inputs, gate and
+    // up, every chosen expert's output, the FFN's output, and per row and expert three ints on each side
+    const uint64_t k = nonneg(c.n_expert_used);
+    act = add(act, add(mul({2, nonneg(c.n_expert)}), add(mul({2, nonneg(c.n_embd)}), mul({2, nonneg(c.n_ff_exp)}))));
+    act = add(act, add(mul({k, nonneg(c.n_embd)}), mul({6, k})));
+  }
   const uint64_t widest = std::max({nonneg(c.n_embd), q_dim, nonneg(c.n_ff)});
   p.scratch = add(mul({rows, act, 4}), mul({rows, add(widest, widest / 2)}));
   p.logits = mul({rows, nonneg(c.n_vocab), 4});

@@ -37,29 +37,54 @@ class Loader {
 
   Linear linear(Model& m, const std::string& base, int64_t rows, int64_t cols, bool required = true) const;
 
+  // Experts stacked in a 3-D tensor (ggml shape {cols, rows, n_expert}), viewed as [n_expert * rows x cols].
+  Tensor experts(const std::string& name, int64_t n_expert, int64_t rows, int64_t cols, const char* dims) const {
+    const GGUFTensorInfo* t = find(name, true);
+    PE_CHECK(t->ne.size() == 3 && t->ne[0] == cols && t->ne[1] == rows && t->ne[2] == n_expert, ModelFormatError,
+             f_.path(), ": tensor '", name, "' has shape ", shape(*t), ", expected [", cols, ", ", rows, ", ", n_expert,
+             "] (", dims, ", expert_count)");
+    PE_CHECK(matmul_supports(GGMLType(t->type)), UnsupportedModelError, f_.path(), ": tensor '", name, "' has type ",
+             type_name(t->type), ", which this engine cannot multiply yet");
+    return Tensor{GGMLType(t->type), const_cast<uint8_t*>(t->data), n_expert * rows, cols,
+                  row_bytes(GGMLType(t->type), cols)};
+  }
+
   // A 1-D float tensor of n elements, converted to F32.
   Vec vec(const std::string& name, int64_t n, bool required = true) const {
     const GGUFTensorInfo* t = find(name, required);
     if (!t) return {};
     PE_CHECK(t->nelements() == n && t->ne[0] == n, ModelFormatError, f_.path(), ": tensor '", name, "' has shape ",
              shape(*t), ", expected [", n, "]");
+    return floats(*t, name, "1-D");
+  }
+
+  // A [rows x cols] float tensor (ggml shape {cols, rows}), converted to F32 row-major.
+  Vec float_matrix(const std::string& name, int64_t rows, int64_t cols) const {
+    const GGUFTensorInfo* t = find(name, true);
+    PE_CHECK(t->ne.size() >= 2 && t->ne[0] == cols && t->ne[1] == rows && t->nelements() == rows * cols,
+             ModelFormatError, f_.path(), ": tensor '", name, "' has shape ", shape(*t), ", expected [", cols, ", ",
+             rows, "] from the hyper-parameters");
+    return floats(*t, name, "float");
+  }
+
+ private:
+  Vec floats(const GGUFTensorInfo& t, const std::string& name, const char* what) const {
+    const int64_t n = t.nelements();
     Vec out(static_cast<size_t>(n));
-    switch (GGMLType(t->type)) {
-      case GGMLType::F32: std::memcpy(out.data(), t->data, size_t(n) * 4); break;
+    switch (GGMLType(t.type)) {
+      case GGMLType::F32: std::memcpy(out.data(), t.data, size_t(n) * 4); break;
       case GGMLType::F16:
-        for (int64_t i = 0; i < n; i++) out[i] = fp16_to_fp32(reinterpret_cast<const fp16_t*>(t->data)[i]);
+        for (int64_t i = 0; i < n; i++) out[i] = fp16_to_fp32(reinterpret_cast<const fp16_t*>(t.data)[i]);
         break;
       case GGMLType::BF16:
-        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_fp32(reinterpret_cast<const bf16_t*>(t->data)[i]);
+        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_fp32(reinterpret_cast<const bf16_t*>(t.data)[i]);
         break;
       default:
-        PE_THROW(UnsupportedModelError, f_.path(), ": 1-D tensor '", name, "' has type ", type_name(t->type),
+        PE_THROW(UnsupportedModelError, f_.path(), ": ", what, " tensor '", name, "' has type ", type_name(t.type),
                  " (F32, F16 or BF16 expected)");
     }
     return out;
   }
-
- private:
   static std::string shape(const GGUFTensorInfo& t) {
     std::string s = "[";
     for (size_t d = 0; d < t.ne.size(); d++) s += (d ? ", " : "") + std::to_string(t.ne[d]);
@@ -70,15 +95,17 @@ class Loader {
 
 }  // namespace
 
-Tensor Model::keep(Vec v) {
+Tensor Model::keep(Vec v, int64_t rows) {
   if (v.empty()) return Tensor{};
   vecs_.push_back(std::move(v));
-  return f32_vector(vecs_.back().data(), int64_t(vecs_.back().size()));
+  const int64_t cols = int64_t(vecs_.back().size()) / rows;
+  return f32_tensor(vecs_.back().data(), rows, cols, cols);
 }
 
 std::vector<Tensor*> Layer::tensors() {
   return {&attn_norm, &attn_norm_b, &wqkv.w, &wqkv.b, &wq.w, &wq.b, &wk.w, &wk.b, &wv.w, &wv.b, &wo.w, &wo.b,
-          &attn_q_norm, &attn_k_norm, &attn_post_norm, &ffn_post_norm, &ffn_norm, &ffn_norm_b, &w_gate.w, &w_gate.b, &w_up.w, &w_up.b, &w_down.w, &w_down.b};
+          &attn_q_norm, &attn_k_norm, &attn_post_norm, &ffn_post_norm, &ffn_norm, &ffn_norm_b, &w_gate.w, &w_gate.b, &w_up.w, &w_up.b, &w_down.w, &w_down.b,
+          &experts.router, &experts.gate, &experts.up, &experts.down, &prefix_k, &prefix_v};
 }
 
 std::vector<Tensor*> Head::tensors() { return {&output_norm, &output_norm_b, &output.w, &output.b}; }
@@ -208,9 +235,28 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
     L.ffn_post_norm = keep(ld.vec(b + "post_ffw_norm.weight", c.n_embd, false));
     L.ffn_norm = keep(ld.vec(fn + ".weight", c.n_embd));
     if (c.spec.norm == NormType::Layer) L.ffn_norm_b = keep(ld.vec(fn + ".bias", c.n_embd, false));
-    if (c.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(*this, b + "ffn_gate", c.n_ff, c.n_embd);
-    L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
-    L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);
+    // A mixture-of-experts block has a router; without one a block of a MoE model is dense (pyengine
+    // writes Qwen3-MoE's mlp_only_layers so; llama.cpp's qwen3moe has none).
+    if (c.spec.moe && (ld.find(b + "ffn_gate_inp.weight", false) || ld.find(b + "ffn_gate_exps.weight", false))) {
+      const char* in_dims = "embedding_length, expert_feed_forward_length";
+      L.experts.router = ld.matrix(b + "ffn_gate_inp.weight", c.n_expert, c.n_embd);
+      L.experts.gate = ld.experts(b + "ffn_gate_exps.weight", c.n_expert, c.n_ff_exp, c.n_embd, in_dims);
+      L.experts.up = ld.experts(b + "ffn_up_exps.weight", c.n_expert, c.n_ff_exp, c.n_embd, in_dims);
+      L.experts.down = ld.experts(b + "ffn_down_exps.weight", c.n_expert, c.n_embd, c.n_ff_exp,
+                                  "expert_feed_forward_length, embedding_length");
+    } else {
+      if (c.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(*this, b + "ffn_gate", c.n_ff, c.n_embd);
+      L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
+      L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);
+    }
+    if (c.prefix_length > 0) {
+      L.prefix_k = keep(ld.float_matrix(b + "prefix_k", c.prefix_length, kv_dim), c.prefix_length);
+      L.prefix_v = keep(ld.float_matrix(b + "prefix_v", c.prefix_length, kv_dim), c.prefix_length);
+    } else {
+      PE_CHECK(!ld.find(b + "prefix_k", false) && !ld.find(b + "prefix_v", false), ModelFormatError, file_->path(),
+               ": tensors '", b, "prefix_k/v' (a P-Tuning v2 prefix) without metadata key '", c.arch,
+               ".prefix_length'");
+    }
   }
   file_->check_unchanged();  // the 1-D parameters were copied out of the mapping
 }

@@ -7,6 +7,7 @@
 #include "executor.h"
 #include "gguf.h"
 #include "model/config.h"
+#include "ops/moe.h"
 #include "tensor.h"
 
 namespace pe {
@@ -29,6 +30,11 @@ struct Layer {
   Tensor attn_post_norm, ffn_post_norm;  // norms of the sublayers' outputs before the residual add (Gemma 2)
   Tensor ffn_norm, ffn_norm_b;
   Linear w_gate, w_up, w_down;  // w_gate absent for non-gated or fused gate/up FFNs
+  Experts experts;  // a mixture-of-experts FFN instead (ArchSpec::moe), when its router is present
+  bool moe() const { return !experts.router.empty(); }
+  // P-Tuning v2: the learned past keys and values every sequence starts with, F32
+  // [prefix_length x n_head_kv * head_dim] (keys as stored: THUDM's prefix carries no RoPE).
+  Tensor prefix_k, prefix_v;
 
   // Every tensor of the block (absent ones too, as empty tensors), for copying a layer to a device.
   std::vector<Tensor*> tensors();
@@ -81,8 +87,9 @@ class Model {
   // Bytes a block's / the head's weights take on a device (as offload() lays them out).
   size_t layer_bytes(int64_t layer) const;
   size_t head_bytes() const;
-  // Owns v for the model's lifetime; returns a one-row tensor of it (empty for an empty v).
-  Tensor keep(Vec v);
+  // Owns v for the model's lifetime; returns a one-row tensor of it (empty for an empty v), or with
+  // `rows`, an F32 [rows x v.size() / rows] tensor.
+  Tensor keep(Vec v, int64_t rows = 1);
 
  private:
   std::deque<Vec> vecs_;

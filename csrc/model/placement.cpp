@@ -25,7 +25,8 @@ OffloadPlan offload_cost(const Model& model, const OffloadRequest& req, int n) {
   if (p.n_gpu_layers == 0) return p;
   for (int64_t l = c.n_layer - p.n_gpu_layers; l < c.n_layer; l++) p.weights += model.layer_bytes(l);
   if (p.head) p.weights += model.head_bytes();
-  const int64_t pages = (req.n_ctx + KVCache::kPageSize - 1) / KVCache::kPageSize * req.n_seq_max;
+  const int64_t positions = req.n_ctx + c.prefix_length;  // each sequence's P-Tuning v2 prefix too
+  const int64_t pages = (positions + KVCache::kPageSize - 1) / KVCache::kPageSize * req.n_seq_max;
   const size_t elem = req.kv_type == GGMLType::F16 ? 2 : 4;
   p.kv_cache = size_t(p.n_gpu_layers) * size_t(pages) * size_t(KVCache::kPageSize) * 2 * size_t(c.n_head_kv) *
                size_t(c.head_dim) * elem;
@@ -33,7 +34,10 @@ OffloadPlan offload_cost(const Model& model, const OffloadRequest& req, int n) {
   // pass, the attention's split-K partials (up to 64 splits of head_dim + 2 floats per row and head)
   // and the row metadata.
   const int64_t rows = std::min<int64_t>(req.n_batch, req.n_ctx * req.n_seq_max);
-  const int64_t act = 2 * c.n_embd + (c.n_head + 2 * c.n_head_kv) * c.head_dim + c.n_head * c.head_dim + 3 * c.n_ff;
+  int64_t act = 2 * c.n_embd + (c.n_head + 2 * c.n_head_kv) * c.head_dim + c.n_head * c.head_dim + 3 * c.n_ff;
+  // the mixture-of-experts op (ops/moe.h): logits, gathered inputs, gate, up, the experts' outputs, the
+  // FFN's output, row metadata
+  if (c.n_expert > 0) act += c.n_expert + 2 * c.n_embd + 2 * c.n_ff_exp + c.n_expert_used * (c.n_embd + 3);
   const int64_t out = p.head ? std::max(c.n_vocab, c.n_embd) : 0;
   const int64_t partials = std::min<int64_t>(rows, 64) * c.n_head * 64 * (c.head_dim + 2);
   p.scratch = size_t(rows * (act + out) + partials) * sizeof(float) + size_t(rows) * 8 * sizeof(int32_t) +

@@ -17,6 +17,7 @@ import torch
 import pyengine
 from test_batch import LENGTHS, N_STEPS, glm1, llama, run_staggered  # noqa: F401  (fixtures)
 from test_chatglm import chatglm1_reference
+from test_ptuning import glm, tuned  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.gpu
 ALL = 99  # n_gpu_layers larger than any test model: everything on the GPU
@@ -91,6 +92,24 @@ def test_bidirectional_prefixes_on_gpu(glm1, n_gpu_layers):
         ref = chatglm1_reference(glm1["sd"], c, prompt + gen)
         mine = np.concatenate([prompt_logits[i], np.stack(steps[i])])
         np.testing.assert_allclose(mine, ref, **scaled(ref, 5e-3), err_msg=f"sequence {i}")
+
+
+@pytest.mark.parametrize("n_gpu_layers", [1, ALL])
+def test_ptuning_prefix_on_gpu(tuned, n_gpu_layers):
+    """ChatGLM3 with a P-Tuning v2 prefix in every sequence's GPU cache: a batch of two sequences, a fork
+    and truncations, against THUDM's math (test_ptuning.chatglm2_reference)."""
+    (a, b), (ref_a, ref_b) = tuned["prompts"], tuned["refs"]
+    eng = pyengine.Engine(tuned["files"]["f32"], n_ctx=64, n_seq_max=3, n_batch=16, kv_type="f32",
+                          n_gpu_layers=n_gpu_layers)
+    out = eng.decode(a[:20] + b, [0] * 20 + [1] * len(b))
+    np.testing.assert_allclose(out[:20], ref_a[:20], **scaled(ref_a, 5e-3))
+    np.testing.assert_allclose(out[20:], ref_b, **scaled(ref_b, 5e-3))
+    eng.seq_copy(0, 2)
+    np.testing.assert_allclose(eng.decode(a[20:], [2] * 10), ref_a[20:], **scaled(ref_a, 5e-3))
+    eng.seq_truncate(0, 5)
+    np.testing.assert_allclose(eng.eval(a[5:], all_logits=True, seq=0), ref_a[5:], **scaled(ref_a, 5e-3))
+    eng.seq_truncate(1, 0)
+    np.testing.assert_allclose(eng.eval(b, all_logits=True, seq=1), ref_b, **scaled(ref_b, 5e-3))
 
 
 def test_fork_and_truncate_on_gpu(llama):

@@ -116,6 +116,20 @@ class StackMap:
 
 
 @dataclass(frozen=True)
+class ExpertMap:
+    """The experts of a mixture-of-experts block as llama.cpp stores them: the matrices of one kind, one per
+    expert (HF `{prefix}{xid}.{kind}.weight`, e.g. mlp.experts.3.gate_proj.weight), stacked into one 3-D
+    tensor [n_expert, rows, cols] per block (ffn_gate_exps, ...), as convert_hf_to_gguf.py's Qwen2MoeModel
+    does. Checkpoints saved stacked already (transformers 5's in-memory layout: mlp.experts.down_proj
+    [n_expert, rows, cols], and `fused` kinds such as mlp.experts.gate_up_proj [n_expert, 2 x rows, cols],
+    gate rows first) are taken too."""
+    prefix: str                                 # inside a block, e.g. "mlp.experts."
+    kinds: dict[str, str]                       # HF kind -> GGUF name inside a block ("gate_proj" -> "ffn_gate_exps")
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # "gate_up_proj" -> ("gate_proj", "up_proj")
+    n_expert: str = "n_expert"                  # the HParams.extra entry that counts the experts
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Everything architecture-specific the converter needs."""
     name: str                                   # GGUF general.architecture
@@ -156,6 +170,11 @@ class ArchSpec:
     # GGUF block tensor names (e.g. "attn_qkv") whose weights the checkpoint stores transposed, [in, out]
     # (GPT-2's Conv1D); the converter writes them [out, in] as every other weight
     transposed: tuple[str, ...] = ()
+    # mixture-of-experts blocks: how per-expert tensors become one 3-D tensor per kind and block
+    experts: ExpertMap | None = None
+    # (hp, block) -> GGUF names inside that block it must have (weights); None: every name of the stack's
+    # map. For models whose blocks differ (some FFNs dense, some mixtures of experts).
+    block_required: Callable[[HParams, int], tuple[str, ...]] | None = None
 
 
 LLAMA = ArchSpec(
@@ -432,6 +451,92 @@ QWEN3 = ArchSpec(
     shapes=_qwen3_shapes,
 )
 
+# --- Qwen3 MoE -----------------------------------------------------------------------------------------
+# llama.cpp's `qwen3moe`: Qwen3's attention (per-head q/k RMSNorm), and in each block a router (mlp.gate ->
+# ffn_gate_inp, [n_expert, n_embd], kept F32 as llama.cpp keeps it) over num_experts SwiGLU experts of
+# moe_intermediate_size, stacked per kind into ffn_{gate,up,down}_exps. Keys as llama.cpp's converter writes
+# them: {arch}.expert_count, expert_used_count, expert_feed_forward_length. Two things llama.cpp's qwen3moe
+# has no key or tensor for, which pyengine writes and reads: norm_topk_prob=false (llama.cpp always
+# renormalises the chosen experts' weights) as {arch}.expert_weights_norm = false, and dense blocks
+# (mlp_only_layers, decoder_sparse_step > 1) as llama-style ffn_gate/ffn_up/ffn_down of intermediate_size.
+
+MOE_KINDS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def _qwen3moe_fix(config: dict[str, Any], hp: HParams) -> None:
+    def number(keys: tuple[str, ...], what: str) -> int:
+        for k in keys:
+            if config.get(k) is not None:
+                v = config[k]
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ConversionError(f"config.json {k}={v!r}: {what} must be a positive integer")
+                return v
+        raise ConversionError(f"config.json has no {what} (looked for {', '.join(keys)})")
+
+    if hp.rope_scaling:
+        raise ConversionError(f"config.json rope scaling {hp.rope_scaling.get('rope_type')!r} on Qwen3-MoE is not "
+                              "supported yet")
+    n_expert = number(("num_local_experts", "num_experts"), "expert count")
+    used = number(("num_experts_per_tok",), "number of experts per token")
+    if used > n_expert:
+        raise ConversionError(f"config.json num_experts_per_tok={used} is more than the {n_expert} experts")
+    step = number(("decoder_sparse_step",), "decoder_sparse_step") if "decoder_sparse_step" in config else 1
+    only = config.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+        raise ConversionError(f"config.json mlp_only_layers={only!r}: expected a list of layer indices")
+    hp.extra.update(n_expert=n_expert, n_expert_used=used,
+                    n_ff_exp=number(("moe_intermediate_size",), "moe_intermediate_size"),
+                    norm_topk_prob=bool(config.get("norm_topk_prob", True)),
+                    dense=tuple(i for i in range(hp.n_layer) if i in only or (i + 1) % step != 0))
+
+
+def _qwen3moe_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    shapes = _qwen3_shapes(hp)
+    e, f, d = hp.extra["n_expert"], hp.extra["n_ff_exp"], hp.n_embd
+    shapes.update({"blk.{bid}.ffn_gate_inp.weight": (e, d), "blk.{bid}.ffn_gate_exps.weight": (e, f, d),
+                   "blk.{bid}.ffn_up_exps.weight": (e, f, d), "blk.{bid}.ffn_down_exps.weight": (e, d, f)})
+    return shapes
+
+
+def _qwen3moe_block(hp: HParams, bid: int) -> tuple[str, ...]:
+    attn = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm", "ffn_norm")
+    if bid in hp.extra["dense"]:
+        return attn + ("ffn_gate", "ffn_up", "ffn_down")
+    return attn + ("ffn_gate_inp", *MOE_KINDS.values())
+
+
+def _write_qwen3moe_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
+    """The keys convert_hf_to_gguf.py writes for Qwen3MoeForCausalLM (TextModel + Qwen2MoeModel), no more,
+    so that the file equals llama.cpp's; plus expert_weights_norm when norm_topk_prob is false."""
+    w.add_block_count(hp.n_layer)
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head_kv)
+    w.add_rope_freq_base(hp.rope_theta)
+    w.add_layer_norm_rms_eps(hp.norm_eps)
+    w.add_expert_count(hp.extra["n_expert"])
+    w.add_expert_used_count(hp.extra["n_expert_used"])
+    if hp.head_dim_explicit:
+        w.add_key_length(hp.head_dim)
+        w.add_value_length(hp.head_dim)
+    w.add_expert_feed_forward_length(hp.extra["n_ff_exp"])
+    if not hp.extra["norm_topk_prob"]:
+        w.add_expert_weights_norm(False)
+
+
+QWEN3MOE = ArchSpec(
+    name="qwen3moe",
+    hf_architectures=("Qwen3MoeForCausalLM",),
+    stacks=(StackMap("model.layers.{bid}.", {**QWEN3.stacks[0].tensors, "mlp.gate": "ffn_gate_inp"}),),
+    shapes=_qwen3moe_shapes,
+    fix_hparams=_qwen3moe_fix,
+    write_hparams=_write_qwen3moe_hparams,
+    experts=ExpertMap("mlp.experts.", MOE_KINDS, fused={"gate_up_proj": ("gate_proj", "up_proj")}),
+    block_required=_qwen3moe_block,
+)
+
 # --- GPT-2 ---------------------------------------------------------------------------------------------
 # llama.cpp's `gpt2`: learned absolute positions, pre-LayerNorm blocks with biases, tanh GELU, fused
 # c_attn as attn_qkv; transformers keeps the block weights as Conv1D ([in, out]), written transposed.
@@ -616,7 +721,7 @@ GEMMA3 = ArchSpec(
     row_transforms={**GEMMA2.row_transforms, "attn_q_norm": _plus_one, "attn_k_norm": _plus_one},
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3, GEMMA2,
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, QWEN3MOE, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3, GEMMA2,
                                        GEMMA3)
 
 

@@ -26,6 +26,9 @@ def build_parser(prog: str = "pyengine convert") -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="TEXT_FILE", default=None,
                    help="weight the quantizers by mean squared activations on this text (an imatrix; "
                         "needs torch)")
+    p.add_argument("--ptuning", metavar="PTUNING_CHECKPOINT", default=None,
+                   help="a THUDM P-Tuning v2 checkpoint (folder or weights file) of a ChatGLM2/3 / GLM-4 model: its "
+                        "prefix is stored in the GGUF and every sequence starts from it")
     p.add_argument("--vocab-only", action="store_true", help="write only the metadata and tokenizer")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = convert(args.model_dir, args.out, qtype=args.qtype, lora=args.lora,
                          output_qtype=args.output_qtype, vocab_only=args.vocab_only, progress=not args.quiet,
-                         quant_method=args.quant_method, calibration=args.calibration)
+                         quant_method=args.quant_method, calibration=args.calibration, ptuning=args.ptuning)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -18,6 +18,8 @@ Metadata beyond llama.cpp's keys:
       tokenizer.ggml.mask_token_id ([gMASK], whose index is the position id of generated tokens).
   BERT: pyengine.embedding.normalize (bert.py) and pyengine.tokenizer.bert.{clean_text,
       handle_chinese_chars,max_input_chars_per_word} (vocab.py load_wordpiece).
+  chatglm.prefix_length and tensors blk.N.prefix_k / blk.N.prefix_v  a P-Tuning v2 prefix (--ptuning;
+      ptuning.py), which llama.cpp does not read.
 """
 from __future__ import annotations
 
@@ -194,6 +196,16 @@ class NameMap:
         self.hf_res = [re.compile(re.escape(st.hf_prefix).replace(number, r"(\d+)") + r"(.+)") for st in spec.stacks]
         self.gguf_res = [re.compile(re.escape(st.gguf_prefix) + r"\.(\d+)\.(.+)") for st in spec.stacks]
         self.block_order = [{g: i for i, g in enumerate(st.tensors.values())} for st in spec.stacks]
+        self.expert_res: list[tuple[re.Pattern, re.Pattern]] = []
+        if spec.experts is not None:
+            em = spec.experts
+            kinds = "|".join(re.escape(k) for k in (*em.kinds, *em.fused))
+            for st, order in zip(spec.stacks, self.block_order):
+                experts = re.escape(st.hf_prefix).replace(number, r"(\d+)") + re.escape(em.prefix)
+                # one expert's matrix (block, expert, kind), or a block's experts stacked (block, kind)
+                self.expert_res.append((re.compile(experts + rf"(\d+)\.({kinds})\.weight"),
+                                        re.compile(experts + rf"({kinds})(?:\.weight)?")))
+                order.update({g: len(order) + i for i, g in enumerate(em.kinds.values())})
 
     def to_gguf(self, hf_name: str) -> tuple[str, int | None, StackMap | None] | None:
         """(GGUF name, block index, stack) of an HF tensor name; None if the architecture has no such tensor."""
@@ -207,6 +219,15 @@ class NameMap:
             if m and m.group(2) in stack.tensors:
                 bid = int(m.group(1))
                 return f"{stack.gguf_prefix}.{bid}.{stack.tensors[m.group(2)]}.{suffix}", bid, stack
+        return None
+
+    def expert(self, hf_name: str) -> tuple[int, int, int | None, str] | None:
+        """(stack index, block index, expert index or None when stacked, HF kind) of an expert tensor."""
+        for k, (one, stacked) in enumerate(self.expert_res):
+            if m := one.fullmatch(hf_name):
+                return k, int(m.group(1)), int(m.group(2)), m.group(3)
+            if m := stacked.fullmatch(hf_name):
+                return k, int(m.group(1)), None, m.group(2)
         return None
 
     def block(self, gguf_name: str) -> tuple[int, int, str] | None:
@@ -258,6 +279,7 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
     names = NameMap(spec)
     shapes = spec.shapes(hp)
     found: dict[str, str] = {}                    # GGUF name -> HF name
+    experts: dict[str, dict[int | None, tuple[str, str]]] = {}   # GGUF *_exps name -> {expert: (HF name, kind)}
     for hf_name, t in ckpt.tensors.items():
         if spec.ignored_suffixes and hf_name.endswith(spec.ignored_suffixes):
             continue
@@ -267,6 +289,9 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         if t.dtype in INTEGER_DTYPES:
             raise ConversionError(f"unsupported dtype {t.dtype} of tensor {hf_name} in {t.file.name} "
                                   "(supported: F32, F16, BF16)")
+        if (hit := names.expert(name)) is not None:
+            _add_expert(spec, hp, names, hit, hf_name, experts)
+            continue
         mapped = names.to_gguf(name)
         if mapped is None:
             raise ConversionError(f"unexpected tensor {hf_name} in {t.file.name}: not part of a "
@@ -277,6 +302,11 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
                                   f"{getattr(hp, stack.n_layer)} blocks")
         if gguf_name == "output.weight" and hp.tied:
             continue                              # tied: the engine reuses token_embd
+        if stack is not None and spec.block_required is not None:
+            local = gguf_name[len(f"{stack.gguf_prefix}.{bid}."):].rpartition(".")[0]
+            if local not in spec.block_required(hp, bid):
+                raise ConversionError(f"unexpected tensor {hf_name} in {t.file.name}: block {bid} of this "
+                                      f"{spec.hf_architectures[0]} has no {local} (see its config.json)")
         want = shapes.get(names.shape_key(gguf_name))
         if want is not None and _stored_transposed(spec, gguf_name, t.shape):
             want = tuple(want[::-1])
@@ -290,32 +320,48 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         required = list(spec.required_globals(hp))
     else:
         required = ["token_embd.weight", "output_norm.weight"] + ([] if hp.tied else ["output.weight"])
+    stacked = _stack_experts(spec, hp, experts, ckpt)   # GGUF name -> its parts, checked
+    for gguf_name, parts in stacked.items():
+        found[gguf_name] = parts[0][0]
     for stack in spec.stacks:
         for bid in range(getattr(hp, stack.n_layer)):
-            required += [f"{stack.gguf_prefix}.{bid}.{g}.weight" for g in stack.tensors.values()]
+            local = spec.block_required(hp, bid) if spec.block_required else stack.tensors.values()
+            required += [f"{stack.gguf_prefix}.{bid}.{g}.weight" for g in local]
             required += [f"{stack.gguf_prefix}.{bid}.{g}.bias" for g in spec.required_biases]
     for name in required:
         if name not in found:
+            k, bid, local = names.block(name) or (0, 0, "")
+            em = spec.experts
+            kind = next((h for h, g in em.kinds.items() if local == f"{g}.weight"), None) if em else None
+            if kind is not None:  # a kind of expert matrix, of no expert
+                raise ConversionError(f"missing tensors {spec.stacks[k].hf_prefix.format(bid=bid)}{em.prefix}"
+                                      f"{{0..{hp.extra[em.n_expert] - 1}}}.{kind}.weight in {ckpt.model_dir}")
             raise ConversionError(f"missing tensor {names.to_hf(name)} in {ckpt.model_dir}")
 
     if lora is not None:
         if spec.transposed:
             raise ConversionError(f"LoRA adapters are not supported for {spec.name} (its Conv1D weights are "
                                   "stored transposed)")
-        lora.check(ckpt, set(found.values()))
+        lora.check(ckpt, set(found.values()) | {h for parts in stacked.values() for h, _ in parts})
+    if imatrix is not None and stacked:
+        warnings.append("expert tensors (*_exps) are quantized without the imatrix (it has no per-expert "
+                        "statistics)")
 
     plan = []
     info = ModelInfo(n_layer=hp.n_layer, n_gqa=hp.n_head // hp.n_head_kv, tied="output.weight" not in found,
-                     has_imatrix=imatrix is not None)
+                     has_imatrix=imatrix is not None, n_expert=hp.extra.get("n_expert", 0))
     fallbacks: dict[str, int] = {}
     for gguf_name in sorted(found, key=names.sort_key):
         hf_name = found[gguf_name]
         src = ckpt.tensors[hf_name]
         transpose = _stored_transposed(spec, gguf_name, src.shape)
         shape = tuple(src.shape[::-1]) if transpose else tuple(src.shape)
+        parts = stacked.get(gguf_name)
+        if parts is not None:
+            shape = shapes[names.shape_key(gguf_name)]
         is_output = gguf_name in ("token_embd.weight", "output.weight")
-        if len(shape) == 1 or gguf_name in spec.float_tensors:
-            qtype = Q.F32
+        if len(shape) == 1 or gguf_name in spec.float_tensors or gguf_name.endswith(".ffn_gate_inp.weight"):
+            qtype = Q.F32                         # llama.cpp keeps MoE routers (ffn_gate_inp) F32 too
         elif preset is not None and not (is_output and output_override):
             qtype = tensor_type(preset, gguf_name, shape, info) or Q.F16
             wanted = mixed_type(preset, gguf_name, shape[-1], info)
@@ -336,7 +382,10 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         transform = spec.row_transforms.get(base.rpartition(".")[2])
 
         def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform,
-                    transpose=transpose) -> np.ndarray:
+                    transpose=transpose, parts=parts) -> np.ndarray:
+            if parts is not None:  # experts: stacked, each merged with its LoRA; no imatrix
+                x = _load_experts(ckpt, parts, lora)
+                return quants.quantize(x, qtype, quant_method, None)
             x = ckpt.load(hf_name)
             if transpose:
                 x = np.ascontiguousarray(x.T)
@@ -350,7 +399,8 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
             importance = imatrix.get(hf_name) if imatrix and not transpose else None
             return quants.quantize(x, qtype, quant_method, importance)
 
-        plan.append(PlannedTensor(gguf_name, shape, qtype, src.nbytes, produce))
+        source_bytes = sum(ckpt.tensors[h].nbytes for h, _ in parts) if parts is not None else src.nbytes
+        plan.append(PlannedTensor(gguf_name, shape, qtype, source_bytes, produce))
 
     if fallbacks:
         what = ", ".join(f"{n} {k}" for k, n in sorted(fallbacks.items()))
@@ -359,6 +409,72 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         factors = llama3_rope_factors(hp)
         plan.append(PlannedTensor("rope_freqs.weight", factors.shape, Q.F32, 0, lambda: factors))
     return plan
+
+
+def _add_expert(spec: ArchSpec, hp: HParams, names: NameMap, hit: tuple[int, int, int | None, str], hf_name: str,
+                experts: dict[str, dict[int | None, tuple[str, str]]]) -> None:
+    """Files one expert tensor (or a block's stacked ones) under the GGUF *_exps name(s) it goes into."""
+    k, bid, xid, kind = hit
+    stack, em = spec.stacks[k], spec.experts
+    n_layer, n_expert = getattr(hp, stack.n_layer), hp.extra[em.n_expert]
+    if bid >= n_layer:
+        raise ConversionError(f"tensor {hf_name} is in block {bid} but config.json has {n_layer} blocks")
+    if spec.block_required is not None and em.kinds[(em.fused.get(kind) or (kind,))[0]] not in spec.block_required(hp, bid):
+        raise ConversionError(f"unexpected tensor {hf_name}: block {bid} is a dense block (config.json "
+                              "mlp_only_layers / decoder_sparse_step), it has no experts")
+    if xid is not None and xid >= n_expert:
+        raise ConversionError(f"tensor {hf_name} is expert {xid} but config.json has {n_expert} experts")
+    for part in em.fused.get(kind) or (kind,):
+        gguf_name = f"{stack.gguf_prefix}.{bid}.{em.kinds[part]}.weight"
+        have = experts.setdefault(gguf_name, {})
+        if xid in have or (have and (xid is None) != (None in have)):
+            other = have.get(xid, next(iter(have.values())))[0]
+            raise ConversionError(f"tensors {other} and {hf_name} both hold experts of {gguf_name}")
+        have[xid] = (hf_name, kind)
+
+
+def _stack_experts(spec: ArchSpec, hp: HParams, experts: dict[str, dict[int | None, tuple[str, str]]],
+                   ckpt: Checkpoint) -> dict[str, list[tuple[str, slice | None]]]:
+    """For each *_exps tensor, where its rows come from: one (HF name, None) per expert, in expert order, or
+    one (HF name, rows of dim 1) when the checkpoint stacks them already; shapes checked against config.json."""
+    if spec.experts is None:
+        return {}
+    shapes, names, em = spec.shapes(hp), NameMap(spec), spec.experts
+    out: dict[str, list[tuple[str, slice | None]]] = {}
+    for gguf_name, have in experts.items():
+        want = shapes[names.shape_key(gguf_name)]          # (n_expert, rows, cols)
+        if None in have:
+            hf_name, kind = have[None]
+            parts = em.fused.get(kind) or (kind,)
+            part = next(i for i, p in enumerate(parts) if gguf_name.endswith(f".{em.kinds[p]}.weight"))
+            full = (want[0], want[1] * len(parts), want[2])
+            if ckpt.tensors[hf_name].shape != full:
+                raise ConversionError(f"tensor {hf_name} has shape {list(ckpt.tensors[hf_name].shape)} but "
+                                      f"config.json implies {list(full)}")
+            out[gguf_name] = [(hf_name, slice(part * want[1], (part + 1) * want[1]))]
+            continue
+        for xid in range(want[0]):
+            if xid not in have:
+                example = next(iter(have.values()))[0]
+                missing = re.sub(r"\.\d+\.([^.]+\.weight)$", rf".{xid}.\1", example)
+                raise ConversionError(f"missing tensor {missing} in {ckpt.model_dir} ({want[0]} experts)")
+            hf_name = have[xid][0]
+            if ckpt.tensors[hf_name].shape != want[1:]:
+                raise ConversionError(f"tensor {hf_name} has shape {list(ckpt.tensors[hf_name].shape)} but "
+                                      f"config.json implies {list(want[1:])}")
+        out[gguf_name] = [(have[xid][0], None) for xid in range(want[0])]
+    return out
+
+
+def _load_experts(ckpt: Checkpoint, parts: list[tuple[str, slice | None]], lora: LoraAdapter | None) -> np.ndarray:
+    if len(parts) == 1 and parts[0][1] is not None:
+        hf_name, rows = parts[0]
+        return np.ascontiguousarray(ckpt.load(hf_name)[:, rows])
+    mats = []
+    for hf_name, _ in parts:
+        x = ckpt.load(hf_name)
+        mats.append(lora.merge(hf_name, x) if lora is not None else x)
+    return np.stack(mats)
 
 
 # --- metadata -----------------------------------------------------------------------------------------
@@ -425,7 +541,8 @@ def write_generation_config(w: GGUFWriter, gen: dict[str, Any]) -> None:
 def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "q4_0",
             lora: str | os.PathLike | None = None, output_qtype: str | None = None,
             vocab_only: bool = False, *, progress: bool = False, quant_method: str | None = None,
-            calibration: str | os.PathLike | None = None) -> ConversionReport:
+            calibration: str | os.PathLike | None = None,
+            ptuning: str | os.PathLike | None = None) -> ConversionReport:
     """Convert an HF checkpoint folder to a GGUF file.
 
     qtype: type of the 2-D weights (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1), or one of llama.cpp's
@@ -442,6 +559,10 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
     calibration: a text file; the model is run on it (torch) to weight the quantizers' squared error by
         each input channel's mean squared activation (imatrix.py): the numpy search for q4_0/q4_1, ggml's
         importance-weighted quantizers (llama-quantize --imatrix) for K presets.
+    ptuning: a THUDM P-Tuning v2 checkpoint of a ChatGLM2/3 / GLM-4 model (its folder, or the
+        pytorch_model.bin / model.safetensors holding transformer.prefix_encoder.*): the prefix
+        encoder is run here and its past keys and values stored per layer (ptuning.py); every sequence
+        then starts from them.
     Raises ConversionError (and leaves no file at out_path) on bad input.
     """
     start = time.perf_counter()
@@ -510,6 +631,21 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
                 warnings.append("calibration statistics come from the model without the LoRA adapter")
         plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings, quant_method, imatrix, config,
                             preset=preset, output_override=output_qtype is not None)
+    prefix = None
+    if ptuning is not None:
+        if spec.name != "chatglm" or spec.stacks[0].hf_prefix != "transformer.encoder.layers.{bid}.":
+            raise ConversionError(f"--ptuning: P-Tuning v2 prefixes are for THUDM's ChatGLM2/3 and GLM-4 "
+                                  f"checkpoints (ChatGLMModel), not {hf_arch}")
+        if vocab_only:
+            raise ConversionError("--ptuning with --vocab-only: a vocabulary file has no layers to hold a prefix")
+        from .ptuning import load_prefix
+
+        prefix = load_prefix(ptuning, hp)
+        for layer in range(hp.n_layer):
+            for kind, part in (("k", 0), ("v", 1)):
+                data = np.ascontiguousarray(prefix[:, layer, part])
+                plan.append(PlannedTensor(f"blk.{layer}.prefix_{kind}", data.shape, Q.F32, 0,
+                                          lambda data=data: data))
     # Mistral's sliding window: each token attends to the last `window` positions (itself included), as
     # transformers does; stored under gguf-py's {arch}.attention.sliding_window, which the engine honours.
     window = config.get("sliding_window")
@@ -535,6 +671,8 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
             write_hparams(w, hp, spec)
         if window is not None:
             w.add_sliding_window(window)
+        if prefix is not None:
+            w.add_uint32(f"{spec.name}.prefix_length", prefix.shape[0])
         write_generation_config(w, gen_config)
         write_vocab(w, vocab)
         for t in plan:

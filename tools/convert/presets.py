@@ -3,9 +3,10 @@
 A preset such as Q4_K_M is not one type: llama.cpp gives some tensors more bits (attn_v and ffn_down
 in the first, last and every third layer, the output matrix) and falls back to a 32-element type when
 a row is not a multiple of 256. `tensor_type` reproduces `llama_tensor_get_type` of llama.cpp's
-src/llama-quant.cpp (the version vendored by llama-cpp-python 0.3.36) for dense models (no experts,
-no Falcon special cases), so that a file from `pyengine convert --qtype q4_k_m` or `pyengine quantize`
-has the same tensor types as llama-quantize's.
+src/llama-quant.cpp (the version vendored by llama-cpp-python 0.3.36) for the architectures pyengine
+reads (no Falcon special cases; for mixture-of-experts models, the experts' *_exps tensors count as their
+kind and the 8-expert rules apply), so that a file from `pyengine convert --qtype q4_k_m` or `pyengine
+quantize` has the same tensor types as llama-quantize's.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class ModelInfo:
     n_gqa: int = 1                 # n_head / n_head_kv
     tied: bool = True              # no output.weight: token_embd is the output matrix too
     has_imatrix: bool = False
+    n_expert: int = 0              # {arch}.expert_count (mixture-of-experts models)
 
 
 def block_size(t: GGMLQuantizationType) -> int:
@@ -103,6 +105,8 @@ def mixed_type(preset: Preset, name: str, cols: int, model: ModelInfo) -> GGMLQu
     if cat == "token_embd":
         return t
     if cat == "attn_v":
+        if model.n_expert == 8:  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+            return Q.Q8_0
         if p == "q2_k":
             return Q.Q4_K if model.n_gqa >= 4 else Q.Q3_K
         if p == "q3_k_m":
@@ -112,6 +116,8 @@ def mixed_type(preset: Preset, name: str, cols: int, model: ModelInfo) -> GGMLQu
         if p == "q4_k_s" and layer < 4:
             return Q.Q5_K
         return t
+    if cat == "attn_k":
+        return Q.Q8_0 if model.n_expert == 8 else t
     if cat == "ffn_down":
         if p == "q2_k":
             return Q.Q3_K
@@ -125,6 +131,8 @@ def mixed_type(preset: Preset, name: str, cols: int, model: ModelInfo) -> GGMLQu
             return Q.Q4_1 if p == "q4_0" else Q.Q5_1
         return t
     if cat == "attn_output":
+        if model.n_expert == 8:
+            return Q.Q5_K if p in ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m") else t
         return {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K}.get(p, t)
     return t
 

@@ -127,7 +127,8 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     elif imatrix is not None:
         importance = load_imatrix(imatrix).importance()
     info = ModelInfo(n_layer=int(n_layer), n_gqa=max(1, int(n_head) // max(1, int(n_head_kv))),
-                     tied="output.weight" not in names, has_imatrix=bool(importance))
+                     tied="output.weight" not in names, has_imatrix=bool(importance),
+                     n_expert=int(meta("expert_count", 0) or 0))
 
     warnings: list[str] = []
     quantized_src = sorted({t.tensor_type.name for t in reader.tensors
