@@ -35,7 +35,7 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-server", "llama-perplexity", "llama-quantize", "llama-cli",
-         "llama-embedding")
+         "llama-embedding", "llama-imatrix")
 
 BASE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
               "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON"]  # examples: llama-embedding

@@ -20,14 +20,16 @@ from .imatrix_file import ImatrixData, save_imatrix
 
 
 def collect(model_path: str | Path, text: str, n_ctx: int = 512, n_chunks: int | None = None,
-            n_threads: int | None = None, dataset: str = "", progress: bool = True) -> ImatrixData:
-    """Per-column sums of x^2 of every linear layer's input over `n_chunks` chunks (all when None)."""
+            n_threads: int | None = None, dataset: str = "", progress: bool = True,
+            kv_type: str = "f16") -> ImatrixData:
+    """Per-column sums of x^2 of every linear layer's input over `n_chunks` chunks (all when None); the
+    KV cache in `kv_type` (F16 as llama-imatrix's default)."""
     from pyengine import Engine
     from pyengine.quality import tokenize_text
 
     if n_ctx < 2:
         raise ConversionError(f"context size {n_ctx} is too small for an imatrix chunk")
-    llm = Engine(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads)
+    llm = Engine(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads, kv_type=kv_type)
     tokens, bos = tokenize_text(llm, text)
     available = len(tokens) // n_ctx
     if available == 0:
