@@ -1,18 +1,30 @@
 #include "kv_cache.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "ops/dispatch.h"
 
 namespace pe {
 
-KVCache::KVCache(Executor& ex, GGMLType type, int n_layer, int n_kv_head, int head_dim, int n_seq_max, int64_t n_ctx)
+int64_t kv_pages_per_seq(int64_t positions, int64_t window, int64_t n_batch) {
+  const int64_t P = KVCache::kPageSize, all = (positions + P - 1) / P;
+  if (window <= 0) return all;
+  // A pass's first row at position p sees keys from p + 1 - window; its last row is p + n_batch - 1. Those
+  // window - 1 + n_batch positions start anywhere in a page, so one more page than they fill.
+  return std::min(all, (window - 1 + n_batch + P - 1) / P + 1);
+}
+
+KVCache::KVCache(Executor& ex, GGMLType type, int n_layer, int n_kv_head, int head_dim, int n_seq_max, int64_t n_ctx,
+                 int64_t pages_per_seq)
     : type_(type), n_layer_(n_layer), n_kv_head_(n_kv_head), head_dim_(head_dim), n_ctx_(n_ctx) {
   PE_CHECK(type == GGMLType::F16 || type == GGMLType::F32, Error, "KV cache type must be F16 or F32");
   PE_CHECK(n_seq_max >= 1 && n_seq_max <= 4096, Error, "n_seq_max must be in [1, 4096], not ", n_seq_max);
   PE_CHECK(n_ctx > 0 && n_ctx <= (int64_t(1) << 24), Error, "n_ctx must be in [1, 16M], not ", n_ctx);
-  const int64_t pages_per_seq = (n_ctx + kPageSize - 1) / kPageSize;
-  n_pages_ = pages_per_seq * n_seq_max;
+  const int64_t all_pages = (n_ctx + kPageSize - 1) / kPageSize;
+  PE_CHECK(pages_per_seq >= 0 && pages_per_seq <= all_pages, Error, "KV cache: ", pages_per_seq,
+           " pages per sequence for ", n_ctx, " positions");
+  n_pages_ = (pages_per_seq ? pages_per_seq : all_pages) * n_seq_max;
   PE_CHECK(n_pages_ <= INT32_MAX / kPageSize, Error, "KV cache too large: ", n_seq_max, " sequences x ", n_ctx,
            " positions");
   page_bytes_ = 2 * size_t(n_kv_head) * size_t(head_dim) * size_t(kPageSize) * element_size();
@@ -37,6 +49,26 @@ int64_t KVCache::seq_len(int seq) const {
 const std::vector<int32_t>& KVCache::pages(int seq) const {
   check_seq(seq, "pages");
   return seq_pages_[size_t(seq)];
+}
+
+int64_t KVCache::seq_first(int seq) const {
+  check_seq(seq, "seq_first");
+  const auto& pages = seq_pages_[size_t(seq)];
+  size_t i = 0;
+  while (i < pages.size() && pages[i] == kReleased) i++;
+  return int64_t(i) * kPageSize;
+}
+
+void KVCache::seq_release_before(int seq, int64_t pos) {
+  check_seq(seq, "seq_release_before");
+  auto& pages = seq_pages_[size_t(seq)];
+  // Never the page holding the last position: the sequence keeps at least that.
+  const int64_t end = std::min<int64_t>(pos / kPageSize, (seq_len_[size_t(seq)] - 1) / kPageSize);
+  for (int64_t i = 0; i < end; i++) {
+    if (pages[size_t(i)] == kReleased) continue;
+    release_page(pages[size_t(i)]);
+    pages[size_t(i)] = kReleased;
+  }
 }
 
 void KVCache::clear() {
@@ -67,7 +99,7 @@ void KVCache::seq_truncate(int seq, int64_t n) {
   auto& pages = seq_pages_[size_t(seq)];
   const size_t keep = size_t((n + kPageSize - 1) / kPageSize);
   while (pages.size() > keep) {
-    release_page(pages.back());
+    if (pages.back() != kReleased) release_page(pages.back());
     pages.pop_back();
   }
   len = n;
@@ -79,7 +111,8 @@ void KVCache::seq_copy(int src, int dst) {
   if (src == dst) return;
   seq_truncate(dst, 0);
   seq_pages_[size_t(dst)] = seq_pages_[size_t(src)];
-  for (int32_t p : seq_pages_[size_t(dst)]) refs_[size_t(p)]++;
+  for (int32_t p : seq_pages_[size_t(dst)])
+    if (p != kReleased) refs_[size_t(p)]++;
   seq_len_[size_t(dst)] = seq_len_[size_t(src)];
 }
 
@@ -109,7 +142,9 @@ int32_t KVCache::slot(int seq, int64_t pos) const {
   check_seq(seq, "slot");
   PE_CHECK(pos >= 0 && pos < seq_len_[size_t(seq)], Error, "position ", pos, " of sequence ", seq,
            " is not in the cache");
-  return seq_pages_[size_t(seq)][size_t(pos / kPageSize)] * int32_t(kPageSize) + int32_t(pos % kPageSize);
+  const int32_t page = seq_pages_[size_t(seq)][size_t(pos / kPageSize)];
+  PE_CHECK(page != kReleased, Error, "position ", pos, " of sequence ", seq, " is behind its sliding window");
+  return page * int32_t(kPageSize) + int32_t(pos % kPageSize);
 }
 
 void KVCache::store(Executor& ex, int layer, const Tensor& k, const Tensor& v, const Tensor& slots) {

@@ -2,7 +2,10 @@
 //
 // A sequence is a list of pages. Copying a sequence shares its pages (a page is copied only when a
 // sequence appends to a page another sequence also holds), so forking a long shared prompt costs a
-// list copy; truncating returns whole pages. The bookkeeping here is device-neutral; how a page lays
+// list copy; truncating returns whole pages. Where every layer attends within a sliding window, a
+// sequence releases the pages wholly behind its window as it grows (seq_release_before), so the cache
+// holds a window's worth of pages per sequence whatever n_ctx is (kv_pages_per_seq); a released
+// page's entry in the sequence's list is kReleased. The bookkeeping here is device-neutral; how a page lays
 // out its keys and values is the business of the backend that owns the storage (cpu/kv_cache.cpp
 // stores K as [kv_head][position][head_dim] and V transposed, [kv_head][head_dim][position], so that
 // attention is two matrix products per page), and only that backend's store and attention read it.
@@ -18,9 +21,12 @@ namespace pe {
 class KVCache {
  public:
   static constexpr int64_t kPageSize = 64;
+  static constexpr int32_t kReleased = -1;
 
-  // Room for n_seq_max sequences of up to n_ctx positions each. type: F16 or F32.
-  KVCache(Executor& ex, GGMLType type, int n_layer, int n_kv_head, int head_dim, int n_seq_max, int64_t n_ctx);
+  // Room for n_seq_max sequences of up to n_ctx positions each, in pages_per_seq pages per sequence
+  // (0: all n_ctx positions; fewer with a sliding window, see kv_pages_per_seq). type: F16 or F32.
+  KVCache(Executor& ex, GGMLType type, int n_layer, int n_kv_head, int head_dim, int n_seq_max, int64_t n_ctx,
+          int64_t pages_per_seq = 0);
 
   GGMLType type() const { return type_; }
   Device device() const { return storage_.device(); }
@@ -31,8 +37,12 @@ class KVCache {
   int64_t n_ctx() const { return n_ctx_; }
   int64_t n_pages() const { return n_pages_; }
   int64_t seq_len(int seq) const;
-  // Pages of sequence `seq`, in position order.
+  // Pages of sequence `seq`, in position order (kReleased for pages behind a sliding window).
   const std::vector<int32_t>& pages(int seq) const;
+  // The first position whose page the sequence still holds (0 unless pages were released).
+  int64_t seq_first(int seq) const;
+  // Releases the pages of `seq` that lie wholly before position `pos` (keys no later row will see).
+  void seq_release_before(int seq, int64_t pos);
 
   void clear();
   void seq_truncate(int seq, int64_t n);
@@ -69,5 +79,9 @@ class KVCache {
   std::vector<int32_t> refs_;  // sequences holding each page
   std::vector<int32_t> free_;  // free page ids (a stack)
 };
+
+// Pages one sequence needs at most: those of `positions`; with a sliding window over every layer
+// (window > 0), only those a pass of n_batch rows can see, from the first row's window to the last row.
+int64_t kv_pages_per_seq(int64_t positions, int64_t window, int64_t n_batch);
 
 }  // namespace pe

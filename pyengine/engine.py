@@ -147,6 +147,7 @@ class Engine:
         return min(int(n_ctx), train) if self._model.config["positions"] == "learned" else int(n_ctx)
 
     def _init_context(self, n_ctx: int, n_batch: int, kv_type: str, n_seq_max: int) -> None:
+        self._n_batch, self._kv_type = int(n_batch), kv_type
         n_ctx = self._resolve_n_ctx(n_ctx)
         self._ctx = _C.Context(self._model, self._executor, int(n_ctx), int(n_seq_max), int(n_batch), kv_type,
                                int(self.max_memory or 0))
@@ -166,12 +167,13 @@ class Engine:
         other._init_context(self.n_ctx if n_ctx is None else n_ctx, n_batch, kv_type, n_seq_max)
         return other
 
-    def memory_plan(self, n_ctx: int | None = None, n_seq_max: int | None = None, n_batch: int = 512,
-                    kv_type: str = "f16") -> dict[str, int]:
+    def memory_plan(self, n_ctx: int | None = None, n_seq_max: int | None = None, n_batch: int | None = None,
+                    kv_type: str | None = None) -> dict[str, int]:
         """Host memory in bytes a context with these settings needs with this model ("weights",
         "kv_cache", "scratch", "logits", "total") and the machine's "limit"; defaults: this context's."""
         return _C.host_memory_plan(self._model, int(self.n_ctx if n_ctx is None else n_ctx),
-                                   int(self.n_seq_max if n_seq_max is None else n_seq_max), int(n_batch), kv_type)
+                                   int(self.n_seq_max if n_seq_max is None else n_seq_max),
+                                   int(self._n_batch if n_batch is None else n_batch), kv_type or self._kv_type)
 
     # --- model facts -------------------------------------------------------------------------
     @cached_property
@@ -288,7 +290,8 @@ class Engine:
         return self._ctx.input_stats()
 
     def truncate(self, n_past: int) -> None:
-        """Keep the first ``n_past`` tokens of sequence 0 and forget the rest."""
+        """Keep the first ``n_past`` tokens of sequence 0 and forget the rest (all of them when a sliding
+        window has dropped keys the next token would need: read ``n_past`` back)."""
         self._ctx.seq_truncate(0, int(n_past))
 
     def seq_len(self, seq: int) -> int:
@@ -296,7 +299,8 @@ class Engine:
         return self._ctx.seq_len(int(seq))
 
     def seq_truncate(self, seq: int, n: int) -> None:
-        """Keep the first `n` tokens of sequence `seq`."""
+        """Keep the first `n` tokens of sequence `seq` (none when a sliding window has dropped keys the
+        next token would need: read `seq_len` back)."""
         self._ctx.seq_truncate(int(seq), int(n))
 
     def seq_copy(self, src: int, dst: int) -> None:

@@ -239,6 +239,7 @@ class Generation:
             start = time.perf_counter()
             _claim(llm, self.owner)
             llm.truncate(n_cached)
+            n_cached = stats.cached_tokens = llm.n_past  # fewer when a sliding window dropped what it needs
             logits = llm.eval(self.prompt_ids[n_cached:])
             self.cache_ids = list(self.prompt_ids)
             stats.prompt_seconds = time.perf_counter() - start

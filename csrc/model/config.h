@@ -101,6 +101,9 @@ struct ModelConfig {
   bool windowed(int64_t layer) const {
     return sliding_window > 0 && (swa_pattern == 0 || layer % swa_pattern != swa_pattern - 1);
   }
+  // The window every layer attends within, so that keys behind it can be dropped from the cache (0: some
+  // layer sees every key, or a P-Tuning prefix must stay).
+  int64_t kv_window() const { return sliding_window > 0 && swa_pattern == 0 && prefix_length == 0 ? sliding_window : 0; }
 };
 
 // Supported architecture names, comma-separated (for error messages).

@@ -29,8 +29,11 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
                     n_seq_max);
   kv_.reserve(2);
   const int64_t positions = n_ctx + prefix_;
-  kv_.emplace_back(*ex_, kv_type, int(c.n_layer) - n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, positions);
-  if (n_gpu) kv_.emplace_back(*gpu_ex_, kv_type, n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, positions);
+  const int64_t pages = kv_pages_per_seq(positions, c.kv_window(), n_batch);
+  kv_.emplace_back(*ex_, kv_type, int(c.n_layer) - n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, positions,
+                   pages);
+  if (n_gpu)
+    kv_.emplace_back(*gpu_ex_, kv_type, n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, positions, pages);
   const int64_t rows = std::min<int64_t>(n_batch, n_ctx * n_seq_max);
   act_.reserve(c, rows, Device::CPU);
   if (n_gpu) gpu_act_.reserve(c, rows, Device::CUDA);
@@ -58,8 +61,16 @@ void Context::seq_truncate(int seq, int64_t n) {
   const int64_t len = seq_len(seq);
   PE_CHECK(n >= 0 && n <= len, Error, "cannot truncate sequence ", seq, " to ", n, " tokens: it holds ", len);
   const int64_t keep = kv().seq_len(seq) > 0 ? prefix_ + n : 0;  // the prefix stays
+  truncate_kv(seq, keep);
+  policy_.truncate(seqs_[size_t(seq)], std::min(n, seq_len(seq)));
+}
+
+void Context::truncate_kv(int seq, int64_t keep) {
+  // Behind a sliding window the cache holds only the last positions: a shorter sequence whose next row
+  // would see released keys cannot continue, so it starts over.
+  const int64_t window = model_->config().kv_window();
+  if (window > 0 && keep > 0 && keep + 1 - window < kv().seq_first(seq)) keep = 0;
   for_each_kv([&](KVCache& kv) { kv.seq_truncate(seq, keep); });
-  policy_.truncate(seqs_[size_t(seq)], n);
 }
 
 void Context::seq_copy(int src, int dst) {
@@ -173,8 +184,8 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
     model_->file().check_unchanged();
   } catch (...) {
     for (size_t s = 0; s < seqs_.size(); s++) {
-      if (kv().seq_len(int(s)) > old_kv[s]) for_each_kv([&](KVCache& kv) { kv.seq_truncate(int(s), old_kv[s]); });
-      if (int64_t(seqs_[s].tokens.size()) > old_len[s]) policy_.truncate(seqs_[s], old_len[s]);
+      if (kv().seq_len(int(s)) > old_kv[s]) truncate_kv(int(s), old_kv[s]);
+      if (int64_t(seqs_[s].tokens.size()) > old_len[s]) policy_.truncate(seqs_[s], std::min(old_len[s], seq_len(int(s))));
     }
     throw;
   }
@@ -183,6 +194,13 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
 void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
   RowPlan& p = plan_;
   p.clear();
+  // Pages wholly behind the window of each sequence's first row in this pass are never read again.
+  if (const int64_t window = model_->config().kv_window(); window > 0)
+    for (int64_t r = 0; r < n; r++)
+      if (r == 0 || std::find_if(rows, rows + r, [&](const Row& x) { return x.seq == rows[r].seq; }) == rows + r) {
+        const int64_t first = kv().seq_len(rows[r].seq) + 1 - window;
+        for_each_kv([&](KVCache& kv) { kv.seq_release_before(rows[r].seq, first); });
+      }
   for (int64_t r = 0; r < n; r++) {
     const int32_t s = rows[r].seq;
     if (prefix_ > 0 && kv().seq_len(s) == 0) {  // a new sequence: its cache starts with the prefix

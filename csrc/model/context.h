@@ -41,7 +41,8 @@ class Context {
   // Evaluates every row of the batch: all rows go through each matmul together, so the weights are
   // read once per pass for all the sequences in it. logits: null, or room for batch.n_logits() rows of
   // n_vocab floats, filled in row order. On an error, the sequences are left as before the call
-  // (except a sequence whose bidirectional prefix was being re-evaluated, which is emptied).
+  // (except a sequence whose bidirectional prefix was being re-evaluated, or whose sliding window moved
+  // past keys the restored sequence needs: those are emptied).
   // hidden: instead of logits, the wanted rows' final hidden states after the output norm
   // (batch.n_logits() rows of n_embd floats), from which embeddings are pooled.
   void decode(const Batch& batch, float* logits, bool hidden = false);
@@ -50,6 +51,8 @@ class Context {
 
   // Tokens in sequence `seq` (a P-Tuning v2 prefix before them is not counted).
   int64_t seq_len(int seq) const;
+  // Keeps the first n tokens of `seq`; where a sliding window has released keys the token after them
+  // would need, the sequence is emptied instead (callers read seq_len back).
   void seq_truncate(int seq, int64_t n);
   // dst becomes a copy of src, sharing its cache pages until either appends.
   void seq_copy(int src, int dst);
@@ -75,6 +78,9 @@ class Context {
     bool logits;
   };
   void check_rows(const Batch& batch) const;
+  // Truncates every part's cache of `seq` to `keep` positions, or empties it when a sliding window has
+  // released keys its next row would need.
+  void truncate_kv(int seq, int64_t keep);
   std::vector<Row> expand_replays(const Batch& batch);
   void run_pass(const Row* rows, int64_t n, float* out, bool hidden);
   // Both executors' locks (CPU, then GPU): contexts sharing either take turns.

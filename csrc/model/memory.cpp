@@ -52,7 +52,8 @@ HostMemoryPlan host_memory_plan(const Model& model, int64_t n_ctx, int n_seq_max
   p.weights = model.file().file_size();
   const uint64_t cpu_layers = nonneg(c.n_layer - n_gpu_layers);
   const uint64_t positions = nonneg(n_ctx) + nonneg(c.prefix_length);  // each sequence's P-Tuning v2 prefix too
-  const uint64_t pages = mul({(positions + KVCache::kPageSize - 1) / KVCache::kPageSize, nonneg(n_seq_max)});
+  const uint64_t pages = mul({uint64_t(kv_pages_per_seq(int64_t(positions), c.kv_window(), std::max<int64_t>(n_batch, 1))),
+                              nonneg(n_seq_max)});
   p.kv_cache = mul({cpu_layers, pages, uint64_t(KVCache::kPageSize), 2, nonneg(c.n_head_kv), nonneg(c.head_dim),
                     kv_type == GGMLType::F16 ? 2u : 4u});
   // model/forward.cpp's Activations (x, xn, qkv, att, ff_a with room for [gate | up], ff_b) and the

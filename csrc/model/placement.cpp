@@ -26,7 +26,7 @@ OffloadPlan offload_cost(const Model& model, const OffloadRequest& req, int n) {
   for (int64_t l = c.n_layer - p.n_gpu_layers; l < c.n_layer; l++) p.weights += model.layer_bytes(l);
   if (p.head) p.weights += model.head_bytes();
   const int64_t positions = req.n_ctx + c.prefix_length;  // each sequence's P-Tuning v2 prefix too
-  const int64_t pages = (positions + KVCache::kPageSize - 1) / KVCache::kPageSize * req.n_seq_max;
+  const int64_t pages = kv_pages_per_seq(positions, c.kv_window(), std::max<int64_t>(req.n_batch, 1)) * req.n_seq_max;
   const size_t elem = req.kv_type == GGMLType::F16 ? 2 : 4;
   p.kv_cache = size_t(p.n_gpu_layers) * size_t(pages) * size_t(KVCache::kPageSize) * 2 * size_t(c.n_head_kv) *
                size_t(c.head_dim) * elem;

@@ -183,6 +183,7 @@ class Scheduler:
             # At least the last prompt token is evaluated, for its logits.
             keep = min(_common_prefix(job.prompt_ids, slot.cached), len(job.prompt_ids) - 1)
             self.engine.seq_truncate(slot.index, keep)
+            keep = self.engine.seq_len(slot.index)  # fewer when a sliding window dropped what it needs
             slot.cached = slot.cached[:keep]
             slot.job, slot.generation, slot.n_evaluated, slot.loop_start = job, generation, keep, None
             slot.sent_logprobs = 0
