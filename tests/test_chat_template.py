@@ -362,3 +362,38 @@ def test_limits_leave_real_templates_alone():
         == "a, b|  x  |ccb"
     long = [{"role": "user", "content": "word " * 200000}]  # a 1 MB message
     assert len(ChatTemplate.builtin("chatml").render(long)) > 1_000_000
+
+
+# The chat templates the models of issue #19 ship, from llama.cpp's collection of real ones.
+LLAMA_CPP_TEMPLATES = Path(__import__("os").environ.get(
+    "PYENGINE_LLAMA_CPP_SRC",
+    Path.home() / ".cache/pyengine/llama.cpp-0.3.36/src/llama_cpp_python-0.3.36/vendor/llama.cpp")) / "models/templates"
+REAL = ["Qwen-Qwen3-0.6B", "google-gemma-2-2b-it", "microsoft-Phi-3.5-mini-instruct", "Qwen3-Coder",
+        "mistralai-Mistral-Nemo-Instruct-2407", "meta-llama-Llama-3.1-8B-Instruct"]
+THINKING_CHAT = [{"role": "user", "content": "2+2?"},
+                 {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+                 {"role": "user", "content": "and 3+3?"}]
+
+
+@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}])
+def test_real_templates_equal_transformers(hf_tokenizer, name, kwargs):
+    path = LLAMA_CPP_TEMPLATES / f"{name}.jinja"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing (llama.cpp's sources: python benchmarks/llama_cpp_tools.py --build)")
+    template = path.read_text()
+    ours = ChatTemplate(template, dict(SPECIAL))
+    rendered = 0
+    for chat in [*CHATS, THINKING_CHAT]:
+        for add_generation_prompt in (True, False):
+            try:
+                expected = transformers_render(hf_tokenizer, template, chat,
+                                               add_generation_prompt=add_generation_prompt, **kwargs)
+            except Exception as e:  # the template refuses this chat (e.g. Gemma's system role): so must we
+                with pytest.raises(TemplateError):
+                    ours.render(chat, add_generation_prompt=add_generation_prompt, **kwargs)
+                assert "raise_exception" in template or "Error" in type(e).__name__, e
+                continue
+            assert ours.render(chat, add_generation_prompt=add_generation_prompt, **kwargs) == expected
+            rendered += 1
+    assert rendered >= 2
