@@ -112,6 +112,18 @@ double positive_float(const GGUFFile& f, const std::string& key, double dflt) {
            ": it must be a positive finite number");
   return v;
 }
+// The q.k scale as llama.cpp computes it for a file it made: 1 / sqrt(head_dim), except that Gemma 2
+// and 3 scale by 1 / sqrt(n_embd / n_head) (integer division) in their 27B models, which llama.cpp
+// recognises by the layer count alone (46 and 62 layers; transformers' query_pre_attn_scalar = 144
+// and 168, not head_dim 128). llama.cpp defines {arch}.attention.scale (gguf-py's
+// Keys.Attention.SCALE) but its gemma2/gemma3 graphs ignore it; we honour it, so that our converter
+// can write a Gemma whose query_pre_attn_scalar the rule gets wrong (tools/convert/arch.py).
+float attention_scale(const GGUFFile& f, const ModelConfig& c) {
+  const std::string key = c.arch + ".attention.scale";
+  if (f.find(key)) return float(positive_float(f, key, 1.0));
+  const bool gemma_27b = (c.arch == "gemma2" && c.n_layer == 46) || (c.arch == "gemma3" && c.n_layer == 62);
+  return 1.0f / std::sqrt(float(gemma_27b ? c.n_embd / c.n_head : c.head_dim));
+}
 }  // namespace
 
 ModelConfig read_config(const GGUFFile& f) {
@@ -192,6 +204,7 @@ ModelConfig read_config(const GGUFFile& f) {
     c.rope_swa.freq_base = 10000.f;  // llama.cpp's gemma3 default for its local layers
     c.rope_swa.freq_scale = 1.f;
   }
+  c.kq_scale = attention_scale(f, c);
   c.attn_softcap = float(f.get_float(p + "attn_logit_softcapping", 0.0));
   c.final_softcap = float(f.get_float(p + "final_logit_softcapping", 0.0));
   PE_CHECK(c.attn_softcap >= 0 && c.final_softcap >= 0 && c.attn_softcap < 1e30f && c.final_softcap < 1e30f,

@@ -87,6 +87,9 @@ struct ModelConfig {
   float final_softcap = 0.f;        // {arch}.final_logit_softcapping (Gemma 2; 0: none)
   int64_t swa_pattern = 0;          // see ArchSpec::swa_pattern
   RopeParams rope_swa;              // RoPE of windowed layers (Gemma 3: base {arch}.rope.freq_base_swa, unscaled)
+  // Scale of q.k before the softmax: {arch}.attention.scale when the file has it, else llama.cpp's rule
+  // for the architecture (1 / sqrt(head_dim); Gemma 2/3 27B: 1 / sqrt(n_embd / n_head)).
+  float kq_scale = 0.f;
   bool windowed(int64_t layer) const {
     return sliding_window > 0 && (swa_pattern == 0 || layer % swa_pattern != swa_pattern - 1);
   }

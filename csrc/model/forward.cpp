@@ -74,7 +74,6 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
   // FFN hidden: [gate | up] side by side when ffn_up holds both (ChatGLM2+), else gate in ff_a, up in ff_b.
   const Tensor ff_a = f32(a.ff_a, spec.fused_gate_up ? 2 * n_ff : n_ff), ff_b = f32(a.ff_b, n_ff);
   const Tensor hidden = ff_a.cols_view(0, n_ff);
-  const float kq_scale = 1.0f / std::sqrt(float(hd));
 
   // Pre-norm of the residual stream x into xn; ChatGLM-6B restarts the stream from it, times alpha.
   auto pre_norm = [&](const Tensor& w, const Tensor& b) {
@@ -114,7 +113,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
   rotate(k, int(c.n_head_kv));
   kv.store(ex, kv_layer, k, v, rt.slot);
   const Tensor& key_begin = c.windowed(layer) ? rt.key_begin_window : rt.key_begin;
-  attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, kq_scale, att,
+  attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, c.kq_scale, att,
             c.attn_softcap);
   linear(L.wo, att, xn);
   if (!L.attn_post_norm.empty()) norm(ex, spec.norm, xn, L.attn_post_norm, Tensor{}, xn, c.norm_eps);

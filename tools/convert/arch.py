@@ -527,10 +527,7 @@ PHI3 = ArchSpec(
 
 def _gemma2_fix(config: dict[str, Any], hp: HParams) -> None:
     hp.tied = True
-    q_scalar = config.get("query_pre_attn_scalar", hp.head_dim)
-    if q_scalar != hp.head_dim:
-        raise ConversionError(f"config.json query_pre_attn_scalar={q_scalar} differs from head_dim {hp.head_dim} "
-                              "(Gemma 2 27B): not supported yet")
+    hp.extra["query_pre_attn_scalar"] = float(config.get("query_pre_attn_scalar") or hp.head_dim)
     act = config.get("hidden_activation", config.get("hidden_act", "gelu_pytorch_tanh"))
     if act not in ("gelu_pytorch_tanh", "gelu_new"):
         raise ConversionError(f"config.json hidden_activation={act!r}: only the tanh GELU is supported")
@@ -544,10 +541,23 @@ def _gemma2_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The layer count by which llama.cpp recognises the 27B models, whose queries it scales by
+# 1 / sqrt(n_embd // n_head) instead of 1 / sqrt(head_dim) (src/models/gemma2.cpp, gemma3.cpp).
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
 def _write_gemma2_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
     from .convert import write_hparams
 
     write_hparams(w, hp, spec)
+    # transformers scales queries by query_pre_attn_scalar ** -0.5. A reader infers the scalar from the
+    # layer count (llama.cpp's rule, which the engine follows for files without the key); only where that
+    # guess is wrong do we write {arch}.attention.scale, which pyengine honours. llama.cpp defines the key
+    # but its gemma2/gemma3 graphs never read it: it runs such a file with its own rule's scale, so its
+    # outputs differ from transformers' (as they would for its own conversion of the same folder).
+    inferred = hp.n_embd // hp.n_head if hp.n_layer == GEMMA_27B_LAYERS[spec.name] else hp.head_dim
+    if hp.extra["query_pre_attn_scalar"] != inferred:
+        w.add_float32(f"{spec.name}.attention.scale", hp.extra["query_pre_attn_scalar"] ** -0.5)
     attn, final = hp.extra["softcap"]
     if attn:
         w.add_attn_logit_softcapping(attn)
