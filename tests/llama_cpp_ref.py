@@ -70,14 +70,28 @@ def llama_perplexity(model: Path, text: Path = TEXT, n_ctx: int = 64, n_chunks: 
     cmd = [str(exe), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "--chunks", str(n_chunks), "-t", "2"]
     if n_batch is not None:
         cmd += ["-b", str(n_batch)]
-    r = subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600)
-    # the per-chunk values go to stdout, which the tool may not flush before exiting into a pipe; the
-    # final estimate is logged to stderr
-    final = re.search(r"Final estimate: PPL = ([\d.]+)", r.stderr)
-    computing = re.search(r"calculating perplexity over (\d+) chunks", r.stderr)
-    assert r.returncode == 0 and final and computing and int(computing.group(1)) == n_chunks, \
-        f"rc {r.returncode}: " + (r.stdout + r.stderr)[-3000:]
-    return float(final.group(1))
+    # llama.cpp logs through a worker thread that the process may not let finish before exiting
+    # (common/log.cpp: "logs may be lost if not flushed before the program exits"), so the last lines,
+    # the results among them, are sometimes missing: read every place they go, and rerun when lost.
+    import tempfile
+
+    out = ""
+    for _ in range(6):
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "log.txt"
+            r = subprocess.run(cmd + list(extra) + ["--log-file", str(log)], capture_output=True, text=True,
+                               timeout=600)
+            out = r.stdout + r.stderr + (log.read_text(errors="replace") if log.exists() else "")
+        assert r.returncode == 0, f"rc {r.returncode}: " + out[-3000:]
+        computing = re.search(r"calculating perplexity over (\d+) chunks", out)
+        assert computing is None or int(computing.group(1)) == n_chunks, out[-3000:]
+        final = re.search(r"Final estimate: PPL = ([\d.]+)", out)
+        if final:
+            return float(final.group(1))
+        last = re.search(rf"\[{n_chunks}\]([\d.]+),", out)
+        if last:
+            return float(last.group(1))
+    raise AssertionError("llama-perplexity printed no result in 6 runs: " + out[-3000:])
 
 
 def read_gguf(path: Path) -> tuple[dict, dict]:
@@ -89,15 +103,16 @@ def read_gguf(path: Path) -> tuple[dict, dict]:
     return fields, {t.name: t for t in r.tensors}
 
 
-def compare_gguf(ours: Path, theirs: Path, keys: tuple[str, ...] | None = None,
+def compare_gguf(ours: Path, theirs: Path, skip_prefixes: tuple[str, ...] = (),
                  allowed_extra: tuple[str, ...] = ()) -> None:
     """Every tensor llama.cpp writes, we write with the same type, shape and bits, and nothing else;
-    every metadata key in `keys` (None: all but the naming ones) has the same value in both files, and
-    we write no key of those they do not, except `allowed_extra`."""
+    every metadata key (but the naming ones and those starting with `skip_prefixes`) has the same value
+    in both files, and we write no key they do not, except `allowed_extra`."""
     md_a, t_a = read_gguf(ours)
     md_b, t_b = read_gguf(theirs)
-    names = sorted(set(md_a) | set(md_b)) if keys is None else keys
-    for key in names:
+    for key in sorted(set(md_a) | set(md_b)):
+        if key.startswith(skip_prefixes):
+            continue
         if key in NAMING_KEYS or (key in allowed_extra and key not in md_b):
             continue
         assert (key in md_a) == (key in md_b), (f"{key}: ours {md_a.get(key, '<absent>')!r}, "

@@ -176,8 +176,12 @@ ModelConfig read_config(const GGUFFile& f) {
     c.rope.freq_scale = float(1.0 / positive_float(f, p + "rope.scale_linear", 1.0));
   } else {
     PE_CHECK(scaling == "none", UnsupportedModelError, f.path(), ": RoPE scaling type '", scaling,
-             "' is not supported (none, linear, and Llama-3 rope_freqs are)");
+             "' is not supported (none, linear, Llama-3 rope_freqs and LongRoPE rope_factors_long/short are)");
   }
+  c.rope.attn_factor = float(positive_float(f, p + "rope.scaling.attn_factor", 1.0));
+  c.n_ctx_orig = f.get_int(p + "rope.scaling.original_context_length", c.n_ctx_train);
+  PE_CHECK(c.n_ctx_orig > 0, ModelFormatError, f.path(), ": ", p, "rope.scaling.original_context_length ",
+           c.n_ctx_orig, " must be positive");
   if (spec->residual_from_norm) {
     c.residual_scale = float(f.get_float(p + "residual_scale"));
     PE_CHECK(std::isfinite(c.residual_scale), ModelFormatError, f.path(), ": metadata key '", p,

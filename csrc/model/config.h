@@ -76,6 +76,9 @@ struct ModelConfig {
   int64_t head_dim = 0;
   int64_t n_ff = 0;
   int64_t n_ctx_train = 0;
+  // The context the model was first trained at ({arch}.rope.scaling.original_context_length, default
+  // n_ctx_train): LongRoPE's long factors serve contexts longer than it.
+  int64_t n_ctx_orig = 0;
   float norm_eps = 1e-5f;
   RopeParams rope;  // freq_factors filled in by the model if it has rope_freqs.weight
   float residual_scale = 1.f;     // residual_from_norm: alpha

@@ -6,6 +6,7 @@ every tensor. Adding a llama-like model is a new `ArchSpec(...)` in `ARCHITECTUR
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -156,6 +157,8 @@ class ArchSpec:
     # GGUF block tensor names (e.g. "attn_qkv") whose weights the checkpoint stores transposed, [in, out]
     # (GPT-2's Conv1D); the converter writes them [out, in] as every other weight
     transposed: tuple[str, ...] = ()
+    # F32 tensors computed from config.json, GGUF name -> values (Phi-3's LongRoPE factors)
+    extra_tensors: Callable[[HParams], dict[str, np.ndarray]] = lambda hp: {}
 
 
 LLAMA = ArchSpec(
@@ -493,12 +496,42 @@ GPT2 = ArchSpec(
 
 # --- Phi-3 --------------------------------------------------------------------------------------------
 # llama.cpp's `phi3`: fused qkv_proj as attn_qkv, fused gate_up_proj as a [gate; up] ffn_up, NeoX RoPE on
-# the first partial_rotary_factor of each head. LongRoPE (the 128k variants' short/long factors) is not
-# supported yet: read_rope refuses it with a clear error.
+# the first partial_rotary_factor of each head. LongRoPE (the 128k variants) as llama.cpp's Phi3MiniModel
+# stores it: the short and long per-pair frequency divisors as rope_factors_short/long.weight, the
+# cos/sin magnitude as phi3.rope.scaling.attn_factor and the original context as
+# phi3.rope.scaling.original_context_length (a reader takes the long factors for contexts beyond it).
 
 def _phi3_fix(config: dict[str, Any], hp: HParams) -> None:
-    factor = float(config.get("partial_rotary_factor", 1.0))
+    params = hp.rope_scaling
+    factor = float(config.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0)))
     hp.n_rot = int(hp.head_dim * factor) if factor != 1.0 else 0
+    orig = params.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+    hp.extra["n_ctx_orig"] = int(orig) if orig else None
+    hp.extra["sliding_window"] = config.get("sliding_window")
+    if params.get("rope_type") != "longrope":
+        return
+    if not orig:
+        raise ConversionError("config.json: LongRoPE needs original_max_position_embeddings")
+    n_pairs = (hp.n_rot or hp.head_dim) // 2
+    factors = {}
+    for key in ("long_factor", "short_factor"):
+        v = params.get(key)
+        ok = isinstance(v, list) and len(v) == n_pairs and all(
+            isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in v)
+        if not ok:
+            got = f"{len(v)} values" if isinstance(v, list) else repr(v)
+            raise ConversionError(f"config.json rope_scaling.{key} must be a list of {n_pairs} positive numbers (one per "
+                                  f"rotated pair of dimensions), got {got}")
+        factors[key] = np.array(v, dtype=np.float32)
+    # transformers' _compute_longrope_parameters: an explicit attention_factor, else from the context growth
+    # (llama.cpp's converter computes the same from max_position_embeddings / original)
+    growth = float(params.get("factor") or hp.n_ctx / int(orig))
+    attn = params.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if growth <= 1.0 else math.sqrt(1 + math.log(growth) / math.log(int(orig)))
+    hp.extra["longrope"] = {"rope_factors_long.weight": factors["long_factor"],
+                            "rope_factors_short.weight": factors["short_factor"], "attn_factor": float(attn)}
+    hp.rope_scaling = {}
 
 
 def _phi3_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
@@ -507,6 +540,22 @@ def _phi3_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
     shapes["blk.{bid}.attn_qkv.weight"] = (q + 2 * kv, hp.n_embd)
     shapes["blk.{bid}.ffn_up.weight"] = (2 * hp.n_ff, hp.n_embd)
     return shapes
+
+
+def _write_phi3_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
+    from .convert import write_hparams
+
+    write_hparams(w, hp, spec)
+    if hp.extra["n_ctx_orig"]:
+        w.add_rope_scaling_orig_ctx_len(hp.extra["n_ctx_orig"])
+    if "longrope" in hp.extra:
+        w.add_rope_scaling_attn_factors(hp.extra["longrope"]["attn_factor"])
+    if hp.extra["sliding_window"] is None:
+        w.add_sliding_window(0)   # as llama.cpp's converter: 0 tells Phi-3 without a window apart
+
+
+def _phi3_extra_tensors(hp: HParams) -> dict[str, np.ndarray]:
+    return {k: v for k, v in hp.extra.get("longrope", {}).items() if k.endswith(".weight")}
 
 
 PHI3 = ArchSpec(
@@ -518,6 +567,8 @@ PHI3 = ArchSpec(
                                              "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}),),
     shapes=_phi3_shapes,
     fix_hparams=_phi3_fix,
+    write_hparams=_write_phi3_hparams,
+    extra_tensors=_phi3_extra_tensors,
 )
 
 # --- Gemma 2 -------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ FILE_TYPES = {
     Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
     Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1,
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 
 
 @dataclass
@@ -122,6 +122,7 @@ def read_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     params = dict(params.get("full_attention", params))
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = "longrope" if rope_type == "su" else rope_type   # Phi-3's first name for it, as transformers reads it
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConversionError(f"unsupported rope scaling type {rope_type!r} in config.json "
                               f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
@@ -153,6 +154,8 @@ def read_hparams(config: dict[str, Any], spec: ArchSpec) -> HParams:
         tied=bool(_find(config, keys["tied"], "tie_word_embeddings", default=False)),
     )
     spec.fix_hparams(config, hp)
+    if hp.rope_scaling.get("rope_type") == "longrope":   # an architecture that takes it consumes it in fix_hparams
+        raise ConversionError(f"config.json: rope scaling type 'longrope' is not supported for {spec.name} (only Phi-3)")
     if hp.n_head % hp.n_head_kv:
         raise ConversionError(f"config.json: num_attention_heads {hp.n_head} is not a multiple of "
                               f"num_key_value_heads {hp.n_head_kv}")
@@ -358,6 +361,8 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
     if hp.rope_scaling.get("rope_type") == "llama3":
         factors = llama3_rope_factors(hp)
         plan.append(PlannedTensor("rope_freqs.weight", factors.shape, Q.F32, 0, lambda: factors))
+    for name, values in spec.extra_tensors(hp).items():
+        plan.append(PlannedTensor(name, values.shape, Q.F32, 0, lambda values=values: values))
     return plan
 
 
