@@ -92,3 +92,24 @@ def test_llama_cpp_cross_checks(gemma3, tmp_path):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     mine = pyengine.LLM(path).perplexity(TEXT.read_text(), n_ctx=64, n_chunks=3).ppl
     assert mine == pytest.approx(llama_perplexity(path, n_ctx=64, n_chunks=3), rel=1e-4)
+
+
+def test_27b_rule_without_a_key(tmp_path):
+    """62 layers (llama.cpp's Gemma 3 27B) with query_pre_attn_scalar = n_embd / n_head = 24 != head_dim 16:
+    the reader's rule gives the scalar, so no key is written; our file and llama.cpp's conversion of the
+    folder both give transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from llama_cpp_ref import llama_cpp_convert
+
+    hf_dir = make_gemma3(tmp_path / "hf", n_layers=62, hidden=96, ff=64, query_pre_attn_scalar=24)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    convert(hf_dir, tmp_path / "f32.gguf", qtype="f32")
+    ids = np.random.default_rng(9).integers(3, 400, size=30).tolist()
+    ref = reference(model, ids)
+    llm = pyengine.LLM(tmp_path / "f32.gguf", n_ctx=64, kv_type="f32")
+    assert "gemma3.attention.scale" not in llm.metadata
+    assert llm.config["kq_scale"] == pytest.approx(24 ** -0.5)
+    np.testing.assert_allclose(llm.logits(ids), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    theirs = pyengine.LLM(llama_cpp_convert(hf_dir, tmp_path / "llama.gguf"), n_ctx=64, kv_type="f32")
+    np.testing.assert_allclose(theirs.logits(ids), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
