@@ -38,17 +38,34 @@ def get_vocab_base_pre(self, tokenizer):
     except NotImplementedError:
         return "default"
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+{patch}
 sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outfile", {out!r}, "--outtype", "f32"]
 runpy.run_path({src!r} + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
 
-def llama_cpp_convert(model_dir: Path, out: Path) -> Path:
-    """llama.cpp's F32 conversion of an HF folder (skips the test without llama.cpp's source)."""
+# llama.cpp 0.3.36's conversion/baichuan.py sends every tensor but W_pack back into its own modify_tensors
+# with the mapped name, which recurses until Python gives up: no Baichuan converts. The fix (upstream's
+# intent: the base class maps the other tensors) leaves its W_pack split and permutation as they are.
+BAICHUAN_RECURSION_FIX = """
+import conversion.baichuan as baichuan
+_w_pack = baichuan.BaichuanModel.modify_tensors
+def _modify_tensors(self, data_torch, name, bid):
+    if bid is not None and name == f"model.layers.{bid}.self_attn.W_pack.weight":
+        yield from _w_pack(self, data_torch, name, bid)
+    else:
+        yield from base.TextModel.modify_tensors(self, data_torch, name, bid)
+baichuan.BaichuanModel.modify_tensors = _modify_tensors
+"""
+
+
+def llama_cpp_convert(model_dir: Path, out: Path, patch: str = "") -> Path:
+    """llama.cpp's F32 conversion of an HF folder (skips the test without llama.cpp's source); `patch`:
+    Python run before the converter (a fix of it)."""
     if not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file():
         pytest.skip(f"llama.cpp's source is not at {LLAMA_CPP} (python benchmarks/llama_cpp_tools.py --build, "
                     "or set PYENGINE_LLAMA_CPP_SRC)")
-    code = _DRIVER.format(src=str(LLAMA_CPP), model=str(model_dir), out=str(out))
+    code = _DRIVER.format(src=str(LLAMA_CPP), model=str(model_dir), out=str(out), patch=patch)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own gguf-py, not the installed one
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -29,6 +29,6 @@ void softcap(Executor& ex, const Tensor& x, float cap);
 void get_rows(Executor& ex, const Tensor& table, const Tensor& ids, const Tensor& out);
 void kv_store(Executor& ex, KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap);
+               float scale, const Tensor& out, float softcap, const float* alibi);
 
 }  // namespace pe::cpu

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "ops/attention.h"
+
 namespace pe {
 
 namespace {
@@ -83,6 +85,13 @@ ArchSpec gemma3() {
   a.swa_pattern = 6;
   return a;
 }
+// Baichuan / Baichuan 2 (llama.cpp's baichuan): llama's layout (the converter splits W_pack into q/k/v and
+// permutes q/k as for llama); 7B rotates with RoPE, 13B has no RoPE but ALiBi.
+ArchSpec baichuan() {
+  ArchSpec a = llama_like("baichuan", RopeStyle::Adjacent);
+  a.alibi = true;
+  return a;
+}
 const ArchSpec kArchs[] = {
     llama_like("llama", RopeStyle::Adjacent),
     llama_like("qwen2", RopeStyle::NeoX),
@@ -94,6 +103,7 @@ const ArchSpec kArchs[] = {
     gpt2(),
     gemma2(),
     gemma3(),
+    baichuan(),
 };
 }  // namespace
 
@@ -209,6 +219,23 @@ ModelConfig read_config(const GGUFFile& f) {
     c.rope_swa.freq_scale = 1.f;
   }
   c.kq_scale = attention_scale(f, c);
+  if (spec->alibi) {
+    const std::string key = p + "attention.max_alibi_bias";
+    if (f.find(key)) {
+      c.alibi_max_bias = float(f.get_float(key));
+      PE_CHECK(std::isfinite(c.alibi_max_bias) && c.alibi_max_bias >= 0 && c.alibi_max_bias <= 1024, ModelFormatError,
+               f.path(), ": metadata key '", key, "' is ", c.alibi_max_bias, ": it must be in [0, 1024] (0: RoPE)");
+    } else {
+      // llama.cpp never reads the key for baichuan: 40 layers (13B) get ALiBi with max bias 8, 32 (7B)
+      // RoPE, and any other count neither, which no Baichuan model is meant to run with.
+      PE_CHECK(c.n_layer == 32 || c.n_layer == 40, UnsupportedModelError, f.path(), ": a ", c.arch, " model of ",
+               c.n_layer, " layers without '", key, "': llama.cpp tells RoPE (32 layers, 7B) from ALiBi (40 layers, "
+               "13B) by the layer count and would run this one with no position information; convert it with "
+               "pyengine convert, which writes the key");
+      c.alibi_max_bias = c.n_layer == 40 ? 8.f : 0.f;
+    }
+    if (c.alibi_max_bias > 0) c.alibi_slopes = alibi_slopes(int(c.n_head), c.alibi_max_bias);
+  }
   c.attn_softcap = float(f.get_float(p + "attn_logit_softcapping", 0.0));
   c.final_softcap = float(f.get_float(p + "final_logit_softcapping", 0.0));
   PE_CHECK(c.attn_softcap >= 0 && c.final_softcap >= 0 && c.attn_softcap < 1e30f && c.final_softcap < 1e30f,

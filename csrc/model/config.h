@@ -3,6 +3,7 @@
 // hyper-parameters read from GGUF metadata (llama.cpp's keys).
 #pragma once
 #include <string>
+#include <vector>
 
 #include "gguf.h"
 #include "ops/activation.h"
@@ -63,6 +64,9 @@ struct ArchSpec {
   // p-th (layer l is global when l % p == p - 1: Gemma 2's p = 2, Gemma 3's 6). Overridden by
   // {arch}.attention.sliding_window_pattern.
   int swa_pattern = 0;
+  // The architecture may use ALiBi instead of RoPE (llama.cpp's baichuan: Baichuan-13B): the file's
+  // {arch}.attention.max_alibi_bias decides (0: RoPE); without it, llama.cpp's rule by model size.
+  bool alibi = false;
 };
 
 struct ModelConfig {
@@ -93,6 +97,9 @@ struct ModelConfig {
   // Scale of q.k before the softmax: {arch}.attention.scale when the file has it, else llama.cpp's rule
   // for the architecture (1 / sqrt(head_dim); Gemma 2/3 27B: 1 / sqrt(n_embd / n_head)).
   float kq_scale = 0.f;
+  // ALiBi instead of RoPE: one slope per query head from {arch}.attention.max_alibi_bias (empty: none).
+  float alibi_max_bias = 0.f;
+  std::vector<float> alibi_slopes;
   bool windowed(int64_t layer) const {
     return sliding_window > 0 && (swa_pattern == 0 || layer % swa_pattern != swa_pattern - 1);
   }

@@ -87,6 +87,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   const RopeParams& rope_params = c.windowed(layer) ? rope_ctx.windowed : rope_ctx.global;
   auto rotate = [&](const Tensor& heads, int n_heads) {
     if (spec.positions == Positions::Learned) return;  // added to the embeddings instead
+    if (!c.alibi_slopes.empty()) return;               // ALiBi: positions enter as attention biases
     rope(ex, heads, n_heads, int(hd), 0, rt.rope_pos, rope_params);
     if (spec.positions == Positions::Rope2D) rope(ex, heads, n_heads, int(hd), c.rope.n_dims, rt.rope_pos2, rope_ctx.global);
   };
@@ -114,7 +115,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   kv.store(ex, kv_layer, k, v, rt.slot);
   const Tensor& key_begin = c.windowed(layer) ? rt.key_begin_window : rt.key_begin;
   attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, c.kq_scale, att,
-            c.attn_softcap);
+            c.attn_softcap, c.alibi_slopes.empty() ? nullptr : c.alibi_slopes.data());
   linear(L.wo, att, xn);
   if (!L.attn_post_norm.empty()) norm(ex, spec.norm, xn, L.attn_post_norm, Tensor{}, xn, c.norm_eps);
   add(ex, x, xn);

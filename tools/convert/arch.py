@@ -159,6 +159,9 @@ class ArchSpec:
     transposed: tuple[str, ...] = ()
     # F32 tensors computed from config.json, GGUF name -> values (Phi-3's LongRoPE factors)
     extra_tensors: Callable[[HParams], dict[str, np.ndarray]] = lambda hp: {}
+    # GGUF block tensor name of a fused checkpoint tensor -> the GGUF tensors written instead, which take
+    # its rows in order (Baichuan's W_pack: attn_q, attn_k, attn_v); `shapes` gives every part's rows
+    split_rows: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 LLAMA = ArchSpec(
@@ -677,8 +680,73 @@ GEMMA3 = ArchSpec(
     row_transforms={**GEMMA2.row_transforms, "attn_q_norm": _plus_one, "attn_k_norm": _plus_one},
 )
 
+# --- Baichuan -------------------------------------------------------------------------------------------
+# llama.cpp's `baichuan` (conversion/baichuan.py BaichuanModel): Baichuan and Baichuan 2 are llama with the
+# q/k/v projections fused as W_pack, which is written as attn_q/attn_k/attn_v, q and k permuted for
+# adjacent-pair RoPE as for llama. The 7B models rotate with RoPE; the 13B models have no RoPE but ALiBi
+# (Baichuan's _get_interleave slopes, max bias 8), which the published code picks by model file and whose
+# configs tell apart by the context key (7B: max_position_embeddings; 13B: model_max_length only).
+# llama.cpp reads neither: it takes ALiBi (bias 8) for 40 layers, RoPE for 32 and neither otherwise. Where
+# that rule would miss, we write baichuan.attention.max_alibi_bias (0: RoPE), which pyengine honours and
+# llama.cpp ignores. Baichuan 2 (its config has z_loss_weight) normalises each lm_head row to unit length
+# before use (NormHead; transformers' eval forward normalises the weight in place on the first call);
+# llama.cpp's converter writes the rows as stored, so its files give other logits than transformers, while
+# ours hold the normalised rows, which llama.cpp reads like any output.weight.
+BAICHUAN_MAX_ALIBI_BIAS = 8.0
+
+
+def _baichuan_fix(config: dict[str, Any], hp: HParams) -> None:
+    alibi = "max_position_embeddings" not in config
+    hp.extra["max_alibi_bias"] = BAICHUAN_MAX_ALIBI_BIAS if alibi else 0.0
+    hp.extra["norm_head"] = "z_loss_weight" in config
+    if hp.n_head_kv != hp.n_head:
+        raise ConversionError(f"config.json: Baichuan's W_pack holds as many key/value heads as query heads "
+                              f"({hp.n_head}), not {hp.n_head_kv}")
+
+
+def _baichuan_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    shapes = llama_shapes(hp)
+    shapes["blk.{bid}.attn_qkv.weight"] = (3 * hp.n_head * hp.head_dim, hp.n_embd)
+    return shapes
+
+
+def _write_baichuan_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
+    from .convert import write_hparams
+
+    write_hparams(w, hp, spec)
+    w.add_tensor_data_layout("Meta AI original pth")   # as llama.cpp's converter: q/k permuted as for llama
+    by_layers = {32: 0.0, 40: BAICHUAN_MAX_ALIBI_BIAS}.get(hp.n_layer)   # llama.cpp's rule (src/models/baichuan.cpp)
+    if hp.extra["max_alibi_bias"] != by_layers:
+        w.add_float32(f"{spec.name}.attention.max_alibi_bias", hp.extra["max_alibi_bias"])
+
+
+def _normalize_rows(w: np.ndarray, hp: HParams) -> np.ndarray:
+    if not hp.extra["norm_head"]:
+        return w
+    # torch.nn.functional.normalize: x / max(||x||, 1e-12), in float32 as transformers runs it
+    norms = np.sqrt(np.sum(w.astype(np.float32) ** 2, axis=1, keepdims=True))
+    return (w / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
+
+
+BAICHUAN = ArchSpec(
+    name="baichuan",
+    hf_architectures=("BaichuanForCausalLM", "BaiChuanForCausalLM"),
+    stacks=(StackMap("model.layers.{bid}.", {"input_layernorm": "attn_norm", "self_attn.W_pack": "attn_qkv",
+                                             "self_attn.o_proj": "attn_output",
+                                             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+                                             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}),),
+    hparam_keys={**LLAMA_HPARAM_KEYS, "n_ctx": ("max_position_embeddings", "model_max_length")},
+    permute_qk=True,
+    shapes=_baichuan_shapes,
+    tokenizers=("spm",),
+    fix_hparams=_baichuan_fix,
+    write_hparams=_write_baichuan_hparams,
+    row_transforms={"output": _normalize_rows},
+    split_rows={"attn_qkv": ("attn_q", "attn_k", "attn_v")},
+)
+
 ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3, GEMMA2,
-                                       GEMMA3)
+                                       GEMMA3, BAICHUAN)
 
 
 def supported_architectures() -> list[str]:

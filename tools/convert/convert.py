@@ -301,6 +301,22 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         if name not in found:
             raise ConversionError(f"missing tensor {names.to_hf(name)} in {ckpt.model_dir}")
 
+    # A fused checkpoint tensor written as several GGUF tensors (Baichuan's W_pack as attn_q/k/v): each part
+    # takes its rows, in order, by the sizes `shapes` gives the parts.
+    part_rows: dict[str, tuple[int, int]] = {}
+    for gguf_name in list(found):
+        blk = names.block(gguf_name)
+        base, _, suffix = blk[2].rpartition(".") if blk else ("", "", "")
+        if base not in spec.split_rows:
+            continue
+        k, bid, _ = blk
+        hf_name, r0 = found.pop(gguf_name), 0
+        for part in spec.split_rows[base]:
+            n = shapes[f"{spec.stacks[k].gguf_prefix}.{{bid}}.{part}.{suffix}"][0]
+            name = f"{spec.stacks[k].gguf_prefix}.{bid}.{part}.{suffix}"
+            found[name], part_rows[name] = hf_name, (r0, r0 + n)
+            r0 += n
+
     if lora is not None:
         if spec.transposed:
             raise ConversionError(f"LoRA adapters are not supported for {spec.name} (its Conv1D weights are "
@@ -316,6 +332,9 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         src = ckpt.tensors[hf_name]
         transpose = _stored_transposed(spec, gguf_name, src.shape)
         shape = tuple(src.shape[::-1]) if transpose else tuple(src.shape)
+        rows = part_rows.get(gguf_name)
+        if rows is not None:
+            shape = (rows[1] - rows[0],) + shape[1:]
         is_output = gguf_name in ("token_embd.weight", "output.weight")
         if len(shape) == 1 or gguf_name in spec.float_tensors:
             qtype = Q.F32
@@ -339,12 +358,14 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         transform = spec.row_transforms.get(base.rpartition(".")[2])
 
         def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform,
-                    transpose=transpose) -> np.ndarray:
+                    transpose=transpose, rows=rows) -> np.ndarray:
             x = ckpt.load(hf_name)
             if transpose:
                 x = np.ascontiguousarray(x.T)
             if lora is not None:
                 x = lora.merge(hf_name, x)
+            if rows is not None:
+                x = np.ascontiguousarray(x[rows[0]:rows[1]])
             if permute:
                 x = permute_rope_rows(x, permute)
             if transform is not None:
@@ -353,7 +374,8 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
             importance = imatrix.get(hf_name) if imatrix and not transpose else None
             return quants.quantize(x, qtype, quant_method, importance)
 
-        plan.append(PlannedTensor(gguf_name, shape, qtype, src.nbytes, produce))
+        source_bytes = src.nbytes if rows is None else src.nbytes * (rows[1] - rows[0]) // src.shape[0]
+        plan.append(PlannedTensor(gguf_name, shape, qtype, source_bytes, produce))
 
     if fallbacks:
         what = ", ".join(f"{n} {k}" for k, n in sorted(fallbacks.items()))
