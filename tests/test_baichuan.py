@@ -220,3 +220,28 @@ def test_tokenizer_is_sentencepiece(tmp_path):
     tok = pyengine.LLM(tmp_path / "f32.gguf").tokenizer
     for text in CORPUS.splitlines() + ["Hello world", "  two  spaces", "ünïcödé 日本語 🦙"]:
         assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
+
+
+def test_llama_cpp_leaves_baichuan2_norm_head_raw(tmp_path):
+    """For a Baichuan 2 folder llama.cpp's converter writes lm_head as stored (its files then give other
+    logits than transformers' NormHead); ours differs from it only in that tensor: its rows normalised."""
+    from gguf import GGUFReader
+
+    from llama_cpp_ref import BAICHUAN_RECURSION_FIX, llama_cpp_convert
+
+    hf_dir = make_baichuan(tmp_path / "hf", version=2, n_layers=32, ff=64)
+    convert(hf_dir, tmp_path / "f32.gguf", qtype="f32")
+    theirs = llama_cpp_convert(hf_dir, tmp_path / "llama.gguf", patch=BAICHUAN_RECURSION_FIX)
+    ours = {t.name: np.asarray(t.data) for t in GGUFReader(tmp_path / "f32.gguf").tensors}
+    raw = {t.name: np.asarray(t.data) for t in GGUFReader(theirs).tensors}
+    assert set(ours) == set(raw)
+    for name in raw:
+        if name != "output.weight":
+            np.testing.assert_array_equal(ours[name], raw[name], err_msg=name)
+    head = raw["output.weight"]
+    np.testing.assert_allclose(ours["output.weight"], head / np.linalg.norm(head, axis=1, keepdims=True), rtol=1e-6)
+    ids = np.random.default_rng(26).integers(3, 400, size=30).tolist()
+    ref = llama_logits(llama_reference(hf_dir), ids)
+    np.testing.assert_allclose(pyengine.LLM(tmp_path / "f32.gguf", n_ctx=64, kv_type="f32").logits(ids), ref,
+                               rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert np.abs(pyengine.LLM(theirs, n_ctx=64, kv_type="f32").logits(ids) - ref).max() > 1e-2
