@@ -83,9 +83,10 @@ def shared_llama(path: Path, n_embd: int, n_layer: int, n_ff: int, n_head: int, 
     return path
 
 
-def rewrite(src: Path, dst: Path, tensors: dict[str, Any] | None = None, drop_keys: Sequence[str] = ()) -> None:
+def rewrite(src: Path, dst: Path, tensors: dict[str, Any] | None = None, drop_keys: Sequence[str] = (),
+            extra_keys: dict[str, float] | None = None) -> None:
     """A copy of a GGUF file through gguf-py with some tensors replaced (name -> float32 numpy array in
-    numpy order, or None to drop it) and some keys dropped."""
+    numpy order, or None to drop it), some keys dropped and some float32 keys set."""
     import numpy as np
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
@@ -93,13 +94,15 @@ def rewrite(src: Path, dst: Path, tensors: dict[str, Any] | None = None, drop_ke
     r = GGUFReader(src)
     w = GGUFWriter(dst, r.fields["general.architecture"].contents())
     for key, f in r.fields.items():
-        if key.startswith("GGUF.") or key in drop_keys or key == "general.architecture":
+        if key.startswith("GGUF.") or key in drop_keys or key in (extra_keys or {}) or key == "general.architecture":
             continue
         kind = f.types[0]
         if kind == GGUFValueType.ARRAY:
             w.add_key_value(key, f.contents(), kind, sub_type=f.types[-1])
         else:
             w.add_key_value(key, f.contents(), kind)
+    for key, value in (extra_keys or {}).items():
+        w.add_float32(key, value)
     for t in r.tensors:
         if t.name not in tensors:
             w.add_tensor(t.name, np.asarray(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),

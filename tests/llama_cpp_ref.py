@@ -111,6 +111,37 @@ def llama_perplexity(model: Path, text: Path = TEXT, n_ctx: int = 64, n_chunks: 
     raise AssertionError("llama-perplexity printed no result in 6 runs: " + out[-3000:])
 
 
+def llama_kl_base(model: Path, out: Path, text: Path = TEXT, n_ctx: int = 64, n_chunks: int = 3,
+                  n_batch: int | None = None) -> Path:
+    """llama-perplexity's --kl-divergence-base file of `model` on `text` (its tokens and per-position
+    log-probabilities, coded to 2.4e-4 nats), for pyengine.quality.kl_divergence: a comparison position by
+    position, far finer than the final perplexity."""
+    llama_perplexity(model, text, n_ctx=n_ctx, n_chunks=n_chunks, n_batch=n_batch,
+                     extra=("--kl-divergence-base", str(out)))
+    assert out.is_file() and out.stat().st_size > 0
+    return out
+
+
+def check_llama_cpp_reads(path: Path, tmp: Path, n_ctx: int = 64, n_chunks: int = 3, n_batch: int | None = None,
+                          other: Path | None = None) -> float:
+    """llama-perplexity on our file `path` gives pyengine's perplexity (to 1e-4), and its log-probabilities
+    position by position (mean KL below 1e-5, the same top token at 99% of positions); `other`, a variant
+    of the file that changes what is under test, must not (mean KL above 5e-5, which shows the comparison
+    can see the difference). Returns llama.cpp's perplexity."""
+    import pyengine
+    from pyengine.quality import kl_divergence
+
+    theirs = llama_perplexity(path, n_ctx=n_ctx, n_chunks=n_chunks, n_batch=n_batch)
+    mine = pyengine.LLM(path, n_ctx=n_ctx).perplexity(TEXT.read_text(), n_ctx=n_ctx, n_chunks=n_chunks).ppl
+    assert mine == pytest.approx(theirs, rel=1e-4)
+    base = llama_kl_base(path, tmp / f"{path.stem}.kl", n_ctx=n_ctx, n_chunks=n_chunks, n_batch=n_batch)
+    same = kl_divergence(pyengine.LLM(path, n_ctx=n_ctx), base)
+    assert same.kld < 1e-5 and same.same_top >= 0.99, (same.kld, same.same_top)
+    if other is not None:
+        assert kl_divergence(pyengine.LLM(other, n_ctx=n_ctx), base).kld > 5e-5
+    return theirs
+
+
 def read_gguf(path: Path) -> tuple[dict, dict]:
     """(metadata, tensors by name) of a GGUF file, as gguf-py reads it."""
     from gguf import GGUFReader

@@ -41,7 +41,7 @@ def test_logits_match_transformers(tmp_path, partial):
 def test_llama_cpp_cross_checks(tmp_path):
     """Without LongRoPE: llama.cpp's conversion of the folder gives transformers' logits in pyengine, and
     llama-perplexity on our file gives our perplexity."""
-    from llama_cpp_ref import TEXT, llama_cpp_convert, llama_perplexity
+    from llama_cpp_ref import check_llama_cpp_reads, llama_cpp_convert
 
     hf_dir = make_phi3(tmp_path / "hf")
     convert(hf_dir, tmp_path / "f32.gguf", qtype="f32")
@@ -50,8 +50,7 @@ def test_llama_cpp_cross_checks(tmp_path):
     theirs = llama_cpp_convert(hf_dir, tmp_path / "llama.gguf")
     got = pyengine.LLM(theirs, n_ctx=64, kv_type="f32").logits(ids)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    mine = pyengine.LLM(tmp_path / "f32.gguf").perplexity(TEXT.read_text(), n_ctx=64, n_chunks=3).ppl
-    assert mine == pytest.approx(llama_perplexity(tmp_path / "f32.gguf", n_ctx=64, n_chunks=3), rel=1e-4)
+    check_llama_cpp_reads(tmp_path / "f32.gguf", tmp_path)
 
 
 def make_longrope(out_dir, original=32, partial=1.0, **kwargs):
@@ -146,15 +145,20 @@ def test_longrope_file_matches_llama_cpp(longrope, tmp_path):
 @pytest.mark.parametrize("n_ctx,factors", [(64, "short"), (512, "long")])
 def test_longrope_llama_cpp_perplexity(tmp_path, n_ctx, factors):
     """llama-perplexity on our file gives our perplexity, with an original context of 256 (llama.cpp rounds
-    its context per sequence up to a multiple of 256): -c 64 takes the short factors, -c 512 the long."""
-    from llama_cpp_ref import TEXT, llama_perplexity
+    its context per sequence up to a multiple of 256): -c 64 takes the short factors, -c 512 the long. Its
+    log-probabilities position by position (--kl-divergence-base) too, and not with the other factor set."""
+    from gguf import GGUFReader
+
+    from gguf_craft import rewrite
+    from llama_cpp_ref import check_llama_cpp_reads
 
     hf_dir = make_longrope(tmp_path / "hf", original=256, max_position=1024)
-    convert(hf_dir, tmp_path / "f32.gguf", qtype="f32")
-    theirs = llama_perplexity(tmp_path / "f32.gguf", n_ctx=n_ctx, n_chunks=2, n_batch=n_ctx)
-    llm = pyengine.LLM(tmp_path / "f32.gguf", n_ctx=n_ctx)
-    mine = llm.perplexity(TEXT.read_text(), n_ctx=n_ctx, n_chunks=2).ppl
-    assert mine == pytest.approx(theirs, rel=1e-4)
+    path = tmp_path / "f32.gguf"
+    convert(hf_dir, path, qtype="f32")
+    other = "short" if factors == "long" else "long"
+    t = {x.name: np.asarray(x.data) for x in GGUFReader(path).tensors}
+    rewrite(path, tmp_path / "swapped.gguf", {f"rope_factors_{factors}.weight": t[f"rope_factors_{other}.weight"]})
+    check_llama_cpp_reads(path, tmp_path, n_ctx=n_ctx, n_chunks=2, n_batch=n_ctx, other=tmp_path / "swapped.gguf")
 
 
 def test_longrope_bad_input(tmp_path):
