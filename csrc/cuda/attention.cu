@@ -13,6 +13,9 @@
 // flash-attention kernel that takes a tile of consecutive rows of one sequence per block is the
 // next step. The page table is rebuilt and uploaded on every call (once per layer per step).
 //
+// Gemma 2's soft-cap and ALiBi's bias (slopes uploaded after the page table, distances from the row's
+// last visible key, attention_math.cuh alibi_bias) are applied to each score before the softmax.
+//
 // The row metadata (seq, key_begin, key_end) lives on the device and is checked there: a row whose
 // sequence is outside the cache, or whose range is empty once clamped to its sequence's length and
 // pages, gets zeros. The host checks only what it can see without a sync.
