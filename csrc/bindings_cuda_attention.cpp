@@ -32,9 +32,10 @@ struct Partial {
   std::vector<float> acc;
 };
 
-// Keys [lo, hi) of one head: a page-sized tile at a time (per_score: one key at a time).
+// Keys [lo, hi) of one head: a page-sized tile at a time (per_score: one key at a time); with an ALiBi
+// slope, each score gets the bias of its distance from key `last`.
 Partial host_split(const float* q, const float* k, const float* v, int hd, int64_t lo, int64_t hi, float scale,
-                   bool per_score) {
+                   bool per_score, const float* slope, int64_t last) {
   Partial part{cuda::softmax_empty(), std::vector<float>(size_t(hd), 0.0f)};
   std::vector<float> qs(static_cast<size_t>(hd)), p;
   for (int d = 0; d < hd; d++) qs[size_t(d)] = q[d] * scale;
@@ -45,6 +46,7 @@ Partial host_split(const float* q, const float* k, const float* v, int hd, int64
     for (int64_t j = t0; j < t1; j++) {
       float s = 0.0f;
       for (int d = 0; d < hd; d++) s += qs[size_t(d)] * k[j * hd + d];
+      if (slope) s += cuda::alibi_bias(*slope, j, last);
       p[size_t(j - t0)] = s;
       tile_max = std::max(tile_max, s);
     }
@@ -73,7 +75,8 @@ Partial host_split(const float* q, const float* k, const float* v, int hd, int64
 }
 
 py::array_t<float> cuda_host_attention(const F32Array& q, const F32Array& k, const F32Array& v, float scale,
-                                       int n_split, int64_t key_begin, int64_t key_end, bool per_score) {
+                                       int n_split, int64_t key_begin, int64_t key_end, bool per_score,
+                                       const std::vector<float>& alibi) {
   if (q.ndim() != 2 || k.ndim() != 3 || v.ndim() != 3)
     throw py::value_error("q must be (n_head, head_dim), k and v (n_kv_head, T, head_dim)");
   const int n_head = int(q.shape(0)), hd = int(q.shape(1)), n_kv = int(k.shape(0));
@@ -84,6 +87,7 @@ py::array_t<float> cuda_host_attention(const F32Array& q, const F32Array& k, con
   if (n_split < 1) throw py::value_error("n_split must be >= 1");
   if (key_end < 0) key_end = T;
   if (key_begin < 0 || key_begin > key_end || key_end > T) throw py::value_error("bad key range");
+  if (!alibi.empty() && int(alibi.size()) != n_head) throw py::value_error("alibi: one slope per query head");
   const int group = n_head / n_kv;
 
   py::array_t<float> out({n_head, hd});
@@ -97,7 +101,8 @@ py::array_t<float> cuda_host_attention(const F32Array& q, const F32Array& k, con
     for (int s = 0; s < n_split; s++) {
       int64_t lo, hi;
       cuda::attention_split_range(key_begin, key_end, n_split, s, &lo, &hi);
-      parts.push_back(host_split(qh, kg, vg, hd, lo, hi, scale, per_score));
+      parts.push_back(host_split(qh, kg, vg, hd, lo, hi, scale, per_score, alibi.empty() ? nullptr : &alibi[size_t(h)],
+                                 key_end - 1));
     }
     // One split: the kernel finishes its state itself; more: the merge kernel, splits in order.
     cuda::SoftmaxState st = parts[0].st;
@@ -149,7 +154,7 @@ py::array_t<float> cuda_attention_test(const std::string& device, const std::str
                                        int n_head, int n_kv_head, const std::vector<F32Array>& k_list,
                                        const std::vector<F32Array>& v_list, const I32Array& seq,
                                        const I32Array& key_begin, const I32Array& key_end, float scale,
-                                       bool bad_slots) {
+                                       bool bad_slots, const std::vector<float>& alibi) {
   if (device != "cpu" && device != "cuda") throw py::value_error("device must be 'cpu' or 'cuda'");
   if (kv_type != "f16" && kv_type != "f32") throw py::value_error("kv_type must be 'f16' or 'f32'");
   if (q.ndim() != 2 || n_head < 1 || n_kv_head < 1 || q.shape(1) % n_head != 0)
@@ -159,6 +164,7 @@ py::array_t<float> cuda_attention_test(const std::string& device, const std::str
   const int64_t kv_dim = int64_t(n_kv_head) * hd;
   const int n_seq = int(k_list.size());
   if (n_seq < 1 || v_list.size() != k_list.size()) throw py::value_error("k_list and v_list: one array per sequence");
+  if (!alibi.empty() && int(alibi.size()) != n_head) throw py::value_error("alibi: one slope per query head");
   if (seq.size() != n || key_begin.size() != n || key_end.size() != n)
     throw py::value_error("seq, key_begin and key_end need one entry per row of q");
   int64_t longest = 1;
@@ -230,7 +236,7 @@ py::array_t<float> cuda_attention_test(const std::string& device, const std::str
                            i32_vector(upload(ex, key_begin.data(), size_t(n) * 4, keep), n, dev),
                            i32_vector(upload(ex, key_end.data(), size_t(n) * 4, keep), n, dev)};
   attention(ex, f32_tensor(qd, n, ld_q, ld_q, dev).cols_view(5, width), n_head, kv, 1, rows, scale,
-            f32_tensor(od, n, ld_o, ld_o, dev).cols_view(2, width));
+            f32_tensor(od, n, ld_o, ld_o, dev).cols_view(2, width), 0.f, alibi.empty() ? nullptr : alibi.data());
   copy_between(ex, Device::CPU, oh.data(), dev, od, oh.size() * sizeof(float));
 
   py::array_t<float> out({n, width});
@@ -250,9 +256,11 @@ py::array_t<float> cuda_attention_test(const std::string& device, const std::str
 void bind_cuda_attention(py::module_& m) {
   m.def("cuda_host_attention", &cuda_host_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
         py::arg("n_split") = 1, py::arg("key_begin") = 0, py::arg("key_end") = -1, py::arg("per_score") = false,
+        py::arg("alibi") = std::vector<float>{},
         "CUDA attention's arithmetic on the host: q (n_head, head_dim) over keys [key_begin, key_end) of k and v "
         "(n_kv_head, T, head_dim), split in n_split runs of whole 64-position pages merged in order, a page at a "
-        "time (per_score: a key at a time). Returns (n_head, head_dim).");
+        "time (per_score: a key at a time); alibi: one slope per head (ALiBi biases from key_end - 1). Returns "
+        "(n_head, head_dim).");
   m.def("cuda_host_softmax_merge", &cuda_host_softmax_merge, py::arg("m1"), py::arg("l1"), py::arg("acc1"),
         py::arg("m2"), py::arg("l2"), py::arg("acc2"),
         "Merges partial softmax states (m, l, acc) as the split-K merge kernel does: returns (m, l, acc, 1 / l or 0).");
@@ -284,8 +292,12 @@ void bind_cuda_attention(py::module_& m) {
   m.def("cuda_attention_test", &cuda_attention_test, py::arg("device"), py::arg("kv_type"), py::arg("q"),
         py::arg("n_head"), py::arg("n_kv_head"), py::arg("k_list"), py::arg("v_list"), py::arg("seq"),
         py::arg("key_begin"), py::arg("key_end"), py::arg("scale"), py::arg("bad_slots") = false,
+        py::arg("alibi") = std::vector<float>{},
         "The attention op on device 'cpu' or 'cuda' over a paged cache holding k_list[s] / v_list[s] "
-        "(len_s, n_kv_head * head_dim) as sequence s; q (n, n_head * head_dim). Returns (n, n_head * head_dim).");
+        "(len_s, n_kv_head * head_dim) as sequence s; q (n, n_head * head_dim); alibi: empty or one slope per "
+        "query head. Returns (n, n_head * head_dim).");
+  m.def("alibi_slopes", &alibi_slopes, py::arg("n_head"), py::arg("max_bias"),
+        "ALiBi's per-head slopes for a maximum bias, as the model uses them (ops/attention.h).");
 }
 
 }  // namespace pe

@@ -68,6 +68,7 @@ void bind_model(py::module_& m) {
         d["rope_dims"] = c.rope.n_dims;
         d["rope_freq_base"] = c.rope.freq_base;
         d["rope_style"] = c.rope.style == RopeStyle::NeoX ? "neox" : "adjacent";
+        d["kq_scale"] = c.kq_scale;
         d["family"] = c.spec.family == Family::EncoderOnly ? "encoder" : "decoder";
         d["positions"] = c.spec.positions == Positions::Learned ? "learned" : "rope";
         static const char* const kPooling[] = {"none", "mean", "cls", "last", "rank"};

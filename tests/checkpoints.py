@@ -285,3 +285,55 @@ def load_hf_model(model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+# --- Baichuan (remote code on the hub; transformers has no class for it) -----------------------------------
+
+def make_baichuan(out_dir: Path, *, version: int = 1, alibi: bool = False, n_layers: int = 2, hidden: int = 64,
+                  n_heads: int = 4, ff: int = 128, seed: int = 0) -> Path:
+    """A tiny Baichuan checkpoint folder as the hub's are: config.json with architectures
+    ["BaichuanForCausalLM"] and model_type "baichuan", q/k/v fused as self_attn.W_pack, a SentencePiece
+    tokenizer. 7B-style (alibi=False: RoPE, max_position_embeddings) or 13B-style (alibi=True: ALiBi,
+    model_max_length only); version 2 adds Baichuan 2's z_loss_weight key (its lm_head is a NormHead).
+    The weights come from a random LlamaForCausalLM (see baichuan_reference)."""
+    import transformers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_tokens = make_sentencepiece_tokenizer(out_dir)
+    tok_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tok_config["tokenizer_class"] = "BaichuanTokenizer"
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    config = transformers.LlamaConfig(vocab_size=n_tokens, hidden_size=hidden, intermediate_size=ff,
+                                      num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                                      num_key_value_heads=n_heads, max_position_embeddings=256, rms_norm_eps=1e-6)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    _randomize(model, seed)
+    state = {}
+    for name, p in model.state_dict().items():
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name or "rotary_emb" in name:
+            continue
+        if ".self_attn.q_proj." in name:
+            prefix = name.split(".self_attn.")[0]
+            name = f"{prefix}.self_attn.W_pack.weight"
+            p = torch.cat([model.state_dict()[f"{prefix}.self_attn.{x}_proj.weight"] for x in "qkv"])
+        state[name] = p.contiguous()
+    from safetensors.torch import save_file
+
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg: dict[str, Any] = {
+        "architectures": ["BaichuanForCausalLM"], "model_type": "baichuan",
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu", "hidden_size": hidden,
+        "initializer_range": 0.02, "intermediate_size": ff, "model_max_length": 256, "num_attention_heads": n_heads,
+        "num_hidden_layers": n_layers, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "torch_dtype": "float32", "use_cache": True, "vocab_size": n_tokens,
+    }
+    if not alibi:
+        cfg["max_position_embeddings"] = 256
+    if version == 2:
+        cfg["z_loss_weight"] = 0
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out_dir

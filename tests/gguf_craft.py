@@ -81,3 +81,35 @@ def shared_llama(path: Path, n_embd: int, n_layer: int, n_ff: int, n_head: int, 
                     (b + "ffn_down.weight", (n_ff, n_embd), F32T, off["down"])]
     path.write_bytes(gguf_bytes(llama_kv(n_embd, n_layer, n_ff, n_head, extra=extra_kv), tensors, bytes(data)))
     return path
+
+
+def rewrite(src: Path, dst: Path, tensors: dict[str, Any] | None = None, drop_keys: Sequence[str] = (),
+            extra_keys: dict[str, float] | None = None) -> None:
+    """A copy of a GGUF file through gguf-py with some tensors replaced (name -> float32 numpy array in
+    numpy order, or None to drop it), some keys dropped and some float32 keys set."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    tensors = tensors or {}
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key in drop_keys or key in (extra_keys or {}) or key == "general.architecture":
+            continue
+        kind = f.types[0]
+        if kind == GGUFValueType.ARRAY:
+            w.add_key_value(key, f.contents(), kind, sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, f.contents(), kind)
+    for key, value in (extra_keys or {}).items():
+        w.add_float32(key, value)
+    for t in r.tensors:
+        if t.name not in tensors:
+            w.add_tensor(t.name, np.asarray(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
+                         raw_dtype=t.tensor_type)
+        elif tensors[t.name] is not None:
+            w.add_tensor(t.name, np.asarray(tensors[t.name], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -9,8 +9,9 @@ from pyengine import _C
 PAGE = 64
 
 
-def reference(q, k, v, scale, key_begin=0, key_end=None):
-    """softmax(scale * q k^T) v per head in float64; head h reads KV head h // (n_head // n_kv_head)."""
+def reference(q, k, v, scale, key_begin=0, key_end=None, alibi=None):
+    """softmax(scale * q k^T) v per head in float64; head h reads KV head h // (n_head // n_kv_head).
+    alibi: per-head slopes; key j's score gets slope * (j - (key_end - 1))."""
     n_head, n_kv = q.shape[0], k.shape[0]
     key_end = k.shape[1] if key_end is None else key_end
     out = np.zeros(q.shape, dtype=np.float64)
@@ -21,6 +22,8 @@ def reference(q, k, v, scale, key_begin=0, key_end=None):
         if kk.shape[0] == 0:
             continue
         s = scale * (kk @ q[h].astype(np.float64))
+        if alibi is not None:
+            s = s + alibi[h] * (np.arange(key_begin, key_end) - (key_end - 1))
         p = np.exp(s - s.max())
         out[h] = (p / p.sum()) @ vv
     return out
@@ -189,3 +192,48 @@ def test_float_to_half_bits_matches_numpy():
     np.testing.assert_array_equal(_C.cuda_host_float_to_half_bits(x), expected)
     nan_bits = _C.cuda_host_float_to_half_bits(np.array([np.nan], dtype=np.float32))
     assert np.isnan(nan_bits.view(np.float16)[0])
+
+
+# --- ALiBi ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_head,n_kv,hd,T", [(4, 4, 8, 37), (6, 3, 32, 200), (12, 4, 128, 300), (5, 5, 16, 129)])
+@pytest.mark.parametrize("n_split", [1, 2, 5])
+@pytest.mark.parametrize("windowed", [False, True])
+def test_alibi_matches_softmax_attention(n_head, n_kv, hd, T, n_split, windowed):
+    """The kernels' ALiBi bias (attention_math.cuh alibi_bias) over page tiles and splits."""
+    key_begin = T // 2 if windowed else 0
+    rng = np.random.default_rng(n_head * 100 + T + n_split)
+    q, k, v = make(rng, n_head, n_kv, hd, T)
+    slopes = _C.alibi_slopes(n_head, 8.0)
+    out = _C.cuda_host_attention(q, k, v, 0.2, n_split, key_begin, T, alibi=slopes)
+    ref = reference(q, k, v, 0.2, key_begin, T, alibi=slopes)
+    check(out, ref, v)
+    assert np.abs(ref - reference(q, k, v, 0.2, key_begin, T)).max() > 1e-2   # the bias matters here
+
+
+def op_reference(q, n_head, n_kv, k_list, v_list, seq, kb, ke, scale, alibi):
+    hd = q.shape[1] // n_head
+    out = np.zeros(q.shape)
+    for r in range(q.shape[0]):
+        k = k_list[seq[r]].reshape(-1, n_kv, hd).transpose(1, 0, 2)
+        v = v_list[seq[r]].reshape(-1, n_kv, hd).transpose(1, 0, 2)
+        out[r] = reference(q[r].reshape(n_head, hd), k, v, scale, kb[r], ke[r], alibi).reshape(-1)
+    return out
+
+
+@pytest.mark.parametrize("n_head,n_kv,hd", [(6, 6, 16), (8, 2, 32), (12, 3, 64)])
+def test_alibi_in_the_cpu_op(n_head, n_kv, hd):
+    """The CPU attention op with ALiBi slopes over a paged cache: prefill rows of two sequences across
+    pages, and a windowed range."""
+    rng = np.random.default_rng(n_head + hd)
+    lens = [150, 70]
+    k_list = [rng.standard_normal((n, n_kv * hd)).astype(np.float32) for n in lens]
+    v_list = [rng.standard_normal((n, n_kv * hd)).astype(np.float32) for n in lens]
+    rows = [(s, 0, p + 1) for s, n in enumerate(lens) for p in range(n)] + [(0, 100, 150)]
+    seq, kb, ke = (np.array(x, np.int32) for x in zip(*rows))
+    q = rng.standard_normal((len(rows), n_head * hd)).astype(np.float32)
+    slopes = _C.alibi_slopes(n_head, 8.0)
+    scale = 1.0 / np.sqrt(hd)
+    out = _C.cuda_attention_test("cpu", "f32", q, n_head, n_kv, k_list, v_list, seq, kb, ke, scale, alibi=slopes)
+    np.testing.assert_allclose(out, op_reference(q, n_head, n_kv, k_list, v_list, seq, kb, ke, scale, slopes),
+                               rtol=1e-4, atol=2e-5)

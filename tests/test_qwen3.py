@@ -64,3 +64,19 @@ def test_batch(qwen3):
     for i, p in enumerate(prompts):
         ref = reference(model, p)
         np.testing.assert_allclose(out[at[i]:at[i + 1]], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_llama_cpp_cross_checks(qwen3, tmp_path_factory):
+    """llama.cpp's conversion of the folder gives transformers' logits in pyengine, and llama-perplexity on
+    our file gives our perplexity."""
+    from llama_cpp_ref import check_llama_cpp_reads, llama_cpp_convert
+
+    model, files = qwen3
+    hf_dir = files["f32"].parent / "hf"
+    tmp = tmp_path_factory.mktemp("qwen3_llama")
+    ids = np.random.default_rng(16).integers(3, 250, size=40).tolist()
+    ref = reference(model, ids)
+    theirs = llama_cpp_convert(hf_dir, tmp / "llama.gguf")
+    got = pyengine.LLM(theirs, n_ctx=64, kv_type="f32").logits(ids)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    check_llama_cpp_reads(files["f32"], tmp)

@@ -44,11 +44,16 @@ const AttentionKernels& kernels() {
   return kPortableAttention;
 }
 
-// p[0..n) = softmax(scale * s[0..n)), in place; with softcap > 0 the scaled scores are soft-capped
-// first (softcap * tanh(x / softcap), Gemma 2).
-void softmax(float* s, int64_t n, float scale, float softcap) {
+// p[0..n) = softmax(x[0..n)) in place, x_j = scale * s_j: with softcap > 0 soft-capped first
+// (softcap * tanh(x / softcap), Gemma 2); with an ALiBi slope, plus slope * (j - (n - 1)): s holds a
+// row's visible keys, the last of them at the row's own position.
+void softmax(float* s, int64_t n, float scale, float softcap, float alibi_slope) {
   if (softcap > 0.f) {
     for (int64_t j = 0; j < n; j++) s[j] = softcap * std::tanh(s[j] * scale / softcap);
+    scale = 1.f;
+  }
+  if (alibi_slope != 0.f) {
+    for (int64_t j = 0; j < n; j++) s[j] = s[j] * scale + alibi_slope * float(j - (n - 1));
     scale = 1.f;
   }
   float mx = -INFINITY;
@@ -73,7 +78,7 @@ struct Block {
 const AttentionKernels kPortableAttention = {scores<Scalar>, values<Scalar>};
 
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap) {
+               float scale, const Tensor& out, float softcap, const float* alibi) {
   const KVPageLayout lay(kv);
   const AttentionKernels& k = kernels();
   const bool f16 = lay.type == GGMLType::F16;
@@ -118,7 +123,7 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       float* s = sc + t * width;
       const int64_t lo = kb[b.r0 + t] - base, hi = ke[b.r0 + t] - base;
       std::fill(s, s + lo, 0.0f);
-      softmax(s + lo, hi - lo, scale, softcap);
+      softmax(s + lo, hi - lo, scale, softcap, alibi ? alibi[h] : 0.f);
       std::fill(s + hi, s + width, 0.0f);
     }
     float* ob = out.row(b.r0) + int64_t(h) * hd;

@@ -21,8 +21,8 @@ void rope(Executor& ex, const Tensor& x, int n_heads, int head_dim, int first_di
       const float position = float(pos[t]) * p.freq_scale;
       for (int i = 0; i < half; i++) {
         const float a = position * inv_freq[i];
-        cs[i] = std::cos(a);
-        sn[i] = std::sin(a);
+        cs[i] = std::cos(a) * p.attn_factor;
+        sn[i] = std::sin(a) * p.attn_factor;
       }
       for (int h = 0; h < n_heads; h++) {
         float* v = x.row(t) + int64_t(h) * head_dim + first_dim;

@@ -13,10 +13,14 @@
 // flash-attention kernel that takes a tile of consecutive rows of one sequence per block is the
 // next step. The page table is rebuilt and uploaded on every call (once per layer per step).
 //
+// Gemma 2's soft-cap and ALiBi's bias (slopes uploaded after the page table, distances from the row's
+// last visible key, attention_math.cuh alibi_bias) are applied to each score before the softmax.
+//
 // The row metadata (seq, key_begin, key_end) lives on the device and is checked there: a row whose
 // sequence is outside the cache, or whose range is empty once clamped to its sequence's length and
 // pages, gets zeros. The host checks only what it can see without a sync.
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "cuda/attention_math.cuh"
@@ -38,12 +42,14 @@ static_assert(KVCache::kPageSize == kAttnPageSize, "attention_math.cuh's page si
 static_assert(kPage <= 2 * 32, "the softmax step gives each lane at most two keys of a tile");
 
 // The page table, as uploaded to workspace slot 0 (int32): seq_len[n_seq], first[n_seq + 1], then
-// the page ids of sequence s at pages[first[s] .. first[s + 1]).
+// the page ids of sequence s at pages[first[s] .. first[s + 1]); after them, with ALiBi, the n_head
+// slopes (float).
 struct PageTable {
   const int32_t* seq_len;
   const int32_t* first;
   const int32_t* pages;
   int n_seq;
+  const float* alibi;  // null without ALiBi
 };
 
 // Where K and V of one layer are, in the layout of cuda/kv_cache.cu.
@@ -128,6 +134,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const float* q, int
   int64_t lo, hi;
   row_split_keys(rows, pt, row, n_split, split, &seq, &lo, &hi);
   const int32_t* seq_pages = seq >= 0 ? pt.pages + pt.first[seq] : nullptr;
+  const int64_t last = int64_t(rows.key_end[row]) - 1;  // ALiBi's distances are from this key
   __syncthreads();
 
   // Tiles are uniform across the block (lo, hi and the page ids are the same loads in every
@@ -161,7 +168,11 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const float* q, int
       for (int h = 0; h < kMaxHeadsPerBlock; h++) {
         if (h < nh) {  // nh is uniform: the whole warp shuffles
           const float s = warp_sum(dot[h]);
-          if (lane == 0) p_s[h][j] = softcap > 0.0f ? softcap * tanhf(s / softcap) : s;  // Gemma 2
+          if (lane == 0) {
+            float x = softcap > 0.0f ? softcap * tanhf(s / softcap) : s;  // Gemma 2
+            if (pt.alibi) x += alibi_bias(pt.alibi[h0 + h], t0 + j, last);
+            p_s[h][j] = x;
+          }
         }
       }
     }
@@ -254,7 +265,7 @@ int multiprocessor_count() {
 }  // namespace
 
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap) {
+               float scale, const Tensor& out, float softcap, const float* alibi) {
   const int64_t n_rows = q.rows;
   if (n_rows == 0) return;
   const int hd = kv.head_dim(), n_kv = kv.n_kv_head();
@@ -282,10 +293,16 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     max_len = std::max(max_len, kv.seq_len(s));
   }
   table[size_t(2 * n_seq)] = int32_t(table.size() - size_t(2 * n_seq + 1));
+  const size_t alibi_at = table.size();
+  if (alibi) {
+    table.resize(alibi_at + size_t(n_head));
+    std::memcpy(table.data() + alibi_at, alibi, size_t(n_head) * sizeof(float));
+  }
   const size_t table_bytes = table.size() * sizeof(int32_t);
   auto* table_d = static_cast<int32_t*>(ex.workspace(0, table_bytes));
   copy_between(ex, Device::CUDA, table_d, Device::CPU, table.data(), table_bytes);
-  const PageTable pt{table_d, table_d + n_seq, table_d + 2 * n_seq + 1, n_seq};
+  const PageTable pt{table_d, table_d + n_seq, table_d + 2 * n_seq + 1, n_seq,
+                     alibi ? reinterpret_cast<const float*>(table_d + alibi_at) : nullptr};
 
   // Splits: enough blocks to keep kBlocksPerSM blocks on every SM (a block alone cannot keep enough
   // loads in flight), no more splits than the longest sequence has pages.

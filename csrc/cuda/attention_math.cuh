@@ -64,6 +64,10 @@ PE_HD void softmax_merge(SoftmaxState& a, SoftmaxState b, float* wa, float* wb) 
 // The factor that turns acc into the output: 1 / l, or 0 for an empty state.
 PE_HD float softmax_finish(SoftmaxState st) { return st.l > 0.0f ? 1.0f / st.l : 0.0f; }
 
+// ALiBi's bias of the score of key `key` for a row whose last visible key is `last` (in causal
+// attention the row's own position): slope * (key - last), <= 0 (ops/attention.h).
+PE_HD float alibi_bias(float slope, int64_t key, int64_t last) { return slope * float(key - last); }
+
 // Keys [*lo, *hi) of split `split` (of n_split) of a row that sees keys [key_begin, key_end): the
 // row's pages are dealt out in runs of whole pages, so a split's keys never share a page with
 // another split's and every tile is one page (or its part inside the row's range). A split left

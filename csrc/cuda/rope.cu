@@ -1,6 +1,7 @@
 // Rotary position embedding in place: one thread per (token, head, rotated pair). The inverse
 // frequencies are computed on the host exactly as the CPU backend does (powf of the base, divided by
-// Llama-3's freq_factors) and passed by value, so the two backends rotate by the same angles.
+// the freq_factors of Llama-3 or LongRoPE) and passed by value, so the two backends rotate by the same
+// angles; cos and sin are scaled by the attention factor, as the CPU's.
 #include <cmath>
 
 #include "cuda/common.cuh"
@@ -18,7 +19,7 @@ struct InvFreq {
 };
 
 __global__ void rope_kernel(float* x, int64_t ldx, int n_heads, int head_dim, int first_dim, const int32_t* pos,
-                            int half, bool neox, float freq_scale, InvFreq inv_freq) {
+                            int half, bool neox, float freq_scale, float attn_factor, InvFreq inv_freq) {
   const int i = blockIdx.x * kThreads + threadIdx.x;  // pair index within all heads of the token
   if (i >= n_heads * half) return;
   const int64_t t = blockIdx.y;
@@ -26,6 +27,8 @@ __global__ void rope_kernel(float* x, int64_t ldx, int n_heads, int head_dim, in
   float* v = x + t * ldx + int64_t(h) * head_dim + first_dim;
   float s, c;
   sincosf(float(pos[t]) * freq_scale * inv_freq.v[j], &s, &c);
+  s *= attn_factor;
+  c *= attn_factor;
   const int ia = neox ? j : 2 * j, ib = neox ? j + half : 2 * j + 1;
   const float a = v[ia], b = v[ib];
   v[ia] = a * c - b * s;
@@ -50,7 +53,7 @@ void rope(Executor& ex, const Tensor& x, int n_heads, int head_dim, int first_di
     const dim3 grid(unsigned(ceil_div(int64_t(n_heads) * half, kThreads)), unsigned(n));
     rope_kernel<<<grid, kThreads, 0, stream_of(ex)>>>(x.row(r0), x.ld(), n_heads, head_dim, first_dim,
                                                        static_cast<const int32_t*>(pos.data) + r0, half,
-                                                       p.style == RopeStyle::NeoX, p.freq_scale, f);
+                                                       p.style == RopeStyle::NeoX, p.freq_scale, p.attn_factor, f);
     PE_CUDA_LAUNCHED();
   }
 }

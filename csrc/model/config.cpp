@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "ops/attention.h"
+
 namespace pe {
 
 namespace {
@@ -89,6 +91,13 @@ ArchSpec qwen3moe() {
   a.moe = true;
   return a;
 }
+// Baichuan / Baichuan 2 (llama.cpp's baichuan): llama's layout (the converter splits W_pack into q/k/v and
+// permutes q/k as for llama); 7B rotates with RoPE, 13B has no RoPE but ALiBi.
+ArchSpec baichuan() {
+  ArchSpec a = llama_like("baichuan", RopeStyle::Adjacent);
+  a.alibi = true;
+  return a;
+}
 const ArchSpec kArchs[] = {
     llama_like("llama", RopeStyle::Adjacent),
     llama_like("qwen2", RopeStyle::NeoX),
@@ -101,6 +110,7 @@ const ArchSpec kArchs[] = {
     gpt2(),
     gemma2(),
     gemma3(),
+    baichuan(),
 };
 }  // namespace
 
@@ -118,6 +128,18 @@ double positive_float(const GGUFFile& f, const std::string& key, double dflt) {
   PE_CHECK(std::isfinite(v) && v > 0, ModelFormatError, f.path(), ": metadata key '", key, "' is ", v,
            ": it must be a positive finite number");
   return v;
+}
+// The q.k scale as llama.cpp computes it for a file it made: 1 / sqrt(head_dim), except that Gemma 2
+// and 3 scale by 1 / sqrt(n_embd / n_head) (integer division) in their 27B models, which llama.cpp
+// recognises by the layer count alone (46 and 62 layers; transformers' query_pre_attn_scalar = 144
+// and 168, not head_dim 128). llama.cpp defines {arch}.attention.scale (gguf-py's
+// Keys.Attention.SCALE) but its gemma2/gemma3 graphs ignore it; we honour it, so that our converter
+// can write a Gemma whose query_pre_attn_scalar the rule gets wrong (tools/convert/arch.py).
+float attention_scale(const GGUFFile& f, const ModelConfig& c) {
+  const std::string key = c.arch + ".attention.scale";
+  if (f.find(key)) return float(positive_float(f, key, 1.0));
+  const bool gemma_27b = (c.arch == "gemma2" && c.n_layer == 46) || (c.arch == "gemma3" && c.n_layer == 62);
+  return 1.0f / std::sqrt(float(gemma_27b ? c.n_embd / c.n_head : c.head_dim));
 }
 }  // namespace
 
@@ -171,8 +193,12 @@ ModelConfig read_config(const GGUFFile& f) {
     c.rope.freq_scale = float(1.0 / positive_float(f, p + "rope.scale_linear", 1.0));
   } else {
     PE_CHECK(scaling == "none", UnsupportedModelError, f.path(), ": RoPE scaling type '", scaling,
-             "' is not supported (none, linear, and Llama-3 rope_freqs are)");
+             "' is not supported (none, linear, Llama-3 rope_freqs and LongRoPE rope_factors_long/short are)");
   }
+  c.rope.attn_factor = float(positive_float(f, p + "rope.scaling.attn_factor", 1.0));
+  c.n_ctx_orig = f.get_int(p + "rope.scaling.original_context_length", c.n_ctx_train);
+  PE_CHECK(c.n_ctx_orig > 0, ModelFormatError, f.path(), ": ", p, "rope.scaling.original_context_length ",
+           c.n_ctx_orig, " must be positive");
   if (spec->residual_from_norm) {
     c.residual_scale = float(f.get_float(p + "residual_scale"));
     PE_CHECK(std::isfinite(c.residual_scale), ModelFormatError, f.path(), ": metadata key '", p,
@@ -198,6 +224,24 @@ ModelConfig read_config(const GGUFFile& f) {
   } else if (spec->swa_pattern == 6) {
     c.rope_swa.freq_base = 10000.f;  // llama.cpp's gemma3 default for its local layers
     c.rope_swa.freq_scale = 1.f;
+  }
+  c.kq_scale = attention_scale(f, c);
+  if (spec->alibi) {
+    const std::string key = p + "attention.max_alibi_bias";
+    if (f.find(key)) {
+      c.alibi_max_bias = float(f.get_float(key));
+      PE_CHECK(std::isfinite(c.alibi_max_bias) && c.alibi_max_bias >= 0 && c.alibi_max_bias <= 1024, ModelFormatError,
+               f.path(), ": metadata key '", key, "' is ", c.alibi_max_bias, ": it must be in [0, 1024] (0: RoPE)");
+    } else {
+      // llama.cpp never reads the key for baichuan: 40 layers (13B) get ALiBi with max bias 8, 32 (7B)
+      // RoPE, and any other count neither, which no Baichuan model is meant to run with.
+      PE_CHECK(c.n_layer == 32 || c.n_layer == 40, UnsupportedModelError, f.path(), ": a ", c.arch, " model of ",
+               c.n_layer, " layers without '", key, "': llama.cpp tells RoPE (32 layers, 7B) from ALiBi (40 layers, "
+               "13B) by the layer count and would run this one with no position information; convert it with "
+               "pyengine convert, which writes the key");
+      c.alibi_max_bias = c.n_layer == 40 ? 8.f : 0.f;
+    }
+    if (c.alibi_max_bias > 0) c.alibi_slopes = alibi_slopes(int(c.n_head), c.alibi_max_bias);
   }
   c.attn_softcap = float(f.get_float(p + "attn_logit_softcapping", 0.0));
   c.final_softcap = float(f.get_float(p + "final_logit_softcapping", 0.0));

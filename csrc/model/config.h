@@ -3,6 +3,7 @@
 // hyper-parameters read from GGUF metadata (llama.cpp's keys).
 #pragma once
 #include <string>
+#include <vector>
 
 #include "gguf.h"
 #include "ops/activation.h"
@@ -67,6 +68,9 @@ struct ArchSpec {
   // p-th (layer l is global when l % p == p - 1: Gemma 2's p = 2, Gemma 3's 6). Overridden by
   // {arch}.attention.sliding_window_pattern.
   int swa_pattern = 0;
+  // The architecture may use ALiBi instead of RoPE (llama.cpp's baichuan: Baichuan-13B): the file's
+  // {arch}.attention.max_alibi_bias decides (0: RoPE); without it, llama.cpp's rule by model size.
+  bool alibi = false;
 };
 
 struct ModelConfig {
@@ -80,6 +84,9 @@ struct ModelConfig {
   int64_t head_dim = 0;
   int64_t n_ff = 0;
   int64_t n_ctx_train = 0;
+  // The context the model was first trained at ({arch}.rope.scaling.original_context_length, default
+  // n_ctx_train): LongRoPE's long factors serve contexts longer than it.
+  int64_t n_ctx_orig = 0;
   float norm_eps = 1e-5f;
   RopeParams rope;  // freq_factors filled in by the model if it has rope_freqs.weight
   float residual_scale = 1.f;     // residual_from_norm: alpha
@@ -98,6 +105,12 @@ struct ModelConfig {
   // renormalised to sum to 1 ({arch}.expert_weights_norm, default true as llama.cpp's qwen3moe).
   int64_t n_expert = 0, n_expert_used = 0, n_ff_exp = 0;
   bool expert_weights_norm = true;
+  // Scale of q.k before the softmax: {arch}.attention.scale when the file has it, else llama.cpp's rule
+  // for the architecture (1 / sqrt(head_dim); Gemma 2/3 27B: 1 / sqrt(n_embd / n_head)).
+  float kq_scale = 0.f;
+  // ALiBi instead of RoPE: one slope per query head from {arch}.attention.max_alibi_bias (empty: none).
+  float alibi_max_bias = 0.f;
+  std::vector<float> alibi_slopes;
   bool windowed(int64_t layer) const {
     return sliding_window > 0 && (swa_pattern == 0 || layer % swa_pattern != swa_pattern - 1);
   }

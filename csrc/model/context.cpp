@@ -15,7 +15,8 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
       gpu_ex_(model_->gpu().executor),
       n_batch_(n_batch),
       prefix_(model_->config().prefix_length),
-      policy_(model_->config()) {
+      policy_(model_->config()),
+      rope_{model_->rope(n_ctx, false), model_->rope(n_ctx, true)} {
   const ModelConfig& c = model_->config();
   PE_CHECK(ex_->device() == Device::CPU, Error, "a context takes the CPU executor (the GPU's is the model's)");
   PE_CHECK(n_batch > 0, Error, "n_batch must be positive");
@@ -247,7 +248,7 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
   }
   const bool head_on_gpu = gpu_ex_ && gpu.head;
   forward_decoder(*model_, parts[0], parts, head_on_gpu ? parts[1] : parts[0],
-                  head_on_gpu ? gpu.head_weights : model_->decoder.head, p, out, hidden);
+                  head_on_gpu ? gpu.head_weights : model_->decoder.head, p, rope_, out, hidden);
 }
 
 void Context::collect_input_stats(bool on) {

@@ -105,6 +105,7 @@ class Context {
   SequencePolicy policy_;
   std::vector<SequenceState> seqs_;
   RowPlan plan_;
+  ContextRope rope_;
   Activations act_, gpu_act_;
   InputStats input_stats_;
 };

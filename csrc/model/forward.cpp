@@ -80,8 +80,8 @@ namespace {
 
 // One block of the decoder stack (attention, then feed-forward, each pre-normed with a residual),
 // for the n rows of `x` on the part's device.
-void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t layer, KVCache& kv, int kv_layer,
-                   const RowTensors& rt, Activations& a, int64_t n) {
+void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_ctx, const Layer& L, int64_t layer,
+                   KVCache& kv, int kv_layer, const RowTensors& rt, Activations& a, int64_t n) {
   const ArchSpec& spec = c.spec;
   const Device dev = ex.device();
   const int64_t d = c.n_embd, hd = c.head_dim, n_ff = c.n_ff;
@@ -92,7 +92,6 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
   // FFN hidden: [gate | up] side by side when ffn_up holds both (ChatGLM2+), else gate in ff_a, up in ff_b.
   const Tensor ff_a = f32(a.ff_a, spec.fused_gate_up ? 2 * n_ff : n_ff), ff_b = f32(a.ff_b, n_ff);
   const Tensor hidden = ff_a.cols_view(0, n_ff);
-  const float kq_scale = 1.0f / std::sqrt(float(hd));
 
   // Pre-norm of the residual stream x into xn; ChatGLM-6B restarts the stream from it, times alpha.
   auto pre_norm = [&](const Tensor& w, const Tensor& b) {
@@ -104,11 +103,12 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
     matmul(ex, W.w, in, out);
     if (!W.b.empty()) add_bias(ex, out, W.b);
   };
-  const RopeParams& rope_params = c.windowed(layer) ? c.rope_swa : c.rope;
+  const RopeParams& rope_params = c.windowed(layer) ? rope_ctx.windowed : rope_ctx.global;
   auto rotate = [&](const Tensor& heads, int n_heads) {
     if (spec.positions == Positions::Learned) return;  // added to the embeddings instead
+    if (!c.alibi_slopes.empty()) return;               // ALiBi: positions enter as attention biases
     rope(ex, heads, n_heads, int(hd), 0, rt.rope_pos, rope_params);
-    if (spec.positions == Positions::Rope2D) rope(ex, heads, n_heads, int(hd), c.rope.n_dims, rt.rope_pos2, c.rope);
+    if (spec.positions == Positions::Rope2D) rope(ex, heads, n_heads, int(hd), c.rope.n_dims, rt.rope_pos2, rope_ctx.global);
   };
 
   // Post-norm (BERT): each sublayer reads x itself and the norm follows the residual add.
@@ -137,8 +137,8 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
     kv.store(ex, kv_layer, L.prefix_k, L.prefix_v, rt.prefix_slot.cols_view(j, c.prefix_length));
   kv.store(ex, kv_layer, k, v, rt.slot);
   const Tensor& key_begin = c.windowed(layer) ? rt.key_begin_window : rt.key_begin;
-  attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, kq_scale, att,
-            c.attn_softcap);
+  attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, c.kq_scale, att,
+            c.attn_softcap, c.alibi_slopes.empty() ? nullptr : c.alibi_slopes.data());
   linear(L.wo, att, xn);
   if (!L.attn_post_norm.empty()) norm(ex, spec.norm, xn, L.attn_post_norm, Tensor{}, xn, c.norm_eps);
   add(ex, x, xn);
@@ -172,8 +172,8 @@ void decoder_block(Executor& ex, const ModelConfig& c, const Layer& L, int64_t l
 }  // namespace
 
 void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<StackPart>& parts,
-                     const StackPart& head_part, const Head& head, const RowPlan& rows, const Tensor& out,
-                     bool hidden_out) {
+                     const StackPart& head_part, const Head& head, const RowPlan& rows, const ContextRope& rope,
+                     const Tensor& out, bool hidden_out) {
   const ModelConfig& c = M.config();
   const int64_t n = rows.size(), d = c.n_embd;
   const size_t x_bytes = size_t(n * d) * sizeof(float);
@@ -215,7 +215,7 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
     if (part.layers.empty()) continue;
     rt = enter(part);
     for (size_t i = 0; i < part.layers.size(); i++) {
-      decoder_block(*part.ex, c, *part.layers[i], part.first + int64_t(i), *part.kv, int(i), rt, *part.act, n);
+      decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), *part.kv, int(i), rt, *part.act, n);
       if (part.ex->device() == Device::CPU && !cpu::all_finite(static_cast<const float*>(part.act->x.data()), n * d)) {
         const int64_t l = part.first + int64_t(i);
         throw non_finite(str_cat("the output of layer ", l, " (tensors blk.", l, ".*)"));

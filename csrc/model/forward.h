@@ -52,6 +52,12 @@ struct StackPart {
   Activations* act = nullptr;
 };
 
+// RoPE as one context runs it (llama.cpp's cparams): of the global layers and of the windowed ones,
+// with LongRoPE's factor set chosen by the context's n_ctx (Model::rope).
+struct ContextRope {
+  RopeParams global, windowed;
+};
+
 // The decoder-only family (llama, qwen2, chatglm, chatglm1): embeds the rows' tokens (on the CPU),
 // runs the parts' blocks in order (each appends the rows' keys and values to its cache and attends
 // over their sequences), and writes the logits of rows.logit_rows into `out` (host F32
@@ -60,7 +66,7 @@ struct StackPart {
 // embedding lookup even when it has no blocks; `head` (the output norm and LM head) runs on
 // `head_part`'s device.
 void forward_decoder(const Model& model, const StackPart& cpu, const std::vector<StackPart>& parts,
-                     const StackPart& head_part, const Head& head, const RowPlan& rows, const Tensor& out,
-                     bool hidden = false);
+                     const StackPart& head_part, const Head& head, const RowPlan& rows, const ContextRope& rope,
+                     const Tensor& out, bool hidden = false);
 
 }  // namespace pe

@@ -158,6 +158,15 @@ void Model::offload(int n_gpu_layers) {
   gpu_ = std::move(g);
 }
 
+RopeParams Model::rope(int64_t n_ctx, bool windowed) const {
+  RopeParams p = windowed ? cfg_.rope_swa : cfg_.rope;
+  // llama.cpp (llama_model::get_rope_factors) compares its n_ctx_seq, which it rounds up to a multiple
+  // of 256; ours is the context as asked for. Both agree whenever the original context is a multiple
+  // of 256 (Phi-3's 4096).
+  if (!rope_long.empty() && !p.freq_factors) p.freq_factors = (n_ctx > cfg_.n_ctx_orig ? rope_long : rope_short).data();
+  return p;
+}
+
 Linear Loader::linear(Model& m, const std::string& base, int64_t rows, int64_t cols, bool required) const {
   Linear l;
   l.w = matrix(base + ".weight", rows, cols, required);
@@ -212,6 +221,22 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
       PE_CHECK(std::isfinite(v) && v > 0, ModelFormatError, file_->path(), ": tensor 'rope_freqs.weight' holds ", v,
                ": RoPE frequency factors must be positive finite numbers");
     cfg_.rope.freq_factors = cfg_.rope_swa.freq_factors = rope_freqs.data();
+  }
+  // LongRoPE (Phi-3 128k): two sets of per-pair frequency divisors, chosen per context (rope() above);
+  // rope_freqs, when a file has both, wins as in llama.cpp.
+  const GGUFTensorInfo* rf_long = ld.find("rope_factors_long.weight", false);
+  const GGUFTensorInfo* rf_short = ld.find("rope_factors_short.weight", false);
+  if (rf_long || rf_short) {
+    PE_CHECK(rf_long && rf_short, ModelFormatError, file_->path(), ": tensor '",
+             rf_long ? "rope_factors_short.weight" : "rope_factors_long.weight", "' is missing (LongRoPE needs both ",
+             "rope_factors_long.weight and rope_factors_short.weight)");
+    for (auto [name, factors] : {std::pair{"rope_factors_long.weight", &rope_long},
+                                 std::pair{"rope_factors_short.weight", &rope_short}}) {
+      *factors = ld.vec(name, c.rope.n_dims / 2);
+      for (float v : *factors)
+        PE_CHECK(std::isfinite(v) && v > 0, ModelFormatError, file_->path(), ": tensor '", name, "' holds ", v,
+                 ": RoPE frequency factors must be positive finite numbers");
+    }
   }
 
   const int64_t q_dim = c.n_head * c.head_dim, kv_dim = c.n_head_kv * c.head_dim;

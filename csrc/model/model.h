@@ -79,6 +79,11 @@ class Model {
   Tensor position_embd{}, token_type{}, embd_norm{}, embd_norm_b{};
   Stack decoder;
   Vec rope_freqs;
+  Vec rope_long, rope_short;  // LongRoPE's factor sets (rope_factors_long/short.weight), or empty
+
+  // The RoPE of global (or windowed) layers as a context of n_ctx positions per sequence runs it:
+  // with LongRoPE, the long factors when n_ctx exceeds the original training context, else the short.
+  RopeParams rope(int64_t n_ctx, bool windowed) const;
 
   // Copies the last n_gpu_layers blocks (and the head, when that is all of them) to the GPU; once,
   // before any context is created. n_gpu_layers is clamped to n_layer.

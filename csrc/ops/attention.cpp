@@ -1,12 +1,16 @@
 #include "ops/attention.h"
 
+#include <cmath>
+
 #include "ops/dispatch.h"
 
 namespace pe {
 
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap) {
+               float scale, const Tensor& out, float softcap, const float* alibi) {
   PE_CHECK(softcap >= 0.f && softcap < 1e30f, Error, "attention: soft-cap ", softcap, " must be >= 0 and finite");
+  for (int h = 0; alibi && h < n_head; h++)
+    PE_CHECK(std::isfinite(alibi[h]), Error, "attention: ALiBi slope of head ", h, " is ", alibi[h]);
   const int64_t n = q.rows, width = int64_t(n_head) * kv.head_dim();
   PE_CHECK(n_head > 0 && n_head % kv.n_kv_head() == 0, Error, "attention: ", n_head,
            " query heads are not a multiple of the cache's ", kv.n_kv_head(), " KV heads");
@@ -19,7 +23,18 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
   check_i32(ex, rows.key_begin, n, "attention: key_begin");
   check_i32(ex, rows.key_end, n, "attention: key_end");
   if (n == 0) return;
-  PE_DISPATCH(ex, attention, ex, q, n_head, kv, layer, rows, scale, out, softcap);
+  PE_DISPATCH(ex, attention, ex, q, n_head, kv, layer, rows, scale, out, softcap, alibi);
+}
+
+std::vector<float> alibi_slopes(int n_head, float max_bias) {
+  PE_CHECK(n_head > 0 && std::isfinite(max_bias) && max_bias > 0, Error, "ALiBi: ", n_head, " heads, max bias ",
+           max_bias);
+  const int n = 1 << int(std::floor(std::log2(double(n_head))));
+  const float m0 = std::pow(2.0f, -max_bias / float(n)), m1 = std::pow(2.0f, -max_bias / 2.0f / float(n));
+  std::vector<float> slopes(static_cast<size_t>(n_head));
+  for (int h = 0; h < n_head; h++)
+    slopes[size_t(h)] = h < n ? std::pow(m0, float(h + 1)) : std::pow(m1, float(2 * (h - n) + 1));
+  return slopes;
 }
 
 }  // namespace pe

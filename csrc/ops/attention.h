@@ -1,5 +1,7 @@
 // Scaled dot-product attention of query rows over keys and values held in a KV cache.
 #pragma once
+#include <vector>
+
 #include "executor.h"
 #include "kv_cache.h"
 #include "tensor.h"
@@ -18,7 +20,17 @@ struct AttentionRows {
 // self-attention cache, or a cache holding another stack's keys, as cross-attention will).
 // q, out: F32 [n x n_head * head_dim]. Head h reads KV head h / (n_head / n_kv_head) (grouped-query).
 // softcap > 0: each scaled score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2).
+// alibi: null, or one slope per query head (host memory, n_head floats): ALiBi adds
+// slope_h * (j - (key_end - 1)) to the score of key j after scaling and soft-capping, i.e. minus the slope
+// times the key's distance from the row's last visible key, which in causal attention is the row's own
+// position (Baichuan-13B, BLOOM; llama.cpp's ggml_soft_max_ext with max_bias and its -|i - j| mask).
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap = 0.f);
+               float scale, const Tensor& out, float softcap = 0.f, const float* alibi = nullptr);
+
+// ALiBi's slope of each of n_head heads for maximum bias max_bias, as ggml computes them: with
+// n = 2^floor(log2(n_head)), head h < n gets 2^(-max_bias (h + 1) / n), head h >= n gets
+// 2^(-max_bias (2 (h - n) + 1) / (2 n)). For max_bias 8 these are BLOOM's and Baichuan's
+// _get_interleave slopes, non-power-of-two head counts included.
+std::vector<float> alibi_slopes(int n_head, float max_bias);
 
 }  // namespace pe

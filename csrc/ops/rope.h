@@ -15,7 +15,10 @@ struct RopeParams {
   int n_dims = 0;                       // rotated dims per head (<= head_dim); the rest pass through
   float freq_base = 10000.f;
   float freq_scale = 1.f;               // linear scaling: position * freq_scale
-  const float* freq_factors = nullptr;  // per pair divisors (llama.cpp's rope_freqs, Llama-3 scaling), or null
+  // Per pair divisors of the frequencies, or null: llama.cpp's rope_freqs (Llama-3 scaling) or one of
+  // LongRoPE's rope_factors_long / rope_factors_short (Phi-3 128k). Host memory, n_dims / 2 floats.
+  const float* freq_factors = nullptr;
+  float attn_factor = 1.f;              // cos and sin times this ({arch}.rope.scaling.attn_factor, LongRoPE)
 };
 
 // x: F32 [n_tokens x n_heads * head_dim] (a column range of a fused QKV is fine); `first_dim` skips

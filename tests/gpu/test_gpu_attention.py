@@ -109,3 +109,27 @@ def test_head_dim_over_256_is_refused():
     q, k_list, v_list, seq, kb, ke = make_case(rng, 2, 1, 288, [3], "decode")
     with pytest.raises(_C.UnsupportedModelError, match="head_dim 288"):
         _C.cuda_attention_test("cuda", "f16", q, 2, 1, k_list, v_list, seq, kb, ke, 0.1)
+
+
+@pytest.mark.parametrize("n_head,n_kv,hd", [(6, 6, 16), (8, 2, 32), (40, 40, 128)])
+@pytest.mark.parametrize("kind,lens", [("decode", [1, 65, 1000]), ("prefill", [70, 130]), ("ranges", [1, 200, 700])])
+def test_cuda_alibi_matches_cpu_and_numpy(n_head, n_kv, hd, kind, lens):
+    """ALiBi slopes (Baichuan-13B's, non-power-of-two head counts too): bias slope * (j - (key_end - 1))."""
+    rng = np.random.default_rng(n_head * 10 + hd + len(lens))
+    q, k_list, v_list, seq, kb, ke = make_case(rng, n_head, n_kv, hd, lens, kind)
+    slopes = _C.alibi_slopes(n_head, 8.0)
+    scale = 1.0 / np.sqrt(hd)
+    args = ("f32", q, n_head, n_kv, k_list, v_list, seq, kb, ke, scale)
+    gpu = _C.cuda_attention_test("cuda", *args, alibi=slopes)
+    cpu = _C.cuda_attention_test("cpu", *args, alibi=slopes)
+    group = n_head // n_kv
+    ref = np.zeros(q.shape)
+    for r in range(q.shape[0]):
+        k = k_list[seq[r]][kb[r]:ke[r]].astype(np.float64).reshape(-1, n_kv, hd)
+        v = v_list[seq[r]][kb[r]:ke[r]].astype(np.float64).reshape(-1, n_kv, hd)
+        for h in range(n_head):
+            s = scale * (k[:, h // group] @ q[r, h * hd:(h + 1) * hd]) + slopes[h] * (np.arange(kb[r], ke[r]) - (ke[r] - 1))
+            p = np.exp(s - s.max())
+            ref[r, h * hd:(h + 1) * hd] = (p / p.sum()) @ v[:, h // group]
+    np.testing.assert_allclose(gpu, ref, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4)

@@ -201,3 +201,27 @@ def test_gemma_on_gpu(tmp_path, arch):
     for ngl in (2, ALL):
         llm = pyengine.LLM(tmp_path / "g.gguf", n_ctx=64, kv_type="f32", n_gpu_layers=ngl)
         np.testing.assert_allclose(llm.logits(ids), ref, **scaled(ref, 5e-3), err_msg=f"n_gpu_layers={ngl}")
+
+
+def test_baichuan_alibi_and_phi3_longrope_on_gpu(tmp_path):
+    """Baichuan-13B's ALiBi (slopes uploaded with the page table, bias in the CUDA attention kernel) and
+    Phi-3's LongRoPE (factor set and attention factor in the CUDA rope); split and whole."""
+    from baichuan_ref import alibi_reference
+    from checkpoints import load_hf_model, make_baichuan
+    from pyengine_convert import convert
+    from test_phi3 import make_longrope
+
+    ids = np.random.default_rng(4).integers(3, 400, size=50).tolist()
+    hf_dir = make_baichuan(tmp_path / "bc", alibi=True, version=2, n_heads=6, hidden=96)
+    convert(hf_dir, tmp_path / "bc.gguf", qtype="f32")
+    ref = alibi_reference(hf_dir, ids).numpy()
+    for ngl in (1, ALL):
+        llm = pyengine.LLM(tmp_path / "bc.gguf", n_ctx=64, kv_type="f32", n_gpu_layers=ngl)
+        np.testing.assert_allclose(llm.logits(ids), ref, **scaled(ref, 5e-3), err_msg=f"baichuan ngl={ngl}")
+    hf_dir = make_longrope(tmp_path / "phi3")
+    convert(hf_dir, tmp_path / "phi3.gguf", qtype="f32")
+    with torch.no_grad():
+        ref = load_hf_model(hf_dir)(torch.tensor([ids])).logits[0].float().numpy()   # 50 > 32: long factors
+    for ngl in (1, ALL):
+        llm = pyengine.LLM(tmp_path / "phi3.gguf", n_ctx=64, kv_type="f32", n_gpu_layers=ngl)
+        np.testing.assert_allclose(llm.logits(ids), ref, **scaled(ref, 5e-3), err_msg=f"phi3 ngl={ngl}")

@@ -6,6 +6,7 @@ every tensor. Adding a llama-like model is a new `ArchSpec(...)` in `ARCHITECTUR
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -175,6 +176,11 @@ class ArchSpec:
     # (hp, block) -> GGUF names inside that block it must have (weights); None: every name of the stack's
     # map. For models whose blocks differ (some FFNs dense, some mixtures of experts).
     block_required: Callable[[HParams, int], tuple[str, ...]] | None = None
+    # F32 tensors computed from config.json, GGUF name -> values (Phi-3's LongRoPE factors)
+    extra_tensors: Callable[[HParams], dict[str, np.ndarray]] = lambda hp: {}
+    # GGUF block tensor name of a fused checkpoint tensor -> the GGUF tensors written instead, which take
+    # its rows in order (Baichuan's W_pack: attn_q, attn_k, attn_v); `shapes` gives every part's rows
+    split_rows: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 LLAMA = ArchSpec(
@@ -598,12 +604,42 @@ GPT2 = ArchSpec(
 
 # --- Phi-3 --------------------------------------------------------------------------------------------
 # llama.cpp's `phi3`: fused qkv_proj as attn_qkv, fused gate_up_proj as a [gate; up] ffn_up, NeoX RoPE on
-# the first partial_rotary_factor of each head. LongRoPE (the 128k variants' short/long factors) is not
-# supported yet: read_rope refuses it with a clear error.
+# the first partial_rotary_factor of each head. LongRoPE (the 128k variants) as llama.cpp's Phi3MiniModel
+# stores it: the short and long per-pair frequency divisors as rope_factors_short/long.weight, the
+# cos/sin magnitude as phi3.rope.scaling.attn_factor and the original context as
+# phi3.rope.scaling.original_context_length (a reader takes the long factors for contexts beyond it).
 
 def _phi3_fix(config: dict[str, Any], hp: HParams) -> None:
-    factor = float(config.get("partial_rotary_factor", 1.0))
+    params = hp.rope_scaling
+    factor = float(config.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0)))
     hp.n_rot = int(hp.head_dim * factor) if factor != 1.0 else 0
+    orig = params.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+    hp.extra["n_ctx_orig"] = int(orig) if orig else None
+    hp.extra["sliding_window"] = config.get("sliding_window")
+    if params.get("rope_type") != "longrope":
+        return
+    if not orig:
+        raise ConversionError("config.json: LongRoPE needs original_max_position_embeddings")
+    n_pairs = (hp.n_rot or hp.head_dim) // 2
+    factors = {}
+    for key in ("long_factor", "short_factor"):
+        v = params.get(key)
+        ok = isinstance(v, list) and len(v) == n_pairs and all(
+            isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in v)
+        if not ok:
+            got = f"{len(v)} values" if isinstance(v, list) else repr(v)
+            raise ConversionError(f"config.json rope_scaling.{key} must be a list of {n_pairs} positive numbers (one per "
+                                  f"rotated pair of dimensions), got {got}")
+        factors[key] = np.array(v, dtype=np.float32)
+    # transformers' _compute_longrope_parameters: an explicit attention_factor, else from the context growth
+    # (llama.cpp's converter computes the same from max_position_embeddings / original)
+    growth = float(params.get("factor") or hp.n_ctx / int(orig))
+    attn = params.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if growth <= 1.0 else math.sqrt(1 + math.log(growth) / math.log(int(orig)))
+    hp.extra["longrope"] = {"rope_factors_long.weight": factors["long_factor"],
+                            "rope_factors_short.weight": factors["short_factor"], "attn_factor": float(attn)}
+    hp.rope_scaling = {}
 
 
 def _phi3_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
@@ -612,6 +648,22 @@ def _phi3_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
     shapes["blk.{bid}.attn_qkv.weight"] = (q + 2 * kv, hp.n_embd)
     shapes["blk.{bid}.ffn_up.weight"] = (2 * hp.n_ff, hp.n_embd)
     return shapes
+
+
+def _write_phi3_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
+    from .convert import write_hparams
+
+    write_hparams(w, hp, spec)
+    if hp.extra["n_ctx_orig"]:
+        w.add_rope_scaling_orig_ctx_len(hp.extra["n_ctx_orig"])
+    if "longrope" in hp.extra:
+        w.add_rope_scaling_attn_factors(hp.extra["longrope"]["attn_factor"])
+    if hp.extra["sliding_window"] is None:
+        w.add_sliding_window(0)   # as llama.cpp's converter: 0 tells Phi-3 without a window apart
+
+
+def _phi3_extra_tensors(hp: HParams) -> dict[str, np.ndarray]:
+    return {k: v for k, v in hp.extra.get("longrope", {}).items() if k.endswith(".weight")}
 
 
 PHI3 = ArchSpec(
@@ -623,6 +675,8 @@ PHI3 = ArchSpec(
                                              "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}),),
     shapes=_phi3_shapes,
     fix_hparams=_phi3_fix,
+    write_hparams=_write_phi3_hparams,
+    extra_tensors=_phi3_extra_tensors,
 )
 
 # --- Gemma 2 -------------------------------------------------------------------------------------------
@@ -632,10 +686,7 @@ PHI3 = ArchSpec(
 
 def _gemma2_fix(config: dict[str, Any], hp: HParams) -> None:
     hp.tied = True
-    q_scalar = config.get("query_pre_attn_scalar", hp.head_dim)
-    if q_scalar != hp.head_dim:
-        raise ConversionError(f"config.json query_pre_attn_scalar={q_scalar} differs from head_dim {hp.head_dim} "
-                              "(Gemma 2 27B): not supported yet")
+    hp.extra["query_pre_attn_scalar"] = float(config.get("query_pre_attn_scalar") or hp.head_dim)
     act = config.get("hidden_activation", config.get("hidden_act", "gelu_pytorch_tanh"))
     if act not in ("gelu_pytorch_tanh", "gelu_new"):
         raise ConversionError(f"config.json hidden_activation={act!r}: only the tanh GELU is supported")
@@ -649,10 +700,23 @@ def _gemma2_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The layer count by which llama.cpp recognises the 27B models, whose queries it scales by
+# 1 / sqrt(n_embd // n_head) instead of 1 / sqrt(head_dim) (src/models/gemma2.cpp, gemma3.cpp).
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
 def _write_gemma2_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
     from .convert import write_hparams
 
     write_hparams(w, hp, spec)
+    # transformers scales queries by query_pre_attn_scalar ** -0.5. A reader infers the scalar from the
+    # layer count (llama.cpp's rule, which the engine follows for files without the key); only where that
+    # guess is wrong do we write {arch}.attention.scale, which pyengine honours. llama.cpp defines the key
+    # but its gemma2/gemma3 graphs never read it: it runs such a file with its own rule's scale, so its
+    # outputs differ from transformers' (as they would for its own conversion of the same folder).
+    inferred = hp.n_embd // hp.n_head if hp.n_layer == GEMMA_27B_LAYERS[spec.name] else hp.head_dim
+    if hp.extra["query_pre_attn_scalar"] != inferred:
+        w.add_float32(f"{spec.name}.attention.scale", hp.extra["query_pre_attn_scalar"] ** -0.5)
     attn, final = hp.extra["softcap"]
     if attn:
         w.add_attn_logit_softcapping(attn)
@@ -721,8 +785,73 @@ GEMMA3 = ArchSpec(
     row_transforms={**GEMMA2.row_transforms, "attn_q_norm": _plus_one, "attn_k_norm": _plus_one},
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, QWEN3MOE, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3, GEMMA2,
-                                       GEMMA3)
+# --- Baichuan -------------------------------------------------------------------------------------------
+# llama.cpp's `baichuan` (conversion/baichuan.py BaichuanModel): Baichuan and Baichuan 2 are llama with the
+# q/k/v projections fused as W_pack, which is written as attn_q/attn_k/attn_v, q and k permuted for
+# adjacent-pair RoPE as for llama. The 7B models rotate with RoPE; the 13B models have no RoPE but ALiBi
+# (Baichuan's _get_interleave slopes, max bias 8), which the published code picks by model file and whose
+# configs tell apart by the context key (7B: max_position_embeddings; 13B: model_max_length only).
+# llama.cpp reads neither: it takes ALiBi (bias 8) for 40 layers, RoPE for 32 and neither otherwise. Where
+# that rule would miss, we write baichuan.attention.max_alibi_bias (0: RoPE), which pyengine honours and
+# llama.cpp ignores. Baichuan 2 (its config has z_loss_weight) normalises each lm_head row to unit length
+# before use (NormHead; transformers' eval forward normalises the weight in place on the first call);
+# llama.cpp's converter writes the rows as stored, so its files give other logits than transformers, while
+# ours hold the normalised rows, which llama.cpp reads like any output.weight.
+BAICHUAN_MAX_ALIBI_BIAS = 8.0
+
+
+def _baichuan_fix(config: dict[str, Any], hp: HParams) -> None:
+    alibi = "max_position_embeddings" not in config
+    hp.extra["max_alibi_bias"] = BAICHUAN_MAX_ALIBI_BIAS if alibi else 0.0
+    hp.extra["norm_head"] = "z_loss_weight" in config
+    if hp.n_head_kv != hp.n_head:
+        raise ConversionError(f"config.json: Baichuan's W_pack holds as many key/value heads as query heads "
+                              f"({hp.n_head}), not {hp.n_head_kv}")
+
+
+def _baichuan_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    shapes = llama_shapes(hp)
+    shapes["blk.{bid}.attn_qkv.weight"] = (3 * hp.n_head * hp.head_dim, hp.n_embd)
+    return shapes
+
+
+def _write_baichuan_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
+    from .convert import write_hparams
+
+    write_hparams(w, hp, spec)
+    w.add_tensor_data_layout("Meta AI original pth")   # as llama.cpp's converter: q/k permuted as for llama
+    by_layers = {32: 0.0, 40: BAICHUAN_MAX_ALIBI_BIAS}.get(hp.n_layer)   # llama.cpp's rule (src/models/baichuan.cpp)
+    if hp.extra["max_alibi_bias"] != by_layers:
+        w.add_float32(f"{spec.name}.attention.max_alibi_bias", hp.extra["max_alibi_bias"])
+
+
+def _normalize_rows(w: np.ndarray, hp: HParams) -> np.ndarray:
+    if not hp.extra["norm_head"]:
+        return w
+    # torch.nn.functional.normalize: x / max(||x||, 1e-12), in float32 as transformers runs it
+    norms = np.sqrt(np.sum(w.astype(np.float32) ** 2, axis=1, keepdims=True))
+    return (w / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
+
+
+BAICHUAN = ArchSpec(
+    name="baichuan",
+    hf_architectures=("BaichuanForCausalLM", "BaiChuanForCausalLM"),
+    stacks=(StackMap("model.layers.{bid}.", {"input_layernorm": "attn_norm", "self_attn.W_pack": "attn_qkv",
+                                             "self_attn.o_proj": "attn_output",
+                                             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+                                             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}),),
+    hparam_keys={**LLAMA_HPARAM_KEYS, "n_ctx": ("max_position_embeddings", "model_max_length")},
+    permute_qk=True,
+    shapes=_baichuan_shapes,
+    tokenizers=("spm",),
+    fix_hparams=_baichuan_fix,
+    write_hparams=_write_baichuan_hparams,
+    row_transforms={"output": _normalize_rows},
+    split_rows={"attn_qkv": ("attn_q", "attn_k", "attn_v")},
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, QWEN3MOE, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3,
+                                       GEMMA2, GEMMA3, BAICHUAN)
 
 
 def supported_architectures() -> list[str]:

@@ -62,7 +62,7 @@ FILE_TYPES = {
     Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
     Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1,
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 
 
 @dataclass
@@ -124,6 +124,7 @@ def read_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     params = dict(params.get("full_attention", params))
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = "longrope" if rope_type == "su" else rope_type   # Phi-3's first name for it, as transformers reads it
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConversionError(f"unsupported rope scaling type {rope_type!r} in config.json "
                               f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
@@ -155,6 +156,8 @@ def read_hparams(config: dict[str, Any], spec: ArchSpec) -> HParams:
         tied=bool(_find(config, keys["tied"], "tie_word_embeddings", default=False)),
     )
     spec.fix_hparams(config, hp)
+    if hp.rope_scaling.get("rope_type") == "longrope":   # an architecture that takes it consumes it in fix_hparams
+        raise ConversionError(f"config.json: rope scaling type 'longrope' is not supported for {spec.name} (only Phi-3)")
     if hp.n_head % hp.n_head_kv:
         raise ConversionError(f"config.json: num_attention_heads {hp.n_head} is not a multiple of "
                               f"num_key_value_heads {hp.n_head_kv}")
@@ -338,6 +341,22 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
                                       f"{{0..{hp.extra[em.n_expert] - 1}}}.{kind}.weight in {ckpt.model_dir}")
             raise ConversionError(f"missing tensor {names.to_hf(name)} in {ckpt.model_dir}")
 
+    # A fused checkpoint tensor written as several GGUF tensors (Baichuan's W_pack as attn_q/k/v): each part
+    # takes its rows, in order, by the sizes `shapes` gives the parts.
+    part_rows: dict[str, tuple[int, int]] = {}
+    for gguf_name in list(found):
+        blk = names.block(gguf_name)
+        base, _, suffix = blk[2].rpartition(".") if blk else ("", "", "")
+        if base not in spec.split_rows:
+            continue
+        k, bid, _ = blk
+        hf_name, r0 = found.pop(gguf_name), 0
+        for part in spec.split_rows[base]:
+            n = shapes[f"{spec.stacks[k].gguf_prefix}.{{bid}}.{part}.{suffix}"][0]
+            name = f"{spec.stacks[k].gguf_prefix}.{bid}.{part}.{suffix}"
+            found[name], part_rows[name] = hf_name, (r0, r0 + n)
+            r0 += n
+
     if lora is not None:
         if spec.transposed:
             raise ConversionError(f"LoRA adapters are not supported for {spec.name} (its Conv1D weights are "
@@ -359,6 +378,9 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         parts = stacked.get(gguf_name)
         if parts is not None:
             shape = shapes[names.shape_key(gguf_name)]
+        rows = part_rows.get(gguf_name)
+        if rows is not None:
+            shape = (rows[1] - rows[0],) + shape[1:]
         is_output = gguf_name in ("token_embd.weight", "output.weight")
         if len(shape) == 1 or gguf_name in spec.float_tensors or gguf_name.endswith(".ffn_gate_inp.weight"):
             qtype = Q.F32                         # llama.cpp keeps MoE routers (ffn_gate_inp) F32 too
@@ -382,7 +404,7 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         transform = spec.row_transforms.get(base.rpartition(".")[2])
 
         def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform,
-                    transpose=transpose, parts=parts) -> np.ndarray:
+                    transpose=transpose, parts=parts, rows=rows) -> np.ndarray:
             if parts is not None:  # experts: stacked, each merged with its LoRA; no imatrix
                 x = _load_experts(ckpt, parts, lora)
                 return quants.quantize(x, qtype, quant_method, None)
@@ -391,6 +413,8 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
                 x = np.ascontiguousarray(x.T)
             if lora is not None:
                 x = lora.merge(hf_name, x)
+            if rows is not None:
+                x = np.ascontiguousarray(x[rows[0]:rows[1]])
             if permute:
                 x = permute_rope_rows(x, permute)
             if transform is not None:
@@ -399,7 +423,10 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
             importance = imatrix.get(hf_name) if imatrix and not transpose else None
             return quants.quantize(x, qtype, quant_method, importance)
 
-        source_bytes = sum(ckpt.tensors[h].nbytes for h, _ in parts) if parts is not None else src.nbytes
+        if parts is not None:
+            source_bytes = sum(ckpt.tensors[h].nbytes for h, _ in parts)
+        else:
+            source_bytes = src.nbytes if rows is None else src.nbytes * (rows[1] - rows[0]) // src.shape[0]
         plan.append(PlannedTensor(gguf_name, shape, qtype, source_bytes, produce))
 
     if fallbacks:
@@ -408,6 +435,8 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
     if hp.rope_scaling.get("rope_type") == "llama3":
         factors = llama3_rope_factors(hp)
         plan.append(PlannedTensor("rope_freqs.weight", factors.shape, Q.F32, 0, lambda: factors))
+    for name, values in spec.extra_tensors(hp).items():
+        plan.append(PlannedTensor(name, values.shape, Q.F32, 0, lambda values=values: values))
     return plan
 
 
