@@ -36,10 +36,10 @@ def get_vocab_base_pre(self, tokenizer):
     try:
         return original(self, tokenizer)
     except NotImplementedError:
-        return "default"
+        return {vocab_pre!r}
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 {patch}
-sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outfile", {out!r}, "--outtype", "f32"]
+sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outfile", {out!r}, "--outtype", {outtype!r}]
 runpy.run_path({src!r} + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
@@ -59,13 +59,16 @@ baichuan.BaichuanModel.modify_tensors = _modify_tensors
 """
 
 
-def llama_cpp_convert(model_dir: Path, out: Path, patch: str = "") -> Path:
-    """llama.cpp's F32 conversion of an HF folder (skips the test without llama.cpp's source); `patch`:
-    Python run before the converter (a fix of it)."""
+def llama_cpp_convert(model_dir: Path, out: Path, patch: str = "", outtype: str = "f32",
+                      vocab_pre: str = "default") -> Path:
+    """llama.cpp's conversion of an HF folder to `outtype` (skips the test without llama.cpp's source);
+    `patch`: Python run before the converter (a fix of it); `vocab_pre`: the pre-tokenizer name for a
+    tokenizer whose hash llama.cpp does not know (a tiny test tokenizer; "qwen2" for a Qwen-style one)."""
     if not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file():
         pytest.skip(f"llama.cpp's source is not at {LLAMA_CPP} (python benchmarks/llama_cpp_tools.py --build, "
                     "or set PYENGINE_LLAMA_CPP_SRC)")
-    code = _DRIVER.format(src=str(LLAMA_CPP), model=str(model_dir), out=str(out), patch=patch)
+    code = _DRIVER.format(src=str(LLAMA_CPP), model=str(model_dir), out=str(out), patch=patch, outtype=outtype,
+                          vocab_pre=vocab_pre)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own gguf-py, not the installed one
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -147,31 +147,10 @@ def gguf_name(hf: str) -> str | None:
 
 # --- llama.cpp's converter ------------------------------------------------------------------------------
 
-_LLAMA_DRIVER = """
-import runpy, sys
-sys.path[:0] = [{src!r}, {src!r} + "/gguf-py"]
-import conversion.base as base
-original = base.TextModel.get_vocab_base_pre
-def get_vocab_base_pre(self, tokenizer):
-    # a tiny test tokenizer has no known hash; llama.cpp's WordPiece tokenizer ignores the name anyway
-    try:
-        return original(self, tokenizer)
-    except NotImplementedError:
-        return "default"
-base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outfile", {out!r}, "--outtype", "f32"]
-runpy.run_path({src!r} + "/convert_hf_to_gguf.py", run_name="__main__")
-"""
-
-
 def llama_cpp_convert(model_dir: Path, out: Path) -> Path:
-    if not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file():
-        pytest.skip(f"llama.cpp's source is not at {LLAMA_CPP} (set PYENGINE_LLAMA_CPP_SRC)")
-    code = _LLAMA_DRIVER.format(src=str(LLAMA_CPP), model=str(model_dir), out=str(out))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own gguf-py, not the installed one
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    from llama_cpp_ref import llama_cpp_convert as convert_with_llama_cpp
+
+    return convert_with_llama_cpp(model_dir, out)
 
 
 def compare_with_llama_cpp(ours: Path, theirs: Path, allowed_extra: tuple[str, ...] = OWN_KEYS) -> None:

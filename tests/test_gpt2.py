@@ -80,24 +80,9 @@ def test_batch_and_text(gpt2):
 
 def test_llama_cpp_reads_our_file(gpt2):
     """llama.cpp's llama-perplexity on our gpt2 file gives pyengine's perplexity (same text, chunks)."""
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
+    from llama_cpp_ref import TEXT, llama_perplexity
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from llama_cpp_tools import bin_dir
-
-    exe = bin_dir() / "llama-perplexity"
-    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "pride_and_prejudice.txt"
-    if not exe.exists():
-        pytest.skip("llama.cpp's tools are not built (python benchmarks/llama_cpp_tools.py --build)")
-    if not text.exists():
-        pytest.skip(f"{text} is missing (../shared/data)")
     _, _, files = gpt2
-    r = subprocess.run([str(exe), "-m", str(files["f32"]), "-f", str(text), "-c", "64", "--chunks", "3", "-t", "2"],
-                       capture_output=True, text=True, timeout=300)
-    theirs = [float(x) for x in re.findall(r"\[\d+\]([\d.]+)", r.stdout + r.stderr)]
-    assert len(theirs) == 3, r.stderr[-2000:]
-    mine = pyengine.LLM(files["f32"]).perplexity(text.read_text(), n_ctx=64, n_chunks=3).ppl
-    assert mine == pytest.approx(theirs[-1], rel=1e-4)
+    theirs = llama_perplexity(files["f32"], n_ctx=64, n_chunks=3)
+    mine = pyengine.LLM(files["f32"]).perplexity(TEXT.read_text(), n_ctx=64, n_chunks=3).ppl
+    assert mine == pytest.approx(theirs, rel=1e-4)

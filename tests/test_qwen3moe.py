@@ -9,10 +9,8 @@ against a composition of the engine's own matmul, and bad input.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -22,13 +20,11 @@ import torch
 
 import pyengine
 from checkpoints import load_hf_model, make_qwen3moe
+from llama_cpp_ref import TEXT, llama_cpp_convert, llama_perplexity
 from pyengine import _C
 from pyengine_convert import ConversionError, convert
 from test_model import kl_div
 
-LLAMA_CPP = Path(os.environ.get(
-    "PYENGINE_LLAMA_CPP_SRC",
-    Path.home() / ".cache/pyengine/llama.cpp-0.3.36/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 Q = gguf.GGMLQuantizationType
 
 # every block sparse; a dense block among sparse ones (mlp_only_layers); every other block dense
@@ -209,22 +205,6 @@ def test_moe_op_f32_against_numpy():
 
 # --- llama.cpp ----------------------------------------------------------------------------------------------
 
-# llama.cpp's converter, with the tiny test tokenizer (whose hash llama.cpp does not know) named "qwen2", as
-# llama.cpp names the real Qwen tokenizer by its hash
-_LLAMA_DRIVER = """
-import runpy, sys
-sys.path[:0] = [{src!r}, {src!r} + "/gguf-py"]
-import conversion.base as base
-original = base.TextModel.get_vocab_base_pre
-def get_vocab_base_pre(self, tokenizer):
-    try:
-        return original(self, tokenizer)
-    except NotImplementedError:
-        return "qwen2"
-base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outfile", {out!r}, "--outtype", {outtype!r}]
-runpy.run_path({src!r} + "/convert_hf_to_gguf.py", run_name="__main__")
-"""
 # keys our converter writes for every BPE vocabulary and llama.cpp's leaves to its defaults at load
 OUR_TOKENIZER_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.eot_token_id")
 
@@ -235,13 +215,8 @@ def test_converter_equals_llama_cpp(moe, qtype, tmp_path):
 
     if moe["name"] != "sparse":
         pytest.skip("llama.cpp's qwen3moe has neither dense blocks nor expert_weights_norm")
-    if not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file():
-        pytest.skip(f"llama.cpp's source is not at {LLAMA_CPP} (set PYENGINE_LLAMA_CPP_SRC)")
-    theirs = tmp_path / "llama.gguf"
-    code = _LLAMA_DRIVER.format(src=str(LLAMA_CPP), model=str(moe["hf_dir"]), out=str(theirs), outtype=qtype)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # the tiny Qwen-style test tokenizer named "qwen2", as llama.cpp names the real one by its hash
+    theirs = llama_cpp_convert(moe["hf_dir"], tmp_path / "llama.gguf", outtype=qtype, vocab_pre="qwen2")
     ours = moe["files"].get(qtype) if qtype != "q8_0" else None
     if ours is None:
         ours = tmp_path / "ours.gguf"
@@ -251,27 +226,11 @@ def test_converter_equals_llama_cpp(moe, qtype, tmp_path):
 
 def test_llama_cpp_perplexity_equals_ours(moe):
     """llama.cpp's llama-perplexity on our qwen3moe file gives pyengine's perplexity (same text, chunks)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from llama_cpp_tools import bin_dir
-
     if moe["name"] != "sparse":
         pytest.skip("llama.cpp's qwen3moe has neither dense blocks nor expert_weights_norm")
-    exe = bin_dir() / "llama-perplexity"
-    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "pride_and_prejudice.txt"
-    if not exe.exists():
-        pytest.skip("llama.cpp's tools are not built (python benchmarks/llama_cpp_tools.py --build)")
-    if not text.exists():
-        pytest.skip(f"{text} is missing (../shared/data)")
-    # llama.cpp's logger sometimes loses its last lines at exit (exit status 0): run it again then
-    for _ in range(5):
-        r = subprocess.run([str(exe), "-m", str(moe["files"]["f32"]), "-f", str(text), "-c", "64", "--chunks", "3",
-                            "-t", "2"], capture_output=True, text=True, timeout=300)
-        theirs = [float(x) for x in re.findall(r"\[\d+\]([\d.]+)", r.stdout + r.stderr)]
-        if r.returncode != 0 or len(theirs) == 3:
-            break
-    assert r.returncode == 0 and len(theirs) == 3, r.stderr[-2000:]
-    mine = pyengine.LLM(moe["files"]["f32"]).perplexity(text.read_text(), n_ctx=64, n_chunks=3).ppl
-    assert mine == pytest.approx(theirs[-1], rel=1e-4)
+    theirs = llama_perplexity(moe["files"]["f32"], n_ctx=64, n_chunks=3)
+    mine = pyengine.LLM(moe["files"]["f32"]).perplexity(TEXT.read_text(), n_ctx=64, n_chunks=3).ppl
+    assert mine == pytest.approx(theirs, rel=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["q4_k_m", "q2_k", "q3_k_m", "q4_k_s", "q6_k", "q4_0", "q8_0"])
