@@ -81,3 +81,21 @@ def test_perplexity_against_llama_cpp(model_path, text):
     theirs = llama_perplexity(model_path, TEXT, n_ctx=N_CTX, n_chunks=N_CHUNKS)
     mine = pyengine.LLM(model_path, n_ctx=N_CTX).perplexity(text, n_ctx=N_CTX, n_chunks=N_CHUNKS).ppl
     assert mine == pytest.approx(theirs, rel=1e-2)
+
+
+MULTILINGUAL = ["It is a truth universally acknowledged.", "  Leading spaces and\ttabs\n\nnewlines ",
+                "Ça va très bien, merci ! Größe, Straße.", "日本語のテキストと中文文本，还有한국어.",
+                "Emoji 🙂👍🏽 and symbols ∑∫√ ← → ©", "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+                "code: def f(x):\n    return x**2  # comment", "Русский текст и ελληνικά γράμματα.", "1234567890 3.14159"]
+
+
+def test_tokenizer_equals_transformers(model_path):
+    """The real Gemma 3 SentencePiece vocabulary in the file: pyengine's tokenizer gives the ids transformers'
+    tokenizer (built from the same GGUF by its GGUF loader) gives, specials included, and decodes back."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+    ours = pyengine.LLM(model_path, n_ctx=64).tokenizer
+    for text in MULTILINGUAL:
+        expected = hf(text, add_special_tokens=True)["input_ids"]
+        assert ours.encode(text, add_special_tokens=True) == expected, text
+        assert ours.decode(expected, skip_special_tokens=True) == hf.decode(expected, skip_special_tokens=True)
