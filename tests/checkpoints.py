@@ -381,10 +381,13 @@ def make_t5(out_dir: Path, *, gated: bool = False, tied: bool = True, n_layers: 
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config).eval()
     _randomize(model, seed)
-    with torch.no_grad():  # larger position biases, so that a wrong bucket shows
+    with torch.no_grad():  # larger position biases, so that a wrong bucket shows; larger embeddings
         for name, p in model.named_parameters():
             if name.endswith("relative_attention_bias.weight"):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1)))
+        # next-token distributions peaked enough that beams rarely tie, not so much that one token has it all
+        # (a tied head sees the embeddings times d_model^-0.5)
+        model.shared.weight.mul_(4 if tied else 1.5)
     model.save_pretrained(out_dir)  # drops the tied copies of shared.weight
     if not tied:
         # As T5 v1.1 / flan-T5 checkpoints on the Hub: tie_word_embeddings false and an lm_head.weight of
