@@ -368,18 +368,19 @@ def make_t5_tokenizer(out_dir: Path, vocab_size: int = 400) -> int:
 
 def make_t5(out_dir: Path, *, gated: bool = False, tied: bool = True, n_layers: int = 2, n_dec_layers: int = 2,
             d_model: int = 64, n_heads: int = 4, d_kv: int = 16, d_ff: int = 96, n_buckets: int = 32,
-            seed: int = 0) -> Path:
+            seed: int = 0, mt5: bool = False) -> Path:
     """A tiny random T5ForConditionalGeneration: T5 v1.0 (ReLU FFN, tied embeddings) by default, T5 v1.1
-    (gated-GELU FFN, untied lm_head) with gated=True, tied=False."""
-    from transformers import T5Config, T5ForConditionalGeneration
+    (gated-GELU FFN, untied lm_head) with gated=True, tied=False; an MT5ForConditionalGeneration with mt5."""
+    from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
     n_tokens = make_t5_tokenizer(out_dir)
-    config = T5Config(vocab_size=n_tokens, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=n_layers,
+    Config, Model = (MT5Config, MT5ForConditionalGeneration) if mt5 else (T5Config, T5ForConditionalGeneration)
+    config = Config(vocab_size=n_tokens, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=n_layers,
                       num_decoder_layers=n_dec_layers, num_heads=n_heads, relative_attention_num_buckets=n_buckets,
                       feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=tied,
                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
     torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(config).eval()
+    model = Model(config).eval()
     _randomize(model, seed)
     with torch.no_grad():  # larger position biases, so that a wrong bucket shows; larger embeddings
         for name, p in model.named_parameters():

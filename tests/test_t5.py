@@ -71,6 +71,15 @@ def test_decoder_deeper_than_encoder(tmp_path):
     _close(ctx.eval(np.array(TGT, np.int32), "all", 0), _ref_logits(hf, SRC, TGT))
 
 
+def test_mt5_logits_match_transformers(tmp_path):
+    d = make_t5(tmp_path / "mt5", gated=True, tied=False, mt5=True)
+    assert json.loads((d / "config.json").read_text())["architectures"] == ["MT5ForConditionalGeneration"]
+    hf = transformers.MT5ForConditionalGeneration.from_pretrained(d).eval()
+    ctx = _ctx(_gguf(d))
+    ctx.encode(np.array(SRC, np.int32), 0)
+    _close(ctx.eval(np.array(TGT, np.int32), "all", 0), _ref_logits(hf, SRC, TGT))
+
+
 def test_token_by_token_equals_full_decoder(t5):
     d, _ = t5
     ctx = _ctx(_gguf(d))
