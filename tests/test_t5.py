@@ -254,3 +254,21 @@ def test_gpu_offload_is_refused_by_name(t5):
     model = _C.Model(str(_gguf(d)))
     with pytest.raises(_C.UnsupportedModelError, match="t5.*n_gpu_layers=0"):
         model.offload(1)
+
+
+@pytest.mark.parametrize("tensor,where", [("enc.blk.1.ffn_down.weight", "enc.blk.1"),
+                                          ("dec.blk.0.cross_attn_o.weight", "dec.blk.0")])
+def test_non_finite_weights_name_the_stack_and_layer(t5, tmp_path, tensor, where):
+    from gguf import GGUFReader
+    from gguf_craft import rewrite
+
+    d, _ = t5
+    t = next(t for t in GGUFReader(_gguf(d)).tensors if t.name == tensor)
+    w = np.array(t.data, np.float32).reshape([int(x) for x in reversed(t.shape)])
+    w[0, 0] = np.nan
+    bad = tmp_path / "nan.gguf"
+    rewrite(_gguf(d), bad, tensors={tensor: w})
+    ctx = _ctx(bad)
+    with pytest.raises(_C.NumericalError, match=where.replace(".", r"\.")):
+        ctx.encode(np.array(SRC, np.int32), 0)
+        ctx.eval(np.array(TGT, np.int32), "all", 0)

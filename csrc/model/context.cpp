@@ -134,6 +134,7 @@ void Context::encode(const int32_t* tokens, int64_t n, int seq) {
   enc.kv = &ekv;
   enc.act = &act_;
   enc.bias = position_bias(c, model_->encoder, true);
+  enc.tensor_prefix = c.spec.encoder_prefix;
   for (const Layer& L : model_->encoder.layers) enc.layers.push_back(&L);
   const int64_t d = c.n_embd, kv_dim = c.n_head_kv * c.head_dim;
   std::vector<float> h(size_t(n * d)), k(size_t(n * kv_dim)), v(size_t(n * kv_dim));
@@ -323,6 +324,7 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
   parts[0].act = &act_;
   parts[0].bias = position_bias(c, model_->decoder, false);
   parts[0].cross = cross_kv_.get();
+  for (StackPart& part : parts) part.tensor_prefix = c.spec.decoder_prefix;
   for (int64_t l = 0; l < c.n_layer - gpu.n_layers; l++) parts[0].layers.push_back(&model_->decoder.layers[size_t(l)]);
   if (gpu_ex_) {
     parts[1].ex = gpu_ex_.get();

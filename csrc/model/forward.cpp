@@ -233,7 +233,7 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
       decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), part, int(i), rt, *part.act, n);
       if (part.ex->device() == Device::CPU && !cpu::all_finite(static_cast<const float*>(part.act->x.data()), n * d)) {
         const int64_t l = part.first + int64_t(i);
-        throw non_finite(str_cat("the output of layer ", l, " (tensors blk.", l, ".*)"));
+        throw non_finite(str_cat("the output of layer ", l, " (tensors ", part.tensor_prefix, "blk.", l, ".*)"));
       }
     }
   }

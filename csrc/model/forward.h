@@ -59,6 +59,7 @@ struct StackPart {
   PositionBias bias;
   // Family::EncoderDecoder's decoder: the keys and values of the encoder's output, a layer per block.
   const KVCache* cross = nullptr;
+  const char* tensor_prefix = "";  // GGUF prefix of the stack's block tensors ("enc.", "dec."), for messages
 };
 
 // RoPE as one context runs it (llama.cpp's cparams): of the global layers and of the windowed ones,
