@@ -69,7 +69,11 @@ void bind_model(py::module_& m) {
         d["rope_freq_base"] = c.rope.freq_base;
         d["rope_style"] = c.rope.style == RopeStyle::NeoX ? "neox" : "adjacent";
         d["kq_scale"] = c.kq_scale;
-        d["family"] = c.spec.family == Family::EncoderOnly ? "encoder" : "decoder";
+        d["family"] = c.spec.family == Family::EncoderOnly      ? "encoder"
+                      : c.spec.family == Family::EncoderDecoder ? "encoder-decoder"
+                                                                : "decoder";
+        d["n_enc_layer"] = c.n_enc_layer;
+        d["decoder_start_token_id"] = c.decoder_start_token;
         d["positions"] = c.spec.positions == Positions::Learned ? "learned" : "rope";
         static const char* const kPooling[] = {"none", "mean", "cls", "last", "rank"};
         d["pooling"] = kPooling[int(c.pooling)];
@@ -151,6 +155,18 @@ void bind_model(py::module_& m) {
           "Evaluate one batch of rows: token i is appended to sequence seq_ids[i]. Returns float32 "
           "[rows with logits wanted, n_vocab] in row order (logits: bool per row; None: every row); with "
           "embeddings=True their final hidden states after the output norm, [rows, n_embd].")
+      .def(
+          "encode",
+          [](Context& ctx, const IntArray& tokens, int seq) {
+            const int32_t* src = vector_data(tokens, "tokens");
+            const int64_t n = tokens.shape(0);
+            py::gil_scoped_release nogil;
+            ctx.encode(src, n, seq);
+          },
+          py::arg("tokens"), py::arg("seq") = 0,
+          "Encoder-decoder models: run the encoder over `tokens` and keep its output for sequence `seq`'s "
+          "cross-attention; the sequence starts over empty (decode from the decoder start token next).")
+      .def("seq_encoded_len", &Context::seq_encoded_len, py::arg("seq"))
       .def("seq_len", &Context::seq_len, py::arg("seq"))
       .def("seq_truncate", &Context::seq_truncate, py::arg("seq"), py::arg("n"),
            "Keep only the first n tokens of a sequence.")

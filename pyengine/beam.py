@@ -49,8 +49,10 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
 def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new_tokens: int,
                 eos_ids: Sequence[int], length_penalty: float = 1.0, early_stopping: bool | str = False,
-                no_repeat_ngram_size: int = 0, num_return_sequences: int = 1) -> list[BeamHypothesis]:
-    """The `num_return_sequences` best hypotheses, best first."""
+                no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+                encoder_input: Sequence[int] | None = None) -> list[BeamHypothesis]:
+    """The `num_return_sequences` best hypotheses, best first. `encoder_input`: an encoder-decoder's input
+    (its encoder output is shared by every beam through seq_copy); `prompt` is then the decoder's start."""
     if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
         raise ValueError("need num_beams >= 1 and 1 <= num_return_sequences <= num_beams")
     if early_stopping not in (True, False, "never"):
@@ -62,7 +64,9 @@ def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new
     max_length = p_len + max(0, int(max_new_tokens))
     eos = set(int(t) for t in eos_ids)
     keep = max(2, 1 + len(eos)) * k
-    ctx = engine.new_context(n_ctx=max_length + 1, n_seq_max=2 * k)
+    ctx = engine.new_context(n_ctx=max(max_length + 1, len(encoder_input or ())), n_seq_max=2 * k)
+    if encoder_input is not None:
+        ctx.encode(encoder_input, 0)
     slots, spare = list(range(k)), list(range(k, 2 * k))
 
     running = [list(prompt) for _ in range(k)]

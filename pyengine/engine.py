@@ -214,6 +214,24 @@ class Engine:
         return self._ctx.n_past
 
     # --- evaluation ----------------------------------------------------------------------------
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """True for encoder-decoder models (T5): `encode` an input, then decode from `decoder_start_token_id`."""
+        return self.config.get("family") == "encoder-decoder"
+
+    @property
+    def decoder_start_token_id(self) -> int | None:
+        """The token an encoder-decoder's decoder starts from (None for other models)."""
+        return int(self.config["decoder_start_token_id"]) if self.is_encoder_decoder else None
+
+    def encode(self, token_ids: Sequence[int] | np.ndarray, seq: int = 0) -> None:
+        """Encoder-decoder models: run the encoder over `token_ids` for sequence `seq`, which starts over
+        empty; its decoder then attends to that output (append `decoder_start_token_id` first)."""
+        ids = _ids(token_ids)
+        if ids.size == 0:
+            raise ValueError("encode needs at least one token")
+        self._ctx.encode(ids, int(seq))
+
     def eval(self, token_ids: Sequence[int] | np.ndarray, all_logits: bool = False, seq: int = 0) -> np.ndarray:
         """Append tokens to sequence `seq` and return float32 logits: of the last token ([n_vocab]),
         or of every new token ([len(token_ids), n_vocab]) with ``all_logits``.

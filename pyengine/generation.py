@@ -263,12 +263,15 @@ class Generation:
             self._close(loop_start)
 
 
-def generate_batch(engine: "Engine", generations: Sequence[Generation]) -> Iterator[tuple[int, str]]:
+def generate_batch(engine: "Engine", generations: Sequence[Generation],
+                   encoder_inputs: Sequence[Sequence[int]] | None = None) -> Iterator[tuple[int, str]]:
     """Run many generations together on `engine`, generation i on sequence i: their prompts are
     evaluated as one batch, then each step samples every unfinished generation and evaluates all
     their new tokens in one forward pass (the weights are read once per step for all of them).
     Yields (index, text piece) as the pieces come. Each generation samples with its own seeded
-    sampler, so its text is the one it would give alone. `engine` is emptied first."""
+    sampler, so its text is the one it would give alone. `engine` is emptied first. An encoder-decoder
+    (T5) takes `encoder_inputs`, one per generation, encoded into its sequence before its prompt (the
+    decoder start token) is evaluated."""
     n = len(generations)
     if n > engine.n_seq_max:
         raise ValueError(f"{n} generations need a context of at least {n} sequences, not {engine.n_seq_max}")
@@ -278,6 +281,8 @@ def generate_batch(engine: "Engine", generations: Sequence[Generation]) -> Itera
     try:
         start = time.perf_counter()
         engine.reset()
+        for i, ids in enumerate(encoder_inputs or ()):
+            engine.encode(ids, i)
         tokens = [t for g in generations for t in g.prompt_ids]
         seqs = [i for i, g in enumerate(generations) for _ in g.prompt_ids]
         last = np.cumsum([len(g.prompt_ids) for g in generations]) - 1

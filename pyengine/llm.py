@@ -76,6 +76,9 @@ class LLM(Engine):
         if _is_batch(prompt):
             return self._generate_many(list(prompt), stream, params, add_special_tokens, sampling)
         ids = self._prompt_ids(prompt, add_special_tokens)
+        if self.is_encoder_decoder:  # text-to-text: the prompt is the encoder's input
+            self.encode(ids)
+            ids = [self.decoder_start_token_id]
         generation = Generation(self, self.tokenizer, ids, self.sampling_params(params, **sampling))
         return generation if stream else generation.wait()
 
@@ -85,12 +88,16 @@ class LLM(Engine):
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} parameter sets for {len(prompts)} prompts")
         tok = self.tokenizer
-        gens = [Generation(self, tok, self._prompt_ids(p, add_special_tokens), self.sampling_params(ps, **sampling))
-                for p, ps in zip(prompts, per_prompt)]
+        ids = [self._prompt_ids(p, add_special_tokens) for p in prompts]
+        encoder_inputs = None
+        if self.is_encoder_decoder:  # text-to-text: each prompt is its sequence's encoder input
+            encoder_inputs, ids = ids, [[self.decoder_start_token_id]] * len(ids)
+        gens = [Generation(self, tok, p, self.sampling_params(ps, **sampling)) for p, ps in zip(ids, per_prompt)]
         # A context with a sequence per prompt, sized for what they can use, sharing this one's threads.
         need = max(len(g.prompt_ids) + max(g.params.max_new_tokens, 0) for g in gens)
+        need = max([need] + [len(x) for x in encoder_inputs or ()])
         engine = self.new_context(n_ctx=max(1, min(self.n_ctx, need)), n_seq_max=len(gens))
-        pieces = generate_batch(engine, gens)
+        pieces = generate_batch(engine, gens, encoder_inputs)
         if stream:
             return pieces
         for _ in pieces:
@@ -125,8 +132,11 @@ class LLM(Engine):
         ids = self._prompt_ids(prompt, add_special_tokens)
         if max_new_tokens is None:
             max_new_tokens = self.sampling_params().max_new_tokens
+        encoder_input = None
+        if self.is_encoder_decoder:  # the prompt is the encoder's input; the beams start from the start token
+            encoder_input, ids = ids, [self.decoder_start_token_id]
         return beam_search(self, ids, num_beams, max_new_tokens, self.tokenizer.eog_ids, length_penalty,
-                           early_stopping, no_repeat_ngram_size, num_return_sequences)
+                           early_stopping, no_repeat_ngram_size, num_return_sequences, encoder_input)
 
     @property
     def labels(self) -> list[str]:

@@ -355,13 +355,17 @@ class Tokenizer:
             self.backend = self._build_wordpiece(md)
             self.add_space_prefix = False
             add_bos_default = True
+        elif self.model == "t5":
+            self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+            self.backend = self._build_unigram(md)
+            add_bos_default = False
         elif self.model == "llama":
             self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
             self.backend = self._build_sentencepiece_bpe(md, prepend=self.add_space_prefix and self.pre != "chatglm1")
             add_bos_default = True
         else:
             raise UnsupportedModelError(
-                f"tokenizer.ggml.model = {self.model!r} is not supported (supported: 'gpt2', 'llama', 'bert')"
+                f"tokenizer.ggml.model = {self.model!r} is not supported (supported: 'gpt2', 'llama', 'bert', 't5')"
             )
         return add_bos_default
 
@@ -536,6 +540,37 @@ class Tokenizer:
         self._add_tokens_matched_whole(tok)
         return tok
 
+    def _build_unigram(self, md: Mapping[str, Any]) -> HFTokenizer:
+        """SentencePiece unigram (T5, mT5): the most probable segmentation (Viterbi) by the pieces' scores,
+        after SentencePiece's normalizer (the precompiled character map, extra whitespace removed), in the
+        order transformers' SpmConverter builds it."""
+        scores = md.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise ModelFormatError("a 't5' (unigram) vocabulary needs tokenizer.ggml.scores")
+        unk = md.get("tokenizer.ggml.unknown_token_id")
+        if unk is None or not 0 <= int(unk) < len(self._tokens):
+            raise ModelFormatError("a 't5' (unigram) vocabulary needs tokenizer.ggml.unknown_token_id")
+        tok = HFTokenizer(models.Unigram([(t, float(s)) for t, s in zip(self._tokens, scores)], unk_id=int(unk),
+                                         byte_fallback=False))
+        norm = []
+        charsmap = md.get("tokenizer.ggml.precompiled_charsmap")
+        if charsmap is not None and len(charsmap):
+            norm.append(normalizers.Precompiled(bytes(bytearray(int(b) & 0xFF for b in charsmap))))
+        if md.get("tokenizer.ggml.remove_extra_whitespaces"):
+            norm += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+        norm.append(normalizers.Replace(" ", "▁"))
+        if self.add_space_prefix:  # SentencePiece adds its dummy prefix even before a leading "▁"
+            norm.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))
+        tok.normalizer = normalizers.Sequence(norm)
+        if self.add_space_prefix:
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+        steps = [decoders.Replace("▁", " ")]
+        if self.add_space_prefix:
+            steps += [decoders.Fuse(), decoders.Strip(content=" ", left=1, right=0)]
+        tok.decoder = decoders.Sequence(steps)
+        self._add_tokens_matched_whole(tok)
+        return tok
+
     def _set_post_processor(self) -> None:
         if self._prefix or self._suffix:
             single = [self._tokens[i] for i in self._prefix] + ["$A"] + [self._tokens[i] for i in self._suffix]
@@ -667,7 +702,7 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # a SentencePiece text's dummy-prefix space, a WordPiece text's first word-start "▁"
-        self._strip_space = (tokenizer.model == "llama" and tokenizer.add_space_prefix) or tokenizer.model == "bert"
+        self._strip_space = (tokenizer.model in ("llama", "t5") and tokenizer.add_space_prefix) or tokenizer.model == "bert"
         self._started = False
 
     def add(self, token_id: int) -> str:

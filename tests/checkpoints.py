@@ -337,3 +337,70 @@ def make_baichuan(out_dir: Path, *, version: int = 1, alibi: bool = False, n_lay
         cfg["z_loss_weight"] = 0
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
+
+
+T5_CORPUS = CORPUS + """\
+Der schnelle braune Fuchs springt über den faulen Hund. Übersetzung ist schwer.
+Le renard brun rapide saute par-dessus le chien paresseux. Ça va très bien, merci.
+El rápido zorro marrón salta sobre el perro perezoso. ¿Dónde está la biblioteca?
+translate English to German: The house is wonderful. summarize: a long text about llamas.
+"""
+
+
+def make_t5_tokenizer(out_dir: Path, vocab_size: int = 400) -> int:
+    """Train a T5-style SentencePiece unigram model (<pad> </s> <unk>, NFKC precompiled character map,
+    no BOS) as spiece.model, and save transformers' T5 tokenizer files next to it. Returns its size."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(T5_CORPUS.splitlines() * 4), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2,
+        bos_id=-1, minloglevel=2)
+    (out_dir / "spiece.model").write_bytes(model.getvalue())
+    T5TokenizerFast.from_pretrained(out_dir, extra_ids=0).save_pretrained(out_dir)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+
+
+def make_t5(out_dir: Path, *, gated: bool = False, tied: bool = True, n_layers: int = 2, n_dec_layers: int = 2,
+            d_model: int = 64, n_heads: int = 4, d_kv: int = 16, d_ff: int = 96, n_buckets: int = 32,
+            seed: int = 0, mt5: bool = False) -> Path:
+    """A tiny random T5ForConditionalGeneration: T5 v1.0 (ReLU FFN, tied embeddings) by default, T5 v1.1
+    (gated-GELU FFN, untied lm_head) with gated=True, tied=False; an MT5ForConditionalGeneration with mt5."""
+    from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    n_tokens = make_t5_tokenizer(out_dir)
+    Config, Model = (MT5Config, MT5ForConditionalGeneration) if mt5 else (T5Config, T5ForConditionalGeneration)
+    config = Config(vocab_size=n_tokens, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=n_layers,
+                      num_decoder_layers=n_dec_layers, num_heads=n_heads, relative_attention_num_buckets=n_buckets,
+                      feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=tied,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    torch.manual_seed(seed)
+    model = Model(config).eval()
+    _randomize(model, seed)
+    with torch.no_grad():  # larger position biases, so that a wrong bucket shows; larger embeddings
+        for name, p in model.named_parameters():
+            if name.endswith("relative_attention_bias.weight"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1)))
+        # next-token distributions peaked enough that beams rarely tie, not so much that one token has it all
+        # (a tied head sees the embeddings times d_model^-0.5)
+        model.shared.weight.mul_(4 if tied else 1.5)
+    model.save_pretrained(out_dir)  # drops the tied copies of shared.weight
+    if not tied:
+        # As T5 v1.1 / flan-T5 checkpoints on the Hub: tie_word_embeddings false and an lm_head.weight of
+        # their own. (transformers 5 ties lm_head to shared whatever the config says, and only drops the
+        # d_model^-0.5 output scale: the head written here is shared's values, which it loads as such.)
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(out_dir / "model.safetensors"))
+        state["lm_head.weight"] = state["shared.weight"].clone()
+        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((out_dir / "config.json").read_text())
+        cfg["tie_word_embeddings"] = False
+        cfg.pop("scale_decoder_outputs", None)
+        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out_dir

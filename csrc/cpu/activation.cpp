@@ -16,6 +16,7 @@ inline float apply(Activation act, float x) {
   switch (act) {
     case Activation::SiLU: return silu(x);
     case Activation::GELU: return gelu(x);
+    case Activation::ReLU: return x > 0.f ? x : 0.f;
     default: return gelu_erf(x);
   }
 }

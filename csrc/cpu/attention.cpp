@@ -78,7 +78,7 @@ struct Block {
 const AttentionKernels kPortableAttention = {scores<Scalar>, values<Scalar>};
 
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap, const float* alibi) {
+               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
   const KVPageLayout lay(kv);
   const AttentionKernels& k = kernels();
   const bool f16 = lay.type == GGMLType::F16;
@@ -123,7 +123,16 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       float* s = sc + t * width;
       const int64_t lo = kb[b.r0 + t] - base, hi = ke[b.r0 + t] - base;
       std::fill(s, s + lo, 0.0f);
-      softmax(s + lo, hi - lo, scale, softcap, alibi ? alibi[h] : 0.f);
+      float row_scale = scale;
+      if (bias) {  // T5: scores plus the bias of each key's distance bucket (the scale applied first)
+        const float* table = bias->table + int64_t(h) * bias->n_buckets;
+        const int64_t qpos = static_cast<const int32_t*>(bias->query_pos.data)[b.r0 + t];
+        for (int64_t j = lo; j < hi; j++)
+          s[j] = s[j] * scale + table[relative_position_bucket(base + j - qpos, bias->n_buckets, bias->max_distance,
+                                                               bias->bidirectional)];
+        row_scale = 1.f;
+      }
+      softmax(s + lo, hi - lo, row_scale, softcap, alibi ? alibi[h] : 0.f);
       std::fill(s + hi, s + width, 0.0f);
     }
     float* ob = out.row(b.r0) + int64_t(h) * hd;

@@ -31,6 +31,6 @@ void moe_combine(Executor& ex, const Tensor& y, const Tensor& slot, const Tensor
                  const Tensor& out);
 void kv_store(Executor& ex, KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap, const float* alibi);
+               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias);
 
 }  // namespace pe::cpu

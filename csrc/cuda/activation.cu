@@ -10,6 +10,7 @@ constexpr int kThreads = 256;
 
 __device__ __forceinline__ float apply(Activation act, float x) {
   if (act == Activation::SiLU) return x / (1.f + expf(-x));
+  if (act == Activation::ReLU) return x > 0.f ? x : 0.f;
   if (act == Activation::GELUErf) return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
   const float kSqrt2OverPi = 0.7978845608028654f;  // tanh approximation, as the CPU backend and ggml
   return 0.5f * x * (1.f + tanhf(kSqrt2OverPi * x * (1.f + 0.044715f * x * x)));

@@ -265,9 +265,10 @@ int multiprocessor_count() {
 }  // namespace
 
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap, const float* alibi) {
+               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
   const int64_t n_rows = q.rows;
   if (n_rows == 0) return;
+  PE_CHECK(!bias, UnsupportedModelError, "CUDA attention: relative position biases (T5) run on the CPU only");
   const int hd = kv.head_dim(), n_kv = kv.n_kv_head();
   PE_CHECK(hd % 2 == 0 && hd <= kMaxHeadDim, UnsupportedModelError, "CUDA attention: head_dim ", hd,
            " is not supported (it must be even and at most ", kMaxHeadDim, ")");

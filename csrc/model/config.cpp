@@ -98,6 +98,21 @@ ArchSpec baichuan() {
   a.alibi = true;
   return a;
 }
+// T5 (llama.cpp's t5: T5, flan-T5, mT5): an encoder and a decoder of pre-RMSNorm blocks without biases
+// or a mean in the norm (T5LayerNorm), relative position buckets instead of positions, unscaled q.k,
+// and a ReLU or gated-GELU FFN as the file has ffn_gate or not.
+ArchSpec t5() {
+  ArchSpec a{"t5"};
+  a.family = Family::EncoderDecoder;
+  a.act = Activation::ReLU;
+  a.gated_ffn = false;
+  a.positions = Positions::RelativeBuckets;
+  a.decoder_prefix = "dec.";
+  a.encoder_prefix = "enc.";
+  a.attn_out_name = "attn_o";
+  a.ffn_from_tensors = true;
+  return a;
+}
 const ArchSpec kArchs[] = {
     llama_like("llama", RopeStyle::Adjacent),
     llama_like("qwen2", RopeStyle::NeoX),
@@ -111,6 +126,7 @@ const ArchSpec kArchs[] = {
     gemma2(),
     gemma3(),
     baichuan(),
+    t5(),
 };
 }  // namespace
 
@@ -138,6 +154,7 @@ double positive_float(const GGUFFile& f, const std::string& key, double dflt) {
 float attention_scale(const GGUFFile& f, const ModelConfig& c) {
   const std::string key = c.arch + ".attention.scale";
   if (f.find(key)) return float(positive_float(f, key, 1.0));
+  if (c.spec.positions == Positions::RelativeBuckets) return 1.f;  // T5 folds 1/sqrt(d) into its weights' init
   const bool gemma_27b = (c.arch == "gemma2" && c.n_layer == 46) || (c.arch == "gemma3" && c.n_layer == 62);
   return 1.0f / std::sqrt(float(gemma_27b ? c.n_embd / c.n_head : c.head_dim));
 }
@@ -275,6 +292,18 @@ ModelConfig read_config(const GGUFFile& f) {
     const int64_t gating = f.get_int(p + "expert_gating_func", 1);
     PE_CHECK(gating == 1, UnsupportedModelError, f.path(), ": ", p, "expert_gating_func ", gating,
              " is not supported (1: softmax is)");
+  }
+  if (spec->family == Family::EncoderDecoder) {
+    c.n_enc_layer = c.n_layer;
+    c.n_layer = f.get_int(p + "decoder_block_count", c.n_enc_layer);
+    PE_CHECK(c.n_layer > 0 && c.n_layer <= 4096, ModelFormatError, f.path(), ": ", p, "decoder_block_count ",
+             c.n_layer, " is out of range [1, 4096]");
+    c.decoder_start_token = f.get_int(p + "decoder_start_token_id");
+  }
+  if (spec->positions == Positions::RelativeBuckets) {
+    c.n_rel_buckets = f.get_int(p + "attention.relative_buckets_count");
+    PE_CHECK(c.n_rel_buckets >= 4 && c.n_rel_buckets <= 4096 && c.n_rel_buckets % 2 == 0, ModelFormatError, f.path(),
+             ": ", p, "attention.relative_buckets_count ", c.n_rel_buckets, " must be even and in [4, 4096]");
   }
   if (spec->family == Family::EncoderOnly) {
     const int64_t pooling = f.get_int(p + "pooling_type", int64_t(Pooling::Mean));

@@ -16,6 +16,9 @@ namespace pe {
 enum class Family {
   DecoderOnly,  // one causal stack over a growing KV cache, LM head on top (llama, qwen2, chatglm)
   EncoderOnly,  // one bidirectional stack over the whole input, hidden states out (bert)
+  // A bidirectional encoder stack run once over a sequence's input (Context::encode), and a causal
+  // decoder stack whose blocks also attend to the encoder's output (cross-attention), LM head on top (t5).
+  EncoderDecoder,
 };
 
 // How a token's place in its sequence becomes its position encoding.
@@ -23,6 +26,9 @@ enum class Positions {
   Rope,    // RoPE at the token's index in the sequence
   Rope2D,  // ChatGLM-6B: one RoPE half by position id, the other by block position (THUDM's get_position_ids)
   Learned, // a learned table of absolute positions added to the token embedding (BERT)
+  // No position encoding of the tokens: each self-attention adds a learned bias per head and bucket of
+  // key-query distance (T5's attn_rel_b; see PositionBias in ops/attention.h)
+  RelativeBuckets,
 };
 
 // Which keys of its sequence a token sees.
@@ -71,6 +77,15 @@ struct ArchSpec {
   // The architecture may use ALiBi instead of RoPE (llama.cpp's baichuan: Baichuan-13B): the file's
   // {arch}.attention.max_alibi_bias decides (0: RoPE); without it, llama.cpp's rule by model size.
   bool alibi = false;
+  // GGUF name prefixes of the decoder's and the encoder's blocks and output norm ("dec.blk.N.", "enc.output_norm"
+  // for t5), and the name of the attention's output projection.
+  const char* decoder_prefix = "";
+  const char* encoder_prefix = "";
+  const char* attn_out_name = "attn_output";
+  // The FFN's form follows the file (llama.cpp's t5): with ffn_gate tensors, act_gated(gate) * up (T5 v1.1,
+  // flan-T5, mT5: tanh GELU), else act(up) (T5 v1.0: ReLU).
+  bool ffn_from_tensors = false;
+  Activation act_gated = Activation::GELU;
 };
 
 struct ModelConfig {
@@ -111,6 +126,11 @@ struct ModelConfig {
   // ALiBi instead of RoPE: one slope per query head from {arch}.attention.max_alibi_bias (empty: none).
   float alibi_max_bias = 0.f;
   std::vector<float> alibi_slopes;
+  // Family::EncoderDecoder: the encoder's blocks (n_layer counts the decoder's: {arch}.decoder_block_count,
+  // default block_count), the token the decoder starts from, and the relative position buckets.
+  int64_t n_enc_layer = 0;
+  int64_t decoder_start_token = -1;
+  int64_t n_rel_buckets = 0;  // {arch}.attention.relative_buckets_count (Positions::RelativeBuckets)
   bool windowed(int64_t layer) const {
     return sliding_window > 0 && (swa_pattern == 0 || layer % swa_pattern != swa_pattern - 1);
   }

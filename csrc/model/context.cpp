@@ -3,6 +3,8 @@
 #include <algorithm>
 
 #include "model/memory.h"
+#include "ops/elementwise.h"
+#include "ops/matmul.h"
 
 namespace pe {
 
@@ -35,6 +37,11 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
                    pages);
   if (n_gpu)
     kv_.emplace_back(*gpu_ex_, kv_type, n_gpu, int(c.n_head_kv), int(c.head_dim), n_seq_max, positions, pages);
+  if (c.spec.family == Family::EncoderDecoder) {
+    cross_kv_ = std::make_unique<KVCache>(*ex_, kv_type, int(c.n_layer), int(c.n_head_kv), int(c.head_dim), n_seq_max,
+                                          n_ctx);
+    enc_kv_ = std::make_unique<KVCache>(*ex_, kv_type, int(c.n_enc_layer), int(c.n_head_kv), int(c.head_dim), 1, n_ctx);
+  }
   const int64_t rows = std::min<int64_t>(n_batch, n_ctx * n_seq_max);
   act_.reserve(c, rows, Device::CPU);
   if (n_gpu) gpu_act_.reserve(c, rows, Device::CUDA);
@@ -77,13 +84,83 @@ void Context::truncate_kv(int seq, int64_t keep) {
 void Context::seq_copy(int src, int dst) {
   auto lock = this->lock();
   for_each_kv([&](KVCache& kv) { kv.seq_copy(src, dst); });
+  if (cross_kv_) cross_kv_->seq_copy(src, dst);
   seqs_[size_t(dst)] = seqs_[size_t(src)];
 }
 
 void Context::clear() {
   auto lock = this->lock();
   for_each_kv([](KVCache& kv) { kv.clear(); });
+  if (cross_kv_) cross_kv_->clear();
   for (auto& s : seqs_) s = SequenceState{};
+}
+
+void Context::encode(const int32_t* tokens, int64_t n, int seq) {
+  auto lock = this->lock();
+  model_->file().check_unchanged();
+  const ModelConfig& c = model_->config();
+  PE_CHECK(cross_kv_, UnsupportedModelError, "a ", c.arch, " model has no encoder (encode() is for encoder-decoder "
+           "models such as t5)");
+  PE_CHECK(n > 0, Error, "encode needs at least one token");
+  PE_CHECK(seq >= 0 && seq < n_seq_max(), Error, "sequence id ", seq, " is out of range [0, ", n_seq_max(), ")");
+  PE_CHECK(n <= enc_kv_->n_ctx(), ContextLengthError, "an encoder input of ", n, " tokens is longer than n_ctx ",
+           enc_kv_->n_ctx());
+  for (int64_t i = 0; i < n; i++)
+    PE_CHECK(tokens[i] >= 0 && tokens[i] < c.n_vocab, Error, "token id ", tokens[i], " at index ", i,
+             " is out of range [0, ", c.n_vocab, ")");
+  // A new input: the sequence's decoded tokens and its old encoder output go.
+  for_each_kv([&](KVCache& kv) { kv.seq_truncate(seq, 0); });
+  policy_.truncate(seqs_[size_t(seq)], 0);
+  cross_kv_->seq_truncate(seq, 0);
+
+  KVCache& ekv = *enc_kv_;
+  ekv.clear();
+  ekv.seq_extend(0, n);
+  RowPlan p;
+  for (int64_t i = 0; i < n; i++) {
+    p.token.push_back(tokens[i]);
+    p.seq.push_back(0);
+    p.rope_pos.push_back(int32_t(i));
+    p.rope_pos2.push_back(0);
+    p.key_begin.push_back(0);
+    p.key_end.push_back(int32_t(n));
+    p.key_begin_window.push_back(0);
+    p.slot.push_back(ekv.slot(0, i));
+    p.logit_rows.push_back(int32_t(i));
+  }
+  act_.reserve(c, n, Device::CPU);
+  StackPart enc;
+  enc.ex = ex_.get();
+  enc.kv = &ekv;
+  enc.act = &act_;
+  enc.bias = position_bias(c, model_->encoder, true);
+  enc.tensor_prefix = c.spec.encoder_prefix;
+  for (const Layer& L : model_->encoder.layers) enc.layers.push_back(&L);
+  const int64_t d = c.n_embd, kv_dim = c.n_head_kv * c.head_dim;
+  std::vector<float> h(size_t(n * d)), k(size_t(n * kv_dim)), v(size_t(n * kv_dim));
+  const Tensor H = f32_tensor(h.data(), n, d, d), K = f32_tensor(k.data(), n, kv_dim, kv_dim),
+               V = f32_tensor(v.data(), n, kv_dim, kv_dim);
+  forward_decoder(*model_, enc, {enc}, enc, model_->encoder.head, p, rope_, H, true);
+
+  // Every decoder block's cross-attention keys and values of the encoder's output, once per input.
+  try {
+    cross_kv_->seq_extend(seq, n);
+    std::vector<int32_t> slots(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; i++) slots[size_t(i)] = cross_kv_->slot(seq, i);
+    const Tensor S{GGMLType::I32, slots.data(), 1, n, size_t(n) * sizeof(int32_t), Device::CPU};
+    for (int64_t l = 0; l < c.n_layer; l++) {
+      const Layer& L = model_->decoder.layers[size_t(l)];
+      matmul(*ex_, L.cross_k.w, H, K);
+      if (!L.cross_k.b.empty()) add_bias(*ex_, K, L.cross_k.b);
+      matmul(*ex_, L.cross_v.w, H, V);
+      if (!L.cross_v.b.empty()) add_bias(*ex_, V, L.cross_v.b);
+      cross_kv_->store(*ex_, int(l), K, V, S);
+    }
+    model_->file().check_unchanged();
+  } catch (...) {
+    cross_kv_->seq_truncate(seq, 0);
+    throw;
+  }
 }
 
 void Context::eval(const int32_t* tokens, int64_t n, float* logits, bool all_logits, int seq) {
@@ -221,6 +298,13 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
     p.key_end.push_back(int32_t(place.key_end + prefix_));
     p.key_begin_window.push_back(place.key_begin_window);
     p.slot.push_back(kv().slot(s, at));
+    if (cross_kv_) {
+      const int64_t n_enc = cross_kv_->seq_len(s);
+      PE_CHECK(n_enc > 0, Error, "sequence ", s, " of this ", model_->config().arch,
+               " (encoder-decoder) context has no encoder input: call encode() before decoding it");
+      p.cross_key_begin.push_back(0);
+      p.cross_key_end.push_back(int32_t(n_enc));
+    }
     if (rows[r].logits) p.logit_rows.push_back(int32_t(r));
   }
   const ModelConfig& c = model_->config();
@@ -238,6 +322,9 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
   parts[0].ex = ex_.get();
   parts[0].kv = &kv_[0];
   parts[0].act = &act_;
+  parts[0].bias = position_bias(c, model_->decoder, false);
+  parts[0].cross = cross_kv_.get();
+  for (StackPart& part : parts) part.tensor_prefix = c.spec.decoder_prefix;
   for (int64_t l = 0; l < c.n_layer - gpu.n_layers; l++) parts[0].layers.push_back(&model_->decoder.layers[size_t(l)]);
   if (gpu_ex_) {
     parts[1].ex = gpu_ex_.get();

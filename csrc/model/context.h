@@ -46,6 +46,14 @@ class Context {
   // hidden: instead of logits, the wanted rows' final hidden states after the output norm
   // (batch.n_logits() rows of n_embd floats), from which embeddings are pooled.
   void decode(const Batch& batch, float* logits, bool hidden = false);
+  // Family::EncoderDecoder: runs the encoder over `tokens` (one pass, every token sees all of them) and
+  // keeps the keys and values of its output for every decoder block's cross-attention in sequence `seq`,
+  // which starts over empty: decode() then appends decoder tokens to it (the first: the model's
+  // decoder_start_token). seq_copy shares the encoder's keys and values with the copy.
+  void encode(const int32_t* tokens, int64_t n, int seq = 0);
+  // Encoder positions sequence `seq` holds (0: encode() not called since it was last emptied).
+  int64_t seq_encoded_len(int seq) const { return cross_kv_ ? cross_kv_->seq_len(seq) : 0; }
+
   // The batch-of-one case: n tokens appended to `seq`; logits of the last token, of all, or none.
   void eval(const int32_t* tokens, int64_t n, float* logits, bool all_logits, int seq = 0);
 
@@ -98,6 +106,9 @@ class Context {
   std::shared_ptr<Executor> gpu_ex_;  // the model's GPU stream, when blocks are offloaded
   int64_t n_batch_;
   std::vector<KVCache> kv_;  // the CPU blocks' cache, then the GPU blocks' (when offloaded)
+  // Family::EncoderDecoder: each sequence's cross-attention keys and values (a layer per decoder block,
+  // a position per input token), and the encoder's own self-attention cache (one sequence, reused).
+  std::unique_ptr<KVCache> cross_kv_, enc_kv_;
   // Cache positions [0, prefix_) of every sequence that holds anything are the model's P-Tuning v2
   // prefix (ModelConfig::prefix_length); its tokens follow, so a token's cache position is its
   // index + prefix_. The prefix is written when a sequence gets its first token and never truncated.

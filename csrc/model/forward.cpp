@@ -17,7 +17,7 @@ namespace pe {
 
 void RowPlan::clear() {
   for (auto* v : {&token, &seq, &rope_pos, &rope_pos2, &key_begin, &key_end, &slot, &logit_rows, &key_begin_window,
-                  &prefix_slot})
+                  &prefix_slot, &cross_key_begin, &cross_key_end})
     v->clear();
 }
 
@@ -51,13 +51,14 @@ MoEParams moe_params(const ModelConfig& c) {
 
 RowTensors Activations::upload(Executor& ex, const RowPlan& p) {
   const std::vector<int32_t>* v[] = {&p.token, &p.seq,  &p.rope_pos,   &p.rope_pos2,        &p.key_begin,
-                                     &p.key_end, &p.slot, &p.logit_rows, &p.key_begin_window, &p.prefix_slot};
-  constexpr int kN = 10;
+                                     &p.key_end, &p.slot, &p.logit_rows, &p.key_begin_window, &p.prefix_slot,
+                                     &p.cross_key_begin, &p.cross_key_end};
+  constexpr int kN = 12;
   Tensor* t[kN];
   RowTensors r;
   t[0] = &r.token, t[1] = &r.seq, t[2] = &r.rope_pos, t[3] = &r.rope_pos2;
   t[4] = &r.key_begin, t[5] = &r.key_end, t[6] = &r.slot, t[7] = &r.logit_rows, t[8] = &r.key_begin_window;
-  t[9] = &r.prefix_slot;
+  t[9] = &r.prefix_slot, t[10] = &r.cross_key_begin, t[11] = &r.cross_key_end;
   const Device dev = ex.device();
   std::vector<int32_t> packed;  // one copy to the GPU for all of them
   if (dev != Device::CPU) {
@@ -81,7 +82,8 @@ namespace {
 // One block of the decoder stack (attention, then feed-forward, each pre-normed with a residual),
 // for the n rows of `x` on the part's device.
 void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_ctx, const Layer& L, int64_t layer,
-                   KVCache& kv, int kv_layer, const RowTensors& rt, Activations& a, int64_t n) {
+                   const StackPart& part, int kv_layer, const RowTensors& rt, Activations& a, int64_t n) {
+  KVCache& kv = *part.kv;
   const ArchSpec& spec = c.spec;
   const Device dev = ex.device();
   const int64_t d = c.n_embd, hd = c.head_dim, n_ff = c.n_ff;
@@ -106,6 +108,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   const RopeParams& rope_params = c.windowed(layer) ? rope_ctx.windowed : rope_ctx.global;
   auto rotate = [&](const Tensor& heads, int n_heads) {
     if (spec.positions == Positions::Learned) return;  // added to the embeddings instead
+    if (spec.positions == Positions::RelativeBuckets) return;  // a bias of the attention scores instead
     if (!c.alibi_slopes.empty()) return;               // ALiBi: positions enter as attention biases
     rope(ex, heads, n_heads, int(hd), 0, rt.rope_pos, rope_params);
     if (spec.positions == Positions::Rope2D) rope(ex, heads, n_heads, int(hd), c.rope.n_dims, rt.rope_pos2, rope_ctx.global);
@@ -137,12 +140,24 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
     kv.store(ex, kv_layer, L.prefix_k, L.prefix_v, rt.prefix_slot.cols_view(j, c.prefix_length));
   kv.store(ex, kv_layer, k, v, rt.slot);
   const Tensor& key_begin = c.windowed(layer) ? rt.key_begin_window : rt.key_begin;
+  PositionBias bias = part.bias;
+  bias.query_pos = rt.rope_pos;
   attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, c.kq_scale, att,
-            c.attn_softcap, c.alibi_slopes.empty() ? nullptr : c.alibi_slopes.data());
+            c.attn_softcap, c.alibi_slopes.empty() ? nullptr : c.alibi_slopes.data(), bias.table ? &bias : nullptr);
   linear(L.wo, att, xn);
   if (!L.attn_post_norm.empty()) norm(ex, spec.norm, xn, L.attn_post_norm, Tensor{}, xn, c.norm_eps);
   add(ex, x, xn);
   post_norm(L.attn_norm, L.attn_norm_b);
+  // Cross-attention (encoder-decoder): queries from the decoder, keys and values of the encoder's output,
+  // computed once per input (Context::encode); every encoder position is visible, without a position bias.
+  if (L.cross_q.present()) {
+    pre_norm(L.cross_norm, Tensor{});
+    linear(L.cross_q, xn, q);
+    attention(ex, q, int(c.n_head), *part.cross, kv_layer, AttentionRows{rt.seq, rt.cross_key_begin, rt.cross_key_end},
+              c.kq_scale, att);
+    linear(L.cross_o, att, xn);
+    add(ex, x, xn);
+  }
   // Feed-forward block: one FFN, or a mixture of experts.
   if (!post) pre_norm(L.ffn_norm, L.ffn_norm_b);
   const Tensor& ffn_in = post ? x : xn;
@@ -215,10 +230,10 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
     if (part.layers.empty()) continue;
     rt = enter(part);
     for (size_t i = 0; i < part.layers.size(); i++) {
-      decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), *part.kv, int(i), rt, *part.act, n);
+      decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), part, int(i), rt, *part.act, n);
       if (part.ex->device() == Device::CPU && !cpu::all_finite(static_cast<const float*>(part.act->x.data()), n * d)) {
         const int64_t l = part.first + int64_t(i);
-        throw non_finite(str_cat("the output of layer ", l, " (tensors blk.", l, ".*)"));
+        throw non_finite(str_cat("the output of layer ", l, " (tensors ", part.tensor_prefix, "blk.", l, ".*)"));
       }
     }
   }
@@ -237,6 +252,7 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
   get_rows(ex, x, rt.logit_rows, h);
   if (!head.output_norm.empty()) norm(ex, c.spec.norm, h, head.output_norm, head.output_norm_b, h, c.norm_eps);
   if (!hidden_out) {
+    if (head.output_scale != 1.f) scale(ex, h, head.output_scale, h);
     matmul(ex, head.output.w, h, y);
     if (!head.output.b.empty()) add_bias(ex, y, head.output.b);
     if (c.final_softcap > 0.f) softcap(ex, y, c.final_softcap);

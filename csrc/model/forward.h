@@ -7,6 +7,7 @@
 #include "kv_cache.h"
 #include "model/input_stats.h"
 #include "model/model.h"
+#include "ops/attention.h"
 #include "ops/moe.h"
 #include "tensor.h"
 
@@ -19,6 +20,9 @@ struct RowPlan {
   // P-Tuning v2: the cache slots of the prefix of each sequence that starts in this pass
   // (ModelConfig::prefix_length slots per sequence, positions 0.. of the sequence's cache).
   std::vector<int32_t> prefix_slot;
+  // Family::EncoderDecoder's decoder rows: the encoder positions [cross_key_begin, cross_key_end) of the
+  // row's sequence in the cross-attention cache (its whole input).
+  std::vector<int32_t> cross_key_begin, cross_key_end;
 
   int64_t size() const { return int64_t(token.size()); }
   void clear();
@@ -26,7 +30,8 @@ struct RowPlan {
 
 // The plan's vectors as I32 tensors on one device (host views on the CPU, one upload on a GPU).
 struct RowTensors {
-  Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows, key_begin_window, prefix_slot;
+  Tensor token, seq, rope_pos, rope_pos2, key_begin, key_end, slot, logit_rows, key_begin_window, prefix_slot,
+      cross_key_begin, cross_key_end;
 };
 
 // The mixture-of-experts op's parameters of a model (ModelConfig::n_expert > 0).
@@ -50,6 +55,11 @@ struct StackPart {
   int64_t first = 0;
   KVCache* kv = nullptr;
   Activations* act = nullptr;
+  // Positions::RelativeBuckets: the stack's self-attention bias (its table null otherwise).
+  PositionBias bias;
+  // Family::EncoderDecoder's decoder: the keys and values of the encoder's output, a layer per block.
+  const KVCache* cross = nullptr;
+  const char* tensor_prefix = "";  // GGUF prefix of the stack's block tensors ("enc.", "dec."), for messages
 };
 
 // RoPE as one context runs it (llama.cpp's cparams): of the global layers and of the windowed ones,

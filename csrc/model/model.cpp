@@ -105,7 +105,8 @@ Tensor Model::keep(Vec v, int64_t rows) {
 std::vector<Tensor*> Layer::tensors() {
   return {&attn_norm, &attn_norm_b, &wqkv.w, &wqkv.b, &wq.w, &wq.b, &wk.w, &wk.b, &wv.w, &wv.b, &wo.w, &wo.b,
           &attn_q_norm, &attn_k_norm, &attn_post_norm, &ffn_post_norm, &ffn_norm, &ffn_norm_b, &w_gate.w, &w_gate.b, &w_up.w, &w_up.b, &w_down.w, &w_down.b,
-          &experts.router, &experts.gate, &experts.up, &experts.down, &prefix_k, &prefix_v};
+          &experts.router, &experts.gate, &experts.up, &experts.down, &prefix_k, &prefix_v,
+          &cross_norm, &cross_q.w, &cross_q.b, &cross_k.w, &cross_k.b, &cross_v.w, &cross_v.b, &cross_o.w, &cross_o.b};
 }
 
 std::vector<Tensor*> Head::tensors() { return {&output_norm, &output_norm_b, &output.w, &output.b}; }
@@ -142,8 +143,20 @@ Part copy_to(Executor& ex, const Part& part, std::vector<Buffer>& memory) {
 size_t Model::layer_bytes(int64_t layer) const { return part_bytes(decoder.layers.at(size_t(layer))); }
 size_t Model::head_bytes() const { return part_bytes(decoder.head); }
 
+PositionBias position_bias(const ModelConfig& c, const Stack& s, bool bidirectional) {
+  PositionBias b;
+  if (s.rel_bias.empty()) return b;
+  b.table = s.rel_bias.data();
+  b.n_buckets = int(c.n_rel_buckets);
+  b.bidirectional = bidirectional;
+  return b;
+}
+
 void Model::offload(int n_gpu_layers) {
   PE_CHECK(gpu_.n_layers == 0, Error, "the model is already offloaded (", gpu_.n_layers, " layers)");
+  PE_CHECK(n_gpu_layers == 0 || cfg_.spec.family != Family::EncoderDecoder, UnsupportedModelError, file_->path(),
+           ": a ", cfg_.arch, " model (encoder-decoder) runs on the CPU only in this version of pyengine: load it "
+           "with n_gpu_layers=0");
   const int n_layer = int(cfg_.n_layer);
   const int n = n_gpu_layers < 0 ? 0 : (n_gpu_layers > n_layer ? n_layer : n_gpu_layers);
   if (n == 0) return;
@@ -187,11 +200,18 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
 
   Head& head = decoder.head;
   const bool lm = c.spec.family == Family::DecoderOnly;  // encoders end in hidden states: no LM head
-  head.output_norm = keep(ld.vec("output_norm.weight", c.n_embd, lm));
-  if (c.spec.norm == NormType::Layer) head.output_norm_b = keep(ld.vec("output_norm.bias", c.n_embd, false));
-  if (lm) {
+  const bool enc_dec = c.spec.family == Family::EncoderDecoder;
+  const std::string dec = c.spec.decoder_prefix, enc = c.spec.encoder_prefix;
+  head.output_norm = keep(ld.vec(dec + "output_norm.weight", c.n_embd, lm || enc_dec));
+  if (c.spec.norm == NormType::Layer) head.output_norm_b = keep(ld.vec(dec + "output_norm.bias", c.n_embd, false));
+  if (enc_dec) encoder.head.output_norm = keep(ld.vec(enc + "output_norm.weight", c.n_embd));
+  if (lm || enc_dec) {
     head.output = ld.linear(*this, "output", cfg_.n_vocab, c.n_embd, false);
-    if (!head.output.present()) head.output.w = tok_embd;  // tied embeddings
+    if (!head.output.present()) {
+      head.output.w = tok_embd;  // tied embeddings
+      // transformers' T5ForConditionalGeneration rescales before a tied LM head (llama.cpp's t5 does not)
+      if (enc_dec) head.output_scale = 1.f / std::sqrt(float(c.n_embd));
+    }
   }
   if (c.spec.positions == Positions::Learned) {
     const GGUFTensorInfo* pos = ld.find("position_embd.weight", true);
@@ -240,10 +260,12 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
   }
 
   const int64_t q_dim = c.n_head * c.head_dim, kv_dim = c.n_head_kv * c.head_dim;
-  decoder.layers.resize(size_t(c.n_layer));
-  for (int64_t l = 0; l < c.n_layer; l++) {
-    Layer& L = decoder.layers[size_t(l)];
-    const std::string b = "blk." + std::to_string(l) + ".";
+  // The blocks of one stack: "blk.N." (a decoder-only or encoder-only model), "enc.blk.N." / "dec.blk.N.".
+  auto load_stack = [&](Stack& stack, const std::string& prefix, int64_t n_layer, bool cross) {
+  stack.layers.resize(size_t(n_layer));
+  for (int64_t l = 0; l < n_layer; l++) {
+    Layer& L = stack.layers[size_t(l)];
+    const std::string b = prefix + "blk." + std::to_string(l) + ".";
     const std::string an = b + c.spec.attn_norm_name, fn = b + c.spec.ffn_norm_name;
     L.attn_norm = keep(ld.vec(an + ".weight", c.n_embd));
     if (c.spec.norm == NormType::Layer) L.attn_norm_b = keep(ld.vec(an + ".bias", c.n_embd, false));
@@ -253,7 +275,14 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
       L.wk = ld.linear(*this, b + "attn_k", kv_dim, c.n_embd);
       L.wv = ld.linear(*this, b + "attn_v", kv_dim, c.n_embd);
     }
-    L.wo = ld.linear(*this, b + "attn_output", c.n_embd, q_dim);
+    L.wo = ld.linear(*this, b + c.spec.attn_out_name, c.n_embd, q_dim);
+    if (cross) {
+      L.cross_norm = keep(ld.vec(b + "cross_attn_norm.weight", c.n_embd));
+      L.cross_q = ld.linear(*this, b + "cross_attn_q", q_dim, c.n_embd);
+      L.cross_k = ld.linear(*this, b + "cross_attn_k", kv_dim, c.n_embd);
+      L.cross_v = ld.linear(*this, b + "cross_attn_v", kv_dim, c.n_embd);
+      L.cross_o = ld.linear(*this, b + "cross_attn_o", c.n_embd, q_dim);
+    }
     L.attn_q_norm = keep(ld.vec(b + "attn_q_norm.weight", c.head_dim, false));
     L.attn_k_norm = keep(ld.vec(b + "attn_k_norm.weight", c.head_dim, false));
     L.attn_post_norm = keep(ld.vec(b + "post_attention_norm.weight", c.n_embd, false));
@@ -270,7 +299,7 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
       L.experts.down = ld.experts(b + "ffn_down_exps.weight", c.n_expert, c.n_embd, c.n_ff_exp,
                                   "expert_feed_forward_length, embedding_length");
     } else {
-      if (c.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(*this, b + "ffn_gate", c.n_ff, c.n_embd);
+      if (cfg_.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(*this, b + "ffn_gate", c.n_ff, c.n_embd);
       L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
       L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);
     }
@@ -283,6 +312,20 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
                ".prefix_length'");
     }
   }
+  if (c.spec.positions == Positions::RelativeBuckets) {
+    // ggml shape {n_head, n_buckets} (HF's Embedding(n_buckets, n_heads)): transposed to a row per head
+    const Vec t = ld.float_matrix(prefix + "blk.0.attn_rel_b.weight", c.n_rel_buckets, c.n_head);
+    stack.rel_bias.resize(t.size());
+    for (int64_t k = 0; k < c.n_rel_buckets; k++)
+      for (int64_t h = 0; h < c.n_head; h++) stack.rel_bias[size_t(h * c.n_rel_buckets + k)] = t[size_t(k * c.n_head + h)];
+  }
+  };
+  if (c.spec.ffn_from_tensors) {  // llama.cpp's t5: the FFN's form follows the file
+    cfg_.spec.gated_ffn = ld.find((enc_dec ? enc : dec) + "blk.0.ffn_gate.weight", false) != nullptr;
+    cfg_.spec.act = cfg_.spec.gated_ffn ? c.spec.act_gated : c.spec.act;
+  }
+  load_stack(decoder, dec, c.n_layer, enc_dec);
+  if (enc_dec) load_stack(encoder, enc, c.n_enc_layer, false);
   file_->check_unchanged();  // the 1-D parameters were copied out of the mapping
 }
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "executor.h"
+#include "ops/attention.h"
 #include "gguf.h"
 #include "model/config.h"
 #include "ops/moe.h"
@@ -35,6 +36,10 @@ struct Layer {
   // P-Tuning v2: the learned past keys and values every sequence starts with, F32
   // [prefix_length x n_head_kv * head_dim] (keys as stored: THUDM's prefix carries no RoPE).
   Tensor prefix_k, prefix_v;
+  // Cross-attention (an encoder-decoder's decoder blocks): a pre-normed attention whose queries come from
+  // the decoder and whose keys and values are wk/wv of the encoder's output (Context::encode).
+  Tensor cross_norm;
+  Linear cross_q, cross_k, cross_v, cross_o;
 
   // Every tensor of the block (absent ones too, as empty tensors), for copying a layer to a device.
   std::vector<Tensor*> tensors();
@@ -44,14 +49,21 @@ struct Layer {
 struct Head {
   Tensor output_norm, output_norm_b;
   Linear output;  // the token embedding when tied
+  float output_scale = 1.f;  // T5 with tied embeddings: d_model^-0.5 on the hidden states before the LM head
   std::vector<Tensor*> tensors();
 };
 
-// A stack of transformer blocks and its head.
+// A stack of transformer blocks and its head (an encoder's: its output norm only).
 struct Stack {
   std::vector<Layer> layers;
   Head head;
+  // Positions::RelativeBuckets: the stack's position bias table, F32 [n_head x n_rel_buckets], stored
+  // with layer 0 (llama.cpp's {enc,dec}.blk.0.attn_rel_b) and shared by every layer.
+  Vec rel_bias;
 };
+
+// The relative position bias of a stack's self-attention (PositionBias without the rows' positions).
+PositionBias position_bias(const ModelConfig& c, const Stack& s, bool bidirectional);
 
 // The blocks (and, when all of them, the head) copied to a GPU: llama.cpp's n_gpu_layers counts
 // from the top, so the last n_layers blocks run there and the first ones on the CPU.
@@ -78,6 +90,7 @@ class Model {
   // as F32 (every token is type 0: one sentence per input); the LayerNorm of the summed embeddings.
   Tensor position_embd{}, token_type{}, embd_norm{}, embd_norm_b{};
   Stack decoder;
+  Stack encoder;  // Family::EncoderDecoder
   Vec rope_freqs;
   Vec rope_long, rope_short;  // LongRoPE's factor sets (rope_factors_long/short.weight), or empty
 

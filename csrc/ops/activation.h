@@ -9,6 +9,7 @@ enum class Activation {
   SiLU,
   GELU,     // tanh approximation (ggml, GPT-2, ChatGLM-6B)
   GELUErf,  // exact: 0.5 x (1 + erf(x / sqrt 2)) (BERT, HF's "gelu")
+  ReLU,     // max(x, 0) (T5 v1.0)
 };
 
 // out = act(gate) * up, element-wise; all F32 [n x d]; out may alias gate or up.

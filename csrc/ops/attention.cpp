@@ -1,5 +1,6 @@
 #include "ops/attention.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "ops/dispatch.h"
@@ -7,7 +8,7 @@
 namespace pe {
 
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap, const float* alibi) {
+               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
   PE_CHECK(softcap >= 0.f && softcap < 1e30f, Error, "attention: soft-cap ", softcap, " must be >= 0 and finite");
   for (int h = 0; alibi && h < n_head; h++)
     PE_CHECK(std::isfinite(alibi[h]), Error, "attention: ALiBi slope of head ", h, " is ", alibi[h]);
@@ -22,8 +23,33 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
   check_i32(ex, rows.seq, n, "attention: seq");
   check_i32(ex, rows.key_begin, n, "attention: key_begin");
   check_i32(ex, rows.key_end, n, "attention: key_end");
+  if (bias) {
+    PE_CHECK(bias->table && bias->n_buckets > 0 && bias->max_distance > 0, Error, "attention: empty position bias");
+    PE_CHECK(ex.device() == Device::CPU, UnsupportedModelError,
+             "attention: relative position biases (T5) run on the CPU only");
+    check_i32(ex, bias->query_pos, n, "attention: query_pos");
+  }
   if (n == 0) return;
-  PE_DISPATCH(ex, attention, ex, q, n_head, kv, layer, rows, scale, out, softcap, alibi);
+  PE_DISPATCH(ex, attention, ex, q, n_head, kv, layer, rows, scale, out, softcap, alibi, bias);
+}
+
+int relative_position_bucket(int64_t rel, int n_buckets, int max_distance, bool bidirectional) {
+  int bucket = 0;
+  if (bidirectional) {
+    n_buckets /= 2;
+    if (rel > 0) bucket += n_buckets;
+    rel = rel < 0 ? -rel : rel;
+  } else {
+    rel = rel < 0 ? -rel : 0;
+  }
+  const int max_exact = n_buckets / 2;
+  if (rel < max_exact) return bucket + int(rel);
+  // torch: float32 log of a float32 ratio, divided by a (double) Python constant, times an int, truncated
+  const float ratio = float(rel) / float(max_exact);
+  const float scaled = std::log(ratio) / float(std::log(double(max_distance) / double(max_exact))) *
+                       float(n_buckets - max_exact);
+  const int large = max_exact + int(scaled);
+  return bucket + std::min(large, n_buckets - 1);
 }
 
 std::vector<float> alibi_slopes(int n_head, float max_bias) {

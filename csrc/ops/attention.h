@@ -24,8 +24,28 @@ struct AttentionRows {
 // slope_h * (j - (key_end - 1)) to the score of key j after scaling and soft-capping, i.e. minus the slope
 // times the key's distance from the row's last visible key, which in causal attention is the row's own
 // position (Baichuan-13B, BLOOM; llama.cpp's ggml_soft_max_ext with max_bias and its -|i - j| mask).
+// bias: null, or T5's relative position bias (below), added to the scaled scores.
+struct PositionBias;
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap = 0.f, const float* alibi = nullptr);
+               float scale, const Tensor& out, float softcap = 0.f, const float* alibi = nullptr,
+               const PositionBias* bias = nullptr);
+
+// T5's relative position bias (Raffel et al. 2020, 2.1): the score of a row at position i for key j
+// gets table[h][bucket(j - i)], one learned scalar per head and bucket, shared by every layer of a
+// stack. Distances below n_buckets / 4 (bidirectional; / 2 causal) have a bucket each, longer ones
+// share log-spaced buckets up to max_distance; bidirectional buckets tell left from right, causal
+// ones see only the past.
+struct PositionBias {
+  const float* table = nullptr;  // host F32 [n_head x n_buckets]
+  int n_buckets = 0;
+  int max_distance = 128;        // llama.cpp and transformers' default; T5 checkpoints all use it
+  bool bidirectional = false;
+  Tensor query_pos;              // I32 [1 x n]: each row's position in its sequence
+};
+
+// transformers' T5Attention._relative_position_bucket for one distance (key position - query position),
+// in float32 as torch computes it.
+int relative_position_bucket(int64_t relative_position, int n_buckets, int max_distance, bool bidirectional);
 
 // ALiBi's slope of each of n_head heads for maximum bias max_bias, as ggml computes them: with
 // n = 2^floor(log2(n_head)), head h < n gets 2^(-max_bias (h + 1) / n), head h >= n gets

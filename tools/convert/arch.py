@@ -114,6 +114,8 @@ class StackMap:
     tensors: dict[str, str]                     # HF name inside a block -> GGUF name inside a block
     gguf_prefix: str = "blk"
     n_layer: str = "n_layer"                    # the HParams field that counts its blocks
+    # (hp, block) -> GGUF names inside that block it must have (weights); None: the architecture's rule
+    required: Callable[[HParams, int], tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -850,8 +852,133 @@ BAICHUAN = ArchSpec(
     split_rows={"attn_qkv": ("attn_q", "attn_k", "attn_v")},
 )
 
+# --- T5 (encoder-decoder) --------------------------------------------------------------------------------
+# llama.cpp's `t5` (conversion/t5.py T5Model and gguf-py's tensor map): an encoder stack "enc.blk.N." and a
+# decoder stack "dec.blk.N." with cross-attention, T5LayerNorm (RMS, no bias), the relative position bias
+# table of each stack in its block 0 only (attn_rel_b), a ReLU FFN (wi -> ffn_up; T5 v1.0) or a tanh-GELU
+# gated one (wi_0 -> ffn_gate, wi_1 -> ffn_up; v1.1, flan-T5, mT5), and the SentencePiece unigram
+# vocabulary of spiece.model (tokenizer.ggml.model "t5").
+T5_MAX_DISTANCE = 128   # llama.cpp's llama_relative_position_bucket hard-codes it
+
+
+def _t5_fix(config: dict[str, Any], hp: HParams) -> None:
+    hp.n_ctx = int(config.get("n_positions") or 512)   # llama.cpp's default
+    hp.tied = bool(config.get("tie_word_embeddings", True))   # T5Config's default
+    if config.get("scale_decoder_outputs") is False:
+        # transformers 5's T5 v1.1 without the output scale: the engine knows it by an lm_head of its own
+        hp.tied = False
+    hp.head_dim_explicit = True
+    hp.extra["n_dec_layer"] = int(config.get("num_decoder_layers") or hp.n_layer)
+    hp.n_dec_layer = hp.extra["n_dec_layer"]  # type: ignore[attr-defined]  # the decoder StackMap's count
+    hp.extra["has_dec_layer_key"] = config.get("num_decoder_layers") is not None
+    hp.extra["n_rel_buckets"] = int(config.get("relative_attention_num_buckets", 32))
+    hp.extra["decoder_start_token_id"] = int(config.get("decoder_start_token_id", 0) or 0)
+    proj = config.get("feed_forward_proj", "relu")
+    if proj not in ("relu", "gated-gelu"):
+        raise ConversionError(f"config.json feed_forward_proj={proj!r}: only 'relu' (T5) and 'gated-gelu' "
+                              "(T5 v1.1, flan-T5, mT5: tanh GELU) are supported")
+    hp.extra["gated"] = proj == "gated-gelu"
+    max_distance = int(config.get("relative_attention_max_distance", T5_MAX_DISTANCE))
+    if max_distance != T5_MAX_DISTANCE:
+        raise ConversionError(f"config.json relative_attention_max_distance={max_distance}: only "
+                              f"{T5_MAX_DISTANCE} is supported (as in llama.cpp)")
+    if hp.extra["n_rel_buckets"] < 4 or hp.extra["n_rel_buckets"] % 2:
+        raise ConversionError(f"config.json relative_attention_num_buckets={hp.extra['n_rel_buckets']} must be "
+                              "even and at least 4")
+
+
+def _t5_rename(name: str, config: dict[str, Any]) -> str | None:
+    # llama.cpp takes the first of shared / encoder.embed_tokens / decoder.embed_tokens as token_embd;
+    # transformers saves shared.weight and drops the tied copies
+    if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        return None
+    return name
+
+
+T5_BLOCK_TENSORS = {"layer.0.layer_norm": "attn_norm", "layer.0.SelfAttention.q": "attn_q",
+                    "layer.0.SelfAttention.k": "attn_k", "layer.0.SelfAttention.v": "attn_v",
+                    "layer.0.SelfAttention.o": "attn_o",
+                    "layer.0.SelfAttention.relative_attention_bias": "attn_rel_b"}
+T5_FFN_TENSORS = {"layer_norm": "ffn_norm", "DenseReluDense.wi": "ffn_up", "DenseReluDense.wi_0": "ffn_gate",
+                  "DenseReluDense.wi_1": "ffn_up", "DenseReluDense.wo": "ffn_down"}
+T5_CROSS_TENSORS = {"layer.1.layer_norm": "cross_attn_norm", "layer.1.EncDecAttention.q": "cross_attn_q",
+                    "layer.1.EncDecAttention.k": "cross_attn_k", "layer.1.EncDecAttention.v": "cross_attn_v",
+                    "layer.1.EncDecAttention.o": "cross_attn_o"}
+
+
+def _t5_block(cross: bool) -> Callable[[HParams, int], tuple[str, ...]]:
+    def required(hp: HParams, bid: int) -> tuple[str, ...]:
+        names = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn_norm", "ffn_up", "ffn_down")
+        names += ("ffn_gate",) if hp.extra["gated"] else ()
+        names += ("attn_rel_b",) if bid == 0 else ()
+        names += tuple(T5_CROSS_TENSORS.values()) if cross else ()
+        return names
+    return required
+
+
+def _t5_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    e, f, q = hp.n_embd, hp.n_ff, hp.n_head * hp.head_dim
+    shapes = {"token_embd.weight": (hp.n_vocab, e), "output.weight": (hp.n_vocab, e),
+              "enc.output_norm.weight": (e,), "dec.output_norm.weight": (e,)}
+    for s in ("enc", "dec"):
+        b = f"{s}.blk.{{bid}}."
+        shapes.update({b + "attn_norm.weight": (e,), b + "ffn_norm.weight": (e,), b + "attn_q.weight": (q, e),
+                       b + "attn_k.weight": (q, e), b + "attn_v.weight": (q, e), b + "attn_o.weight": (e, q),
+                       b + "attn_rel_b.weight": (hp.extra["n_rel_buckets"], hp.n_head),
+                       b + "ffn_gate.weight": (f, e), b + "ffn_up.weight": (f, e), b + "ffn_down.weight": (e, f)})
+    b = "dec.blk.{bid}."
+    shapes.update({b + "cross_attn_norm.weight": (e,), b + "cross_attn_q.weight": (q, e),
+                   b + "cross_attn_k.weight": (q, e), b + "cross_attn_v.weight": (q, e),
+                   b + "cross_attn_o.weight": (e, q)})
+    return shapes
+
+
+def _write_t5_hparams(w: Any, hp: HParams, spec: ArchSpec, *_: Any) -> None:
+    """The keys and order of llama.cpp's T5Model.set_gguf_parameters."""
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_block_count(hp.n_layer)
+    if hp.extra["has_dec_layer_key"]:
+        w.add_decoder_block_count(hp.extra["n_dec_layer"])
+    w.add_head_count(hp.n_head)
+    w.add_key_length(hp.head_dim)
+    w.add_value_length(hp.head_dim)
+    w.add_layer_norm_eps(hp.norm_eps)
+    w.add_relative_attn_buckets_count(hp.extra["n_rel_buckets"])
+    w.add_layer_norm_rms_eps(hp.norm_eps)
+    w.add_decoder_start_token_id(hp.extra["decoder_start_token_id"])
+
+
+T5 = ArchSpec(
+    name="t5",
+    hf_architectures=("T5ForConditionalGeneration", "MT5ForConditionalGeneration", "T5WithLMHeadModel"),
+    global_tensors={"shared": "token_embd", "lm_head": "output", "encoder.final_layer_norm": "enc.output_norm",
+                    "decoder.final_layer_norm": "dec.output_norm"},
+    stacks=(StackMap("encoder.block.{bid}.",
+                     {**T5_BLOCK_TENSORS, **{f"layer.1.{k}": v for k, v in T5_FFN_TENSORS.items()}},
+                     gguf_prefix="enc.blk", required=_t5_block(False)),
+            StackMap("decoder.block.{bid}.",
+                     {**T5_BLOCK_TENSORS, **T5_CROSS_TENSORS, **{f"layer.2.{k}": v for k, v in T5_FFN_TENSORS.items()}},
+                     gguf_prefix="dec.blk", n_layer="n_dec_layer", required=_t5_block(True))),
+    hparam_keys={"n_vocab": ("vocab_size",), "n_embd": ("d_model",), "n_layer": ("num_layers",),
+                 "n_head": ("num_heads",), "n_head_kv": (), "n_ff": ("d_ff",), "n_ctx": ("n_positions",),
+                 "head_dim": ("d_kv",), "norm_eps": ("layer_norm_epsilon",), "rope_theta": (),
+                 "tied": ("tie_word_embeddings",)},
+    shapes=_t5_shapes,
+    tokenizers=("t5",),
+    ignored_suffixes=(),
+    fix_hparams=_t5_fix,
+    rename=_t5_rename,
+    required_globals=lambda hp: ("token_embd.weight", "enc.output_norm.weight", "dec.output_norm.weight")
+    + (() if hp.tied else ("output.weight",)),
+    float_tensors=("enc.blk.0.attn_rel_b.weight", "dec.blk.0.attn_rel_b.weight"),
+    write_hparams=_write_t5_hparams,
+    decoder=False,
+)
+
 ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, QWEN3MOE, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3,
-                                       GEMMA2, GEMMA3, BAICHUAN)
+                                       GEMMA2, GEMMA3, BAICHUAN, T5)
 
 
 def supported_architectures() -> list[str]:

@@ -328,7 +328,8 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         found[gguf_name] = parts[0][0]
     for stack in spec.stacks:
         for bid in range(getattr(hp, stack.n_layer)):
-            local = spec.block_required(hp, bid) if spec.block_required else stack.tensors.values()
+            local = (stack.required(hp, bid) if stack.required else spec.block_required(hp, bid)
+                     if spec.block_required else stack.tensors.values())
             required += [f"{stack.gguf_prefix}.{bid}.{g}.weight" for g in local]
             required += [f"{stack.gguf_prefix}.{bid}.{g}.bias" for g in spec.required_biases]
     for name in required:

@@ -68,6 +68,7 @@ class Vocab:
     chat_template: str | list[dict[str, str]] | None = None
     add_sep: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)        # other keys: bool, int or str values
+    precompiled_charsmap: bytes = b""           # SentencePiece unigram normalizer (tokenizer.ggml.precompiled_charsmap)
 
 
 def _read_json(path: Path) -> Any:
@@ -198,6 +199,8 @@ class SentencePieceModel:
     add_dummy_prefix: bool
     remove_extra_whitespaces: bool  # the normalizer strips spaces at the ends and collapses runs of them
     special_ids: dict[str, int]     # bos, eos, unk, pad as the trainer set them
+    model_type: int = 2             # the trainer's: 1 unigram, 2 BPE
+    precompiled_charsmap: bytes = b""  # the normalizer's character map (unigram models such as T5's)
 
 
 def read_sentencepiece(path: Path) -> SentencePieceModel:
@@ -218,13 +221,15 @@ def read_sentencepiece(path: Path) -> SentencePieceModel:
                               types=[int(p.type) for p in proto.pieces],
                               add_dummy_prefix=proto.normalizer_spec.add_dummy_prefix,
                               remove_extra_whitespaces=proto.normalizer_spec.remove_extra_whitespaces,
-                              special_ids=special)
+                              special_ids=special, model_type=int(spec.model_type),
+                              precompiled_charsmap=bytes(proto.normalizer_spec.precompiled_charsmap))
 
 
 def load_sentencepiece(model_dir: Path, n_vocab: int, sp: SentencePieceModel | None = None) -> Vocab:
     """tokenizer.model (`sp`: its contents, when the caller has read them already) and the added tokens."""
     path = model_dir / "tokenizer.model"
     sp = sp or read_sentencepiece(path)
+    path = path if path.is_file() else model_dir / "spiece.model"
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [int(TokenType.UNUSED)] * n_vocab
@@ -606,9 +611,28 @@ def load_wordpiece(model_dir: Path, n_vocab: int) -> Vocab:
     return vocab
 
 
+def load_t5(model_dir: Path, n_vocab: int) -> Vocab:
+    """T5's SentencePiece unigram model (spiece.model, or tokenizer.model) as llama.cpp's T5Model writes it:
+    tokenizer.ggml.model "t5", the pieces with their scores, the normalizer's precompiled character map."""
+    path = model_dir / "tokenizer.model"
+    if not path.is_file():
+        path = model_dir / "spiece.model"
+    sp = read_sentencepiece(path)
+    if sp.model_type != 1:
+        raise ConversionError(f"{path}: a SentencePiece model of type {sp.model_type}, not unigram (1), which "
+                              "T5's vocabulary is")
+    vocab = load_sentencepiece(model_dir, n_vocab, sp)
+    vocab.model = "t5"
+    # T5 appends </s> and has no BOS; llama.cpp's SpecialVocab reads the same from T5's "$A </s>" template
+    vocab.add_bos, vocab.add_eos, vocab.add_sep = None, True, False
+    vocab.precompiled_charsmap = sp.precompiled_charsmap
+    return vocab
+
+
 TOKENIZER_FILES = {"spm": ("tokenizer.model", load_sentencepiece), "bpe": ("tokenizer.json", load_bpe),
                    "chatglm": ("tokenizer.model", load_chatglm), "chatglm1": ("ice_text.model", load_chatglm1),
-                   "glm4-bpe": ("tokenizer.json", load_glm4_bpe), "wordpiece": ("tokenizer.json", load_wordpiece)}
+                   "glm4-bpe": ("tokenizer.json", load_glm4_bpe), "wordpiece": ("tokenizer.json", load_wordpiece),
+                   "t5": ("spiece.model", load_t5)}
 
 
 def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any],
@@ -685,6 +709,8 @@ def write_vocab(w: GGUFWriter, vocab: Vocab) -> None:
         w.add_add_space_prefix(vocab.add_space_prefix)
     if vocab.remove_extra_whitespaces:
         w.add_remove_extra_whitespaces(True)
+    if vocab.precompiled_charsmap:
+        w.add_precompiled_charsmap(vocab.precompiled_charsmap)
     if vocab.add_sep is not None:
         w.add_add_sep_token(vocab.add_sep)
     if vocab.chat_template is not None:
