@@ -165,15 +165,21 @@ def quantized(x, qtype):
     return np.ascontiguousarray(data).view(np.uint8).reshape(x.shape[0], -1)
 
 
-@pytest.mark.parametrize("qtype", OP_TYPES, ids=lambda t: t.name)
-def test_moe_op_every_type(qtype):
+def random_experts(qtype, n_rows: int):
+    """A router, 6 experts of 256 (gate, up, down) quantized to `qtype`, and n_rows inputs of 256; top-3."""
     n_expert, n_ff, d, k = 6, 256, 256, 3
     rng = np.random.default_rng(int(qtype))
     router = rng.standard_normal((n_expert, d)).astype(np.float32) * 0.3
     gate = quantized(rng.standard_normal((n_expert * n_ff, d)) * 0.05, qtype)
     up = quantized(rng.standard_normal((n_expert * n_ff, d)) * 0.05, qtype)
     down = quantized(rng.standard_normal((n_expert * d, n_ff)) * 0.05, qtype)
-    x = rng.standard_normal((23, d)).astype(np.float32)
+    x = rng.standard_normal((n_rows, d)).astype(np.float32)
+    return (n_expert, n_ff, d, k), (router, gate, up, down), x
+
+
+@pytest.mark.parametrize("qtype", OP_TYPES, ids=lambda t: t.name)
+def test_moe_op_every_type(qtype):
+    (n_expert, n_ff, d, k), (router, gate, up, down), x = random_experts(qtype, 23)
     for norm in (True, False):
         got = _C.moe_ffn(router, gate, up, down, int(qtype), n_ff, k, norm, x, n_threads=2)
         want = moe_by_matmul(router, gate, up, down, qtype, n_expert, n_ff, d, k, norm, x)

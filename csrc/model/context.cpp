@@ -273,12 +273,16 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
   RowPlan& p = plan_;
   p.clear();
   // Pages wholly behind the window of each sequence's first row in this pass are never read again.
-  if (const int64_t window = model_->config().kv_window(); window > 0)
-    for (int64_t r = 0; r < n; r++)
-      if (r == 0 || std::find_if(rows, rows + r, [&](const Row& x) { return x.seq == rows[r].seq; }) == rows + r) {
-        const int64_t first = kv().seq_len(rows[r].seq) + 1 - window;
-        for_each_kv([&](KVCache& kv) { kv.seq_release_before(rows[r].seq, first); });
-      }
+  if (const int64_t window = model_->config().kv_window(); window > 0) {
+    std::vector<bool> seen(seqs_.size());
+    for (int64_t r = 0; r < n; r++) {
+      const int32_t s = rows[r].seq;
+      if (seen[size_t(s)]) continue;
+      seen[size_t(s)] = true;
+      const int64_t first = kv().seq_len(s) + 1 - window;
+      for_each_kv([&](KVCache& kv) { kv.seq_release_before(s, first); });
+    }
+  }
   for (int64_t r = 0; r < n; r++) {
     const int32_t s = rows[r].seq;
     if (prefix_ > 0 && kv().seq_len(s) == 0) {  // a new sequence: its cache starts with the prefix

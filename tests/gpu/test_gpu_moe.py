@@ -13,7 +13,7 @@ import torch
 
 import pyengine
 from pyengine import _C
-from test_qwen3moe import OP_TYPES, quantized
+from test_qwen3moe import OP_TYPES, random_experts
 
 pytestmark = pytest.mark.gpu
 ALL = 99
@@ -22,13 +22,7 @@ ALL = 99
 @pytest.mark.parametrize("qtype", OP_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_rows", [1, 5, 40])
 def test_moe_op_on_gpu_matches_cpu(qtype, n_rows):
-    n_expert, n_ff, d, k = 6, 256, 256, 3
-    rng = np.random.default_rng(int(qtype))
-    router = rng.standard_normal((n_expert, d)).astype(np.float32) * 0.3
-    gate = quantized(rng.standard_normal((n_expert * n_ff, d)) * 0.05, qtype)
-    up = quantized(rng.standard_normal((n_expert * n_ff, d)) * 0.05, qtype)
-    down = quantized(rng.standard_normal((n_expert * d, n_ff)) * 0.05, qtype)
-    x = rng.standard_normal((n_rows, d)).astype(np.float32)
+    (_, n_ff, _, k), (router, gate, up, down), x = random_experts(qtype, n_rows)
     for norm in (True, False):
         cpu = _C.moe_ffn(router, gate, up, down, int(qtype), n_ff, k, norm, x)
         gpu = _C.moe_ffn(router, gate, up, down, int(qtype), n_ff, k, norm, x, device="cuda")
