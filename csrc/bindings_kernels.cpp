@@ -9,6 +9,7 @@
 #include "bindings.h"
 #include "common.h"
 #include "ops/elementwise.h"
+#include "cpu/panels.h"
 #include "ops/matmul.h"
 #include "ops/moe.h"
 #ifdef PE_CUDA
@@ -89,9 +90,21 @@ Tensor weight_view(const py::buffer_info& info, uint32_t type_id, int64_t rows, 
   return Tensor{t, info.ptr, rows, cols, rb};
 }
 
+// w with a copy in the panel layout of the current CPU path (cpu/panels.h), as a model's CPU weights
+// get, when `panels` asks for it and the path and type have one.
+Tensor maybe_with_panels(Executor& ex, Tensor w, bool panels, std::vector<Buffer>& keep) {
+  const int r = cpu::panel_rows_for_cpu();
+  if (!panels || ex.device() != Device::CPU || r == 0 || !cpu::can_pack_panels(w)) return w;
+  keep.emplace_back(Device::CPU, cpu::panel_bytes(w, r));
+  cpu::pack_panels(ex, w, r, keep.back().data());
+  w.panels = keep.back().data();
+  w.panel_rows = r;
+  return w;
+}
+
 py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
                              const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int n_threads,
-                             const std::string& device) {
+                             const std::string& device, bool panels) {
   const py::buffer_info wi = w.request();
   const Tensor view = weight_view(wi, type_id, rows, cols);
   if (x.ndim() != 2 || x.shape(1) != cols)
@@ -105,7 +118,10 @@ py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows
     py::gil_scoped_release release;
     Executor& ex = executor_on(device, n_threads);
     run_on(ex, {view, f32_tensor(const_cast<float*>(xp), m, cols, cols)}, f32_tensor(yp, m, rows, rows),
-           [](Executor& e, const std::vector<Tensor>& in, const Tensor& y) { matmul(e, in[0], in[1], y); });
+           [&](Executor& e, const std::vector<Tensor>& in, const Tensor& y) {
+             std::vector<Buffer> keep;
+             matmul(e, maybe_with_panels(e, in[0], panels, keep), in[1], y);
+           });
   }
   return y;
 }
@@ -131,7 +147,7 @@ py::array_t<float> py_moe_ffn(const py::array_t<float, py::array::c_style | py::
                               const py::buffer& gate, const py::buffer& up, const py::buffer& down, uint32_t type_id,
                               int64_t n_ff, int64_t n_used, bool norm_weights,
                               const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int n_threads,
-                              const std::string& device) {
+                              const std::string& device, bool panels) {
   if (router.ndim() != 2 || x.ndim() != 2 || x.shape(1) != router.shape(1))
     throw py::value_error("router must be (n_expert, d) and x (n, d)");
   if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
@@ -153,7 +169,10 @@ py::array_t<float> py_moe_ffn(const py::array_t<float, py::array::c_style | py::
     run_on(ex, {r, g, u, dn, f32_tensor(const_cast<float*>(x.data()), n, d, d)}, f32_tensor(op, n, d, d),
            [&](Executor& e, const std::vector<Tensor>& in, const Tensor& y) {
              MoEScratch scratch;
-             moe_ffn(e, Experts{in[0], in[1], in[2], in[3]}, p, in[4], y, scratch, "moe");
+             std::vector<Buffer> keep;
+             const Experts experts{in[0], maybe_with_panels(e, in[1], panels, keep),
+                                   maybe_with_panels(e, in[2], panels, keep), maybe_with_panels(e, in[3], panels, keep)};
+             moe_ffn(e, experts, p, in[4], y, scratch, "moe");
            });
   }
   return out;
@@ -164,15 +183,16 @@ py::array_t<float> py_moe_ffn(const py::array_t<float, py::array::c_style | py::
 void bind_kernels(py::module_& m) {
   m.def("moe_ffn", &py_moe_ffn, py::arg("router"), py::arg("gate"), py::arg("up"), py::arg("down"),
         py::arg("type_id"), py::arg("n_ff"), py::arg("n_used"), py::arg("norm_weights"), py::arg("x"),
-        py::arg("n_threads") = 1, py::arg("device") = "cpu",
+        py::arg("n_threads") = 1, py::arg("device") = "cpu", py::arg("panels") = false,
         "The mixture-of-experts op (ops/moe.h) on numpy arrays: router float32 (n_expert, d); gate/up raw GGUF "
         "bytes of n_expert stacked (n_ff, d) matrices of type `type_id`, down of (d, n_ff) ones; x float32 (n, d). "
-        "Returns float32 (n, d).");
+        "Returns float32 (n, d). panels: the experts in the CPU kernels' panel layout, as a model's.");
   m.def("matmul", &py_matmul, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"), py::arg("x"),
-        py::arg("n_threads") = 1, py::arg("device") = "cpu",
+        py::arg("n_threads") = 1, py::arg("device") = "cpu", py::arg("panels") = false,
         "Y = X @ W.T with W given as raw GGUF bytes of a rows x cols matrix of ggml type `type_id`, "
         "X float32 (m, cols). Returns float32 (m, rows). Runs on the current CPU path, or with "
-        "device='cuda' on the GPU (inputs copied there and back).");
+        "device='cuda' on the GPU (inputs copied there and back). panels: W repacked first into the CPU kernels' "
+        "panel layout (cpu/panels.h), as a loaded model's CPU weights are.");
   m.def("dequantize", &py_dequantize, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
         py::arg("device") = "cpu",
         "Raw GGUF bytes of a rows x cols matrix of ggml type `type_id` as float32 (rows, cols).");

@@ -54,6 +54,8 @@ class GGUFFile {
   // Throws ModelFormatError naming the file if it changed on disk since it was opened (mapped_file.h).
   // Called around every read of the mapping after load: forward passes, metadata, tensor bytes.
   void check_unchanged() const { map_->check(); }
+  // MappedFile::release for bytes of this file's mapping (a no-op for anything else).
+  void release_pages(const void* p, size_t n) const { map_->release(p, n); }
 
   const std::map<std::string, GGUFValue>& metadata() const { return kv_; }
   const std::vector<GGUFTensorInfo>& tensors() const { return tensors_; }

@@ -165,6 +165,13 @@ MappedFile::~MappedFile() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+void MappedFile::release(const void* p, size_t n) const {
+  const auto a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(data_);
+  if (!mapped() || a < base || n > size_ || a - base > size_ - n) return;
+  const uintptr_t page = page_size(), from = (a + page - 1) & ~(page - 1), to = (a + n) & ~(page - 1);
+  if (from < to) ::madvise(reinterpret_cast<void*>(from), to - from, MADV_DONTNEED);
+}
+
 void MappedFile::check() const {
   if (fd_ < 0) return;
   const bool faulted = slot_ >= 0 && g_slots[slot_].faulted.load(std::memory_order_acquire);

@@ -37,6 +37,11 @@ class MappedFile {
   // or a read of the mapping faulted. A private copy never changes: no-op.
   void check() const;
 
+  // Drops the pages wholly inside [p, p + n) from this process's memory (a shared mapping only: they
+  // stay in the page cache and come back on the next read). For weights the engine keeps a copy of
+  // elsewhere (cpu/panels.h), so that the copy does not double the resident memory.
+  void release(const void* p, size_t n) const;
+
  private:
   std::string path_;
   const uint8_t* data_ = nullptr;

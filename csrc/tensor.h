@@ -23,15 +23,23 @@ struct Tensor {
   int64_t cols = 0;
   size_t row_stride = 0;  // bytes
   Device device = Device::CPU;
+  // A quantized weight's copy in the CPU kernels' panel layout (cpu/panels.h), which they read instead
+  // of `data` when its panel height is theirs; `data` stays the file's row-major bytes for every other
+  // reader (embedding lookups, GPU uploads, statistics). Null: none.
+  const void* panels = nullptr;
+  int panel_rows = 0;
 
   bool empty() const { return data == nullptr; }
   // Row r as typed pointer (F32 tensors only: checked by the op files, not here).
   float* row(int64_t r) const { return reinterpret_cast<float*>(static_cast<uint8_t*>(data) + r * row_stride); }
   int64_t ld() const { return int64_t(row_stride / sizeof(float)); }  // F32 row stride in elements
-  // Rows [r0, r0 + n).
+  // Rows [r0, r0 + n). The panel copy goes with a view that starts on a panel boundary (a panel of
+  // panel_rows rows takes as many bytes as the rows), and is dropped from any other.
   Tensor rows_view(int64_t r0, int64_t n) const {
     Tensor t = *this;
     t.data = static_cast<uint8_t*>(data) + r0 * row_stride;
+    if (panels && r0 % panel_rows == 0) t.panels = static_cast<const uint8_t*>(panels) + r0 * row_stride;
+    else t.panels = nullptr, t.panel_rows = 0;
     t.rows = n;
     return t;
   }

@@ -111,15 +111,31 @@ def test_matmul_matches_reference(qtype, cpu_path):
         raw = make_weights(qtype, rows, cols, rng)
         x = rng.standard_normal((m, cols)).astype(np.float32)
         want, scale = matmul_ref(qtype, raw, cols, x)
-        for n_threads in (1, 2, 3):
-            got = _C.matmul(raw, int(qtype), rows, cols, x, n_threads)
+        for n_threads, panels in itertools.product((1, 2, 3), (False, True)):
+            got = _C.matmul(raw, int(qtype), rows, cols, x, n_threads, panels=panels)
             assert got.shape == (m, rows) and got.dtype == np.float32
             err = np.abs(got - want)
             bad = err > rtol * scale + 1e-30
             assert not bad.any(), (
-                f"{qtype.name} {cpu_path} rows={rows} cols={cols} m={m} threads={n_threads}: "
+                f"{qtype.name} {cpu_path} rows={rows} cols={cols} m={m} threads={n_threads} panels={panels}: "
                 f"{bad.sum()} bad, worst {err.max():.3g} vs scale {scale.max():.3g}"
             )
+
+
+@pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)
+def test_panel_layout_gives_the_same_bits(qtype, cpu_path):
+    """Weights repacked into the panel layout (cpu/panels.h, what a loaded model's CPU weights use) give
+    bit for bit what the file's row-major bytes give, for decode and prefill row counts, partial last
+    panels (rows not a multiple of 8 or 16) and every thread split."""
+    rng = np.random.default_rng(400 + int(qtype))
+    for rows, cols in [(16, cols_for(qtype)[0]), (37, cols_for(qtype)[-1]), (70, cols_for(qtype)[-1])]:
+        raw = make_weights(qtype, rows, cols, rng)
+        x = rng.standard_normal((40, cols)).astype(np.float32)
+        for m, n_threads in itertools.product((1, 2, 3, 5, 8, 9, 17, 40), (1, 2, 3)):
+            want = _C.matmul(raw, int(qtype), rows, cols, x[:m], n_threads)
+            got = _C.matmul(raw, int(qtype), rows, cols, x[:m], n_threads, panels=True)
+            np.testing.assert_array_equal(got, want, err_msg=f"{qtype.name} {cpu_path} rows={rows} m={m} "
+                                                             f"threads={n_threads}")
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)

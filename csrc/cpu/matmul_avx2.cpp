@@ -52,6 +52,7 @@ struct Avx2 {
   static PE_INLINE I maddubs(I u, I x) { return _mm256_maddubs_epi16(u, x); }
   static PE_INLINE I madd_i16(I a, I b) { return _mm256_madd_epi16(a, b); }
   static PE_INLINE I load_i(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
+  static PE_INLINE I loadu_i(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   static PE_INLINE void store_i(void* p, I v) { _mm256_store_si256(static_cast<__m256i*>(p), v); }
   static PE_INLINE int hsum_i32(I v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -77,6 +78,8 @@ struct Avx2 {
     return _mm_cvtss_f32(m4);
   }
   static PE_INLINE F load_ps(const void* p) { return _mm256_load_ps(static_cast<const float*>(p)); }
+  // 8 fp16 side by side (a packed panel's scales) as floats.
+  static PE_INLINE F cvt_f16(const void* p) { return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p))); }
   static PE_INLINE F loadu_ps(const float* p) { return _mm256_loadu_ps(p); }
   static PE_INLINE void store_ps(void* p, F v) { _mm256_store_ps(static_cast<float*>(p), v); }
   static PE_INLINE void storeu_ps(float* p, F v) { _mm256_storeu_ps(p, v); }

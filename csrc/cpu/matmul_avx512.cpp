@@ -41,6 +41,7 @@ struct Avx512 {
   static PE_INLINE I slli_i32(I v, int n) { return _mm512_slli_epi32(v, n); }
   static PE_INLINE I srai_i32(I v, int n) { return _mm512_srai_epi32(v, n); }
   static PE_INLINE I load_i(const void* p) { return _mm512_load_si512(p); }
+  static PE_INLINE I loadu_i(const void* p) { return _mm512_loadu_si512(p); }
   static PE_INLINE void store_i(void* p, I v) { _mm512_store_si512(p, v); }
   static PE_INLINE I dpbusd(I acc, I u, I x) { return _mm512_dpbusd_epi32(acc, u, x); }
   static PE_INLINE int hsum_i32(I v) { return _mm512_reduce_add_epi32(v); }
@@ -57,6 +58,8 @@ struct Avx512 {
   static PE_INLINE F max_ps(F a, F b) { return _mm512_max_ps(a, b); }
   static PE_INLINE float hmax(F v) { return _mm512_reduce_max_ps(v); }
   static PE_INLINE F load_ps(const void* p) { return _mm512_load_ps(p); }
+  // 16 fp16 side by side (a packed panel's scales) as floats.
+  static PE_INLINE F cvt_f16(const void* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p))); }
   static PE_INLINE F loadu_ps(const float* p) { return _mm512_loadu_ps(p); }
   static PE_INLINE void store_ps(void* p, F v) { _mm512_store_ps(p, v); }
   static PE_INLINE void storeu_ps(float* p, F v) { _mm512_storeu_ps(p, v); }

@@ -211,8 +211,8 @@ PE_INLINE void scale_sub(const typename V::I (&idot)[NC], typename V::F scale, t
 
 // NP panels at once (rows.p + kRows p * stride): independent dependency chains for the out-of-order
 // core.
-template <class V, class P, int NC, int NP>
-__attribute__((noinline)) void gemm_small_panel(const PanelRows& rows, int64_t nblk, const int8_t* xq, int64_t ldq,
+template <class V, class P, int NC, int NP, class R>
+__attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, const int8_t* xq, int64_t ldq,
                                                 const XSub* xs, int64_t ldxs, float* y, int64_t ldy, int64_t row0,
                                                 int64_t nrows) {
   using I = typename V::I;
@@ -220,8 +220,8 @@ __attribute__((noinline)) void gemm_small_panel(const PanelRows& rows, int64_t n
   F acc[NP][NC];
   for (int p = 0; p < NP; p++)
     for (int c = 0; c < NC; c++) acc[p][c] = V::zero_ps();
-  PanelRows pr[NP];
-  for (int p = 0; p < NP; p++) pr[p] = PanelRows{rows.p + V::kRows * p * rows.stride, rows.stride};
+  R pr[NP];
+  for (int p = 0; p < NP; p++) pr[p] = R{rows.p + V::kRows * p * rows.stride, rows.stride};
   // kRows row streams advancing a few bytes per step defeat the hardware prefetchers: fetch the next
   // panels (the following rows, contiguous in a dense tensor) while these run.
   const uint8_t* next = rows.p + NP * V::kRows * rows.stride;
@@ -254,21 +254,40 @@ __attribute__((noinline)) void gemm_small_panel(const PanelRows& rows, int64_t n
   for (int p = 0; p < NP; p++) store_panel<V, NC>(acc[p], y, ldy, row0 + V::kRows * p, nrows - V::kRows * p);
 }
 
-template <class V, class P, int NC>
-void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, float* y, int64_t ldy) {
-  thread_local ScratchBuffer tail;
-  const int64_t nblk = w.cols / P::kBlock;
+// Rows [r0, r1) of W against NC activation rows from m0; panel(rp) gives the panel at row rp (rows as
+// stored, or packed).
+template <class V, class P, int NC, class Panel>
+void gemm_small_rows(const Panel& panel, int64_t nblk, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0,
+                     float* y, int64_t ldy) {
   const int8_t* xq = x.q + m0 * x.ldq;
   const XSub* xs = x.sub + m0 * x.ldsub;
   int64_t rp = r0;
   // Two panels per loop give the core independent chains; with more rows the rows already do.
   if constexpr (V::template decode_panels<P>() == 2 && NC <= 3)
     for (; rp + 2 * V::kRows <= r1; rp += 2 * V::kRows)
-      gemm_small_panel<V, P, NC, 2>(panel_at<V, P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy,
-                                    ldy, rp, 2 * V::kRows);
+      gemm_small_panel<V, P, NC, 2>(panel(rp), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp, 2 * V::kRows);
   for (; rp < r1; rp += V::kRows)
-    gemm_small_panel<V, P, NC, 1>(panel_at<V, P>(w, rp, r1, tail), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy,
-                                  rp, std::min<int64_t>(V::kRows, r1 - rp));
+    gemm_small_panel<V, P, NC, 1>(panel(rp), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp,
+                                  std::min<int64_t>(V::kRows, r1 - rp));
+}
+
+// W's packed panels, when it has them for this ISA's panel height (r0 is then a panel boundary: the
+// front end splits rows in multiples of 16).
+template <class V>
+PE_INLINE bool has_panels(const WeightView& w) { return w.panels && w.panel_rows == V::kRows; }
+
+template <class V>
+PE_INLINE PackedPanel packed_panel(const WeightView& w, int64_t rp) {
+  return PackedPanel{static_cast<const uint8_t*>(w.panels) + rp * int64_t(w.row_stride), int64_t(w.row_stride)};
+}
+
+template <class V, class P, int NC>
+void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, float* y, int64_t ldy) {
+  const int64_t nblk = w.cols / P::kBlock;
+  if (has_panels<V>(w))
+    return gemm_small_rows<V, P, NC>([&](int64_t rp) { return packed_panel<V>(w, rp); }, nblk, x, r0, r1, m0, y, ldy);
+  thread_local ScratchBuffer tail;
+  gemm_small_rows<V, P, NC>([&](int64_t rp) { return panel_at<V, P>(w, rp, r1, tail); }, nblk, x, r0, r1, m0, y, ldy);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -281,8 +300,8 @@ void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1
 template <class V, int G, bool MIN>
 constexpr int kSubBytes = G * sizeof(typename V::I) + (MIN ? 2 : 1) * sizeof(typename V::F);
 
-template <class V, class P>
-__attribute__((noinline)) void pack_panel(const PanelRows& rows, int64_t nblk, uint8_t* dst) {
+template <class V, class P, class R>
+__attribute__((noinline)) void pack_panel(const R& rows, int64_t nblk, uint8_t* dst) {
   constexpr int kVec = sizeof(typename V::I);
   for (int64_t b = 0; b < nblk; b++) {
     typename P::State st;
@@ -359,8 +378,10 @@ void gemm_large(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1
   auto* buf = static_cast<uint8_t*>(packed.get(size_t(NP * pstride)));
   for (int64_t rp = r0; rp < r1; rp += NP * V::kRows) {
     const int np = r1 - rp > (NP - 1) * V::kRows ? NP : 1;
-    for (int p = 0; p < np; p++)
-      pack_panel<V, P>(panel_at<V, P>(w, rp + V::kRows * p, r1, tail), nblk, buf + p * pstride);
+    for (int p = 0; p < np; p++) {
+      if (has_panels<V>(w)) pack_panel<V, P>(packed_panel<V>(w, rp + V::kRows * p), nblk, buf + p * pstride);
+      else pack_panel<V, P>(panel_at<V, P>(w, rp + V::kRows * p, r1, tail), nblk, buf + p * pstride);
+    }
     if (np == NP) run_tiles<V, G, P::kGS, P::kMin, P::kSigned, NP>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
     else run_tiles<V, G, P::kGS, P::kMin, P::kSigned, 1>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
   }

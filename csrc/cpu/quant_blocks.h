@@ -21,22 +21,26 @@ struct QuantScheme {
   int max_u;     // largest u: bounds int16 partial sums on AVX2
   bool has_min;  // Q4_1, Q5_1, Q2_K, Q4_K, Q5_K
   int block_bytes;
+  // Byte offsets in the block of its fp16 fields (scales, mins; -1: none). Every other byte belongs to
+  // 4-byte words of packed values or scales: the panel layout (cpu/panels.h) interleaves the two kinds
+  // of field in their own units.
+  int f16_at[2];
 };
 
 // Every quantized type the matmul kernels handle. A constant expression, so that the SIMD kernels'
 // unpackers (unpack_simd.h) take their block geometry from here at compile time.
 inline constexpr QuantScheme kQuantSchemes[] = {
-    // type            block sub  off max_u min    bytes
-    {GGMLType::Q4_0, QK4_0, 32, 8, 15, false, sizeof(block_q4_0)},
-    {GGMLType::Q4_1, QK4_1, 32, 0, 15, true, sizeof(block_q4_1)},
-    {GGMLType::Q5_0, QK5_0, 32, 16, 31, false, sizeof(block_q5_0)},
-    {GGMLType::Q5_1, QK5_1, 32, 0, 31, true, sizeof(block_q5_1)},
-    {GGMLType::Q8_0, QK8_0, 32, 128, 255, false, sizeof(block_q8_0)},
-    {GGMLType::Q2_K, QK_K, 16, 0, 3, true, sizeof(block_q2_K)},
-    {GGMLType::Q3_K, QK_K, 16, 4, 7, false, sizeof(block_q3_K)},
-    {GGMLType::Q4_K, QK_K, 32, 0, 15, true, sizeof(block_q4_K)},
-    {GGMLType::Q5_K, QK_K, 32, 0, 31, true, sizeof(block_q5_K)},
-    {GGMLType::Q6_K, QK_K, 16, 32, 63, false, sizeof(block_q6_K)},
+    // type            block sub  off max_u min    bytes                fp16 fields
+    {GGMLType::Q4_0, QK4_0, 32, 8, 15, false, sizeof(block_q4_0), {0, -1}},
+    {GGMLType::Q4_1, QK4_1, 32, 0, 15, true, sizeof(block_q4_1), {0, 2}},
+    {GGMLType::Q5_0, QK5_0, 32, 16, 31, false, sizeof(block_q5_0), {0, -1}},
+    {GGMLType::Q5_1, QK5_1, 32, 0, 31, true, sizeof(block_q5_1), {0, 2}},
+    {GGMLType::Q8_0, QK8_0, 32, 128, 255, false, sizeof(block_q8_0), {0, -1}},
+    {GGMLType::Q2_K, QK_K, 16, 0, 3, true, sizeof(block_q2_K), {80, 82}},
+    {GGMLType::Q3_K, QK_K, 16, 4, 7, false, sizeof(block_q3_K), {108, -1}},
+    {GGMLType::Q4_K, QK_K, 32, 0, 15, true, sizeof(block_q4_K), {0, 2}},
+    {GGMLType::Q5_K, QK_K, 32, 0, 31, true, sizeof(block_q5_K), {0, 2}},
+    {GGMLType::Q6_K, QK_K, 16, 32, 63, false, sizeof(block_q6_K), {208, -1}},
 };
 
 // nullptr for float types (F32, F16, BF16) and types the kernels do not handle.

@@ -12,12 +12,37 @@
 namespace pe::cpu {
 namespace {
 
-// V::kRows weight rows `stride` bytes apart.
+// V::kRows weight rows `stride` bytes apart, as the file stores them.
 struct PanelRows {
   const uint8_t* p;
   int64_t stride;
   PE_INLINE const uint8_t* at(int i, int64_t off) const { return p + i * stride + off; }
 };
+
+// A panel in the panel layout (cpu/panels.h), from its first byte; stride is the row bytes, so that
+// the next panel starts at p + kRows * stride, as with PanelRows.
+struct PackedPanel {
+  const uint8_t* p;
+  int64_t stride;
+};
+
+// What the packers read, from either layout: lane i of t[g] = the 4-byte word at off + 4g of row i
+// (g < 4); the fp16 at off of each row, as float; the 4-byte word at off of each row. From rows as
+// stored this is a transpose per vector; from a packed panel, one load.
+template <class V>
+PE_INLINE void load_words(const PanelRows& r, int64_t off, typename V::I t[4]) { V::load_transpose(r, off, t); }
+template <class V>
+PE_INLINE void load_words(const PackedPanel& r, int64_t off, typename V::I t[4]) {
+  for (int g = 0; g < 4; g++) t[g] = V::loadu_i(r.p + V::kRows * (off + 4 * g));
+}
+template <class V>
+PE_INLINE typename V::F load_scales(const PanelRows& r, int64_t off) { return V::load_f16(r, off); }
+template <class V>
+PE_INLINE typename V::F load_scales(const PackedPanel& r, int64_t off) { return V::cvt_f16(r.p + V::kRows * off); }
+template <class V>
+PE_INLINE typename V::I load_word(const PanelRows& r, int64_t off) { return V::load_u32(r, off); }
+template <class V>
+PE_INLINE typename V::I load_word(const PackedPanel& r, int64_t off) { return V::loadu_i(r.p + V::kRows * off); }
 
 template <class V, int S, int G>
 struct Unit {
@@ -69,10 +94,12 @@ template <class V>
 struct PackQ4_0 : PackBase<V, GGMLType::Q4_0, 1> {
   using I = typename V::I;
   using State = ScaleState<V, 1>;
-  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) { st.scale[0] = V::load_f16(r, off); }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
+  template <class R>
+  static PE_INLINE void begin(const R& r, int64_t off, State& st) { st.scale[0] = load_scales<V>(r, off); }
+  template <class R>
+  static PE_INLINE void unpack(const R& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
     I t[4];
-    V::load_transpose(r, off + 2, t);
+    load_words<V>(r, off + 2, t);
     nibble_groups<V>(t, out.u[0]);
   }
 };
@@ -81,13 +108,15 @@ template <class V>
 struct PackQ4_1 : PackBase<V, GGMLType::Q4_1, 1> {
   using I = typename V::I;
   using State = ScaleState<V, 1>;
-  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
-    st.scale[0] = V::load_f16(r, off);
-    st.min[0] = V::load_f16(r, off + 2);
+  template <class R>
+  static PE_INLINE void begin(const R& r, int64_t off, State& st) {
+    st.scale[0] = load_scales<V>(r, off);
+    st.min[0] = load_scales<V>(r, off + 2);
   }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
+  template <class R>
+  static PE_INLINE void unpack(const R& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
     I t[4];
-    V::load_transpose(r, off + 4, t);
+    load_words<V>(r, off + 4, t);
     nibble_groups<V>(t, out.u[0]);
   }
 };
@@ -96,16 +125,18 @@ template <class V, bool Q51>
 struct PackQ5 : PackBase<V, Q51 ? GGMLType::Q5_1 : GGMLType::Q5_0, 1> {
   using I = typename V::I;
   using State = ScaleState<V, 1>;
-  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
-    st.scale[0] = V::load_f16(r, off);
-    if (Q51) st.min[0] = V::load_f16(r, off + 2);
+  template <class R>
+  static PE_INLINE void begin(const R& r, int64_t off, State& st) {
+    st.scale[0] = load_scales<V>(r, off);
+    if (Q51) st.min[0] = load_scales<V>(r, off + 2);
   }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
+  template <class R>
+  static PE_INLINE void unpack(const R& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
     constexpr int qh_off = Q51 ? 4 : 2;
     I t[4];
-    V::load_transpose(r, off + qh_off + 4, t);
+    load_words<V>(r, off + qh_off + 4, t);
     nibble_groups<V>(t, out.u[0]);
-    const I qh = V::load_u32(r, off + qh_off);
+    const I qh = load_word<V>(r, off + qh_off);
     for (int g = 0; g < 8; g++) out.u[0][g] = V::add_q5_high_bits(out.u[0][g], qh, g);
   }
 };
@@ -118,14 +149,16 @@ template <class V>
 struct PackQ8_0 : PackBase<V, GGMLType::Q8_0, 1, !V::kVnni> {
   using I = typename V::I;
   using State = ScaleState<V, 1>;
-  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) { st.scale[0] = V::load_f16(r, off); }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
+  template <class R>
+  static PE_INLINE void begin(const R& r, int64_t off, State& st) { st.scale[0] = load_scales<V>(r, off); }
+  template <class R>
+  static PE_INLINE void unpack(const R& r, int64_t off, int, const State&, Unit<V, 1, 8>& out) {
     // vpdpbusd: int8 q -> u = q + 128 (the offset); otherwise the signed q as it is.
     const I flip = V::set1_i8(V::kVnni ? 0x80 : 0);
     I t[4];
-    V::load_transpose(r, off + 2, t);
+    load_words<V>(r, off + 2, t);
     for (int g = 0; g < 4; g++) out.u[0][g] = V::kVnni ? V::xor_(t[g], flip) : t[g];
-    V::load_transpose(r, off + 18, t);
+    load_words<V>(r, off + 18, t);
     for (int g = 0; g < 4; g++) out.u[0][g + 4] = V::kVnni ? V::xor_(t[g], flip) : t[g];
   }
 };
@@ -137,19 +170,21 @@ struct PackQ2_K : PackBase<V, GGMLType::Q2_K, 8> {
   using I = typename V::I;
   using F = typename V::F;
   using State = ScaleState<V, 16>;
-  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
-    const F d = V::load_f16(r, off + 80), dmin = V::load_f16(r, off + 82);
+  template <class R>
+  static PE_INLINE void begin(const R& r, int64_t off, State& st) {
+    const F d = load_scales<V>(r, off + 80), dmin = load_scales<V>(r, off + 82);
     I s[4];
-    V::load_transpose(r, off, s);
+    load_words<V>(r, off, s);
     for (int j = 0; j < 16; j++) {
       st.scale[j] = V::mul(d, field_f<V>(s[j / 4], 8 * (j % 4), 0xF));
       st.min[j] = V::neg(V::mul(dmin, field_f<V>(s[j / 4], 8 * (j % 4) + 4, 0xF)));
     }
   }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State&, Unit<V, 8, 4>& out) {
+  template <class R>
+  static PE_INLINE void unpack(const R& r, int64_t off, int n, const State&, Unit<V, 8, 4>& out) {
     I q[8];
-    V::load_transpose(r, off + 16 + 32 * n, q);
-    V::load_transpose(r, off + 32 + 32 * n, q + 4);
+    load_words<V>(r, off + 16 + 32 * n, q);
+    load_words<V>(r, off + 32 + 32 * n, q + 4);
     for (int j = 0; j < 4; j++)
       for (int h = 0; h < 2; h++)
         for (int g = 0; g < 4; g++) out.u[2 * j + h][g] = V::bits(q[4 * h + g], 2 * j, 3);
@@ -165,23 +200,25 @@ struct PackQ3_K : PackBase<V, GGMLType::Q3_K, 8> {
   struct State : ScaleState<V, 16> {
     I hm[8];
   };
-  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
-    const F d = V::load_f16(r, off + 108);
+  template <class R>
+  static PE_INLINE void begin(const R& r, int64_t off, State& st) {
+    const F d = load_scales<V>(r, off + 108);
     I s[4];  // bytes 92..107: s[1..3] are the scales (the read stays inside the block)
-    V::load_transpose(r, off + 92, s);
+    load_words<V>(r, off + 92, s);
     for (int j = 0; j < 16; j++) {
       const I lo = V::and_(V::srli_i32(s[1 + (j % 8) / 4], 8 * (j % 4) + 4 * (j / 8)), V::set1_i32(0xF));
       const I hi = V::and_(V::srli_i32(s[3], 8 * (j % 4) + 2 * (j / 4)), V::set1_i32(3));
       const I sc = V::sub_i32(V::or_(lo, V::slli_i32(hi, 4)), V::set1_i32(32));
       st.scale[j] = V::mul(d, V::cvt(sc));
     }
-    V::load_transpose(r, off, st.hm);
-    V::load_transpose(r, off + 16, st.hm + 4);
+    load_words<V>(r, off, st.hm);
+    load_words<V>(r, off + 16, st.hm + 4);
   }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State& st, Unit<V, 8, 4>& out) {
+  template <class R>
+  static PE_INLINE void unpack(const R& r, int64_t off, int n, const State& st, Unit<V, 8, 4>& out) {
     I q[8];
-    V::load_transpose(r, off + 32 + 32 * n, q);
-    V::load_transpose(r, off + 48 + 32 * n, q + 4);
+    load_words<V>(r, off + 32 + 32 * n, q);
+    load_words<V>(r, off + 48 + 32 * n, q + 4);
     for (int j = 0; j < 4; j++)
       for (int h = 0; h < 2; h++)
         for (int g = 0; g < 4; g++) {
@@ -201,10 +238,11 @@ struct PackQ45_K : PackBase<V, Q5 ? GGMLType::Q5_K : GGMLType::Q4_K, 2> {
   struct State : ScaleState<V, 8> {
     I qh[Q5 ? 8 : 1];
   };
-  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
-    const F d = V::load_f16(r, off), dmin = V::load_f16(r, off + 2);
+  template <class R>
+  static PE_INLINE void begin(const R& r, int64_t off, State& st) {
+    const F d = load_scales<V>(r, off), dmin = load_scales<V>(r, off + 2);
     I s[4];  // bytes 4..19: s[0..2] are the 12 scale bytes
-    V::load_transpose(r, off + 4, s);
+    load_words<V>(r, off + 4, s);
     for (int j = 0; j < 8; j++) {
       I sc, m;
       if (j < 4) {
@@ -221,15 +259,16 @@ struct PackQ45_K : PackBase<V, Q5 ? GGMLType::Q5_K : GGMLType::Q4_K, 2> {
       st.min[j] = V::neg(V::mul(dmin, V::cvt(m)));
     }
     if (Q5) {
-      V::load_transpose(r, off + 16, st.qh);
-      V::load_transpose(r, off + 32, st.qh + 4);
+      load_words<V>(r, off + 16, st.qh);
+      load_words<V>(r, off + 32, st.qh + 4);
     }
   }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int c, const State& st, Unit<V, 2, 8>& out) {
+  template <class R>
+  static PE_INLINE void unpack(const R& r, int64_t off, int c, const State& st, Unit<V, 2, 8>& out) {
     const int qs = (Q5 ? 48 : 16) + 32 * c;
     I t[8];
-    V::load_transpose(r, off + qs, t);
-    V::load_transpose(r, off + qs + 16, t + 4);
+    load_words<V>(r, off + qs, t);
+    load_words<V>(r, off + qs + 16, t + 4);
     for (int g = 0; g < 8; g++) {
       out.u[0][g] = V::bits(t[g], 0, 0xF);
       out.u[1][g] = V::bits(t[g], 4, 0xF);
@@ -252,19 +291,21 @@ struct PackQ6_K : PackBase<V, GGMLType::Q6_K, 8> {
   using I = typename V::I;
   using F = typename V::F;
   using State = ScaleState<V, 16>;
-  static PE_INLINE void begin(const PanelRows& r, int64_t off, State& st) {
-    const F d = V::load_f16(r, off + 208);
+  template <class R>
+  static PE_INLINE void begin(const R& r, int64_t off, State& st) {
+    const F d = load_scales<V>(r, off + 208);
     I s[4];
-    V::load_transpose(r, off + 192, s);
+    load_words<V>(r, off + 192, s);
     for (int j = 0; j < 16; j++) {
       const I sc = V::srai_i32(V::slli_i32(s[j / 4], 24 - 8 * (j % 4)), 24);
       st.scale[j] = V::mul(d, V::cvt(sc));
     }
   }
-  static PE_INLINE void unpack(const PanelRows& r, int64_t off, int n, const State&, Unit<V, 8, 4>& out) {
+  template <class R>
+  static PE_INLINE void unpack(const R& r, int64_t off, int n, const State&, Unit<V, 8, 4>& out) {
     I ql[16], qh[8];
-    for (int i = 0; i < 4; i++) V::load_transpose(r, off + 64 * n + 16 * i, ql + 4 * i);
-    for (int i = 0; i < 2; i++) V::load_transpose(r, off + 128 + 32 * n + 16 * i, qh + 4 * i);
+    for (int i = 0; i < 4; i++) load_words<V>(r, off + 64 * n + 16 * i, ql + 4 * i);
+    for (int i = 0; i < 2; i++) load_words<V>(r, off + 128 + 32 * n + 16 * i, qh + 4 * i);
     for (int sub = 0; sub < 8; sub++) {
       const int s = sub / 4;
       for (int gg = 0; gg < 4; gg++) {

@@ -30,6 +30,7 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
   const int n_gpu = model_->gpu().n_layers;
   check_host_memory(*model_, host_memory_plan(*model_, n_ctx, n_seq_max, n_batch, kv_type, n_gpu), max_memory, n_ctx,
                     n_seq_max);
+  model_->pack_cpu_weights(*ex_);
   kv_.reserve(2);
   const int64_t positions = n_ctx + prefix_;
   const int64_t pages = kv_pages_per_seq(positions, c.kv_window(), n_batch);

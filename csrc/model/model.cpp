@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 
 #include "cpu/ops.h"
+#include "cpu/panels.h"
 #include "ops/matmul.h"
 
 namespace pe {
@@ -133,6 +135,8 @@ Part copy_to(Executor& ex, const Part& part, std::vector<Buffer>& memory) {
     copy_between(ex, ex.device(), dst, Device::CPU, t->data, t->row_stride * size_t(t->rows));
     t->data = dst;
     t->device = ex.device();
+    t->panels = nullptr;
+    t->panel_rows = 0;
     dst += device_bytes(*t);
   }
   return out;
@@ -169,6 +173,36 @@ void Model::offload(int n_gpu_layers) {
   for (const Buffer& b : g.memory) g.bytes += b.size();
   g.executor->synchronize();
   gpu_ = std::move(g);
+}
+
+void Model::pack_cpu_weights(Executor& ex) const {
+  std::call_once(packed_, [&] {
+    const int r = cpu::panel_rows_for_cpu();
+    if (r == 0) return;
+    // The tensors whose matmuls run on the CPU; logically const: only their panel copies are added.
+    auto& self = const_cast<Model&>(*this);
+    std::vector<Tensor*> cpu;
+    const int n_cpu_layers = int(self.decoder.layers.size()) - gpu_.n_layers;
+    for (int l = 0; l < n_cpu_layers; l++)
+      for (Tensor* t : self.decoder.layers[size_t(l)].tensors()) cpu.push_back(t);
+    for (Layer& layer : self.encoder.layers)
+      for (Tensor* t : layer.tensors()) cpu.push_back(t);
+    if (!gpu_.head)
+      for (Tensor* t : self.decoder.head.tensors()) cpu.push_back(t);
+    std::map<const void*, std::pair<const void*, size_t>> done;  // tensors sharing bytes share a copy
+    for (Tensor* t : cpu) {
+      if (t->panels || !cpu::can_pack_panels(*t)) continue;
+      auto it = done.find(t->data);
+      if (it == done.end() || it->second.second != cpu::panel_bytes(*t, r)) {
+        panel_memory_.emplace_back(Device::CPU, cpu::panel_bytes(*t, r));
+        cpu::pack_panels(ex, *t, r, panel_memory_.back().data());
+        file_->release_pages(t->data, t->row_stride * size_t(t->rows));
+        it = done.insert_or_assign(t->data, std::pair{panel_memory_.back().data(), cpu::panel_bytes(*t, r)}).first;
+      }
+      t->panels = it->second.first;
+      t->panel_rows = r;
+    }
+  });
 }
 
 RopeParams Model::rope(int64_t n_ctx, bool windowed) const {

@@ -1,0 +1,36 @@
+// The panel layout: quantized weights repacked once, at load, into the order the SIMD kernels read.
+//
+// The kernels work on panels of R rows (16 with AVX-512, 8 with AVX2): one vector holds the same four
+// bytes of each of the R rows. Read from the file's row-major layout, that takes a transpose (R loads
+// of a few bytes each and a shuffle network) per vector, and R streams that advance a few bytes a step,
+// which the hardware prefetchers do not follow; decode is then bound by shuffles and misses rather than
+// by memory bandwidth. In the panel layout a panel's bytes are interleaved so that each vector the
+// kernel needs is one contiguous load, and a panel is one contiguous run of memory:
+//
+//     byte `off` of panel row i is at  R * off + i * unit(off)
+//
+// where unit(off) is 2 inside the block's fp16 fields (QuantScheme::f16_at: R scales side by side
+// convert in one instruction) and 4 elsewhere (a 4-byte word of R rows is one int32 lane each). A
+// panel takes R * row_bytes bytes, as its rows did, so panel p starts where row p * R did. A tensor
+// whose row count is not a multiple of R gets a last panel padded with copies of its last row (the
+// kernels compute those lanes and drop them).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "executor.h"
+#include "tensor.h"
+
+namespace pe::cpu {
+
+// The panel height the current kernel path reads (cpu_path()); 0 where it reads rows as they are.
+int panel_rows_for_cpu();
+// Whether w can be repacked: a quantized type the SIMD kernels handle, rows of whole blocks.
+bool can_pack_panels(const Tensor& w);
+// Bytes of w in the panel layout of height r (its rows rounded up to whole panels).
+size_t panel_bytes(const Tensor& w, int r);
+// Writes w (row-major, w.data) in the panel layout of height r to dst (panel_bytes(w, r) bytes),
+// the work split over ex's threads.
+void pack_panels(Executor& ex, const Tensor& w, int r, void* dst);
+
+}  // namespace pe::cpu
