@@ -29,20 +29,28 @@ const MatmulKernels& kernels() {
 // Rows are handed out in multiples of 16 (the AVX-512 panel height; twice the AVX2 one).
 constexpr int64_t kRowGrain = 16;
 
-// Thread ith's share of the m x rows output. Splitting W's rows keeps each weight byte read by one
-// thread (decode streams W once); activation rows are split only when W has too few rows to go round.
-void split_work(int64_t rows, int64_t m, int ith, int nth, int64_t& r0, int64_t& r1, int64_t& m0, int64_t& m1) {
+// Runs kernel(r0, r1, m0, m1) over the m x rows output on the pool. Splitting W's rows keeps each
+// weight byte read by one thread (decode streams W once): the rows go in chunks of whole grains that
+// the threads claim one at a time, about four per thread, so that a thread the OS deschedules (another
+// process on the core) holds up only the chunk it has, and the others take the rest. Activation rows
+// are split instead, evenly, only when W has too few rows to go round.
+template <class Kernel>
+void run_split(ThreadPool& pool, int64_t rows, int64_t m, const Kernel& kernel) {
+  const int nth = pool.size();
   const int64_t grains = (rows + kRowGrain - 1) / kRowGrain;
   if (nth == 1 || grains >= 4 * nth || m < 2 * nth) {
-    ThreadPool::split(grains, ith, nth, r0, r1);
-    r0 = std::min(rows, r0 * kRowGrain);
-    r1 = std::min(rows, r1 * kRowGrain);
-    m0 = 0;
-    m1 = m;
+    const int64_t per_chunk = std::max<int64_t>(1, grains / (4 * int64_t(nth)));
+    const int64_t chunks = (grains + per_chunk - 1) / per_chunk;
+    pool.for_each_dynamic(chunks, [&](int64_t c) {
+      const int64_t r0 = c * per_chunk * kRowGrain, r1 = std::min(rows, (c + 1) * per_chunk * kRowGrain);
+      kernel(r0, r1, int64_t(0), m);
+    });
   } else {
-    ThreadPool::split(m, ith, nth, m0, m1);
-    r0 = 0;
-    r1 = rows;
+    pool.run([&](int ith, int n) {
+      int64_t m0, m1;
+      ThreadPool::split(m, ith, n, m0, m1);
+      if (m0 < m1) kernel(int64_t(0), rows, m0, m1);
+    });
   }
 }
 
@@ -67,10 +75,8 @@ void matmul(Executor& ex, const Tensor& w, const Tensor& xt, const Tensor& yt) {
   const int nth = pool.size();
 
   if (is_float_type(w.type)) {
-    pool.run([&](int ith, int n) {
-      int64_t r0, r1, m0, m1;
-      split_work(w.rows, m, ith, n, r0, r1, m0, m1);
-      if (r0 < r1 && m0 < m1) k.gemm_float(w, x, ldx, r0, r1, m0, m1, y, ldy);
+    run_split(pool, w.rows, m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
+      k.gemm_float(w, x, ldx, r0, r1, m0, m1, y, ldy);
     });
     return;
   }
@@ -93,10 +99,8 @@ void matmul(Executor& ex, const Tensor& w, const Tensor& xt, const Tensor& yt) {
   } else {
     k.quantize_x(x, ldx, 0, m, w.cols, s, qx);
   }
-  pool.run([&](int ith, int n) {
-    int64_t r0, r1, m0, m1;
-    split_work(w.rows, m, ith, n, r0, r1, m0, m1);
-    if (r0 < r1 && m0 < m1) k.gemm_quant(w, qx, r0, r1, m0, m1, y, ldy);
+  run_split(pool, w.rows, m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
+    k.gemm_quant(w, qx, r0, r1, m0, m1, y, ldy);
   });
 }
 

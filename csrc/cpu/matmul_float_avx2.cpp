@@ -55,8 +55,10 @@ void float_tile(const WeightView& w, const float* x, int64_t ldx, int64_t r, int
   __m256 acc[R][C];
   for (int a = 0; a < R; a++)
     for (int c = 0; c < C; c++) acc[a][c] = _mm256_setzero_ps();
+  const RowPrefetch next(rows[0] + R * int64_t(w.row_stride), R * int64_t(w.row_stride), k / 8);
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
+    next.step(i / 8);
     __m256 wv[R];
 #pragma GCC unroll 8
     for (int a = 0; a < R; a++) wv[a] = load_w8<T>(rows[a], i);

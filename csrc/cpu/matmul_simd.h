@@ -222,14 +222,12 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
     for (int c = 0; c < NC; c++) acc[p][c] = V::zero_ps();
   R pr[NP];
   for (int p = 0; p < NP; p++) pr[p] = R{rows.p + V::kRows * p * rows.stride, rows.stride};
-  // kRows row streams advancing a few bytes per step defeat the hardware prefetchers: fetch the next
-  // panels (the following rows, contiguous in a dense tensor) while these run.
-  const uint8_t* next = rows.p + NP * V::kRows * rows.stride;
-  const int64_t next_lines = NP * V::kRows * rows.stride / 64;
-  const int64_t lines_per_block = (next_lines + nblk - 1) / nblk;
+  // Rows as stored: kRows streams advancing a few bytes per step (see RowPrefetch). A packed panel is
+  // one stream, which the hardware prefetchers follow.
+  const int64_t next_bytes = std::is_same_v<R, PackedPanel> ? 0 : NP * V::kRows * rows.stride;
+  const RowPrefetch next(rows.p + NP * V::kRows * rows.stride, next_bytes, nblk);
   for (int64_t b = 0; b < nblk; b++) {
-    for (int64_t l = b * lines_per_block; l < std::min(next_lines, (b + 1) * lines_per_block); l++)
-      _mm_prefetch(reinterpret_cast<const char*>(next + 64 * l), _MM_HINT_T0);
+    next.step(b);
 #pragma GCC unroll 2
     for (int p = 0; p < NP; p++) {
       typename P::State st;
