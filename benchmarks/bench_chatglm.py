@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -104,33 +103,6 @@ def make_model(path: Path, qtype_name: str, seed: int = 0) -> None:
     tmp.replace(path)
 
 
-def weight_bytes_per_token(path: Path) -> int:
-    """Bytes of weights a decode step reads: every tensor except the embedding table (one row of it)."""
-    from gguf import GGUFReader
-
-    r = GGUFReader(path)
-    return int(sum(t.n_bytes for t in r.tensors if t.name != "token_embd.weight"))
-
-
-def read_bandwidth_gb_s(threads: int, gib: float = 2.0, reps: int = 5) -> float:
-    """Memory read bandwidth: `threads` threads taking the byte maximum (one SIMD op per 64 bytes, so the
-    loads are the limit) of disjoint parts of a buffer far larger than cache. The buffer is written
-    first: untouched pages all map to one zero page and would read from cache."""
-    buf = np.empty(int(gib * 2**30), np.uint8)
-    buf.fill(1)
-    parts = np.array_split(buf, threads)
-    best = 0.0
-    for _ in range(reps):
-        ts = [threading.Thread(target=np.maximum.reduce, args=(p,)) for p in parts]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default="q4_0,q8_0")
@@ -156,17 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in models:
         engine_json = Path(args.out).with_suffix(f".{model.stem}.tmp.json")
-        bench_engine.main(["--model", str(model), "--threads", args.threads, "-p", str(args.n_prompt),
+        bench_engine.main(["--models", str(model), "--threads", args.threads, "-p", str(args.n_prompt),
                            "-n", str(args.n_gen), "-r", str(args.reps), "--out", str(engine_json)])
         for row in json.loads(engine_json.read_text())["rows"]:
-            bw = read_bandwidth_gb_s(row["threads"])
-            per_token = weight_bytes_per_token(model)
+            bw = bench_engine.read_bandwidth_gb_s(row["threads"])
+            per_token = bench_engine.weight_bytes_per_token(model)
             row.update(file_gb=model.stat().st_size / 1e9, weight_gb_per_token=per_token / 1e9,
                        read_bandwidth_gb_s=bw, tg_bound_tokens_per_s=bw * 1e9 / per_token)
             rows.append(row)
         engine_json.unlink()
 
-    out = {"machine": {"cpu": bench_engine._cpu_name(), "cores": bench_engine._cores()},
+    out = {"machine": bench_engine.machine(),
            "date": time.strftime("%Y-%m-%d"), "shape": SHAPE, "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=2))
     print()

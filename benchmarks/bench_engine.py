@@ -1,127 +1,166 @@
-"""pyengine vs llama.cpp (llama-cpp-python) on the same GGUF files, threads and token counts.
+"""pyengine vs llama.cpp's llama-bench (built natively) on the same GGUF files, threads and token counts.
 
-Each measurement runs in its own subprocess. pp = prompt processing of -p tokens in a fresh
-context; tg = generating -n tokens one at a time from an empty context (llama-bench's
-definitions); median of -r repetitions after a warm-up. Prints a table and writes JSON.
+Rows: SmolLM2-135M at Q4_0, Q8_0 and F16, Qwen2.5-Coder-0.5B-Instruct Q4_K_M, and a random 1.1B
+Llama-shaped model at Q4_K_M and Q4_0 (too large for any cache: decode there is bound by memory
+bandwidth). pp = prompt processing of -p tokens in a fresh context; tg = generating -n tokens one at a
+time from an empty context (llama-bench's definitions); median (pyengine) / mean (llama-bench) of -r
+repetitions after a warm-up. Each measurement runs in its own process; peak RSS is that process's.
 
-    python benchmarks/make_models.py              # SmolLM2 at f16/q8_0/q4_0/q4_1 into the models dir
-    python benchmarks/bench_engine.py --types q4_0,q8_0,f16 --threads 1,2
+For every tg row the table also gives the share of the measured read bandwidth the decode uses: weight
+bytes read per token (every tensor but the token embedding, which is read a row at a time, unless it is
+also the output matrix) x tokens/s / the read bandwidth measured with as many threads in the same run
+(read_bandwidth_gb_s).
 
-llama-cpp-python must be importable (e.g. on PYTHONPATH). Build it for the CPU it runs on; on
-VMs whose CPUID reports AMX without the kernel enabling it, build with -DGGML_NATIVE=OFF and the
-AVX-512 flags, as llama.cpp's AMX path dies with an illegal instruction there.
+    python benchmarks/make_models.py --random-1b      # SmolLM2 variants, the random 1.1B files
+    python benchmarks/bench_engine.py --threads 1,2   # writes benchmarks/results/engine.json
+
+The peer is llama.cpp from the llama-cpp-python sdist built with -DGGML_NATIVE=ON
+(benchmarks/llama_cpp_tools.py builds it on first use).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-def llamacpp_worker(model: str, n_prompt: int, n_gen: int, threads: int, reps: int) -> dict:
-    import numpy as np
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=model, n_ctx=max(n_prompt, n_gen) + 8, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, n_ubatch=512, verbose=False)
-    rng = np.random.default_rng(0)
-    n_vocab = llm.n_vocab()
-    prompt = rng.integers(0, n_vocab, size=n_prompt).tolist()
-    gen = rng.integers(0, n_vocab, size=n_gen).tolist()
-
-    def pp() -> float:
-        llm.reset()
-        llm._ctx.kv_cache_clear()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        return time.perf_counter() - t0
-
-    def tg() -> float:
-        llm.reset()
-        llm._ctx.kv_cache_clear()
-        t0 = time.perf_counter()
-        for tok in gen:
-            llm.eval([tok])
-        return time.perf_counter() - t0
-
-    pp()
-    pp_times = [pp() for _ in range(reps)]
-    tg_times = [tg() for _ in range(reps)]
-    return {"pp_tokens_per_s": n_prompt / statistics.median(pp_times),
-            "tg_tokens_per_s": n_gen / statistics.median(tg_times), "peak_rss_mb": _peak_rss_mb()}
+MODELS = ["smollm2-135m-q4_0", "smollm2-135m-q8_0", "smollm2-135m-f16", "qwen2.5-coder-0.5b-instruct-q4_k_m",
+          "llama-1.1b-random-q4_k_m", "llama-1.1b-random-q4_0"]
 
 
 def pyengine_worker(model: str, n_prompt: int, n_gen: int, threads: int, reps: int) -> dict:
     from pyengine.commands.bench import run_bench
 
     r = run_bench(model, n_prompt, n_gen, threads, reps)
-    return {k: r[k] for k in ("pp_tokens_per_s", "tg_tokens_per_s", "peak_rss_mb")}
+    return {k: r[k] for k in ("pp_tokens_per_s", "tg_tokens_per_s")}
 
 
-def _peak_rss_mb() -> float:
-    import resource
+def run_measured(cmd: list[str]) -> tuple[str, float]:
+    """Runs cmd; returns its stdout and its peak RSS in MB (from wait4, this child alone)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if p.returncode != 0:
+            tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {tail}")
+        return out.read().decode(), usage.ru_maxrss / 1024.0  # Linux: KiB
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
-
-WORKERS = {"pyengine": pyengine_worker, "llama.cpp": llamacpp_worker}
-
-
-def run_worker(engine: str, model: Path, args, threads: int) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "-p", str(args.n_prompt),
-           "-n", str(args.n_gen), "-r", str(args.reps), "--threads", str(threads)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        print(f"  {engine} failed on {model.name}: {p.stderr.strip().splitlines()[-1:]} ", file=sys.stderr)
+def run_pyengine(model: Path, args, threads: int) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", "--model", str(model), "-p", str(args.n_prompt), "-n",
+           str(args.n_gen), "-r", str(args.reps), "--threads", str(threads)]
+    try:
+        out, rss = run_measured(cmd)
+    except RuntimeError as e:
+        print(f"  pyengine: {e}", file=sys.stderr)
         return None
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": rss}
+
+
+def run_llamacpp(model: Path, args, threads: int) -> dict | None:
+    import llama_cpp_tools
+
+    result: dict = {}
+    # pp and tg in separate processes, as pyengine's worker measures both in one: the RSS is the larger.
+    for key, flags in (("pp_tokens_per_s", ["-p", str(args.n_prompt), "-n", "0"]),
+                       ("tg_tokens_per_s", ["-p", "0", "-n", str(args.n_gen)])):
+        cmd = [str(llama_cpp_tools.tool_path("llama-bench")), "-m", str(model), "-t", str(threads), "-r",
+               str(args.reps), "-o", "json", *flags]
+        try:
+            out, rss = run_measured(cmd)
+        except RuntimeError as e:
+            print(f"  llama.cpp: {e}", file=sys.stderr)
+            return None
+        result[key] = json.loads(out)[0]["avg_ts"]
+        result["peak_rss_mb"] = max(rss, result.get("peak_rss_mb", 0.0))
+    return result
+
+
+def weight_bytes_per_token(model: Path) -> int:
+    """Bytes of the tensors one decode step reads in full (the embedding only when it is the output too)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(model)).tensors}
+    tied = "output.weight" not in tensors
+    return sum(n for name, n in tensors.items() if tied or name != "token_embd.weight")
+
+
+def read_bandwidth_gb_s(threads: int, gib: float = 2.0, reps: int = 5) -> float:
+    """Memory read bandwidth: `threads` threads taking the byte maximum (one SIMD op per 64 bytes, so the
+    loads are the limit) of disjoint parts of a buffer far larger than cache. The buffer is written
+    first: untouched pages all map to one zero page and would read from cache."""
+    import threading
+
+    import numpy as np
+
+    buf = np.empty(int(gib * 2**30), np.uint8)
+    buf.fill(1)
+    parts = np.array_split(buf, threads)
+    best = 0.0
+    for _ in range(reps):
+        ts = [threading.Thread(target=np.maximum.reduce, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--types", default="q4_0,q8_0,f16")
+    ap.add_argument("--models", default=",".join(MODELS), help="names in the models directory, or GGUF paths")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-r", "--reps", type=int, default=3)
-    ap.add_argument("--model", default=None, help="one GGUF file instead of the SmolLM2 variants")
     ap.add_argument("--out", default=str(HERE / "results" / "engine.json"))
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
-        r = WORKERS[args.worker](args.model, args.n_prompt, args.n_gen, int(args.threads), args.reps)
-        print(json.dumps(r))
+        print(json.dumps(pyengine_worker(args.model, args.n_prompt, args.n_gen, int(args.threads), args.reps)))
         return 0
 
     from pyengine.default_model import models_dir
 
-    models = [Path(args.model)] if args.model else [models_dir() / f"smollm2-135m-{t}.gguf" for t in args.types.split(",")]
-    missing = [m for m in models if not m.is_file()]
-    if missing:
-        print(f"missing {', '.join(map(str, missing))}: run python benchmarks/make_models.py", file=sys.stderr)
-        return 1
-    rows = []
-    for model in models:
+    rows, bandwidth = [], {}
+    for name in args.models.split(","):
+        model = Path(name) if name.endswith(".gguf") else models_dir() / f"{name}.gguf"
+        if not model.is_file():
+            print(f"skipped {model}: not found (python benchmarks/make_models.py --random-1b makes the "
+                  "benchmark files)", file=sys.stderr)
+            continue
+        per_token = weight_bytes_per_token(model)
         for threads in [int(t) for t in args.threads.split(",")]:
-            res = {e: run_worker(e, model, args, threads) for e in WORKERS}
-            row = {"model": model.name, "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen}
-            for e, r in res.items():
-                row[e] = r
-            if res["pyengine"] and res["llama.cpp"]:
-                row["pp_ratio"] = res["pyengine"]["pp_tokens_per_s"] / res["llama.cpp"]["pp_tokens_per_s"]
-                row["tg_ratio"] = res["pyengine"]["tg_tokens_per_s"] / res["llama.cpp"]["tg_tokens_per_s"]
+            row = {"model": model.name, "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+                   "weight_bytes_per_token": per_token,
+                   "read_bandwidth_gb_s": bandwidth.setdefault(threads, read_bandwidth_gb_s(threads)),
+                   "pyengine": run_pyengine(model, args, threads), "llama.cpp": run_llamacpp(model, args, threads)}
+            pe, lc = row["pyengine"], row["llama.cpp"]
+            for key in ("pp", "tg"):
+                if pe and lc:
+                    row[f"{key}_ratio"] = pe[f"{key}_tokens_per_s"] / lc[f"{key}_tokens_per_s"]
+            for engine in ("pyengine", "llama.cpp"):
+                if row[engine] and row["read_bandwidth_gb_s"]:
+                    used = per_token * row[engine]["tg_tokens_per_s"] / 1e9
+                    row[engine]["tg_bandwidth_share"] = used / row["read_bandwidth_gb_s"]
             rows.append(row)
             print(format_row(row), flush=True)
-    out = {"machine": {"cpu": _cpu_name(), "cores": _cores(), "python": platform.python_version()},
-           "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    out = {"machine": machine(), "llama.cpp": llama_cpp_info(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print()
@@ -130,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fmt(r: dict | None, key: str) -> str:
-    return f"{r[key]:.1f}" if r else "n/a"
+def _fmt(r: dict | None, key: str, spec: str = ".1f") -> str:
+    return format(r[key], spec) if r and key in r else "n/a"
 
 
 def format_row(row: dict) -> str:
@@ -142,13 +181,17 @@ def format_row(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | threads | pp pyengine | pp llama.cpp | pp ratio | tg pyengine | tg llama.cpp | tg ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | threads | pp pyengine | pp llama.cpp | pp ratio | tg pyengine | tg llama.cpp | tg ratio | "
+             "tg share of read bandwidth (pyengine / llama.cpp) | peak RSS MB (pyengine / llama.cpp) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         pe, lc = r["pyengine"], r["llama.cpp"]
         ratio = lambda k: f"{r[k]:.2f}" if k in r else "n/a"  # noqa: E731
         lines.append(f"| {r['model']} | {r['threads']} | {_fmt(pe, 'pp_tokens_per_s')} | {_fmt(lc, 'pp_tokens_per_s')} | "
-                     f"{ratio('pp_ratio')} | {_fmt(pe, 'tg_tokens_per_s')} | {_fmt(lc, 'tg_tokens_per_s')} | {ratio('tg_ratio')} |")
+                     f"{ratio('pp_ratio')} | {_fmt(pe, 'tg_tokens_per_s')} | {_fmt(lc, 'tg_tokens_per_s')} | "
+                     f"{ratio('tg_ratio')} | {_fmt(pe, 'tg_bandwidth_share', '.0%')} / "
+                     f"{_fmt(lc, 'tg_bandwidth_share', '.0%')} | {_fmt(pe, 'peak_rss_mb', '.0f')} / "
+                     f"{_fmt(lc, 'peak_rss_mb', '.0f')} |")
     return "\n".join(lines)
 
 
@@ -162,10 +205,18 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def _cores() -> int:
+def machine() -> dict:
+    from bench_batch import machine as batch_machine
     from pyengine import _C
 
-    return _C.physical_core_count()
+    return {**batch_machine(), "cpu_path": _C.best_cpu_path(), "physical_cores": _C.physical_core_count(),
+            "python": platform.python_version()}
+
+
+def llama_cpp_info() -> dict:
+    from bench_batch import llama_cpp_info as info
+
+    return info()
 
 
 if __name__ == "__main__":
