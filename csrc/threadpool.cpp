@@ -42,61 +42,67 @@ int physical_core_count() {
 }
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
-  for (int i = 1; i < n_threads_; i++) threads_.emplace_back([this, i] { worker(i); });
+  for (int i = 1; i < n_threads_; i++) threads_.emplace_back([this] { worker(); });
 }
 
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_.store(true);
-    generation_.fetch_add(1);
   }
   cv_.notify_all();
   for (auto& t : threads_) t.join();
 }
 
-void ThreadPool::run_impl(Trampoline call, void* obj) {
-  if (n_threads_ == 1) {
-    call(obj, 0, 1);
-    return;
-  }
-  call_ = call;
+void ThreadPool::run_job(Work work, void* obj) {
+  // The previous job is closed with no worker inside (run_job waits for that), so nobody reads these.
+  work_ = work;
   obj_ = obj;
-  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+  const uint64_t job = (state_.load(std::memory_order_relaxed) >> 32) + 1;
   {
     // Publishing under the lock pairs with the sleepers' predicate check: no lost wake-up.
     std::lock_guard<std::mutex> lock(mu_);
-    generation_.fetch_add(1, std::memory_order_release);
+    state_.store(job << 32, std::memory_order_release);
   }
   if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
-  call(obj, 0, n_threads_);
-  // Spin briefly, then yield: on a loaded machine a descheduled worker needs our core to finish.
-  for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; spin++) {
+  work(obj);
+  // Every item is claimed: close the job, then wait for the workers that joined to finish theirs. Spin
+  // briefly, then yield: on a loaded machine such a worker may need our core to finish.
+  uint64_t s = state_.fetch_or(kClosed, std::memory_order_acq_rel) | kClosed;
+  for (int spin = 0; (s & kActive) != 0; spin++) {
     if (spin < 4096) PE_PAUSE();
     else std::this_thread::yield();
+    s = state_.load(std::memory_order_acquire);
   }
 }
 
-void ThreadPool::worker(int ith) {
-  uint64_t seen = 0;
+void ThreadPool::worker() {
+  uint64_t seen = 0;  // the last job this worker joined or skipped
   for (;;) {
-    uint64_t gen = generation_.load(std::memory_order_acquire);
-    for (int spin = 0; gen == seen && spin < 200000; spin++) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    for (int spin = 0; (s >> 32) == seen && spin < 200000 && !stop_.load(std::memory_order_relaxed); spin++) {
       if (spin < 4096) PE_PAUSE();
       else std::this_thread::yield();
-      gen = generation_.load(std::memory_order_acquire);
+      s = state_.load(std::memory_order_acquire);
     }
-    if (gen == seen) {
+    if ((s >> 32) == seen && !stop_.load()) {
       std::unique_lock<std::mutex> lock(mu_);
       sleepers_.fetch_add(1);
-      cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      cv_.wait(lock, [&] { return (state_.load(std::memory_order_acquire) >> 32) != seen || stop_.load(); });
       sleepers_.fetch_sub(1);
-      gen = generation_.load(std::memory_order_acquire);
+      s = state_.load(std::memory_order_acquire);
     }
-    seen = gen;
     if (stop_.load()) return;
-    call_(obj_, ith, n_threads_);
-    pending_.fetch_sub(1, std::memory_order_release);
+    // Join the job while it is open: the exchange fails if the caller closed it (or a later job began)
+    // since s was read, and s then holds what it is now.
+    while ((s >> 32) != seen && !(s & kClosed)) {
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        work_(obj_);
+        state_.fetch_sub(1, std::memory_order_release);
+        break;
+      }
+    }
+    seen = s >> 32;
   }
 }
 

@@ -1,12 +1,18 @@
 // A persistent pool of worker threads for the forward pass.
-// run(fn) calls fn(ith, nth) on every thread, the caller being thread 0, and returns when all are done.
-// Workers spin briefly between jobs (a decode step issues hundreds of small jobs, and a futex wake
-// per job would cost more than the job), then sleep so an idle engine uses no CPU.
+//
+// Work is a set of items that the calling thread and the workers claim one at a time; the caller takes
+// part and returns when every item is done. A worker joins a job only while it still has unclaimed
+// items: one that the OS has descheduled (another process on the core, more threads than free cores)
+// delays at most the item it holds, never the whole job, and one that wakes after the caller has
+// claimed everything simply skips it. Workers spin briefly between jobs (a decode step issues hundreds
+// of small jobs, and a futex wake per job would cost more than the job), then sleep so an idle engine
+// uses no CPU.
 #pragma once
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <algorithm>
 #include <thread>
 #include <vector>
 
@@ -23,13 +29,7 @@ class ThreadPool {
 
   int size() const { return n_threads_; }
 
-  template <typename F>
-  void run(F&& fn) {
-    using Fn = std::remove_reference_t<F>;
-    run_impl([](void* obj, int ith, int nth) { (*static_cast<Fn*>(obj))(ith, nth); }, &fn);
-  }
-
-  // Calls body(begin, end) over [0, n) split into one contiguous range per thread, or once on the
+  // Calls body(begin, end) over [0, n) in contiguous ranges, about four per thread, or once on the
   // calling thread when n < min_parallel (waking the workers would cost more than the work).
   template <typename F>
   void for_range(int64_t n, int64_t min_parallel, F&& body) {
@@ -37,28 +37,30 @@ class ThreadPool {
       body(int64_t(0), n);
       return;
     }
-    run([&](int ith, int nth) {
-      int64_t b, e;
-      split(n, ith, nth, b, e);
-      body(b, e);
-    });
+    const int64_t chunks = std::min<int64_t>(n, 4 * int64_t(n_threads_));
+    for_each_dynamic(chunks, [&](int64_t c) { body(c * n / chunks, (c + 1) * n / chunks); });
   }
 
-  // Calls body(i) for every i in [0, n), each thread taking the next unclaimed i: for work items of
-  // uneven cost (attention blocks: later query rows see more keys), and so that a thread that starts
-  // late, or is descheduled, only delays the items it took.
+  // Calls body(i) for every i in [0, n), each participating thread taking the next unclaimed i (items
+  // of uneven cost, such as attention blocks whose later query rows see more keys, balance out too).
   template <typename F>
   void for_each_dynamic(int64_t n, F&& body) {
     if (n <= 1 || n_threads_ == 1) {
       for (int64_t i = 0; i < n; i++) body(i);
       return;
     }
-    std::atomic<int64_t> next{0};
-    run([&](int, int) {
-      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-           i = next.fetch_add(1, std::memory_order_relaxed))
-        body(i);
-    });
+    struct Job {
+      F& body;
+      int64_t n;
+      std::atomic<int64_t> next{0};
+      static void work(void* obj) {
+        Job& j = *static_cast<Job*>(obj);
+        for (int64_t i = j.next.fetch_add(1, std::memory_order_relaxed); i < j.n;
+             i = j.next.fetch_add(1, std::memory_order_relaxed))
+          j.body(i);
+      }
+    } job{body, n};
+    run_job(&Job::work, &job);
   }
 
   // Splits [0, n) into nth contiguous ranges; returns thread ith's [begin, end).
@@ -69,17 +71,24 @@ class ThreadPool {
   }
 
  private:
-  using Trampoline = void (*)(void*, int, int);
-  void run_impl(Trampoline call, void* obj);
-  void worker(int ith);
+  using Work = void (*)(void*);
+  // Runs work(obj) on the calling thread and on every worker that joins before the caller has finished
+  // its own call; returns when all of them are done.
+  void run_job(Work work, void* obj);
+  void worker();
+
+  // state_: job number (high 32 bits), kClosed (the caller is done: no more joining), and the number of
+  // workers inside the job (low bits). One word, so that joining (a compare-exchange that checks the
+  // job is the same and still open) and closing cannot cross.
+  static constexpr uint64_t kClosed = uint64_t(1) << 31;
+  static constexpr uint64_t kActive = kClosed - 1;
 
   int n_threads_;
   std::vector<std::thread> threads_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> state_{kClosed};
   std::atomic<bool> stop_{false};
   std::atomic<int> sleepers_{0};
-  Trampoline call_ = nullptr;
+  Work work_ = nullptr;
   void* obj_ = nullptr;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -46,9 +46,11 @@ void run_split(ThreadPool& pool, int64_t rows, int64_t m, const Kernel& kernel) 
       kernel(r0, r1, int64_t(0), m);
     });
   } else {
-    pool.run([&](int ith, int n) {
+    // One part per thread, as ThreadPool::split cuts them: a row's float-weight result depends on how
+    // many rows share its kernel call (AVX-512 panels), so the parts must not depend on timing.
+    pool.for_each_dynamic(nth, [&](int64_t part) {
       int64_t m0, m1;
-      ThreadPool::split(m, ith, n, m0, m1);
+      ThreadPool::split(m, int(part), nth, m0, m1);
       if (m0 < m1) kernel(int64_t(0), rows, m0, m1);
     });
   }
@@ -90,15 +92,7 @@ void matmul(Executor& ex, const Tensor& w, const Tensor& xt, const Tensor& yt) {
   qx.q = static_cast<int8_t*>(q_buf.get(size_t(m * qx.ldq)));
   qx.sub = static_cast<XSub*>(sub_buf.get(size_t(m * qx.ldsub) * sizeof(XSub)));
 
-  if (m >= 2 * nth && nth > 1) {
-    pool.run([&](int ith, int n) {
-      int64_t m0, m1;
-      ThreadPool::split(m, ith, n, m0, m1);
-      if (m0 < m1) k.quantize_x(x, ldx, m0, m1, w.cols, s, qx);
-    });
-  } else {
-    k.quantize_x(x, ldx, 0, m, w.cols, s, qx);
-  }
+  pool.for_range(m, 2 * nth, [&](int64_t m0, int64_t m1) { k.quantize_x(x, ldx, m0, m1, w.cols, s, qx); });
   run_split(pool, w.rows, m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
     k.gemm_quant(w, qx, r0, r1, m0, m1, y, ldy);
   });
