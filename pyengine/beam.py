@@ -85,6 +85,8 @@ def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new
 
     logits = ctx.decode(prompt, [0] * p_len, np.arange(p_len) == p_len - 1)  # [1, V]
     logits = np.repeat(logits, k, axis=0)  # every beam holds the prompt (beams 1.. score -1e9)
+    for j in range(1, k):  # and may be a parent: when forced tokens leave every other score -inf, they are
+        ctx.seq_copy(0, slots[j])
     while True:
         log_probs = _log_softmax(logits)
         if no_repeat_ngram_size > 0:

@@ -666,7 +666,7 @@ def _roberta_tokenizer_json(model_dir: Path, tok_config: dict[str, Any]) -> str:
                                fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(special[k], lstrip=k == "mask", normalized=False, special=True)
+    tok.add_special_tokens([AddedToken(special[k], normalized=False, special=True)
                             for k in ("bos", "pad", "eos", "unk", "mask")])
     ids = {k: tok.token_to_id(special[k]) for k in ("sep", "cls")}
     if None in ids.values():
