@@ -253,11 +253,14 @@ def test_every_qtype_converts_and_loads(model, tmp_path):
     (lambda arch: dict(tensors={"enc.token_embd_norm.weight": None}), "enc.token_embd_norm.weight"),
     (lambda arch: dict(tensors={"dec.blk.1.cross_attn_norm.weight": None}), "dec.blk.1.cross_attn_norm.weight"),
     (lambda arch: dict(tensors={"enc.blk.0.attn_o.weight": None}), "enc.blk.0.attn_o.weight"),
+    (lambda arch: dict(tensors={"dec.blk.0.cross_attn_v.bias": None}), "dec.blk.0.cross_attn_v.bias"),
+    (lambda arch: dict(tensors={"enc.blk.1.ffn_norm.bias": None}), "enc.blk.1.ffn_norm.bias"),
     (lambda arch: dict(tensors={"enc.position_embd.weight": np.zeros((64, 32), np.float32)}), "enc.position_embd.weight"),
     (lambda arch: dict(tensors={"output.bias": np.zeros(7, np.float32)}), "output.bias"),
     (lambda arch: dict(drop_keys=(f"{arch}.decoder_start_token_id",)), "decoder_start_token_id"),
     (lambda arch: dict(extra_keys={f"{arch}.embedding_scale": -1.0}), "embedding_scale"),
-], ids=["dec.position_embd", "enc.token_embd_norm", "cross_attn_norm", "attn_o", "position_embd shape",
+], ids=["dec.position_embd", "enc.token_embd_norm", "cross_attn_norm", "attn_o", "cross_attn_v.bias",
+        "ffn_norm.bias", "position_embd shape",
         "output.bias shape", "decoder_start_token_id", "embedding_scale"])
 def test_bad_file_names_the_culprit(model, tmp_path, change, match):
     from gguf_craft import rewrite
@@ -282,6 +285,7 @@ def test_mbart_needs_its_final_norms(tmp_path):
 @pytest.mark.parametrize("edit,match", [
     ("drop model.decoder.layers.1.encoder_attn.k_proj.weight", "decoder.layers.1.encoder_attn.k_proj.weight"),
     ("drop model.encoder.embed_positions.weight", "embed_positions"),
+    ("drop model.encoder.layers.0.fc2.bias", "encoder.layers.0.fc2.bias"),
     ("shape model.decoder.layers.0.fc1.weight", "model.decoder.layers.0.fc1.weight"),
     ("config activation_function=relu", "activation_function"),
     ("config decoder_ffn_dim=48", "decoder_ffn_dim"),

@@ -137,6 +137,7 @@ ArchSpec bart() {
   a.decoder_prefix = "dec.";
   a.encoder_prefix = "enc.";
   a.attn_out_name = "attn_o";
+  a.block_biases = true;
   return a;
 }
 // mbart: pre-LayerNorm blocks and a LayerNorm at the end of each stack (enc./dec.output_norm).

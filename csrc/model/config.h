@@ -69,6 +69,9 @@ struct ArchSpec {
   bool scale_embeddings = false;
   // A tied LM head sees the hidden states times n_embd^-0.5 (transformers' T5; llama.cpp's t5 omits it).
   bool tied_head_scale = false;
+  // Every linear layer and norm of a block has a bias (BART): a file without one is refused, by name, instead
+  // of run as if it were zero (elsewhere a bias is used where the file has one).
+  bool block_biases = false;
   // Mixture-of-experts FFNs (Qwen3-MoE): a block with a router (ffn_gate_inp) sends each row through its
   // {arch}.expert_used_count best of {arch}.expert_count SwiGLU experts (ffn_{gate,up,down}_exps, of
   // {arch}.expert_feed_forward_length); a block without one has the dense FFN.

@@ -317,6 +317,12 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
       L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
       L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);
     }
+    if (c.spec.block_biases) {
+      std::vector<std::string> biased = {"attn_q", "attn_k", "attn_v", c.spec.attn_out_name, c.spec.attn_norm_name,
+                                         "ffn_up", "ffn_down", c.spec.ffn_norm_name};
+      if (cross) biased.insert(biased.end(), {"cross_attn_q", "cross_attn_k", "cross_attn_v", "cross_attn_o", "cross_attn_norm"});
+      for (const std::string& name : biased) ld.find(b + name + ".bias", true);
+    }
     if (c.prefix_length > 0) {
       L.prefix_k = keep(ld.float_matrix(b + "prefix_k", c.prefix_length, kv_dim), c.prefix_length);
       L.prefix_v = keep(ld.float_matrix(b + "prefix_v", c.prefix_length, kv_dim), c.prefix_length);

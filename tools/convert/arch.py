@@ -1119,6 +1119,7 @@ BART = ArchSpec(
                  "n_head": ("encoder_attention_heads",), "n_head_kv": (), "n_ff": ("encoder_ffn_dim",),
                  "n_ctx": ("max_position_embeddings",), "head_dim": (), "norm_eps": (), "rope_theta": (),
                  "tied": ("tie_word_embeddings",)},
+    required_biases=tuple(BART_SELF_TENSORS.values()),
     shapes=_bart_shapes,
     tokenizers=("hf-bpe",),
     ignored_suffixes=(),
