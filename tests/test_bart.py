@@ -178,6 +178,30 @@ def test_tokenizer_matches_transformers(tmp_path, variant, tokenizer_json):
         assert "".join(pieces.add(i) for i in ids) + pieces.flush() == ref.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("tokenizer_class,src_lang", [("MBartTokenizer", "ro_RO"), ("MBartTokenizerFast", None)])
+def test_mbart_source_language_as_transformers(tmp_path, tokenizer_class, src_lang):
+    """transformers' MBartTokenizer puts tokenizer_config.json's src_lang (default en_XX) after the text, `$A </s>
+    src_lang`, whatever tokenizer.json says; so does the converted file."""
+    from checkpoints import make_mbart_tokenizer
+
+    n = make_mbart_tokenizer(tmp_path)
+    tok_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    tok_config.pop("src_lang", None)
+    tok_config.update({"tokenizer_class": tokenizer_class}, **({"src_lang": src_lang} if src_lang else {}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["MBartForConditionalGeneration"], "model_type": "mbart", "vocab_size": n, "d_model": 32,
+        "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+        "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_position_embeddings": 32, "decoder_start_token_id": 2}))
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    convert(tmp_path, tmp_path / "vocab.gguf", vocab_only=True)
+    tok = pyengine.Tokenizer.from_gguf(tmp_path / "vocab.gguf")
+    lang = tok.token_to_id(src_lang or "en_XX")
+    for text in TOKENIZER_TEXTS[:4]:
+        ids = ref(text).input_ids
+        assert ids[-1] == lang and tok.encode(text) == ids, text
+
+
 def _hf_generate(hf, src, **kw):
     with torch.no_grad():
         return hf.generate(torch.tensor([src]), do_sample=False, **kw)[:, 1:].tolist()
@@ -236,6 +260,20 @@ def test_text_to_text_api_batch_sampling_and_beams(gen_model):
     assert sampled[0].token_ids[0] == hf.generation_config.forced_bos_token_id
     best = llm.beam_search(TEXTS[0], num_beams=4, max_new_tokens=8)[0].token_ids
     assert llm.generate(TEXTS[0], num_beams=4, max_new_tokens=8) == llm.tokenizer.decode(best, skip_special_tokens=True)
+
+
+def test_generate_command(gen_model):
+    """`pyengine generate -m FILE -p TEXT` prints the text-to-text output, as LLM.generate gives it."""
+    import subprocess
+    import sys
+
+    d, _ = gen_model
+    path = _gguf(d)
+    want = pyengine.LLM(str(path), n_ctx=64, kv_type="f32").generate(TEXTS[3], max_new_tokens=8, temperature=0)
+    r = subprocess.run([sys.executable, "-m", "pyengine", "generate", "-m", str(path), "-p", TEXTS[3], "-n", "8",
+                        "--temp", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == want and want
 
 
 def test_every_qtype_converts_and_loads(model, tmp_path):

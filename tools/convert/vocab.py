@@ -699,14 +699,28 @@ def _mbart_tokenizer_json(model_dir: Path, tok_config: dict[str, Any]) -> str:
     added += [AddedToken(special["mask"], lstrip=True, normalized=False, special=True)]
     added += [AddedToken(code, normalized=False, special=True) for code in MBART_LANGUAGE_CODES]
     tok.add_special_tokens(added)
-    lang = tok_config.get("src_lang") or "en_XX"
-    if tok.token_to_id(lang) is None:
-        raise ConversionError(f"{model_dir / 'tokenizer_config.json'}: src_lang {lang!r} is not a token")
-    eos = special["eos"]
+    _set_mbart_template(tok, tok_config, model_dir, "MBartTokenizer")
+    return tok.to_str()
+
+
+def _set_mbart_template(tok: Any, tok_config: dict[str, Any], model_dir: Path, default_class: str | None) -> None:
+    """The special tokens around a text as transformers' MBartTokenizer sets them whatever tokenizer.json says:
+    `$A </s> src_lang` (src_lang from tokenizer_config.json, else en_XX). Another tokenizer class keeps the
+    tokenizer.json's own post-processor. (MBart50Tokenizer, `src_lang $A </s>`, also rebuilds the rest of the
+    pipeline in transformers 5: not done here.)"""
+    from tokenizers import processors
+
+    cls = str(tok_config.get("tokenizer_class") or default_class or "").removesuffix("Fast")
+    if cls != "MBartTokenizer":
+        return
+    lang, eos = tok_config.get("src_lang") or "en_XX", _special_texts(tok_config)["eos"]
+    for token in (lang, eos):
+        if tok.token_to_id(token) is None:
+            raise ConversionError(f"{model_dir}: the {cls}'s token {token!r} (tokenizer_config.json src_lang / "
+                                  "eos_token) is not in its vocabulary")
     tok.post_processor = processors.TemplateProcessing(
         single=["$A", eos, lang], pair=["$A", "$B", eos, lang],
         special_tokens=[(eos, tok.token_to_id(eos)), (lang, tok.token_to_id(lang))])
-    return tok.to_str()
 
 
 def load_hf_json(model_dir: Path, n_vocab: int, kind: str) -> Vocab:
@@ -730,9 +744,12 @@ def load_hf_json(model_dir: Path, n_vocab: int, kind: str) -> Vocab:
         raise ConversionError(f"no tokenizer in {model_dir}: expected tokenizer.json or {other}")
     try:
         tok = Tokenizer.from_str(text)
-        tj = json.loads(text)
     except Exception as e:
         raise ConversionError(f"cannot load the tokenizer of {model_dir} ({path.name}): {e}") from None
+    if kind == "unigram":
+        _set_mbart_template(tok, tok_config, model_dir, None)
+        text = tok.to_str()
+    tj = json.loads(text)
     model = tj.get("model") or {}
     want = "BPE" if kind == "bpe" else "Unigram"
     if model.get("type") != want:
