@@ -50,9 +50,12 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new_tokens: int,
                 eos_ids: Sequence[int], length_penalty: float = 1.0, early_stopping: bool | str = False,
                 no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
-                encoder_input: Sequence[int] | None = None) -> list[BeamHypothesis]:
+                encoder_input: Sequence[int] | None = None, forced_bos_token_id: int | None = None,
+                forced_eos_token_id: int | None = None) -> list[BeamHypothesis]:
     """The `num_return_sequences` best hypotheses, best first. `encoder_input`: an encoder-decoder's input
-    (its encoder output is shared by every beam through seq_copy); `prompt` is then the decoder's start."""
+    (its encoder output is shared by every beam through seq_copy); `prompt` is then the decoder's start.
+    forced_bos_token_id / forced_eos_token_id: transformers' forced first token (at length 1) and forced
+    token at max_length - 1, whose log-probability becomes 0 and every other's -inf (its logits processors)."""
     if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
         raise ValueError("need num_beams >= 1 and 1 <= num_return_sequences <= num_beams")
     if early_stopping not in (True, False, "never"):
@@ -82,6 +85,8 @@ def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new
 
     logits = ctx.decode(prompt, [0] * p_len, np.arange(p_len) == p_len - 1)  # [1, V]
     logits = np.repeat(logits, k, axis=0)  # every beam holds the prompt (beams 1.. score -1e9)
+    for j in range(1, k):  # and may be a parent: when forced tokens leave every other score -inf, they are
+        ctx.seq_copy(0, slots[j])
     while True:
         log_probs = _log_softmax(logits)
         if no_repeat_ngram_size > 0:
@@ -89,6 +94,12 @@ def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new
                 banned = list(_banned_ngram_tokens(running[b], no_repeat_ngram_size))
                 if banned:
                     log_probs[b, banned] = -np.inf
+        forced = (forced_bos_token_id if cur_len == 1 else None) if forced_bos_token_id is not None else None
+        if forced is None and forced_eos_token_id is not None and cur_len == max_length - 1:
+            forced = forced_eos_token_id
+        if forced is not None:
+            log_probs[:] = -np.inf
+            log_probs[:, forced] = 0.0
         acc = (log_probs + running_scores[:, None]).reshape(-1)
         vocab = log_probs.shape[1]
         top = _topk(acc, keep)

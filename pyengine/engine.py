@@ -361,6 +361,13 @@ class Engine:
         eos = md.get("pyengine.generation.eos_token_ids")
         if eos is not None:
             defaults["stop_token_ids"] = tuple(int(i) for i in np.atleast_1d(eos))
+        for key in ("forced_bos_token_id", "forced_eos_token_id"):
+            value = md.get(f"pyengine.generation.{key}")
+            if value is not None:
+                if not 0 <= int(value) < self.n_vocab:
+                    raise ModelFormatError(f"{self.model_path}: pyengine.generation.{key} = {value} is outside the "
+                                           f"vocabulary (0..{self.n_vocab - 1})")
+                defaults[key] = int(value)
         return defaults
 
     def sampling_params(self, params: "SamplingParams | None" = None, **overrides: Any) -> "SamplingParams":
@@ -368,7 +375,7 @@ class Engine:
 
         Overrides are SamplingParams fields (transformers' names): max_new_tokens, temperature,
         top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stop,
-        stop_token_ids, ignore_eos. A value of None keeps the default.
+        stop_token_ids, ignore_eos, forced_bos_token_id, forced_eos_token_id. A value of None keeps the default.
         """
         from .sampling import SamplingParams
 

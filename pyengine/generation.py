@@ -182,6 +182,10 @@ class Generation:
         allowed = logits
         if self._constraint is not None:  # only tokens that keep the output valid JSON
             allowed = np.where(self._constraint.mask(), logits, np.float32(-np.inf))
+        forced = p.forced_token(len(self.prompt_ids), len(self.token_ids))
+        if forced is not None:  # as transformers: every other token's score -inf
+            allowed = np.full_like(logits, -np.inf)
+            allowed[forced] = 0.0
         token = self._sampler(allowed, self.token_ids, self.prompt_ids)
         if self._constraint is not None and token not in self._stop_ids:
             self._constraint.advance(token)

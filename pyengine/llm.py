@@ -70,8 +70,11 @@ class LLM(Engine):
                 raise ValueError("beam search takes one prompt and does not stream")
             n_return = beam.get("num_return_sequences", 1)
             hyps = self.beam_search(prompt, add_special_tokens=add_special_tokens,
-                                    max_new_tokens=sampling.get("max_new_tokens"), **beam)
-            texts = [self.tokenizer.decode([t for t in h.token_ids if t not in self.tokenizer.eog_ids]) for h in hyps]
+                                    max_new_tokens=sampling.get("max_new_tokens"),
+                                    forced_bos_token_id=sampling.get("forced_bos_token_id"),
+                                    forced_eos_token_id=sampling.get("forced_eos_token_id"), **beam)
+            texts = [self.tokenizer.decode([t for t in h.token_ids if t not in self.tokenizer.eog_ids],
+                                           skip_special_tokens=True) for h in hyps]
             return texts if n_return > 1 else texts[0]
         if _is_batch(prompt):
             return self._generate_many(list(prompt), stream, params, add_special_tokens, sampling)
@@ -123,10 +126,13 @@ class LLM(Engine):
 
     def beam_search(self, prompt: str | Sequence[int], num_beams: int = 4, max_new_tokens: int | None = None,
                     length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
-                    num_return_sequences: int = 1, add_special_tokens: bool = True) -> "list[BeamHypothesis]":
+                    num_return_sequences: int = 1, add_special_tokens: bool = True,
+                    forced_bos_token_id: int | None = None, forced_eos_token_id: int | None = None,
+                    ) -> "list[BeamHypothesis]":
         """Beam search with transformers' rules (token for token equal to its ``generate(num_beams=...)``
         with the same arguments): the `num_return_sequences` best hypotheses (token ids, score), best first.
-        The beams are sequences of one context whose KV cache pages they share until they diverge."""
+        The beams are sequences of one context whose KV cache pages they share until they diverge.
+        forced_bos_token_id / forced_eos_token_id default to the model's (BART, mBART: its generation config)."""
         from .beam import beam_search
 
         ids = self._prompt_ids(prompt, add_special_tokens)
@@ -135,8 +141,11 @@ class LLM(Engine):
         encoder_input = None
         if self.is_encoder_decoder:  # the prompt is the encoder's input; the beams start from the start token
             encoder_input, ids = ids, [self.decoder_start_token_id]
+        defaults = self.sampling_params(forced_bos_token_id=forced_bos_token_id,
+                                        forced_eos_token_id=forced_eos_token_id)
         return beam_search(self, ids, num_beams, max_new_tokens, self.tokenizer.eog_ids, length_penalty,
-                           early_stopping, no_repeat_ngram_size, num_return_sequences, encoder_input)
+                           early_stopping, no_repeat_ngram_size, num_return_sequences, encoder_input,
+                           defaults.forced_bos_token_id, defaults.forced_eos_token_id)
 
     @property
     def labels(self) -> list[str]:

@@ -44,6 +44,20 @@ class SamplingParams:
     # Constrained output, OpenAI's (and llama-cpp-python's) shape: {"type": "json_object"}, or
     # {"type": "json_schema", "json_schema": {"schema": {...}}}; {"type": "text"} or None: free text.
     response_format: dict | None = None
+    # transformers' ForcedBOS/ForcedEOSTokenLogitsProcessor (BART, mBART): the first generated token of a one-token
+    # prompt (an encoder-decoder's decoder start) is forced_bos_token_id, and the token that reaches
+    # max_new_tokens is forced_eos_token_id. None: not forced.
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+
+    def forced_token(self, n_prompt: int, n_generated: int) -> int | None:
+        """The token the next step must take after `n_generated` tokens of an `n_prompt`-token prompt, as
+        transformers forces it at cur_len == 1 (BOS) and cur_len == max_length - 1 (EOS); None: any."""
+        if self.forced_bos_token_id is not None and n_prompt + n_generated == 1:
+            return self.forced_bos_token_id
+        if self.forced_eos_token_id is not None and n_generated == self.max_new_tokens - 1:
+            return self.forced_eos_token_id
+        return None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,6 +74,8 @@ class SamplingParams:
             (all(math.isfinite(v) for v in (self.presence_penalty, self.frequency_penalty)),
              "presence_penalty and frequency_penalty must be finite"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be None or in [0, 20]"),
+            (all(t is None or t >= 0 for t in (self.forced_bos_token_id, self.forced_eos_token_id)),
+             "forced_bos_token_id and forced_eos_token_id must be None or >= 0"),
         ]
         if self.response_format is not None:
             json_schema_of(self.response_format)  # raises on a malformed one

@@ -19,6 +19,11 @@ A GGUF stores the vocabulary under llama.cpp's keys (`tokenizer.ggml.*`). We reb
   WordPiece with "##" continuations (`pyengine.tokenizer.bert.max_input_chars_per_word`, default 100),
   and `[CLS] ... [SEP]` (BOS and separator ids) around the text when special tokens are added.
 
+* `tokenizer.huggingface.json` present (gguf-py's key; pyengine's converter writes it for BART and mBART):
+  the model's own tokenizer.json, run as it is by `tokenizers` (its normalizer, pre-tokenizer, model,
+  post-processor with the model's special tokens, and decoder), so that ids equal transformers'. The
+  `tokenizer.ggml.*` keys still give the vocabulary, its token types and special ids, and must agree with it.
+
 Control, unknown and user-defined tokens are matched whole in the text, before any splitting.
 
 THUDM's ChatGLM tokenizers add their own tokens where `add_special_tokens` asks for them:
@@ -231,7 +236,8 @@ def _meta_int(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
 # ~2 million characters.
 MAX_TOKEN_CHARS = 1 << 16
 MAX_VOCAB_CHARS = 1 << 26  # all tokens together (SentencePiece's merge search visits every split of every token)
-_STR_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template")
+HF_JSON_KEY = "tokenizer.huggingface.json"  # gguf-py's Keys.Tokenizer.HF_JSON
+_STR_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template", HF_JSON_KEY)
 _SPECIAL_IDS = ("bos", "eos", "unknown", "padding", "seperator", "eot", "eom")
 _INT_KEYS = tuple(f"tokenizer.ggml.{k}_token_id" for k in _SPECIAL_IDS) + (
     "pyengine.tokenizer.bert.max_input_chars_per_word",)
@@ -342,6 +348,14 @@ class Tokenizer:
 
     def _build_backend(self, md: Mapping[str, Any]) -> bool:
         """Builds self.backend for the vocabulary's model; returns whether BOS is added by default."""
+        self._from_json = md.get(HF_JSON_KEY) is not None
+        if self._from_json:
+            if self.model not in ("gpt2", "t5"):
+                raise UnsupportedModelError(f"{HF_JSON_KEY} with tokenizer.ggml.model = {self.model!r} is not "
+                                            "supported ('gpt2' and 't5' are)")
+            self.add_space_prefix = self.model == "t5" and bool(md.get("tokenizer.ggml.add_space_prefix", True))
+            self.backend = self._build_from_json(md[HF_JSON_KEY])
+            return False  # the json's post-processor adds the special tokens
         if self.model == "gpt2":
             pre = PRE_TOKENIZERS.get(self.pre or "default")
             if pre is None:
@@ -413,7 +427,8 @@ class Tokenizer:
         if self.pre == "chatglm1":
             specials = sorted((self._tokens[i] for i in self._special), key=len, reverse=True)
             self._glm1_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else re.compile("(?!)")
-        self._set_post_processor()
+        if not self._from_json:
+            self._set_post_processor()
         self._pieces: list[bytes | None] = [None] * n
 
     @classmethod
@@ -429,6 +444,22 @@ class Tokenizer:
         return cls(read_metadata(path))
 
     # --- construction ---
+
+    def _build_from_json(self, text: str) -> HFTokenizer:
+        """The tokenizer.json stored whole, checked against tokenizer.ggml.tokens: every id it can give must
+        be the token the vocabulary has there."""
+        if len(text) > 4 * MAX_VOCAB_CHARS:
+            raise ModelFormatError(f"{HF_JSON_KEY} has {len(text)} characters (the limit is {4 * MAX_VOCAB_CHARS})")
+        try:
+            tok = HFTokenizer.from_str(text)
+        except Exception as e:
+            raise ModelFormatError(f"{HF_JSON_KEY} is not a tokenizer.json `tokenizers` can load: {e}") from None
+        for token, i in tok.get_vocab(with_added_tokens=True).items():
+            if not 0 <= i < len(self._tokens) or self._tokens[i] != token:
+                have = repr(self._tokens[i]) if 0 <= i < len(self._tokens) else "no token"
+                raise ModelFormatError(f"{HF_JSON_KEY} has token {token!r} at id {i}, but tokenizer.ggml.tokens has "
+                                       f"{have} there")
+        return tok
 
     def _add_tokens_matched_whole(self, tok: HFTokenizer) -> None:
         """Control, unknown and user-defined tokens are matched whole in raw text, as llama.cpp does;

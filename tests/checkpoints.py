@@ -404,3 +404,111 @@ def make_t5(out_dir: Path, *, gated: bool = False, tied: bool = True, n_layers: 
         cfg.pop("scale_decoder_outputs", None)
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
+
+
+# --- BART / mBART (encoder-decoder) ---------------------------------------------------------------------
+
+BART_CORPUS = T5_CORPUS + """\
+我想在苹果公司工作。今天天气很好，我们去公园散步吧。中文文本测试，机器翻译。
+Ceci est une phrase en français. Это предложение на русском языке. Dies ist ein deutscher Satz.
+"""
+
+
+def make_bart_tokenizer(out_dir: Path, vocab_size: int = 420, tokenizer_json: bool = True) -> int:
+    """Train BART's kind of tokenizer (byte-level BPE with GPT-2's regex, <s> <pad> </s> <unk> first and
+    <mask> last) and save it as transformers' BartTokenizer does (tokenizer.json), or with tokenizer_json=False as the
+    older Hub folders hold it (vocab.json + merges.txt). Returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import BartTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([BART_CORPUS] * 4, trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab["<mask>"] = len(vocab)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    if tokenizer_json:
+        BartTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges]).save_pretrained(out_dir)
+    else:
+        (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        (out_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BartTokenizer"}))
+    return len(vocab)
+
+
+def make_mbart_tokenizer(out_dir: Path, vocab_size: int = 400, tokenizer_json: bool = True) -> int:
+    """Train mBART's kind of vocabulary (a SentencePiece unigram model with <unk> <s> </s> first, as fairseq's
+    sentencepiece.bpe.model) and save it with transformers' MBartTokenizer (fairseq's ids, language codes,
+    <mask>; tokenizer.json), or with tokenizer_json=False the SentencePiece model alone. Returns the tokenizer's size."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import MBartTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(BART_CORPUS.splitlines() * 4), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, minloglevel=2)
+    (out_dir / "sentencepiece.bpe.model").write_bytes(model.getvalue())
+    tok = MBartTokenizer.from_pretrained(out_dir)
+    if tokenizer_json:
+        tok.save_pretrained(out_dir)
+    else:
+        (out_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MBartTokenizer"}))
+    return len(tok)
+
+
+EOS_BIAS = 3.0  # on final_logits_bias: texts that sometimes end before the length limit
+
+
+def make_bart(out_dir: Path, *, mbart: bool = False, tokenizer_json: bool = True, n_layers: int = 2,
+              n_dec_layers: int = 2, d_model: int = 64, n_heads: int = 4, ffn: int = 128, max_position: int = 64,
+              scale_embedding: bool | None = None, forced_bos: str | None = None, block_gain: float = 1.0,
+              seed: int = 0) -> Path:
+    """A tiny random BartForConditionalGeneration (post-norm; forced BOS <s> as bart-large-cnn), or with mbart an
+    MBartForConditionalGeneration (pre-norm, final norms, embeddings times sqrt(d_model), the decoder starting
+    from </s> with the target language forced first as mBART-50: ro_RO). final_logits_bias is random too.
+    block_gain multiplies the blocks' matrices: a random tied model with _randomize's weights mostly predicts
+    the token it was given, so that beams tie; with larger blocks (3) its texts vary, but its logits move
+    far more under quantization."""
+    from transformers import BartConfig, BartForConditionalGeneration, MBartConfig, MBartForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    n_tokens = (make_mbart_tokenizer if mbart else make_bart_tokenizer)(out_dir, tokenizer_json=tokenizer_json)
+    Config, Model = (MBartConfig, MBartForConditionalGeneration) if mbart else (BartConfig, BartForConditionalGeneration)
+    forced_bos = forced_bos if forced_bos is not None else ("ro_RO" if mbart else "<s>")
+    if mbart:
+        from transformers import AutoTokenizer
+
+        forced_bos_id = AutoTokenizer.from_pretrained(out_dir).convert_tokens_to_ids(forced_bos)
+    else:
+        forced_bos_id = 0
+    config = Config(vocab_size=n_tokens, d_model=d_model, encoder_layers=n_layers, decoder_layers=n_dec_layers,
+                    encoder_attention_heads=n_heads, decoder_attention_heads=n_heads, encoder_ffn_dim=ffn,
+                    decoder_ffn_dim=ffn, max_position_embeddings=max_position, dropout=0.0, attention_dropout=0.0,
+                    activation_dropout=0.0, scale_embedding=mbart if scale_embedding is None else scale_embedding,
+                    pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                    forced_eos_token_id=2)
+    torch.manual_seed(seed)
+    model = Model(config).eval()
+    _randomize(model, seed)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        model.final_logits_bias.copy_(torch.randn(model.final_logits_bias.shape, generator=g) * 0.5)
+        # next-token distributions peaked enough that beams rarely tie (the tied head reads the embeddings)
+        model.model.shared.weight.mul_(2.5)
+        model.final_logits_bias[0, config.eos_token_id] += EOS_BIAS
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ".layers." in name:
+                p.mul_(block_gain)
+    model.config.architectures = [Model.__name__]
+    model.generation_config.forced_bos_token_id = forced_bos_id  # BartConfig no longer takes it
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -80,6 +80,24 @@ def test_mt5_logits_match_transformers(tmp_path):
     _close(ctx.eval(np.array(TGT, np.int32), "all", 0), _ref_logits(hf, SRC, TGT))
 
 
+def test_custom_class_with_t5_weights_converts_as_t5(tmp_path):
+    """A folder whose config.json names a class of its own around T5's weights (ChatLM-mini-Chinese's
+    architectures ["TextToTextModel"], model_type "t5") converts as t5 by its model_type; an unknown class of
+    an unknown model_type is still refused by name."""
+    d = make_t5(tmp_path / "chatlm")
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(d).eval()
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["TextToTextModel"]}))
+    report = convert(d, tmp_path / "chatlm.gguf", qtype="f32", output_qtype="f32")
+    assert (report.arch, report.hf_arch) == ("t5", "TextToTextModel")
+    ctx = _ctx(report.out_path)
+    ctx.encode(np.array(SRC, np.int32), 0)
+    _close(ctx.eval(np.array(TGT, np.int32), "all", 0), _ref_logits(hf, SRC, TGT))
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["TextToTextModel"], "model_type": "other"}))
+    with pytest.raises(ConversionError, match="unsupported architecture TextToTextModel"):
+        convert(d, tmp_path / "other.gguf", qtype="f32")
+
+
 def test_token_by_token_equals_full_decoder(t5):
     d, _ = t5
     ctx = _ctx(_gguf(d))

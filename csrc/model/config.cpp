@@ -111,6 +111,40 @@ ArchSpec t5() {
   a.encoder_prefix = "enc.";
   a.attn_out_name = "attn_o";
   a.ffn_from_tensors = true;
+  a.tied_head_scale = true;
+  return a;
+}
+// BART (pyengine's own `bart`: llama.cpp has no BART) and mBART (`mbart`). An encoder and a decoder with
+// cross-attention in T5's tensor names (enc./dec.blk.N.attn_q/k/v/o, ffn_up/down, attn_norm and ffn_norm
+// for the self-attention's and the FFN's LayerNorm, cross_attn_q/k/v/o and cross_attn_norm), biases on
+// every linear layer and norm, exact (erf) GELU, q.k scaled by head_dim^-0.5, learned absolute positions
+// per stack (enc./dec.position_embd, stored without BART's offset of 2 rows: row p is position p), a
+// LayerNorm of each stack's embeddings (enc./dec.token_embd_norm: layernorm_embedding), token embeddings
+// times {arch}.embedding_scale (sqrt(d_model) when the config's scale_embedding says so), and the tied LM
+// head plus final_logits_bias (output.bias). Keys: llama.cpp's generic ones ({arch}.context_length,
+// embedding_length, block_count (the encoder's), decoder_block_count, feed_forward_length,
+// attention.head_count, attention.layer_norm_epsilon, decoder_start_token_id, embedding_scale).
+// bart: post-LayerNorm blocks (BERT's), no norm at the end of a stack.
+ArchSpec bart() {
+  ArchSpec a{"bart"};
+  a.family = Family::EncoderDecoder;
+  a.norm = NormType::Layer;
+  a.act = Activation::GELUErf;
+  a.gated_ffn = false;
+  a.positions = Positions::Learned;
+  a.post_norm = true;
+  a.embedding_norm = true;
+  a.decoder_prefix = "dec.";
+  a.encoder_prefix = "enc.";
+  a.attn_out_name = "attn_o";
+  a.block_biases = true;
+  return a;
+}
+// mbart: pre-LayerNorm blocks and a LayerNorm at the end of each stack (enc./dec.output_norm).
+ArchSpec mbart() {
+  ArchSpec a = bart();
+  a.name = "mbart";
+  a.post_norm = false;
   return a;
 }
 const ArchSpec kArchs[] = {
@@ -127,6 +161,8 @@ const ArchSpec kArchs[] = {
     gemma3(),
     baichuan(),
     t5(),
+    bart(),
+    mbart(),
 };
 }  // namespace
 
@@ -243,6 +279,7 @@ ModelConfig read_config(const GGUFFile& f) {
     c.rope_swa.freq_scale = 1.f;
   }
   c.kq_scale = attention_scale(f, c);
+  c.embd_scale = float(positive_float(f, p + "embedding_scale", spec->scale_embeddings ? std::sqrt(double(c.n_embd)) : 1.0));
   if (spec->alibi) {
     const std::string key = p + "attention.max_alibi_bias";
     if (f.find(key)) {

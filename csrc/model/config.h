@@ -57,15 +57,21 @@ struct ArchSpec {
   bool residual_from_norm = false;
   Positions positions = Positions::Rope;
   Mask mask = Mask::Causal;
-  // Post-norm blocks (BERT): x = norm(x + f(x)) after each sublayer, instead of x + f(norm(x)).
+  // Post-norm blocks (BERT, BART): x = norm(x + f(x)) after each sublayer, instead of x + f(norm(x)).
   bool post_norm = false;
-  // A LayerNorm of the summed embeddings (token_embd_norm) before the first block (BERT).
+  // A LayerNorm of the summed embeddings (token_embd_norm; BART's per stack) before the first block (BERT, BART).
   bool embedding_norm = false;
   // GGUF names of the two per-block norms (llama.cpp's: BERT's sit after the sublayers).
   const char* attn_norm_name = "attn_norm";
   const char* ffn_norm_name = "ffn_norm";
-  // Token embeddings times sqrt(n_embd) (Gemma).
+  // Token embeddings times sqrt(n_embd) (Gemma), unless {arch}.embedding_scale says otherwise (BART's
+  // scale_embedding; see ModelConfig::embd_scale).
   bool scale_embeddings = false;
+  // A tied LM head sees the hidden states times n_embd^-0.5 (transformers' T5; llama.cpp's t5 omits it).
+  bool tied_head_scale = false;
+  // Every linear layer and norm of a block has a bias (BART): a file without one is refused, by name, instead
+  // of run as if it were zero (elsewhere a bias is used where the file has one).
+  bool block_biases = false;
   // Mixture-of-experts FFNs (Qwen3-MoE): a block with a router (ffn_gate_inp) sends each row through its
   // {arch}.expert_used_count best of {arch}.expert_count SwiGLU experts (ffn_{gate,up,down}_exps, of
   // {arch}.expert_feed_forward_length); a block without one has the dense FFN.
@@ -103,6 +109,9 @@ struct ModelConfig {
   // n_ctx_train): LongRoPE's long factors serve contexts longer than it.
   int64_t n_ctx_orig = 0;
   float norm_eps = 1e-5f;
+  // The token embeddings' factor, before positions are added: {arch}.embedding_scale (llama.cpp's key), else
+  // sqrt(n_embd) with ArchSpec::scale_embeddings, else 1.
+  float embd_scale = 1.f;
   RopeParams rope;  // freq_factors filled in by the model if it has rope_freqs.weight
   float residual_scale = 1.f;     // residual_from_norm: alpha
   int64_t prefix_end_token = -1;  // Mask::PrefixLM: the token that ends the bidirectional prefix (BOS, <sop>)

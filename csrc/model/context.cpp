@@ -141,7 +141,7 @@ void Context::encode(const int32_t* tokens, int64_t n, int seq) {
   std::vector<float> h(size_t(n * d)), k(size_t(n * kv_dim)), v(size_t(n * kv_dim));
   const Tensor H = f32_tensor(h.data(), n, d, d), K = f32_tensor(k.data(), n, kv_dim, kv_dim),
                V = f32_tensor(v.data(), n, kv_dim, kv_dim);
-  forward_decoder(*model_, enc, {enc}, enc, model_->encoder.head, p, rope_, H, true);
+  forward_decoder(*model_, enc, {enc}, enc, model_->encoder.input, model_->encoder.head, p, rope_, H, true);
 
   // Every decoder block's cross-attention keys and values of the encoder's output, once per input.
   try {
@@ -339,7 +339,7 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
     for (const Layer& L : gpu.layers) parts[1].layers.push_back(&L);
   }
   const bool head_on_gpu = gpu_ex_ && gpu.head;
-  forward_decoder(*model_, parts[0], parts, head_on_gpu ? parts[1] : parts[0],
+  forward_decoder(*model_, parts[0], parts, head_on_gpu ? parts[1] : parts[0], model_->decoder.input,
                   head_on_gpu ? gpu.head_weights : model_->decoder.head, p, rope_, out, hidden);
 }
 

@@ -151,12 +151,13 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   // Cross-attention (encoder-decoder): queries from the decoder, keys and values of the encoder's output,
   // computed once per input (Context::encode); every encoder position is visible, without a position bias.
   if (L.cross_q.present()) {
-    pre_norm(L.cross_norm, Tensor{});
-    linear(L.cross_q, xn, q);
+    if (!post) pre_norm(L.cross_norm, L.cross_norm_b);
+    linear(L.cross_q, post ? x : xn, q);
     attention(ex, q, int(c.n_head), *part.cross, kv_layer, AttentionRows{rt.seq, rt.cross_key_begin, rt.cross_key_end},
               c.kq_scale, att);
     linear(L.cross_o, att, xn);
     add(ex, x, xn);
+    post_norm(L.cross_norm, L.cross_norm_b);
   }
   // Feed-forward block: one FFN, or a mixture of experts.
   if (!post) pre_norm(L.ffn_norm, L.ffn_norm_b);
@@ -187,8 +188,8 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
 }  // namespace
 
 void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<StackPart>& parts,
-                     const StackPart& head_part, const Head& head, const RowPlan& rows, const ContextRope& rope,
-                     const Tensor& out, bool hidden_out) {
+                     const StackPart& head_part, const StackInput& input, const Head& head, const RowPlan& rows,
+                     const ContextRope& rope, const Tensor& out, bool hidden_out) {
   const ModelConfig& c = M.config();
   const int64_t n = rows.size(), d = c.n_embd;
   const size_t x_bytes = size_t(n * d) * sizeof(float);
@@ -197,14 +198,14 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
   RowTensors host_rows = cpu.act->upload(*cpu.ex, rows);
   const Tensor x0 = f32_tensor(static_cast<float*>(cpu.act->x.data()), n, d, d);
   get_rows(*cpu.ex, M.tok_embd, host_rows.token, x0);
+  if (c.embd_scale != 1.f) scale(*cpu.ex, x0, c.embd_scale, x0);
   if (c.spec.positions == Positions::Learned) {
     const Tensor pos = f32_tensor(static_cast<float*>(cpu.act->xn.data()), n, d, d);
-    get_rows(*cpu.ex, M.position_embd, host_rows.rope_pos, pos);  // checks every position against the table
+    get_rows(*cpu.ex, input.position_embd, host_rows.rope_pos, pos);  // checks every position against the table
     add(*cpu.ex, x0, pos);
     if (!M.token_type.empty()) add_bias(*cpu.ex, x0, M.token_type);
   }
-  if (c.spec.embedding_norm) norm(*cpu.ex, c.spec.norm, x0, M.embd_norm, M.embd_norm_b, x0, c.norm_eps);
-  if (c.spec.scale_embeddings) scale(*cpu.ex, x0, std::sqrt(float(d)), x0);
+  if (c.spec.embedding_norm) norm(*cpu.ex, c.spec.norm, x0, input.norm, input.norm_b, x0, c.norm_eps);
 
   // The residual stream x (n x d, contiguous) moves to a part's device when it changes.
   const StackPart* prev = &cpu;

@@ -73,10 +73,10 @@ struct ContextRope {
 // over their sequences), and writes the logits of rows.logit_rows into `out` (host F32
 // [logit_rows x n_vocab]; empty: none), or with `hidden` their final hidden states after the
 // output norm (F32 [logit_rows x n_embd]: embeddings). `cpu` is the CPU part, which does the
-// embedding lookup even when it has no blocks; `head` (the output norm and LM head) runs on
-// `head_part`'s device.
+// embedding lookup (and adds the stack's `input`) even when it has no blocks; `head` (the output norm
+// and LM head) runs on `head_part`'s device.
 void forward_decoder(const Model& model, const StackPart& cpu, const std::vector<StackPart>& parts,
-                     const StackPart& head_part, const Head& head, const RowPlan& rows, const ContextRope& rope,
-                     const Tensor& out, bool hidden = false);
+                     const StackPart& head_part, const StackInput& input, const Head& head, const RowPlan& rows,
+                     const ContextRope& rope, const Tensor& out, bool hidden = false);
 
 }  // namespace pe

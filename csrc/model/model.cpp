@@ -108,7 +108,7 @@ std::vector<Tensor*> Layer::tensors() {
   return {&attn_norm, &attn_norm_b, &wqkv.w, &wqkv.b, &wq.w, &wq.b, &wk.w, &wk.b, &wv.w, &wv.b, &wo.w, &wo.b,
           &attn_q_norm, &attn_k_norm, &attn_post_norm, &ffn_post_norm, &ffn_norm, &ffn_norm_b, &w_gate.w, &w_gate.b, &w_up.w, &w_up.b, &w_down.w, &w_down.b,
           &experts.router, &experts.gate, &experts.up, &experts.down, &prefix_k, &prefix_v,
-          &cross_norm, &cross_q.w, &cross_q.b, &cross_k.w, &cross_k.b, &cross_v.w, &cross_v.b, &cross_o.w, &cross_o.b};
+          &cross_norm, &cross_norm_b, &cross_q.w, &cross_q.b, &cross_k.w, &cross_k.b, &cross_v.w, &cross_v.b, &cross_o.w, &cross_o.b};
 }
 
 std::vector<Tensor*> Head::tensors() { return {&output_norm, &output_norm_b, &output.w, &output.b}; }
@@ -236,24 +236,41 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
   const bool lm = c.spec.family == Family::DecoderOnly;  // encoders end in hidden states: no LM head
   const bool enc_dec = c.spec.family == Family::EncoderDecoder;
   const std::string dec = c.spec.decoder_prefix, enc = c.spec.encoder_prefix;
-  head.output_norm = keep(ld.vec(dec + "output_norm.weight", c.n_embd, lm || enc_dec));
-  if (c.spec.norm == NormType::Layer) head.output_norm_b = keep(ld.vec(dec + "output_norm.bias", c.n_embd, false));
-  if (enc_dec) encoder.head.output_norm = keep(ld.vec(enc + "output_norm.weight", c.n_embd));
+  // A pre-norm stack ends in an output norm; a post-norm one (BERT, BART) in its last block's norm.
+  auto load_output_norm = [&](Head& h, const std::string& prefix, bool required) {
+    h.output_norm = keep(ld.vec(prefix + "output_norm.weight", c.n_embd, required && !c.spec.post_norm));
+    if (c.spec.norm == NormType::Layer) h.output_norm_b = keep(ld.vec(prefix + "output_norm.bias", c.n_embd, false));
+  };
+  load_output_norm(head, dec, lm || enc_dec);
+  if (enc_dec) load_output_norm(encoder.head, enc, true);
   if (lm || enc_dec) {
     head.output = ld.linear(*this, "output", cfg_.n_vocab, c.n_embd, false);
     if (!head.output.present()) {
-      head.output.w = tok_embd;  // tied embeddings
+      head.output.w = tok_embd;  // tied embeddings; a bias of its own (BART's final_logits_bias) all the same
+      head.output.b = keep(ld.vec("output.bias", cfg_.n_vocab, false));
       // transformers' T5ForConditionalGeneration rescales before a tied LM head (llama.cpp's t5 does not)
-      if (enc_dec) head.output_scale = 1.f / std::sqrt(float(c.n_embd));
+      if (c.spec.tied_head_scale) head.output_scale = 1.f / std::sqrt(float(c.n_embd));
     }
   }
+  // Each stack's input: "position_embd" / "token_embd_norm" (BERT, GPT-2), "enc." / "dec." ones (BART).
+  auto load_input = [&](StackInput& in, const std::string& prefix) {
+    if (c.spec.positions == Positions::Learned) {
+      const std::string name = prefix + "position_embd.weight";
+      const GGUFTensorInfo* pos = ld.find(name, true);
+      const int64_t n_pos = pos->ne.size() >= 2 ? pos->ne[1] : 0;
+      PE_CHECK(n_pos > 0 && n_pos <= (int64_t(1) << 24), ModelFormatError, file_->path(), ": tensor '", name,
+               "' has ", n_pos, " positions");
+      in.position_embd = ld.matrix(name, n_pos, c.n_embd);
+      cfg_.n_ctx_train = std::min(cfg_.n_ctx_train, n_pos);  // no position beyond the table
+    }
+    if (c.spec.embedding_norm) {
+      in.norm = keep(ld.vec(prefix + "token_embd_norm.weight", c.n_embd));
+      in.norm_b = keep(ld.vec(prefix + "token_embd_norm.bias", c.n_embd, false));
+    }
+  };
+  load_input(decoder.input, dec);
+  if (enc_dec) load_input(encoder.input, enc);
   if (c.spec.positions == Positions::Learned) {
-    const GGUFTensorInfo* pos = ld.find("position_embd.weight", true);
-    const int64_t n_pos = pos->ne.size() >= 2 ? pos->ne[1] : 0;
-    PE_CHECK(n_pos > 0 && n_pos <= (int64_t(1) << 24), ModelFormatError, file_->path(),
-             ": tensor 'position_embd.weight' has ", n_pos, " positions");
-    position_embd = ld.matrix("position_embd.weight", n_pos, c.n_embd);
-    cfg_.n_ctx_train = std::min(cfg_.n_ctx_train, n_pos);  // no position beyond the table
     if (const GGUFTensorInfo* tt = ld.find("token_types.weight", false)) {
       const int64_t n_types = tt->ne.size() >= 2 ? tt->ne[1] : 0;
       PE_CHECK(n_types > 0 && n_types <= 1024, ModelFormatError, file_->path(), ": tensor 'token_types.weight' has ",
@@ -262,10 +279,6 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
       cpu::dequantize_row(ld.matrix("token_types.weight", n_types, c.n_embd), 0, type0.data());
       token_type = keep(std::move(type0));
     }
-  }
-  if (c.spec.embedding_norm) {
-    embd_norm = keep(ld.vec("token_embd_norm.weight", c.n_embd));
-    embd_norm_b = keep(ld.vec("token_embd_norm.bias", c.n_embd, false));
   }
 
   if (const GGUFTensorInfo* rf = ld.find("rope_freqs.weight", false)) {
@@ -312,6 +325,7 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
     L.wo = ld.linear(*this, b + c.spec.attn_out_name, c.n_embd, q_dim);
     if (cross) {
       L.cross_norm = keep(ld.vec(b + "cross_attn_norm.weight", c.n_embd));
+      if (c.spec.norm == NormType::Layer) L.cross_norm_b = keep(ld.vec(b + "cross_attn_norm.bias", c.n_embd, false));
       L.cross_q = ld.linear(*this, b + "cross_attn_q", q_dim, c.n_embd);
       L.cross_k = ld.linear(*this, b + "cross_attn_k", kv_dim, c.n_embd);
       L.cross_v = ld.linear(*this, b + "cross_attn_v", kv_dim, c.n_embd);
@@ -336,6 +350,12 @@ Model::Model(const std::string& path, bool use_mmap) : file_(std::make_shared<GG
       if (cfg_.spec.gated_ffn && !c.spec.fused_gate_up) L.w_gate = ld.linear(*this, b + "ffn_gate", c.n_ff, c.n_embd);
       L.w_up = ld.linear(*this, b + "ffn_up", c.spec.fused_gate_up ? 2 * c.n_ff : c.n_ff, c.n_embd);
       L.w_down = ld.linear(*this, b + "ffn_down", c.n_embd, c.n_ff);
+    }
+    if (c.spec.block_biases) {
+      std::vector<std::string> biased = {"attn_q", "attn_k", "attn_v", c.spec.attn_out_name, c.spec.attn_norm_name,
+                                         "ffn_up", "ffn_down", c.spec.ffn_norm_name};
+      if (cross) biased.insert(biased.end(), {"cross_attn_q", "cross_attn_k", "cross_attn_v", "cross_attn_o", "cross_attn_norm"});
+      for (const std::string& name : biased) ld.find(b + name + ".bias", true);
     }
     if (c.prefix_length > 0) {
       L.prefix_k = keep(ld.float_matrix(b + "prefix_k", c.prefix_length, kv_dim), c.prefix_length);

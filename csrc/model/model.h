@@ -37,9 +37,10 @@ struct Layer {
   // P-Tuning v2: the learned past keys and values every sequence starts with, F32
   // [prefix_length x n_head_kv * head_dim] (keys as stored: THUDM's prefix carries no RoPE).
   Tensor prefix_k, prefix_v;
-  // Cross-attention (an encoder-decoder's decoder blocks): a pre-normed attention whose queries come from
-  // the decoder and whose keys and values are wk/wv of the encoder's output (Context::encode).
-  Tensor cross_norm;
+  // Cross-attention (an encoder-decoder's decoder blocks): an attention whose queries come from the decoder
+  // and whose keys and values are cross_k/cross_v of the encoder's output (Context::encode), normed before
+  // (T5, mBART) or after the residual add (BART) as the block's other sublayers.
+  Tensor cross_norm, cross_norm_b;
   Linear cross_q, cross_k, cross_v, cross_o;
 
   // Every tensor of the block (absent ones too, as empty tensors), for copying a layer to a device.
@@ -50,13 +51,21 @@ struct Layer {
 struct Head {
   Tensor output_norm, output_norm_b;
   Linear output;  // the token embedding when tied
-  float output_scale = 1.f;  // T5 with tied embeddings: d_model^-0.5 on the hidden states before the LM head
+  float output_scale = 1.f;  // ArchSpec::tied_head_scale (T5): d_model^-0.5 on the hidden states before a tied head
   std::vector<Tensor*> tensors();
 };
 
-// A stack of transformer blocks and its head (an encoder's: its output norm only).
+// What a stack adds to its token embeddings before the first block (Positions::Learned, ArchSpec::embedding_norm):
+// the absolute position table [positions x n_embd], and the LayerNorm of the sum (BERT's token_embd_norm; BART's
+// layernorm_embedding, one per stack: enc./dec.token_embd_norm). Empty tensors for what the model does not have.
+struct StackInput {
+  Tensor position_embd, norm, norm_b;
+};
+
+// A stack of transformer blocks, its input and its head (an encoder's: its output norm only, if any).
 struct Stack {
   std::vector<Layer> layers;
+  StackInput input;
   Head head;
   // Positions::RelativeBuckets: the stack's position bias table, F32 [n_head x n_rel_buckets], stored
   // with layer 0 (llama.cpp's {enc,dec}.blk.0.attn_rel_b) and shared by every layer.
@@ -87,9 +96,9 @@ class Model {
   ModelConfig cfg_;
   std::shared_ptr<GGUFFile> file_;
   Tensor tok_embd{};  // stays in the mapping (on the CPU) even when every block is offloaded
-  // Positions::Learned: the absolute position table [n_ctx_train x n_embd]; token type 0's embedding
-  // as F32 (every token is type 0: one sentence per input); the LayerNorm of the summed embeddings.
-  Tensor position_embd{}, token_type{}, embd_norm{}, embd_norm_b{};
+  // BERT: token type 0's embedding as F32 (every token is type 0: one sentence per input), added with the
+  // positions (the stacks' StackInput).
+  Tensor token_type{};
   Stack decoder;
   Stack encoder;  // Family::EncoderDecoder
   Vec rope_freqs;

@@ -6,8 +6,11 @@ every tensor. Adding a llama-like model is a new `ArchSpec(...)` in `ARCHITECTUR
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -183,6 +186,14 @@ class ArchSpec:
     # GGUF block tensor name of a fused checkpoint tensor -> the GGUF tensors written instead, which take
     # its rows in order (Baichuan's W_pack: attn_q, attn_k, attn_v); `shapes` gives every part's rows
     split_rows: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # GGUF global tensor name -> how many of its leading rows are left out (BART's position tables, whose
+    # first 2 rows no position reaches: the file's row p is position p)
+    skip_rows: dict[str, int] = field(default_factory=dict)
+    # GGUF names of one-row 2-D checkpoint tensors written 1-D (BART's final_logits_bias [1, n_vocab])
+    one_d: tuple[str, ...] = ()
+    # config.json model_type values whose folders this spec converts when their "architectures" names a class
+    # of its own (ChatLM-mini-Chinese's TextToTextModel: T5's weights under another class name)
+    model_types: tuple[str, ...] = ()
 
 
 LLAMA = ArchSpec(
@@ -968,6 +979,7 @@ T5 = ArchSpec(
     shapes=_t5_shapes,
     tokenizers=("t5",),
     ignored_suffixes=(),
+    model_types=("t5", "mt5"),
     fix_hparams=_t5_fix,
     rename=_t5_rename,
     required_globals=lambda hp: ("token_embd.weight", "enc.output_norm.weight", "dec.output_norm.weight")
@@ -977,8 +989,157 @@ T5 = ArchSpec(
     decoder=False,
 )
 
+# --- BART / mBART (encoder-decoder) -----------------------------------------------------------------------
+# pyengine's own `bart` and `mbart` GGUF architectures (llama.cpp has neither; the engine's config.cpp says
+# what they are): T5's tensor names for the blocks, with biases, plus each stack's position table and
+# embedding LayerNorm under its prefix (enc./dec.position_embd, enc./dec.token_embd_norm), mBART's final
+# LayerNorms (enc./dec.output_norm) and final_logits_bias as output.bias. The position tables lose BART's
+# first 2 rows (its positions are offset by 2), so that row p is position p as for BERT and GPT-2.
+BART_POSITION_OFFSET = 2   # transformers' BartLearnedPositionalEmbedding.offset
+BART_SELF_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                     "self_attn.out_proj": "attn_o", "self_attn_layer_norm": "attn_norm",
+                     "fc1": "ffn_up", "fc2": "ffn_down", "final_layer_norm": "ffn_norm"}
+BART_CROSS_TENSORS = {"encoder_attn.q_proj": "cross_attn_q", "encoder_attn.k_proj": "cross_attn_k",
+                      "encoder_attn.v_proj": "cross_attn_v", "encoder_attn.out_proj": "cross_attn_o",
+                      "encoder_attn_layer_norm": "cross_attn_norm"}
+BART_ACTIVATIONS = ("gelu",)   # transformers' ACT2FN["gelu"]: the exact (erf) GELU
+
+
+def _bart_fix(config: dict[str, Any], hp: HParams) -> None:
+    hp.norm_eps = 1e-5                     # nn.LayerNorm's default: BART's config has no key for it
+    hp.tied = bool(config.get("tie_word_embeddings", True))
+    hp.head_dim_explicit = False
+    for enc_key, dec_key in (("encoder_attention_heads", "decoder_attention_heads"),
+                             ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if config.get(dec_key, config.get(enc_key)) != config.get(enc_key):
+            raise ConversionError(f"config.json {enc_key}={config.get(enc_key)} and {dec_key}={config.get(dec_key)}: "
+                                  "an encoder and a decoder of different widths are not supported")
+    act = config.get("activation_function", "gelu")
+    if act not in BART_ACTIVATIONS:
+        raise ConversionError(f"config.json activation_function={act!r}: only {', '.join(BART_ACTIVATIONS)} "
+                              "(the exact GELU) is supported")
+    if hp.n_embd % hp.n_head:
+        raise ConversionError(f"config.json d_model={hp.n_embd} is not a multiple of encoder_attention_heads={hp.n_head}")
+    hp.extra["n_dec_layer"] = int(config.get("decoder_layers") or hp.n_layer)
+    hp.n_dec_layer = hp.extra["n_dec_layer"]  # type: ignore[attr-defined]  # the decoder StackMap's count
+    hp.extra["embedding_scale"] = math.sqrt(hp.n_embd) if config.get("scale_embedding") else 1.0
+
+
+def _bart_rename(name: str, config: dict[str, Any]) -> str | None:
+    name = name.removeprefix("model.")
+    # the embedding is `shared`; checkpoints may hold its tied copies too
+    if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        return None
+    if name == "final_logits_bias":
+        return "final_logits.bias"
+    return name
+
+
+def _bart_block(cross: bool) -> Callable[[HParams, int], tuple[str, ...]]:
+    def required(hp: HParams, bid: int) -> tuple[str, ...]:
+        return tuple(BART_SELF_TENSORS.values()) + (tuple(BART_CROSS_TENSORS.values()) if cross else ())
+    return required
+
+
+def _bart_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    e, f = hp.n_embd, hp.n_ff
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (hp.n_vocab, e), "output.weight": (hp.n_vocab, e),
+                                          "output.bias": (1, hp.n_vocab)}
+    for s in ("enc", "dec"):
+        shapes[f"{s}.position_embd.weight"] = (hp.n_ctx + BART_POSITION_OFFSET, e)
+        for norm in ("token_embd_norm", "output_norm"):
+            shapes[f"{s}.{norm}.weight"] = shapes[f"{s}.{norm}.bias"] = (e,)
+        b = f"{s}.blk.{{bid}}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_o", "cross_attn_q", "cross_attn_k", "cross_attn_v",
+                     "cross_attn_o"):
+            shapes[b + name + ".weight"], shapes[b + name + ".bias"] = (e, e), (e,)
+        for name in ("attn_norm", "ffn_norm", "cross_attn_norm"):
+            shapes[b + name + ".weight"] = shapes[b + name + ".bias"] = (e,)
+        shapes.update({b + "ffn_up.weight": (f, e), b + "ffn_up.bias": (f,), b + "ffn_down.weight": (e, f),
+                       b + "ffn_down.bias": (e,)})
+    return shapes
+
+
+def _bart_globals(pre_norm: bool) -> Callable[[HParams], tuple[str, ...]]:
+    def required(hp: HParams) -> tuple[str, ...]:
+        names = ["token_embd.weight"] + ([] if hp.tied else ["output.weight"])   # final_logits_bias: zeros if absent
+        for s in ("enc", "dec"):
+            names += [f"{s}.position_embd.weight", f"{s}.token_embd_norm.weight", f"{s}.token_embd_norm.bias"]
+            names += [f"{s}.output_norm.weight", f"{s}.output_norm.bias"] if pre_norm else []
+        return tuple(names)
+    return required
+
+
+def generation_settings(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The generation settings transformers' generate starts from: generation_config.json when the folder
+    has one, else config.json (GenerationConfig.from_model_config)."""
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        try:
+            gen = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"cannot read {path}: {e}") from None
+        if isinstance(gen, dict):
+            return gen
+    return config
+
+
+def _write_bart_hparams(w: Any, hp: HParams, spec: ArchSpec, model_dir: Path, config: dict[str, Any],
+                        warnings: list[str]) -> None:
+    w.add_vocab_size(hp.n_vocab)
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_block_count(hp.n_layer)
+    w.add_decoder_block_count(hp.extra["n_dec_layer"])
+    w.add_head_count(hp.n_head)
+    w.add_layer_norm_eps(hp.norm_eps)
+    w.add_embedding_scale(hp.extra["embedding_scale"])
+    # transformers' _get_decoder_start_token_id: the generation config's decoder start, else its BOS
+    gen = generation_settings(model_dir, config)
+    start = next((v for v in (gen.get("decoder_start_token_id"), gen.get("bos_token_id")) if isinstance(v, int)), None)
+    if start is None or not 0 <= start < hp.n_vocab:
+        raise ConversionError(f"{model_dir}: no valid decoder_start_token_id or bos_token_id in its generation "
+                              f"config (generation_config.json, else config.json): {start}")
+    w.add_decoder_start_token_id(start)
+
+
+BART = ArchSpec(
+    name="bart",
+    hf_architectures=("BartForConditionalGeneration",),
+    global_tensors={"shared": "token_embd", "lm_head": "output", "final_logits": "output",
+                    "encoder.embed_positions": "enc.position_embd", "decoder.embed_positions": "dec.position_embd",
+                    "encoder.layernorm_embedding": "enc.token_embd_norm",
+                    "decoder.layernorm_embedding": "dec.token_embd_norm",
+                    "encoder.layer_norm": "enc.output_norm", "decoder.layer_norm": "dec.output_norm"},
+    stacks=(StackMap("encoder.layers.{bid}.", BART_SELF_TENSORS, gguf_prefix="enc.blk", required=_bart_block(False)),
+            StackMap("decoder.layers.{bid}.", {**BART_SELF_TENSORS, **BART_CROSS_TENSORS}, gguf_prefix="dec.blk",
+                     n_layer="n_dec_layer", required=_bart_block(True))),
+    hparam_keys={"n_vocab": ("vocab_size",), "n_embd": ("d_model",), "n_layer": ("encoder_layers",),
+                 "n_head": ("encoder_attention_heads",), "n_head_kv": (), "n_ff": ("encoder_ffn_dim",),
+                 "n_ctx": ("max_position_embeddings",), "head_dim": (), "norm_eps": (), "rope_theta": (),
+                 "tied": ("tie_word_embeddings",)},
+    required_biases=tuple(BART_SELF_TENSORS.values()),
+    shapes=_bart_shapes,
+    tokenizers=("hf-bpe",),
+    ignored_suffixes=(),
+    model_types=("bart",),
+    fix_hparams=_bart_fix,
+    norm="layer",
+    rename=_bart_rename,
+    required_globals=_bart_globals(pre_norm=False),
+    float_tensors=("enc.position_embd.weight", "dec.position_embd.weight"),
+    write_hparams=_write_bart_hparams,
+    decoder=False,
+    skip_rows={"enc.position_embd.weight": BART_POSITION_OFFSET, "dec.position_embd.weight": BART_POSITION_OFFSET},
+    one_d=("output.bias",),
+)
+MBART = dataclasses.replace(BART, name="mbart", hf_architectures=("MBartForConditionalGeneration",),
+                            tokenizers=("hf-unigram",), model_types=("mbart",),
+                            required_globals=_bart_globals(pre_norm=True))
+
 ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, QWEN3MOE, CHATGLM, CHATGLM1, GLM_HF, BERT, GPT2, PHI3,
-                                       GEMMA2, GEMMA3, BAICHUAN, T5)
+                                       GEMMA2, GEMMA3, BAICHUAN, T5, BART, MBART)
 
 
 def supported_architectures() -> list[str]:
@@ -986,7 +1147,14 @@ def supported_architectures() -> list[str]:
 
 
 def find_arch(hf_arch: str, config: dict[str, Any] | None = None) -> ArchSpec | None:
+    """The spec of an HF model class; for a class no spec names, the spec of the config's model_type (a custom
+    class around a known model's weights: ChatLM-mini-Chinese's TextToTextModel is a T5)."""
+    config = config or {}
     for spec in ARCHITECTURES:
-        if hf_arch in spec.hf_architectures and spec.matches(config or {}):
+        if hf_arch in spec.hf_architectures and spec.matches(config):
             return spec
+    if not any(hf_arch in spec.hf_architectures for spec in ARCHITECTURES):
+        for spec in ARCHITECTURES:
+            if config.get("model_type") in spec.model_types and spec.matches(config):
+                return spec
     return None

@@ -14,6 +14,8 @@ Metadata beyond llama.cpp's keys:
       temp is 0 (greedy) when generation_config.json says do_sample=false.
   pyengine.generation.eos_token_ids  all ids generation_config.json lists as eos_token_id (uint32 array);
       generation should stop on any of them.
+  pyengine.generation.forced_bos_token_id / forced_eos_token_id  transformers' forced first token and forced
+      last token at the length limit (BART, mBART), from generation_config.json, else config.json.
   chatglm1.residual_scale  ChatGLM-6B's alpha = sqrt(2 * num_layers); chatglm1 also writes
       tokenizer.ggml.mask_token_id ([gMASK], whose index is the position id of generated tokens).
   BERT: pyengine.embedding.normalize (bert.py) and pyengine.tokenizer.bert.{clean_text,
@@ -37,7 +39,8 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFile
 
 from . import quants
 from .presets import K_PRESETS, PRESETS, ModelInfo, Preset, fallback, mixed_type, tensor_type
-from .arch import ArchSpec, HParams, StackMap, find_arch, permute_rope_rows, supported_architectures
+from .arch import (ArchSpec, HParams, StackMap, find_arch, generation_settings, permute_rope_rows,
+                   supported_architectures)
 from .errors import ConversionError
 from .lora import LoraAdapter
 from .progress import Progress
@@ -357,6 +360,9 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
             name = f"{spec.stacks[k].gguf_prefix}.{bid}.{part}.{suffix}"
             found[name], part_rows[name] = hf_name, (r0, r0 + n)
             r0 += n
+    for gguf_name, skip in spec.skip_rows.items():
+        if gguf_name in found:
+            part_rows[gguf_name] = (skip, ckpt.tensors[found[gguf_name]].shape[0])
 
     if lora is not None:
         if spec.transposed:
@@ -382,6 +388,9 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         rows = part_rows.get(gguf_name)
         if rows is not None:
             shape = (rows[1] - rows[0],) + shape[1:]
+        flatten = gguf_name in spec.one_d
+        if flatten:
+            shape = (int(np.prod(shape)),)
         is_output = gguf_name in ("token_embd.weight", "output.weight")
         if len(shape) == 1 or gguf_name in spec.float_tensors or gguf_name.endswith(".ffn_gate_inp.weight"):
             qtype = Q.F32                         # llama.cpp keeps MoE routers (ffn_gate_inp) F32 too
@@ -405,7 +414,7 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
         transform = spec.row_transforms.get(base.rpartition(".")[2])
 
         def produce(hf_name=hf_name, qtype=qtype, permute=permute, transform=transform,
-                    transpose=transpose, parts=parts, rows=rows) -> np.ndarray:
+                    transpose=transpose, parts=parts, rows=rows, flatten=flatten) -> np.ndarray:
             if parts is not None:  # experts: stacked, each merged with its LoRA; no imatrix
                 x = _load_experts(ckpt, parts, lora)
                 return quants.quantize(x, qtype, quant_method, None)
@@ -416,6 +425,8 @@ def plan_tensors(spec: ArchSpec, hp: HParams, ckpt: Checkpoint, main: GGMLQuanti
                 x = lora.merge(hf_name, x)
             if rows is not None:
                 x = np.ascontiguousarray(x[rows[0]:rows[1]])
+            if flatten:
+                x = x.reshape(-1)
             if permute:
                 x = permute_rope_rows(x, permute)
             if transform is not None:
@@ -547,7 +558,13 @@ def write_hparams(w: GGUFWriter, hp: HParams, spec: ArchSpec) -> None:
     # llama3: no keys, the scaling is the rope_freqs.weight tensor (as llama.cpp does)
 
 
-def write_generation_config(w: GGUFWriter, gen: dict[str, Any]) -> None:
+def write_generation_config(w: GGUFWriter, gen: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
+    """`gen`: generation_config.json ({} without one); `settings`: what transformers' generate starts from
+    (arch.generation_settings: that file, else config.json), for the forced tokens."""
+    for key in ("forced_bos_token_id", "forced_eos_token_id"):
+        value = (settings or gen).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            w.add_uint32(f"pyengine.generation.{key}", value)
     if gen.get("do_sample") is False:
         w.add_sampling_temp(0.0)
     elif isinstance(gen.get("temperature"), (int, float)):
@@ -703,7 +720,7 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
             w.add_sliding_window(window)
         if prefix is not None:
             w.add_uint32(f"{spec.name}.prefix_length", prefix.shape[0])
-        write_generation_config(w, gen_config)
+        write_generation_config(w, gen_config, generation_settings(model_dir, config))
         write_vocab(w, vocab)
         for t in plan:
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), quants.nbytes(t.qtype, t.shape), raw_dtype=t.qtype)

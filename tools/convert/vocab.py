@@ -8,6 +8,7 @@ Two kinds:
 Both add the special-token ids, add_bos/add_eos, EOT and the chat template.
   * WordPiece from tokenizer.json (BERT): model "bert", llama.cpp's phantom-space token list, special ids
     as llama.cpp's gguf-py SpecialVocab finds them, and the BertNormalizer settings (see load_wordpiece).
+  * BART's and mBART's tokenizer.json kept whole under tokenizer.huggingface.json (see load_hf_json).
 """
 from __future__ import annotations
 
@@ -629,10 +630,175 @@ def load_t5(model_dir: Path, n_vocab: int) -> Vocab:
     return vocab
 
 
+# --- a tokenizer.json kept whole (BART, mBART) ----------------------------------------------------------
+# tokenizer.huggingface.json (gguf-py's key) holds the model's tokenizer.json, which pyengine's Tokenizer runs
+# as it is with `tokenizers`; the tokenizer.ggml.* keys describe the same vocabulary (llama.cpp's "gpt2"
+# byte-level BPE with merges, or its "t5" unigram with scores). A folder without tokenizer.json gets the one
+# transformers 5 builds from its other files: BART's vocab.json + merges.txt (RobertaTokenizer), mBART's
+# sentencepiece.bpe.model with fairseq's ids (MBartTokenizer).
+HF_JSON_KEY = "tokenizer.huggingface.json"
+# transformers' MBartTokenizer: fairseq's language codes, after the SentencePiece pieces
+MBART_LANGUAGE_CODES = ("ar_AR", "cs_CZ", "de_DE", "en_XX", "es_XX", "et_EE", "fi_FI", "fr_XX", "gu_IN", "hi_IN",
+                        "it_IT", "ja_XX", "kk_KZ", "ko_KR", "lt_LT", "lv_LV", "my_MM", "ne_NP", "nl_XX", "ro_RO",
+                        "ru_RU", "si_LK", "tr_TR", "vi_VN", "zh_CN")
+
+
+def _special_texts(tok_config: dict[str, Any]) -> dict[str, str]:
+    names = dict(bos="<s>", eos="</s>", sep="</s>", cls="<s>", unk="<unk>", pad="<pad>", mask="<mask>")
+    return {k: _token_text(tok_config.get(f"{k}_token")) or v for k, v in names.items()}
+
+
+def _roberta_tokenizer_json(model_dir: Path, tok_config: dict[str, Any]) -> str:
+    """BART's vocab.json + merges.txt as transformers' RobertaTokenizer builds them (byte-level BPE, <s> $A </s>)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = _read_json(model_dir / "vocab.json")
+    try:
+        lines = (model_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"cannot read {model_dir / 'merges.txt'}: {e}") from None
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    if not isinstance(vocab, dict) or any(len(m) != 2 for m in merges):
+        raise ConversionError(f"{model_dir}: vocab.json must map tokens to ids and merges.txt hold pairs")
+    special = _special_texts(tok_config)
+    prefix_space = bool(tok_config.get("add_prefix_space", False))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(special[k], normalized=False, special=True)
+                            for k in ("bos", "pad", "eos", "unk", "mask")])
+    ids = {k: tok.token_to_id(special[k]) for k in ("sep", "cls")}
+    if None in ids.values():
+        raise ConversionError(f"{model_dir / 'vocab.json'} has no {special['sep']!r} / {special['cls']!r}")
+    tok.post_processor = processors.RobertaProcessing((special["sep"], ids["sep"]), (special["cls"], ids["cls"]),
+                                                      trim_offsets=True, add_prefix_space=prefix_space)
+    return tok.to_str()
+
+
+def _mbart_tokenizer_json(model_dir: Path, tok_config: dict[str, Any]) -> str:
+    """mBART's sentencepiece.bpe.model as transformers 5's MBartTokenizer builds it: fairseq's ids (<s> <pad>
+    </s> <unk>, the pieces after SentencePiece's first three, the language codes, <mask>), a unigram model,
+    no normalizer, whitespace split and "▁" prefixes, `$A </s> src_lang` (en_XX unless tokenizer_config.json
+    says otherwise)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    sp = read_sentencepiece(model_dir / "sentencepiece.bpe.model")
+    if sp.model_type != 1:
+        raise ConversionError(f"{model_dir / 'sentencepiece.bpe.model'}: a SentencePiece model of type "
+                              f"{sp.model_type}, not unigram (1), which mBART's vocabulary is")
+    special = _special_texts(tok_config)
+    fixed = [special[k] for k in ("bos", "pad", "eos", "unk")]
+    vocab = [(t, 0.0) for t in fixed] + list(zip(sp.pieces[3:], sp.scores[3:]))
+    vocab += [(code, 0.0) for code in MBART_LANGUAGE_CODES] + [(special["mask"], 0.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    added = [AddedToken(t, normalized=False, special=True) for t in fixed]
+    added += [AddedToken(special["mask"], lstrip=True, normalized=False, special=True)]
+    added += [AddedToken(code, normalized=False, special=True) for code in MBART_LANGUAGE_CODES]
+    tok.add_special_tokens(added)
+    _set_mbart_template(tok, tok_config, model_dir, "MBartTokenizer")
+    return tok.to_str()
+
+
+def _set_mbart_template(tok: Any, tok_config: dict[str, Any], model_dir: Path, default_class: str | None) -> None:
+    """The special tokens around a text as transformers' MBartTokenizer sets them whatever tokenizer.json says:
+    `$A </s> src_lang` (src_lang from tokenizer_config.json, else en_XX). Another tokenizer class keeps the
+    tokenizer.json's own post-processor. (MBart50Tokenizer, `src_lang $A </s>`, also rebuilds the rest of the
+    pipeline in transformers 5: not done here.)"""
+    from tokenizers import processors
+
+    cls = str(tok_config.get("tokenizer_class") or default_class or "").removesuffix("Fast")
+    if cls != "MBartTokenizer":
+        return
+    lang, eos = tok_config.get("src_lang") or "en_XX", _special_texts(tok_config)["eos"]
+    for token in (lang, eos):
+        if tok.token_to_id(token) is None:
+            raise ConversionError(f"{model_dir}: the {cls}'s token {token!r} (tokenizer_config.json src_lang / "
+                                  "eos_token) is not in its vocabulary")
+    tok.post_processor = processors.TemplateProcessing(
+        single=["$A", eos, lang], pair=["$A", "$B", eos, lang],
+        special_tokens=[(eos, tok.token_to_id(eos)), (lang, tok.token_to_id(lang))])
+
+
+def load_hf_json(model_dir: Path, n_vocab: int, kind: str) -> Vocab:
+    """kind "bpe" (BART) or "unigram" (mBART): the folder's tokenizer.json, or the one built from its other files."""
+    from tokenizers import Tokenizer
+
+    tok_config_path = model_dir / "tokenizer_config.json"
+    tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else {}
+    path = model_dir / "tokenizer.json"
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConversionError(f"cannot read {path}: {e}") from None
+    elif kind == "bpe" and (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
+        text = _roberta_tokenizer_json(model_dir, tok_config)
+    elif kind == "unigram" and (model_dir / "sentencepiece.bpe.model").is_file():
+        text = _mbart_tokenizer_json(model_dir, tok_config)
+    else:
+        other = "vocab.json and merges.txt" if kind == "bpe" else "sentencepiece.bpe.model"
+        raise ConversionError(f"no tokenizer in {model_dir}: expected tokenizer.json or {other}")
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as e:
+        raise ConversionError(f"cannot load the tokenizer of {model_dir} ({path.name}): {e}") from None
+    if kind == "unigram":
+        _set_mbart_template(tok, tok_config, model_dir, None)
+        text = tok.to_str()
+    tj = json.loads(text)
+    model = tj.get("model") or {}
+    want = "BPE" if kind == "bpe" else "Unigram"
+    if model.get("type") != want:
+        raise ConversionError(f"{path}: a {model.get('type')} tokenizer, where this model has a {want} one")
+    id_to_text = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    if id_to_text and max(id_to_text) >= n_vocab:
+        raise ConversionError(f"tokenizer of {model_dir} has token id {max(id_to_text)} but config.json vocab_size "
+                              f"is {n_vocab}")
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    scores = dict(model.get("vocab", [])) if kind == "unigram" else {}
+    tokens, types, token_scores = [], [], []
+    for i in range(n_vocab):
+        text_i = id_to_text.get(i)
+        if text_i is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(TokenType.UNUSED))
+        else:
+            tokens.append(text_i)
+            a = added.get(i)
+            types.append(int(TokenType.NORMAL if a is None else TokenType.CONTROL if a.get("special")
+                             else TokenType.USER_DEFINED))
+        token_scores.append(float(scores.get(text_i, -10000.0)) if text_i is not None else -10000.0)
+    # llama.cpp's flags for the same ids: what the post-processor puts around a text
+    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a").ids
+    at = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), 0)
+    special_ids = {typ: tok.token_to_id(t) for typ, t in _special_texts(tok_config).items()
+                   if typ in ("bos", "eos", "unk", "pad") and tok.token_to_id(t) is not None}
+    if kind == "bpe":
+        try:
+            pre = detect_bpe_pre(path, tj) if path.is_file() else "gpt-2"
+        except ConversionError:
+            pre = "default"  # the tokenizer.json runs as it is; llama.cpp's name is for other readers
+        vocab = Vocab(model="gpt2", pre=pre, tokens=tokens, token_types=types, merges=_merges(model, path))
+    else:
+        vocab = Vocab(model="t5", pre="default", tokens=tokens, token_types=types, scores=token_scores,
+                      add_space_prefix=True)
+    vocab.special_ids = special_ids
+    vocab.add_bos, vocab.add_eos = at > 0, len(full) > at + len(plain)
+    vocab.extra[HF_JSON_KEY] = text
+    return vocab
+
+
 TOKENIZER_FILES = {"spm": ("tokenizer.model", load_sentencepiece), "bpe": ("tokenizer.json", load_bpe),
                    "chatglm": ("tokenizer.model", load_chatglm), "chatglm1": ("ice_text.model", load_chatglm1),
                    "glm4-bpe": ("tokenizer.json", load_glm4_bpe), "wordpiece": ("tokenizer.json", load_wordpiece),
-                   "t5": ("spiece.model", load_t5)}
+                   "t5": ("spiece.model", load_t5),
+                   # BART / mBART: any of the files load_hf_json takes
+                   "hf-bpe": ("config.json", lambda d, n: load_hf_json(d, n, "bpe")),
+                   "hf-unigram": ("config.json", lambda d, n: load_hf_json(d, n, "unigram"))}
 
 
 def load_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any],
