@@ -24,7 +24,7 @@ struct Avx512 {
   static constexpr int kTileM = 6;           // activation rows per prefill register tile ...
   static constexpr int kPrefillPanels = 2;   // ... times this many panels
   template <class P>
-  static constexpr int decode_panels() { return 2; }
+  static constexpr int decode_panels() { return P::kSubsPerUnit == 1 ? 2 : 1; }
 
   // Integer ops.
   static PE_INLINE I zero_i() { return _mm512_setzero_si512(); }
