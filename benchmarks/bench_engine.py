@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -44,17 +43,26 @@ def pyengine_worker(model: str, n_prompt: int, n_gen: int, threads: int, reps: i
 
 
 def run_measured(cmd: list[str]) -> tuple[str, float]:
-    """Runs cmd; returns its stdout and its peak RSS in MB (from wait4, this child alone)."""
+    """Runs cmd; returns its stdout and its peak RSS in MB. The peak is the process's VmHWM, read from
+    /proc while it runs: getrusage's ru_maxrss would carry over the high-water mark of this (larger)
+    process through fork and exec."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         p = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        peak_kb = 0
+        while p.poll() is None:
+            try:
+                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak_kb = max(peak_kb, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
         out.seek(0)
         err.seek(0)
         if p.returncode != 0:
             tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
             raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {tail}")
-        return out.read().decode(), usage.ru_maxrss / 1024.0  # Linux: KiB
+        return out.read().decode(), peak_kb / 1024.0
 
 
 def run_pyengine(model: Path, args, threads: int) -> dict | None:
