@@ -285,9 +285,12 @@ template <class V>
 using PackQ5_K = PackQ45_K<V, true>;
 
 // Q6_K: ql[128], qh[64], int8 scales[16], d. Element 128n + 64s + t is nibble s of ql[64n + t] plus
-// bits 2k..2k+1 of qh[32n + t % 32] (k = 2s + t / 32) times 16; unit n holds sub-blocks 8n..8n+7.
+// bits 2k..2k+1 of qh[32n + t % 32] (k = 2s + t / 32) times 16. Unit u holds elements 32u..32u+31
+// (sub-blocks 2u, 2u+1): n = u / 4, s = u / 2 % 2, t = 32 (u % 2) + l. Units of 32 elements, not 128:
+// a 128-element unit's 24 loaded and 32 unpacked vectors spilled the registers (AVX-512 decode of Q6_K
+// ran at half the speed of Q4_K per byte).
 template <class V>
-struct PackQ6_K : PackBase<V, GGMLType::Q6_K, 8> {
+struct PackQ6_K : PackBase<V, GGMLType::Q6_K, 2> {
   using I = typename V::I;
   using F = typename V::F;
   using State = ScaleState<V, 16>;
@@ -302,18 +305,12 @@ struct PackQ6_K : PackBase<V, GGMLType::Q6_K, 8> {
     }
   }
   template <class R>
-  static PE_INLINE void unpack(const R& r, int64_t off, int n, const State&, Unit<V, 8, 4>& out) {
-    I ql[16], qh[8];
-    for (int i = 0; i < 4; i++) load_words<V>(r, off + 64 * n + 16 * i, ql + 4 * i);
+  static PE_INLINE void unpack(const R& r, int64_t off, int u, const State&, Unit<V, 2, 4>& out) {
+    const int n = u / 4, s = u / 2 % 2, h = u % 2, k = 2 * s + h;
+    I ql[8], qh[8];
+    for (int i = 0; i < 2; i++) load_words<V>(r, off + 64 * n + 32 * h + 16 * i, ql + 4 * i);
     for (int i = 0; i < 2; i++) load_words<V>(r, off + 128 + 32 * n + 16 * i, qh + 4 * i);
-    for (int sub = 0; sub < 8; sub++) {
-      const int s = sub / 4;
-      for (int gg = 0; gg < 4; gg++) {
-        const int g = 4 * (sub % 4) + gg;  // group within the 64 ql bytes
-        const int k = 2 * s + g / 8;
-        out.u[sub][gg] = V::or_bits(V::bits(ql[g], 4 * s, 0xF), qh[g % 8], 2 * k - 4, 0x30);
-      }
-    }
+    for (int g = 0; g < 8; g++) out.u[g / 4][g % 4] = V::or_bits(V::bits(ql[g], 4 * s, 0xF), qh[g], 2 * k - 4, 0x30);
   }
 };
 
