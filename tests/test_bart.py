@@ -20,6 +20,7 @@ from pyengine import _C  # noqa: E402
 from pyengine_convert import ConversionError, convert  # noqa: E402
 
 from checkpoints import make_bart  # noqa: E402
+from seq2seq_ref import assert_close, context, gguf_of, ref_logits  # noqa: E402
 
 VARIANTS = ("bart", "mbart")
 SRC = [5, 17, 33, 8, 100, 42, 9, 60, 11, 2]
@@ -53,35 +54,16 @@ def gen_model(request, tmp_path_factory):
     return d, transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
 
 
-def _gguf(d, qtype="f32"):
-    out = d / f"m-{qtype}.gguf"
-    if not out.exists():
-        convert(d, out, qtype=qtype, output_qtype="f32" if qtype == "f32" else None)
-    return out
-
-
-def _ref_logits(hf, src, tgt):
-    with torch.no_grad():
-        return hf(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([tgt])).logits[0].numpy()
-
-
-def _ctx(path, n_seq=1):
-    return _C.Context(_C.Model(str(path)), _C.Executor(2), 64, n_seq, 512, "f32")
-
-
-def _close(ours, ref, tol=1e-4):
-    err = np.abs(ours - ref).max()
-    assert err < tol * max(1.0, np.abs(ref).max()), err
 
 
 def test_file_is_the_architecture_it_says(model):
     d, hf = model
-    m = _C.Model(str(_gguf(d)))
+    m = _C.Model(str(gguf_of(d)))
     c = m.config
     arch = hf.config.model_type
     assert c["arch"] == arch and c["family"] == "encoder-decoder"
     assert c["decoder_start_token_id"] == hf.generation_config.decoder_start_token_id == 2
-    md = pyengine.LLM(str(_gguf(d)), n_ctx=64).metadata
+    md = pyengine.LLM(str(gguf_of(d)), n_ctx=64).metadata
     assert md[f"{arch}.embedding_scale"] == pytest.approx(8.0 if arch == "mbart" else 1.0)  # sqrt(64): scale_embedding
     names = {t["name"] for t in m.file.tensors}
     assert ("enc.output_norm.weight" in names) == ("dec.output_norm.bias" in names) == (arch == "mbart")
@@ -90,9 +72,9 @@ def test_file_is_the_architecture_it_says(model):
 
 def test_decoder_logits_match_transformers(model):
     d, hf = model
-    ctx = _ctx(_gguf(d))
+    ctx = context(gguf_of(d))
     ctx.encode(np.array(SRC, np.int32), 0)
-    _close(ctx.eval(np.array(TGT, np.int32), "all", 0), _ref_logits(hf, SRC, TGT))
+    assert_close(ctx.eval(np.array(TGT, np.int32), "all", 0), ref_logits(hf, SRC, TGT))
 
 
 def test_longer_decoder_and_positions_near_the_table_end(tmp_path):
@@ -100,19 +82,19 @@ def test_longer_decoder_and_positions_near_the_table_end(tmp_path):
     (BART's table has max_position_embeddings + 2 rows; the file keeps the ones positions reach)."""
     d = make_bart(tmp_path / "deep", n_layers=1, n_dec_layers=3, max_position=24)
     hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
-    assert _C.Model(str(_gguf(d))).config["n_layer"] == 3
+    assert _C.Model(str(gguf_of(d))).config["n_layer"] == 3
     src = (SRC * 3)[:24]
     tgt = (TGT * 4)[:24]
-    ctx = _C.Context(_C.Model(str(_gguf(d))), _C.Executor(2), 24, 1, 512, "f32")
+    ctx = _C.Context(_C.Model(str(gguf_of(d))), _C.Executor(2), 24, 1, 512, "f32")
     ctx.encode(np.array(src, np.int32), 0)
-    _close(ctx.eval(np.array(tgt, np.int32), "all", 0), _ref_logits(hf, src, tgt))
+    assert_close(ctx.eval(np.array(tgt, np.int32), "all", 0), ref_logits(hf, src, tgt))
     with pytest.raises(_C.ContextLengthError):
-        _C.Context(_C.Model(str(_gguf(d))), _C.Executor(2), 25, 1, 512, "f32")
+        _C.Context(_C.Model(str(gguf_of(d))), _C.Executor(2), 25, 1, 512, "f32")
 
 
 def test_token_by_token_equals_full_decoder(model):
     d, _ = model
-    ctx = _ctx(_gguf(d))
+    ctx = context(gguf_of(d))
     ctx.encode(np.array(SRC, np.int32), 0)
     full = ctx.eval(np.array(TGT, np.int32), "all", 0)
     ctx.encode(np.array(SRC, np.int32), 0)  # starts the sequence over
@@ -124,14 +106,14 @@ def test_token_by_token_equals_full_decoder(model):
 def test_sequences_in_one_batch_equal_each_alone(model):
     d, hf = model
     src2, tgt2 = [44, 3, 19, 2], [2, 9, 31]
-    ctx = _ctx(_gguf(d), n_seq=3)
+    ctx = context(gguf_of(d), n_seq=3)
     ctx.encode(np.array(SRC, np.int32), 0)
     ctx.encode(np.array(src2, np.int32), 1)
     out = ctx.decode(np.array(TGT + tgt2, np.int32), np.array([0] * len(TGT) + [1] * len(tgt2), np.int32))
-    _close(out[:len(TGT)], _ref_logits(hf, SRC, TGT))
-    _close(out[len(TGT):], _ref_logits(hf, src2, tgt2))
+    assert_close(out[:len(TGT)], ref_logits(hf, SRC, TGT))
+    assert_close(out[len(TGT):], ref_logits(hf, src2, tgt2))
     ctx.seq_copy(1, 2)  # a copy shares the encoder's output
-    _close(ctx.eval(np.array([40], np.int32), "last", 2), _ref_logits(hf, src2, tgt2 + [40])[-1])
+    assert_close(ctx.eval(np.array([40], np.int32), "last", 2), ref_logits(hf, src2, tgt2 + [40])[-1])
 
 
 # Bounds: max |logit difference| / max |logit| measured on make_bart's models for seeds 0, 1, 2 (F16: 0.0002;
@@ -143,10 +125,10 @@ QUANT_BOUNDS = {"f16": 0.0004, "q8_0": 0.013, "q4_0": 0.04, "q4_1": 0.03}
 @pytest.mark.parametrize("qtype", list(QUANT_BOUNDS))
 def test_quantized_within_bounds(model, qtype):
     d, hf = model
-    ctx = _ctx(_gguf(d, qtype))
+    ctx = context(gguf_of(d, qtype))
     ctx.encode(np.array(SRC, np.int32), 0)
     ours = ctx.eval(np.array(TGT, np.int32), "all", 0)
-    ref = _ref_logits(hf, SRC, TGT)
+    ref = ref_logits(hf, SRC, TGT)
     err = np.abs(ours - ref).max() / np.abs(ref).max()
     assert err < QUANT_BOUNDS[qtype], err
 
@@ -211,7 +193,7 @@ def test_greedy_generation_matches_transformers(gen_model):
     """Token for token, the forced first token (BART's <s>, mBART's target language) and the forced </s> at the
     length limit included."""
     d, hf = gen_model
-    llm = pyengine.LLM(str(_gguf(d)), n_ctx=64, kv_type="f32")
+    llm = pyengine.LLM(str(gguf_of(d)), n_ctx=64, kv_type="f32")
     eos = hf.generation_config.eos_token_id
     for text in TEXTS:
         src = llm.tokenizer.encode(text)
@@ -228,7 +210,7 @@ BEAM_SETTINGS = [dict(length_penalty=1.0), dict(length_penalty=0.6), dict(length
 
 def test_beam_search_matches_transformers(gen_model):
     d, hf = gen_model
-    llm = pyengine.LLM(str(_gguf(d)), n_ctx=64, kv_type="f32")
+    llm = pyengine.LLM(str(gguf_of(d)), n_ctx=64, kv_type="f32")
     gc = hf.generation_config  # transformers pads the shorter hypotheses with `pad_token_id or eos_token_id`
     pad = gc.pad_token_id if gc.pad_token_id is not None else gc.eos_token_id
     lengths = set()
@@ -248,7 +230,7 @@ def test_text_to_text_api_batch_sampling_and_beams(gen_model):
     """LLM.generate on a list runs the inputs as one batch, each giving its text alone; sampling with a seed
     repeats and still starts with the forced token; generate(num_beams=...) is beam_search's best."""
     d, hf = gen_model
-    llm = pyengine.LLM(str(_gguf(d)), n_ctx=64, kv_type="f32")
+    llm = pyengine.LLM(str(gguf_of(d)), n_ctx=64, kv_type="f32")
     alone = [llm.generate(t, max_new_tokens=8, temperature=0) for t in TEXTS[:3]]
     assert llm.generate(TEXTS[:3], max_new_tokens=8, temperature=0) == alone
     ref = _hf_generate(hf, llm.tokenizer.encode(TEXTS[0]), max_new_tokens=8, num_beams=1)[0]
@@ -268,7 +250,7 @@ def test_generate_command(gen_model):
     import sys
 
     d, _ = gen_model
-    path = _gguf(d)
+    path = gguf_of(d)
     want = pyengine.LLM(str(path), n_ctx=64, kv_type="f32").generate(TEXTS[3], max_new_tokens=8, temperature=0)
     r = subprocess.run([sys.executable, "-m", "pyengine", "generate", "-m", str(path), "-p", TEXTS[3], "-n", "8",
                         "--temp", "0"], capture_output=True, text=True, timeout=120)
@@ -281,7 +263,7 @@ def test_every_qtype_converts_and_loads(model, tmp_path):
     for qtype in ("bf16", "q5_0", "q5_1"):
         out = tmp_path / f"{qtype}.gguf"
         convert(d, out, qtype=qtype)
-        ctx = _ctx(out)
+        ctx = context(out)
         ctx.encode(np.array(SRC, np.int32), 0)
         assert np.isfinite(ctx.eval(np.array(TGT, np.int32), "all", 0)).all()
 
@@ -305,7 +287,7 @@ def test_bad_file_names_the_culprit(model, tmp_path, change, match):
 
     d, hf = model
     bad = tmp_path / "bad.gguf"
-    rewrite(_gguf(d), bad, **change(hf.config.model_type))
+    rewrite(gguf_of(d), bad, **change(hf.config.model_type))
     with pytest.raises((_C.ModelFormatError, _C.UnsupportedModelError), match=match.replace(".", r"\.")):
         _C.Model(str(bad))
 
@@ -315,7 +297,7 @@ def test_mbart_needs_its_final_norms(tmp_path):
 
     d = make_bart(tmp_path / "m", mbart=True, d_model=32, n_heads=2, ffn=32, n_layers=1, n_dec_layers=1)
     bad = tmp_path / "bad.gguf"
-    rewrite(_gguf(d), bad, tensors={"enc.output_norm.weight": None})
+    rewrite(gguf_of(d), bad, tensors={"enc.output_norm.weight": None})
     with pytest.raises(_C.ModelFormatError, match=r"enc\.output_norm\.weight"):
         _C.Model(str(bad))
 
@@ -353,13 +335,13 @@ def test_bad_checkpoint_names_the_culprit(tmp_path, edit, match):
 def test_gpu_offload_is_refused_by_name(model):
     d, hf = model
     with pytest.raises(_C.UnsupportedModelError, match=f"{hf.config.model_type}.*n_gpu_layers=0"):
-        _C.Model(str(_gguf(d))).offload(1)
+        _C.Model(str(gguf_of(d))).offload(1)
 
 
 def test_tokenizer_json_must_agree_with_the_vocabulary(model):
     """A file whose tokenizer.huggingface.json gives other ids than tokenizer.ggml.tokens is refused by name."""
     d, _ = model
-    md = pyengine.LLM(str(_gguf(d)), n_ctx=64).metadata
+    md = pyengine.LLM(str(gguf_of(d)), n_ctx=64).metadata
     tj = json.loads(md["tokenizer.huggingface.json"])
     tj["added_tokens"][0]["content"] = "<S>"
     md = dict(md, **{"tokenizer.huggingface.json": json.dumps(tj)})

@@ -19,6 +19,7 @@ from pyengine import _C  # noqa: E402
 from pyengine_convert import ConversionError, convert  # noqa: E402
 
 from checkpoints import make_t5  # noqa: E402
+from seq2seq_ref import assert_close, context, gguf_of, ref_logits  # noqa: E402
 
 VARIANTS = {"v1_0": dict(gated=False, tied=True), "v1_1": dict(gated=True, tied=False)}
 SRC = [5, 17, 33, 8, 100, 42, 9, 60, 11, 1]
@@ -32,32 +33,13 @@ def t5(request, tmp_path_factory):
     return d, hf
 
 
-def _gguf(d, qtype="f32"):
-    out = d / f"m-{qtype}.gguf"
-    if not out.exists():
-        convert(d, out, qtype=qtype, output_qtype="f32" if qtype == "f32" else None)
-    return out
-
-
-def _ref_logits(hf, src, tgt):
-    with torch.no_grad():
-        return hf(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([tgt])).logits[0].numpy()
-
-
-def _ctx(path, n_seq=1):
-    return _C.Context(_C.Model(str(path)), _C.Executor(2), 64, n_seq, 512, "f32")
-
-
-def _close(ours, ref, tol=1e-4):
-    err = np.abs(ours - ref).max()
-    assert err < tol * max(1.0, np.abs(ref).max()), err
 
 
 def test_decoder_logits_match_transformers(t5):
     d, hf = t5
-    ctx = _ctx(_gguf(d))
+    ctx = context(gguf_of(d))
     ctx.encode(np.array(SRC, np.int32), 0)
-    _close(ctx.eval(np.array(TGT, np.int32), "all", 0), _ref_logits(hf, SRC, TGT))
+    assert_close(ctx.eval(np.array(TGT, np.int32), "all", 0), ref_logits(hf, SRC, TGT))
 
 
 def test_decoder_deeper_than_encoder(tmp_path):
@@ -65,19 +47,19 @@ def test_decoder_deeper_than_encoder(tmp_path):
     generate cannot run such a model: its cache has num_layers layers, so only logits are compared.)"""
     d = make_t5(tmp_path / "deep", gated=True, tied=False, n_layers=2, n_dec_layers=3)
     hf = transformers.T5ForConditionalGeneration.from_pretrained(d).eval()
-    ctx = _ctx(_gguf(d))
-    assert ctx is not None and _C.Model(str(_gguf(d))).config["n_layer"] == 3
+    ctx = context(gguf_of(d))
+    assert ctx is not None and _C.Model(str(gguf_of(d))).config["n_layer"] == 3
     ctx.encode(np.array(SRC, np.int32), 0)
-    _close(ctx.eval(np.array(TGT, np.int32), "all", 0), _ref_logits(hf, SRC, TGT))
+    assert_close(ctx.eval(np.array(TGT, np.int32), "all", 0), ref_logits(hf, SRC, TGT))
 
 
 def test_mt5_logits_match_transformers(tmp_path):
     d = make_t5(tmp_path / "mt5", gated=True, tied=False, mt5=True)
     assert json.loads((d / "config.json").read_text())["architectures"] == ["MT5ForConditionalGeneration"]
     hf = transformers.MT5ForConditionalGeneration.from_pretrained(d).eval()
-    ctx = _ctx(_gguf(d))
+    ctx = context(gguf_of(d))
     ctx.encode(np.array(SRC, np.int32), 0)
-    _close(ctx.eval(np.array(TGT, np.int32), "all", 0), _ref_logits(hf, SRC, TGT))
+    assert_close(ctx.eval(np.array(TGT, np.int32), "all", 0), ref_logits(hf, SRC, TGT))
 
 
 def test_custom_class_with_t5_weights_converts_as_t5(tmp_path):
@@ -90,9 +72,9 @@ def test_custom_class_with_t5_weights_converts_as_t5(tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["TextToTextModel"]}))
     report = convert(d, tmp_path / "chatlm.gguf", qtype="f32", output_qtype="f32")
     assert (report.arch, report.hf_arch) == ("t5", "TextToTextModel")
-    ctx = _ctx(report.out_path)
+    ctx = context(report.out_path)
     ctx.encode(np.array(SRC, np.int32), 0)
-    _close(ctx.eval(np.array(TGT, np.int32), "all", 0), _ref_logits(hf, SRC, TGT))
+    assert_close(ctx.eval(np.array(TGT, np.int32), "all", 0), ref_logits(hf, SRC, TGT))
     (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["TextToTextModel"], "model_type": "other"}))
     with pytest.raises(ConversionError, match="unsupported architecture TextToTextModel"):
         convert(d, tmp_path / "other.gguf", qtype="f32")
@@ -100,7 +82,7 @@ def test_custom_class_with_t5_weights_converts_as_t5(tmp_path):
 
 def test_token_by_token_equals_full_decoder(t5):
     d, _ = t5
-    ctx = _ctx(_gguf(d))
+    ctx = context(gguf_of(d))
     ctx.encode(np.array(SRC, np.int32), 0)
     full = ctx.eval(np.array(TGT, np.int32), "all", 0)
     ctx.encode(np.array(SRC, np.int32), 0)  # starts the sequence over
@@ -112,26 +94,26 @@ def test_token_by_token_equals_full_decoder(t5):
 def test_two_sequences_in_one_batch_equal_each_alone(t5):
     d, hf = t5
     src2, tgt2 = [44, 3, 19, 1], [0, 9, 31]
-    ctx = _ctx(_gguf(d), n_seq=2)
+    ctx = context(gguf_of(d), n_seq=2)
     ctx.encode(np.array(SRC, np.int32), 0)
     ctx.encode(np.array(src2, np.int32), 1)
     out = ctx.decode(np.array(TGT + tgt2, np.int32), np.array([0] * len(TGT) + [1] * len(tgt2), np.int32))
-    _close(out[:len(TGT)], _ref_logits(hf, SRC, TGT))
-    _close(out[len(TGT):], _ref_logits(hf, src2, tgt2))
+    assert_close(out[:len(TGT)], ref_logits(hf, SRC, TGT))
+    assert_close(out[len(TGT):], ref_logits(hf, src2, tgt2))
 
 
 def test_seq_copy_shares_the_encoder_output(t5):
     d, hf = t5
-    ctx = _ctx(_gguf(d), n_seq=2)
+    ctx = context(gguf_of(d), n_seq=2)
     ctx.encode(np.array(SRC, np.int32), 0)
     ctx.eval(np.array(TGT[:3], np.int32), "none", 0)
     ctx.seq_copy(0, 1)
-    _close(ctx.eval(np.array(TGT[3:], np.int32), "all", 1), _ref_logits(hf, SRC, TGT)[3:])
+    assert_close(ctx.eval(np.array(TGT[3:], np.int32), "all", 1), ref_logits(hf, SRC, TGT)[3:])
 
 
 def test_decoding_without_an_input_is_refused(t5):
     d, _ = t5
-    ctx = _ctx(_gguf(d))
+    ctx = context(gguf_of(d))
     with pytest.raises(_C.EngineError, match="encode"):
         ctx.eval(np.array([0], np.int32), "last", 0)
 
@@ -145,10 +127,10 @@ QUANT_BOUNDS = {"q8_0": 0.035, "q4_0": 0.3}
 @pytest.mark.parametrize("qtype", list(QUANT_BOUNDS))
 def test_quantized_within_bounds(t5, qtype):
     d, hf = t5
-    ctx = _ctx(_gguf(d, qtype))
+    ctx = context(gguf_of(d, qtype))
     ctx.encode(np.array(SRC, np.int32), 0)
     ours = ctx.eval(np.array(TGT, np.int32), "all", 0)
-    ref = _ref_logits(hf, SRC, TGT)
+    ref = ref_logits(hf, SRC, TGT)
     err = np.abs(ours - ref).max() / np.abs(ref).max()
     assert err < QUANT_BOUNDS[qtype], err
 
@@ -161,7 +143,7 @@ TEXTS = ["translate English to German: The house is wonderful.", "Der schnelle b
 def test_unigram_tokenizer_matches_transformers(t5):
     d, _ = t5
     ref = transformers.AutoTokenizer.from_pretrained(d)
-    tok = pyengine.LLM(str(_gguf(d)), n_ctx=64).tokenizer
+    tok = pyengine.LLM(str(gguf_of(d)), n_ctx=64).tokenizer
     assert tok.model == "t5"
     import sentencepiece as spm
 
@@ -180,7 +162,7 @@ def _hf_generate(hf, src, **kw):
 
 def test_greedy_generation_matches_transformers(t5):
     d, hf = t5
-    llm = pyengine.LLM(str(_gguf(d)), n_ctx=64, kv_type="f32")
+    llm = pyengine.LLM(str(gguf_of(d)), n_ctx=64, kv_type="f32")
     for text in TEXTS[:3]:
         src = llm.tokenizer.encode(text)
         ref = _hf_generate(hf, src, max_new_tokens=12, num_beams=1)[0]
@@ -191,7 +173,7 @@ def test_greedy_generation_matches_transformers(t5):
 
 def test_beam_search_matches_transformers(t5):
     d, hf = t5
-    llm = pyengine.LLM(str(_gguf(d)), n_ctx=64, kv_type="f32")
+    llm = pyengine.LLM(str(gguf_of(d)), n_ctx=64, kv_type="f32")
     for text, lp in ((TEXTS[0], 1.0), (TEXTS[2], 0.6), (TEXTS[4], 2.0)):
         src = llm.tokenizer.encode(text)
         ref = _hf_generate(hf, src, max_new_tokens=10, num_beams=4, length_penalty=lp, num_return_sequences=3,
@@ -232,7 +214,7 @@ def test_text_to_text_api_batch_sampling_and_cli(t5, tmp_path):
     import sys
 
     d, hf = t5
-    path = _gguf(d)
+    path = gguf_of(d)
     llm = pyengine.LLM(str(path), n_ctx=64, kv_type="f32")
     alone = [llm.generate(t, max_new_tokens=8, temperature=0) for t in TEXTS[:3]]
     assert llm.generate(TEXTS[:3], max_new_tokens=8, temperature=0) == alone
@@ -262,14 +244,14 @@ def test_bad_file_names_the_culprit(t5, tmp_path, change, match):
 
     d, _ = t5
     bad = tmp_path / "bad.gguf"
-    rewrite(_gguf(d), bad, **change)
+    rewrite(gguf_of(d), bad, **change)
     with pytest.raises((_C.ModelFormatError, _C.UnsupportedModelError), match=match.replace(".", r"\.")):
         _C.Model(str(bad))
 
 
 def test_gpu_offload_is_refused_by_name(t5):
     d, _ = t5
-    model = _C.Model(str(_gguf(d)))
+    model = _C.Model(str(gguf_of(d)))
     with pytest.raises(_C.UnsupportedModelError, match="t5.*n_gpu_layers=0"):
         model.offload(1)
 
@@ -281,12 +263,12 @@ def test_non_finite_weights_name_the_stack_and_layer(t5, tmp_path, tensor, where
     from gguf_craft import rewrite
 
     d, _ = t5
-    t = next(t for t in GGUFReader(_gguf(d)).tensors if t.name == tensor)
+    t = next(t for t in GGUFReader(gguf_of(d)).tensors if t.name == tensor)
     w = np.array(t.data, np.float32).reshape([int(x) for x in reversed(t.shape)])
     w[0, 0] = np.nan
     bad = tmp_path / "nan.gguf"
-    rewrite(_gguf(d), bad, tensors={tensor: w})
-    ctx = _ctx(bad)
+    rewrite(gguf_of(d), bad, tensors={tensor: w})
+    ctx = context(bad)
     with pytest.raises(_C.NumericalError, match=where.replace(".", r"\.")):
         ctx.encode(np.array(SRC, np.int32), 0)
         ctx.eval(np.array(TGT, np.int32), "all", 0)
