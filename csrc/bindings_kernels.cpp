@@ -1,6 +1,7 @@
 // Kernel entry points on numpy arrays, for tests and benchmarks.
 #include <pybind11/numpy.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -9,6 +10,7 @@
 #include "bindings.h"
 #include "common.h"
 #include "ops/elementwise.h"
+#include "cpu/attention_kernels.h"
 #include "cpu/panels.h"
 #include "ops/matmul.h"
 #include "ops/moe.h"
@@ -181,6 +183,17 @@ py::array_t<float> py_moe_ffn(const py::array_t<float, py::array::c_style | py::
 }  // namespace
 
 void bind_kernels(py::module_& m) {
+  m.def(
+      "attention_softmax",
+      [](py::array_t<float, py::array::c_style | py::array::forcecast> x, float scale) {
+        PE_CHECK(x.ndim() == 2 && x.shape(1) > 0, Error, "attention_softmax: x must be 2-D with at least one column");
+        py::array_t<float> out({x.shape(0), x.shape(1)});
+        std::copy(x.data(), x.data() + x.size(), out.mutable_data());
+        for (int64_t r = 0; r < x.shape(0); r++) cpu::attention_softmax(out.mutable_data(r), x.shape(1), scale);
+        return out;
+      },
+      py::arg("x"), py::arg("scale") = 1.0f,
+      "softmax(scale * row) of each row of float32 x, by attention's softmax kernel on the current CPU path.");
   m.def("moe_ffn", &py_moe_ffn, py::arg("router"), py::arg("gate"), py::arg("up"), py::arg("down"),
         py::arg("type_id"), py::arg("n_ff"), py::arg("n_used"), py::arg("norm_weights"), py::arg("x"),
         py::arg("n_threads") = 1, py::arg("device") = "cpu", py::arg("panels") = false,

@@ -258,3 +258,25 @@ def test_zero_weighted_columns_change_nothing(qtype, cpu_path):
                                   np.ascontiguousarray(x[:m, :n]))
                 padded = _C.matmul(w.reshape(19, -1), int(qtype), 19, n + extra, x[:m])
                 np.testing.assert_array_equal(short, padded, err_msg=f"{qtype.name} {cpu_path} k={n}+{extra} m={m}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 16, 17, 33, 100, 257, 1000])
+@pytest.mark.parametrize("scale", [1.0, 0.125, 3.0])
+def test_attention_softmax_matches_numpy(cpu_path, n, scale):
+    """Attention's softmax kernel (its own vector exp on AVX2/AVX-512) against float64 numpy: ordinary
+    scores, a wide range whose small terms underflow, and rows with ties at the maximum."""
+    rng = np.random.default_rng(n)
+    rows = np.stack([rng.standard_normal(n) * 4, rng.uniform(-300, 20, n), np.round(rng.standard_normal(n))])
+    rows = rows.astype(np.float32)
+    got = _C.attention_softmax(rows, scale)
+    x = rows.astype(np.float64) * np.float32(scale)
+    ref = np.exp(x - x.max(axis=1, keepdims=True))
+    ref /= ref.sum(axis=1, keepdims=True)
+    # Float32 rounding: the exponent scale * x - max is rounded twice (relative error of the term about
+    # |exponent| * 2^-24 each), the exp and the final scaling add a few ulp, and the sum runs in vector
+    # lanes of n / W terms each. Terms below ~1e-38 may come out as 1e-38 instead of 0.
+    lanes = {"portable": 1, "avx2": 8, "avx512": 16}[cpu_path]
+    ulp = 2.0 ** -24
+    tol = ref * ulp * (2 * (np.abs(x) + np.abs(x).max(axis=1, keepdims=True)) + n / lanes + 10) + 1e-37
+    bad = np.abs(got - ref) > tol
+    assert not bad.any(), f"{bad.sum()} of {bad.size} terms off: got {got[bad][:4]}, numpy {ref[bad][:4]}"

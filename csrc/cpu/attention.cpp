@@ -7,6 +7,7 @@
 // otherwise amplify one-ulp differences).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #define PE_ATTN_INLINE inline
@@ -31,6 +32,14 @@ struct Scalar {
   static F load_f32(const float* p, int) { return *p; }
   static F load_f16(const fp16_t* p, int) { return fp16_to_fp32(*p); }
   static void store(float* p, F v, int) { *p = v; }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F max(F a, F b) { return a > b ? a : b; }
+  static F round(F a) { return std::nearbyint(a); }
+  static F scale2(F a, F n) { return std::ldexp(a, int(n)); }
+  static float hsum(F a) { return a; }
+  static float hmax(F a) { return a; }
 };
 
 const AttentionKernels& kernels() {
@@ -47,7 +56,7 @@ const AttentionKernels& kernels() {
 // p[0..n) = softmax(x[0..n)) in place, x_j = scale * s_j: with softcap > 0 soft-capped first
 // (softcap * tanh(x / softcap), Gemma 2); with an ALiBi slope, plus slope * (j - (n - 1)): s holds a
 // row's visible keys, the last of them at the row's own position.
-void softmax(float* s, int64_t n, float scale, float softcap, float alibi_slope) {
+void softmax_row(const AttentionKernels& k, float* s, int64_t n, float scale, float softcap, float alibi_slope) {
   if (softcap > 0.f) {
     for (int64_t j = 0; j < n; j++) s[j] = softcap * std::tanh(s[j] * scale / softcap);
     scale = 1.f;
@@ -56,15 +65,7 @@ void softmax(float* s, int64_t n, float scale, float softcap, float alibi_slope)
     for (int64_t j = 0; j < n; j++) s[j] = s[j] * scale + alibi_slope * float(j - (n - 1));
     scale = 1.f;
   }
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < n; j++) mx = std::max(mx, s[j] * scale);
-  double sum = 0;
-  for (int64_t j = 0; j < n; j++) {
-    s[j] = std::exp(s[j] * scale - mx);
-    sum += s[j];
-  }
-  const float inv = float(1.0 / sum);
-  for (int64_t j = 0; j < n; j++) s[j] *= inv;
+  k.softmax(s, n, scale);
 }
 
 struct Block {
@@ -75,7 +76,9 @@ struct Block {
 
 }  // namespace
 
-const AttentionKernels kPortableAttention = {scores<Scalar>, values<Scalar>};
+const AttentionKernels kPortableAttention = {scores<Scalar>, values<Scalar>, softmax<Scalar>};
+
+void attention_softmax(float* s, int64_t n, float scale) { kernels().softmax(s, n, scale); }
 
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
                float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
@@ -102,6 +105,25 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     b.k1 = std::max<int64_t>(b.k1, ke[r]);
   }
 
+  // T5: the bias of each distance key - query over the distances this call spans, per head, so that the
+  // inner loop is a table lookup (the bucket's two logs per score were a quarter of a long encode).
+  std::vector<float> dist_bias;
+  int64_t min_dist = 0, n_dist = 0;
+  if (bias) {
+    const auto* qpos = static_cast<const int32_t*>(bias->query_pos.data);
+    int64_t kmin = INT64_MAX, kmax = INT64_MIN, qmin = INT64_MAX, qmax = INT64_MIN;
+    for (int64_t r = 0; r < q.rows; r++) {
+      kmin = std::min<int64_t>(kmin, kb[r]), kmax = std::max<int64_t>(kmax, ke[r] - 1);
+      qmin = std::min<int64_t>(qmin, qpos[r]), qmax = std::max<int64_t>(qmax, qpos[r]);
+    }
+    min_dist = kmin - qmax, n_dist = kmax - qmin - min_dist + 1;
+    dist_bias.resize(size_t(n_head * n_dist));
+    for (int64_t i = 0; i < n_dist; i++) {
+      const int bucket = relative_position_bucket(min_dist + i, bias->n_buckets, bias->max_distance, bias->bidirectional);
+      for (int h = 0; h < n_head; h++) dist_bias[size_t(h * n_dist + i)] = bias->table[int64_t(h) * bias->n_buckets + bucket];
+    }
+  }
+
   ex.pool().for_each_dynamic(int64_t(blocks.size()) * n_head, [&](int64_t item) {
     const Block& b = blocks[size_t(item / n_head)];
     const int h = int(item % n_head), g = h / group;
@@ -125,14 +147,13 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       std::fill(s, s + lo, 0.0f);
       float row_scale = scale;
       if (bias) {  // T5: scores plus the bias of each key's distance bucket (the scale applied first)
-        const float* table = bias->table + int64_t(h) * bias->n_buckets;
         const int64_t qpos = static_cast<const int32_t*>(bias->query_pos.data)[b.r0 + t];
-        for (int64_t j = lo; j < hi; j++)
-          s[j] = s[j] * scale + table[relative_position_bucket(base + j - qpos, bias->n_buckets, bias->max_distance,
-                                                               bias->bidirectional)];
+        const float* by_dist = dist_bias.data() + h * n_dist;
+        const int64_t off = base - qpos - min_dist;  // key base + j has its bias at by_dist[off + j]
+        for (int64_t j = lo; j < hi; j++) s[j] = s[j] * scale + by_dist[off + j];
         row_scale = 1.f;
       }
-      softmax(s + lo, hi - lo, row_scale, softcap, alibi ? alibi[h] : 0.f);
+      softmax_row(k, s + lo, hi - lo, row_scale, softcap, alibi ? alibi[h] : 0.f);
       std::fill(s + hi, s + width, 0.0f);
     }
     float* ob = out.row(b.r0) + int64_t(h) * hd;

@@ -34,10 +34,30 @@ struct Avx2 {
     _mm256_store_ps(b, v);
     std::memcpy(p, b, sizeof(float) * size_t(n));
   }
+  static PE_ATTN_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static PE_ATTN_INLINE F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static PE_ATTN_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static PE_ATTN_INLINE F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static PE_ATTN_INLINE F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // a * 2^n for integral n in [-126, 127]: n added to the exponent field
+  static PE_ATTN_INLINE F scale2(F a, F n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(a, _mm256_castsi256_ps(e));
+  }
+  static PE_ATTN_INLINE float hsum(F a) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+  static PE_ATTN_INLINE float hmax(F a) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
 };
 
 }  // namespace
 
-const AttentionKernels kAvx2Attention = {scores<Avx2>, values<Avx2>};
+const AttentionKernels kAvx2Attention = {scores<Avx2>, values<Avx2>, softmax<Avx2>};
 
 }  // namespace pe::cpu

@@ -28,10 +28,18 @@ struct Avx512 {
     if (n == W) _mm512_storeu_ps(p, v);
     else _mm512_mask_storeu_ps(p, mask(n), v);
   }
+  static PE_ATTN_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static PE_ATTN_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static PE_ATTN_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static PE_ATTN_INLINE F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static PE_ATTN_INLINE F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static PE_ATTN_INLINE F scale2(F a, F n) { return _mm512_scalef_ps(a, n); }
+  static PE_ATTN_INLINE float hsum(F a) { return _mm512_reduce_add_ps(a); }
+  static PE_ATTN_INLINE float hmax(F a) { return _mm512_reduce_max_ps(a); }
 };
 
 }  // namespace
 
-const AttentionKernels kAvx512Attention = {scores<Avx512>, values<Avx512>};
+const AttentionKernels kAvx512Attention = {scores<Avx512>, values<Avx512>, softmax<Avx512>};
 
 }  // namespace pe::cpu

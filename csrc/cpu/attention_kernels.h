@@ -16,6 +16,8 @@ struct AttentionKernels {
                  int64_t lds);
   // o[t][d] += sum_j p[t][j] * v[j][d] for t < nb, d < hd; v rows hd elements apart, F16 or F32.
   void (*values)(const void* v, bool f16, int hd, int n, const float* p, int64_t ldp, int nb, float* o, int64_t ldo);
+  // s[0..n) = softmax(scale * s[0..n)) in place (n >= 1, finite inputs).
+  void (*softmax)(float* s, int64_t n, float scale);
 };
 
 extern const AttentionKernels kPortableAttention;
@@ -23,6 +25,9 @@ extern const AttentionKernels kPortableAttention;
 extern const AttentionKernels kAvx2Attention;
 extern const AttentionKernels kAvx512Attention;
 #endif
+
+// The current CPU path's softmax kernel (for tests).
+void attention_softmax(float* s, int64_t n, float scale);
 
 constexpr int kMaxQueryBlock = 8;  // query rows per call: their accumulators stay in registers
 

@@ -94,5 +94,50 @@ void values(const void* v, bool f16, int hd, int n, const float* p, int64_t ldp,
   values_any<V>(v, f16, hd, n, p, ldp, nb, o, ldo, std::make_integer_sequence<int, kMaxQueryBlock>{});
 }
 
+// e^x for x <= 0, as a softmax needs it: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6
+// polynomial (relative error ~2 ulp), times 2^n. Arguments below -87.3 return e^-87.3 (~1e-38) instead of
+// a denormal or zero: next to the row's largest term, 1, it makes no difference to the sum.
+template <class V>
+PE_ATTN_INLINE typename V::F exp_nonpositive(typename V::F x) {
+  using F = typename V::F;
+  x = V::max(x, V::set1(-87.3f));
+  const F n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+  F r = V::fmadd(n, V::set1(-0.693359375f), x);  // ln 2 in two parts, so that r is exact
+  r = V::fmadd(n, V::set1(2.12194440e-4f), r);
+  F p = V::set1(1.9875691500e-4f);
+  p = V::fmadd(p, r, V::set1(1.3981999507e-3f));
+  p = V::fmadd(p, r, V::set1(8.3334519073e-3f));
+  p = V::fmadd(p, r, V::set1(4.1665795894e-2f));
+  p = V::fmadd(p, r, V::set1(1.6666665459e-1f));
+  p = V::fmadd(p, r, V::set1(5.0000001201e-1f));
+  p = V::fmadd(V::mul(p, r), r, V::add(r, V::set1(1.f)));
+  return V::scale2(p, n);
+}
+
+// The row's sums run in one fixed order for a given n, so decoding and prefill agree bit for bit.
+template <class V>
+void softmax(float* s, int64_t n, float scale) {
+  using F = typename V::F;
+  const int64_t full = n - n % V::W;
+  const F sc = V::set1(scale);
+  F mv = V::set1(-3.4e38f);
+  for (int64_t j = 0; j < full; j += V::W) mv = V::max(mv, V::mul(V::load_f32(s + j, V::W), sc));
+  float mx = V::hmax(mv);
+  for (int64_t j = full; j < n; j++) mx = s[j] * scale > mx ? s[j] * scale : mx;
+  const F shift = V::set1(mx);
+  F sum = V::zero();
+  for (int64_t j = 0; j < n; j += V::W) {
+    const int w = n - j < V::W ? int(n - j) : V::W;
+    const F e = exp_nonpositive<V>(V::sub(V::mul(V::load_f32(s + j, w), sc), shift));
+    V::store(s + j, e, w);
+    sum = V::add(sum, w == V::W ? e : V::load_f32(s + j, w));  // the tail's padding lanes are not summed
+  }
+  const F inv = V::set1(1.f / V::hsum(sum));
+  for (int64_t j = 0; j < n; j += V::W) {
+    const int w = n - j < V::W ? int(n - j) : V::W;
+    V::store(s + j, V::mul(V::load_f32(s + j, w), inv), w);
+  }
+}
+
 }  // namespace
 }  // namespace pe::cpu
