@@ -73,11 +73,14 @@ def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new
                 eos_ids: Sequence[int], length_penalty: float = 1.0, early_stopping: bool | str = False,
                 no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
                 encoder_input: Sequence[int] | None = None, forced_bos_token_id: int | None = None,
-                forced_eos_token_id: int | None = None) -> list[BeamHypothesis]:
+                forced_eos_token_id: int | None = None, min_length: int = 0,
+                min_new_tokens: int | None = None) -> list[BeamHypothesis]:
     """The `num_return_sequences` best hypotheses, best first. `encoder_input`: an encoder-decoder's input
     (its encoder output is shared by every beam through seq_copy); `prompt` is then the decoder's start.
     forced_bos_token_id / forced_eos_token_id: transformers' forced first token (at length 1) and forced
-    token at max_length - 1, whose log-probability becomes 0 and every other's -inf (its logits processors)."""
+    token at max_length - 1, whose log-probability becomes 0 and every other's -inf (its logits processors).
+    min_length / min_new_tokens: the end ids are -inf while the sequence (prompt included) is shorter than
+    min_length, or, when min_new_tokens is set (it replaces min_length), fewer tokens than that were generated."""
     if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
         raise ValueError("need num_beams >= 1 and 1 <= num_return_sequences <= num_beams")
     if early_stopping not in (True, False, "never"):
@@ -88,6 +91,7 @@ def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new
     k, p_len = num_beams, len(prompt)
     max_length = p_len + max(0, int(max_new_tokens))
     eos = set(int(t) for t in eos_ids)
+    eos_list = sorted(eos)
     keep = max(2, 1 + len(eos)) * k
     ctx = engine.new_context(n_ctx=max(max_length + 1, len(encoder_input or ())), n_seq_max=2 * k)
     if encoder_input is not None:
@@ -117,6 +121,8 @@ def beam_search(engine: "Engine", prompt: Sequence[int], num_beams: int, max_new
                 banned = ngrams.banned(b, running[b])
                 if banned:
                     log_probs[b, list(banned)] = -np.inf
+        if eos and (cur_len - p_len < min_new_tokens if min_new_tokens is not None else cur_len < min_length):
+            log_probs[:, eos_list] = -np.inf
         forced = (forced_bos_token_id if cur_len == 1 else None) if forced_bos_token_id is not None else None
         if forced is None and forced_eos_token_id is not None and cur_len == max_length - 1:
             forced = forced_eos_token_id

@@ -165,3 +165,23 @@ def test_beam_search_with_tied_scores_matches_transformers(llama, case):
     ref = [trim(s[len(prompt):].tolist(), eos) for s in out]
     got = beam_search(fake, prompt, max_new_tokens=8, eos_ids=[eos], **case)
     assert [h.token_ids for h in got] == ref
+
+
+@pytest.mark.parametrize("kw", [dict(min_length=11), dict(min_new_tokens=4)], ids=["min_length", "min_new_tokens"])
+def test_min_length_on_a_decoder_only_model(llama, kw):
+    """transformers' min_length (counting the prompt) and min_new_tokens: the end id is suppressed until then, in
+    greedy generation and in beam search, token for token as its generate."""
+    model, path = llama
+    llm = pyengine.LLM(path, n_ctx=64)
+    prompt = np.random.default_rng(4).integers(3, 256, size=6).tolist()
+    free, _ = hf_beams(model, prompt, eos=-1 % 256, num_beams=1, max_new_tokens=6)
+    eos = free[0][1]  # without a minimum the generation would end at its second token
+    ref, _ = hf_beams(model, prompt, eos=eos, num_beams=1, max_new_tokens=10, **kw)
+    gen = llm.generate(prompt, max_new_tokens=10, temperature=0, ignore_eos=True, stop_token_ids=[eos],
+                       stream=True, **kw)
+    gen.wait()
+    assert gen.token_ids == trim(ref[0], eos) and len(gen.token_ids) > 2
+    ref, ref_scores = hf_beams(model, prompt, eos=eos, num_beams=4, max_new_tokens=10, num_return_sequences=3, **kw)
+    got = beam_search(llm, prompt, 4, 10, [eos], num_return_sequences=3, **kw)
+    assert [h.token_ids for h in got] == [trim(s, eos) for s in ref]
+    np.testing.assert_allclose([h.score for h in got], ref_scores, rtol=1e-4, atol=1e-4)
