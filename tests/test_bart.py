@@ -20,7 +20,8 @@ from pyengine import _C  # noqa: E402
 from pyengine_convert import ConversionError, convert  # noqa: E402
 
 from checkpoints import make_bart  # noqa: E402
-from seq2seq_ref import assert_close, context, gguf_of, ref_logits  # noqa: E402
+from seq2seq_ref import Seq2SeqCase, assert_close, context, gguf_of, ref_logits  # noqa: E402
+from seq2seq_ref import test_sequences_in_one_batch_equal_each_alone, test_token_by_token_equals_full_decoder  # noqa: E402,F401
 
 VARIANTS = ("bart", "mbart")
 SRC = [5, 17, 33, 8, 100, 42, 9, 60, 11, 2]
@@ -45,6 +46,12 @@ def model(request, tmp_path_factory):
     """The checkpoint the logits and quantization tests use (_randomize's weights)."""
     d = make_bart(tmp_path_factory.mktemp(request.param), mbart=request.param == "mbart")
     return d, transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
+
+
+@pytest.fixture(scope="module")
+def seq2seq(model):
+    """What seq2seq_ref's shared tests run on."""
+    return Seq2SeqCase(*model, SRC, TGT, [44, 3, 19, 2], [2, 9, 31])
 
 
 @pytest.fixture(scope="module", params=VARIANTS + ("mbart50",))
@@ -92,30 +99,6 @@ def test_longer_decoder_and_positions_near_the_table_end(tmp_path):
     assert_close(ctx.eval(np.array(tgt, np.int32), "all", 0), ref_logits(hf, src, tgt))
     with pytest.raises(_C.ContextLengthError):
         _C.Context(_C.Model(str(gguf_of(d))), _C.Executor(2), 25, 1, 512, "f32")
-
-
-def test_token_by_token_equals_full_decoder(model):
-    d, _ = model
-    ctx = context(gguf_of(d))
-    ctx.encode(np.array(SRC, np.int32), 0)
-    full = ctx.eval(np.array(TGT, np.int32), "all", 0)
-    ctx.encode(np.array(SRC, np.int32), 0)  # starts the sequence over
-    assert ctx.seq_len(0) == 0
-    steps = np.stack([ctx.eval(np.array([t], np.int32), "last", 0) for t in TGT])
-    np.testing.assert_allclose(steps, full, rtol=0, atol=1e-5)
-
-
-def test_sequences_in_one_batch_equal_each_alone(model):
-    d, hf = model
-    src2, tgt2 = [44, 3, 19, 2], [2, 9, 31]
-    ctx = context(gguf_of(d), n_seq=3)
-    ctx.encode(np.array(SRC, np.int32), 0)
-    ctx.encode(np.array(src2, np.int32), 1)
-    out = ctx.decode(np.array(TGT + tgt2, np.int32), np.array([0] * len(TGT) + [1] * len(tgt2), np.int32))
-    assert_close(out[:len(TGT)], ref_logits(hf, SRC, TGT))
-    assert_close(out[len(TGT):], ref_logits(hf, src2, tgt2))
-    ctx.seq_copy(1, 2)  # a copy shares the encoder's output
-    assert_close(ctx.eval(np.array([40], np.int32), "last", 2), ref_logits(hf, src2, tgt2 + [40])[-1])
 
 
 # Bounds: max |logit difference| / max |logit| measured on make_bart's models for seeds 0, 1, 2 (F16: 0.0002;
