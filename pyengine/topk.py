@@ -79,22 +79,13 @@ def _unguarded_insertion_sort(a, lo, hi):
         a[j] = val
 
 
-def _move_median_to_first(a, r, x, y, z):
+def _move_median_to_first(a: list, result: int, x: int, y: int, z: int) -> None:
     A, B, C = a[x][0], a[y][0], a[z][0]
     if _gt(A, B):
-        if _gt(B, C):
-            m = y
-        elif _gt(A, C):
-            m = z
-        else:
-            m = x
-    elif _gt(A, C):
-        m = x
-    elif _gt(B, C):
-        m = z
+        m = y if _gt(B, C) else z if _gt(A, C) else x
     else:
-        m = y
-    a[r], a[m] = a[m], a[r]
+        m = x if _gt(A, C) else z if _gt(B, C) else y
+    a[result], a[m] = a[m], a[result]
 
 
 def _partition_pivot(a, first, last):

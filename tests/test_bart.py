@@ -149,13 +149,21 @@ def test_tokenizer_matches_transformers(tmp_path, variant, tokenizer_json):
         assert "".join(pieces.add(i) for i in ids) + pieces.flush() == ref.decode(ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("tokenizer_class,src_lang", [("MBartTokenizer", "ro_RO"), ("MBartTokenizerFast", None)])
+@pytest.mark.parametrize("tokenizer_class,src_lang", [("MBartTokenizer", "ro_RO"), ("MBartTokenizerFast", None),
+                                                      ("MBart50Tokenizer", "zh_CN"), ("MBart50TokenizerFast", None)])
 def test_mbart_source_language_as_transformers(tmp_path, tokenizer_class, src_lang):
-    """transformers' MBartTokenizer puts tokenizer_config.json's src_lang (default en_XX) after the text, `$A </s>
-    src_lang`, whatever tokenizer.json says; so does the converted file."""
+    """transformers puts tokenizer_config.json's src_lang (default en_XX) around the text whatever tokenizer.json
+    says: MBartTokenizer after it, `$A </s> src_lang`; MBart50Tokenizer in front, `src_lang $A </s>` (its
+    tokenizer.json was saved with ro_RO here), and it rebuilds the rest of the pipeline too (here tokenizer.json
+    splits on whitespace before "▁", as older converters wrote it, which it drops). So does the converted file."""
     from checkpoints import make_mbart_tokenizer
 
-    n = make_mbart_tokenizer(tmp_path)
+    mbart50 = tokenizer_class.startswith("MBart50")
+    n = make_mbart_tokenizer(tmp_path, mbart50=mbart50, src_lang="ro_RO" if mbart50 else None)
+    if mbart50:
+        tj = json.loads((tmp_path / "tokenizer.json").read_text())
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, tj["pre_tokenizer"]]}
+        (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     tok_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     tok_config.pop("src_lang", None)
     tok_config.update({"tokenizer_class": tokenizer_class}, **({"src_lang": src_lang} if src_lang else {}))
@@ -168,36 +176,9 @@ def test_mbart_source_language_as_transformers(tmp_path, tokenizer_class, src_la
     convert(tmp_path, tmp_path / "vocab.gguf", vocab_only=True)
     tok = pyengine.Tokenizer.from_gguf(tmp_path / "vocab.gguf")
     lang = tok.token_to_id(src_lang or "en_XX")
-    for text in TOKENIZER_TEXTS[:4]:
-        ids = ref(text).input_ids
-        assert ids[-1] == lang and tok.encode(text) == ids, text
-
-
-@pytest.mark.parametrize("src_lang", ["zh_CN", None])
-def test_mbart50_source_language_as_transformers(tmp_path, src_lang):
-    """transformers' MBart50Tokenizer puts tokenizer_config.json's src_lang (default en_XX) in front of the text,
-    `src_lang $A </s>`, whatever language tokenizer.json was saved with (ro_RO here), and rebuilds its pipeline
-    (here a whitespace split before "▁", as older converters wrote it, which it drops); so does the converted file."""
-    from checkpoints import make_mbart_tokenizer
-
-    n = make_mbart_tokenizer(tmp_path, mbart50=True, src_lang="ro_RO", tgt_lang="de_DE")
-    tj = json.loads((tmp_path / "tokenizer.json").read_text())
-    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, tj["pre_tokenizer"]]}
-    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
-    tok_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    tok_config.pop("src_lang")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**tok_config, **({"src_lang": src_lang} if src_lang else {})}))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["MBartForConditionalGeneration"], "model_type": "mbart", "vocab_size": n, "d_model": 32,
-        "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-        "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_position_embeddings": 32, "decoder_start_token_id": 2}))
-    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    convert(tmp_path, tmp_path / "vocab.gguf", vocab_only=True)
-    tok = pyengine.Tokenizer.from_gguf(tmp_path / "vocab.gguf")
-    lang = tok.token_to_id(src_lang or "en_XX")
     for text in TOKENIZER_TEXTS:
         ids = ref(text).input_ids
-        assert ids[0] == lang and tok.encode(text) == ids, text
+        assert ids[0 if mbart50 else -1] == lang and tok.encode(text) == ids, text
 
 
 def _hf_generate(hf, src, **kw):
