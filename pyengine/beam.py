@@ -6,7 +6,9 @@ The selection rules are transformers' `generate(num_beams=...)` (its `_beam_sear
 so results are equal token for token: the top max(2, 1 + #eos) x num_beams continuations over all
 beams by accumulated log-probability; candidates that end (an end id, or the length limit) among the
 first num_beams become finished hypotheses scored by sum_logprobs / generated_length ** length_penalty;
-the others continue; `early_stopping` (True, False, "never") decides when the search stops.
+the others continue; `early_stopping` (True, False, "never") decides when the search stops. Every
+ranking is torch.topk's, equal scores included (pyengine.topk), and costs a pass over the scores plus a
+heap of a few candidates, not a sort of beams x vocab.
 """
 from __future__ import annotations
 
