@@ -14,6 +14,7 @@ import numpy as np
 
 __all__ = ["topk"]
 
+
 def _gt(a: float, b: float) -> bool:
     """torch's comparator for largest=True: NaN before everything, then greater first."""
     return (a != a and b == b) or a > b

@@ -691,7 +691,7 @@ def _mbart_tokenizer_json(model_dir: Path, tok_config: dict[str, Any]) -> str:
     no normalizer, whitespace split and "▁" prefixes, `$A </s> src_lang` (en_XX unless tokenizer_config.json
     says otherwise). With tokenizer_config.json's MBart50Tokenizer: mBART-50's 52 codes and its pipeline
     (see _set_mbart_template)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     sp = read_sentencepiece(model_dir / "sentencepiece.bpe.model")
     if sp.model_type != 1:
