@@ -368,6 +368,10 @@ class Engine:
                     raise ModelFormatError(f"{self.model_path}: pyengine.generation.{key} = {value} is outside the "
                                            f"vocabulary (0..{self.n_vocab - 1})")
                 defaults[key] = int(value)
+        for key in ("min_length", "min_new_tokens"):
+            value = md.get(f"pyengine.generation.{key}")
+            if value is not None:
+                defaults[key] = int(value)
         return defaults
 
     def sampling_params(self, params: "SamplingParams | None" = None, **overrides: Any) -> "SamplingParams":
@@ -375,7 +379,8 @@ class Engine:
 
         Overrides are SamplingParams fields (transformers' names): max_new_tokens, temperature,
         top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stop,
-        stop_token_ids, ignore_eos, forced_bos_token_id, forced_eos_token_id. A value of None keeps the default.
+        stop_token_ids, ignore_eos, forced_bos_token_id, forced_eos_token_id, min_length, min_new_tokens. A value of
+        None keeps the default.
         """
         from .sampling import SamplingParams
 

@@ -182,6 +182,9 @@ class Generation:
         allowed = logits
         if self._constraint is not None:  # only tokens that keep the output valid JSON
             allowed = np.where(self._constraint.mask(), logits, np.float32(-np.inf))
+        if self._stop_ids and p.ends_suppressed(len(self.prompt_ids), len(self.token_ids)):
+            allowed = allowed.copy() if allowed is logits else allowed
+            allowed[list(self._stop_ids)] = -np.inf
         forced = p.forced_token(len(self.prompt_ids), len(self.token_ids))
         if forced is not None:  # as transformers: every other token's score -inf
             allowed = np.full_like(logits, -np.inf)

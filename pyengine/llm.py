@@ -50,7 +50,9 @@ class LLM(Engine):
 
         Keyword arguments are the sampling settings of `sampling_params` (max_new_tokens,
         temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
-        seed, stop, ...); what is not given comes from the model (`sampling_defaults`).
+        seed, stop, min_length, min_new_tokens, ...); what is not given comes from the model (`sampling_defaults`):
+        min_length (transformers': the end ids are suppressed while prompt + generated tokens are fewer; an
+        encoder-decoder's prompt is its decoder start token) is the generation config's (BART-large-cnn: 56).
         Returns the generated text; with ``stream=True`` a `Generation`: iterate it for text pieces,
         then read its `text` and `stats`. Each call evaluates its prompt from scratch, so equal
         arguments and seed give equal text. `add_special_tokens` adds BOS where the model wants one.
@@ -72,7 +74,9 @@ class LLM(Engine):
             hyps = self.beam_search(prompt, add_special_tokens=add_special_tokens,
                                     max_new_tokens=sampling.get("max_new_tokens"),
                                     forced_bos_token_id=sampling.get("forced_bos_token_id"),
-                                    forced_eos_token_id=sampling.get("forced_eos_token_id"), **beam)
+                                    forced_eos_token_id=sampling.get("forced_eos_token_id"),
+                                    min_length=sampling.get("min_length"), min_new_tokens=sampling.get("min_new_tokens"),
+                                    **beam)
             texts = [self.tokenizer.decode([t for t in h.token_ids if t not in self.tokenizer.eog_ids],
                                            skip_special_tokens=True) for h in hyps]
             return texts if n_return > 1 else texts[0]
@@ -128,11 +132,14 @@ class LLM(Engine):
                     length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
                     num_return_sequences: int = 1, add_special_tokens: bool = True,
                     forced_bos_token_id: int | None = None, forced_eos_token_id: int | None = None,
+                    min_length: int | None = None, min_new_tokens: int | None = None,
                     ) -> "list[BeamHypothesis]":
         """Beam search with transformers' rules (token for token equal to its ``generate(num_beams=...)``
         with the same arguments): the `num_return_sequences` best hypotheses (token ids, score), best first.
         The beams are sequences of one context whose KV cache pages they share until they diverge.
-        forced_bos_token_id / forced_eos_token_id default to the model's (BART, mBART: its generation config)."""
+        forced_bos_token_id / forced_eos_token_id and min_length / min_new_tokens (end ids suppressed until then, as
+        transformers' MinLength / MinNewTokensLengthLogitsProcessor) default to the model's (its generation config;
+        BART, mBART: forced tokens; BART-large-cnn: min_length 56)."""
         from .beam import beam_search
 
         ids = self._prompt_ids(prompt, add_special_tokens)
@@ -142,10 +149,12 @@ class LLM(Engine):
         if self.is_encoder_decoder:  # the prompt is the encoder's input; the beams start from the start token
             encoder_input, ids = ids, [self.decoder_start_token_id]
         defaults = self.sampling_params(forced_bos_token_id=forced_bos_token_id,
-                                        forced_eos_token_id=forced_eos_token_id)
+                                        forced_eos_token_id=forced_eos_token_id, min_length=min_length,
+                                        min_new_tokens=min_new_tokens)
         return beam_search(self, ids, num_beams, max_new_tokens, self.tokenizer.eog_ids, length_penalty,
                            early_stopping, no_repeat_ngram_size, num_return_sequences, encoder_input,
-                           defaults.forced_bos_token_id, defaults.forced_eos_token_id)
+                           defaults.forced_bos_token_id, defaults.forced_eos_token_id, defaults.min_length,
+                           defaults.min_new_tokens)
 
     @property
     def labels(self) -> list[str]:

@@ -49,6 +49,18 @@ class SamplingParams:
     # max_new_tokens is forced_eos_token_id. None: not forced.
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | None = None
+    # transformers' MinLength / MinNewTokensLengthLogitsProcessor: the end ids are suppressed while the sequence
+    # (prompt included: an encoder-decoder's decoder start counts) is shorter than min_length, or, when
+    # min_new_tokens is set, while fewer than min_new_tokens tokens were generated (it replaces min_length).
+    min_length: int = 0
+    min_new_tokens: int | None = None
+
+    def ends_suppressed(self, n_prompt: int, n_generated: int) -> bool:
+        """Whether the end ids are banned from the next token after `n_generated` tokens of an `n_prompt`-token
+        prompt (transformers' min_length / min_new_tokens)."""
+        if self.min_new_tokens is not None:
+            return n_generated < self.min_new_tokens
+        return n_prompt + n_generated < self.min_length
 
     def forced_token(self, n_prompt: int, n_generated: int) -> int | None:
         """The token the next step must take after `n_generated` tokens of an `n_prompt`-token prompt, as
@@ -76,6 +88,8 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be None or in [0, 20]"),
             (all(t is None or t >= 0 for t in (self.forced_bos_token_id, self.forced_eos_token_id)),
              "forced_bos_token_id and forced_eos_token_id must be None or >= 0"),
+            (self.min_length >= 0 and (self.min_new_tokens is None or self.min_new_tokens >= 0),
+             "min_length and min_new_tokens must be >= 0"),
         ]
         if self.response_format is not None:
             json_schema_of(self.response_format)  # raises on a malformed one

@@ -441,14 +441,17 @@ def make_bart_tokenizer(out_dir: Path, vocab_size: int = 420, tokenizer_json: bo
     return len(vocab)
 
 
-def make_mbart_tokenizer(out_dir: Path, vocab_size: int = 400, tokenizer_json: bool = True) -> int:
+def make_mbart_tokenizer(out_dir: Path, vocab_size: int = 400, tokenizer_json: bool = True, mbart50: bool = False,
+                         src_lang: str | None = None, tgt_lang: str | None = None) -> int:
     """Train mBART's kind of vocabulary (a SentencePiece unigram model with <unk> <s> </s> first, as fairseq's
     sentencepiece.bpe.model) and save it with transformers' MBartTokenizer (fairseq's ids, language codes,
-    <mask>; tokenizer.json), or with tokenizer_json=False the SentencePiece model alone. Returns the tokenizer's size."""
+    <mask>; tokenizer.json), or with tokenizer_json=False the SentencePiece model alone. mbart50: with
+    MBart50Tokenizer (mBART-50's 52 language codes, `src_lang X </s>`) and its src_lang / tgt_lang. Returns the
+    tokenizer's size."""
     import io
 
     import sentencepiece as spm
-    from transformers import MBartTokenizer
+    from transformers import MBart50Tokenizer, MBartTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -457,11 +460,13 @@ def make_mbart_tokenizer(out_dir: Path, vocab_size: int = 400, tokenizer_json: b
         model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2,
         pad_id=-1, minloglevel=2)
     (out_dir / "sentencepiece.bpe.model").write_bytes(model.getvalue())
-    tok = MBartTokenizer.from_pretrained(out_dir)
+    cls = MBart50Tokenizer if mbart50 else MBartTokenizer
+    langs = {k: v for k, v in (("src_lang", src_lang), ("tgt_lang", tgt_lang)) if v}
+    tok = cls.from_pretrained(out_dir, **langs)
     if tokenizer_json:
         tok.save_pretrained(out_dir)
     else:
-        (out_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MBartTokenizer"}))
+        (out_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls.__name__, **langs}))
     return len(tok)
 
 
@@ -471,19 +476,25 @@ EOS_BIAS = 3.0  # on final_logits_bias: texts that sometimes end before the leng
 def make_bart(out_dir: Path, *, mbart: bool = False, tokenizer_json: bool = True, n_layers: int = 2,
               n_dec_layers: int = 2, d_model: int = 64, n_heads: int = 4, ffn: int = 128, max_position: int = 64,
               scale_embedding: bool | None = None, forced_bos: str | None = None, block_gain: float = 1.0,
-              seed: int = 0) -> Path:
+              seed: int = 0, mbart50: bool = False) -> Path:
     """A tiny random BartForConditionalGeneration (post-norm; forced BOS <s> as bart-large-cnn), or with mbart an
     MBartForConditionalGeneration (pre-norm, final norms, embeddings times sqrt(d_model), the decoder starting
     from </s> with the target language forced first as mBART-50: ro_RO). final_logits_bias is random too.
     block_gain multiplies the blocks' matrices: a random tied model with _randomize's weights mostly predicts
     the token it was given, so that beams tie; with larger blocks (3) its texts vary, but its logits move
-    far more under quantization."""
+    far more under quantization. mbart50: an mBART-50 model (MBart50Tokenizer with src_lang ro_RO and tgt_lang
+    zh_CN, the target language forced first)."""
     from transformers import BartConfig, BartForConditionalGeneration, MBartConfig, MBartForConditionalGeneration
 
     out_dir = Path(out_dir)
-    n_tokens = (make_mbart_tokenizer if mbart else make_bart_tokenizer)(out_dir, tokenizer_json=tokenizer_json)
+    if mbart50:
+        n_tokens = make_mbart_tokenizer(out_dir, tokenizer_json=tokenizer_json, mbart50=True, src_lang="ro_RO",
+                                        tgt_lang="zh_CN")
+    else:
+        n_tokens = (make_mbart_tokenizer if mbart else make_bart_tokenizer)(out_dir, tokenizer_json=tokenizer_json)
+    mbart = mbart or mbart50
     Config, Model = (MBartConfig, MBartForConditionalGeneration) if mbart else (BartConfig, BartForConditionalGeneration)
-    forced_bos = forced_bos if forced_bos is not None else ("ro_RO" if mbart else "<s>")
+    forced_bos = forced_bos if forced_bos is not None else ("zh_CN" if mbart50 else "ro_RO" if mbart else "<s>")
     if mbart:
         from transformers import AutoTokenizer
 

@@ -20,7 +20,8 @@ from pyengine import _C  # noqa: E402
 from pyengine_convert import ConversionError, convert  # noqa: E402
 
 from checkpoints import make_bart  # noqa: E402
-from seq2seq_ref import assert_close, context, gguf_of, ref_logits  # noqa: E402
+from seq2seq_ref import Seq2SeqCase, assert_close, context, gguf_of, ref_logits  # noqa: E402
+from seq2seq_ref import test_sequences_in_one_batch_equal_each_alone, test_token_by_token_equals_full_decoder  # noqa: E402,F401
 
 VARIANTS = ("bart", "mbart")
 SRC = [5, 17, 33, 8, 100, 42, 9, 60, 11, 2]
@@ -47,10 +48,18 @@ def model(request, tmp_path_factory):
     return d, transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+@pytest.fixture(scope="module")
+def seq2seq(model):
+    """What seq2seq_ref's shared tests run on."""
+    return Seq2SeqCase(*model, SRC, TGT, [44, 3, 19, 2], [2, 9, 31])
+
+
+@pytest.fixture(scope="module", params=VARIANTS + ("mbart50",))
 def gen_model(request, tmp_path_factory):
-    """The checkpoint the generation tests use: blocks 3x larger, whose texts vary (see make_bart)."""
-    d = make_bart(tmp_path_factory.mktemp(request.param + "_gen"), mbart=request.param == "mbart", block_gain=3.0)
+    """The checkpoint the generation tests use: blocks 3x larger, whose texts vary (see make_bart); mbart50 is
+    mBART's architecture with mBART-50's tokenizer (its source language in front, zh_CN forced first)."""
+    d = make_bart(tmp_path_factory.mktemp(request.param + "_gen"), mbart=request.param == "mbart",
+                  mbart50=request.param == "mbart50", block_gain=3.0)
     return d, transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
 
 
@@ -92,30 +101,6 @@ def test_longer_decoder_and_positions_near_the_table_end(tmp_path):
         _C.Context(_C.Model(str(gguf_of(d))), _C.Executor(2), 25, 1, 512, "f32")
 
 
-def test_token_by_token_equals_full_decoder(model):
-    d, _ = model
-    ctx = context(gguf_of(d))
-    ctx.encode(np.array(SRC, np.int32), 0)
-    full = ctx.eval(np.array(TGT, np.int32), "all", 0)
-    ctx.encode(np.array(SRC, np.int32), 0)  # starts the sequence over
-    assert ctx.seq_len(0) == 0
-    steps = np.stack([ctx.eval(np.array([t], np.int32), "last", 0) for t in TGT])
-    np.testing.assert_allclose(steps, full, rtol=0, atol=1e-5)
-
-
-def test_sequences_in_one_batch_equal_each_alone(model):
-    d, hf = model
-    src2, tgt2 = [44, 3, 19, 2], [2, 9, 31]
-    ctx = context(gguf_of(d), n_seq=3)
-    ctx.encode(np.array(SRC, np.int32), 0)
-    ctx.encode(np.array(src2, np.int32), 1)
-    out = ctx.decode(np.array(TGT + tgt2, np.int32), np.array([0] * len(TGT) + [1] * len(tgt2), np.int32))
-    assert_close(out[:len(TGT)], ref_logits(hf, SRC, TGT))
-    assert_close(out[len(TGT):], ref_logits(hf, src2, tgt2))
-    ctx.seq_copy(1, 2)  # a copy shares the encoder's output
-    assert_close(ctx.eval(np.array([40], np.int32), "last", 2), ref_logits(hf, src2, tgt2 + [40])[-1])
-
-
 # Bounds: max |logit difference| / max |logit| measured on make_bart's models for seeds 0, 1, 2 (F16: 0.0002;
 # Q8_0: 0.0076 bart, 0.0050 mbart; Q4_0: 0.025, 0.013; Q4_1: 0.019, 0.014) with a margin of about 1.6x; a
 # wrong dequantization, layout or scale gives differences of the order of the logits.
@@ -137,19 +122,23 @@ TOKENIZER_TEXTS = TEXTS + ["Hello <mask> world 🦙🚀 and  two  spaces", " Э�
                            "中文文本测试，机器翻译。 ｆｕｌｌｗｉｄｔｈ ① 12345 3.14", "", "ro_RO </s> en_XX<s>"]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + ("mbart50",))
 @pytest.mark.parametrize("tokenizer_json", [True, False], ids=["tokenizer.json", "vocab-files"])
 def test_tokenizer_matches_transformers(tmp_path, variant, tokenizer_json):
     """pyengine's tokenizer from the GGUF equals transformers' on the same folder, from a tokenizer.json or
-    from BART's vocab.json + merges.txt / mBART's sentencepiece.bpe.model alone; decoding too."""
-    d = make_bart(tmp_path / variant, mbart=variant == "mbart", tokenizer_json=tokenizer_json, d_model=32,
-                  n_heads=2, ffn=32, n_layers=1, n_dec_layers=1)
+    from BART's vocab.json + merges.txt / mBART's sentencepiece.bpe.model alone; decoding too. mbart50:
+    MBart50Tokenizer with src_lang ro_RO, `ro_RO X </s>`, whose pipeline transformers 5 rebuilds."""
+    d = make_bart(tmp_path / variant, mbart=variant == "mbart", mbart50=variant == "mbart50",
+                  tokenizer_json=tokenizer_json, d_model=32, n_heads=2, ffn=32, n_layers=1, n_dec_layers=1)
     assert (d / "tokenizer.json").exists() == tokenizer_json
     ref = transformers.AutoTokenizer.from_pretrained(d)
+    assert type(ref).__name__.startswith("MBart50Tokenizer") == (variant == "mbart50")
     path = tmp_path / "vocab.gguf"
     convert(d, path, vocab_only=True)
     tok = pyengine.Tokenizer.from_gguf(path)
-    assert tok.model == ("t5" if variant == "mbart" else "gpt2")
+    assert tok.model == ("gpt2" if variant == "bart" else "t5")
+    if variant == "mbart50":
+        assert tok.encode("Hi")[0] == ref.convert_tokens_to_ids("ro_RO") and tok.token_to_id("sl_SI") == len(ref) - 2
     for text in TOKENIZER_TEXTS:
         ids = tok.encode(text)
         assert ids == ref(text).input_ids, text
@@ -160,13 +149,21 @@ def test_tokenizer_matches_transformers(tmp_path, variant, tokenizer_json):
         assert "".join(pieces.add(i) for i in ids) + pieces.flush() == ref.decode(ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("tokenizer_class,src_lang", [("MBartTokenizer", "ro_RO"), ("MBartTokenizerFast", None)])
+@pytest.mark.parametrize("tokenizer_class,src_lang", [("MBartTokenizer", "ro_RO"), ("MBartTokenizerFast", None),
+                                                      ("MBart50Tokenizer", "zh_CN"), ("MBart50TokenizerFast", None)])
 def test_mbart_source_language_as_transformers(tmp_path, tokenizer_class, src_lang):
-    """transformers' MBartTokenizer puts tokenizer_config.json's src_lang (default en_XX) after the text, `$A </s>
-    src_lang`, whatever tokenizer.json says; so does the converted file."""
+    """transformers puts tokenizer_config.json's src_lang (default en_XX) around the text whatever tokenizer.json
+    says: MBartTokenizer after it, `$A </s> src_lang`; MBart50Tokenizer in front, `src_lang $A </s>` (its
+    tokenizer.json was saved with ro_RO here), and it rebuilds the rest of the pipeline too (here tokenizer.json
+    splits on whitespace before "▁", as older converters wrote it, which it drops). So does the converted file."""
     from checkpoints import make_mbart_tokenizer
 
-    n = make_mbart_tokenizer(tmp_path)
+    mbart50 = tokenizer_class.startswith("MBart50")
+    n = make_mbart_tokenizer(tmp_path, mbart50=mbart50, src_lang="ro_RO" if mbart50 else None)
+    if mbart50:
+        tj = json.loads((tmp_path / "tokenizer.json").read_text())
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, tj["pre_tokenizer"]]}
+        (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     tok_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     tok_config.pop("src_lang", None)
     tok_config.update({"tokenizer_class": tokenizer_class}, **({"src_lang": src_lang} if src_lang else {}))
@@ -179,9 +176,9 @@ def test_mbart_source_language_as_transformers(tmp_path, tokenizer_class, src_la
     convert(tmp_path, tmp_path / "vocab.gguf", vocab_only=True)
     tok = pyengine.Tokenizer.from_gguf(tmp_path / "vocab.gguf")
     lang = tok.token_to_id(src_lang or "en_XX")
-    for text in TOKENIZER_TEXTS[:4]:
+    for text in TOKENIZER_TEXTS:
         ids = ref(text).input_ids
-        assert ids[-1] == lang and tok.encode(text) == ids, text
+        assert ids[0 if mbart50 else -1] == lang and tok.encode(text) == ids, text
 
 
 def _hf_generate(hf, src, **kw):
@@ -202,6 +199,13 @@ def test_greedy_generation_matches_transformers(gen_model):
         gen.wait()
         assert gen.token_ids[0] == hf.generation_config.forced_bos_token_id, text
         assert gen.token_ids == ref[:len(gen.token_ids)] and gen.token_ids[-1] == eos, text
+    if hf.config.model_type == "mbart":  # another target language, given to generate
+        de = llm.tokenizer.token_to_id("de_DE")
+        src = llm.tokenizer.encode(TEXTS[0])
+        ref = _hf_generate(hf, src, max_new_tokens=12, num_beams=1, forced_bos_token_id=de)[0]
+        gen = llm.generate(TEXTS[0], max_new_tokens=12, temperature=0, forced_bos_token_id=de, stream=True)
+        gen.wait()
+        assert gen.token_ids[0] == de and gen.token_ids == ref[:len(gen.token_ids)]
 
 
 BEAM_SETTINGS = [dict(length_penalty=1.0), dict(length_penalty=0.6), dict(length_penalty=2.0),
@@ -224,6 +228,53 @@ def test_beam_search_matches_transformers(gen_model):
             lengths.update(len(h.token_ids) for h in hyps)
     if hf.config.model_type == "mbart":  # its hypotheses end before the length limit too (BART's do not)
         assert min(lengths) < 10, lengths
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def min_length_model(request, tmp_path_factory):
+    """gen_model's checkpoint with </s> made likelier (its texts end early) and min_length 8 in its
+    generation_config.json, as BART-large-cnn has min_length 56."""
+    import shutil
+
+    src = make_bart(tmp_path_factory.mktemp(request.param + "_src"), mbart=request.param == "mbart", block_gain=3.0)
+    d = tmp_path_factory.mktemp(request.param + "_min_length")
+    shutil.copytree(src, d, dirs_exist_ok=True)
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        hf.final_logits_bias[0, hf.config.eos_token_id] += 4.0
+    hf.generation_config.min_length = 8
+    hf.save_pretrained(d)
+    return d, transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
+
+
+def test_min_length_as_transformers(min_length_model):
+    """The converter keeps generation_config.json's min_length; greedy, sampling and beam search suppress </s>
+    until the decoder sequence (its start token counted) is that long, token for token as transformers'
+    generate with the same config; min_length / min_new_tokens given to generate override it."""
+    d, hf = min_length_model
+    llm = pyengine.LLM(str(gguf_of(d)), n_ctx=64, kv_type="f32")
+    assert llm.metadata["pyengine.generation.min_length"] == 8 and llm.sampling_params().min_length == 8
+    gc = hf.generation_config  # transformers pads the shorter hypotheses with `pad_token_id or eos_token_id`
+    eos, pad = gc.eos_token_id, gc.pad_token_id if gc.pad_token_id is not None else gc.eos_token_id
+    ended_early = 0
+    for text in TEXTS:
+        src = llm.tokenizer.encode(text)
+        ended_early += len(_hf_generate(hf, src, max_new_tokens=12, num_beams=1, min_length=0)[0]) < 7
+        for kw in ({}, dict(min_length=5), dict(min_new_tokens=10)):
+            ref = _hf_generate(hf, src, max_new_tokens=12, num_beams=1, **kw)[0]
+            gen = llm.generate(text, max_new_tokens=12, temperature=0, stream=True, **kw)
+            gen.wait()
+            assert gen.token_ids == ref[:len(gen.token_ids)] and gen.token_ids[-1] == eos, (text, kw)
+            assert len(gen.token_ids) >= (kw["min_new_tokens"] + 1 if "min_new_tokens" in kw else kw.get("min_length", 8))
+            ref = _hf_generate(hf, src, max_new_tokens=12, num_beams=4, num_return_sequences=2, **kw)
+            hyps = llm.beam_search(text, num_beams=4, max_new_tokens=12, num_return_sequences=2, **kw)
+            assert [h.token_ids + [pad] * (len(ref[0]) - len(h.token_ids)) for h in hyps] == ref, (text, kw)
+            assert llm.generate(text, num_beams=4, max_new_tokens=12, **kw) == llm.tokenizer.decode(
+                hyps[0].token_ids, skip_special_tokens=True)
+        sampled = llm.generate(text, max_new_tokens=12, temperature=1.0, seed=3, stream=True)
+        sampled.wait()
+        assert eos not in sampled.token_ids[:7], text
+    assert ended_early, "without min_length no text ends early: the test could not fail"
 
 
 def test_text_to_text_api_batch_sampling_and_beams(gen_model):

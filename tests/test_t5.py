@@ -19,7 +19,8 @@ from pyengine import _C  # noqa: E402
 from pyengine_convert import ConversionError, convert  # noqa: E402
 
 from checkpoints import make_t5  # noqa: E402
-from seq2seq_ref import assert_close, context, gguf_of, ref_logits  # noqa: E402
+from seq2seq_ref import Seq2SeqCase, assert_close, context, gguf_of, ref_logits  # noqa: E402
+from seq2seq_ref import test_sequences_in_one_batch_equal_each_alone, test_token_by_token_equals_full_decoder  # noqa: E402,F401
 
 VARIANTS = {"v1_0": dict(gated=False, tied=True), "v1_1": dict(gated=True, tied=False)}
 SRC = [5, 17, 33, 8, 100, 42, 9, 60, 11, 1]
@@ -32,6 +33,11 @@ def t5(request, tmp_path_factory):
     hf = transformers.T5ForConditionalGeneration.from_pretrained(d).eval()
     return d, hf
 
+
+@pytest.fixture(scope="module")
+def seq2seq(t5):
+    """What seq2seq_ref's shared tests run on."""
+    return Seq2SeqCase(*t5, SRC, TGT, [44, 3, 19, 1], [0, 9, 31])
 
 
 
@@ -78,28 +84,6 @@ def test_custom_class_with_t5_weights_converts_as_t5(tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["TextToTextModel"], "model_type": "other"}))
     with pytest.raises(ConversionError, match="unsupported architecture TextToTextModel"):
         convert(d, tmp_path / "other.gguf", qtype="f32")
-
-
-def test_token_by_token_equals_full_decoder(t5):
-    d, _ = t5
-    ctx = context(gguf_of(d))
-    ctx.encode(np.array(SRC, np.int32), 0)
-    full = ctx.eval(np.array(TGT, np.int32), "all", 0)
-    ctx.encode(np.array(SRC, np.int32), 0)  # starts the sequence over
-    assert ctx.seq_len(0) == 0
-    steps = np.stack([ctx.eval(np.array([t], np.int32), "last", 0) for t in TGT])
-    np.testing.assert_allclose(steps, full, rtol=0, atol=1e-5)
-
-
-def test_two_sequences_in_one_batch_equal_each_alone(t5):
-    d, hf = t5
-    src2, tgt2 = [44, 3, 19, 1], [0, 9, 31]
-    ctx = context(gguf_of(d), n_seq=2)
-    ctx.encode(np.array(SRC, np.int32), 0)
-    ctx.encode(np.array(src2, np.int32), 1)
-    out = ctx.decode(np.array(TGT + tgt2, np.int32), np.array([0] * len(TGT) + [1] * len(tgt2), np.int32))
-    assert_close(out[:len(TGT)], ref_logits(hf, SRC, TGT))
-    assert_close(out[len(TGT):], ref_logits(hf, src2, tgt2))
 
 
 def test_seq_copy_shares_the_encoder_output(t5):

@@ -16,6 +16,8 @@ Metadata beyond llama.cpp's keys:
       generation should stop on any of them.
   pyengine.generation.forced_bos_token_id / forced_eos_token_id  transformers' forced first token and forced
       last token at the length limit (BART, mBART), from generation_config.json, else config.json.
+  pyengine.generation.min_length / min_new_tokens  transformers' minimum lengths (end ids suppressed until then;
+      min_length counts the prompt or the decoder start), from the same place, when > 0 (BART-large-cnn: 56).
   chatglm1.residual_scale  ChatGLM-6B's alpha = sqrt(2 * num_layers); chatglm1 also writes
       tokenizer.ggml.mask_token_id ([gMASK], whose index is the position id of generated tokens).
   BERT: pyengine.embedding.normalize (bert.py) and pyengine.tokenizer.bert.{clean_text,
@@ -564,6 +566,10 @@ def write_generation_config(w: GGUFWriter, gen: dict[str, Any], settings: dict[s
     for key in ("forced_bos_token_id", "forced_eos_token_id"):
         value = (settings or gen).get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            w.add_uint32(f"pyengine.generation.{key}", value)
+    for key in ("min_length", "min_new_tokens"):  # 0 / None are transformers' defaults: nothing to store
+        value = (settings or gen).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             w.add_uint32(f"pyengine.generation.{key}", value)
     if gen.get("do_sample") is False:
         w.add_sampling_temp(0.0)

@@ -641,6 +641,11 @@ HF_JSON_KEY = "tokenizer.huggingface.json"
 MBART_LANGUAGE_CODES = ("ar_AR", "cs_CZ", "de_DE", "en_XX", "es_XX", "et_EE", "fi_FI", "fr_XX", "gu_IN", "hi_IN",
                         "it_IT", "ja_XX", "kk_KZ", "ko_KR", "lt_LT", "lv_LV", "my_MM", "ne_NP", "nl_XX", "ro_RO",
                         "ru_RU", "si_LK", "tr_TR", "vi_VN", "zh_CN")
+# transformers' MBart50Tokenizer: those, then mBART-50's 27 others, in fairseq's order
+MBART50_LANGUAGE_CODES = MBART_LANGUAGE_CODES + (
+    "af_ZA", "az_AZ", "bn_IN", "fa_IR", "he_IL", "hr_HR", "id_ID", "ka_GE", "km_KH", "mk_MK", "ml_IN", "mn_MN", "mr_IN",
+    "pl_PL", "ps_AF", "pt_XX", "sv_SE", "sw_KE", "ta_IN", "te_IN", "th_TH", "tl_XX", "uk_UA", "ur_PK", "xh_ZA", "gl_ES",
+    "sl_SI")
 
 
 def _special_texts(tok_config: dict[str, Any]) -> dict[str, str]:
@@ -676,12 +681,17 @@ def _roberta_tokenizer_json(model_dir: Path, tok_config: dict[str, Any]) -> str:
     return tok.to_str()
 
 
+def _tokenizer_class(tok_config: dict[str, Any], default: str | None) -> str:
+    return str(tok_config.get("tokenizer_class") or default or "").removesuffix("Fast")
+
+
 def _mbart_tokenizer_json(model_dir: Path, tok_config: dict[str, Any]) -> str:
     """mBART's sentencepiece.bpe.model as transformers 5's MBartTokenizer builds it: fairseq's ids (<s> <pad>
     </s> <unk>, the pieces after SentencePiece's first three, the language codes, <mask>), a unigram model,
     no normalizer, whitespace split and "▁" prefixes, `$A </s> src_lang` (en_XX unless tokenizer_config.json
-    says otherwise)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    says otherwise). With tokenizer_config.json's MBart50Tokenizer: mBART-50's 52 codes and its pipeline
+    (see _set_mbart_template)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     sp = read_sentencepiece(model_dir / "sentencepiece.bpe.model")
     if sp.model_type != 1:
@@ -690,37 +700,59 @@ def _mbart_tokenizer_json(model_dir: Path, tok_config: dict[str, Any]) -> str:
     special = _special_texts(tok_config)
     fixed = [special[k] for k in ("bos", "pad", "eos", "unk")]
     vocab = [(t, 0.0) for t in fixed] + list(zip(sp.pieces[3:], sp.scores[3:]))
-    vocab += [(code, 0.0) for code in MBART_LANGUAGE_CODES] + [(special["mask"], 0.0)]
+    codes = MBART50_LANGUAGE_CODES if _tokenizer_class(tok_config, None) == "MBart50Tokenizer" else MBART_LANGUAGE_CODES
+    vocab += [(code, 0.0) for code in codes] + [(special["mask"], 0.0)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     added = [AddedToken(t, normalized=False, special=True) for t in fixed]
     added += [AddedToken(special["mask"], lstrip=True, normalized=False, special=True)]
-    added += [AddedToken(code, normalized=False, special=True) for code in MBART_LANGUAGE_CODES]
+    added += [AddedToken(code, normalized=False, special=True) for code in codes]
     tok.add_special_tokens(added)
-    _set_mbart_template(tok, tok_config, model_dir, "MBartTokenizer")
+    _set_mbart_template(tok, tok_config, model_dir, "MBartTokenizer", sp.precompiled_charsmap)
     return tok.to_str()
 
 
-def _set_mbart_template(tok: Any, tok_config: dict[str, Any], model_dir: Path, default_class: str | None) -> None:
-    """The special tokens around a text as transformers' MBartTokenizer sets them whatever tokenizer.json says:
-    `$A </s> src_lang` (src_lang from tokenizer_config.json, else en_XX). Another tokenizer class keeps the
-    tokenizer.json's own post-processor. (MBart50Tokenizer, `src_lang $A </s>`, also rebuilds the rest of the
-    pipeline in transformers 5: not done here.)"""
-    from tokenizers import processors
+def _set_mbart_template(tok: Any, tok_config: dict[str, Any], model_dir: Path, default_class: str | None,
+                        charsmap: bytes = b"") -> None:
+    """What transformers' mBART tokenizers set whatever tokenizer.json says. MBartTokenizer: the special tokens
+    `$A </s> src_lang`. MBart50Tokenizer (transformers 5) keeps only the vocabulary and rebuilds the rest: the
+    normalizer (SentencePiece's character map `charsmap`, when the file has one, then runs of spaces as one),
+    "▁" prefixes without a whitespace split, and the language code in front, `src_lang $A </s>`. src_lang comes
+    from tokenizer_config.json, else en_XX. Another tokenizer class keeps the tokenizer.json's own pipeline."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
 
-    cls = str(tok_config.get("tokenizer_class") or default_class or "").removesuffix("Fast")
-    if cls != "MBartTokenizer":
+    cls = _tokenizer_class(tok_config, default_class)
+    if cls not in ("MBartTokenizer", "MBart50Tokenizer"):
         return
     lang, eos = tok_config.get("src_lang") or "en_XX", _special_texts(tok_config)["eos"]
     for token in (lang, eos):
         if tok.token_to_id(token) is None:
             raise ConversionError(f"{model_dir}: the {cls}'s token {token!r} (tokenizer_config.json src_lang / "
                                   "eos_token) is not in its vocabulary")
+    special = [(eos, tok.token_to_id(eos)), (lang, tok.token_to_id(lang))]
+    if cls == "MBartTokenizer":
+        tok.post_processor = processors.TemplateProcessing(
+            single=["$A", eos, lang], pair=["$A", "$B", eos, lang], special_tokens=special)
+        return
+    tok.normalizer = normalizers.Sequence([normalizers.Precompiled(charsmap)] * bool(charsmap)
+                                          + [normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tok.post_processor = processors.TemplateProcessing(
-        single=["$A", eos, lang], pair=["$A", "$B", eos, lang],
-        special_tokens=[(eos, tok.token_to_id(eos)), (lang, tok.token_to_id(lang))])
+        single=[lang, "$A", eos], pair=[lang, "$A", "$B", eos], special_tokens=special)
+
+
+def _precompiled_charsmap(tokenizer_json: dict[str, Any]) -> bytes:
+    """The character map of the first Precompiled normalizer of a tokenizer.json (as transformers 5 finds it)."""
+    import base64
+
+    norm = tokenizer_json.get("normalizer") or {}
+    for n in norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]:
+        if n.get("type") == "Precompiled" and n.get("precompiled_charsmap"):
+            return base64.b64decode(n["precompiled_charsmap"])
+    return b""
 
 
 def load_hf_json(model_dir: Path, n_vocab: int, kind: str) -> Vocab:
@@ -747,7 +779,7 @@ def load_hf_json(model_dir: Path, n_vocab: int, kind: str) -> Vocab:
     except Exception as e:
         raise ConversionError(f"cannot load the tokenizer of {model_dir} ({path.name}): {e}") from None
     if kind == "unigram":
-        _set_mbart_template(tok, tok_config, model_dir, None)
+        _set_mbart_template(tok, tok_config, model_dir, None, _precompiled_charsmap(json.loads(text)))
         text = tok.to_str()
     tj = json.loads(text)
     model = tj.get("model") or {}
