@@ -6,7 +6,7 @@
 
 Each tool runs as a command (`python -m pyengine quantize IN OUT TYPE -t T -q` and `llama-quantize IN OUT
 TYPE T`), one after the other with the same thread count; wall time is measured around the process and
-peak RSS (VmHWM) is the process's ru_maxrss from wait4. The input is read once beforehand so that both
+peak RSS (VmHWM) is GNU time's %M. The input is read once beforehand so that both
 start from the page cache (for a file larger than free memory, both read from disk alike). The best of
 --repeat runs is kept for each; the two outputs' tensors are compared byte for byte with gguf-py.
 
@@ -42,16 +42,18 @@ def cpu_model() -> str:
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of a command; raises with its log's tail if it fails."""
+    """(wall seconds, peak RSS in MiB) of a command; raises with its log's tail if it fails. Peak RSS is
+    GNU time's %M (the command's own VmHWM): a child forked from this process and exec'd directly would
+    report this process's size as its own high-water mark (Linux keeps it across exec)."""
+    rss = log.with_suffix(".rss")
     with open(log, "w") as f:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        _, status, usage = os.wait4(p.pid, 0)
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss), *cmd], stdout=f, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
         wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({p.returncode}):\n" + log.read_text()[-3000:])
-    return wall, usage.ru_maxrss / 1024
+    return wall, int(rss.read_text().split()[-1]) / 1024
 
 
 def read_through(path: Path) -> None:

@@ -59,7 +59,7 @@ class QuantizeReport:
 
 # Rows are read, converted and written in slabs of at most this many source bytes, so that memory stays
 # at two slab buffers (source and output) whatever the size of a tensor or of the model.
-SLAB_BYTES = 64 << 20
+SLAB_BYTES = 16 << 20
 
 
 def _importance_for(name: str, imp: np.ndarray | None, dims: tuple[int, ...]) -> tuple[np.ndarray | None, int]:
