@@ -211,61 +211,39 @@ float make_qkx_quants(int n, int nmax, const float* x, const float* weights, uin
     *the_min = -min;
     return scale;
   }
-  // ggml tries nstep + 1 grids one after the other, each a few serial chains of float additions. Here
-  // the candidates are the inner loop (lane c sums candidate c with exactly ggml's operations in ggml's
-  // order; the file is built with -ffp-contract=off), so the chains run side by side in vector registers.
-  // In ggml a candidate that wins moves `min`, and with it the grid of every later candidate: the
-  // candidates after a winner are computed again from the new min, so results are bit for bit ggml's.
-  constexpr int MAXC = 40;
-  assert(nstep + 1 <= MAXC);
-  float isc[MAXC], sl[MAXC], sl2[MAXC], sxl[MAXC], tsc[MAXC], tmn[MAXC], err[MAXC];
-  bool ok[MAXC];
-  for (int from = 0; from <= nstep;) {
-    const int m = nstep + 1 - from;
-    for (int c = 0; c < m; ++c) {
-      isc[c] = (rmin + rdelta * (from + c) + nmax) / (max - min);
-      sl[c] = sl2[c] = sxl[c] = err[c] = 0;
-    }
+  for (int is = 0; is <= nstep; ++is) {
+    iscale = (rmin + rdelta * is + nmax) / (max - min);
+    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
     for (int i = 0; i < n; ++i) {
-      const float xi = x[i], d = xi - min, w = wt(i);
-      for (int c = 0; c < m; ++c) {
-        const float l = float(std::max(0, std::min(nmax, nearest_int(isc[c] * d))));
-        sl[c] += w * l;
-        sl2[c] += w * l * l;
-        sxl[c] += w * l * xi;
-      }
+      int l = nearest_int(iscale * (x[i] - min));
+      l = std::max(0, std::min(nmax, l));
+      Laux[i] = uint8_t(l);
+      float w = wt(i);
+      sum_l += w * l;
+      sum_l2 += w * l * l;
+      sum_xl += w * l * x[i];
     }
-    for (int c = 0; c < m; ++c) {
-      const float D = sum_w * sl2[c] - sl[c] * sl[c];
-      ok[c] = D > 0;
-      tsc[c] = tmn[c] = 0;
-      if (ok[c]) {
-        tsc[c] = (sum_w * sxl[c] - sum_x * sl[c]) / D;
-        tmn[c] = (sl2[c] * sum_x - sl[c] * sxl[c]) / D;
-        if (tmn[c] > 0) {
-          tmn[c] = 0;
-          tsc[c] = sxl[c] / sl2[c];
-        }
+    float D = sum_w * sum_l2 - sum_l * sum_l;
+    if (D > 0) {
+      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+      if (this_min > 0) {
+        this_min = 0;
+        this_scale = sum_xl / sum_l2;
       }
-    }
-    for (int i = 0; i < n; ++i) {
-      const float xi = x[i], d = xi - min, w = wt(i);
-      for (int c = 0; c < m; ++c) {
-        const float l = float(std::max(0, std::min(nmax, nearest_int(isc[c] * d))));
-        float diff = tsc[c] * l + tmn[c] - xi;
+      float cur_error = 0;
+      for (int i = 0; i < n; ++i) {
+        float diff = this_scale * Laux[i] + this_min - x[i];
         diff = use_mad ? std::fabs(diff) : diff * diff;
-        err[c] += w * diff;
+        cur_error += wt(i) * diff;
+      }
+      if (cur_error < best_error) {
+        for (int i = 0; i < n; ++i) L[i] = Laux[i];
+        best_error = cur_error;
+        scale = this_scale;
+        min = this_min;
       }
     }
-    int won = -1;
-    for (int c = 0; c < m && won < 0; ++c)
-      if (ok[c] && err[c] < best_error) won = c;
-    if (won < 0) break;
-    for (int i = 0; i < n; ++i) L[i] = uint8_t(std::max(0, std::min(nmax, nearest_int(isc[won] * (x[i] - min)))));
-    best_error = err[won];
-    scale = tsc[won];
-    min = tmn[won];
-    from += won + 1;
   }
   *the_min = -min;
   return scale;
