@@ -195,13 +195,21 @@ void bind_model(py::module_& m) {
             for (const auto& [weight, e] : ctx.input_stats().by_weight) {
               auto it = names.find(weight);
               PE_CHECK(it != names.end(), Error, "input statistics: a weight that is not a tensor of the file");
-              py::array_t<double> sums(py::ssize_t(e.sum2.size()));
+              const auto n_mat = py::ssize_t(e.rows.size()), cols = py::ssize_t(e.sum2.size()) / n_mat;
+              py::array_t<double> sums = n_mat == 1 ? py::array_t<double>(cols) : py::array_t<double>({n_mat, cols});
               std::copy(e.sum2.begin(), e.sum2.end(), sums.mutable_data());
-              out[py::str(it->second)] = py::make_tuple(sums, e.rows);
+              if (n_mat == 1) {
+                out[py::str(it->second)] = py::make_tuple(sums, e.rows[0]);
+              } else {
+                py::array_t<int64_t> rows(n_mat);
+                std::copy(e.rows.begin(), e.rows.end(), rows.mutable_data());
+                out[py::str(it->second)] = py::make_tuple(sums, rows);
+              }
             }
             return out;
           },
-          "{tensor name: (float64 [n_cols] sums of x^2 over the rows, rows)} since collect_input_stats(True).");
+          "{tensor name: (float64 [n_cols] sums of x^2 over the rows, rows)} since collect_input_stats(True); for\n"
+          "a 3-D tensor of experts, (float64 [n_expert, n_cols], int64 [n_expert] rows routed to each expert).");
 
   m.def(
       "host_memory_plan",

@@ -145,3 +145,89 @@ def test_equals_llama_imatrix(model, tmp_path):
     for name in ours.sums:
         assert theirs.counts[name] == ours.counts[name], name
         np.testing.assert_allclose(ours.sums[name], theirs.sums[name], rtol=1e-3, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    from checkpoints import make_qwen3moe
+
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path_factory.mktemp("qwen3moe")
+    hf_dir = make_qwen3moe(d / "hf", n_layers=2)
+    # a router 8x as sharp: a random tiny model has near-ties between experts that rounding anywhere
+    # (llama.cpp's kernels or ours) may flip; wide margins let both engines route every token alike
+    (st,) = hf_dir.glob("*.safetensors")
+    w = load_file(st)
+    save_file({k: v * 8 if k.endswith("mlp.gate.weight") else v for k, v in w.items()}, st, metadata={"format": "pt"})
+    path = d / "f32.gguf"
+    convert(hf_dir, path, qtype="f32")
+    return hf_dir, path
+
+
+def test_experts_equal_llama_imatrix_and_feed_llama_quantize(moe_model, tmp_path):
+    """A mixture of experts: one vector of sums and one token count per expert for the ffn_*_exps tensors,
+    equal to llama-imatrix's on the same file and text; `pyengine quantize --imatrix` with that file gives
+    llama-quantize's bytes (each expert quantized with its own importance)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from llama_cpp_tools import bin_dir
+
+    exe, quantize = bin_dir() / "llama-imatrix", bin_dir() / "llama-quantize"
+    if not exe.exists() or not quantize.exists():
+        pytest.skip("llama-imatrix / llama-quantize are not built (python benchmarks/llama_cpp_tools.py --build)")
+    from gguf import GGUFReader
+
+    from pyengine_convert.imatrix_file import save_imatrix
+    from pyengine_convert.requantize import requantize
+
+    _, path = moe_model
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    theirs_path = tmp_path / "theirs.gguf"
+    r = subprocess.run([str(exe), "-m", str(path), "-f", str(text), "-o", str(theirs_path), "-c", str(N_CTX), "-b",
+                        str(N_CTX), "-t", "2", "--no-ppl"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and theirs_path.exists(), r.stderr[-2000:]
+    theirs = load_imatrix(theirs_path)
+    ours = collect(path, TEXT, n_ctx=N_CTX, progress=False)  # an F16 KV cache, as llama-imatrix's
+    assert theirs.chunk_count == ours.chunk_count
+    assert set(theirs.sums) == set(ours.sums)
+    experts = [n for n in ours.sums if "_exps." in n]
+    assert len(experts) == 2 * 3  # gate, up, down of both layers
+    n_tokens = ours.chunk_count * N_CTX
+    for name in ours.sums:
+        if name not in experts:
+            assert theirs.counts[name] == ours.counts[name] == n_tokens, name
+            rtol = 1e-3 if name.startswith("blk.0.") else 5e-2
+            np.testing.assert_allclose(ours.sums[name], theirs.sums[name], rtol=rtol, err_msg=name)
+            continue
+        a, b = ours.sums[name], theirs.sums[name]
+        assert a.shape == b.shape == (8, a.shape[1]) and ours.counts[name].shape == (8,), name
+        assert ours.counts[name].sum() == theirs.counts[name].sum() == 2 * n_tokens, name  # top-2
+        # a random tiny model has near-ties between its 2nd and 3rd expert, which the two engines' rounding
+        # (their F16 KV caches, kernels) may break differently for a token or two
+        assert np.abs(ours.counts[name] - theirs.counts[name]).max() <= 2, (name, ours.counts[name], theirs.counts[name])
+        rel = np.abs(a - b).sum(axis=1) / b.sum(axis=1)
+        assert rel.max() < 3e-2, (name, rel)
+        # each expert's vector is nearest its own in the other file: none swapped, none averaged
+        dist = np.abs(a[:, None, :] - b[None, :, :]).sum(-1)
+        assert (dist.argmin(axis=1) == np.arange(8)).all(), name
+
+    im = tmp_path / "ours.imatrix"
+    save_imatrix(im, ours)
+    back = GGUFReader(im)
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in back.tensors}
+    assert shapes["blk.0.ffn_down_exps.weight.in_sum2"] == (32, 8) and shapes["blk.0.ffn_down_exps.weight.counts"] == (1, 8)
+    for qtype, llama_name in (("q4_k_m", "Q4_K_M"), ("q4_0", "Q4_0")):
+        a, b = tmp_path / f"ours-{qtype}.gguf", tmp_path / f"theirs-{qtype}.gguf"
+        requantize(path, a, qtype, imatrix=im)
+        subprocess.run([str(quantize), "--imatrix", str(im), str(path), str(b), llama_name, "2"], check=True,
+                       capture_output=True, timeout=300)
+        ta = {t.name: (t.tensor_type, t.data.tobytes()) for t in GGUFReader(a).tensors}
+        tb = {t.name: (t.tensor_type, t.data.tobytes()) for t in GGUFReader(b).tensors}
+        assert [n for n in ta if ta[n] != tb[n]] == [], qtype
+        # the experts' own vectors matter: a shared (averaged) vector gives other blocks
+        shared = {k: (v.mean(axis=0) if v.ndim == 2 else v) for k, v in ours.importance().items()}
+        c = tmp_path / f"shared-{qtype}.gguf"
+        requantize(path, c, qtype, imatrix=shared)
+        tc = {t.name: t.data.tobytes() for t in GGUFReader(c).tensors}
+        assert any(tc[n] != ta[n][1] for n in experts), qtype

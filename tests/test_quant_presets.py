@@ -180,3 +180,15 @@ def test_quantize_errors_name_the_file(tmp_path):
         load_imatrix(tmp_path / "none.imatrix")
     with pytest.raises(ConversionError, match="bad.gguf: .*not a GGUF or legacy"):
         load_imatrix(bad)
+
+
+def test_quantize_progress_only_when_asked(models, tmp_path, capsys):
+    """The library is silent by default; with progress=True (the CLI without -q) a log that is not a
+    terminal gets a line per tenth of the work, the last one naming every tensor done."""
+    requantize(models["k8_f16"], tmp_path / "a.gguf", "q4_k_m")
+    assert capsys.readouterr().err == ""
+    n = len(GGUFReader(models["k8_f16"]).tensors)
+    requantize(models["k8_f16"], tmp_path / "b.gguf", "q4_k_m", progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert 2 <= len(lines) <= 12 and "\r" not in "".join(lines)
+    assert lines[-1].lstrip().startswith(f"{n}/{n} [{'#' * 30}]")

@@ -79,24 +79,39 @@ float make_qx_quants(int n, int nmax, const float* x, int8_t* L, int rmse_type, 
   float scale = suml2 ? sumlx / suml2 : 0.0f;
   if (return_early) return suml2 > 0 ? 0.5f * (scale + 1 / iscale) : 1 / iscale;
   float best = scale * sumlx;
-  for (int is = -9; is <= 9; ++is) {
-    if (is == 0) continue;
-    iscale = -(nmax + 0.1f * is) / max;
-    sumlx = suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-      int l = nearest_int(iscale * x[i]);
+  // ggml tries 18 more scales, one after the other; each candidate's sums are a serial chain of float
+  // additions (a few cycles each), so a block costs 18 * n chained adds. Here the candidates are the
+  // inner loop: lane k accumulates candidate k with exactly ggml's operations in ggml's order (no
+  // reassociation, no contraction: the file is built with -ffp-contract=off), so every sum, and the
+  // choice, is bit for bit ggml's, while the 18 chains run side by side in vector registers.
+  constexpr int K = 18;
+  float isc[K], slx[K], sl2[K];
+  for (int k = 0; k < K; ++k) {
+    const int is = k < 9 ? k - 9 : k - 8;  // -9..-1, 1..9
+    isc[k] = -(nmax + 0.1f * is) / max;
+    slx[k] = sl2[k] = 0;
+  }
+  for (int i = 0; i < n; ++i) {
+    const float xi = x[i], w = weight(i), wx = w * xi;
+    for (int k = 0; k < K; ++k) {
+      int l = nearest_int(isc[k] * xi);
       l = std::max(-nmax, std::min(nmax - 1, l));
-      float w = weight(i);
-      sumlx += w * x[i] * l;
-      suml2 += w * l * l;
+      slx[k] += wx * float(l);
+      sl2[k] += w * float(l) * float(l);
     }
-    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-      for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        L[i] = int8_t(nmax + std::max(-nmax, std::min(nmax - 1, l)));
-      }
-      scale = sumlx / suml2;
-      best = scale * sumlx;
+  }
+  int chosen = -1;
+  for (int k = 0; k < K; ++k) {
+    if (sl2[k] > 0 && slx[k] * slx[k] > best * sl2[k]) {
+      scale = slx[k] / sl2[k];
+      best = scale * slx[k];
+      chosen = k;
+    }
+  }
+  if (chosen >= 0) {
+    for (int i = 0; i < n; ++i) {
+      int l = nearest_int(isc[chosen] * x[i]);
+      L[i] = int8_t(nmax + std::max(-nmax, std::min(nmax - 1, l)));
     }
   }
   return scale;

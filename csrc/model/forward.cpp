@@ -165,7 +165,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   Tensor ffn_out = xn;
   if (L.moe()) {
     ffn_out = f32(a.moe_out, d);
-    moe_ffn(ex, L.experts, moe_params(c), ffn_in, ffn_out, a.moe, "blk." + std::to_string(layer));
+    moe_ffn(ex, L.experts, moe_params(c), ffn_in, ffn_out, a.moe, "blk." + std::to_string(layer), a.input_stats);
   } else {
     if (spec.fused_gate_up) {
       linear(L.w_up, ffn_in, ff_a);

@@ -4,17 +4,24 @@
 
 namespace pe {
 
-void InputStats::add(const Tensor& w, const Tensor& x) {
+void InputStats::add_expert(const void* weight, int64_t cols, int64_t expert, int64_t n_expert, const Tensor& x) {
   PE_CHECK(x.device == Device::CPU && x.type == GGMLType::F32, UnsupportedModelError,
            "input statistics (imatrix) are collected on the CPU only: load the model with n_gpu_layers=0");
-  PE_CHECK(x.cols == w.cols, Error, "input statistics: ", x.cols, " input columns for a weight of ", w.cols);
-  Entry& e = by_weight[w.data];
-  if (e.sum2.empty()) e.sum2.assign(size_t(w.cols), 0.0);
+  PE_CHECK(x.cols == cols, Error, "input statistics: ", x.cols, " input columns for a weight of ", cols);
+  PE_CHECK(expert >= 0 && expert < n_expert, Error, "input statistics: expert ", expert, " of ", n_expert);
+  Entry& e = by_weight[weight];
+  if (e.sum2.empty()) {
+    e.sum2.assign(size_t(n_expert * cols), 0.0);
+    e.rows.assign(size_t(n_expert), 0);
+  }
+  PE_CHECK(e.rows.size() == size_t(n_expert), Error, "input statistics: a weight seen as ", e.rows.size(),
+           " and as ", n_expert, " matrices");
+  double* acc = e.sum2.data() + expert * cols;
   for (int64_t r = 0; r < x.rows; r++) {
     const float* row = x.row(r);
-    for (int64_t j = 0; j < x.cols; j++) e.sum2[size_t(j)] += double(row[j]) * double(row[j]);
+    for (int64_t j = 0; j < x.cols; j++) acc[j] += double(row[j]) * double(row[j]);
   }
-  e.rows += x.rows;
+  e.rows[size_t(expert)] += x.rows;
 }
 
 }  // namespace pe

@@ -11,15 +11,20 @@
 namespace pe {
 
 struct InputStats {
+  // One matrix, or n_mat of them for a 3-D tensor of experts (llama-imatrix's layout: one vector of
+  // sums and one count per expert, since each expert sees only the rows routed to it).
   struct Entry {
-    std::vector<double> sum2;  // per input column: sum over rows of x^2
-    int64_t rows = 0;
+    std::vector<double> sum2;   // [n_mat * n_cols]: per matrix and input column, sum over rows of x^2
+    std::vector<int64_t> rows;  // [n_mat]: rows summed into each matrix
   };
-  // Keyed by the weight's data, which the model maps back to the tensor's name.
+  // Keyed by the weight's data (for experts: the whole stacked tensor's), which the model maps back to
+  // the tensor's name.
   std::unordered_map<const void*, Entry> by_weight;
 
   // Adds the rows of x (F32 on the CPU), the input of the linear layer with weight w.
-  void add(const Tensor& w, const Tensor& x);
+  void add(const Tensor& w, const Tensor& x) { add_expert(w.data, w.cols, 0, 1, x); }
+  // Adds the rows of x, routed to matrix `expert` of the n_expert stacked in the tensor at `weight`.
+  void add_expert(const void* weight, int64_t cols, int64_t expert, int64_t n_expert, const Tensor& x);
 };
 
 }  // namespace pe

@@ -7,6 +7,7 @@
 #include "ops/dispatch.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
+#include "model/input_stats.h"
 
 namespace pe {
 
@@ -51,7 +52,7 @@ void check_experts(const Experts& w, const MoEParams& p, int64_t d) {
 }  // namespace
 
 void moe_ffn(Executor& ex, const Experts& w, const MoEParams& p, const Tensor& x, const Tensor& out, MoEScratch& s,
-             const std::string& name) {
+             const std::string& name, InputStats* stats) {
   const Device dev = ex.device();
   const int64_t n = x.rows, d = x.cols, n_expert = p.n_expert, k = p.n_used, n_ff = p.n_ff;
   check_experts(w, p, d);
@@ -63,6 +64,7 @@ void moe_ffn(Executor& ex, const Experts& w, const MoEParams& p, const Tensor& x
 
   // The router's logits, read on the host, which chooses.
   const Tensor logits = f32_tensor(static_cast<float*>(s.logits.data()), n, n_expert, n_expert, dev);
+  if (stats) stats->add(w.router, x);
   matmul(ex, w.router, x, logits);
   s.host_logits.resize(size_t(n * n_expert));
   copy_between(ex, Device::CPU, s.host_logits.data(), dev, logits.data, size_t(n * n_expert) * sizeof(float));
@@ -122,9 +124,14 @@ void moe_ffn(Executor& ex, const Experts& w, const MoEParams& p, const Tensor& x
     const Tensor g = f32_tensor(static_cast<float*>(s.gate.data()), m, n_ff, n_ff, dev);
     const Tensor u = f32_tensor(static_cast<float*>(s.up.data()), m, n_ff, n_ff, dev);
     get_rows(ex, x, i32(rows + start[size_t(e)], m), xe);
+    if (stats) {
+      stats->add_expert(w.gate.data, d, e, n_expert, xe);
+      stats->add_expert(w.up.data, d, e, n_expert, xe);
+    }
     matmul(ex, w.gate.rows_view(e * n_ff, n_ff), xe, g);
     matmul(ex, w.up.rows_view(e * n_ff, n_ff), xe, u);
     gated_activation(ex, p.act, g, u, g);
+    if (stats) stats->add_expert(w.down.data, n_ff, e, n_expert, g);
     matmul(ex, w.down.rows_view(e * d, d), g, y.rows_view(start[size_t(e)], m));
   }
   moe_combine(ex, y, i32(rows + nk, nk), f32_tensor(reinterpret_cast<float*>(rows + 2 * nk), 1, nk, nk, dev), k, out);

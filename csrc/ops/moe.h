@@ -17,6 +17,8 @@
 
 namespace pe {
 
+struct InputStats;
+
 // One layer's experts: ggml's 3-D [n_expert, rows, cols] tensors viewed as 2-D [n_expert * rows x cols]
 // (expert e's matrix is rows [e * rows, (e + 1) * rows)), and the router.
 struct Experts {
@@ -44,9 +46,10 @@ struct MoEScratch {
 };
 
 // out = sum over the row's chosen experts e of w_e * down_e(act(gate_e x) * up_e x); x, out: F32
-// [n x n_embd], distinct. `name` (e.g. "blk.3") names the layer in errors.
+// [n x n_embd], distinct. `name` (e.g. "blk.3") names the layer in errors. `stats` (an imatrix being
+// collected, CPU only): the router's input, and each expert's gate/up and down inputs for that expert.
 void moe_ffn(Executor& ex, const Experts& w, const MoEParams& p, const Tensor& x, const Tensor& out,
-             MoEScratch& s, const std::string& name);
+             MoEScratch& s, const std::string& name, InputStats* stats = nullptr);
 
 // The backends' part: out[r] = sum_j weight[r * k + j] * y[slot[r * k + j]] for j < k (in that order),
 // overwriting out. y: F32 [m x d]; slot: I32 [1 x n * k], each in [0, m); weight: F32 [1 x n * k]; out:

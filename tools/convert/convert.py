@@ -679,7 +679,7 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         if calibration is not None and (preset is not None or quants.SEARCH_QUANTIZERS.keys() & {main_type, out_type}):
             from .imatrix import collect_imatrix, load_calibration_text
 
-            imatrix = collect_imatrix(model_dir, load_calibration_text(calibration))
+            imatrix = collect_imatrix(model_dir, load_calibration_text(calibration), progress=progress)
             if adapter is not None:
                 warnings.append("calibration statistics come from the model without the LoRA adapter")
         plan = plan_tensors(spec, hp, ckpt, main_type, out_type, adapter, warnings, quant_method, imatrix, config,

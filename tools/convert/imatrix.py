@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConversionError
+from .progress import Progress
 
 
 def collect_imatrix(model_dir: str | os.PathLike, text: str, n_ctx: int = 512,
-                    max_tokens: int = 16384) -> dict[str, np.ndarray]:
+                    max_tokens: int = 16384, progress: bool = False) -> dict[str, np.ndarray]:
     """Mean squared input activation per column (float32 (in_features,)) of each linear layer's weight,
-    over at most ``max_tokens`` tokens of ``text`` evaluated in chunks of ``n_ctx``."""
+    over at most ``max_tokens`` tokens of ``text`` evaluated in chunks of ``n_ctx``; ``progress``: a bar
+    over the chunks on stderr."""
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,13 +51,17 @@ def collect_imatrix(model_dir: str | os.PathLike, text: str, n_ctx: int = 512,
 
     handles = [m.register_forward_hook(hook(f"{name}.weight"))
                for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    starts = range(0, ids.numel(), n_ctx)
+    bar = Progress(int(ids.numel()), len(starts), enabled=progress, unit="tokens", scale=1)
     try:
         with torch.no_grad():
-            for start in range(0, ids.numel(), n_ctx):
+            for start in starts:
                 chunk = ids[start:start + n_ctx]
                 if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
                     chunk = torch.cat([torch.tensor([tok.bos_token_id]), chunk[:-1]])
                 model(chunk[None])
+                bar.update("calibration", int(chunk.numel()))
+        bar.close()
     finally:
         for h in handles:
             h.remove()

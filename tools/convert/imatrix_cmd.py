@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConversionError
 from .imatrix_file import ImatrixData, save_imatrix
+from .progress import Progress
 
 
 def collect(model_path: str | Path, text: str, n_ctx: int = 512, n_chunks: int | None = None,
@@ -36,20 +36,20 @@ def collect(model_path: str | Path, text: str, n_ctx: int = 512, n_chunks: int |
         raise ConversionError(f"the text tokenizes to {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
     count = available if n_chunks is None or n_chunks <= 0 else min(n_chunks, available)
     llm.collect_input_stats(True)
-    start = time.perf_counter()
+    bar = Progress(count * n_ctx, count, enabled=progress, unit="tokens", scale=1)
     for i in range(count):
         chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
         if bos is not None:
             chunk[0] = bos
         llm.reset()
         llm.decode(chunk, np.zeros(n_ctx, dtype=np.int32), logits=np.zeros(n_ctx, dtype=bool))
-        if progress:
-            spent = time.perf_counter() - start
-            print(f"\rchunk {i + 1}/{count}, {spent:.1f} s, about {spent / (i + 1) * (count - i - 1):.0f} s left",
-                  end="" if i + 1 < count else "\n", file=sys.stderr, flush=True)
+        bar.update(f"chunk {i + 1}", n_ctx)
+    bar.close()
     stats = llm.input_stats()
     llm.collect_input_stats(False)
-    return ImatrixData(sums={k: v[0] for k, v in stats.items()}, counts={k: int(v[1]) for k, v in stats.items()},
+    # dense weights: (sums, tokens); 3-D expert tensors: ((n_expert, n_cols) sums, tokens per expert)
+    return ImatrixData(sums={k: v[0] for k, v in stats.items()},
+                       counts={k: v[1] if isinstance(v[1], np.ndarray) else int(v[1]) for k, v in stats.items()},
                        datasets=[dataset], chunk_count=count, chunk_size=n_ctx)
 
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default: 512)")
     ap.add_argument("--chunks", type=int, default=None, help="chunks to process (default: all of the text)")
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return ap
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConversionError(f"calibration text not found: {path}")
         text = path.read_text(encoding="utf-8", errors="replace")
         data = collect(resolve_model(args.model), text, args.ctx_size, args.chunks, args.threads,
-                       dataset=path.name)
+                       dataset=path.name, progress=not args.quiet)
         save_imatrix(args.output, data)
     except (ConversionError, FileNotFoundError, ModelFormatError, UnsupportedModelError, EngineError, ValueError) as e:
         print(f"pyengine imatrix: {e}", file=sys.stderr)

@@ -5,10 +5,13 @@ GGUF format (llama-imatrix's default since 2025): general.type = "imatrix", imat
 imatrix.chunk_count, imatrix.chunk_size (u32), and per weight matrix two F32 tensors:
   <weight name>.in_sum2  ggml shape [n_cols, n_mat]: sum over tokens of x_j^2 per input column
   <weight name>.counts   ggml shape [1, n_mat]:      how many tokens were summed
-The importance llama-quantize uses is in_sum2 / counts (tools/quantize/quantize.cpp load_imatrix).
+The importance llama-quantize uses is in_sum2 / counts (tools/quantize/quantize.cpp load_imatrix). A 3-D
+tensor of experts has n_mat = n_expert: one row of sums and one count per expert (the tokens routed to
+it); an expert no token reached gets importance 1 for every column, as in llama-quantize.
 
 Legacy .dat format (read only): int32 n_entries, then per entry int32 name length, name, int32 ncall,
-int32 n_values, float32 values (sum/count * ncall); then int32 chunk count and the dataset name.
+int32 n_values, float32 values (sum/count * ncall; experts' vectors one after the other); then int32
+chunk count and the dataset name.
 """
 from __future__ import annotations
 
@@ -24,15 +27,26 @@ from .errors import ConversionError
 
 @dataclass
 class ImatrixData:
-    sums: dict[str, np.ndarray]                  # weight name -> float64 (n_cols,) sum of x^2
-    counts: dict[str, int]                       # weight name -> tokens summed
+    # weight name -> float64 (n_cols,) sums of x^2, or (n_expert, n_cols) for a 3-D tensor of experts
+    sums: dict[str, np.ndarray]
+    # weight name -> tokens summed, or int64 (n_expert,) tokens routed to each expert
+    counts: dict[str, int | np.ndarray]
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
 
     def importance(self) -> dict[str, np.ndarray]:
-        """Per-column mean squared activation of each weight's input (what the quantizers take)."""
-        return {k: (v / max(self.counts[k], 1)).astype(np.float32) for k, v in self.sums.items()}
+        """Per-column mean squared activation of each weight's input (what the quantizers take): (n_cols,),
+        or (n_expert, n_cols) with ones for an expert that saw no token (llama-quantize's choice)."""
+        out = {}
+        for k, v in self.sums.items():
+            c = np.asarray(self.counts[k], dtype=np.float64)
+            if v.ndim == 1:
+                out[k] = (v / max(float(c.reshape(-1)[0]), 1.0)).astype(np.float32)
+            else:
+                c = c.reshape(-1, 1)
+                out[k] = np.where(c > 0, v / np.maximum(c, 1.0), 1.0).astype(np.float32)
+        return out
 
 
 def load_imatrix(path: str | os.PathLike) -> ImatrixData:
@@ -71,9 +85,10 @@ def _load_gguf(p: Path) -> ImatrixData:
         counts = np.asarray(c.data, dtype=np.float64).reshape(-1)
         if sums.shape[0] != counts.size:
             raise ConversionError(f"imatrix {p}: {base} has {sums.shape[0]} matrices but {counts.size} counts")
-        # one matrix per weight for dense models: experts (n_mat > 1) are averaged
-        data.sums[base] = sums.sum(axis=0)
-        data.counts[base] = int(round(counts.sum()))
+        if sums.shape[0] == 1:
+            data.sums[base], data.counts[base] = sums[0], int(round(counts[0]))
+        else:                                    # experts: one vector and one count each
+            data.sums[base], data.counts[base] = sums, np.rint(counts).astype(np.int64)
     if not data.sums:
         raise ConversionError(f"imatrix {p}: no .in_sum2 tensors")
     return data
@@ -132,8 +147,9 @@ def save_imatrix(path: str | os.PathLike, data: ImatrixData) -> None:
         w.add_uint32("imatrix.chunk_count", data.chunk_count)
         w.add_uint32("imatrix.chunk_size", data.chunk_size)
         for name in sorted(data.sums):
-            w.add_tensor(f"{name}.in_sum2", np.asarray(data.sums[name], dtype=np.float32).reshape(1, -1))
-            w.add_tensor(f"{name}.counts", np.array([[data.counts[name]]], dtype=np.float32))
+            sums = np.asarray(data.sums[name], dtype=np.float32)
+            w.add_tensor(f"{name}.in_sum2", sums.reshape(-1, sums.shape[-1]))
+            w.add_tensor(f"{name}.counts", np.asarray(data.counts[name], dtype=np.float32).reshape(-1, 1))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

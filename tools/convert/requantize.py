@@ -6,8 +6,11 @@ it for the preset (presets.py), is dequantized by the engine (_C.dequantize), an
 engine's C++ quantizers (ggml's, byte-equal; importance-weighted with an imatrix). Tensors whose type
 does not change, and those llama.cpp never quantizes (norms, biases), are copied byte for byte.
 
-Streaming: the input is memory-mapped and one tensor at a time is dequantized (float32), so peak
-memory is the mapping plus about one tensor. The output is written under a temporary name and renamed.
+Streaming: metadata entries are copied as raw bytes (gguf_stream.py); tensor data is read in slabs of
+rows (SLAB_BYTES) with pread, converted and quantized by `_C.quantize_raw` on every thread (each thread
+turns its own few rows to float32), and written at once, so peak memory is two slab buffers above the
+interpreter whatever the model's size (no mapping of the input stays resident). The output is written
+under a temporary name and renamed.
 """
 from __future__ import annotations
 
@@ -20,16 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType
 
 from . import quants
 from .errors import ConversionError
+from .gguf_stream import GGUFHeader, GGUFStreamWriter, kv_entry, read_into
 from .imatrix_file import load_imatrix
 from .presets import FLOAT_TYPES, PRESETS, ModelInfo, mixed_type, tensor_type
 from .progress import Progress
 
 Q = GGMLQuantizationType
-_SKIP_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
 
 @dataclass
@@ -54,22 +57,28 @@ class QuantizeReport:
                 f"{self.n_tensors} tensors ({types}), {self.bits_per_weight:.2f} bits/weight, {self.seconds:.1f} s")
 
 
-def _field_value(f):
-    vtype = f.types[0]
-    sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
-    return f.contents(), vtype, sub
+# Rows are read, converted and written in slabs of at most this many source bytes, so that memory stays
+# at two slab buffers (source and output) whatever the size of a tensor or of the model.
+SLAB_BYTES = 16 << 20
 
 
-def _to_float(t, name: str) -> np.ndarray:
-    """A reader tensor as float32 (rows, cols), dequantized by the engine."""
-    from pyengine import _C
-
-    cols = int(t.shape[0])
-    rows = int(np.prod([int(d) for d in t.shape[1:]], dtype=np.int64)) if len(t.shape) > 1 else 1
-    try:
-        return _C.dequantize(np.asarray(t.data).reshape(-1).view(np.uint8), int(t.tensor_type), rows, cols)
-    except Exception as e:  # noqa: BLE001 - name the tensor whatever the engine raised
-        raise ConversionError(f"tensor {name} ({t.tensor_type.name}): cannot dequantize: {e}") from None
+def _importance_for(name: str, imp: np.ndarray | None, dims: tuple[int, ...]) -> tuple[np.ndarray | None, int]:
+    """The imatrix entry of a tensor checked against its shape, and the rows per expert (3-D expert
+    tensors: one vector per expert, as llama-imatrix stores them)."""
+    if imp is None:
+        return None, 0
+    cols, rows_per_matrix = dims[0], dims[1] if len(dims) > 1 else 1
+    n_mat = int(np.prod(dims[2:], dtype=np.int64)) if len(dims) > 2 else 1
+    if imp.ndim == 1 and n_mat > 1 and imp.size == n_mat * cols:    # a legacy .dat file's experts
+        imp = imp.reshape(n_mat, cols)
+    if imp.shape[-1] != cols:
+        raise ConversionError(f"imatrix entry for {name} has {imp.shape[-1]} values per matrix, the tensor {cols} "
+                              "columns")
+    if imp.ndim == 2 and imp.shape[0] == 1:
+        imp = imp[0]
+    if imp.ndim == 2 and imp.shape[0] != n_mat:
+        raise ConversionError(f"imatrix entry for {name} has {imp.shape[0]} matrices, the tensor {n_mat}")
+    return np.ascontiguousarray(imp, dtype=np.float32), rows_per_matrix
 
 
 def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: str, *,
@@ -77,12 +86,15 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                output_qtype: str | None = None, n_threads: int = 0, progress: bool = False) -> QuantizeReport:
     """Requantize a GGUF file to preset `qtype` (q4_0, q4_k_m, ... see presets.PRESETS).
 
-    imatrix: a llama.cpp imatrix file (GGUF or legacy .dat) or {tensor name: per-column importance}.
+    imatrix: a llama.cpp imatrix file (GGUF or legacy .dat) or {tensor name: per-column importance, or
+        (n_expert, n_cols) for 3-D expert tensors}.
     allow_requantize: accept a source whose weights are already quantized (quality loss: the error of
         the source's quantization stays and the new one adds to it).
     output_qtype: force the type of output.weight (and token_embd when tied), e.g. "q8_0".
     Raises ConversionError naming the file or tensor on bad input; leaves no OUT on failure.
     """
+    from pyengine import _C
+
     start = time.perf_counter()
     in_path, out_path = Path(in_path), Path(out_path)
     preset = PRESETS.get(str(qtype).lower())
@@ -99,18 +111,13 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         raise ConversionError(f"output {out_path} is the input file")
     if not out_path.parent.resolve().is_dir():
         raise ConversionError(f"output folder does not exist: {out_path.parent}")
-    try:
-        reader = GGUFReader(in_path)
-    except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError/struct errors on non-GGUF input
-        raise ConversionError(f"cannot read {in_path} as GGUF: {e}") from None
-    fields = reader.fields
-    if "general.architecture" not in fields:
+    header = GGUFHeader(in_path)
+    arch = header.value("general.architecture")
+    if not isinstance(arch, str):
         raise ConversionError(f"{in_path}: no general.architecture (not a model file)")
-    arch = str(fields["general.architecture"].contents())
 
     def meta(key: str, default=None):
-        f = fields.get(f"{arch}.{key}")
-        return f.contents() if f is not None else default
+        return header.value(f"{arch}.{key}", default)
 
     n_layer = meta("block_count")
     if n_layer is None:
@@ -119,7 +126,7 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     n_head_kv = meta("attention.head_count_kv", n_head)
     n_head = n_head[0] if isinstance(n_head, list) else n_head
     n_head_kv = n_head_kv[0] if isinstance(n_head_kv, list) else n_head_kv
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in header.tensors}
 
     importance: dict[str, np.ndarray] = {}
     if isinstance(imatrix, dict):
@@ -131,8 +138,8 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                      n_expert=int(meta("expert_count", 0) or 0))
 
     warnings: list[str] = []
-    quantized_src = sorted({t.tensor_type.name for t in reader.tensors
-                            if len(t.shape) >= 2 and t.tensor_type not in FLOAT_TYPES})
+    quantized_src = sorted({t.tensor_type.name for t in header.tensors
+                            if len(t.dims) >= 2 and t.tensor_type not in FLOAT_TYPES})
     if quantized_src:
         if not allow_requantize:
             raise ConversionError(f"{in_path} is already quantized ({', '.join(quantized_src)} tensors): requantizing "
@@ -144,8 +151,8 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     plan = []
     fallbacks: dict[str, int] = {}
     missing_imatrix = []
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape))          # numpy order, columns last
+    for t in header.tensors:
+        shape = t.shape                                              # numpy order, columns last
         new = tensor_type(preset, t.name, shape, info)
         is_output = t.name == "output.weight" or (info.tied and t.name == "token_embd.weight")
         if new is not None and forced_output is not None and is_output:
@@ -159,9 +166,9 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                 raise ConversionError(f"tensor {t.name}: {shape[-1]} columns do not fit {new.name} blocks")
             if importance and quants.is_quantized(new) and t.name not in importance and new != Q.Q8_0:
                 missing_imatrix.append(t.name)
-            plan.append((t, shape, new))
+            plan.append((t, new))
         else:
-            plan.append((t, shape, None))                           # copied as is
+            plan.append((t, None))                                   # copied as is
     if fallbacks:
         what = ", ".join(f"{n} {k}" for k, n in sorted(fallbacks.items()))
         warnings.append(f"rows not a multiple of 256: tensors fell back to 32-element types as llama.cpp does ({what})")
@@ -169,61 +176,77 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         warnings.append(f"{len(missing_imatrix)} tensors have no imatrix entry and are quantized without one "
                         f"(first: {missing_imatrix[0]})")
 
+    # metadata: every entry of the input as its bytes, with the new file type and quantization version
+    new_kv = {"general.file_type": kv_entry("general.file_type", GGUFValueType.UINT32, int(preset.file_type)),
+              "general.quantization_version": kv_entry("general.quantization_version", GGUFValueType.UINT32,
+                                                       GGML_QUANT_VERSION)}
+    kv = [new_kv.pop(k, raw) for k, raw in header.kv_raw.items()] + list(new_kv.values())
+    out_infos = []
+    types: dict[str, int] = {}
+    for t, new in plan:
+        qt = new if new is not None else t.tensor_type
+        out_infos.append((t.name, t.dims, qt, t.n_bytes if new is None else quants.nbytes(qt, t.shape)))
+        types[qt.name] = types.get(qt.name, 0) + 1
+
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
         os.close(fd)
     except OSError as e:
         raise ConversionError(f"cannot write {out_path}: {e}") from None
     tmp = Path(tmp_name)
-    w = GGUFWriter(tmp, arch)
-    total = sum(int(t.n_bytes) for t, _, _ in plan)
-    bar = Progress(total, len(plan), enabled=progress)
-    types: dict[str, int] = {}
+    bar = Progress(sum(t.n_bytes for t, _ in plan), len(plan), enabled=progress)
+    src_buf = np.empty(0, dtype=np.uint8)
+    out_buf = np.empty(0, dtype=np.uint8)
     try:
-        for key, f in fields.items():
-            if key.startswith("GGUF.") or key in _SKIP_KEYS:
-                continue
-            val, vtype, sub = _field_value(f)
-            w.add_key_value(key, val, vtype, sub_type=sub)
-        w.add_file_type(int(preset.file_type))
-        w.add_quantization_version(GGML_QUANT_VERSION)
-        for t, shape, new in plan:
-            qt = new if new is not None else t.tensor_type
-            nbytes = int(t.n_bytes) if new is None else quants.nbytes(qt, shape)
-            w.add_tensor_info(t.name, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
-            types[qt.name] = types.get(qt.name, 0) + 1
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t, shape, new in plan:
-            if new is None:
-                data = np.asarray(t.data)
-            else:
-                x = _to_float(t, t.name)
-                imp = importance.get(t.name)
-                if imp is not None and imp.size != shape[-1]:
-                    raise ConversionError(f"imatrix entry for {t.name} has {imp.size} values, the tensor "
-                                          f"{shape[-1]} columns")
-                if new in FLOAT_TYPES:
-                    data = quants.quantize(x, new)
-                else:
-                    from pyengine import _C
-
-                    data = _C.quantize(x, int(new), imp, n_threads=n_threads, name=t.name)
-                data = data.reshape(*shape[:-1], -1)
-            w.write_tensor_data(data)
-            bar.update(t.name, int(t.n_bytes))
-        w.close()
+        with open(in_path, "rb") as fin, open(tmp, "wb") as fout:
+            w = GGUFStreamWriter(fout, kv, out_infos, header.alignment)
+            for t, new in plan:
+                w.begin_tensor()
+                imp, rows_per_matrix = (None, 0) if new is None else _importance_for(
+                    t.name, importance.get(t.name), t.dims)
+                slab_rows = max(1, SLAB_BYTES // max(t.row_bytes, 1))
+                for r0 in range(0, t.rows, slab_rows):
+                    n = min(slab_rows, t.rows - r0)
+                    n_src = n * t.row_bytes
+                    if src_buf.size < n_src:
+                        src_buf = np.empty(n_src, dtype=np.uint8)
+                    src = src_buf[:n_src]
+                    read_into(fin.fileno(), t.offset + r0 * t.row_bytes, memoryview(src))
+                    if new is None:
+                        w.write(src)
+                    elif new in FLOAT_TYPES:
+                        w.write(quants.quantize(_to_float(src, t, n), new))
+                    else:
+                        n_out = n * quants.nbytes(new, (t.cols,))
+                        if out_buf.size < n_out:
+                            out_buf = np.empty(n_out, dtype=np.uint8)
+                        try:
+                            done = _C.quantize_raw(src, int(t.tensor_type), n, t.cols, int(new), out_buf, imp,
+                                                   rows_per_matrix, r0, n_threads=n_threads, name=t.name)
+                        except Exception as e:  # noqa: BLE001 - name the tensor whatever the engine raised
+                            raise ConversionError(f"tensor {t.name} ({t.tensor_type.name} -> {new.name}): {e}") from None
+                        w.write(out_buf[:done])
+                    bar.update(t.name, n_src, tensor_done=r0 + n == t.rows)
+            w.finish()
         bar.close()
         os.replace(tmp, out_path)
     except OSError as e:
         raise ConversionError(f"cannot write {out_path}: {e}") from None
     finally:
-        w.close()
         tmp.unlink(missing_ok=True)
-    n_params = int(sum(int(np.prod(s)) for _, s, _ in plan))
+    n_params = int(sum(t.n_elements for t, _ in plan))
     return QuantizeReport(out_path, preset.name.upper(), len(plan), n_params, in_path.stat().st_size,
                           out_path.stat().st_size, time.perf_counter() - start, types, warnings)
+
+
+def _to_float(src: np.ndarray, t, rows: int) -> np.ndarray:
+    """Rows of a tensor as float32 (rows, cols), dequantized by the engine."""
+    from pyengine import _C
+
+    try:
+        return _C.dequantize(src, int(t.tensor_type), rows, t.cols)
+    except Exception as e:  # noqa: BLE001 - name the tensor whatever the engine raised
+        raise ConversionError(f"tensor {t.name} ({t.tensor_type.name}): cannot dequantize: {e}") from None
 
 
 def build_parser(prog: str = "pyengine quantize") -> argparse.ArgumentParser:
