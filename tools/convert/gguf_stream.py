@@ -76,7 +76,7 @@ class GGUFHeader:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, \
                     memoryview(m) as buf:
                 self._parse(buf)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, OverflowError, IndexError, struct.error, RecursionError) as e:  # a malformed header
             raise ConversionError(f"cannot read {self.path} as GGUF: {e}") from None
 
     def _parse(self, buf: memoryview) -> None:
