@@ -1,10 +1,11 @@
 #include "model/input_stats.h"
 
 #include "common.h"
+#include "cpu/quant_search.h"
 
 namespace pe {
 
-void InputStats::add(const Tensor& w, const Tensor& x) {
+void InputStats::add(const Tensor& w, const Tensor& x, ThreadPool* pool) {
   PE_CHECK(x.device == Device::CPU && x.type == GGMLType::F32, UnsupportedModelError,
            "input statistics (imatrix) are collected on the CPU only: load the model with n_gpu_layers=0");
   PE_CHECK(x.cols == w.cols, Error, "input statistics: ", x.cols, " input columns for a weight of ", w.cols);
@@ -15,6 +16,18 @@ void InputStats::add(const Tensor& w, const Tensor& x) {
     for (int64_t j = 0; j < x.cols; j++) e.sum2[size_t(j)] += double(row[j]) * double(row[j]);
   }
   e.rows += x.rows;
+  if (!covariance) return;
+  // q, k and v (gate and up) read the same rows one after another: one matrix, updated once per pass.
+  const float* in = x.row(0);
+  if (in == last_input_ && x.rows == last_rows_ && last_xtx_ && last_xtx_->size() == size_t(w.cols * w.cols)) {
+    if (!e.xtx) e.xtx = last_xtx_;
+    if (e.xtx == last_xtx_) return;
+  }
+  if (!e.xtx) e.xtx = std::make_shared<std::vector<float>>(size_t(w.cols * w.cols), 0.0f);
+  cpu::accumulate_xtx(in, x.rows, x.ld(), x.cols, e.xtx->data(), pool);
+  last_input_ = in;
+  last_rows_ = x.rows;
+  last_xtx_ = e.xtx;
 }
 
 }  // namespace pe

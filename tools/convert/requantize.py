@@ -6,6 +6,13 @@ it for the preset (presets.py), is dequantized by the engine (_C.dequantize), an
 engine's C++ quantizers (ggml's, byte-equal; importance-weighted with an imatrix). Tensors whose type
 does not change, and those llama.cpp never quantizes (norms, biases), are copied byte for byte.
 
+Methods: "ggml" gives llama-quantize's bytes (with --imatrix, its imatrix-weighted ones). "feedback" (the
+default when a calibration text is given) runs the input model over the text with the engine, collects
+each linear layer's input covariance X^T X, and quantizes each row block by block with ggml's quantizer
+while pushing every block's error onto the row's later columns (GPTQ-style error feedback,
+calibrate.py, csrc/cpu/quant_search.h): the same types and file size as "ggml", standard blocks any GGUF
+reader dequantizes, and a lower output error on the calibration text.
+
 Streaming: the input is memory-mapped and one tensor at a time is dequantized (float32), so peak
 memory is the mapping plus about one tensor. The output is written under a temporary name and renamed.
 """
@@ -72,15 +79,27 @@ def _to_float(t, name: str) -> np.ndarray:
         raise ConversionError(f"tensor {name} ({t.tensor_type.name}): cannot dequantize: {e}") from None
 
 
+def _feedback(x, qtype, cov, name, imp, n_threads):
+    from .calibrate import quantize_feedback
+
+    return quantize_feedback(x, int(qtype), cov, name, importance=imp, n_threads=n_threads)
+
+
 def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: str, *,
                imatrix: str | os.PathLike | dict[str, np.ndarray] | None = None, allow_requantize: bool = False,
-               output_qtype: str | None = None, n_threads: int = 0, progress: bool = False) -> QuantizeReport:
+               output_qtype: str | None = None, n_threads: int = 0, progress: bool = False,
+               calibration: str | os.PathLike | None = None, method: str | None = None,
+               calibration_chunks: int | None = None) -> QuantizeReport:
     """Requantize a GGUF file to preset `qtype` (q4_0, q4_k_m, ... see presets.PRESETS).
 
     imatrix: a llama.cpp imatrix file (GGUF or legacy .dat) or {tensor name: per-column importance}.
     allow_requantize: accept a source whose weights are already quantized (quality loss: the error of
         the source's quantization stays and the new one adds to it).
     output_qtype: force the type of output.weight (and token_embd when tied), e.g. "q8_0".
+    calibration: a text file (or a calibrate.Covariances) for the error-feedback method;
+        calibration_chunks: how many 512-token chunks of it to run (default: all).
+    method: "feedback" (default with a calibration text) or "ggml" (llama-quantize's bytes; the default
+        without one).
     Raises ConversionError naming the file or tensor on bad input; leaves no OUT on failure.
     """
     start = time.perf_counter()
@@ -93,6 +112,11 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         from .convert import OUTPUT_QTYPES, parse_qtype
 
         forced_output = parse_qtype(output_qtype, "output qtype", OUTPUT_QTYPES)
+    method = method or ("feedback" if calibration is not None else "ggml")
+    if method not in ("ggml", "feedback"):
+        raise ConversionError(f"unknown method {method!r} (choose ggml or feedback)")
+    if method == "feedback" and calibration is None:
+        raise ConversionError("the feedback method needs a calibration text (--calibration TEXT)")
     if not in_path.is_file():
         raise ConversionError(f"input file not found: {in_path}")
     if in_path.resolve() == out_path.resolve():
@@ -127,7 +151,7 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     elif imatrix is not None:
         importance = load_imatrix(imatrix).importance()
     info = ModelInfo(n_layer=int(n_layer), n_gqa=max(1, int(n_head) // max(1, int(n_head_kv))),
-                     tied="output.weight" not in names, has_imatrix=bool(importance),
+                     tied="output.weight" not in names, has_imatrix=bool(importance) or method == "feedback",
                      n_expert=int(meta("expert_count", 0) or 0))
 
     warnings: list[str] = []
@@ -169,6 +193,14 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         warnings.append(f"{len(missing_imatrix)} tensors have no imatrix entry and are quantized without one "
                         f"(first: {missing_imatrix[0]})")
 
+    cov = None
+    if method == "feedback":
+        from .calibrate import Covariances, collect_covariances, load_text
+
+        cov = calibration if isinstance(calibration, Covariances) else collect_covariances(
+            in_path, load_text(calibration), n_chunks=calibration_chunks, n_threads=n_threads or None,
+            progress=progress)
+
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
         os.close(fd)
@@ -206,6 +238,8 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                                           f"{shape[-1]} columns")
                 if new in FLOAT_TYPES:
                     data = quants.quantize(x, new)
+                elif cov is not None and (data := _feedback(x, new, cov, t.name, imp, n_threads)) is not None:
+                    pass
                 else:
                     from pyengine import _C
 
@@ -234,6 +268,13 @@ def build_parser(prog: str = "pyengine quantize") -> argparse.ArgumentParser:
                    help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--imatrix", metavar="FILE", default=None,
                    help="importance matrix (llama-imatrix / pyengine imatrix GGUF, or legacy .dat)")
+    p.add_argument("--calibration", metavar="TEXT", default=None,
+                   help="calibration text: run IN over it and quantize with error feedback over each layer's "
+                        "input covariance (lower error than llama-quantize's at the same size; same block types)")
+    p.add_argument("--calibration-chunks", type=int, default=None, metavar="N",
+                   help="512-token chunks of the calibration text to run (default: all)")
+    p.add_argument("--method", choices=("feedback", "ggml"), default=None,
+                   help="feedback (default with --calibration) or ggml (llama-quantize's exact bytes)")
     p.add_argument("--allow-requantize", action="store_true",
                    help="accept an already-quantized source (lower quality than quantizing F16/F32)")
     p.add_argument("--output-qtype", default=None, metavar="TYPE", help="type of output.weight, e.g. q8_0")
@@ -247,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = requantize(args.input, args.output, args.type, imatrix=args.imatrix,
                             allow_requantize=args.allow_requantize, output_qtype=args.output_qtype,
-                            n_threads=args.threads, progress=not args.quiet)
+                            n_threads=args.threads, progress=not args.quiet, calibration=args.calibration,
+                            method=args.method, calibration_chunks=args.calibration_chunks)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

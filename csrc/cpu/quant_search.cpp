@@ -1,0 +1,237 @@
+#include "cpu/quant_search.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common.h"
+#include "cpu/quant_blocks.h"
+#include "cpu/quantize.h"
+#include "threadpool.h"
+
+namespace pe::cpu {
+
+namespace {
+
+// The inner loops below are plain C++ that the compiler vectorizes; target_clones builds an AVX-512 and an
+// AVX2+FMA copy beside the baseline one and picks by CPUID at load time (the wheel runs on any x86-64).
+#if defined(PE_X86) && defined(__GNUC__) && !defined(__clang__)
+#define PE_VEC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PE_VEC_CLONES
+#endif
+
+PE_VEC_CLONES double dot_f64(const double* __restrict a, const double* __restrict b, int64_t n) {
+  double s[16] = {};  // independent sums: the FMA latency, not the loads, would bound a single chain
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; k++) s[k] += a[i + k] * b[i + k];
+  double t = 0;
+  for (; i < n; i++) t += a[i] * b[i];
+  for (int k = 0; k < 16; k++) t += s[k];
+  return t;
+}
+
+PE_VEC_CLONES double dot_f32(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; k++) s[k] += a[i + k] * b[i + k];
+  double t = 0;
+  for (; i < n; i++) t += double(a[i]) * b[i];
+  for (int k = 0; k < 16; k++) t += s[k];
+  return t;
+}
+
+PE_VEC_CLONES void axpy_f32(float* __restrict y, const float* __restrict x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+// h[i, j..n) += sum over 8 rows r of x_r[i] * x_r[j..n), for i in [i0, i1).
+PE_VEC_CLONES void xtx_rows8(const float* const* xr, int64_t i0, int64_t i1, int64_t n, float* h) {
+  const float* __restrict x0 = xr[0];
+  const float* __restrict x1 = xr[1];
+  const float* __restrict x2 = xr[2];
+  const float* __restrict x3 = xr[3];
+  const float* __restrict x4 = xr[4];
+  const float* __restrict x5 = xr[5];
+  const float* __restrict x6 = xr[6];
+  const float* __restrict x7 = xr[7];
+  for (int64_t i = i0; i < i1; i++) {
+    const float a0 = x0[i], a1 = x1[i], a2 = x2[i], a3 = x3[i], a4 = x4[i], a5 = x5[i], a6 = x6[i], a7 = x7[i];
+    float* __restrict hi = h + i * n;
+    for (int64_t j = i; j < n; j++)
+      hi[j] += ((a0 * x0[j] + a1 * x1[j]) + (a2 * x2[j] + a3 * x3[j])) +
+               ((a4 * x4[j] + a5 * x5[j]) + (a6 * x6[j] + a7 * x7[j]));
+  }
+}
+
+}  // namespace
+
+void accumulate_xtx(const float* x, int64_t rows, int64_t ld, int64_t n, float* h, ThreadPool* pool) {
+  const std::vector<float> zero_row(size_t(rows % 8 ? n : 0), 0.0f);  // pads the last group of 8 rows
+  // Bands of h rows; row i costs n - i, so bands are handed out dynamically from the top.
+  const int64_t band = 16, n_bands = (n + band - 1) / band;
+  auto run = [&](int64_t b) {
+    const int64_t i0 = b * band, i1 = std::min(n, i0 + band);
+    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+      const float* xr[8];
+      for (int k = 0; k < 8; k++) xr[k] = r0 + k < rows ? x + (r0 + k) * ld : zero_row.data();
+      xtx_rows8(xr, i0, i1, n, h);
+    }
+  };
+  if (pool && pool->size() > 1 && n_bands > 1)
+    pool->for_each_dynamic(n_bands, run);
+  else
+    for (int64_t b = 0; b < n_bands; b++) run(b);
+}
+
+FeedbackPlan make_feedback_plan(const float* h, int64_t n, int64_t block, double damp, ThreadPool* pool) {
+  PE_CHECK(n > 0 && block > 0 && n % block == 0, Error, "error feedback: ", n, " columns are not a multiple of the ",
+           block, "-element block");
+  FeedbackPlan plan;
+  plan.n = n;
+  plan.block = block;
+  plan.h.resize(size_t(n * n));
+  auto H = [&](int64_t p, int64_t q) { return double(p <= q ? h[p * n + q] : h[q * n + p]); };
+  double mean_diag = 0;
+  for (int64_t i = 0; i < n; i++) {
+    for (int64_t j = 0; j < n; j++) plan.h[size_t(i * n + j)] = float(H(i, j));
+    mean_diag += H(i, i);
+  }
+  mean_diag /= double(n);
+  if (!(mean_diag > 0) || !std::isfinite(mean_diag)) mean_diag = 1;
+  const double add = damp * mean_diag;
+
+  // H = R R^T with R upper triangular comes from the lower Cholesky factor L' of H with rows and columns
+  // reversed (R = J L' J); then H^-1 = U^T U with U = R^-1 = J L'^-1 J, so U needs one factorization and
+  // one triangular inverse, no full inverse.
+  std::vector<double> a(size_t(n * n), 0.0);
+  for (int64_t i = 0; i < n; i++)
+    for (int64_t j = 0; j <= i; j++) a[size_t(i * n + j)] = H(n - 1 - i, n - 1 - j) + (i == j ? add : 0.0);
+  for (int64_t i = 0; i < n; i++) {
+    double* ai = a.data() + i * n;
+    for (int64_t j = 0; j < i; j++) ai[j] = (ai[j] - dot_f64(ai, a.data() + j * n, j)) / a[size_t(j * n + j)];
+    const double d = ai[i] - dot_f64(ai, ai, i);
+    PE_CHECK(d > 0 && std::isfinite(d), Error, "error feedback: the input covariance is not positive definite "
+             "after dampening (column ", n - 1 - i, ")");
+    ai[i] = std::sqrt(d);
+  }
+  // t = (L'^-1)^T, upper: t[j][i] = (L'^-1)_ij for i >= j; row j of t times row i of L' is contiguous.
+  std::vector<double> t(size_t(n * n), 0.0);
+  auto invert_column = [&](int64_t j) {  // columns of the inverse are independent
+    double* tj = t.data() + j * n;
+    tj[j] = 1.0 / a[size_t(j * n + j)];
+    for (int64_t i = j + 1; i < n; i++) tj[i] = -dot_f64(a.data() + i * n + j, tj + j, i - j) / a[size_t(i * n + i)];
+  };
+  if (pool && pool->size() > 1)
+    pool->for_each_dynamic(n, invert_column);
+  else
+    for (int64_t j = 0; j < n; j++) invert_column(j);
+  auto U = [&](int64_t p, int64_t q) { return t[size_t((n - 1 - q) * n + (n - 1 - p))]; };  // p <= q
+
+  const int64_t nb = n / block;
+  plan.m.resize(size_t(nb));
+  auto block_matrix = [&](int64_t b) {
+    const int64_t s = b * block, r0 = s + block, nr = n - r0;
+    if (nr == 0) return;
+    std::vector<double> m;
+    // U_SS M = U_SR, U_SS upper: back substitution from the block's last row.
+    m.assign(size_t(block * nr), 0.0);
+    for (int64_t i = block - 1; i >= 0; i--) {
+      double* mi = m.data() + i * nr;
+      for (int64_t c = 0; c < nr; c++) mi[c] = U(s + i, r0 + c);
+      for (int64_t k = i + 1; k < block; k++) {
+        const double u = U(s + i, s + k);
+        const double* mk = m.data() + k * nr;
+        for (int64_t c = 0; c < nr; c++) mi[c] -= u * mk[c];
+      }
+      const double inv = 1.0 / U(s + i, s + i);
+      for (int64_t c = 0; c < nr; c++) mi[c] *= inv;
+    }
+    plan.m[size_t(b)].assign(m.begin(), m.end());
+  };
+  if (pool && pool->size() > 1)
+    pool->for_each_dynamic(nb, block_matrix);
+  else
+    for (int64_t b = 0; b < nb; b++) block_matrix(b);
+  return plan;
+}
+
+double weighted_error(const FeedbackPlan& plan, const float* e) {
+  double s = 0;
+  for (int64_t i = 0; i < plan.n; i++)
+    if (e[i] != 0.0f) s += double(e[i]) * dot_f32(plan.h.data() + i * plan.n, e, plan.n);
+  return s;
+}
+
+namespace {
+
+// out[k] = e_k H e_k^T for the k rows of e; each row of H is read once for all of them (H of a wide layer
+// does not fit in the cache, and streaming it once per row would bound the whole search).
+void weighted_errors(const FeedbackPlan& plan, const float* e, int64_t k, double* out) {
+  const int64_t n = plan.n;
+  std::fill(out, out + k, 0.0);
+  for (int64_t i = 0; i < n; i++) {
+    const float* hi = plan.h.data() + i * n;
+    for (int64_t r = 0; r < k; r++) {
+      const float ei = e[r * n + i];
+      if (ei != 0.0f) out[r] += double(ei) * dot_f32(hi, e + r * n, n);
+    }
+  }
+}
+
+}  // namespace
+
+int64_t quantize_rows_feedback(GGMLType t, const FeedbackPlan& plan, const float* src, int64_t n_rows,
+                               const float* importance, void* dst) {
+  const int64_t n = plan.n, B = plan.block, nb = n / B;
+  const size_t rb = row_bytes(t, n), bb = row_bytes(t, B);
+  PE_CHECK(rb == bb * size_t(nb), Error, "error feedback: block size ", B, " does not match the type's blocks");
+  // All rows of the batch advance block by block together, so each feedback matrix is read once per batch.
+  const size_t k = size_t(n_rows);
+  std::vector<float> w(k * size_t(n)), q(static_cast<size_t>(n)), e(2 * k * size_t(n));
+  std::vector<uint8_t> plain(k * rb);
+  std::vector<double> loss(2 * k);
+  std::memcpy(w.data(), src, k * size_t(n) * sizeof(float));
+  uint8_t* out = static_cast<uint8_t*>(dst);
+  std::vector<float> err(k * size_t(B));
+  for (int64_t b = 0; b < nb; b++) {
+    const int64_t s = b * B;
+    for (size_t r = 0; r < k; r++) {
+      float* wr = w.data() + r * size_t(n);
+      uint8_t* blk = out + r * rb + size_t(b) * bb;
+      quantize_rows(t, wr + s, 1, B, importance ? importance + s : nullptr, blk);
+      dequantize_row_ref(t, blk, B, q.data());
+      for (int64_t i = 0; i < B; i++) {
+        err[r * size_t(B) + size_t(i)] = wr[s + i] - q[size_t(i)];
+        e[r * size_t(n) + size_t(s + i)] = src[int64_t(r) * n + s + i] - q[size_t(i)];
+      }
+    }
+    if (b + 1 == nb) break;
+    const float* mb = plan.m[size_t(b)].data();
+    const int64_t r0 = s + B, nr = n - r0;
+    for (int64_t i = 0; i < B; i++)
+      for (size_t r = 0; r < k; r++) {
+        const float ei = err[r * size_t(B) + size_t(i)];
+        if (ei != 0.0f) axpy_f32(w.data() + r * size_t(n) + r0, mb + i * nr, -ei, nr);
+      }
+  }
+  // ggml's plain quantization of each row, and its error, beside the feedback result's
+  quantize_rows(t, src, n_rows, n, importance, plain.data());
+  for (size_t r = 0; r < k; r++) {
+    dequantize_row_ref(t, plain.data() + r * rb, n, w.data() + r * size_t(n));
+    float* ep = e.data() + (k + r) * size_t(n);
+    for (int64_t i = 0; i < n; i++) ep[i] = src[int64_t(r) * n + i] - w[r * size_t(n) + size_t(i)];
+  }
+  weighted_errors(plan, e.data(), int64_t(2 * k), loss.data());
+  int64_t kept_plain = 0;
+  for (size_t r = 0; r < k; r++)
+    if (loss[k + r] <= loss[r]) {
+      std::memcpy(out + r * rb, plain.data() + r * rb, rb);
+      kept_plain++;
+    }
+  return kept_plain;
+}
+
+}  // namespace pe::cpu
