@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <mutex>
 
 #include "common.h"
 #include "cpu/quant_blocks.h"
@@ -128,33 +130,17 @@ FeedbackPlan make_feedback_plan(const float* h, int64_t n, int64_t block, double
     pool->for_each_dynamic(n, invert_column);
   else
     for (int64_t j = 0; j < n; j++) invert_column(j);
-  auto U = [&](int64_t p, int64_t q) { return t[size_t((n - 1 - q) * n + (n - 1 - p))]; };  // p <= q
-
-  const int64_t nb = n / block;
-  plan.m.resize(size_t(nb));
-  auto block_matrix = [&](int64_t b) {
-    const int64_t s = b * block, r0 = s + block, nr = n - r0;
-    if (nr == 0) return;
-    std::vector<double> m;
-    // U_SS M = U_SR, U_SS upper: back substitution from the block's last row.
-    m.assign(size_t(block * nr), 0.0);
-    for (int64_t i = block - 1; i >= 0; i--) {
-      double* mi = m.data() + i * nr;
-      for (int64_t c = 0; c < nr; c++) mi[c] = U(s + i, r0 + c);
-      for (int64_t k = i + 1; k < block; k++) {
-        const double u = U(s + i, s + k);
-        const double* mk = m.data() + k * nr;
-        for (int64_t c = 0; c < nr; c++) mi[c] -= u * mk[c];
-      }
-      const double inv = 1.0 / U(s + i, s + i);
-      for (int64_t c = 0; c < nr; c++) mi[c] *= inv;
-    }
-    plan.m[size_t(b)].assign(m.begin(), m.end());
+  // Row j of plan.u: U_jk / U_jj for k > j, what column j's rounding error is pushed onto column k with.
+  plan.u.assign(size_t(n * n), 0.0f);
+  auto fill_row = [&](int64_t p) {
+    const double upp = t[size_t((n - 1 - p) * n + (n - 1 - p))];
+    float* up = plan.u.data() + p * n;
+    for (int64_t q = p + 1; q < n; q++) up[q] = float(t[size_t((n - 1 - q) * n + (n - 1 - p))] / upp);
   };
   if (pool && pool->size() > 1)
-    pool->for_each_dynamic(nb, block_matrix);
+    pool->for_range(n, 64, [&](int64_t b, int64_t e) { for (int64_t p = b; p < e; p++) fill_row(p); });
   else
-    for (int64_t b = 0; b < nb; b++) block_matrix(b);
+    for (int64_t p = 0; p < n; p++) fill_row(p);
   return plan;
 }
 
@@ -183,39 +169,104 @@ void weighted_errors(const FeedbackPlan& plan, const float* e, int64_t k, double
 
 }  // namespace
 
+namespace {
+
+// Where each bit of each element's code u (quant_blocks.h) lives in a ggml block, found by flipping the
+// block's bits one at a time and unpacking: one generic packer for every type, the inverse of the
+// unpacker the kernels use. Bits that change no u (scales, mins) are left as ggml's search wrote them.
+struct CodeBits {
+  std::vector<uint8_t> u0;                    // u of an all-zero block
+  std::vector<std::vector<int32_t>> where;    // [element][bit of u] -> byte * 8 + bit in the block
+};
+
+const CodeBits& code_bits(const QuantScheme& s) {
+  static std::mutex mu;
+  static std::vector<std::pair<GGMLType, std::unique_ptr<CodeBits>>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& [t, c] : cache)
+    if (t == s.type) return *c;
+  auto c = std::make_unique<CodeBits>();
+  std::vector<uint8_t> blk(size_t(s.block_bytes), 0), u(size_t(s.block));
+  std::vector<float> scale(size_t(s.block / s.sub)), min(scale.size());
+  c->u0.resize(size_t(s.block));
+  unpack_block(s, blk.data(), c->u0.data(), scale.data(), min.data());
+  c->where.assign(size_t(s.block), std::vector<int32_t>(8, -1));
+  for (int byte = 0; byte < s.block_bytes; byte++)
+    for (int bit = 0; bit < 8; bit++) {
+      blk[size_t(byte)] = uint8_t(1u << bit);
+      unpack_block(s, blk.data(), u.data(), scale.data(), min.data());
+      blk[size_t(byte)] = 0;
+      for (int e = 0; e < s.block; e++) {
+        const unsigned d = unsigned(u[size_t(e)] ^ c->u0[size_t(e)]);
+        if (d == 0) continue;
+        PE_CHECK((d & (d - 1)) == 0, Error, "error feedback: ", type_name(uint32_t(s.type)),
+                 ": a block bit changes more than one bit of a code");
+        int k = 0;
+        while (!(d >> k & 1)) k++;
+        c->where[size_t(e)][size_t(k)] = byte * 8 + bit;
+      }
+    }
+  cache.emplace_back(s.type, std::move(c));
+  return *cache.back().second;
+}
+
+void pack_codes(const QuantScheme& s, const CodeBits& cb, const uint8_t* u, uint8_t* blk) {
+  for (int e = 0; e < s.block; e++) {
+    const unsigned x = unsigned(u[e] ^ cb.u0[size_t(e)]);
+    for (int k = 0; k < 8; k++) {
+      const int32_t at = cb.where[size_t(e)][size_t(k)];
+      if (at < 0) continue;
+      const uint8_t m = uint8_t(1u << (at & 7));
+      blk[at >> 3] = uint8_t(x >> k & 1 ? blk[at >> 3] | m : blk[at >> 3] & ~m);
+    }
+  }
+}
+
+}  // namespace
+
 int64_t quantize_rows_feedback(GGMLType t, const FeedbackPlan& plan, const float* src, int64_t n_rows,
                                const float* importance, void* dst) {
-  const int64_t n = plan.n, B = plan.block, nb = n / B;
-  const size_t rb = row_bytes(t, n), bb = row_bytes(t, B);
-  PE_CHECK(rb == bb * size_t(nb), Error, "error feedback: block size ", B, " does not match the type's blocks");
-  // All rows of the batch advance block by block together, so each feedback matrix is read once per batch.
+  const QuantScheme* sc = quant_scheme(t);
+  PE_CHECK(sc, UnsupportedModelError, "error feedback: unsupported type ", type_name(uint32_t(t)));
+  const CodeBits& cb = code_bits(*sc);
+  const int64_t n = plan.n, B = sc->block, nb = n / B, n_sub = B / sc->sub;
+  const size_t rb = row_bytes(t, n), bb = size_t(sc->block_bytes);
+  PE_CHECK(B == plan.block && rb == bb * size_t(nb), Error, "error feedback: block size ", plan.block,
+           " does not match the type's blocks");
+  // The rows of a batch advance column by column together, so each row of U is read once per batch.
   const size_t k = size_t(n_rows);
-  std::vector<float> w(k * size_t(n)), q(static_cast<size_t>(n)), e(2 * k * size_t(n));
-  std::vector<uint8_t> plain(k * rb);
+  std::vector<float> w(k * size_t(n)), e(2 * k * size_t(n)), scale(k * size_t(n_sub)), min(scale.size());
+  std::vector<uint8_t> u(k * size_t(B)), plain(k * rb);
   std::vector<double> loss(2 * k);
   std::memcpy(w.data(), src, k * size_t(n) * sizeof(float));
   uint8_t* out = static_cast<uint8_t*>(dst);
-  std::vector<float> err(k * size_t(B));
   for (int64_t b = 0; b < nb; b++) {
     const int64_t s = b * B;
+    // ggml's search picks the block's scales (and mins) on the weights as the earlier blocks left them
     for (size_t r = 0; r < k; r++) {
-      float* wr = w.data() + r * size_t(n);
       uint8_t* blk = out + r * rb + size_t(b) * bb;
-      quantize_rows(t, wr + s, 1, B, importance ? importance + s : nullptr, blk);
-      dequantize_row_ref(t, blk, B, q.data());
-      for (int64_t i = 0; i < B; i++) {
-        err[r * size_t(B) + size_t(i)] = wr[s + i] - q[size_t(i)];
-        e[r * size_t(n) + size_t(s + i)] = src[int64_t(r) * n + s + i] - q[size_t(i)];
+      quantize_rows(t, w.data() + r * size_t(n) + s, 1, B, importance ? importance + s : nullptr, blk);
+      unpack_block(*sc, blk, u.data() + r * size_t(B), scale.data() + r * size_t(n_sub), min.data() + r * size_t(n_sub));
+    }
+    // then each column is rounded to that grid and its error pushed onto the columns after it
+    for (int64_t c = 0; c < B; c++) {
+      const int64_t j = s + c, sub = c / sc->sub;
+      const float* uj = plan.u.data() + j * n;
+      for (size_t r = 0; r < k; r++) {
+        float* wr = w.data() + r * size_t(n);
+        const float d = scale[r * size_t(n_sub) + size_t(sub)], m = sc->has_min ? min[r * size_t(n_sub) + size_t(sub)] : 0.0f;
+        uint8_t& code = u[r * size_t(B) + size_t(c)];
+        if (d != 0.0f) {
+          const float v = std::nearbyint((wr[j] - m) / d) + float(sc->offset);
+          code = uint8_t(std::min(float(sc->max_u), std::max(0.0f, v)));
+        }
+        const float q = sc->has_min ? d * float(code) + m : d * float(int(code) - sc->offset);
+        e[r * size_t(n) + size_t(j)] = src[int64_t(r) * n + j] - q;
+        const float err = wr[j] - q;
+        if (err != 0.0f && j + 1 < n) axpy_f32(wr + j + 1, uj + j + 1, -err, n - j - 1);
       }
     }
-    if (b + 1 == nb) break;
-    const float* mb = plan.m[size_t(b)].data();
-    const int64_t r0 = s + B, nr = n - r0;
-    for (int64_t i = 0; i < B; i++)
-      for (size_t r = 0; r < k; r++) {
-        const float ei = err[r * size_t(B) + size_t(i)];
-        if (ei != 0.0f) axpy_f32(w.data() + r * size_t(n) + r0, mb + i * nr, -ei, nr);
-      }
+    for (size_t r = 0; r < k; r++) pack_codes(*sc, cb, u.data() + r * size_t(B), out + r * rb + size_t(b) * bb);
   }
   // ggml's plain quantization of each row, and its error, beside the feedback result's
   quantize_rows(t, src, n_rows, n, importance, plain.data());

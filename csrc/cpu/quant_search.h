@@ -4,12 +4,13 @@
 // ggml's quantizers (quantize.h), with or without an imatrix, round each block on its own: the error a
 // block leaves is lost. The layer's real cost is the error of its output on the calibration inputs X,
 // ||(W - Q) X^T||^2 = sum over rows of e H e^T with H = X^T X, and correlated input channels let the
-// still-unquantized columns of a row absorb part of an earlier block's error. So each row is quantized
-// block by block in column order, each block by ggml's own (importance-weighted) quantizer, and the
-// block's error e_S is pushed onto the later columns R by the optimal update for H,
-// w_R -= e_S U_SS^-1 U_SR, with H^-1 = U^T U (U upper triangular): the update that minimises e H e^T
-// over the free columns once S is fixed. Unlike GPTQ's per-column loop, the unit is the type's block
-// (32, or a K-quant's 256-element super-block), whose scales ggml's search chooses on the updated weights.
+// still-unquantized columns of a row absorb part of an earlier column's error. So each row is quantized
+// in column order: at the start of each ggml block, ggml's own (importance-weighted) search picks the
+// block's scales and mins on the weights as the earlier columns' feedback left them; then every column
+// is rounded to that grid and its error e_j pushed onto the later columns with GPTQ's update
+// w_k -= e_j U_jk / U_jj, H^-1 = U^T U (U upper triangular), which minimises e H e^T over the columns not
+// yet rounded. The codes are written back into ggml's block (scales untouched) by a packer derived from
+// the kernels' unpacker, so the output is ggml's block format for every type.
 //
 // Each row then keeps whichever of this result and ggml's plain imatrix quantization of the row has the
 // lower e H e^T (H undamped), so the output error on the calibration text is never above ggml's.
@@ -31,11 +32,12 @@ void accumulate_xtx(const float* x, int64_t rows, int64_t ld, int64_t n, float* 
 
 // The per-tensor part: from H (n x n; the upper triangle is read) with `damp` * mean(diag H) added to the
 // diagonal (GPTQ's dampening: a few calibration rows cannot pin down every direction), the error-feedback
-// matrices of every block of `block` columns (the triangular inverse and the blocks on `pool`). Throws pe::Error if H is not positive definite after damping.
+// matrix U (see above; the triangular inverse runs on `pool`); `block` is the type's block size. Throws
+// pe::Error if H is not positive definite after damping.
 struct FeedbackPlan {
   int64_t n = 0, block = 0;
   std::vector<float> h;                  // H as given, symmetric (n x n): the error measure
-  std::vector<std::vector<float>> m;     // per block b: U_SS^-1 U_SR, block x (n - end of b), row-major
+  std::vector<float> u;                  // row j: U_jk / U_jj for k > j (n x n, row-major)
 };
 FeedbackPlan make_feedback_plan(const float* h, int64_t n, int64_t block, double damp, ThreadPool* pool = nullptr);
 

@@ -37,12 +37,13 @@ class Covariances:
 
 
 def collect_covariances(model_path: str | os.PathLike, text: str, n_ctx: int = 512, n_chunks: int | None = None,
-                        n_threads: int | None = None, progress: bool = False) -> Covariances:
-    """X^T X of every linear layer's input over `n_chunks` chunks of `text` (all when None)."""
+                        n_threads: int | None = None, progress: bool = False, kv_type: str = "f16") -> Covariances:
+    """X^T X of every linear layer's input over `n_chunks` chunks of `text` (all when None); the KV cache
+    in `kv_type` (F16, as llama-imatrix's default)."""
     from pyengine import Engine
     from pyengine.quality import tokenize_text
 
-    llm = Engine(Path(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads)
+    llm = Engine(Path(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads, kv_type=kv_type)
     tokens, bos = tokenize_text(llm, text)
     available = len(tokens) // n_ctx
     if available == 0:
