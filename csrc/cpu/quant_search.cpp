@@ -24,24 +24,26 @@ namespace {
 #endif
 
 PE_VEC_CLONES double dot_f64(const double* __restrict a, const double* __restrict b, int64_t n) {
-  double s[16] = {};  // independent sums: the FMA latency, not the loads, would bound a single chain
+  double s[32] = {};  // independent sums: the FMA latency, not the loads, would bound a single chain
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int k = 0; k < 16; k++) s[k] += a[i + k] * b[i + k];
+  for (; i + 32 <= n; i += 32)
+    for (int k = 0; k < 32; k++) s[k] += a[i + k] * b[i + k];
   double t = 0;
   for (; i < n; i++) t += a[i] * b[i];
-  for (int k = 0; k < 16; k++) t += s[k];
+  for (int k = 0; k < 32; k++) t += s[k];
   return t;
 }
 
 PE_VEC_CLONES double dot_f32(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float s[16] = {};
+  float s[64] = {};  // four vectors of independent sums (one would wait on the FMA latency)
   int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    for (int k = 0; k < 64; k++) s[k] += a[i + k] * b[i + k];
   for (; i + 16 <= n; i += 16)
     for (int k = 0; k < 16; k++) s[k] += a[i + k] * b[i + k];
   double t = 0;
   for (; i < n; i++) t += double(a[i]) * b[i];
-  for (int k = 0; k < 16; k++) t += s[k];
+  for (int k = 0; k < 64; k++) t += s[k];
   return t;
 }
 
@@ -126,13 +128,28 @@ FeedbackPlan make_feedback_plan(const float* h, int64_t n, int64_t block, double
   std::vector<double> a(size_t(n * n), 0.0);
   for (int64_t i = 0; i < n; i++)
     for (int64_t j = 0; j <= i; j++) a[size_t(i * n + j)] = H(n - 1 - i, n - 1 - j) + (i == j ? add : 0.0);
-  for (int64_t i = 0; i < n; i++) {
+  // Row-oriented Cholesky in bands of rows: once the rows above a band are done, each row of the band can
+  // fill its columns left of the band on its own (threads split the band), then the band's own triangle
+  // is finished in order.
+  auto row_part = [&](int64_t i, int64_t j0, int64_t j1) {
     double* ai = a.data() + i * n;
-    for (int64_t j = 0; j < i; j++) ai[j] = (ai[j] - dot_f64(ai, a.data() + j * n, j)) / a[size_t(j * n + j)];
-    const double d = ai[i] - dot_f64(ai, ai, i);
-    PE_CHECK(d > 0 && std::isfinite(d), Error, "error feedback: the input covariance is not positive definite "
-             "after dampening (column ", n - 1 - i, ")");
-    ai[i] = std::sqrt(d);
+    for (int64_t j = j0; j < j1; j++) ai[j] = (ai[j] - dot_f64(ai, a.data() + j * n, j)) / a[size_t(j * n + j)];
+  };
+  const int64_t band = 32;
+  for (int64_t i0 = 0; i0 < n; i0 += band) {
+    const int64_t i1 = std::min(n, i0 + band);
+    if (pool && pool->size() > 1 && i0 > 0)
+      pool->for_each_dynamic(i1 - i0, [&](int64_t r) { row_part(i0 + r, 0, i0); });
+    else
+      for (int64_t i = i0; i < i1; i++) row_part(i, 0, i0);
+    for (int64_t i = i0; i < i1; i++) {
+      row_part(i, i0, i);
+      double* ai = a.data() + i * n;
+      const double d = ai[i] - dot_f64(ai, ai, i);
+      PE_CHECK(d > 0 && std::isfinite(d), Error, "error feedback: the input covariance is not positive definite "
+               "after dampening (column ", n - 1 - i, ")");
+      ai[i] = std::sqrt(d);
+    }
   }
   // t = (L'^-1)^T, upper: t[j][i] = (L'^-1)_ij for i >= j; row j of t times row i of L' is contiguous.
   std::vector<double> t(size_t(n * n), 0.0);
@@ -146,16 +163,28 @@ FeedbackPlan make_feedback_plan(const float* h, int64_t n, int64_t block, double
   else
     for (int64_t j = 0; j < n; j++) invert_column(j);
   // Row j of plan.u: U_jk / U_jj for k > j, what column j's rounding error is pushed onto column k with.
+  // U_pq = t[n-1-q][n-1-p]: a transpose, done in tiles so that neither side is read with a stride of n.
   plan.u.assign(size_t(n * n), 0.0f);
-  auto fill_row = [&](int64_t p) {
-    const double upp = t[size_t((n - 1 - p) * n + (n - 1 - p))];
-    float* up = plan.u.data() + p * n;
-    for (int64_t q = p + 1; q < n; q++) up[q] = float(t[size_t((n - 1 - q) * n + (n - 1 - p))] / upp);
+  const int64_t tile = 64, n_tiles = (n + tile - 1) / tile;
+  auto fill_tile_row = [&](int64_t pt) {
+    const int64_t p0 = pt * tile, p1 = std::min(n, p0 + tile);
+    for (int64_t q0 = p0; q0 < n; q0 += tile) {
+      const int64_t q1 = std::min(n, q0 + tile);
+      for (int64_t q = q0; q < q1; q++) {
+        const double* tq = t.data() + (n - 1 - q) * n + (n - 1);
+        for (int64_t p = p0; p < std::min(p1, q); p++) plan.u[size_t(p * n + q)] = float(*(tq - p));
+      }
+    }
+    for (int64_t p = p0; p < p1; p++) {
+      const double upp = t[size_t((n - 1 - p) * n + (n - 1 - p))];
+      float* up = plan.u.data() + p * n;
+      for (int64_t q = p + 1; q < n; q++) up[q] = float(double(up[q]) / upp);
+    }
   };
   if (pool && pool->size() > 1)
-    pool->for_range(n, 64, [&](int64_t b, int64_t e) { for (int64_t p = b; p < e; p++) fill_row(p); });
+    pool->for_each_dynamic(n_tiles, fill_tile_row);
   else
-    for (int64_t p = 0; p < n; p++) fill_row(p);
+    for (int64_t pt = 0; pt < n_tiles; pt++) fill_tile_row(pt);
   return plan;
 }
 
@@ -168,16 +197,19 @@ double weighted_error(const FeedbackPlan& plan, const float* e) {
 
 namespace {
 
-// out[k] = e_k H e_k^T for the k rows of e; each row of H is read once for all of them (H of a wide layer
-// does not fit in the cache, and streaming it once per row would bound the whole search).
-void weighted_errors(const FeedbackPlan& plan, const float* e, int64_t k, double* out) {
+// out[r] = a_r H a_r^T - b_r H b_r^T for the k rows of a and b, as (a - b) H (a + b)^T (H symmetric): one pass
+// over H instead of two, each row of H read once for all k rows (H of a wide layer does not fit in the
+// cache, and streaming it once per row would bound the whole search).
+void weighted_error_differences(const FeedbackPlan& plan, const float* a, const float* b, int64_t k, double* out) {
   const int64_t n = plan.n;
+  std::vector<float> d(size_t(k * n)), s(d.size());
+  for (size_t i = 0; i < d.size(); i++) d[i] = a[i] - b[i], s[i] = a[i] + b[i];
   std::fill(out, out + k, 0.0);
   for (int64_t i = 0; i < n; i++) {
     const float* hi = plan.h.data() + i * n;
     for (int64_t r = 0; r < k; r++) {
-      const float ei = e[r * n + i];
-      if (ei != 0.0f) out[r] += double(ei) * dot_f32(hi, e + r * n, n);
+      const float di = d[size_t(r * n + i)];
+      if (di != 0.0f) out[r] += double(di) * dot_f32(hi, s.data() + r * n, n);
     }
   }
 }
@@ -252,7 +284,7 @@ int64_t quantize_rows_feedback(GGMLType t, const FeedbackPlan& plan, const float
   const size_t k = size_t(n_rows);
   std::vector<float> w(k * size_t(n)), e(2 * k * size_t(n)), scale(k * size_t(n_sub)), min(scale.size());
   std::vector<uint8_t> u(k * size_t(B)), plain(k * rb);
-  std::vector<double> loss(2 * k);
+  std::vector<double> loss(k);
   std::memcpy(w.data(), src, k * size_t(n) * sizeof(float));
   uint8_t* out = static_cast<uint8_t*>(dst);
   for (int64_t b = 0; b < nb; b++) {
@@ -290,10 +322,11 @@ int64_t quantize_rows_feedback(GGMLType t, const FeedbackPlan& plan, const float
     float* ep = e.data() + (k + r) * size_t(n);
     for (int64_t i = 0; i < n; i++) ep[i] = src[int64_t(r) * n + i] - w[r * size_t(n) + size_t(i)];
   }
-  weighted_errors(plan, e.data(), int64_t(2 * k), loss.data());
+  // ggml's row wins where its error is no larger: e_plain H e_plain - e_fed H e_fed <= 0
+  weighted_error_differences(plan, e.data() + k * size_t(n), e.data(), int64_t(k), loss.data());
   int64_t kept_plain = 0;
   for (size_t r = 0; r < k; r++)
-    if (loss[k + r] <= loss[r]) {
+    if (loss[r] <= 0) {
       std::memcpy(out + r * rb, plain.data() + r * rb, rb);
       kept_plain++;
     }
