@@ -181,6 +181,9 @@ def test_quantize_command_calibration(tiny, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pyengine", "quantize", str(path), str(out), "q4_0", "--method",
                           "feedback"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 1 and "--calibration" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    both = subprocess.run([sys.executable, "-m", "pyengine", "quantize", str(path), str(out), "q4_0", "--method", "ggml",
+                           "--calibration", str(text)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert both.returncode == 1 and "--method ggml" in both.stderr
     missing = subprocess.run([sys.executable, "-m", "pyengine", "quantize", str(path), str(out), "q4_0",
                               "--calibration", str(tmp_path / "none.txt")], capture_output=True, text=True, cwd=ROOT,
                              timeout=300)

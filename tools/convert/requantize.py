@@ -8,10 +8,12 @@ does not change, and those llama.cpp never quantizes (norms, biases), are copied
 
 Methods: "ggml" gives llama-quantize's bytes (with --imatrix, its imatrix-weighted ones). "feedback" (the
 default when a calibration text is given) runs the input model over the text with the engine, collects
-each linear layer's input covariance X^T X, and quantizes each row block by block with ggml's quantizer
-while pushing every block's error onto the row's later columns (GPTQ-style error feedback,
-calibrate.py, csrc/cpu/quant_search.h): the same types and file size as "ggml", standard blocks any GGUF
-reader dequantizes, and a lower output error on the calibration text.
+each linear layer's input covariance X^T X, and quantizes each row column by column: ggml's imatrix
+search picks each block's scales on the weights as the earlier columns left them, and every column's
+rounding error is pushed onto the row's later columns (GPTQ's error feedback; calibrate.py,
+csrc/cpu/quant_search.h). Same tensor types and file size as "ggml" with an imatrix, standard blocks any
+GGUF reader dequantizes, and a lower output error on the calibration text (never higher, row by row).
+Tensors no linear layer reads in the calibration run (token_embd, an untied output) use ggml's method.
 
 Streaming: the input is memory-mapped and one tensor at a time is dequantized (float32), so peak
 memory is the mapping plus about one tensor. The output is written under a temporary name and renamed.
@@ -117,6 +119,9 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         raise ConversionError(f"unknown method {method!r} (choose ggml or feedback)")
     if method == "feedback" and calibration is None:
         raise ConversionError("the feedback method needs a calibration text (--calibration TEXT)")
+    if method == "ggml" and calibration is not None:
+        raise ConversionError("--method ggml does not use a calibration text: drop --calibration (or use "
+                              "--imatrix for llama-quantize's imatrix-weighted bytes)")
     if not in_path.is_file():
         raise ConversionError(f"input file not found: {in_path}")
     if in_path.resolve() == out_path.resolve():
