@@ -51,8 +51,7 @@ PE_VEC_CLONES void axpy_f32(float* __restrict y, const float* __restrict x, floa
   for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-// h[i, j..n) += sum over 8 rows r of x_r[i] * x_r[j..n), for i in [i0, i1). Two rows of h at a time share
-// each load of the x rows (one row of h per pass is bound by the loads, not the FMAs).
+// h[i, j..n) += sum over 8 rows r of x_r[i] * x_r[j..n), for i in [i0, i1).
 PE_VEC_CLONES void xtx_rows8(const float* const* xr, int64_t i0, int64_t i1, int64_t n, float* h) {
   const float* __restrict x0 = xr[0];
   const float* __restrict x1 = xr[1];
@@ -62,21 +61,7 @@ PE_VEC_CLONES void xtx_rows8(const float* const* xr, int64_t i0, int64_t i1, int
   const float* __restrict x5 = xr[5];
   const float* __restrict x6 = xr[6];
   const float* __restrict x7 = xr[7];
-  int64_t i = i0;
-  for (; i + 2 <= i1; i += 2) {
-    const float a0 = x0[i], a1 = x1[i], a2 = x2[i], a3 = x3[i], a4 = x4[i], a5 = x5[i], a6 = x6[i], a7 = x7[i];
-    const float b0 = x0[i + 1], b1 = x1[i + 1], b2 = x2[i + 1], b3 = x3[i + 1], b4 = x4[i + 1], b5 = x5[i + 1],
-                b6 = x6[i + 1], b7 = x7[i + 1];
-    float* __restrict h0 = h + i * n;
-    float* __restrict h1 = h0 + n;
-    h0[i] += ((a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)) + ((a4 * a4 + a5 * a5) + (a6 * a6 + a7 * a7));
-    for (int64_t j = i + 1; j < n; j++) {
-      const float v0 = x0[j], v1 = x1[j], v2 = x2[j], v3 = x3[j], v4 = x4[j], v5 = x5[j], v6 = x6[j], v7 = x7[j];
-      h0[j] += ((a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)) + ((a4 * v4 + a5 * v5) + (a6 * v6 + a7 * v7));
-      h1[j] += ((b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)) + ((b4 * v4 + b5 * v5) + (b6 * v6 + b7 * v7));
-    }
-  }
-  for (; i < i1; i++) {
+  for (int64_t i = i0; i < i1; i++) {
     const float a0 = x0[i], a1 = x1[i], a2 = x2[i], a3 = x3[i], a4 = x4[i], a5 = x5[i], a6 = x6[i], a7 = x7[i];
     float* __restrict hi = h + i * n;
     for (int64_t j = i; j < n; j++)
