@@ -68,6 +68,7 @@ PYBIND11_MODULE(_C, m) {
   pe::bind_gguf(m);
   pe::bind_model(m);
   pe::bind_quantize(m);
+  pe::bind_quant_search(m);
   pe::bind_cuda_quant(m);
   pe::bind_cuda_attention(m);
 }

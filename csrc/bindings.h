@@ -7,6 +7,7 @@ void bind_kernels(pybind11::module_& m);  // bindings_kernels.cpp: ops on numpy 
 void bind_gguf(pybind11::module_& m);     // bindings_gguf.cpp: GGUF reader
 void bind_model(pybind11::module_& m);    // bindings_model.cpp: Model / Context
 void bind_quantize(pybind11::module_& m);  // bindings_quantize.cpp: float rows -> ggml blocks
+void bind_quant_search(pybind11::module_& m);  // bindings_quant_search.cpp: calibrated, error feedback
 // The host side of the CUDA kernels' per-block arithmetic (cuda/*.cuh PE_HD functions), for CPU tests.
 void bind_cuda_quant(pybind11::module_& m);      // bindings_cuda_quant.cpp
 void bind_cuda_attention(pybind11::module_& m);  // bindings_cuda_attention.cpp

@@ -182,9 +182,9 @@ void bind_model(py::module_& m) {
       .def_property_readonly("executor", &Context::executor)
       .def_property_readonly("n_gpu_layers", &Context::n_gpu_layers)
       .def_property_readonly("gpu_kv_bytes", &Context::gpu_kv_bytes)
-      .def("collect_input_stats", &Context::collect_input_stats, py::arg("on"),
-           "Importance matrix: while on, every pass adds each linear layer's input (per column sums of x^2); "
-           "turning it on starts from zero. CPU layers only.")
+      .def("collect_input_stats", &Context::collect_input_stats, py::arg("on"), py::arg("covariance") = false,
+           "Importance matrix: while on, every pass adds each linear layer's input (per column sums of x^2; "
+           "with covariance=True also x^T x); turning it on starts from zero. CPU layers only.")
       .def(
           "input_stats",
           [](const Context& ctx) {
@@ -209,7 +209,34 @@ void bind_model(py::module_& m) {
             return out;
           },
           "{tensor name: (float64 [n_cols] sums of x^2 over the rows, rows)} since collect_input_stats(True); for\n"
-          "a 3-D tensor of experts, (float64 [n_expert, n_cols], int64 [n_expert] rows routed to each expert).");
+          "a 3-D tensor of experts, (float64 [n_expert, n_cols], int64 [n_expert] rows routed to each expert).")
+      .def(
+          "input_covariance",
+          [](const Context& ctx) {
+            std::unordered_map<const void*, std::string> names;
+            for (const auto& t : ctx.model().file().tensors()) names[t.data] = t.name;
+            std::unordered_map<const std::vector<float>*, py::array_t<float>> arrays;  // shared inputs: one array
+            py::dict out;
+            for (const auto& [weight, e] : ctx.input_stats().by_weight) {
+              if (!e.xtx) continue;
+              auto it = names.find(weight);
+              PE_CHECK(it != names.end(), Error, "input statistics: a weight that is not a tensor of the file");
+              auto a = arrays.find(e.xtx.get());
+              if (a == arrays.end()) {
+                const auto n = py::ssize_t(e.sum2.size());
+                py::array_t<float> h({n, n});
+                float* d = h.mutable_data();
+                const float* src = e.xtx->data();
+                for (py::ssize_t i = 0; i < n; i++)  // symmetric from the accumulated upper triangle
+                  for (py::ssize_t j = 0; j < n; j++) d[i * n + j] = i <= j ? src[i * n + j] : src[j * n + i];
+                a = arrays.emplace(e.xtx.get(), h).first;
+              }
+              out[py::str(it->second)] = py::make_tuple(a->second, e.rows[0]);
+            }
+            return out;
+          },
+          "{tensor name: (float32 [n_cols, n_cols] x^T x over the rows, rows)} since collect_input_stats(True, "
+          "covariance=True); layers that read the same input share one array.");
 
   m.def(
       "host_memory_plan",

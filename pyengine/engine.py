@@ -297,11 +297,17 @@ class Engine:
         """Empty every sequence of the context."""
         self._ctx.clear()
 
-    def collect_input_stats(self, on: bool = True) -> None:
+    def collect_input_stats(self, on: bool = True, covariance: bool = False) -> None:
         """Importance matrix (llama.cpp's imatrix): while on, every forward pass adds each linear
         layer's input to per-column sums of squares (`input_stats`); turning it on starts from zero.
+        covariance=True also sums x^T x per layer (`input_covariance`, for error-feedback quantization).
         CPU layers only (n_gpu_layers=0)."""
-        self._ctx.collect_input_stats(bool(on))
+        self._ctx.collect_input_stats(bool(on), bool(covariance))
+
+    def input_covariance(self) -> dict[str, tuple[np.ndarray, int]]:
+        """{weight tensor name: (float32 [cols, cols] sums of x^T x, rows summed)} since
+        collect_input_stats(True, covariance=True); q/k/v (gate/up) share one array."""
+        return self._ctx.input_covariance()
 
     def input_stats(self) -> dict[str, tuple[np.ndarray, int]]:
         """{weight tensor name: (float64 per-column sums of x^2, rows summed)} since collection began."""

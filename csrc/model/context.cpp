@@ -343,10 +343,11 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
                   head_on_gpu ? gpu.head_weights : model_->decoder.head, p, rope_, out, hidden);
 }
 
-void Context::collect_input_stats(bool on) {
+void Context::collect_input_stats(bool on, bool covariance) {
   PE_CHECK(!on || !gpu_ex_, UnsupportedModelError,
            "input statistics (imatrix) are collected on the CPU only: load the model with n_gpu_layers=0");
   input_stats_ = InputStats{};
+  input_stats_.covariance = covariance;
   act_.input_stats = on ? &input_stats_ : nullptr;
 }
 

@@ -101,7 +101,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
     if (spec.residual_from_norm) scale(ex, xn, c.residual_scale, x);
   };
   auto linear = [&](const Linear& W, const Tensor& in, const Tensor& out) {
-    if (a.input_stats) a.input_stats->add(W.w, in);
+    if (a.input_stats) a.input_stats->add(W.w, in, ex.n_threads() > 1 ? &ex.pool() : nullptr);
     matmul(ex, W.w, in, out);
     if (!W.b.empty()) add_bias(ex, out, W.b);
   };

@@ -1,6 +1,7 @@
 #include "model/input_stats.h"
 
 #include "common.h"
+#include "cpu/quant_search.h"
 
 namespace pe {
 
@@ -22,6 +23,23 @@ void InputStats::add_expert(const void* weight, int64_t cols, int64_t expert, in
     for (int64_t j = 0; j < x.cols; j++) acc[j] += double(row[j]) * double(row[j]);
   }
   e.rows[size_t(expert)] += x.rows;
+}
+
+void InputStats::add(const Tensor& w, const Tensor& x, ThreadPool* pool) {
+  add_expert(w.data, w.cols, 0, 1, x);
+  if (!covariance) return;
+  Entry& e = by_weight[w.data];
+  // q, k and v (gate and up) read the same rows one after another: one matrix, updated once per pass.
+  const float* in = x.row(0);
+  if (in == last_input_ && x.rows == last_rows_ && last_xtx_ && last_xtx_->size() == size_t(w.cols * w.cols)) {
+    if (!e.xtx) e.xtx = last_xtx_;
+    if (e.xtx == last_xtx_) return;
+  }
+  if (!e.xtx) e.xtx = std::make_shared<std::vector<float>>(size_t(w.cols * w.cols), 0.0f);
+  cpu::accumulate_xtx(in, x.rows, x.ld(), x.cols, e.xtx->data(), pool);
+  last_input_ = in;
+  last_rows_ = x.rows;
+  last_xtx_ = e.xtx;
 }
 
 }  // namespace pe

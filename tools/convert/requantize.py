@@ -6,11 +6,21 @@ it for the preset (presets.py), is dequantized by the engine (_C.dequantize), an
 engine's C++ quantizers (ggml's, byte-equal; importance-weighted with an imatrix). Tensors whose type
 does not change, and those llama.cpp never quantizes (norms, biases), are copied byte for byte.
 
+Methods: "ggml" gives llama-quantize's bytes (with --imatrix, its imatrix-weighted ones). "feedback" (the
+default when a calibration text is given) runs the input model over the text with the engine, collects
+each linear layer's input covariance X^T X, and quantizes each row column by column: ggml's imatrix
+search picks each block's scales on the weights as the earlier columns left them, and every column's
+rounding error is pushed onto the row's later columns (GPTQ's error feedback; calibrate.py,
+csrc/cpu/quant_search.h). Same tensor types and file size as "ggml" with an imatrix, standard blocks any
+GGUF reader dequantizes, and a lower output error on the calibration text (never higher, row by row).
+Tensors no linear layer reads in the calibration run (token_embd, an untied output) use ggml's method.
+
 Streaming: metadata entries are copied as raw bytes (gguf_stream.py); tensor data is read in slabs of
 rows (SLAB_BYTES) with pread, converted and quantized by `_C.quantize_raw` on every thread (each thread
 turns its own few rows to float32), and written at once, so peak memory is two slab buffers above the
 interpreter whatever the model's size (no mapping of the input stays resident). The output is written
 under a temporary name and renamed.
+The feedback method reads a tensor it has a covariance for whole (one tensor above the slabs).
 """
 from __future__ import annotations
 
@@ -81,9 +91,17 @@ def _importance_for(name: str, imp: np.ndarray | None, dims: tuple[int, ...]) ->
     return np.ascontiguousarray(imp, dtype=np.float32), rows_per_matrix
 
 
+def _feedback(x, qtype, cov, name, imp, n_threads):
+    from .calibrate import quantize_feedback
+
+    return quantize_feedback(x, int(qtype), cov, name, importance=imp, n_threads=n_threads)
+
+
 def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: str, *,
                imatrix: str | os.PathLike | dict[str, np.ndarray] | None = None, allow_requantize: bool = False,
-               output_qtype: str | None = None, n_threads: int = 0, progress: bool = False) -> QuantizeReport:
+               output_qtype: str | None = None, n_threads: int = 0, progress: bool = False,
+               calibration: str | os.PathLike | None = None, method: str | None = None,
+               calibration_chunks: int | None = None) -> QuantizeReport:
     """Requantize a GGUF file to preset `qtype` (q4_0, q4_k_m, ... see presets.PRESETS).
 
     imatrix: a llama.cpp imatrix file (GGUF or legacy .dat) or {tensor name: per-column importance, or
@@ -91,6 +109,10 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     allow_requantize: accept a source whose weights are already quantized (quality loss: the error of
         the source's quantization stays and the new one adds to it).
     output_qtype: force the type of output.weight (and token_embd when tied), e.g. "q8_0".
+    calibration: a text file (or a calibrate.Covariances) for the error-feedback method;
+        calibration_chunks: how many 512-token chunks of it to run (default: all).
+    method: "feedback" (default with a calibration text) or "ggml" (llama-quantize's bytes; the default
+        without one).
     Raises ConversionError naming the file or tensor on bad input; leaves no OUT on failure.
     """
     from pyengine import _C
@@ -105,6 +127,14 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         from .convert import OUTPUT_QTYPES, parse_qtype
 
         forced_output = parse_qtype(output_qtype, "output qtype", OUTPUT_QTYPES)
+    method = method or ("feedback" if calibration is not None else "ggml")
+    if method not in ("ggml", "feedback"):
+        raise ConversionError(f"unknown method {method!r} (choose ggml or feedback)")
+    if method == "feedback" and calibration is None:
+        raise ConversionError("the feedback method needs a calibration text (--calibration TEXT)")
+    if method == "ggml" and calibration is not None:
+        raise ConversionError("--method ggml does not use a calibration text: drop --calibration (or use "
+                              "--imatrix for llama-quantize's imatrix-weighted bytes)")
     if not in_path.is_file():
         raise ConversionError(f"input file not found: {in_path}")
     if in_path.resolve() == out_path.resolve():
@@ -134,7 +164,7 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     elif imatrix is not None:
         importance = load_imatrix(imatrix).importance()
     info = ModelInfo(n_layer=int(n_layer), n_gqa=max(1, int(n_head) // max(1, int(n_head_kv))),
-                     tied="output.weight" not in names, has_imatrix=bool(importance),
+                     tied="output.weight" not in names, has_imatrix=bool(importance) or method == "feedback",
                      n_expert=int(meta("expert_count", 0) or 0))
 
     warnings: list[str] = []
@@ -176,6 +206,14 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         warnings.append(f"{len(missing_imatrix)} tensors have no imatrix entry and are quantized without one "
                         f"(first: {missing_imatrix[0]})")
 
+    cov = None
+    if method == "feedback":
+        from .calibrate import Covariances, collect_covariances, load_text
+
+        cov = calibration if isinstance(calibration, Covariances) else collect_covariances(
+            in_path, load_text(calibration), n_chunks=calibration_chunks, n_threads=n_threads or None,
+            progress=progress)
+
     # metadata: every entry of the input as its bytes, with the new file type and quantization version
     new_kv = {"general.file_type": kv_entry("general.file_type", GGUFValueType.UINT32, int(preset.file_type)),
               "general.quantization_version": kv_entry("general.quantization_version", GGUFValueType.UINT32,
@@ -204,6 +242,14 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                 w.begin_tensor()
                 imp, rows_per_matrix = (None, 0) if new is None else _importance_for(
                     t.name, importance.get(t.name), t.dims)
+                if new is not None and new not in FLOAT_TYPES and cov is not None and t.name in cov.xtx:
+                    src = np.empty(t.n_bytes, dtype=np.uint8)  # error feedback: the whole tensor at once
+                    read_into(fin.fileno(), t.offset, memoryview(src))
+                    data = _feedback(_to_float(src, t, t.rows), new, cov, t.name, imp, n_threads)
+                    if data is not None:
+                        w.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+                        bar.update(t.name, t.n_bytes, tensor_done=True)
+                        continue
                 slab_rows = max(1, SLAB_BYTES // max(t.row_bytes, 1))
                 for r0 in range(0, t.rows, slab_rows):
                     n = min(slab_rows, t.rows - r0)
@@ -257,6 +303,13 @@ def build_parser(prog: str = "pyengine quantize") -> argparse.ArgumentParser:
                    help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--imatrix", metavar="FILE", default=None,
                    help="importance matrix (llama-imatrix / pyengine imatrix GGUF, or legacy .dat)")
+    p.add_argument("--calibration", metavar="TEXT", default=None,
+                   help="calibration text: run IN over it and quantize with error feedback over each layer's "
+                        "input covariance (lower error than llama-quantize's at the same size; same block types)")
+    p.add_argument("--calibration-chunks", type=int, default=None, metavar="N",
+                   help="512-token chunks of the calibration text to run (default: all)")
+    p.add_argument("--method", choices=("feedback", "ggml"), default=None,
+                   help="feedback (default with --calibration) or ggml (llama-quantize's exact bytes)")
     p.add_argument("--allow-requantize", action="store_true",
                    help="accept an already-quantized source (lower quality than quantizing F16/F32)")
     p.add_argument("--output-qtype", default=None, metavar="TYPE", help="type of output.weight, e.g. q8_0")
@@ -270,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = requantize(args.input, args.output, args.type, imatrix=args.imatrix,
                             allow_requantize=args.allow_requantize, output_qtype=args.output_qtype,
-                            n_threads=args.threads, progress=not args.quiet)
+                            n_threads=args.threads, progress=not args.quiet, calibration=args.calibration,
+                            method=args.method, calibration_chunks=args.calibration_chunks)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
