@@ -9,8 +9,6 @@ one matrix: a layer of n input columns holds n^2 floats (SmolLM2-135M: about 0.5
 from __future__ import annotations
 
 import os
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,28 +38,9 @@ def collect_covariances(model_path: str | os.PathLike, text: str, n_ctx: int = 5
                         n_threads: int | None = None, progress: bool = False, kv_type: str = "f16") -> Covariances:
     """X^T X of every linear layer's input over `n_chunks` chunks of `text` (all when None); the KV cache
     in `kv_type` (F16, as llama-imatrix's default)."""
-    from pyengine import Engine
-    from pyengine.quality import tokenize_text
+    from .imatrix_cmd import run_chunks
 
-    llm = Engine(Path(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads, kv_type=kv_type)
-    tokens, bos = tokenize_text(llm, text)
-    available = len(tokens) // n_ctx
-    if available == 0:
-        raise ConversionError(f"the calibration text tokenizes to {len(tokens)} tokens, fewer than one chunk of "
-                              f"{n_ctx}")
-    count = available if n_chunks is None or n_chunks <= 0 else min(n_chunks, available)
-    llm.collect_input_stats(True, covariance=True)
-    start = time.perf_counter()
-    for i in range(count):
-        chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
-        if bos is not None:
-            chunk[0] = bos
-        llm.reset()
-        llm.decode(chunk, np.zeros(n_ctx, dtype=np.int32), logits=np.zeros(n_ctx, dtype=bool))
-        if progress:
-            spent = time.perf_counter() - start
-            print(f"\rcalibration chunk {i + 1}/{count}, {spent:.1f} s", end="" if i + 1 < count else "\n",
-                  file=sys.stderr, flush=True)
+    llm, count = run_chunks(Path(model_path), text, n_ctx, n_chunks, n_threads, progress, kv_type, covariance=True)
     cov = llm.input_covariance()
     stats = llm.input_stats()
     llm.collect_input_stats(False)

@@ -19,23 +19,23 @@ from .imatrix_file import ImatrixData, save_imatrix
 from .progress import Progress
 
 
-def collect(model_path: str | Path, text: str, n_ctx: int = 512, n_chunks: int | None = None,
-            n_threads: int | None = None, dataset: str = "", progress: bool = True,
-            kv_type: str = "f16") -> ImatrixData:
-    """Per-column sums of x^2 of every linear layer's input over `n_chunks` chunks (all when None); the
-    KV cache in `kv_type` (F16 as llama-imatrix's default)."""
+def run_chunks(model_path: str | Path, text: str, n_ctx: int, n_chunks: int | None, n_threads: int | None,
+               progress: bool, kv_type: str, covariance: bool = False):
+    """The engine run behind an imatrix and a calibration: `text` in `n_chunks` chunks of `n_ctx` tokens (all
+    when None), BOS first, with the engine collecting its input statistics (and with `covariance`, each
+    layer's X^T X). Returns the engine, still holding them, and the number of chunks run."""
     from pyengine import Engine
     from pyengine.quality import tokenize_text
 
     if n_ctx < 2:
-        raise ConversionError(f"context size {n_ctx} is too small for an imatrix chunk")
+        raise ConversionError(f"context size {n_ctx} is too small for a calibration chunk")
     llm = Engine(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads, kv_type=kv_type)
     tokens, bos = tokenize_text(llm, text)
     available = len(tokens) // n_ctx
     if available == 0:
         raise ConversionError(f"the text tokenizes to {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
     count = available if n_chunks is None or n_chunks <= 0 else min(n_chunks, available)
-    llm.collect_input_stats(True)
+    llm.collect_input_stats(True, covariance=covariance)
     bar = Progress(count * n_ctx, count, enabled=progress, unit="tokens", scale=1)
     for i in range(count):
         chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
@@ -45,6 +45,15 @@ def collect(model_path: str | Path, text: str, n_ctx: int = 512, n_chunks: int |
         llm.decode(chunk, np.zeros(n_ctx, dtype=np.int32), logits=np.zeros(n_ctx, dtype=bool))
         bar.update(f"chunk {i + 1}", n_ctx)
     bar.close()
+    return llm, count
+
+
+def collect(model_path: str | Path, text: str, n_ctx: int = 512, n_chunks: int | None = None,
+            n_threads: int | None = None, dataset: str = "", progress: bool = True,
+            kv_type: str = "f16") -> ImatrixData:
+    """Per-column sums of x^2 of every linear layer's input over `n_chunks` chunks (all when None); the
+    KV cache in `kv_type` (F16 as llama-imatrix's default)."""
+    llm, count = run_chunks(model_path, text, n_ctx, n_chunks, n_threads, progress, kv_type)
     stats = llm.input_stats()
     llm.collect_input_stats(False)
     # dense weights: (sums, tokens); 3-D expert tensors: ((n_expert, n_cols) sums, tokens per expert)
