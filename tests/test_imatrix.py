@@ -123,15 +123,15 @@ def test_imatrix_command_feeds_quantize(model, tmp_path):
     assert bad.returncode == 1 and "none.txt" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_equals_llama_imatrix(model, tmp_path):
-    """llama.cpp's llama-imatrix on the same F32 file and text gives the same sums, matrix for matrix."""
+def llama_imatrix_and_ours(path: Path, tmp_path: Path, also: tuple[str, ...] = ()):
+    """llama-imatrix's file and `collect`'s data for the same GGUF and TEXT (skips when the llama.cpp tools
+    named, llama-imatrix and `also`, are not built)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from llama_cpp_tools import bin_dir
 
     exe = bin_dir() / "llama-imatrix"
-    if not exe.exists():
-        pytest.skip("llama-imatrix is not built (python benchmarks/llama_cpp_tools.py --build)")
-    _, path = model
+    if not all((bin_dir() / t).exists() for t in ("llama-imatrix", *also)):
+        pytest.skip(f"{', '.join(('llama-imatrix', *also))} not built (python benchmarks/llama_cpp_tools.py --build)")
     text = tmp_path / "calib.txt"
     text.write_text(TEXT)
     theirs_path = tmp_path / "theirs.gguf"
@@ -139,9 +139,16 @@ def test_equals_llama_imatrix(model, tmp_path):
                         str(N_CTX), "-t", "2", "--no-ppl"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and theirs_path.exists(), r.stderr[-2000:]
     theirs = load_imatrix(theirs_path)
-    ours = collect(path, TEXT, n_ctx=N_CTX, progress=False)
+    ours = collect(path, TEXT, n_ctx=N_CTX, progress=False)  # an F16 KV cache, as llama-imatrix's
     assert theirs.chunk_count == ours.chunk_count
     assert set(theirs.sums) == set(ours.sums)
+    return theirs, ours
+
+
+def test_equals_llama_imatrix(model, tmp_path):
+    """llama.cpp's llama-imatrix on the same F32 file and text gives the same sums, matrix for matrix."""
+    _, path = model
+    theirs, ours = llama_imatrix_and_ours(path, tmp_path)
     for name in ours.sums:
         assert theirs.counts[name] == ours.counts[name], name
         np.testing.assert_allclose(ours.sums[name], theirs.sums[name], rtol=1e-3, err_msg=name)
@@ -169,28 +176,16 @@ def test_experts_equal_llama_imatrix_and_feed_llama_quantize(moe_model, tmp_path
     """A mixture of experts: one vector of sums and one token count per expert for the ffn_*_exps tensors,
     equal to llama-imatrix's on the same file and text; `pyengine quantize --imatrix` with that file gives
     llama-quantize's bytes (each expert quantized with its own importance)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from llama_cpp_tools import bin_dir
-
-    exe, quantize = bin_dir() / "llama-imatrix", bin_dir() / "llama-quantize"
-    if not exe.exists() or not quantize.exists():
-        pytest.skip("llama-imatrix / llama-quantize are not built (python benchmarks/llama_cpp_tools.py --build)")
     from gguf import GGUFReader
 
     from pyengine_convert.imatrix_file import save_imatrix
     from pyengine_convert.requantize import requantize
 
     _, path = moe_model
-    text = tmp_path / "calib.txt"
-    text.write_text(TEXT)
-    theirs_path = tmp_path / "theirs.gguf"
-    r = subprocess.run([str(exe), "-m", str(path), "-f", str(text), "-o", str(theirs_path), "-c", str(N_CTX), "-b",
-                        str(N_CTX), "-t", "2", "--no-ppl"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and theirs_path.exists(), r.stderr[-2000:]
-    theirs = load_imatrix(theirs_path)
-    ours = collect(path, TEXT, n_ctx=N_CTX, progress=False)  # an F16 KV cache, as llama-imatrix's
-    assert theirs.chunk_count == ours.chunk_count
-    assert set(theirs.sums) == set(ours.sums)
+    theirs, ours = llama_imatrix_and_ours(path, tmp_path, also=("llama-quantize",))
+    from llama_cpp_tools import bin_dir
+
+    quantize = bin_dir() / "llama-quantize"
     experts = [n for n in ours.sums if "_exps." in n]
     assert len(experts) == 2 * 3  # gate, up, down of both layers
     n_tokens = ours.chunk_count * N_CTX
