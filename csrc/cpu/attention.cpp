@@ -117,6 +117,8 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       qmin = std::min<int64_t>(qmin, qpos[r]), qmax = std::max<int64_t>(qmax, qpos[r]);
     }
     min_dist = kmin - qmax, n_dist = kmax - qmin - min_dist + 1;
+    PE_CHECK(n_dist > 0 && n_dist <= (int64_t(1) << 24), Error, "attention: query positions [", qmin, ", ", qmax,
+             "] and keys [", kmin, ", ", kmax, "] span ", n_dist, " distances");
     dist_bias.resize(size_t(n_head * n_dist));
     for (int64_t i = 0; i < n_dist; i++) {
       const int bucket = relative_position_bucket(min_dist + i, bias->n_buckets, bias->max_distance, bias->bidirectional);
