@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "bindings_quantize.h"
 #include "common.h"
 #include "cpu/quant_search.h"
 #include "cpu/quantize.h"
@@ -20,8 +21,6 @@ namespace py = pybind11;
 namespace pe {
 
 namespace {
-
-using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 ThreadPool* shared_pool(int n_threads, std::unique_lock<std::mutex>& lock) {
   static std::mutex mu;
@@ -69,13 +68,7 @@ py::tuple quantize_feedback(const F32Array& x, uint32_t type_id, const F32Array&
            ": the input covariance must be ", cols, " x ", cols);
   PE_CHECK(damp >= 0, Error, what, ": dampening ", damp, " is negative");
   F32Array imp;
-  const float* qw = nullptr;
-  if (!importance.is_none()) {
-    imp = F32Array::ensure(importance);
-    PE_CHECK(imp && imp.ndim() == 1 && imp.shape(0) == cols, ModelFormatError, what, ": importance has ",
-             imp ? int64_t(imp.size()) : int64_t(-1), " values for ", cols, " columns");
-    qw = imp.data();
-  }
+  const float* qw = importance_vector(importance, cols, what, imp);
   const size_t rb = row_bytes(GGMLType(type_id), cols);
   py::array_t<uint8_t> out({py::ssize_t(rows), py::ssize_t(rb)});
   const float* src = x.data();

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "bindings_quantize.h"
 #include "common.h"
 #include "cpu/quant_blocks.h"
 #include "cpu/quantize.h"
@@ -19,7 +20,6 @@ namespace pe {
 
 namespace {
 
-using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 // Runs `run(chunk)` over n_chunks chunks of rows on n_threads threads (the pool is shared between calls).
 template <typename F>
@@ -56,13 +56,7 @@ py::array_t<uint8_t> quantize(const F32Array& x, uint32_t type_id, const py::obj
            " elements are not a multiple of the ", tr->name, " block size ", tr->block_size);
   const int64_t rows = cols ? int64_t(x.size()) / cols : 0;
   F32Array imp;
-  const float* qw = nullptr;
-  if (!importance.is_none()) {
-    imp = F32Array::ensure(importance);
-    PE_CHECK(imp && imp.ndim() == 1 && imp.shape(0) == cols, ModelFormatError, what, ": importance has ",
-             imp ? int64_t(imp.size()) : int64_t(-1), " values for ", cols, " columns");
-    qw = imp.data();
-  }
+  const float* qw = importance_vector(importance, cols, what, imp);
   const size_t rb = row_bytes(GGMLType(type_id), cols);
   std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
   shape.back() = py::ssize_t(rb);
@@ -151,6 +145,14 @@ size_t quantize_raw(const py::buffer& src, uint32_t src_type, int64_t rows, int6
 }
 
 }  // namespace
+
+const float* importance_vector(const py::object& importance, int64_t cols, const std::string& what, F32Array& keep) {
+  if (importance.is_none()) return nullptr;
+  keep = F32Array::ensure(importance);
+  PE_CHECK(keep && keep.ndim() == 1 && keep.shape(0) == cols, ModelFormatError, what, ": importance has ",
+           keep ? int64_t(keep.size()) : int64_t(-1), " values for ", cols, " columns");
+  return keep.data();
+}
 
 void bind_quantize(py::module_& m) {
   m.def("quantize", &quantize, py::arg("x"), py::arg("type_id"), py::arg("importance") = py::none(),
