@@ -1,5 +1,7 @@
 #include "executor.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -102,6 +104,19 @@ void copy_between(Executor& ex, Device dst_device, void* dst, Device src_device,
 Buffer::Buffer(Device device, size_t bytes) : device_(device) { reserve(bytes); }
 
 Buffer::~Buffer() { release(); }
+
+Buffer Buffer::huge_pages(size_t bytes) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (bytes < kHuge) return Buffer(Device::CPU, bytes);
+  Buffer b;
+  b.size_ = (bytes + kHuge - 1) & ~(kHuge - 1);
+  b.data_ = std::aligned_alloc(kHuge, b.size_);
+  PE_CHECK(b.data_, Error, "out of memory allocating ", b.size_, " bytes");
+#ifdef MADV_HUGEPAGE
+  ::madvise(b.data_, b.size_, MADV_HUGEPAGE);  // advice only: without THP the pages stay small
+#endif
+  return b;
+}
 
 Buffer& Buffer::operator=(Buffer&& o) noexcept {
   if (this != &o) {

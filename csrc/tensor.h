@@ -66,6 +66,9 @@ class Buffer {
  public:
   Buffer() = default;
   Buffer(Device device, size_t bytes);
+  // Host memory that will be written whole (repacked weights), in transparent huge pages where the
+  // OS allows them: a decode step streams all of it, and with 4 KiB pages the TLB misses stall the loads.
+  static Buffer huge_pages(size_t bytes);
   ~Buffer();
   Buffer(Buffer&& o) noexcept { *this = static_cast<Buffer&&>(o); }
   Buffer& operator=(Buffer&& o) noexcept;

@@ -77,8 +77,10 @@ void matmul(Executor& ex, const Tensor& w, const Tensor& xt, const Tensor& yt) {
   const int nth = pool.size();
 
   if (is_float_type(w.type)) {
+    Tensor rows = w;  // the copy in huge pages, where there is one (cpu/panels.h)
+    if (w.panels && w.panel_rows == 1) rows.data = const_cast<void*>(w.panels);
     run_split(pool, w.rows, m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
-      k.gemm_float(w, x, ldx, r0, r1, m0, m1, y, ldy);
+      k.gemm_float(rows, x, ldx, r0, r1, m0, m1, y, ldy);
     });
     return;
   }

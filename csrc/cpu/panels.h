@@ -14,6 +14,11 @@
 // panel takes R * row_bytes bytes, as its rows did, so panel p starts where row p * R did. A tensor
 // whose row count is not a multiple of R gets a last panel padded with copies of its last row (the
 // kernels compute those lanes and drop them).
+//
+// Float weights (F32, F16, BF16) get a copy too, of height 1: their rows as they are. The copy is not
+// for the order but for the memory it lives in: all copies share one buffer in huge pages (see
+// Model::pack_cpu_weights), where the file's mapping has 4 KiB pages whose TLB misses stall a decode
+// step that streams every weight (SmolLM2 F16 decode on Zen 4, one thread: 68 -> 104 tokens/s).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -23,9 +28,11 @@
 
 namespace pe::cpu {
 
-// The panel height the current kernel path reads (cpu_path()); 0 where it reads rows as they are.
-int panel_rows_for_cpu();
-// Whether w can be repacked: a quantized type the SIMD kernels handle, rows of whole blocks.
+// The panel height the current kernel path reads for w's type (cpu_path()): 1 for float weights; 0
+// where it reads a quantized type's rows as they are (the portable path).
+int panel_rows_for_cpu(const Tensor& w);
+// Whether w can be repacked: a matrix of a float type, or of a quantized type the SIMD kernels handle,
+// rows of whole blocks.
 bool can_pack_panels(const Tensor& w);
 // Bytes of w in the panel layout of height r (its rows rounded up to whole panels).
 size_t panel_bytes(const Tensor& w, int r);

@@ -177,30 +177,44 @@ void Model::offload(int n_gpu_layers) {
 
 void Model::pack_cpu_weights(Executor& ex) const {
   std::call_once(packed_, [&] {
-    const int r = cpu::panel_rows_for_cpu();
-    if (r == 0) return;
-    // The tensors whose matmuls run on the CPU; logically const: only their panel copies are added.
+    // The weights of the matmuls that run on the CPU; logically const: only their panel copies are added.
     auto& self = const_cast<Model&>(*this);
     std::vector<Tensor*> cpu;
     const int n_cpu_layers = int(self.decoder.layers.size()) - gpu_.n_layers;
-    for (int l = 0; l < n_cpu_layers; l++)
-      for (Tensor* t : self.decoder.layers[size_t(l)].tensors()) cpu.push_back(t);
-    for (Layer& layer : self.encoder.layers)
-      for (Tensor* t : layer.tensors()) cpu.push_back(t);
+    auto add_layer = [&](Layer& layer) {
+      for (Tensor* t : layer.tensors())
+        if (t != &layer.prefix_k && t != &layer.prefix_v) cpu.push_back(t);  // the only non-matmul matrices
+    };
+    for (int l = 0; l < n_cpu_layers; l++) add_layer(self.decoder.layers[size_t(l)]);
+    for (Layer& layer : self.encoder.layers) add_layer(layer);
     if (!gpu_.head)
       for (Tensor* t : self.decoder.head.tensors()) cpu.push_back(t);
-    std::map<const void*, std::pair<const void*, size_t>> done;  // tensors sharing bytes share a copy
+    // Tensors sharing bytes (and shape) share a copy. All copies go in one buffer, so that it can use
+    // huge pages.
+    std::map<std::pair<const void*, size_t>, size_t> offset;  // (data, panel bytes) -> offset
+    std::vector<Tensor*> packed;
+    size_t total = 0;
+    auto wanted = [](const Tensor& t) { return !t.panels && cpu::can_pack_panels(t) && cpu::panel_rows_for_cpu(t) > 0; };
     for (Tensor* t : cpu) {
-      if (t->panels || !cpu::can_pack_panels(*t)) continue;
-      auto it = done.find(t->data);
-      if (it == done.end() || it->second.second != cpu::panel_bytes(*t, r)) {
-        panel_memory_.emplace_back(Device::CPU, cpu::panel_bytes(*t, r));
-        cpu::pack_panels(ex, *t, r, panel_memory_.back().data());
-        file_->release_pages(t->data, t->row_stride * size_t(t->rows));
-        it = done.insert_or_assign(t->data, std::pair{panel_memory_.back().data(), cpu::panel_bytes(*t, r)}).first;
+      if (!wanted(*t)) continue;
+      const size_t bytes = cpu::panel_bytes(*t, cpu::panel_rows_for_cpu(*t));
+      if (offset.emplace(std::pair{t->data, bytes}, total).second) {
+        total += (bytes + 63) & ~size_t(63);
+        packed.push_back(t);
       }
-      t->panels = it->second.first;
-      t->panel_rows = r;
+    }
+    if (total == 0) return;
+    panel_memory_ = Buffer::huge_pages(total);
+    auto* base = static_cast<uint8_t*>(panel_memory_.data());
+    for (Tensor* t : packed) {
+      const int r = cpu::panel_rows_for_cpu(*t);
+      cpu::pack_panels(ex, *t, r, base + offset.at({t->data, cpu::panel_bytes(*t, r)}));
+      file_->release_pages(t->data, t->row_stride * size_t(t->rows));
+    }
+    for (Tensor* t : cpu) {
+      if (!wanted(*t)) continue;
+      t->panel_rows = cpu::panel_rows_for_cpu(*t);
+      t->panels = base + offset.at({t->data, cpu::panel_bytes(*t, t->panel_rows)});
     }
   });
 }

@@ -115,9 +115,9 @@ class Model {
   // Bytes a block's / the head's weights take on a device (as offload() lays them out).
   size_t layer_bytes(int64_t layer) const;
   size_t head_bytes() const;
-  // Copies the quantized weights that run on the CPU into the panel layout of the kernels in use
-  // (cpu/panels.h), once, the work on ex's threads; the file's pages of each copied tensor are then
-  // released (a shared mapping). The first context calls it, after any offload(): the copies change
+  // Copies the matmul weights that run on the CPU into the panel layout of the kernels in use
+  // (cpu/panels.h), all in one buffer in huge pages, once, the work on ex's threads; the file's pages
+  // of each copied tensor are then released (a shared mapping). The first context calls it, after any offload(): the copies change
   // no result, only how fast the kernels read.
   void pack_cpu_weights(Executor& ex) const;
   // Owns v for the model's lifetime; returns a one-row tensor of it (empty for an empty v), or with
@@ -128,7 +128,7 @@ class Model {
   std::deque<Vec> vecs_;
   GpuLayers gpu_;
   mutable std::once_flag packed_;
-  mutable std::vector<Buffer> panel_memory_;
+  mutable Buffer panel_memory_;  // every CPU tensor's panel copy, one after another
 };
 
 }  // namespace pe
