@@ -41,7 +41,9 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
   if (c.spec.family == Family::EncoderDecoder) {
     cross_kv_ = std::make_unique<KVCache>(*ex_, kv_type, int(c.n_layer), int(c.n_head_kv), int(c.head_dim), n_seq_max,
                                           n_ctx);
-    enc_kv_ = std::make_unique<KVCache>(*ex_, kv_type, int(c.n_enc_layer), int(c.n_head_kv), int(c.head_dim), 1, n_ctx);
+    // The encoder's own keys and values live for one block each (StackPart::one_kv_layer): one layer, in
+    // float32, which the attention reads without conversions.
+    enc_kv_ = std::make_unique<KVCache>(*ex_, GGMLType::F32, 1, int(c.n_head_kv), int(c.head_dim), 1, n_ctx);
   }
   const int64_t rows = std::min<int64_t>(n_batch, n_ctx * n_seq_max);
   act_.reserve(c, rows, Device::CPU);
@@ -133,6 +135,7 @@ void Context::encode(const int32_t* tokens, int64_t n, int seq) {
   StackPart enc;
   enc.ex = ex_.get();
   enc.kv = &ekv;
+  enc.one_kv_layer = true;
   enc.act = &act_;
   enc.bias = position_bias(c, model_->encoder, true);
   enc.tensor_prefix = c.spec.encoder_prefix;

@@ -231,7 +231,8 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
     if (part.layers.empty()) continue;
     rt = enter(part);
     for (size_t i = 0; i < part.layers.size(); i++) {
-      decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), part, int(i), rt, *part.act, n);
+      decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), part, part.one_kv_layer ? 0 : int(i),
+                    rt, *part.act, n);
       if (part.ex->device() == Device::CPU && !cpu::all_finite(static_cast<const float*>(part.act->x.data()), n * d)) {
         const int64_t l = part.first + int64_t(i);
         throw non_finite(str_cat("the output of layer ", l, " (tensors ", part.tensor_prefix, "blk.", l, ".*)"));

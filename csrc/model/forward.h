@@ -54,6 +54,9 @@ struct StackPart {
   std::vector<const Layer*> layers;
   int64_t first = 0;
   KVCache* kv = nullptr;
+  // An encoder's input runs through its blocks in one pass, so each block's keys and values are done with
+  // when the next block starts: all blocks store them in layer 0 of kv (a cache of one layer).
+  bool one_kv_layer = false;
   Activations* act = nullptr;
   // Positions::RelativeBuckets: the stack's self-attention bias (its table null otherwise).
   PositionBias bias;

@@ -57,12 +57,13 @@ HostMemoryPlan host_memory_plan(const Model& model, int64_t n_ctx, int n_seq_max
   p.kv_cache = mul({cpu_layers, pages, uint64_t(KVCache::kPageSize), 2, nonneg(c.n_head_kv), nonneg(c.head_dim),
                     kv_type == GGMLType::F16 ? 2u : 4u});
   // An encoder-decoder's caches of the encoder's output (cross-attention keys and values per sequence and
-  // decoder block) and of the encoder's own self-attention (one sequence per encoder block).
-  const uint64_t enc_layers = c.spec.family == Family::EncoderDecoder
-                                  ? add(mul({nonneg(c.n_layer), nonneg(n_seq_max)}), nonneg(c.n_enc_layer)) : 0;
-  const uint64_t enc_pages = uint64_t(kv_pages_per_seq(n_ctx, 0, std::max<int64_t>(n_batch, 1)));
-  p.kv_cache = add(p.kv_cache, mul({enc_layers, enc_pages, uint64_t(KVCache::kPageSize), 2, nonneg(c.n_head_kv),
-                                    nonneg(c.head_dim), kv_type == GGMLType::F16 ? 2u : 4u}));
+  // decoder block, kv_type) and of the encoder's own self-attention (one layer of one sequence, float32).
+  if (c.spec.family == Family::EncoderDecoder) {
+    const uint64_t enc_pages = uint64_t(kv_pages_per_seq(n_ctx, 0, std::max<int64_t>(n_batch, 1)));
+    const uint64_t per_layer = mul({enc_pages, uint64_t(KVCache::kPageSize), 2, nonneg(c.n_head_kv), nonneg(c.head_dim)});
+    p.kv_cache = add(p.kv_cache, mul({nonneg(c.n_layer), nonneg(n_seq_max), per_layer, kv_type == GGMLType::F16 ? 2u : 4u}));
+    p.kv_cache = add(p.kv_cache, mul({per_layer, 4}));
+  }
   // model/forward.cpp's Activations (x, xn, qkv, att, ff_a with room for [gate | up], ff_b) and the
   // matmul's quantized activations (one byte per element plus 16 bytes per 32, of the widest input).
   uint64_t rows = std::min(nonneg(n_batch), mul({nonneg(n_ctx), nonneg(n_seq_max)}));
