@@ -25,6 +25,7 @@
 #pragma once
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/finite.h"
 #include "cpu/matmul_kernels.h"
@@ -316,27 +317,53 @@ __attribute__((noinline)) void pack_panel(const R& rows, int64_t nblk, uint8_t* 
   }
 }
 
-// Register tile: NP packed panels (panel p at pan + p * pstride) x NC activation rows from row c0, over
-// nsub sub-blocks; stores rows [rp, rp + nrows) of the NC outputs.
-template <class V, int G, int GS, bool MIN, bool SIGNED, int NP, int NC>
+// Where run_tile finds a sub-block's u vectors, scales and mins: in the buffer pack_panel wrote.
+template <class V, int G, bool MIN>
+struct TileLayout {
+  using I = typename V::I;
+  using F = typename V::F;
+  static constexpr int kVec = sizeof(I);
+  static constexpr int64_t kSubBytes = pe::cpu::kSubBytes<V, G, MIN>;
+  static PE_INLINE I u(const uint8_t* sub, int g) { return V::load_i(sub + kVec * g); }
+  static PE_INLINE F scale(const uint8_t* sub) { return V::load_ps(sub + kVec * G); }
+  static PE_INLINE F min(const uint8_t* sub) { return V::load_ps(sub + kVec * G + kVec); }
+};
+
+// Q8_0 with vpdpbusd, read straight from the model's panel copy (cpu/panels.h), unpacked on the fly:
+// a block is its 16 fp16 scales, then 8 words of each row side by side; u = q + 128. Packing a
+// buffer first cost as much as the flips and conversions done here for every tile.
+template <class V>
+struct Q8_0PanelLayout {
+  using I = typename V::I;
+  using F = typename V::F;
+  static constexpr int64_t kSubBytes = int64_t(V::kRows) * 34;
+  static PE_INLINE I u(const uint8_t* sub, int g) {
+    return V::xor_(V::loadu_i(sub + V::kRows * (2 + 4 * g)), V::set1_i8(0x80));
+  }
+  static PE_INLINE F scale(const uint8_t* sub) { return V::cvt_f16(sub); }
+  static PE_INLINE F min(const uint8_t* sub) { return scale(sub); }
+};
+
+// Register tile: NP panels (panel p at pan + p * pstride, in layout L) x NC activation rows from row c0,
+// over nsub sub-blocks; stores rows [rp, rp + nrows) of the NC outputs.
+template <class V, class L, int G, int GS, bool MIN, bool SIGNED, int NP, int NC>
 void run_tile(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x, int64_t c0, float* y,
               int64_t ldy, int64_t rp, int64_t nrows) {
   using I = typename V::I;
   using F = typename V::F;
-  constexpr int kVec = sizeof(I);
   F acc[NP][NC];
   for (int p = 0; p < NP; p++)
     for (int c = 0; c < NC; c++) acc[p][c] = V::zero_ps();
   const int8_t* xq = x.q + c0 * x.ldq;
   const XSub* xs = x.sub + c0 * x.ldsub;
-  for (int64_t j = 0; j < nsub; j++, pan += kSubBytes<V, G, MIN>, xq += 4 * G, xs++) {
+  for (int64_t j = 0; j < nsub; j++, pan += L::kSubBytes, xq += 4 * G, xs++) {
     I idot[NP][NC];
-    dot_sub<V, G, GS, SIGNED, NP, NC>([&](int p, int g) { return V::load_i(pan + p * pstride + kVec * g); }, xq,
-                                      x.ldq, xs, x.ldsub, idot);
+    dot_sub<V, G, GS, SIGNED, NP, NC>([&](int p, int g) { return L::u(pan + p * pstride, g); }, xq, x.ldq, xs,
+                                      x.ldsub, idot);
 #pragma GCC unroll 4
     for (int p = 0; p < NP; p++) {
-      const F sc = V::load_ps(pan + p * pstride + kVec * G);
-      const F mn = MIN ? V::load_ps(pan + p * pstride + kVec * G + kVec) : sc;
+      const F sc = L::scale(pan + p * pstride);
+      const F mn = MIN ? L::min(pan + p * pstride) : sc;
       scale_sub<V, MIN, NC>(idot[p], sc, mn, xs, x.ldsub, acc[p]);
     }
   }
@@ -344,24 +371,25 @@ void run_tile(const uint8_t* pan, int64_t pstride, int64_t nsub, const Quantized
     store_panel<V, NC>(acc[p], y + c0 * ldy, ldy, rp + V::kRows * p, nrows - V::kRows * p);
 }
 
-template <class V, int G, int GS, bool MIN, bool SIGNED, int NP, int... Tails>
+template <class V, class L, int G, int GS, bool MIN, bool SIGNED, int NP, int... Tails>
 PE_INLINE void run_tile_tail(int64_t left, const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x,
                              int64_t c, float* y, int64_t ldy, int64_t rp, int64_t nrows,
                              std::integer_sequence<int, Tails...>) {
-  ((left == Tails + 1 ? run_tile<V, G, GS, MIN, SIGNED, NP, Tails + 1>(pan, pstride, nsub, x, c, y, ldy, rp, nrows)
-                      : void()),
+  ((left == Tails + 1
+        ? run_tile<V, L, G, GS, MIN, SIGNED, NP, Tails + 1>(pan, pstride, nsub, x, c, y, ldy, rp, nrows)
+        : void()),
    ...);
 }
 
-template <class V, int G, int GS, bool MIN, bool SIGNED, int NP>
+template <class V, class L, int G, int GS, bool MIN, bool SIGNED, int NP>
 __attribute__((noinline)) void run_tiles(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x,
                                          int64_t m0, int64_t m1, float* y, int64_t ldy, int64_t rp, int64_t nrows) {
   constexpr int M = V::kTileM;
   int64_t c = m0;
-  for (; c + M <= m1; c += M) run_tile<V, G, GS, MIN, SIGNED, NP, M>(pan, pstride, nsub, x, c, y, ldy, rp, nrows);
+  for (; c + M <= m1; c += M) run_tile<V, L, G, GS, MIN, SIGNED, NP, M>(pan, pstride, nsub, x, c, y, ldy, rp, nrows);
   if (c < m1)
-    run_tile_tail<V, G, GS, MIN, SIGNED, NP>(m1 - c, pan, pstride, nsub, x, c, y, ldy, rp, nrows,
-                                             std::make_integer_sequence<int, M - 1>{});
+    run_tile_tail<V, L, G, GS, MIN, SIGNED, NP>(m1 - c, pan, pstride, nsub, x, c, y, ldy, rp, nrows,
+                                                std::make_integer_sequence<int, M - 1>{});
 }
 
 template <class V, class P>
@@ -371,6 +399,22 @@ void gemm_large(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1
   static_assert(NP == 1 || NP == 2, "gemm_large runs full tiles of NP panels, then single panels");
   const int64_t nblk = w.cols / P::kBlock;
   const int64_t nsub = w.cols / P::kSub;
+  if constexpr (std::is_same_v<P, PackQ8_0<V>> && V::kVnni) {
+    if (has_panels<V>(w)) {  // read in place (Q8_0PanelLayout); r0 is a panel boundary (see has_panels)
+      using L = Q8_0PanelLayout<V>;
+      const auto* base = static_cast<const uint8_t*>(w.panels);
+      for (int64_t rp = r0; rp < r1; rp += NP * V::kRows) {
+        const uint8_t* pan = base + rp * int64_t(w.row_stride);
+        const int64_t pstride = V::kRows * int64_t(w.row_stride);
+        if (r1 - rp > (NP - 1) * V::kRows)
+          run_tiles<V, L, G, P::kGS, false, false, NP>(pan, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+        else
+          run_tiles<V, L, G, P::kGS, false, false, 1>(pan, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+      }
+      return;
+    }
+  }
+  using L = TileLayout<V, G, P::kMin>;
   const int64_t pstride = nsub * kSubBytes<V, G, P::kMin>;
   thread_local ScratchBuffer packed, tail;
   auto* buf = static_cast<uint8_t*>(packed.get(size_t(NP * pstride)));
@@ -380,8 +424,8 @@ void gemm_large(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1
       if (has_panels<V>(w)) pack_panel<V, P>(packed_panel<V>(w, rp + V::kRows * p), nblk, buf + p * pstride);
       else pack_panel<V, P>(panel_at<V, P>(w, rp + V::kRows * p, r1, tail), nblk, buf + p * pstride);
     }
-    if (np == NP) run_tiles<V, G, P::kGS, P::kMin, P::kSigned, NP>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
-    else run_tiles<V, G, P::kGS, P::kMin, P::kSigned, 1>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+    if (np == NP) run_tiles<V, L, G, P::kGS, P::kMin, P::kSigned, NP>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+    else run_tiles<V, L, G, P::kGS, P::kMin, P::kSigned, 1>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
   }
 }
 
