@@ -54,11 +54,22 @@ struct Avx2 {
   static PE_INLINE I load_i(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
   static PE_INLINE I loadu_i(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   static PE_INLINE void store_i(void* p, I v) { _mm256_store_si256(static_cast<__m256i*>(p), v); }
-  static PE_INLINE int hsum_i32(I v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
+  // The lane sums of a and of b, through one reduction tree.
+  static PE_INLINE void hsum2_i32(I a, I b, int& sa, int& sb) {
+    I s = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+    s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0x4E));
+    s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0xB1));  // a's sum in lane 0, b's in lane 4
+    sa = _mm_cvtsi128_si32(_mm256_castsi256_si128(s));
+    sb = _mm_cvtsi128_si32(_mm256_extracti128_si256(s, 1));
+  }
+  // |v|'s bits: for floats of one sign, integer order is float order, and >= 0x7f800000 is NaN or Inf.
+  static PE_INLINE I abs_bits(F v) { return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff)); }
+  static PE_INLINE I max_u32(I a, I b) { return _mm256_max_epu32(a, b); }
+  static PE_INLINE uint32_t hmax_u32(I v) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
+    return uint32_t(_mm_cvtsi128_si32(m));
   }
 
   // Float ops.
@@ -69,14 +80,6 @@ struct Avx2 {
   static PE_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static PE_INLINE F neg(F v) { return _mm256_sub_ps(_mm256_setzero_ps(), v); }
   static PE_INLINE F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static PE_INLINE F abs_ps(F v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
-  static PE_INLINE F max_ps(F a, F b) { return _mm256_max_ps(a, b); }
-  static PE_INLINE float hmax(F v) {
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    return _mm_cvtss_f32(m4);
-  }
   static PE_INLINE F load_ps(const void* p) { return _mm256_load_ps(static_cast<const float*>(p)); }
   // 8 fp16 side by side (a packed panel's scales) as floats.
   static PE_INLINE F cvt_f16(const void* p) { return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p))); }

@@ -44,7 +44,19 @@ struct Avx512 {
   static PE_INLINE I loadu_i(const void* p) { return _mm512_loadu_si512(p); }
   static PE_INLINE void store_i(void* p, I v) { _mm512_store_si512(p, v); }
   static PE_INLINE I dpbusd(I acc, I u, I x) { return _mm512_dpbusd_epi32(acc, u, x); }
-  static PE_INLINE int hsum_i32(I v) { return _mm512_reduce_add_epi32(v); }
+  // The lane sums of a and of b, through one reduction tree.
+  static PE_INLINE void hsum2_i32(I a, I b, int& sa, int& sb) {
+    I s = _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, 0x44), _mm512_shuffle_i64x2(a, b, 0xEE));
+    s = _mm512_add_epi32(s, _mm512_shuffle_i64x2(s, s, 0xB1));  // a's sum in 128-bit lane 0, b's in lane 2
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC));
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB));
+    sa = _mm_cvtsi128_si32(_mm512_castsi512_si128(s));
+    sb = _mm_cvtsi128_si32(_mm512_extracti32x4_epi32(s, 2));
+  }
+  // |v|'s bits: for floats of one sign, integer order is float order, and >= 0x7f800000 is NaN or Inf.
+  static PE_INLINE I abs_bits(F v) { return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)); }
+  static PE_INLINE I max_u32(I a, I b) { return _mm512_max_epu32(a, b); }
+  static PE_INLINE uint32_t hmax_u32(I v) { return _mm512_reduce_max_epu32(v); }
 
   // Float ops.
   static PE_INLINE F zero_ps() { return _mm512_setzero_ps(); }
@@ -54,9 +66,6 @@ struct Avx512 {
   static PE_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static PE_INLINE F neg(F v) { return _mm512_sub_ps(_mm512_setzero_ps(), v); }
   static PE_INLINE F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static PE_INLINE F abs_ps(F v) { return _mm512_abs_ps(v); }
-  static PE_INLINE F max_ps(F a, F b) { return _mm512_max_ps(a, b); }
-  static PE_INLINE float hmax(F v) { return _mm512_reduce_max_ps(v); }
   static PE_INLINE F load_ps(const void* p) { return _mm512_load_ps(p); }
   // 16 fp16 side by side (a packed panel's scales) as floats.
   static PE_INLINE F cvt_f16(const void* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p))); }

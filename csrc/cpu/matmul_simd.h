@@ -20,14 +20,13 @@
 // and shift ops; load_transpose / load_f16 / load_u32 / add_q5_high_bits / bits / or_bits for the
 // unpackers; the integer dot step (kVnni: vpdpbusd; otherwise pmaddubsw + pmaddwd, with int16 sums
 // over a packer's kGS groups); float ops; store_rows for a panel's last rows; and for quantize_x,
-// hmax, hsum_i32 and store_q8 (32 int32 to 32 int8). Tile shapes: kMaxSmallM, kTileM, kPrefillPanels,
+// abs_bits, max_u32, hmax_u32, hsum2_i32 and store_q8 (32 int32 to 32 int8). Tile shapes: kMaxSmallM, kTileM, kPrefillPanels,
 // decode_panels<P>() (1 or 2 panels per decode loop, per packer).
 #pragma once
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
 
-#include "cpu/finite.h"
 #include "cpu/matmul_kernels.h"
 #include "cpu/unpack_simd.h"
 
@@ -56,18 +55,22 @@ void quantize_x(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, 
     int8_t* q = out.q + r * out.ldq;
     XSub* sub = out.sub + r * out.ldsub;
     for (int64_t b = 0; b < k / 32; b++) {
-      if (!all_finite(xr + 32 * b, 32)) {  // cvtps2dq would give INT_MIN: see QuantizedX
+      // max |x| as the largest |x| bit pattern, which also tells a NaN or Inf (exponent all ones).
+      F v[N];
+      I a[N];
+      for (int i = 0; i < N; i++) {
+        v[i] = V::loadu_ps(xr + 32 * b + V::kRows * i);
+        a[i] = V::abs_bits(v[i]);
+      }
+      const I mx = N == 2 ? V::max_u32(a[0], a[1]) : V::max_u32(V::max_u32(a[0], a[1]), V::max_u32(a[2], a[3]));
+      const uint32_t amax_bits = V::hmax_u32(mx);
+      if (amax_bits >= 0x7f800000u) {  // cvtps2dq would give INT_MIN: see QuantizedX
         std::memset(q + 32 * b, 0, 32);
         for (int j = 0; j < 32 / s.sub; j++) sub[b * (32 / s.sub) + j] = non_finite_xsub();
         continue;
       }
-      F v[N], a[N];
-      for (int i = 0; i < N; i++) {
-        v[i] = V::loadu_ps(xr + 32 * b + V::kRows * i);
-        a[i] = V::abs_ps(v[i]);
-      }
-      const F mx = N == 2 ? V::max_ps(a[0], a[1]) : V::max_ps(V::max_ps(a[0], a[1]), V::max_ps(a[2], a[3]));
-      float amax = V::hmax(mx);
+      float amax;
+      std::memcpy(&amax, &amax_bits, sizeof amax);
       if (amax < kMinQuantAmax) amax = 0.0f;
       const float d = amax / 127.0f;
       const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
@@ -80,7 +83,8 @@ void quantize_x(const float* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, 
         h0 = V::add_i32(h0, qi[i]);
         h1 = V::add_i32(h1, qi[N / 2 + i]);
       }
-      const int s0 = V::hsum_i32(h0), s1 = V::hsum_i32(h1);
+      int s0, s1;
+      V::hsum2_i32(h0, h1, s0, s1);
       if (s.sub == 16) {
         sub[2 * b] = XSub{-s.offset * s0, d, d * float(s0), 0.0f};
         sub[2 * b + 1] = XSub{-s.offset * s1, d, d * float(s1), 0.0f};
