@@ -44,7 +44,7 @@ int panel_rows_for_cpu(const Tensor& w) {
 
 bool can_pack_panels(const Tensor& w) {
   if (is_float(w.type))
-    return w.device == Device::CPU && w.data && w.rows > 1 && w.row_stride == row_bytes(w.type, w.cols);
+    return w.device == Device::CPU && w.data && w.rows > 0 && w.row_stride == row_bytes(w.type, w.cols);
   const QuantScheme* s = quant_scheme(w.type);
   return s && w.device == Device::CPU && w.data && w.rows > 0 && w.cols % s->block == 0 &&
          w.row_stride == size_t(w.cols / s->block) * size_t(s->block_bytes);

@@ -31,8 +31,8 @@ namespace pe::cpu {
 // The panel height the current kernel path reads for w's type (cpu_path()): 1 for float weights; 0
 // where it reads a quantized type's rows as they are (the portable path).
 int panel_rows_for_cpu(const Tensor& w);
-// Whether w can be repacked: a matrix of a float type, or of a quantized type the SIMD kernels handle,
-// rows of whole blocks.
+// Whether w can be repacked: rows of a float type, or of a quantized type the SIMD kernels handle in
+// whole blocks.
 bool can_pack_panels(const Tensor& w);
 // Bytes of w in the panel layout of height r (its rows rounded up to whole panels).
 size_t panel_bytes(const Tensor& w, int r);

@@ -194,7 +194,10 @@ void Model::pack_cpu_weights(Executor& ex) const {
     std::map<std::pair<const void*, size_t>, size_t> offset;  // (data, panel bytes) -> offset
     std::vector<Tensor*> packed;
     size_t total = 0;
-    auto wanted = [](const Tensor& t) { return !t.panels && cpu::can_pack_panels(t) && cpu::panel_rows_for_cpu(t) > 0; };
+    // Matrices only: a model's one-row float tensors are norms and biases, which no matmul reads.
+    auto wanted = [](const Tensor& t) {
+      return !t.panels && t.rows > 1 && cpu::can_pack_panels(t) && cpu::panel_rows_for_cpu(t) > 0;
+    };
     for (Tensor* t : cpu) {
       if (!wanted(*t)) continue;
       const size_t bytes = cpu::panel_bytes(*t, cpu::panel_rows_for_cpu(*t));
@@ -206,10 +209,19 @@ void Model::pack_cpu_weights(Executor& ex) const {
     if (total == 0) return;
     panel_memory_ = Buffer::huge_pages(total);
     auto* base = static_cast<uint8_t*>(panel_memory_.data());
+    // A few MiB of rows at a time, each chunk's file pages released once copied: the copy grows as the
+    // file's pages go, and the peak stays a chunk above either (a whole embedding table at once was 40 MB
+    // of SmolLM2 F16's peak RSS).
+    constexpr size_t kChunkBytes = size_t(4) << 20;
     for (Tensor* t : packed) {
       const int r = cpu::panel_rows_for_cpu(*t);
-      cpu::pack_panels(ex, *t, r, base + offset.at({t->data, cpu::panel_bytes(*t, r)}));
-      file_->release_pages(t->data, t->row_stride * size_t(t->rows));
+      uint8_t* dst = base + offset.at({t->data, cpu::panel_bytes(*t, r)});
+      const int64_t chunk = std::max<int64_t>(1, int64_t(kChunkBytes / (t->row_stride * size_t(r)))) * r;
+      for (int64_t r0 = 0; r0 < t->rows; r0 += chunk) {
+        const Tensor part = t->rows_view(r0, std::min(chunk, t->rows - r0));  // whole panels: r0 % r == 0
+        cpu::pack_panels(ex, part, r, dst + size_t(r0) * t->row_stride);
+        file_->release_pages(part.data, part.row_stride * size_t(part.rows));
+      }
     }
     for (Tensor* t : cpu) {
       if (!wanted(*t)) continue;
