@@ -13,8 +13,6 @@ namespace pe::cpu {
 
 namespace {
 
-bool is_float_type(GGMLType t) { return t == GGMLType::F32 || t == GGMLType::F16 || t == GGMLType::BF16; }
-
 const MatmulKernels& kernels() {
 #if defined(PE_X86)
   switch (cpu_path()) {

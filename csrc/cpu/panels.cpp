@@ -29,12 +29,10 @@ std::vector<Unit> block_units(const QuantScheme& s) {
   return units;
 }
 
-bool is_float(GGMLType t) { return t == GGMLType::F32 || t == GGMLType::F16 || t == GGMLType::BF16; }
-
 }  // namespace
 
 int panel_rows_for_cpu(const Tensor& w) {
-  if (is_float(w.type)) return 1;
+  if (is_float_type(w.type)) return 1;
   switch (cpu_path()) {
     case CpuPath::AVX512: return 16;
     case CpuPath::AVX2: return 8;
@@ -43,17 +41,16 @@ int panel_rows_for_cpu(const Tensor& w) {
 }
 
 bool can_pack_panels(const Tensor& w) {
-  if (is_float(w.type))
-    return w.device == Device::CPU && w.data && w.rows > 0 && w.row_stride == row_bytes(w.type, w.cols);
+  if (w.device != Device::CPU || !w.data || w.rows <= 0) return false;
+  if (is_float_type(w.type)) return w.row_stride == row_bytes(w.type, w.cols);
   const QuantScheme* s = quant_scheme(w.type);
-  return s && w.device == Device::CPU && w.data && w.rows > 0 && w.cols % s->block == 0 &&
-         w.row_stride == size_t(w.cols / s->block) * size_t(s->block_bytes);
+  return s && w.cols % s->block == 0 && w.row_stride == size_t(w.cols / s->block) * size_t(s->block_bytes);
 }
 
 size_t panel_bytes(const Tensor& w, int r) { return size_t((w.rows + r - 1) / r) * size_t(r) * w.row_stride; }
 
 void pack_panels(Executor& ex, const Tensor& w, int r, void* dst) {
-  PE_CHECK(can_pack_panels(w) && r > 0 && (r == 1) == is_float(w.type), Error, "pack_panels: a ",
+  PE_CHECK(can_pack_panels(w) && r > 0 && (r == 1) == is_float_type(w.type), Error, "pack_panels: a ",
            type_name(uint32_t(w.type)), " tensor cannot be repacked in panels of ", r, " rows");
   if (r == 1) {  // float rows, copied as they are
     ex.pool().for_range(w.rows, 64, [&](int64_t r0, int64_t r1) {

@@ -50,6 +50,9 @@ constexpr const QuantScheme* quant_scheme(GGMLType t) {
   return nullptr;
 }
 
+// The float weight types, which the matmul kernels read unquantized.
+constexpr bool is_float_type(GGMLType t) { return t == GGMLType::F32 || t == GGMLType::F16 || t == GGMLType::BF16; }
+
 // Unpacks one ggml block (raw bytes) to u[block], scale[block/sub] and, if has_min, min[block/sub].
 void unpack_block(const QuantScheme& s, const uint8_t* blk, uint8_t* u, float* scale, float* min);
 
