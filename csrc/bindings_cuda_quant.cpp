@@ -4,12 +4,14 @@
 #include <pybind11/numpy.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "bindings.h"
 #include "common.h"
 #include "cuda/gemv_span.cuh"
 #include "cuda/quant_blocks.cuh"
+#include "cuda/quant_dot.cuh"
 #include "ggml_types.h"
 
 namespace py = pybind11;
@@ -131,6 +133,82 @@ py::array_t<float> cuda_host_gemv_staged_dequantize(const py::buffer& w, uint32_
   return out;
 }
 
+// The integer form of every chunk of a quantized matrix (cuda/quant_dot.cuh): q (rows, cols) as
+// int8 and, per 16-element half chunk, scale and offset (rows, cols / 16), so that
+// w = scale * q + offset elementwise.
+py::tuple cuda_host_int_chunks(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols) {
+  const py::buffer_info info = w.request();
+  size_t rb;
+  const GGMLType t = check_weights(info, type_id, rows, cols, &rb);
+  PE_CHECK(!cuda::chunk_type_is_float(t), UnsupportedModelError, "type ", type_name(type_id),
+           " has no integer chunk decoder");
+  py::array_t<int8_t> q({rows, cols});
+  py::array_t<float> scale({rows, cols / 16}), offset({rows, cols / 16});
+  const auto* src = static_cast<const uint8_t*>(info.ptr);
+  int8_t* qd = q.mutable_data();
+  float* sd = scale.mutable_data();
+  float* od = offset.mutable_data();
+  {
+    py::gil_scoped_release release;
+    cuda::IntChunk chunk;
+    for (int64_t r = 0; r < rows; r++) {
+      for (int64_t c = 0; c < cols / cuda::kChunk; c++) {
+        cuda::int_chunk(t, src + size_t(r) * rb, c, chunk);
+        for (int l = 0; l < cuda::kChunk; l++)
+          qd[r * cols + c * cuda::kChunk + l] = int8_t(cuda::byte_at(chunk.q, l));
+        for (int h = 0; h < 2; h++) {
+          sd[r * (cols / 16) + 2 * c + h] = chunk.scale[h];
+          od[r * (cols / 16) + 2 * c + h] = chunk.offset[h];
+        }
+      }
+    }
+  }
+  return py::make_tuple(q, scale, offset);
+}
+
+// y = x W^T as the CUDA decode GEMV computes it for a quantized W: x rounded to 8 bits per chunk
+// (quantize_x_chunk), integer dot products per chunk (dot_chunk), float sums over the chunks.
+py::array_t<float> cuda_host_int_matmul(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
+                                        const py::array_t<float, py::array::c_style | py::array::forcecast>& x) {
+  const py::buffer_info info = w.request();
+  size_t rb;
+  const GGMLType t = check_weights(info, type_id, rows, cols, &rb);
+  PE_CHECK(!cuda::chunk_type_is_float(t), UnsupportedModelError, "type ", type_name(type_id),
+           " has no integer chunk decoder");
+  PE_CHECK(x.ndim() == 2 && x.shape(1) == cols, ModelFormatError, "x must be (m, ", cols, ")");
+  const int64_t m = x.shape(0);
+  py::array_t<float> y({m, rows});
+  const auto* src = static_cast<const uint8_t*>(info.ptr);
+  const float* xd = x.data();
+  float* yd = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    const int64_t n_chunks = cols / cuda::kChunk;
+    std::vector<cuda::XRecord> recs(size_t(m * n_chunks));
+    float xc[cuda::kChunk];
+    for (int64_t i = 0; i < m * n_chunks; i++) {
+      std::copy(xd + i * cuda::kChunk, xd + (i + 1) * cuda::kChunk, xc);
+      cuda::quantize_x_chunk(xc, recs[size_t(i)]);
+    }
+    cuda::IntChunk chunk;
+    for (int64_t r = 0; r < rows; r++) {
+      for (int64_t i = 0; i < m; i++) yd[i * rows + r] = 0.0f;
+      for (int64_t c = 0; c < n_chunks; c++) {
+        cuda::int_chunk(t, src + size_t(r) * rb, c, chunk);
+        for (int64_t i = 0; i < m; i++) {
+          const cuda::XRecord& rec = recs[size_t(i * n_chunks + c)];
+          uint32_t xq[8];
+          std::memcpy(xq, rec.q, sizeof(xq));
+          yd[i * rows + r] += cuda::int_chunk_has_halves(t)
+                                  ? cuda::dot_chunk<true>(chunk, xq, rec.d, rec.dsum[0], rec.dsum[1])
+                                  : cuda::dot_chunk<false>(chunk, xq, rec.d, rec.dsum[0], rec.dsum[1]);
+        }
+      }
+    }
+  }
+  return y;
+}
+
 }  // namespace
 
 void bind_cuda_quant(py::module_& m) {
@@ -142,6 +220,15 @@ void bind_cuda_quant(py::module_& m) {
         py::arg("rows"), py::arg("cols"), py::arg("misalign") = 0,
         "As cuda_host_dequantize, but through the CUDA GEMV's shared-memory staging (cuda/gemv_span.cuh) with the "
         "rows starting `misalign` bytes past a 16-byte boundary. For tests.");
+  m.def("cuda_host_int_chunks", &cuda_host_int_chunks, py::arg("w"), py::arg("type_id"), py::arg("rows"),
+        py::arg("cols"),
+        "The CUDA decode GEMV's integer form of a quantized matrix (cuda/quant_dot.cuh), on the host: (q int8 "
+        "(rows, cols), scale, offset (rows, cols / 16)) with w = scale * q + offset per 16-element half chunk. "
+        "For tests.");
+  m.def("cuda_host_int_matmul", &cuda_host_int_matmul, py::arg("w"), py::arg("type_id"), py::arg("rows"),
+        py::arg("cols"), py::arg("x"),
+        "x W^T (x float32 (m, cols)) as the CUDA decode GEMV computes it for a quantized W: x rounded to 8 bits "
+        "per 32-element chunk, integer dot products. For tests.");
 }
 
 }  // namespace pe

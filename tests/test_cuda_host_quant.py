@@ -136,6 +136,80 @@ def test_host_gemv_staging_matches_dequantize(qtype):
                 assert_bits_equal(got, want, f"{qtype.name} 3x{cols} at {mis} mod 16")
 
 
+
+QUANT_TYPES = LEGACY_TYPES + K_TYPES
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_host_int_chunks_match_gguf(qtype):
+    """The decode GEMV's integer form of each chunk (cuda/quant_dot.cuh): q per element, scale and
+    offset per 16-element half, with scale * q + offset equal to gguf-py's value up to the one float
+    rounding gguf-py does in its last step."""
+    rng = np.random.default_rng(3000 + int(qtype))
+    for cols in cols_for(qtype):
+        for raw in make_weights(qtype, 5, cols, rng):
+            q, scale, offset = _C.cuda_host_int_chunks(raw, int(qtype), 5, cols)
+            assert q.shape == (5, cols) and q.dtype == np.int8 and scale.shape == offset.shape == (5, cols // 16)
+            s = np.repeat(scale, 16, axis=1).astype(np.float64)
+            o = np.repeat(offset, 16, axis=1).astype(np.float64)
+            got = s * q + o
+            want = gguf_dequant(qtype, raw, cols).astype(np.float64)
+            bound = 2.0**-23 * (np.abs(s * q) + np.abs(o)) + 1e-38
+            bad = np.abs(got - want) > bound
+            assert not bad.any(), f"{qtype.name} 5x{cols}: {bad.sum()} values off, first at {np.argwhere(bad)[0]}"
+
+
+def quantize_x_ref(x: np.ndarray) -> np.ndarray:
+    """x rounded to 8 bits per 32-element chunk as the GPU does (d = max|x| / 127, xq = round-half-even
+    of x * (127 / max|x|), float32 arithmetic), returned as the float64 values d * xq."""
+    xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        factor = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    xq = np.rint(xb * factor)
+    d = (amax / np.float32(127)).astype(np.float32)
+    return (xq.astype(np.float64) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_host_int_matmul_matches_numpy(qtype):
+    """x W^T through the decode GEMV's arithmetic (8-bit x, dp4a sums, per-chunk scales) against numpy
+    in float64 on the same rounded x: only float rounding may separate them (a wrong nibble, half,
+    scale or offset is off by orders of magnitude more). Also within the 8-bit rounding of exact x."""
+    rng = np.random.default_rng(4000 + int(qtype))
+    for cols in cols_for(qtype):
+        for raw in make_weights(qtype, 7, cols, rng):
+            for m in (1, 3, 8):
+                x = rng.standard_normal((m, cols)).astype(np.float32) * rng.uniform(0.1, 10, (m, 1)).astype(np.float32)
+                x[0, :32] = 0  # an all-zero chunk
+                got = _C.cuda_host_int_matmul(raw, int(qtype), 7, cols, x)
+                assert got.shape == (m, 7) and got.dtype == np.float32
+                w = gguf_dequant(qtype, raw, cols).astype(np.float64)
+                xr = quantize_x_ref(x)
+                q, scale, offset = _C.cuda_host_int_chunks(raw, int(qtype), 7, cols)
+                parts = np.abs(np.repeat(scale, 16, axis=1) * q.astype(np.float64)) + np.abs(np.repeat(offset, 16, axis=1))
+                # Per chunk a handful of float roundings of terms below |xr| @ parts; the chunks' float
+                # sum adds up to (cols / 32) roundings of the running sum.
+                bound = (cols / 32 + 8) * 2.0**-23 * (np.abs(xr) @ parts.T) + 1e-30
+                err = np.abs(got - xr @ w.T)
+                assert (err <= bound).all(), f"{qtype.name} m={m} cols={cols}: worst {np.max(err / bound):.3g}x the bound"
+                # The 8-bit rounding of x: |x - xr| <= max|x| / 254 per element of each chunk.
+                amax = np.abs(x.reshape(m, -1, 32)).max(axis=-1).astype(np.float64)
+                x_err = np.repeat(amax / 254 * (1 + 1e-5), 32, axis=1)
+                exact = x.astype(np.float64) @ w.T
+                assert (np.abs(got - exact) <= bound + x_err @ np.abs(w).T).all(), f"{qtype.name} m={m} vs exact x"
+
+
+def test_host_int_matmul_propagates_nan():
+    raw = np.ascontiguousarray(gguf.quants.quantize(np.ones((2, 64), dtype=np.float32), QT.Q8_0)).view(np.uint8)
+    x = np.ones((2, 64), dtype=np.float32)
+    x[1, 40] = np.nan
+    y = _C.cuda_host_int_matmul(raw, int(QT.Q8_0), 2, 64, x)
+    np.testing.assert_allclose(y[0], [64, 64], rtol=1e-3)  # Q8_0 rounds 1.0 to 127 * fp16(1 / 127)
+    assert np.isnan(y[1]).all()
+    with pytest.raises(ValueError):
+        _C.cuda_host_int_matmul(raw, int(QT.F16), 2, 64, x)  # no integer form for a float type
+
 def test_host_gemv_staging_rejects_bad_alignment():
     raw = np.zeros((1, 64), dtype=np.float32).view(np.uint8)
     with pytest.raises(ValueError):

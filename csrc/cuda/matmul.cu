@@ -9,11 +9,18 @@
 //     for the K-quants 4 whole super-blocks) into its own shared-memory ring with cp.async, 16 bytes
 //     per lane (cuda/gemv_span.cuh plans the pieces for any 2-byte alignment), keeping up to
 //     kGemvStages - 1 further spans in flight while it computes one, so the bytes in flight per SM
-//     do not hinge on occupancy. Each lane then decodes its chunk of the staged span with the
-//     decoders of quant_blocks.cuh and FMAs it with x, which the block stages in shared memory one
-//     slice of columns at a time (padded so that lanes reading different chunks hit different
-//     banks). Accumulators live in registers (the kernel is templated on m); a warp shuffle sums
-//     the lanes. Shared memory is dynamic (up to ~70 KiB a block at m = 8).
+//     do not hinge on occupancy. Each lane then takes its chunk of the staged span:
+//       - quantized weights (the integer path, cuda/quant_dot.cuh): x was first rounded to 8 bits
+//         per 32-element chunk by quantize_x_kernel (d = max|x| / 127, as the CPU backend does),
+//         into XRecords that every block reads from global memory (L1 / L2 hits); the lane writes
+//         its weight chunk as small integers with one or two scales and offsets and multiplies
+//         it with dp4a, four products per instruction;
+//       - float weights: the lane converts its chunk to fp32 (quant_blocks.cuh) and FMAs it with x,
+//         which the block stages in shared memory one slice of columns at a time (padded so that
+//         lanes reading different chunks hit different banks).
+//     Accumulators live in registers (the kernel is templated on 1, 2, 4 or 8 rows); a warp
+//     shuffle sums the lanes. Shared memory is dynamic (up to ~70 KiB a block for float weights
+//     at m = 8).
 //     The first version (git history) had the same arithmetic but each lane read its chunk straight
 //     from global memory with 16-bit loads, lanes one chunk apart: a warp-wide load touched ~18
 //     sectors for 64 useful bytes (Q4_0), and few bytes were in flight per SM.
@@ -21,24 +28,22 @@
 //     x tile to half and dequantises a W tile to half in shared memory, then four warps run
 //     m16n16k16 tensor-core MMAs with float accumulation. Edges are zero-padded. F32 weights take
 //     gemm_f32_kernel instead, which keeps fp32 throughout.
-// Left for later: dp4a / int8 MMA on x quantised to 8 bits (as the CPU does), weight repacking at
-// load time (a tensor-core-friendly layout, no per-chunk scale decoding), mma.sync with ldmatrix
-// and cp.async double buffering (Marlin-style), split-K for small grids.
-// Measured on an H200 (ncu, 4096 x 4096), the first GEMV at m = 1: Q4_K in 19 us (~0.5 TB/s), Q4_0
-// in 12.5 us, F16 in 42 us; the WMMA GEMM at m = 512 runs at ~37 TFLOP/s (Q4_K). The staged GEMV
-// passes the GPU tests, compute-sanitizer memcheck and racecheck on an H200; whole 7B-shaped model
-// decode (benchmarks/bench_gpu.py, both kernels in one run): Q4_K 112 -> 130 tok/s, Q4_0 154 -> 156. Profiled (benchmarks/profile_gpu_decode.py, Q4_0): the GEMV is 4.0 of the 6.3 ms of
-// a decode step, 17.7 us per call on average, i.e. ~0.93 TB/s of the H200's 4.8. Likely GEMV limits
-// to look for next: the decoders still read shared memory 16 bits at a time with lanes one
-// block apart (18-byte strides for Q4_0: a few-way bank conflict; 64-byte strides for F16: 16-way),
-// the int-to-float conversions of the decoders, and at m = 8 the fp32 FMAs themselves; the GEMM's
-// unoverlapped tile loads.
+// Left for later: int8 MMA for prefill, weight repacking at load time (a tensor-core-friendly
+// layout, no per-chunk scale decoding), mma.sync with ldmatrix and cp.async double buffering
+// (Marlin-style), split-K for small grids.
+// Measured on an H200 (benchmarks/bench_gpu.py and profile_gpu_decode.py, 7B-shaped model, whole
+// on the GPU): the first GEMV (fp32 decoding, no staging) ran a 4096 x 4096 Q4_K matrix in 19 us
+// (ncu); staging took the 7B decode from 112 to 130 tok/s (Q4_K) and 154 to 156 (Q4_0), the GEMV
+// then at 17.7 us a call on average (~0.93 TB/s), bound by its int-to-float conversions. The
+// integer path: 10.0 us a call (~1.65 TB/s), decode 156 -> 222 tok/s (Q4_0), 130 -> 190 (Q4_K),
+// plus 1.2 us per call for quantize_x_kernel. The WMMA GEMM at m = 512 runs at ~37 TFLOP/s (Q4_K).
 #include <mma.h>
 
 #include "cuda/common.cuh"
 #include "cuda/gemv_span.cuh"
 #include "cuda/ops.h"
 #include "cuda/quant_blocks.cuh"
+#include "cuda/quant_dot.cuh"
 #include "cuda/reduce.cuh"
 
 namespace pe::cuda {
@@ -96,9 +101,14 @@ constexpr int kGemvXBudget = 18432;
 constexpr int kSpanXBytes = kSpanChunks * kPaddedChunk * 4;  // one span of one x row
 template <int M>
 constexpr int kGemvSliceChunks = clamp_int(kGemvXBudget / (M * kSpanXBytes), 1, 1 << 20) * kSpanChunks;
+// Quantized weights take the integer path (cuda/quant_dot.cuh): x, rounded to 8 bits by
+// quantize_x_kernel, is read as XRecords straight from global memory (a few KiB that every block
+// reads: L1 / L2 hits), so there are no x slices in shared memory.
+template <GGMLType T>
+constexpr bool kGemvInt = !chunk_type_is_float(T);
 template <GGMLType T, int M>
-constexpr int kGemvSmemBytes = M * kGemvSliceChunks<M> * kPaddedChunk * 4 +
-                             kGemvWarps<T> * kGemvStages<T> * kGemvRowsPerWarp * kGemvRowBuf<T>;
+constexpr int kGemvSmemBytes = (kGemvInt<T> ? 0 : M * kGemvSliceChunks<M> * kPaddedChunk * 4) +
+                               kGemvWarps<T> * kGemvStages<T> * kGemvRowsPerWarp * kGemvRowBuf<T>;
 
 // cp.async of N bytes (4, 8 or 16; src and dst N-byte aligned) from global to shared memory. The
 // 16-byte form bypasses L1 (.cg): weight bytes are read once.
@@ -143,19 +153,50 @@ __device__ __forceinline__ void stage_span(uint8_t* buf, const uint8_t* src, int
   });
 }
 
-// y[r][row] = sum_k x[r][k] * W[row][k] for r < M, rows [blockIdx.x * kRowsPerBlock, +kRowsPerBlock).
+// One warp per 32-element chunk of x (n_rows x n_chunks of them): its XRecord (cuda/quant_dot.cuh).
+// Lane l holds element l; max|x| and the two half sums are single warp reductions.
+constexpr int kQuantizeThreads = 256;
+__global__ void __launch_bounds__(kQuantizeThreads)
+    quantize_x_kernel(const float* __restrict__ x, int64_t ldx, int64_t n_rows, int64_t n_chunks,
+                      XRecord* __restrict__ out) {
+  const int64_t task = int64_t(blockIdx.x) * (kQuantizeThreads / 32) + threadIdx.x / 32;
+  if (task >= n_rows * n_chunks) return;  // the whole warp leaves together
+  const int lane = threadIdx.x % 32;
+  const int64_t r = task / n_chunks, c = task % n_chunks;
+  const float v = x[r * ldx + c * kChunk + lane];
+  // |x| as bits: the integer max is the float max, and a NaN (above inf) wins and spreads to the sums.
+  const float amax = __uint_as_float(warp_max_u32(__float_as_uint(fabsf(v))));
+  const int q = x_quant_value(v, x_quant_factor(amax));
+  XRecord& rec = out[task];
+  rec.q[lane] = int8_t(q);
+  const int s0 = warp_sum_i32(lane < 16 ? q : 0), s1 = warp_sum_i32(lane < 16 ? 0 : q);
+  if (lane == 0) {
+    const float d = amax / 127.0f;
+    rec.d = d;
+    rec.dsum[0] = d * float(s0);
+    rec.dsum[1] = d * float(s1);
+    rec.pad = 0.0f;
+  }
+}
+
+// y[r][row] = sum_k x[r][k] * W[row][k] for r < m <= M, rows [blockIdx.x * kRowsPerBlock, +kRowsPerBlock).
+// M (1, 2, 4 or 8) sizes the accumulators; m is the rows of x there are.
+// Float weights read x (fp32) through shared-memory slices; quantized weights read xrec, x's
+// XRecords (row r's chunk c at xrec[r * n_chunks + c]), and multiply with dp4a.
 // The launch bounds ask for 16 warps per SM, i.e. at most 128 registers per thread: without the
 // minimum, ptxas held the 4-warp F32 kernel at m = 8 to 96 registers and spilled.
 template <GGMLType T, int M>
 __global__ void __launch_bounds__(kGemvWarps<T> * 32, 16 / kGemvWarps<T>)
     gemv_kernel(const uint8_t* __restrict__ w, int64_t w_rows, int64_t cols, size_t w_stride,
-                   const float* __restrict__ x, int64_t ldx, float* __restrict__ y, int64_t ldy) {
+                   const float* __restrict__ x, int64_t ldx, const XRecord* __restrict__ xrec, int m,
+                   float* __restrict__ y, int64_t ldy) {
+  constexpr bool kInt = kGemvInt<T>;
   constexpr int kThreads = kGemvWarps<T> * 32;
   constexpr int kRowsPerBlock = kGemvWarps<T> * kGemvRowsPerWarp;
   constexpr int kStages = kGemvStages<T>;
   constexpr int kRowBuf = kGemvRowBuf<T>;
-  constexpr int kSliceChunks = kGemvSliceChunks<M>;
-  constexpr int kSliceStride = kSliceChunks * kPaddedChunk;  // floats per x row in shared memory
+  constexpr int kSliceChunks = kInt ? 1 << 30 : kGemvSliceChunks<M>;
+  constexpr int kSliceStride = kInt ? 0 : kSliceChunks * kPaddedChunk;  // floats per x row in shared memory
   static_assert(kSliceChunks % kSpanChunks == 0, "a span must not straddle two x slices");
   static_assert(kGemvSmemBytes<T, M> <= 99 * 1024, "GEMV shared memory exceeds sm_86/89's 99 KiB per block");
   extern __shared__ __align__(16) uint8_t gemv_smem[];
@@ -164,7 +205,7 @@ __global__ void __launch_bounds__(kGemvWarps<T> * 32, 16 / kGemvWarps<T>)
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   // Staging buffer of row i of stage st: stage + (st * kGemvRowsPerWarp + i) * kRowBuf.
-  uint8_t* stage = gemv_smem + M * kSliceStride * 4 + warp * (kStages * kGemvRowsPerWarp * kRowBuf);
+  uint8_t* stage = gemv_smem + (kInt ? 0 : M * kSliceStride * 4) + warp * (kStages * kGemvRowsPerWarp * kRowBuf);
   const int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock + warp * kGemvRowsPerWarp;
   // A row past the end of W reads the last row again (its sum is not stored): no branch in the loop.
   const uint8_t* rows[kGemvRowsPerWarp];
@@ -195,14 +236,16 @@ __global__ void __launch_bounds__(kGemvWarps<T> * 32, 16 / kGemvWarps<T>)
 
   for (int64_t c0 = 0; c0 < n_chunks; c0 += kSliceChunks) {
     const int nc = int(n_chunks - c0 < kSliceChunks ? n_chunks - c0 : kSliceChunks);
-    const int64_t k0 = c0 * kChunk;
-    __syncthreads();  // every warp is done with the previous slice
-    for (int r = 0; r < M; r++) {
-      const float* xr = x + r * ldx;
-      for (int k = threadIdx.x; k < nc * kChunk; k += kThreads)
-        xs[r * kSliceStride + (k / kChunk) * kPaddedChunk + k % kChunk] = k0 + k < cols ? xr[k0 + k] : 0.0f;
+    if constexpr (!kInt) {
+      const int64_t k0 = c0 * kChunk;
+      __syncthreads();  // every warp is done with the previous slice
+      for (int r = 0; r < m; r++) {
+        const float* xr = x + r * ldx;
+        for (int k = threadIdx.x; k < nc * kChunk; k += kThreads)
+          xs[r * kSliceStride + (k / kChunk) * kPaddedChunk + k % kChunk] = k0 + k < cols ? xr[k0 + k] : 0.0f;
+      }
+      __syncthreads();
     }
-    __syncthreads();
 
     for (int sc = 0; sc < nc; sc += kSpanChunks) {
       const int64_t s = (c0 + sc) / kSpanChunks;
@@ -211,7 +254,30 @@ __global__ void __launch_bounds__(kGemvWarps<T> * 32, 16 / kGemvWarps<T>)
       copy_async_wait<kStages - 1>();
       __syncwarp();  // span s's bytes, copied by all lanes, are visible to all lanes
       const int c = sc + lane;  // this lane's chunk in the slice
-      if (c < nc) {
+      if constexpr (kInt) {
+        if (c < nc) {
+          int64_t b, e;
+          span_bytes(T, cols, s, &b, &e);
+          IntChunk wq[kGemvRowsPerWarp];
+#pragma unroll
+          for (int i = 0; i < kGemvRowsPerWarp; i++) {
+            const uint8_t* staged = stage + (int(s % kStages) * kGemvRowsPerWarp + i) * kRowBuf +
+                                    (reinterpret_cast<uintptr_t>(rows[i] + b) & 15);
+            int_chunk<T>(staged, lane, wq[i]);
+          }
+#pragma unroll
+          for (int r = 0; r < M; r++) {
+            if (r >= m) break;
+            const uint4* rec = reinterpret_cast<const uint4*>(xrec + r * n_chunks + c0 + c);
+            const uint4 q0 = __ldg(rec), q1 = __ldg(rec + 1);
+            const uint32_t xq[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+            const float4 meta = __ldg(reinterpret_cast<const float4*>(rec + 2));  // d, dsum[0], dsum[1]
+#pragma unroll
+            for (int i = 0; i < kGemvRowsPerWarp; i++)
+              acc[i][r] += dot_chunk<int_chunk_has_halves(T)>(wq[i], xq, meta.x, meta.y, meta.z);
+          }
+        }
+      } else if (c < nc) {
         int64_t b, e;
         span_bytes(T, cols, s, &b, &e);
         float wv[kGemvRowsPerWarp][kChunk];
@@ -223,6 +289,7 @@ __global__ void __launch_bounds__(kGemvWarps<T> * 32, 16 / kGemvWarps<T>)
         }
 #pragma unroll
         for (int r = 0; r < M; r++) {
+          if (r >= m) break;
           const float4* xc = reinterpret_cast<const float4*>(xs + r * kSliceStride + c * kPaddedChunk);
 #pragma unroll
           for (int q = 0; q < kChunk / 4; q++) {
@@ -249,13 +316,14 @@ __global__ void __launch_bounds__(kGemvWarps<T> * 32, 16 / kGemvWarps<T>)
     for (int r = 0; r < M; r++) {
       const float s = warp_sum(acc[i][r]);
       const int64_t row = row0 + i;
-      if (lane == 0 && row < w_rows) y[r * ldy + row] = s;
+      if (lane == 0 && row < w_rows && r < m) y[r * ldy + row] = s;
     }
   }
 }
 
 template <GGMLType T, int M>
-void launch_gemv_m(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, float* y, int64_t ldy) {
+void launch_gemv_m(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, const XRecord* xrec, int m,
+                   float* y, int64_t ldy) {
   constexpr int kSmem = kGemvSmemBytes<T, M>;
   // Above 48 KiB a kernel must opt in to dynamic shared memory (once: the engine uses one device).
   static const bool opted_in = [] {
@@ -267,24 +335,32 @@ void launch_gemv_m(cudaStream_t stream, const Tensor& w, const float* x, int64_t
   const int64_t blocks = ceil_div(w.rows, kGemvWarps<T> * kGemvRowsPerWarp);
   PE_CHECK(blocks <= 0x7fffffff, Error, "matmul: too many weight rows for one grid (", w.rows, ")");
   gemv_kernel<T, M><<<unsigned(blocks), kGemvWarps<T> * 32, kSmem, stream>>>(
-      static_cast<const uint8_t*>(w.data), w.rows, w.cols, w.row_stride, x, ldx, y, ldy);
+      static_cast<const uint8_t*>(w.data), w.rows, w.cols, w.row_stride, x, ldx, xrec, m, y, ldy);
   PE_CUDA_LAUNCHED();
 }
 
+// Workspace slot of the XRecords of x (attention.cu holds slots 0 and 1).
+constexpr int kXRecordSlot = 2;
+
 template <GGMLType T>
-void launch_gemv(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, int64_t m, float* y,
-                 int64_t ldy) {
-  switch (m) {
-    case 1: return launch_gemv_m<T, 1>(stream, w, x, ldx, y, ldy);
-    case 2: return launch_gemv_m<T, 2>(stream, w, x, ldx, y, ldy);
-    case 3: return launch_gemv_m<T, 3>(stream, w, x, ldx, y, ldy);
-    case 4: return launch_gemv_m<T, 4>(stream, w, x, ldx, y, ldy);
-    case 5: return launch_gemv_m<T, 5>(stream, w, x, ldx, y, ldy);
-    case 6: return launch_gemv_m<T, 6>(stream, w, x, ldx, y, ldy);
-    case 7: return launch_gemv_m<T, 7>(stream, w, x, ldx, y, ldy);
-    case 8: return launch_gemv_m<T, 8>(stream, w, x, ldx, y, ldy);
-    default: PE_THROW(Error, "matmul: gemv takes 1 to ", kGemvMaxM, " rows of x, got ", m);
+void launch_gemv(Executor& ex, const Tensor& w, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy) {
+  const cudaStream_t stream = stream_of(ex);
+  const XRecord* xrec = nullptr;
+  if constexpr (kGemvInt<T>) {
+    const int64_t n_chunks = w.cols / kChunk;  // quantized rows are whole blocks of 32 or 256
+    auto* rec = static_cast<XRecord*>(ex.workspace(kXRecordSlot, size_t(m * n_chunks) * sizeof(XRecord)));
+    const int64_t blocks = ceil_div(m * n_chunks, kQuantizeThreads / 32);
+    PE_CHECK(blocks <= 0x7fffffff, Error, "matmul: rows of ", w.cols, " columns are too long for one grid");
+    quantize_x_kernel<<<unsigned(blocks), kQuantizeThreads, 0, stream>>>(x, ldx, m, n_chunks, rec);
+    PE_CUDA_LAUNCHED();
+    xrec = rec;
   }
+  // Accumulators for 1, 2, 4 or 8 rows: four kernels per type, not eight.
+  if (m == 1) return launch_gemv_m<T, 1>(stream, w, x, ldx, xrec, 1, y, ldy);
+  if (m == 2) return launch_gemv_m<T, 2>(stream, w, x, ldx, xrec, 2, y, ldy);
+  if (m <= 4) return launch_gemv_m<T, 4>(stream, w, x, ldx, xrec, int(m), y, ldy);
+  PE_CHECK(m <= kGemvMaxM, Error, "matmul: gemv takes 1 to ", kGemvMaxM, " rows of x, got ", m);
+  launch_gemv_m<T, 8>(stream, w, x, ldx, xrec, int(m), y, ldy);
 }
 
 // ---- tensor-core GEMM (m > 8) ---------------------------------------------------------------------------
@@ -488,7 +564,7 @@ void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y) {
   const int64_t ldx = x.ld(), ldy = y.ld();
   visit_chunk_type(w.type, [&](auto type) {
     constexpr GGMLType T = decltype(type)::value;
-    if (m <= kGemvMaxM) launch_gemv<T>(stream, w, xp, ldx, m, yp, ldy);
+    if (m <= kGemvMaxM) launch_gemv<T>(ex, w, xp, ldx, m, yp, ldy);
     else launch_gemm<T>(stream, w, xp, ldx, m, yp, ldy);
   });
 }

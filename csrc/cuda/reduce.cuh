@@ -14,6 +14,25 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Integer max / sum over a warp: one instruction (redux.sync) from sm_80 on.
+__device__ __forceinline__ unsigned warp_max_u32(unsigned v) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, v);
+#else
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+#endif
+}
+
+__device__ __forceinline__ int warp_sum_i32(int v) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_add_sync(0xffffffffu, v);
+#else
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+#endif
+}
+
 // Sum of v over a block of kThreads threads (a multiple of 32); every thread gets the result.
 // `scratch` holds kThreads / 32 floats; the call synchronises the block, so call it from every thread.
 template <int kThreads>

@@ -76,9 +76,13 @@ def gpu_tolerance(qtype: QT, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         # The fp32 GEMM: each thread sums all cols terms in order with float FMAs, so the error is
         # below cols * 2^-24 * scale (the worst case; random signs give far less).
         return x.shape[1] * 2.0**-24 * scale + 1e-30
+    if x.shape[0] <= GEMV_MAX_M and qtype not in FLOAT_TYPES:
+        # GEMV on quantized weights: x rounded to 8 bits per 32-element chunk with d = amax / 127 and
+        # integer dot products (csrc/cuda/quant_dot.cuh), the rounding the CPU does: the CPU's bound.
+        return cpu_tolerance(qtype, x, w)
     if x.shape[0] <= GEMV_MAX_M:
-        # GEMV: float x, weights dequantised exactly to float, float FMAs. A lane sums cols / 32 terms
-        # and five shuffles join the lanes, so the error is below (cols / 32 + 5) * 2^-24 * scale:
+        # GEMV on float weights: float x, weights converted exactly to float, float FMAs. A lane sums
+        # cols / 32 terms and five shuffles join the lanes, so the error is below (cols / 32 + 5) * 2^-24 * scale:
         # 1e-4 covers cols up to ~50000.
         return 1e-4 * scale + 1e-30
     # Tensor cores: x and w rounded to half. In half's normal range each rounding is within a relative
