@@ -88,12 +88,20 @@ constexpr int kGemvWarps = T == GGMLType::F32 ? 4 : 8;
 // One row's staging buffer: a whole span, shifted by up to 15 bytes, in whole 16-byte units.
 template <GGMLType T>
 constexpr int kGemvRowBuf = (span_max_bytes(T) + 15) / 16 * 16 + 16;
-// Stages per warp: about 4.5 KiB of staging per warp (3 stages for Q4_0 / Q4_K, 2 for Q8_0 / Q6_K,
-// 1 for the float types, whose spans are 2-4 KiB per row), at most 4.
-constexpr int kGemvStageBudget = 4608;
+// Quantized weights take the integer path (cuda/quant_dot.cuh): x, rounded to 8 bits by
+// quantize_x_kernel, is read as XRecords straight from global memory (a few KiB that every block
+// reads: L1 / L2 hits), so there are no x slices in shared memory.
+template <GGMLType T>
+constexpr bool kGemvInt = !chunk_type_is_float(T);
+// Stages per warp, at most 4. Float weights: about 4.5 KiB of staging per warp (1 stage: their spans
+// are 2-4 KiB per row). The integer path keeps no x in shared memory and gets 6 KiB: 4 stages for
+// Q4_0 / Q4_K (a 4096-column row, 4 spans, is in flight nearly whole), 3 for Q6_K, 2 for Q8_0;
+// 8 warps x 6 KiB still leave two blocks per SM on sm_86 / sm_89 (100 KiB).
+template <GGMLType T>
+constexpr int kGemvStageBudget = kGemvInt<T> ? 6144 : 4608;
 constexpr int clamp_int(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 template <GGMLType T>
-constexpr int kGemvStages = clamp_int(kGemvStageBudget / (kGemvRowsPerWarp * kGemvRowBuf<T>), 1, 4);
+constexpr int kGemvStages = clamp_int(kGemvStageBudget<T> / (kGemvRowsPerWarp * kGemvRowBuf<T>), 1, 4);
 // x slices: whole spans, about 18 KiB (at least one span: 36 KiB at m = 8), laid out as in
 // the first version. A smaller slice than its 36 KiB leaves room for the staging buffers and more
 // blocks per SM; at m = 1 a 4096-column row is still a single slice.
@@ -101,11 +109,6 @@ constexpr int kGemvXBudget = 18432;
 constexpr int kSpanXBytes = kSpanChunks * kPaddedChunk * 4;  // one span of one x row
 template <int M>
 constexpr int kGemvSliceChunks = clamp_int(kGemvXBudget / (M * kSpanXBytes), 1, 1 << 20) * kSpanChunks;
-// Quantized weights take the integer path (cuda/quant_dot.cuh): x, rounded to 8 bits by
-// quantize_x_kernel, is read as XRecords straight from global memory (a few KiB that every block
-// reads: L1 / L2 hits), so there are no x slices in shared memory.
-template <GGMLType T>
-constexpr bool kGemvInt = !chunk_type_is_float(T);
 template <GGMLType T, int M>
 constexpr int kGemvSmemBytes = (kGemvInt<T> ? 0 : M * kGemvSliceChunks<M> * kPaddedChunk * 4) +
                                kGemvWarps<T> * kGemvStages<T> * kGemvRowsPerWarp * kGemvRowBuf<T>;
