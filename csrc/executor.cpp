@@ -74,6 +74,18 @@ void* Executor::workspace(int slot, size_t bytes) {
   return b.data();
 }
 
+void* Executor::upload_workspace(int slot, const void* src, size_t n) {
+  const void* before = size_t(slot) < workspace_.size() ? workspace_[size_t(slot)].data() : nullptr;
+  void* dst = workspace(slot, n);
+  if (size_t(slot) >= uploaded_.size()) uploaded_.resize(size_t(slot) + 1);
+  std::vector<uint8_t>& last = uploaded_[size_t(slot)];
+  const auto* bytes = static_cast<const uint8_t*>(src);
+  if (dst == before && last.size() == n && (n == 0 || std::memcmp(last.data(), bytes, n) == 0)) return dst;
+  copy_between(*this, device_, dst, Device::CPU, src, n);
+  last.assign(bytes, bytes + n);
+  return dst;
+}
+
 void Executor::synchronize() {
   if (stream_) cuda::stream_synchronize(stream_);
 }

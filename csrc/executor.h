@@ -40,6 +40,11 @@ class Executor {
   // Scratch memory of this device for an op's temporaries (page tables, split-K partials): slot
   // `slot`, at least `bytes`, kept between calls. Valid until the next call with the same slot.
   void* workspace(int slot, size_t bytes);
+  // Workspace slot `slot` holding the n bytes at host address src, copied there unless the slot's
+  // last upload_workspace was of the same bytes into the same buffer (then nothing is queued). For
+  // per-pass tables that every layer uploads (attention's page table: one pageable copy per pass
+  // instead of one per layer). A slot used this way must not be written otherwise.
+  void* upload_workspace(int slot, const void* src, size_t n);
   // Waits for the work queued so far (a no-op on the CPU).
   void synchronize();
 
@@ -49,6 +54,7 @@ class Executor {
   std::unique_ptr<ThreadPool> pool_;
   void* stream_ = nullptr;
   std::vector<Buffer> workspace_;
+  std::vector<std::vector<uint8_t>> uploaded_;  // per slot: the bytes of its last upload_workspace
   std::mutex mu_;
 };
 

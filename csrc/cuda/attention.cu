@@ -11,7 +11,9 @@
 //
 // What is left: prefill re-reads a sequence's K and V once per query row; a tensor-core
 // flash-attention kernel that takes a tile of consecutive rows of one sequence per block is the
-// next step. The page table is rebuilt and uploaded on every call (once per layer per step).
+// next step. The page table is rebuilt on every call and uploaded when it changed (once per step:
+// a pageable host-to-device copy can wait for the stream, so one per layer kept the host from
+// queueing ahead of the GPU).
 //
 // Gemma 2's soft-cap and ALiBi's bias (slopes uploaded after the page table, distances from the row's
 // last visible key, attention_math.cuh alibi_bias) are applied to each score before the softmax.
@@ -102,8 +104,10 @@ __device__ void row_split_keys(const Rows& rows, const PageTable& pt, int64_t ro
 // KV head g. With partial_ml == nullptr (one split) the block writes `out`; otherwise its partial
 // (m, l) to partial_ml[(row * n_head + h) * n_split + split] and acc to partial_acc at that index
 // times head_dim.
+// The launch bounds say what the host's split count assumes (kBlocksPerSM blocks per SM); without
+// the minimum, ptxas held the float-cache kernel to 64 registers on sm_80 and spilled.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_kernel(const float* q, int64_t ldq, int n_head, CacheView cv,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) attention_kernel(const float* q, int64_t ldq, int n_head, CacheView cv,
                                                              PageTable pt, Rows rows, float scale, float softcap,
                                                              int heads_per_block,
                                                              int n_chunks, int n_split, float* out, int64_t ldo,
@@ -300,8 +304,8 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     std::memcpy(table.data() + alibi_at, alibi, size_t(n_head) * sizeof(float));
   }
   const size_t table_bytes = table.size() * sizeof(int32_t);
-  auto* table_d = static_cast<int32_t*>(ex.workspace(0, table_bytes));
-  copy_between(ex, Device::CUDA, table_d, Device::CPU, table.data(), table_bytes);
+  // Every layer of a pass sends the same table: only the first one's copy is queued.
+  auto* table_d = static_cast<int32_t*>(ex.upload_workspace(0, table.data(), table_bytes));
   const PageTable pt{table_d, table_d + n_seq, table_d + 2 * n_seq + 1, n_seq,
                      alibi ? reinterpret_cast<const float*>(table_d + alibi_at) : nullptr};
 
