@@ -187,12 +187,14 @@ def test_host_int_matmul_matches_numpy(qtype):
                 w = gguf_dequant(qtype, raw, cols).astype(np.float64)
                 xr = quantize_x_ref(x)
                 q, scale, offset = _C.cuda_host_int_chunks(raw, int(qtype), 7, cols)
-                parts = np.abs(np.repeat(scale, 16, axis=1) * q.astype(np.float64)) + np.abs(np.repeat(offset, 16, axis=1))
+                s16, o16 = np.repeat(scale, 16, axis=1), np.repeat(offset, 16, axis=1)
+                parts = np.abs(s16 * q.astype(np.float64)) + np.abs(o16)
                 # Per chunk a handful of float roundings of terms below |xr| @ parts; the chunks' float
                 # sum adds up to (cols / 32) roundings of the running sum.
                 bound = (cols / 32 + 8) * 2.0**-23 * (np.abs(xr) @ parts.T) + 1e-30
                 err = np.abs(got - xr @ w.T)
-                assert (err <= bound).all(), f"{qtype.name} m={m} cols={cols}: worst {np.max(err / bound):.3g}x the bound"
+                worst = np.max(err / bound)
+                assert (err <= bound).all(), f"{qtype.name} m={m} cols={cols}: worst {worst:.3g}x the bound"
                 # The 8-bit rounding of x: |x - xr| <= max|x| / 254 per element of each chunk.
                 amax = np.abs(x.reshape(m, -1, 32)).max(axis=-1).astype(np.float64)
                 x_err = np.repeat(amax / 254 * (1 + 1e-5), 32, axis=1)

@@ -23,6 +23,15 @@ namespace {
 
 constexpr float GROUP_MAX_EPS = 1e-15f;
 
+// The scale searches are serial float chains compiled for the baseline x86-64 like the rest of the
+// file; clones for AVX2 / AVX-512 machines (picked at load time) run the same operations in the same
+// order faster. Bytes are unchanged: every clone keeps the file's -ffp-contract=off.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PE_SEARCH_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PE_SEARCH_CLONES
+#endif
+
 inline int nearest_int(float fval) {
   // round half to even through the float adder (ggml's trick; |fval| < 2^22)
   float val = fval + 12582912.f;
@@ -34,6 +43,7 @@ inline int nearest_int(float fval) {
 inline float h2f(fp16_t h) { return fp16_to_fp32(h); }
 inline fp16_t f2h(float f) { return fp32_to_fp16(f); }
 
+PE_SEARCH_CLONES
 float make_qx_quants(int n, int nmax, const float* x, int8_t* L, int rmse_type, const float* qw) {
   float max = 0, amax = 0;
   for (int i = 0; i < n; ++i) {
@@ -178,7 +188,7 @@ float make_q3_quants(int n, int nmax, const float* x, int8_t* L, bool do_rmse) {
 // make_qkx2_quants (weights given) and make_qkx3_quants (weights may be null: x^2) differ only in the
 // degenerate test (max == min vs max <= min) and the default weights.
 template <bool kx3>
-float make_qkx_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min,
+__attribute__((always_inline)) inline float make_qkx_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min,
                       uint8_t* Laux, float rmin, float rdelta, int nstep, bool use_mad) {
   auto wt = [&](int i) { return weights ? weights[i] : x[i] * x[i]; };
   float min = x[0], max = x[0];
@@ -715,6 +725,7 @@ void requantize_k4(const float* x, const fp16_t d16, const fp16_t dmin16, const 
 }
 
 // The reference (no importance) scale and min search shared by Q4_K (nmax 15) and Q5_K (nmax 31).
+PE_SEARCH_CLONES
 void ref_scales_k4(const float* x, int nmax, float rmin, int nstep, uint8_t* L, uint8_t* packed, fp16_t* d16,
                    fp16_t* dmin16) {
   uint8_t Laux[32];
@@ -741,6 +752,7 @@ void ref_scales_k4(const float* x, int nmax, float rmin, int nstep, uint8_t* L, 
 }
 
 // The importance-weighted search (quantize_row_q4_K_impl / q5_K_impl).
+PE_SEARCH_CLONES
 void impl_scales_k4(const float* x, int nmax, const float* qw_block, uint8_t* L, uint8_t* packed, fp16_t* d16,
                     fp16_t* dmin16) {
   uint8_t Laux[32], Ls[QK_K / 32], Lm[QK_K / 32];
