@@ -60,7 +60,8 @@ void kv_store(Executor& ex, KVCache& kv, int layer, const Tensor& k, const Tenso
            "kv store: row strides must be whole floats");
   const int64_t n_slots = kv.n_pages() * KVCache::kPageSize;
   const int64_t groups = ceil_div(int64_t(kv.n_kv_head()) * kv.head_dim(), kStoreThreads);
-  PE_CHECK(groups <= 65535, Error, "kv store: ", kv.n_kv_head(), " x ", kv.head_dim(), " values per row are too many");
+  PE_CHECK(groups <= 65535, Error, "kv store: ", kv.n_kv_head(), " x ", kv.head_dim(),
+           " values per row are too many");
   const dim3 grid{unsigned(n), unsigned(groups)};
   const auto* slot_ids = static_cast<const int32_t*>(slots.data);
   const auto* kd = static_cast<const float*>(k.data);

@@ -35,8 +35,8 @@
 // on the GPU): the first GEMV (fp32 decoding, no staging) ran a 4096 x 4096 Q4_K matrix in 19 us
 // (ncu); staging took the 7B decode from 112 to 130 tok/s (Q4_K) and 154 to 156 (Q4_0), the GEMV
 // then at 17.7 us a call on average (~0.93 TB/s), bound by its int-to-float conversions. The
-// integer path: 10.0 us a call (~1.65 TB/s), decode 156 -> 222 tok/s (Q4_0), 130 -> 190 (Q4_K),
-// plus 1.2 us per call for quantize_x_kernel. The WMMA GEMM at m = 512 runs at ~37 TFLOP/s (Q4_K).
+// integer path: 10.0 us a call (~1.65 TB/s), 9.7 with 4 stages; decode 156 -> 227 tok/s (Q4_0),
+// 130 -> 198 (Q4_K), with 1.2 us per call of quantize_x_kernel. The WMMA GEMM at m = 512 runs at ~37 TFLOP/s (Q4_K).
 #include <mma.h>
 
 #include "cuda/common.cuh"
