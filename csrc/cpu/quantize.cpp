@@ -127,6 +127,7 @@ float make_qx_quants(int n, int nmax, const float* x, int8_t* L, int rmse_type, 
   return scale;
 }
 
+PE_SEARCH_CLONES
 float make_q3_quants(int n, int nmax, const float* x, int8_t* L, bool do_rmse) {
   float max = 0, amax = 0;
   for (int i = 0; i < n; ++i) {
@@ -259,6 +260,7 @@ __attribute__((always_inline)) inline float make_qkx_quants(int n, int nmax, con
   return scale;
 }
 
+PE_SEARCH_CLONES
 float make_qp_quants(int n, int nmax, const float* x, uint8_t* L, const float* quant_weights) {
   float max = 0;
   for (int i = 0; i < n; ++i) max = std::max(max, x[i]);
@@ -418,6 +420,7 @@ void quantize_row_q4_0_impl(const float* x, block_q4_0* y, int64_t n_per_row, co
   }
 }
 
+PE_SEARCH_CLONES
 void quantize_row_q4_1_impl(const float* x, block_q4_1* y, int64_t n_per_row, const float* quant_weights) {
   float weight[QK4_1];
   uint8_t L[QK4_1], Laux[QK4_1];
@@ -501,6 +504,7 @@ void quantize_row_q5_0_impl(const float* x, block_q5_0* y, int64_t n_per_row, co
   }
 }
 
+PE_SEARCH_CLONES
 void quantize_row_q5_1_impl(const float* x, block_q5_1* y, int64_t n_per_row, const float* quant_weights) {
   float weight[QK5_1];
   uint8_t L[QK5_1], Laux[QK5_1];
@@ -527,6 +531,7 @@ void pack_q2_K(const uint8_t* L, block_q2_K* y) {
       y->qs[j / 4 + l] = uint8_t(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
 }
 
+PE_SEARCH_CLONES
 void quantize_row_q2_K_ref(const float* x, block_q2_K* y, int64_t k) {
   uint8_t L[QK_K], Laux[16];
   float weights[16], mins[QK_K / 16], scales[QK_K / 16];
@@ -568,6 +573,7 @@ void quantize_row_q2_K_ref(const float* x, block_q2_K* y, int64_t k) {
   }
 }
 
+PE_SEARCH_CLONES
 void quantize_row_q2_K_impl(const float* x, block_q2_K* y, int64_t k, const float* quant_weights) {
   uint8_t L[QK_K], Laux[16], Ls[QK_K / 16], Lm[QK_K / 16];
   float mins[QK_K / 16], scales[QK_K / 16], sw[QK_K / 16], weight[16];
