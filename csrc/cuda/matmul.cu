@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kGemvWarps<T> * 32, 16 / kGemvWarps<T>)
   constexpr int kRowsPerBlock = kGemvWarps<T> * kGemvRowsPerWarp;
   constexpr int kStages = kGemvStages<T>;
   constexpr int kRowBuf = kGemvRowBuf<T>;
-  constexpr int kSliceChunks = kInt ? 1 << 30 : kGemvSliceChunks<M>;
+  constexpr int kSliceChunks = kInt ? 1 << 30 : kGemvSliceChunks<M>;  // integer path: one "slice", the row
   constexpr int kSliceStride = kInt ? 0 : kSliceChunks * kPaddedChunk;  // floats per x row in shared memory
   static_assert(kSliceChunks % kSpanChunks == 0, "a span must not straddle two x slices");
   static_assert(kGemvSmemBytes<T, M> <= 99 * 1024, "GEMV shared memory exceeds sm_86/89's 99 KiB per block");

@@ -268,6 +268,13 @@ PE_HD void dequant_chunk_q2_K(const uint8_t* row, int64_t c, float (&out)[32]) {
 // Q3_K: 110 bytes {hmask[32]; qs[64]; scales[12]; fp16 d}. Element 128n + 32j + l is bits 2j..2j+1
 // of qs[32n + l] plus 4 when bit 4n + j of hmask[l] is set, minus 4; sub-block s has a 6-bit scale
 // (low 4 bits in scales[s % 8] nibble s / 8, high 2 bits in scales[8 + s % 4] bits 2(s/4)), minus 32.
+// Sub-block s's signed 6-bit scale from the 12 scale bytes (shared with quant_dot.cuh's decoder).
+PE_HD int q3_K_scale(const uint8_t* scales, int s) {
+  const uint32_t lo = s < 8 ? scales[s] & 0xfu : uint32_t(scales[s - 8]) >> 4;
+  const uint32_t hi = (uint32_t(scales[8 + (s & 3)]) >> (2 * (s >> 2))) & 3u;
+  return int(lo | (hi << 4)) - 32;
+}
+
 PE_HD void dequant_chunk_q3_K(const uint8_t* row, int64_t c, float (&out)[32]) {
   const uint8_t* blk = row + (c >> 3) * 110;
   const int ci = int(c & 7), n = ci >> 2, j = ci & 3;
@@ -278,10 +285,7 @@ PE_HD void dequant_chunk_q3_K(const uint8_t* row, int64_t c, float (&out)[32]) {
   load_words(blk + 32 + 32 * n, qs);
   PE_UNROLL
   for (int h = 0; h < 2; h++) {
-    const int s = 2 * ci + h;
-    const uint32_t lo = s < 8 ? scales[s] & 0xfu : uint32_t(scales[s - 8]) >> 4;
-    const uint32_t hi = (uint32_t(scales[8 + (s & 3)]) >> (2 * (s >> 2))) & 3u;
-    const float scale = mul_rn(d, float(int(lo | (hi << 4)) - 32));
+    const float scale = mul_rn(d, float(q3_K_scale(scales, 2 * ci + h)));
     PE_UNROLL
     for (int l = 16 * h; l < 16 * h + 16; l++) {
       const uint32_t u = ((byte_at(qs, l) >> (2 * j)) & 3u) | (((byte_at(hmask, l) >> (4 * n + j)) & 1u) << 2);

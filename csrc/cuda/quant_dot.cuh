@@ -97,6 +97,15 @@ PE_HD uint32_t spread_bit4(uint32_t b) {
   return ((b & 1u) << 4) | ((b & 2u) << 11) | ((b & 4u) << 18) | ((b & 8u) << 25);
 }
 
+// Q4_0-style quants: elements 0..15 the low nibbles of the 16 bytes in qs, 16..31 the high ones.
+PE_HD void split_nibbles(const uint32_t (&qs)[4], IntChunk& o) {
+  PE_UNROLL
+  for (int i = 0; i < 4; i++) {
+    o.q[i] = qs[i] & 0x0f0f0f0fu;
+    o.q[i + 4] = (qs[i] >> 4) & 0x0f0f0f0fu;
+  }
+}
+
 PE_HD void set_scale(IntChunk& o, float scale, float offset) {
   o.scale[0] = o.scale[1] = scale;
   o.offset[0] = o.offset[1] = offset;
@@ -109,11 +118,7 @@ PE_HD void int_chunk_q4_0(const uint8_t* row, int64_t c, IntChunk& o) {
   const float d = load_half(blk);
   uint32_t qs[4];
   load_words(blk + 2, qs);
-  PE_UNROLL
-  for (int i = 0; i < 4; i++) {
-    o.q[i] = qs[i] & 0x0f0f0f0fu;
-    o.q[i + 4] = (qs[i] >> 4) & 0x0f0f0f0fu;
-  }
+  split_nibbles(qs, o);
   set_scale(o, d, -8.0f * d);
 }
 
@@ -121,11 +126,7 @@ PE_HD void int_chunk_q4_1(const uint8_t* row, int64_t c, IntChunk& o) {
   const uint8_t* blk = row + c * 20;
   uint32_t qs[4];
   load_words(blk + 4, qs);
-  PE_UNROLL
-  for (int i = 0; i < 4; i++) {
-    o.q[i] = qs[i] & 0x0f0f0f0fu;
-    o.q[i + 4] = (qs[i] >> 4) & 0x0f0f0f0fu;
-  }
+  split_nibbles(qs, o);
   set_scale(o, load_half(blk), load_half(blk + 2));
 }
 
@@ -137,10 +138,11 @@ PE_HD void int_chunk_q5(const uint8_t* row, int64_t c, IntChunk& o) {
   const uint32_t qh = load_u32_a2(qh_p);
   uint32_t qs[4];
   load_words(qh_p + 4, qs);
+  split_nibbles(qs, o);
   PE_UNROLL
   for (int i = 0; i < 4; i++) {
-    o.q[i] = (qs[i] & 0x0f0f0f0fu) | spread_bit4(qh >> (4 * i));
-    o.q[i + 4] = ((qs[i] >> 4) & 0x0f0f0f0fu) | spread_bit4(qh >> (16 + 4 * i));
+    o.q[i] |= spread_bit4(qh >> (4 * i));
+    o.q[i + 4] |= spread_bit4(qh >> (16 + 4 * i));
   }
   set_scale(o, d, kHasMin ? load_half(blk + 2) : -16.0f * d);
 }
@@ -180,10 +182,7 @@ PE_HD void int_chunk_q3_K(const uint8_t* row, int64_t c, IntChunk& o) {
     o.q[i] = ((qs[i] >> (2 * j)) & 0x03030303u) | (((hmask[i] >> (4 * n + j)) & 0x01010101u) << 2);
   PE_UNROLL
   for (int h = 0; h < 2; h++) {
-    const int s = 2 * ci + h;
-    const uint32_t lo = s < 8 ? scales[s] & 0xfu : uint32_t(scales[s - 8]) >> 4;
-    const uint32_t hi = (uint32_t(scales[8 + (s & 3)]) >> (2 * (s >> 2))) & 3u;
-    o.scale[h] = d * float(int(lo | (hi << 4)) - 32);
+    o.scale[h] = d * float(q3_K_scale(scales, 2 * ci + h));
     o.offset[h] = -4.0f * o.scale[h];
   }
 }
