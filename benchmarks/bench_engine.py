@@ -14,7 +14,8 @@ also the output matrix) x tokens/s / the read bandwidth measured with as many th
     python benchmarks/make_models.py --random-1b      # SmolLM2 variants, the random 1.1B files
     python benchmarks/bench_engine.py --threads 1,2   # writes benchmarks/results/engine.json
 
-The peer is llama.cpp from the llama-cpp-python sdist built with -DGGML_NATIVE=ON
+The peer is llama.cpp from the llama-cpp-python sdist built with -DGGML_NATIVE=ON (on CPUs that report
+AMX, the same ISA flags one by one without AMX: see benchmarks/llama_cpp_tools.py)
 (benchmarks/llama_cpp_tools.py builds it on first use).
 """
 from __future__ import annotations
@@ -217,7 +218,7 @@ def machine() -> dict:
     from bench_batch import machine as batch_machine
     from pyengine import _C
 
-    return {**batch_machine(), "cpu_path": _C.best_cpu_path(), "physical_cores": _C.physical_core_count(),
+    return {**batch_machine(), "cpu_path": _C.cpu_path(), "physical_cores": _C.physical_core_count(),
             "python": platform.python_version()}
 
 

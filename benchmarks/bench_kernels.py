@@ -73,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
-    paths = args.paths.split(",") if args.paths else [_C.best_cpu_path()]
+    paths = args.paths.split(",") if args.paths else [_C.cpu_path()]
     shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
     results = []
     print(f"{'':24}{'---- wall clock ----':>28}  {'---- CPU time ----':>28}")

@@ -445,7 +445,7 @@ def versions() -> dict:
                             text=True, check=False).stdout.strip()
     from pyengine import _C
 
-    return {"pyengine_commit": commit, "pyengine_C_sha256": so_sha256(), "pyengine_cpu_path": _C.best_cpu_path(),
+    return {"pyengine_commit": commit, "pyengine_C_sha256": so_sha256(), "pyengine_cpu_path": _C.cpu_path(),
             "torch": torch.__version__,
             "transformers": transformers.__version__, "ctranslate2": ctranslate2.__version__,
             "torch_parallel_info": torch.__config__.parallel_info().splitlines()[:6]}

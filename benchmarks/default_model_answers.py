@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "default_model_answers.json"))
     args = ap.parse_args()
-    order = ["avx512", "avx2", "portable"]
+    order = ["amx", "avx512", "avx2", "portable"]
     paths = order[order.index(C.best_cpu_path()):]
     cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                      platform.processor())

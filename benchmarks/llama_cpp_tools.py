@@ -12,11 +12,14 @@ folder (then nothing is built). CMake flags: -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -
 -DCMAKE_BUILD_TYPE=Release, plus LLAMA_OPENSSL=OFF, LLAMA_USE_PREBUILT_UI=OFF (llama-server's web UI
 would otherwise be downloaded at build time) and no tests/examples. Only the targets in TOOLS are built.
 
-AMX: some VMs report the AMX CPUID flags without the kernel letting a process use the tile state;
-a native build then picks llama.cpp's AMX path and dies with SIGILL. If lscpu-style flags show
-`amx_tile` but arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) fails, the build uses -DGGML_NATIVE=OFF and
-turns on AVX/AVX2/FMA/F16C/BMI2 and the AVX-512 subsets the CPU reports (F, VBMI, VNNI, BF16) one by
-one. `python benchmarks/llama_cpp_tools.py --flags` prints what would be used on this machine.
+AMX: wherever the CPU reports `amx_tile`, the build uses -DGGML_NATIVE=OFF and turns on
+AVX/AVX2/FMA/F16C/BMI2 and the AVX-512 subsets the CPU reports (F, VBMI, VNNI, BF16) one by one, so
+llama.cpp runs its AVX-512 VNNI kernels (as pyengine does by default: its AMX path is opt-in). A
+native build picks llama.cpp's AMX path, which fails two ways on the VMs seen so far: where the kernel
+refuses the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) fails) it dies with SIGILL, and on
+an Intel Xeon whose kernel allows it (2026-11-27) llama-bench 0.3.36 dies with a general protection
+fault on its own LDTILECFG in ggml_backend_amx_mul_mat, on every model tried.
+`python benchmarks/llama_cpp_tools.py --flags` prints what would be used on this machine.
 
     python benchmarks/llama_cpp_tools.py --build        # build every tool in TOOLS
     python benchmarks/llama_cpp_tools.py --path llama-bench
@@ -24,7 +27,6 @@ one. `python benchmarks/llama_cpp_tools.py --flags` prints what would be used on
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
 import subprocess
@@ -73,18 +75,9 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def amx_usable() -> bool:
-    """Whether the kernel lets this process use AMX tile data (Linux x86-64 arch_prctl)."""
-    SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
-    try:
-        return ctypes.CDLL(None, use_errno=True).syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def cmake_flags() -> list[str]:
     flags = cpu_flags()
-    if "amx_tile" in flags and not amx_usable():
+    if "amx_tile" in flags:  # see the module docstring
         isa = [f"-D{opt}={'ON' if f in flags else 'OFF'}" for f, opt in ISA_FLAGS]
         return BASE_FLAGS + ["-DGGML_NATIVE=OFF"] + isa
     return BASE_FLAGS + ["-DGGML_NATIVE=ON"]

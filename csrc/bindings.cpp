@@ -45,16 +45,17 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("cpu_path", [] { return std::string(pe::cpu_path_name(pe::cpu_path())); },
-        "Kernel family in use: 'avx512', 'avx2' or 'portable'.");
+        "Kernel family in use: 'amx', 'avx512', 'avx2' or 'portable'.");
   m.def("best_cpu_path", [] { return std::string(pe::cpu_path_name(pe::best_cpu_path())); },
-        "Best kernel family this CPU supports.");
+        "Best kernel family this CPU supports ('amx' included, which runs only when asked for).");
   m.def(
       "set_cpu_path",
       [](const std::string& name) {
         if (name == "portable") pe::set_cpu_path(pe::CpuPath::Portable);
         else if (name == "avx2") pe::set_cpu_path(pe::CpuPath::AVX2);
         else if (name == "avx512") pe::set_cpu_path(pe::CpuPath::AVX512);
-        else throw py::value_error("cpu path must be 'portable', 'avx2' or 'avx512', not '" + name + "'");
+        else if (name == "amx") pe::set_cpu_path(pe::CpuPath::AMX);
+        else throw py::value_error("cpu path must be 'portable', 'avx2', 'avx512' or 'amx', not '" + name + "'");
       },
       "Force a kernel family (tests and benchmarks).");
   m.def("physical_core_count", &pe::physical_core_count);

@@ -1,14 +1,18 @@
-// Which CPU kernel family runs: chosen once from CPUID, lowered by PYENGINE_CPU or set_cpu_path().
+// Which CPU kernel family runs: chosen once from CPUID, changed by PYENGINE_CPU or set_cpu_path().
 #pragma once
 
 namespace pe {
 
-enum class CpuPath { Portable = 0, AVX2 = 1, AVX512 = 2 };
+// Each path includes the ones below it: AMX is the AVX-512 path with prefill matmuls on AMX tiles.
+enum class CpuPath { Portable = 0, AVX2 = 1, AVX512 = 2, AMX = 3 };
 
 const char* cpu_path_name(CpuPath p);
-// Best path this CPU supports (AVX512 needs F, BW, VL, DQ and VNNI; AVX2 needs AVX2, FMA, F16C).
+// Best path this CPU supports (AVX512 needs F, BW, VL, DQ and VNNI; AVX2 needs AVX2, FMA, F16C; AMX needs
+// AVX512, AMX-TILE and AMX-INT8, the tile state enabled in XCR0 and the kernel able to grant it; the
+// grant is asked for when the AMX path is chosen).
 CpuPath best_cpu_path();
-// Path in use: best_cpu_path(), or lower if PYENGINE_CPU=portable|avx2|avx512 asks for it.
+// Path in use: best_cpu_path() (AVX512 where that is AMX: AMX is opt-in), or what PYENGINE_CPU=
+// portable|avx2|avx512|amx asks for, if the CPU has it.
 CpuPath cpu_path();
 // Force a path (tests). Throws pe::Error if the CPU lacks it.
 void set_cpu_path(CpuPath p);

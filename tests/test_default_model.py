@@ -108,7 +108,7 @@ def _cpu_paths() -> list[str]:
     """The kernel families this CPU runs, best first."""
     import pyengine._C as C
 
-    order = ["avx512", "avx2", "portable"]
+    order = ["amx", "avx512", "avx2", "portable"]
     return order[order.index(C.best_cpu_path()):]
 
 

@@ -153,7 +153,7 @@ def test_cli_no_mmap_flag():
 
 # --- 2. non-finite numbers -------------------------------------------------------------------------
 
-PATH_ORDER = ["portable", "avx2", "avx512"]
+PATH_ORDER = ["portable", "avx2", "avx512", "amx"]
 CPU_PATHS = PATH_ORDER[: PATH_ORDER.index(_C.best_cpu_path()) + 1]
 
 

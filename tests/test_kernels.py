@@ -17,7 +17,7 @@ from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
 import pyengine  # noqa: E402
 from pyengine import _C  # noqa: E402
 
-PATH_ORDER = ["portable", "avx2", "avx512"]
+PATH_ORDER = ["portable", "avx2", "avx512", "amx"]
 PATHS = PATH_ORDER[: PATH_ORDER.index(_C.best_cpu_path()) + 1]
 
 FLOAT_TYPES = [QT.F32, QT.F16, QT.BF16]
@@ -138,6 +138,36 @@ def test_panel_layout_gives_the_same_bits(qtype, cpu_path):
                                                              f"threads={n_threads}")
 
 
+@pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)
+def test_amx_gives_the_avx512_bits(qtype):
+    """The AMX prefill (cpu/matmul_amx.h) takes the integer dot products from tile multiplies and must
+    then give the AVX-512 path's results bit for bit: every activation-row count around its 16- and
+    32-row tiles (the rows past the last whole 16 run on the register tiles), one and two panels,
+    partial last panels, rows as stored and packed into panels (Q8_0's are read in place), thread
+    splits, and zero and huge activation blocks."""
+    if "amx" not in PATHS:
+        pytest.skip("this CPU (or its OS) does not offer AMX")
+    rng = np.random.default_rng(500 + int(qtype))
+    before = _C.cpu_path()
+    try:
+        for rows, cols in [(16, cols_for(qtype)[0]), (37, cols_for(qtype)[-1]), (70, cols_for(qtype)[1])]:
+            raw = make_weights(qtype, rows, cols, rng)
+            x = rng.standard_normal((81, cols)).astype(np.float32)
+            x[3] = 0
+            x[20, :32] *= 1e4
+            want, scale = matmul_ref(qtype, raw, cols, x)
+            for m, n_threads, panels in itertools.product((16, 17, 31, 32, 33, 48, 63, 81), (1, 3), (False, True)):
+                got = {}
+                for path in ("avx512", "amx"):
+                    _C.set_cpu_path(path)
+                    got[path] = _C.matmul(raw, int(qtype), rows, cols, x[:m], n_threads, panels=panels)
+                where = f"{qtype.name} rows={rows} cols={cols} m={m} threads={n_threads} panels={panels}"
+                np.testing.assert_array_equal(got["amx"], got["avx512"], err_msg=where)
+                assert np.all(np.abs(got["amx"] - want[:m]) <= 1e-4 * scale[:m]), where
+    finally:
+        _C.set_cpu_path(before)
+
+
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_paths_agree(qtype):
     if len(PATHS) < 2:
@@ -213,7 +243,7 @@ def batch_bound(qtype: QT, path: str, cols: int, scale: np.ndarray) -> np.ndarra
     reduces them. Both are recursive float32 sums, each within (depth) * 2^-24 * sum|x w| of the exact
     value (depth <= k serial steps + 1 for the final reduction's rounding, k / 16 + 4 for the lanes),
     so they are within the sum of the two bounds of each other."""
-    if qtype in FLOAT_TYPES and path == "avx512":
+    if qtype in FLOAT_TYPES and path in ("avx512", "amx"):  # amx: the AVX-512 float kernels
         return (cols + 1 + cols / 16 + 4) * 2.0**-24 * scale
     return 0.0
 
@@ -275,8 +305,34 @@ def test_attention_softmax_matches_numpy(cpu_path, n, scale):
     # Float32 rounding: the exponent scale * x - max is rounded twice (relative error of the term about
     # |exponent| * 2^-24 each), the exp and the final scaling add a few ulp, and the sum runs in vector
     # lanes of n / W terms each. Terms below ~1e-38 may come out as 1e-38 instead of 0.
-    lanes = {"portable": 1, "avx2": 8, "avx512": 16}[cpu_path]
+    lanes = {"portable": 1, "avx2": 8, "avx512": 16, "amx": 16}[cpu_path]
     ulp = 2.0 ** -24
     tol = ref * ulp * (2 * (np.abs(x) + np.abs(x).max(axis=1, keepdims=True)) + n / lanes + 10) + 1e-37
     bad = np.abs(got - ref) > tol
     assert not bad.any(), f"{bad.sum()} of {bad.size} terms off: got {got[bad][:4]}, numpy {ref[bad][:4]}"
+
+
+def test_amx_is_opt_in():
+    """Without PYENGINE_CPU a process runs the best path except AMX (opt-in, see README), and
+    PYENGINE_CPU=amx selects it where the CPU and OS offer it, the best path below it elsewhere."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYENGINE_CPU"}
+    code = "import pyengine._C as C; print(C.cpu_path())"
+    best = _C.best_cpu_path()
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.strip() == ("avx512" if best == "amx" else best)
+    asked = subprocess.run([sys.executable, "-c", code], env={**env, "PYENGINE_CPU": "amx"}, capture_output=True,
+                           text=True, check=True)
+    granted = best == "amx"
+    if granted:
+        before = _C.cpu_path()
+        try:
+            _C.set_cpu_path("amx")  # raises where the OS refuses the tile state: then avx512 is right
+        except pyengine.EngineError:
+            granted = False
+        finally:
+            _C.set_cpu_path(before)
+    assert asked.stdout.strip() == (best if granted or best != "amx" else "avx512")

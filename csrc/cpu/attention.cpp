@@ -45,6 +45,7 @@ struct Scalar {
 const AttentionKernels& kernels() {
 #if defined(PE_X86)
   switch (cpu_path()) {
+    case CpuPath::AMX:
     case CpuPath::AVX512: return kAvx512Attention;
     case CpuPath::AVX2: return kAvx2Attention;
     default: break;

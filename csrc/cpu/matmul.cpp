@@ -16,6 +16,7 @@ namespace {
 const MatmulKernels& kernels() {
 #if defined(PE_X86)
   switch (cpu_path()) {
+    case CpuPath::AMX: return kAmxKernels;
     case CpuPath::AVX512: return kAvx512Kernels;
     case CpuPath::AVX2: return kAvx2Kernels;
     default: break;

@@ -1,6 +1,7 @@
 // AVX-512 matmul kernels (F, BW, VL, DQ, VNNI): the vector traits for matmul_simd.h, which holds the
-// kernels. This file is compiled with those ISA flags and is only called once cpu_path() says the CPU
-// has them. Float weights are in matmul_float_avx512.cpp.
+// kernels, and the same kernels with prefill on AMX tiles (matmul_amx.h). This file is compiled with
+// those ISA flags (AMX-TILE and AMX-INT8 too; only kAmxKernels' prefill runs AMX instructions) and is
+// only called once cpu_path() says the CPU has them. Float weights are in matmul_float_avx512.cpp.
 #include <immintrin.h>
 
 #include <cstring>
@@ -36,6 +37,7 @@ struct Avx512 {
   static PE_INLINE I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
   static PE_INLINE I add_i32(I a, I b) { return _mm512_add_epi32(a, b); }
   static PE_INLINE I sub_i32(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static PE_INLINE I sub_i8(I a, I b) { return _mm512_sub_epi8(a, b); }
   static PE_INLINE I srli_i16(I v, int n) { return _mm512_srli_epi16(v, n); }
   static PE_INLINE I srli_i32(I v, int n) { return _mm512_srli_epi32(v, n); }
   static PE_INLINE I slli_i32(I v, int n) { return _mm512_slli_epi32(v, n); }
@@ -159,9 +161,11 @@ struct Avx512 {
 }  // namespace pe::cpu
 
 #include "cpu/matmul_simd.h"
+#include "cpu/matmul_amx.h"
 
 namespace pe::cpu {
 
 const MatmulKernels kAvx512Kernels = {quantize_x<Avx512>, gemm_quant<Avx512>, gemm_float_avx512};
+const MatmulKernels kAmxKernels = {quantize_x<Avx512>, gemm_quant<Avx512, AmxTiles>, gemm_float_avx512};
 
 }  // namespace pe::cpu

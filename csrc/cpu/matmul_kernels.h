@@ -47,6 +47,7 @@ extern const MatmulKernels kPortableKernels;
 #if defined(PE_X86)
 extern const MatmulKernels kAvx2Kernels;
 extern const MatmulKernels kAvx512Kernels;
+extern const MatmulKernels kAmxKernels;  // kAvx512Kernels with prefill on AMX tiles (matmul_avx512.cpp)
 // Float-weight kernels, in their own files (matmul_float_<isa>.cpp).
 void gemm_float_avx2(const WeightView& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                      float* y, int64_t ldy);

@@ -303,8 +303,10 @@ void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1
 template <class V, int G, bool MIN>
 constexpr int kSubBytes = G * sizeof(typename V::I) + (MIN ? 2 : 1) * sizeof(typename V::F);
 
-template <class V, class P, class R>
+// Q (matrix units, matmul_amx.h): store the signed q = u - offset instead of u.
+template <class V, class P, bool Q, class R>
 __attribute__((noinline)) void pack_panel(const R& rows, int64_t nblk, uint8_t* dst) {
+  static_assert(!Q || (P::S.max_u - P::S.offset <= 127 && P::S.offset <= 128), "q must fit int8");
   constexpr int kVec = sizeof(typename V::I);
   for (int64_t b = 0; b < nblk; b++) {
     typename P::State st;
@@ -313,7 +315,10 @@ __attribute__((noinline)) void pack_panel(const R& rows, int64_t nblk, uint8_t* 
       UnitOf<V, P> un;
       P::unpack(rows, b * P::kBytes, unit, st, un);
       for (int s = 0; s < P::kSubsPerUnit; s++, dst += kSubBytes<V, P::kG, P::kMin>) {
-        for (int g = 0; g < P::kG; g++) V::store_i(dst + kVec * g, un.u[s][g]);
+        for (int g = 0; g < P::kG; g++) {
+          if constexpr (Q) V::store_i(dst + kVec * g, V::sub_i8(un.u[s][g], V::set1_i8(P::S.offset)));
+          else V::store_i(dst + kVec * g, un.u[s][g]);
+        }
         V::store_ps(dst + kVec * P::kG, st.scale[unit * P::kSubsPerUnit + s]);
         if (P::kMin) V::store_ps(dst + kVec * P::kG + kVec, st.min[unit * P::kSubsPerUnit + s]);
       }
@@ -322,7 +327,7 @@ __attribute__((noinline)) void pack_panel(const R& rows, int64_t nblk, uint8_t* 
 }
 
 // Where run_tile finds a sub-block's u vectors, scales and mins: in the buffer pack_panel wrote.
-template <class V, int G, bool MIN>
+template <class V, int G, bool MIN, bool Q = false>
 struct TileLayout {
   using I = typename V::I;
   using F = typename V::F;
@@ -331,6 +336,10 @@ struct TileLayout {
   static PE_INLINE I u(const uint8_t* sub, int g) { return V::load_i(sub + kVec * g); }
   static PE_INLINE F scale(const uint8_t* sub) { return V::load_ps(sub + kVec * G); }
   static PE_INLINE F min(const uint8_t* sub) { return V::load_ps(sub + kVec * G + kVec); }
+  // For matrix units (matmul_amx.h): the vectors are G rows of kRows x 4 bytes from kUOffset, holding
+  // the signed q (pack_panel's Q), whose dot product with x is u's plus the bias.
+  static constexpr int kUOffset = 0;
+  static constexpr bool kRawQ = Q;
 };
 
 // Q8_0 with vpdpbusd, read straight from the model's panel copy (cpu/panels.h), unpacked on the fly:
@@ -346,6 +355,10 @@ struct Q8_0PanelLayout {
   }
   static PE_INLINE F scale(const uint8_t* sub) { return V::cvt_f16(sub); }
   static PE_INLINE F min(const uint8_t* sub) { return scale(sub); }
+  // For matrix units: the words after the scales are the signed q, whose dot product with x equals
+  // u's plus the bias (u = q + 128, bias = -128 * sum(x)), so a signed x signed product needs no bias.
+  static constexpr int kUOffset = 2 * V::kRows;
+  static constexpr bool kRawQ = true;
 };
 
 // Register tile: NP panels (panel p at pan + p * pstride, in layout L) x NC activation rows from row c0,
@@ -396,7 +409,19 @@ __attribute__((noinline)) void run_tiles(const uint8_t* pan, int64_t pstride, in
                                                 std::make_integer_sequence<int, M - 1>{});
 }
 
-template <class V, class P>
+// How gemm_large runs activation rows over packed panels: register tiles (run_tiles) here; an ISA
+// with a matrix unit passes its own (matmul_amx.h) with the same results. kRawQ: whether it wants the
+// packed panels to hold the signed q rather than u.
+struct RegisterTiles {
+  static constexpr bool kRawQ = false;
+  template <class V, class L, int G, int GS, bool MIN, bool SIGNED, int NP>
+  static PE_INLINE void run(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x, int64_t m0,
+                            int64_t m1, float* y, int64_t ldy, int64_t rp, int64_t nrows) {
+    run_tiles<V, L, G, GS, MIN, SIGNED, NP>(pan, pstride, nsub, x, m0, m1, y, ldy, rp, nrows);
+  }
+};
+
+template <class V, class P, class Tiles>
 void gemm_large(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
                 int64_t ldy) {
   constexpr int G = P::kG, NP = V::kPrefillPanels;
@@ -411,25 +436,29 @@ void gemm_large(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1
         const uint8_t* pan = base + rp * int64_t(w.row_stride);
         const int64_t pstride = V::kRows * int64_t(w.row_stride);
         if (r1 - rp > (NP - 1) * V::kRows)
-          run_tiles<V, L, G, P::kGS, false, false, NP>(pan, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+          Tiles::template run<V, L, G, P::kGS, false, false, NP>(pan, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
         else
-          run_tiles<V, L, G, P::kGS, false, false, 1>(pan, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+          Tiles::template run<V, L, G, P::kGS, false, false, 1>(pan, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
       }
       return;
     }
   }
-  using L = TileLayout<V, G, P::kMin>;
+  using L = TileLayout<V, G, P::kMin, Tiles::kRawQ>;
   const int64_t pstride = nsub * kSubBytes<V, G, P::kMin>;
   thread_local ScratchBuffer packed, tail;
   auto* buf = static_cast<uint8_t*>(packed.get(size_t(NP * pstride)));
   for (int64_t rp = r0; rp < r1; rp += NP * V::kRows) {
     const int np = r1 - rp > (NP - 1) * V::kRows ? NP : 1;
     for (int p = 0; p < np; p++) {
-      if (has_panels<V>(w)) pack_panel<V, P>(packed_panel<V>(w, rp + V::kRows * p), nblk, buf + p * pstride);
-      else pack_panel<V, P>(panel_at<V, P>(w, rp + V::kRows * p, r1, tail), nblk, buf + p * pstride);
+      if (has_panels<V>(w))
+        pack_panel<V, P, L::kRawQ>(packed_panel<V>(w, rp + V::kRows * p), nblk, buf + p * pstride);
+      else
+        pack_panel<V, P, L::kRawQ>(panel_at<V, P>(w, rp + V::kRows * p, r1, tail), nblk, buf + p * pstride);
     }
-    if (np == NP) run_tiles<V, L, G, P::kGS, P::kMin, P::kSigned, NP>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
-    else run_tiles<V, L, G, P::kGS, P::kMin, P::kSigned, 1>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+    if (np == NP)
+      Tiles::template run<V, L, G, P::kGS, P::kMin, P::kSigned, NP>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
+    else
+      Tiles::template run<V, L, G, P::kGS, P::kMin, P::kSigned, 1>(buf, pstride, nsub, x, m0, m1, y, ldy, rp, r1 - rp);
   }
 }
 
@@ -439,22 +468,22 @@ PE_INLINE void small_rows(const WeightView& w, const QuantizedX& x, int64_t r0, 
   ((m1 - m0 == N + 1 ? gemm_small<V, P, N + 1>(w, x, r0, r1, m0, y, ldy) : void()), ...);
 }
 
-template <class V, class P>
+template <class V, class P, class Tiles>
 void gemm_type(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
                int64_t ldy) {
   // Up to kMaxSmallM rows (a decode step of a few sequences) unpack each weight unit into registers
   // and use it for every row at once: packing a panel to memory first only pays for many rows.
   // Up to twice that, two passes over the weights still cost less than packing them.
-  if (m1 - m0 > 2 * V::kMaxSmallM) return gemm_large<V, P>(w, x, r0, r1, m0, m1, y, ldy);
+  if (m1 - m0 > 2 * V::kMaxSmallM) return gemm_large<V, P, Tiles>(w, x, r0, r1, m0, m1, y, ldy);
   for (int64_t c = m0; c < m1; c += V::kMaxSmallM)
     small_rows<V, P>(w, x, r0, r1, c, std::min<int64_t>(m1, c + V::kMaxSmallM), y, ldy,
                      std::make_integer_sequence<int, V::kMaxSmallM>{});
 }
 
-template <class V>
+template <class V, class Tiles = RegisterTiles>
 void gemm_quant(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
                 int64_t ldy) {
-  with_packer<V>(w.type, [&](auto packer) { gemm_type<V, decltype(packer)>(w, x, r0, r1, m0, m1, y, ldy); });
+  with_packer<V>(w.type, [&](auto packer) { gemm_type<V, decltype(packer), Tiles>(w, x, r0, r1, m0, m1, y, ldy); });
 }
 
 }  // namespace

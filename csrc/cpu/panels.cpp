@@ -34,6 +34,7 @@ std::vector<Unit> block_units(const QuantScheme& s) {
 int panel_rows_for_cpu(const Tensor& w) {
   if (is_float_type(w.type)) return 1;
   switch (cpu_path()) {
+    case CpuPath::AMX:  // the AVX-512 panels: AMX tiles read them too
     case CpuPath::AVX512: return 16;
     case CpuPath::AVX2: return 8;
     default: return 0;

@@ -41,6 +41,7 @@ std::vector<pe::CpuPath> cpu_paths() {
 #if defined(PE_X86)
   if (pe::best_cpu_path() >= pe::CpuPath::AVX2) paths.push_back(pe::CpuPath::AVX2);
   if (pe::best_cpu_path() >= pe::CpuPath::AVX512) paths.push_back(pe::CpuPath::AVX512);
+  if (pe::best_cpu_path() >= pe::CpuPath::AMX) paths.push_back(pe::CpuPath::AMX);
 #endif
   return paths;
 }
