@@ -59,11 +59,15 @@ def test_logits_agree_with_transformers(model_path, reference):
     lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
     lq = got.astype(np.float64) - got.max(-1, keepdims=True)
     lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
-    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    kl_per_position = np.sum(np.exp(lp) * (lp - lq), axis=-1)
+    kl = float(np.mean(kl_per_position))
     agree = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
     # Same weights; pyengine rounds activations to 8 bits (Q8_K / Q8_0) and K/V to F16, as llama.cpp does.
     assert agree >= 0.95, f"top-1 agreement {agree:.3f}"
     assert kl < 5e-3, f"KL {kl:.2e}"
+    # Issue #13 saw pyengine and llama.cpp part at the first token of a prompt without BOS (Qwen adds
+    # none) on the 1.5B model: here that position is held to the same bound as the mean.
+    assert kl_per_position[0] < 5e-3, f"KL at position 0 {kl_per_position[0]:.2e}"
 
 
 def test_chat_template_and_reply(model_path, reference):
