@@ -1,6 +1,6 @@
 // Prefill on Intel AMX tiles (Sapphire Rapids and later): the packed panels of matmul_simd.h's
 // gemm_large, multiplied by TDPBSSD instead of vpdpbusd. Included by matmul_avx512.cpp after
-// matmul_simd.h; cpu_path() picks it only where the OS lets the process use the tiles.
+// matmul_simd.h; cpu_path() is amx only when asked for (opt-in) and where the OS grants the tiles.
 //
 // A sub-block's packed vectors are already the layout a tile multiply wants for its right operand
 // (B: G rows of 4 bytes x 16 weight rows, the VNNI order; packed as the signed q = u - offset, so
@@ -43,7 +43,7 @@ PE_INLINE void amx_configure(int rows) {
 }
 
 // Half H (0 or 1) of the pipeline: sub-blocks j and j + 1 (when below nsub) into C tiles 2H and
-// 2H + 1 through A4/B6 and A5/B7, stored to out[0] and out[1]. The two multiplies are issued back to
+// 2H + 1 through A4/B6 and A5/B7, stored to out0 and out1. The two multiplies are issued back to
 // back so that the matrix unit overlaps them (one sub-block at a time, each multiply waits for its
 // loads and its store for it). GCC's tile intrinsics paste their tile numbers into the assembly text,
 // so they must be literals: one branch per half.
