@@ -6,6 +6,9 @@ it (d = max|x| / 127, q = round-half-even(x * 127 / max|x|)), so the only differ
 rounding and the tolerance can be tight.
 """
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -141,8 +144,8 @@ def test_panel_layout_gives_the_same_bits(qtype, cpu_path):
 @pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)
 def test_amx_gives_the_avx512_bits(qtype):
     """The AMX prefill (cpu/matmul_amx.h) takes the integer dot products from tile multiplies and must
-    then give the AVX-512 path's results bit for bit: every activation-row count around its 16- and
-    32-row tiles (the rows past the last whole 16 run on the register tiles), one and two panels,
+    then give the AVX-512 path's results bit for bit: every activation-row count around its 16-row
+    tiles (the rows past the last whole 16 run on tiles configured with fewer rows), one and two panels,
     partial last panels, rows as stored and packed into panels (Q8_0's are read in place), thread
     splits, and zero and huge activation blocks."""
     if "amx" not in PATHS:
@@ -315,10 +318,6 @@ def test_attention_softmax_matches_numpy(cpu_path, n, scale):
 def test_amx_is_opt_in():
     """Without PYENGINE_CPU a process runs the best path except AMX (opt-in, see README), and
     PYENGINE_CPU=amx selects it where the CPU and OS offer it, the best path below it elsewhere."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "PYENGINE_CPU"}
     code = "import pyengine._C as C; print(C.cpu_path())"
     best = _C.best_cpu_path()
