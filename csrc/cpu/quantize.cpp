@@ -91,25 +91,38 @@ float make_qx_quants(int n, int nmax, const float* x, int8_t* L, int rmse_type, 
   float best = scale * sumlx;
   // ggml tries 18 more scales, one after the other; each candidate's sums are a serial chain of float
   // additions (a few cycles each), so a block costs 18 * n chained adds. Here the candidates are the
-  // inner loop: lane k accumulates candidate k with exactly ggml's operations in ggml's order (no
-  // reassociation, no contraction: the file is built with -ffp-contract=off), so every sum, and the
-  // choice, is bit for bit ggml's, while the 18 chains run side by side in vector registers.
+  // lanes of two 16-float vectors: lane k accumulates candidate k with exactly ggml's operations in
+  // ggml's order (no reassociation, no contraction: the file is built with -ffp-contract=off), so every
+  // sum, and the choice, is bit for bit ggml's, while the 18 chains run side by side. Lanes 18..31 repeat
+  // candidate 17 and are never read. Written with vector types because GCC left the plain loop over 18
+  // candidates scalar (its clamp became branches); each clone lowers them to its own registers.
+  typedef float VF __attribute__((vector_size(64)));
+  typedef int32_t VI __attribute__((vector_size(64)));
   constexpr int K = 18;
-  float isc[K], slx[K], sl2[K];
-  for (int k = 0; k < K; ++k) {
-    const int is = k < 9 ? k - 9 : k - 8;  // -9..-1, 1..9
+  float isc[32], slx[32], sl2[32];
+  for (int k = 0; k < 32; ++k) {
+    const int c = std::min(k, K - 1);
+    const int is = c < 9 ? c - 9 : c - 8;  // -9..-1, 1..9
     isc[k] = -(nmax + 0.1f * is) / max;
-    slx[k] = sl2[k] = 0;
   }
+  VF visc[2], vslx[2] = {}, vsl2[2] = {};
+  std::memcpy(visc, isc, sizeof visc);
+  const VI lo = VI{} - nmax, hi = VI{} + (nmax - 1);
   for (int i = 0; i < n; ++i) {
     const float xi = x[i], w = weight(i), wx = w * xi;
-    for (int k = 0; k < K; ++k) {
-      int l = nearest_int(isc[k] * xi);
-      l = std::max(-nmax, std::min(nmax - 1, l));
-      slx[k] += wx * float(l);
-      sl2[k] += w * float(l) * float(l);
+    for (int v = 0; v < 2; ++v) {
+      const VF val = visc[v] * xi + 12582912.f;  // nearest_int, lane by lane
+      VI l = ((VI)val & 0x007fffff) - 0x00400000;
+      const VI above = l > hi, below = l < lo;
+      l = (above & hi) | (~above & l);
+      l = (below & lo) | (~below & l);
+      const VF fl = __builtin_convertvector(l, VF);
+      vslx[v] += wx * fl;
+      vsl2[v] += w * fl * fl;
     }
   }
+  std::memcpy(slx, vslx, sizeof vslx);
+  std::memcpy(sl2, vsl2, sizeof vsl2);
   int chosen = -1;
   for (int k = 0; k < K; ++k) {
     if (sl2[k] > 0 && slx[k] * slx[k] > best * sl2[k]) {
