@@ -5,13 +5,33 @@
 """
 from ._C import (ContextLengthError, DeviceMemoryError, EngineError, MemoryLimitError, ModelFormatError, NumericalError,
                  UnsupportedModelError)
-from .chat_template import ChatTemplate, TemplateError
-from .default_model import ModelNotFoundError, find_default_model, find_packaged_model, resolve_model
-from .generation import ChatSession, ContextShiftWarning, Generation, GenerationStats, generate, generate_batch
-from .engine import Engine
-from .llm import LLM
-from .sampling import Sampler, SamplingParams
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+# Everything else loads on first use (PEP 562): `pyengine quantize` and the other commands that need
+# only the engine should not pay for jinja2, the tokenizer and the generation loop at start-up.
+_LAZY = {
+    "ChatTemplate": "chat_template", "TemplateError": "chat_template",
+    "ModelNotFoundError": "default_model", "find_default_model": "default_model",
+    "find_packaged_model": "default_model", "resolve_model": "default_model",
+    "ChatSession": "generation", "ContextShiftWarning": "generation", "Generation": "generation",
+    "GenerationStats": "generation", "generate": "generation", "generate_batch": "generation",
+    "Engine": "engine", "LLM": "llm", "Sampler": "sampling", "SamplingParams": "sampling",
+    "IncrementalDetokenizer": "tokenizer", "Tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pyengine' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "LLM", "Engine", "Tokenizer", "IncrementalDetokenizer", "SamplingParams", "Sampler", "ChatTemplate", "ChatSession",
