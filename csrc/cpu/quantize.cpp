@@ -32,6 +32,21 @@ constexpr float GROUP_MAX_EPS = 1e-15f;
 #define PE_SEARCH_CLONES
 #endif
 
+// 16 floats / int32s. GCC lowers them to each clone's registers (one zmm, two ymm, four xmm); the
+// searches below put their candidates in the lanes, each lane doing one candidate's scalar operations.
+typedef float VF __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+
+// nearest_int of every lane.
+__attribute__((always_inline)) inline VI nearest_int(VF fval) {
+  const VF val = fval + 12582912.f;
+  return ((VI)val & 0x007fffff) - 0x00400000;
+}
+
+// Lanes of a where m is set, of b elsewhere.
+__attribute__((always_inline)) inline VI select(VI m, VI a, VI b) { return (m & a) | (~m & b); }
+__attribute__((always_inline)) inline VF select(VI m, VF a, VF b) { return (VF)select(m, (VI)a, (VI)b); }
+
 inline int nearest_int(float fval) {
   // round half to even through the float adder (ggml's trick; |fval| < 2^22)
   float val = fval + 12582912.f;
@@ -96,8 +111,6 @@ float make_qx_quants(int n, int nmax, const float* x, int8_t* L, int rmse_type, 
   // sum, and the choice, is bit for bit ggml's, while the 18 chains run side by side. Lanes 18..31 repeat
   // candidate 17 and are never read. Written with vector types because GCC left the plain loop over 18
   // candidates scalar (its clamp became branches); each clone lowers them to its own registers.
-  typedef float VF __attribute__((vector_size(64)));
-  typedef int32_t VI __attribute__((vector_size(64)));
   constexpr int K = 18;
   float isc[32], slx[32], sl2[32];
   for (int k = 0; k < 32; ++k) {
@@ -111,11 +124,9 @@ float make_qx_quants(int n, int nmax, const float* x, int8_t* L, int rmse_type, 
   for (int i = 0; i < n; ++i) {
     const float xi = x[i], w = weight(i), wx = w * xi;
     for (int v = 0; v < 2; ++v) {
-      const VF val = visc[v] * xi + 12582912.f;  // nearest_int, lane by lane
-      VI l = ((VI)val & 0x007fffff) - 0x00400000;
-      const VI above = l > hi, below = l < lo;
-      l = (above & hi) | (~above & l);
-      l = (below & lo) | (~below & l);
+      VI l = nearest_int(visc[v] * xi);
+      l = select(l > hi, hi, l);
+      l = select(l < lo, lo, l);
       const VF fl = __builtin_convertvector(l, VF);
       vslx[v] += wx * fl;
       vsl2[v] += w * fl * fl;
@@ -203,7 +214,7 @@ float make_q3_quants(int n, int nmax, const float* x, int8_t* L, bool do_rmse) {
 // degenerate test (max == min vs max <= min) and the default weights.
 template <bool kx3>
 __attribute__((always_inline)) inline float make_qkx_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min,
-                      uint8_t* Laux, float rmin, float rdelta, int nstep, bool use_mad) {
+                      float rmin, float rdelta, int nstep, bool use_mad) {
   auto wt = [&](int i) { return weights ? weights[i] : x[i] * x[i]; };
   float min = x[0], max = x[0];
   float sum_w = wt(0);
@@ -235,39 +246,74 @@ __attribute__((always_inline)) inline float make_qkx_quants(int n, int nmax, con
     *the_min = -min;
     return scale;
   }
-  for (int is = 0; is <= nstep; ++is) {
-    iscale = (rmin + rdelta * is + nmax) / (max - min);
-    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+  // ggml tries nstep + 1 scales one after the other, and a candidate that lowers the error replaces
+  // `min`, which the later candidates read. Here the candidates go in vector lanes (each lane ggml's
+  // operations in ggml's order, so the sums and the choice are bit for bit ggml's): all the remaining
+  // candidates are computed with the current min, then taken in order; when one is accepted and changes
+  // min, the candidates after it are computed again with the new min.
+  assert(n <= 32 && nstep < 48);
+  VI laux[32][3];
+  int start = 0;
+  while (start <= nstep) {
+    const int cnt = nstep + 1 - start, nv = (cnt + 15) / 16;
+    float isc[48];
+    for (int k = 0; k < 16 * nv; ++k) {
+      const int is = start + std::min(k, cnt - 1);  // lanes past the last candidate repeat it (unread)
+      isc[k] = (rmin + rdelta * is + nmax) / (max - min);
+    }
+    VF vis[3], sl[3] = {}, sl2[3] = {}, sxl[3] = {};
+    std::memcpy(vis, isc, sizeof(VF) * nv);
+    const VI zero = VI{}, top = VI{} + nmax;
     for (int i = 0; i < n; ++i) {
-      int l = nearest_int(iscale * (x[i] - min));
-      l = std::max(0, std::min(nmax, l));
-      Laux[i] = uint8_t(l);
-      float w = wt(i);
-      sum_l += w * l;
-      sum_l2 += w * l * l;
-      sum_xl += w * l * x[i];
-    }
-    float D = sum_w * sum_l2 - sum_l * sum_l;
-    if (D > 0) {
-      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-      if (this_min > 0) {
-        this_min = 0;
-        this_scale = sum_xl / sum_l2;
-      }
-      float cur_error = 0;
-      for (int i = 0; i < n; ++i) {
-        float diff = this_scale * Laux[i] + this_min - x[i];
-        diff = use_mad ? std::fabs(diff) : diff * diff;
-        cur_error += wt(i) * diff;
-      }
-      if (cur_error < best_error) {
-        for (int i = 0; i < n; ++i) L[i] = Laux[i];
-        best_error = cur_error;
-        scale = this_scale;
-        min = this_min;
+      const float xi = x[i], w = wt(i), xm = x[i] - min;
+      for (int v = 0; v < nv; ++v) {
+        VI l = nearest_int(vis[v] * xm);
+        l = select(l > top, top, l);
+        l = select(l < zero, zero, l);
+        laux[i][v] = l;
+        const VF fl = __builtin_convertvector(l, VF);
+        sl[v] += w * fl;
+        sl2[v] += w * fl * fl;
+        sxl[v] += w * fl * xi;
       }
     }
+    VF D[3], tscale[3], tmin[3], err[3];
+    for (int v = 0; v < nv; ++v) {
+      D[v] = sum_w * sl2[v] - sl[v] * sl[v];
+      tscale[v] = (sum_w * sxl[v] - sum_x * sl[v]) / D[v];
+      tmin[v] = (sl2[v] * sum_x - sl[v] * sxl[v]) / D[v];
+      const VI pos = tmin[v] > 0;
+      tmin[v] = select(pos, VF{}, tmin[v]);
+      tscale[v] = select(pos, sxl[v] / sl2[v], tscale[v]);
+      err[v] = VF{};
+    }
+    for (int i = 0; i < n; ++i) {
+      const float w = wt(i);
+      for (int v = 0; v < nv; ++v) {
+        VF diff = tscale[v] * __builtin_convertvector(laux[i][v], VF) + tmin[v] - x[i];
+        diff = use_mad ? (VF)((VI)diff & 0x7fffffff) : diff * diff;
+        err[v] += w * diff;
+      }
+    }
+    float fD[48], fscale[48], fmin[48], ferr[48];
+    std::memcpy(fD, D, sizeof(VF) * nv);
+    std::memcpy(fscale, tscale, sizeof(VF) * nv);
+    std::memcpy(fmin, tmin, sizeof(VF) * nv);
+    std::memcpy(ferr, err, sizeof(VF) * nv);
+    int next = nstep + 1;
+    for (int k = 0; k < cnt; ++k) {
+      if (!(fD[k] > 0) || !(ferr[k] < best_error)) continue;
+      for (int i = 0; i < n; ++i) L[i] = uint8_t(laux[i][k / 16][k % 16]);
+      best_error = ferr[k];
+      scale = fscale[k];
+      const bool moved = std::memcmp(&min, &fmin[k], sizeof min) != 0;
+      min = fmin[k];
+      if (moved) {  // the later candidates read the old min: compute them again
+        next = start + k + 1;
+        break;
+      }
+    }
+    start = next;
   }
   *the_min = -min;
   return scale;
@@ -436,7 +482,7 @@ void quantize_row_q4_0_impl(const float* x, block_q4_0* y, int64_t n_per_row, co
 PE_SEARCH_CLONES
 void quantize_row_q4_1_impl(const float* x, block_q4_1* y, int64_t n_per_row, const float* quant_weights) {
   float weight[QK4_1];
-  uint8_t L[QK4_1], Laux[QK4_1];
+  uint8_t L[QK4_1];
   float sum_x2 = 0;
   for (int64_t j = 0; j < n_per_row; ++j) sum_x2 += x[j] * x[j];
   float sigma2 = sum_x2 / n_per_row;
@@ -445,7 +491,7 @@ void quantize_row_q4_1_impl(const float* x, block_q4_1* y, int64_t n_per_row, co
     const float* qw = quant_weights + QK4_1 * ib;
     for (int j = 0; j < QK4_1; ++j) weight[j] = qw[j] * std::sqrt(sigma2 + xb[j] * xb[j]);
     float min;
-    float d = make_qkx_quants<true>(QK4_1, 15, xb, weight, L, &min, Laux, -0.9f, 0.05f, 36, false);
+    float d = make_qkx_quants<true>(QK4_1, 15, xb, weight, L, &min, -0.9f, 0.05f, 36, false);
     y[ib].d = f2h(d);
     y[ib].m = f2h(-min);
     for (int j = 0; j < 16; ++j) y[ib].qs[j] = uint8_t(L[j] | (L[j + 16] << 4));
@@ -520,7 +566,7 @@ void quantize_row_q5_0_impl(const float* x, block_q5_0* y, int64_t n_per_row, co
 PE_SEARCH_CLONES
 void quantize_row_q5_1_impl(const float* x, block_q5_1* y, int64_t n_per_row, const float* quant_weights) {
   float weight[QK5_1];
-  uint8_t L[QK5_1], Laux[QK5_1];
+  uint8_t L[QK5_1];
   float sum_x2 = 0;
   for (int64_t j = 0; j < n_per_row; ++j) sum_x2 += x[j] * x[j];
   float sigma2 = sum_x2 / n_per_row;
@@ -529,7 +575,7 @@ void quantize_row_q5_1_impl(const float* x, block_q5_1* y, int64_t n_per_row, co
     const float* qw = quant_weights + QK5_1 * ib;
     for (int j = 0; j < QK5_1; ++j) weight[j] = qw[j] * std::sqrt(sigma2 + xb[j] * xb[j]);
     float min;
-    float d = make_qkx_quants<true>(QK5_1, 31, xb, weight, L, &min, Laux, -0.9f, 0.05f, 36, false);
+    float d = make_qkx_quants<true>(QK5_1, 31, xb, weight, L, &min, -0.9f, 0.05f, 36, false);
     y[ib].d = f2h(d);
     y[ib].m = f2h(-min);
     pack_q5(L, y[ib].qs, y[ib].qh);
@@ -546,14 +592,14 @@ void pack_q2_K(const uint8_t* L, block_q2_K* y) {
 
 PE_SEARCH_CLONES
 void quantize_row_q2_K_ref(const float* x, block_q2_K* y, int64_t k) {
-  uint8_t L[QK_K], Laux[16];
+  uint8_t L[QK_K];
   float weights[16], mins[QK_K / 16], scales[QK_K / 16];
   const float q4scale = 15.f;
   for (int64_t i = 0; i < k / QK_K; i++) {
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < QK_K / 16; ++j) {
       for (int l = 0; l < 16; ++l) weights[l] = std::fabs(x[16 * j + l]);
-      scales[j] = make_qkx_quants<false>(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, true);
+      scales[j] = make_qkx_quants<false>(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, true);
       max_scale = std::max(max_scale, scales[j]);
       max_min = std::max(max_min, mins[j]);
     }
@@ -588,7 +634,7 @@ void quantize_row_q2_K_ref(const float* x, block_q2_K* y, int64_t k) {
 
 PE_SEARCH_CLONES
 void quantize_row_q2_K_impl(const float* x, block_q2_K* y, int64_t k, const float* quant_weights) {
-  uint8_t L[QK_K], Laux[16], Ls[QK_K / 16], Lm[QK_K / 16];
+  uint8_t L[QK_K], Ls[QK_K / 16], Lm[QK_K / 16];
   float mins[QK_K / 16], scales[QK_K / 16], sw[QK_K / 16], weight[16];
   for (int64_t i = 0; i < k / QK_K; i++) {
     std::memset(sw, 0, sizeof(sw));
@@ -599,7 +645,7 @@ void quantize_row_q2_K_impl(const float* x, block_q2_K* y, int64_t k, const floa
       const float* qw = quant_weights + QK_K * i + 16 * j;
       for (int l = 0; l < 16; ++l) weight[l] = qw[l] * std::sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]);
       for (int l = 0; l < QK_K / 16; ++l) sw[j] += weight[l];
-      scales[j] = make_qkx_quants<true>(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], Laux, -0.9f, 0.05f, 36, false);
+      scales[j] = make_qkx_quants<true>(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], -0.9f, 0.05f, 36, false);
     }
     float dm = make_qp_quants(QK_K / 16, 15, scales, Ls, sw);
     float mm = make_qp_quants(QK_K / 16, 15, mins, Lm, sw);
@@ -747,7 +793,6 @@ void requantize_k4(const float* x, const fp16_t d16, const fp16_t dmin16, const 
 PE_SEARCH_CLONES
 void ref_scales_k4(const float* x, int nmax, float rmin, int nstep, uint8_t* L, uint8_t* packed, fp16_t* d16,
                    fp16_t* dmin16) {
-  uint8_t Laux[32];
   float weights[32], mins[QK_K / 32], scales[QK_K / 32];
   float max_scale = 0, max_min = 0;
   for (int j = 0; j < QK_K / 32; ++j) {
@@ -755,7 +800,7 @@ void ref_scales_k4(const float* x, int nmax, float rmin, int nstep, uint8_t* L, 
     for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
     float av_x = std::sqrt(sum_x2 / 32);
     for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(x[32 * j + l]);
-    scales[j] = make_qkx_quants<false>(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f, nstep, false);
+    scales[j] = make_qkx_quants<false>(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], rmin, 0.1f, nstep, false);
     max_scale = std::max(max_scale, scales[j]);
     max_min = std::max(max_min, mins[j]);
   }
@@ -774,7 +819,7 @@ void ref_scales_k4(const float* x, int nmax, float rmin, int nstep, uint8_t* L, 
 PE_SEARCH_CLONES
 void impl_scales_k4(const float* x, int nmax, const float* qw_block, uint8_t* L, uint8_t* packed, fp16_t* d16,
                     fp16_t* dmin16) {
-  uint8_t Laux[32], Ls[QK_K / 32], Lm[QK_K / 32];
+  uint8_t Ls[QK_K / 32], Lm[QK_K / 32];
   float weights[32], sw[QK_K / 32], mins[QK_K / 32], scales[QK_K / 32];
   float sum_x2 = 0;
   for (int l = 0; l < QK_K; ++l) sum_x2 += x[l] * x[l];
@@ -790,7 +835,7 @@ void impl_scales_k4(const float* x, int nmax, const float* qw_block, uint8_t* L,
     float sumw = 0;
     for (int l = 0; l < 32; ++l) sumw += weights[l];
     sw[j] = sumw;
-    scales[j] = make_qkx_quants<true>(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.9f, 0.05f, 36, false);
+    scales[j] = make_qkx_quants<true>(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], -0.9f, 0.05f, 36, false);
   }
   float d_block = make_qp_quants(QK_K / 32, 63, scales, Ls, sw);
   float m_block = make_qp_quants(QK_K / 32, 63, mins, Lm, sw);
