@@ -212,7 +212,7 @@ void bind_model(py::module_& m) {
           "a 3-D tensor of experts, (float64 [n_expert, n_cols], int64 [n_expert] rows routed to each expert).")
       .def(
           "input_covariance",
-          [](const Context& ctx) {
+          [](Context& ctx, bool take) {
             std::unordered_map<const void*, std::string> names;
             for (const auto& t : ctx.model().file().tensors()) names[t.data] = t.name;
             std::unordered_map<const std::vector<float>*, py::array_t<float>> arrays;  // shared inputs: one array
@@ -224,19 +224,33 @@ void bind_model(py::module_& m) {
               auto a = arrays.find(e.xtx.get());
               if (a == arrays.end()) {
                 const auto n = py::ssize_t(e.sum2.size());
-                py::array_t<float> h({n, n});
-                float* d = h.mutable_data();
-                const float* src = e.xtx->data();
-                for (py::ssize_t i = 0; i < n; i++)  // symmetric from the accumulated upper triangle
-                  for (py::ssize_t j = 0; j < n; j++) d[i * n + j] = i <= j ? src[i * n + j] : src[j * n + i];
+                py::array_t<float> h;
+                if (take) {  // the accumulator itself, made symmetric in place; the array keeps it alive
+                  float* d = e.xtx->data();
+                  for (py::ssize_t i = 1; i < n; i++)
+                    for (py::ssize_t j = 0; j < i; j++) d[i * n + j] = d[j * n + i];
+                  auto* keep = new std::shared_ptr<std::vector<float>>(e.xtx);
+                  py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<std::vector<float>>*>(p); });
+                  h = py::array_t<float>({n, n}, d, owner);
+                } else {
+                  h = py::array_t<float>({n, n});
+                  float* d = h.mutable_data();
+                  const float* src = e.xtx->data();
+                  for (py::ssize_t i = 0; i < n; i++)  // symmetric from the accumulated upper triangle
+                    for (py::ssize_t j = 0; j < n; j++) d[i * n + j] = i <= j ? src[i * n + j] : src[j * n + i];
+                }
                 a = arrays.emplace(e.xtx.get(), h).first;
               }
               out[py::str(it->second)] = py::make_tuple(a->second, e.rows[0]);
             }
+            if (take) ctx.collect_input_stats(false);  // the context lets go of the matrices (and the sums)
             return out;
           },
+          py::arg("take") = false,
           "{tensor name: (float32 [n_cols, n_cols] x^T x over the rows, rows)} since collect_input_stats(True, "
-          "covariance=True); layers that read the same input share one array.");
+          "covariance=True); layers that read the same input share one array. take=True hands the engine's own\n"
+          "matrices over instead of copying them (half the memory) and stops the collection: read input_stats()\n"
+          "first.");
 
   m.def(
       "host_memory_plan",

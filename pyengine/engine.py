@@ -304,10 +304,12 @@ class Engine:
         CPU layers only (n_gpu_layers=0)."""
         self._ctx.collect_input_stats(bool(on), bool(covariance))
 
-    def input_covariance(self) -> dict[str, tuple[np.ndarray, int]]:
+    def input_covariance(self, take: bool = False) -> dict[str, tuple[np.ndarray, int]]:
         """{weight tensor name: (float32 [cols, cols] sums of x^T x, rows summed)} since
-        collect_input_stats(True, covariance=True); q/k/v (gate/up) share one array."""
-        return self._ctx.input_covariance()
+        collect_input_stats(True, covariance=True); q/k/v (gate/up) share one array. take=True hands over
+        the engine's own matrices instead of copies (half the memory) and stops the collection, so read
+        input_stats() first."""
+        return self._ctx.input_covariance(take)
 
     def input_stats(self) -> dict[str, tuple[np.ndarray, int]]:
         """{weight tensor name: (float64 per-column sums of x^2, rows summed)} since collection began."""

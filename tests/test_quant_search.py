@@ -20,7 +20,7 @@ import pyengine
 from checkpoints import load_hf_model, make_llama
 from pyengine import _C
 from pyengine_convert import convert
-from pyengine_convert.calibrate import collect_covariances
+from pyengine_convert.calibrate import collect_covariances, load_text
 from pyengine_convert.requantize import requantize
 
 Q = gguf.GGMLQuantizationType
@@ -178,6 +178,13 @@ def test_quantize_command_calibration(tiny, tmp_path):
                         str(text), "-q"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert pyengine.LLM(out, n_ctx=64).generate("It is a truth", max_new_tokens=4, temperature=0) is not None
+    # The command takes the engine's matrices and frees each once written; a caller's Covariances object
+    # (collected with the command's defaults) gives the same file and is left whole.
+    cov = collect_covariances(path, load_text(text))
+    again = tmp_path / "again.gguf"
+    requantize(path, again, "q4_0", calibration=cov)
+    assert again.read_bytes() == out.read_bytes()
+    assert "blk.0.attn_q.weight" in cov.xtx
     bad = subprocess.run([sys.executable, "-m", "pyengine", "quantize", str(path), str(out), "q4_0", "--method",
                           "feedback"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 1 and "--calibration" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

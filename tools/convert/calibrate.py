@@ -4,7 +4,9 @@ running the engine (not torch) over a calibration text, as `pyengine imatrix` co
 `pyengine quantize IN OUT TYPE --calibration TEXT` runs IN (F16/F32/BF16, or any type pyengine runs) over
 the text in chunks of `n_ctx` tokens (BOS first, as llama-imatrix) and hands each tensor's X^T X to
 `_C.quantize_feedback` (csrc/cpu/quant_search.h). Layers that read the same input (q/k/v, gate/up) share
-one matrix: a layer of n input columns holds n^2 floats (SmolLM2-135M: about 0.5 GB in all).
+one matrix: a layer of n input columns holds n^2 floats (SmolLM2-135M: about 0.4 GB in all). The matrices
+are the engine's own (no copy); the model is freed before quantizing, and each matrix as soon as the last
+tensor that reads it is written (`Covariances.release`).
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ class Covariances:
     n_chunks: int
     n_ctx: int
 
+    def release(self, name: str) -> None:
+        """Drops `name`'s matrix (freed once no other tensor shares it)."""
+        self.xtx.pop(name, None)
+
     def importance(self, name: str) -> np.ndarray | None:
         """The imatrix entry of `name` (mean x^2 per column), from the same run."""
         if name not in self.sum2:
@@ -41,9 +47,9 @@ def collect_covariances(model_path: str | os.PathLike, text: str, n_ctx: int = 5
     from .imatrix_cmd import run_chunks
 
     llm, count = run_chunks(Path(model_path), text, n_ctx, n_chunks, n_threads, progress, kv_type, covariance=True)
-    cov = llm.input_covariance()
     stats = llm.input_stats()
-    llm.collect_input_stats(False)
+    cov = llm.input_covariance(take=True)  # no copy; the model's memory goes with `llm` on return
+    del llm
     return Covariances(xtx={k: v[0] for k, v in cov.items()}, sum2={k: v[0] for k, v in stats.items()},
                        rows={k: int(v[1]) for k, v in stats.items()}, n_chunks=count, n_ctx=n_ctx)
 

@@ -36,6 +36,7 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType
 
 from . import quants
+from .calibrate import Covariances
 from .errors import ConversionError
 from .gguf_stream import GGUFHeader, GGUFStreamWriter, kv_entry, read_into
 from .imatrix_file import load_imatrix
@@ -207,8 +208,9 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                         f"(first: {missing_imatrix[0]})")
 
     cov = None
+    own_cov = not isinstance(calibration, Covariances)
     if method == "feedback":
-        from .calibrate import Covariances, collect_covariances, load_text
+        from .calibrate import collect_covariances, load_text
 
         cov = calibration if isinstance(calibration, Covariances) else collect_covariances(
             in_path, load_text(calibration), n_chunks=calibration_chunks, n_threads=n_threads or None,
@@ -246,6 +248,9 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                     src = np.empty(t.n_bytes, dtype=np.uint8)  # error feedback: the whole tensor at once
                     read_into(fin.fileno(), t.offset, memoryview(src))
                     data = _feedback(_to_float(src, t, t.rows), new, cov, t.name, imp, n_threads)
+                    del src
+                    if own_cov:  # a caller's Covariances may serve another call
+                        cov.release(t.name)
                     if data is not None:
                         w.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
                         bar.update(t.name, t.n_bytes, tensor_done=True)
