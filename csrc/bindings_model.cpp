@@ -183,8 +183,10 @@ void bind_model(py::module_& m) {
       .def_property_readonly("n_gpu_layers", &Context::n_gpu_layers)
       .def_property_readonly("gpu_kv_bytes", &Context::gpu_kv_bytes)
       .def("collect_input_stats", &Context::collect_input_stats, py::arg("on"), py::arg("covariance") = false,
+           py::arg("covariance_tensors") = std::vector<std::string>{},
            "Importance matrix: while on, every pass adds each linear layer's input (per column sums of x^2; "
-           "with covariance=True also x^T x); turning it on starts from zero. CPU layers only.")
+           "with covariance=True also x^T x, for the weights named in covariance_tensors or, when it is empty, "
+           "all); turning it on starts from zero. CPU layers only.")
       .def(
           "input_stats",
           [](const Context& ctx) {

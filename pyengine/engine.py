@@ -297,12 +297,13 @@ class Engine:
         """Empty every sequence of the context."""
         self._ctx.clear()
 
-    def collect_input_stats(self, on: bool = True, covariance: bool = False) -> None:
+    def collect_input_stats(self, on: bool = True, covariance: bool = False,
+                            covariance_tensors: list[str] | None = None) -> None:
         """Importance matrix (llama.cpp's imatrix): while on, every forward pass adds each linear
         layer's input to per-column sums of squares (`input_stats`); turning it on starts from zero.
-        covariance=True also sums x^T x per layer (`input_covariance`, for error-feedback quantization).
-        CPU layers only (n_gpu_layers=0)."""
-        self._ctx.collect_input_stats(bool(on), bool(covariance))
+        covariance=True also sums x^T x per layer (`input_covariance`, for error-feedback quantization),
+        for the weights named in `covariance_tensors` only when given. CPU layers only (n_gpu_layers=0)."""
+        self._ctx.collect_input_stats(bool(on), bool(covariance), list(covariance_tensors or []))
 
     def input_covariance(self, take: bool = False) -> dict[str, tuple[np.ndarray, int]]:
         """{weight tensor name: (float32 [cols, cols] sums of x^T x, rows summed)} since

@@ -137,6 +137,27 @@ def test_engine_covariance_equals_transformers(tiny):
     assert cov.xtx["blk.0.ffn_gate.weight"] is cov.xtx["blk.0.ffn_up.weight"]
 
 
+def test_covariances_in_groups_equal_one_pass(tiny):
+    """With a memory bound the blocks' matrices come from several passes over the text, each collecting a
+    group of blocks and writing it to disk: the same matrices, bit for bit, as one pass holding them all."""
+    _, path, _ = tiny
+    whole = collect_covariances(path, TEXT, n_ctx=N_CTX)
+    tensors = gguf.GGUFReader(path).tensors  # shape: columns first
+    one_block = sum(4 * int(t.shape[0]) ** 2 for t in tensors if t.name.startswith("blk.0.") and len(t.shape) == 2)
+    grouped = collect_covariances(path, TEXT, n_ctx=N_CTX, max_bytes=one_block)
+    assert whole.passes == 1 and grouped.passes == 2 and not grouped.xtx  # the tiny model's two blocks
+    folder = next(iter(grouped.files.values())).parent
+    assert set(grouped.files) == set(whole.xtx) and grouped.n_chunks == whole.n_chunks
+    for name, h in whole.xtx.items():
+        np.testing.assert_array_equal(grouped.matrix(name), h, err_msg=name)
+        np.testing.assert_array_equal(grouped.sum2[name], whole.sum2[name], err_msg=name)
+    grouped.close()
+    assert not folder.exists()
+    engine = pyengine.Engine(path, n_ctx=N_CTX)
+    with pytest.raises(pyengine.EngineError, match="no tensor named 'blk.9.attn_q.weight'"):
+        engine.collect_input_stats(True, covariance=True, covariance_tensors=["blk.9.attn_q.weight"])
+
+
 @pytest.mark.parametrize("preset", ["q4_k_m", "q4_0"])
 def test_calibrated_file_is_standard_and_read_by_llama_cpp(tiny, tmp_path, preset):
     """The file has the tensor types, shapes and size of ggml's imatrix quantization, gguf-py reads every
@@ -185,6 +206,16 @@ def test_quantize_command_calibration(tiny, tmp_path):
     requantize(path, again, "q4_0", calibration=cov)
     assert again.read_bytes() == out.read_bytes()
     assert "blk.0.attn_q.weight" in cov.xtx
+    # One block's matrices at a time (two passes over the text): the same file again.
+    small = subprocess.run([sys.executable, "-m", "pyengine", "quantize", str(path), str(again), "q4_0",
+                            "--calibration", str(text), "--calibration-memory", "0.01", "-q"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert small.returncode == 0, small.stderr
+    assert again.read_bytes() == out.read_bytes()
+    neg = subprocess.run([sys.executable, "-m", "pyengine", "quantize", str(path), str(again), "q4_0",
+                          "--calibration", str(text), "--calibration-memory", "-1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert neg.returncode == 1 and "calibration memory" in neg.stderr
     bad = subprocess.run([sys.executable, "-m", "pyengine", "quantize", str(path), str(out), "q4_0", "--method",
                           "feedback"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 1 and "--calibration" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -346,11 +346,17 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
                   head_on_gpu ? gpu.head_weights : model_->decoder.head, p, rope_, out, hidden);
 }
 
-void Context::collect_input_stats(bool on, bool covariance) {
+void Context::collect_input_stats(bool on, bool covariance, const std::vector<std::string>& covariance_tensors) {
   PE_CHECK(!on || !gpu_ex_, UnsupportedModelError,
            "input statistics (imatrix) are collected on the CPU only: load the model with n_gpu_layers=0");
   input_stats_ = InputStats{};
   input_stats_.covariance = covariance;
+  for (const std::string& name : covariance_tensors) {
+    const auto& tensors = model_->file().tensors();
+    auto it = std::find_if(tensors.begin(), tensors.end(), [&](const auto& t) { return t.name == name; });
+    PE_CHECK(it != tensors.end(), Error, "collect_input_stats: the model has no tensor named '", name, "'");
+    input_stats_.covariance_only.insert(it->data);
+  }
   act_.input_stats = on ? &input_stats_ : nullptr;
 }
 

@@ -68,7 +68,8 @@ class Context {
 
   // Importance-matrix collection: while on, every pass adds each linear layer's input to stats()
   // (CPU layers only: a model with GPU layers refuses). Turning it on starts from zero.
-  void collect_input_stats(bool on, bool covariance = false);
+  // covariance_tensors: the weights (by tensor name) that get an x^T x; empty: all of them.
+  void collect_input_stats(bool on, bool covariance = false, const std::vector<std::string>& covariance_tensors = {});
   const InputStats& input_stats() const { return input_stats_; }
 
   int64_t n_ctx() const { return kv().n_ctx() - prefix_; }

@@ -27,7 +27,7 @@ void InputStats::add_expert(const void* weight, int64_t cols, int64_t expert, in
 
 void InputStats::add(const Tensor& w, const Tensor& x, ThreadPool* pool) {
   add_expert(w.data, w.cols, 0, 1, x);
-  if (!covariance) return;
+  if (!covariance || (!covariance_only.empty() && !covariance_only.count(w.data))) return;
   Entry& e = by_weight[w.data];
   // q, k and v (gate and up) read the same rows one after another: one matrix, updated once per pass.
   const float* in = x.row(0);

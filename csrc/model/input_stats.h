@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "tensor.h"
@@ -28,6 +29,9 @@ struct InputStats {
   // the tensor's name.
   std::unordered_map<const void*, Entry> by_weight;
   bool covariance = false;
+  // With `covariance`: when not empty, the only weights (by data) that get an x^T x, so that a calibration
+  // can collect a few layers' matrices per pass and hold no more than those.
+  std::unordered_set<const void*> covariance_only;
 
   // Adds the rows of x (F32 on the CPU), the input of the linear layer with weight w; `pool` (or nullptr)
   // runs the covariance update.

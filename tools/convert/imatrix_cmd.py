@@ -20,7 +20,7 @@ from .progress import Progress
 
 
 def run_chunks(model_path: str | Path, text: str, n_ctx: int, n_chunks: int | None, n_threads: int | None,
-               progress: bool, kv_type: str, covariance: bool = False):
+               progress: bool, kv_type: str, covariance: bool = False, covariance_tensors: list[str] | None = None):
     """The engine run behind an imatrix and a calibration: `text` in `n_chunks` chunks of `n_ctx` tokens (all
     when None), BOS first, with the engine collecting its input statistics (and with `covariance`, each
     layer's X^T X). Returns the engine, still holding them, and the number of chunks run."""
@@ -35,7 +35,7 @@ def run_chunks(model_path: str | Path, text: str, n_ctx: int, n_chunks: int | No
     if available == 0:
         raise ConversionError(f"the text tokenizes to {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
     count = available if n_chunks is None or n_chunks <= 0 else min(n_chunks, available)
-    llm.collect_input_stats(True, covariance=covariance)
+    llm.collect_input_stats(True, covariance=covariance, covariance_tensors=covariance_tensors)
     bar = Progress(count * n_ctx, count, enabled=progress, unit="tokens", scale=1)
     for i in range(count):
         chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()

@@ -102,7 +102,7 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                imatrix: str | os.PathLike | dict[str, np.ndarray] | None = None, allow_requantize: bool = False,
                output_qtype: str | None = None, n_threads: int = 0, progress: bool = False,
                calibration: str | os.PathLike | None = None, method: str | None = None,
-               calibration_chunks: int | None = None) -> QuantizeReport:
+               calibration_chunks: int | None = None, calibration_memory: int | None = None) -> QuantizeReport:
     """Requantize a GGUF file to preset `qtype` (q4_0, q4_k_m, ... see presets.PRESETS).
 
     imatrix: a llama.cpp imatrix file (GGUF or legacy .dat) or {tensor name: per-column importance, or
@@ -112,6 +112,9 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     output_qtype: force the type of output.weight (and token_embd when tied), e.g. "q8_0".
     calibration: a text file (or a calibrate.Covariances) for the error-feedback method;
         calibration_chunks: how many 512-token chunks of it to run (default: all).
+    calibration_memory: bytes of X^T X matrices held at once while running the text (default: the largest
+        tensor's size in float32; the blocks are then covered in groups, one pass over the text each, the
+        matrices kept on disk until used); 0: all at once, one pass (faster, more memory).
     method: "feedback" (default with a calibration text) or "ggml" (llama-quantize's bytes; the default
         without one).
     Raises ConversionError naming the file or tensor on bad input; leaves no OUT on failure.
@@ -212,9 +215,13 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
     if method == "feedback":
         from .calibrate import collect_covariances, load_text
 
+        if calibration_memory is not None and calibration_memory < 0:
+            raise ConversionError(f"calibration memory of {calibration_memory} bytes: give 0 (no limit) or more")
+        if calibration_memory is None:  # one tensor's worth of floats
+            calibration_memory = max(4 * t.n_elements for t, _ in plan)
         cov = calibration if isinstance(calibration, Covariances) else collect_covariances(
             in_path, load_text(calibration), n_chunks=calibration_chunks, n_threads=n_threads or None,
-            progress=progress)
+            progress=progress, max_bytes=calibration_memory or None)
 
     # metadata: every entry of the input as its bytes, with the new file type and quantization version
     new_kv = {"general.file_type": kv_entry("general.file_type", GGUFValueType.UINT32, int(preset.file_type)),
@@ -244,7 +251,7 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
                 w.begin_tensor()
                 imp, rows_per_matrix = (None, 0) if new is None else _importance_for(
                     t.name, importance.get(t.name), t.dims)
-                if new is not None and new not in FLOAT_TYPES and cov is not None and t.name in cov.xtx:
+                if new is not None and new not in FLOAT_TYPES and cov is not None and t.name in cov:
                     src = np.empty(t.n_bytes, dtype=np.uint8)  # error feedback: the whole tensor at once
                     read_into(fin.fileno(), t.offset, memoryview(src))
                     data = _feedback(_to_float(src, t, t.rows), new, cov, t.name, imp, n_threads)
@@ -285,6 +292,8 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
         raise ConversionError(f"cannot write {out_path}: {e}") from None
     finally:
         tmp.unlink(missing_ok=True)
+        if cov is not None and own_cov:
+            cov.close()
     n_params = int(sum(t.n_elements for t, _ in plan))
     return QuantizeReport(out_path, preset.name.upper(), len(plan), n_params, in_path.stat().st_size,
                           out_path.stat().st_size, time.perf_counter() - start, types, warnings)
@@ -313,6 +322,10 @@ def build_parser(prog: str = "pyengine quantize") -> argparse.ArgumentParser:
                         "input covariance (lower error than llama-quantize's at the same size; same block types)")
     p.add_argument("--calibration-chunks", type=int, default=None, metavar="N",
                    help="512-token chunks of the calibration text to run (default: all)")
+    p.add_argument("--calibration-memory", type=float, default=None, metavar="MIB",
+                   help="MiB of the layers' X^T X matrices held at once while running the calibration text "
+                        "(default: the largest tensor's size in float32; the blocks are covered in groups, one "
+                        "pass over the text each); 0: all at once, one pass (faster, more memory)")
     p.add_argument("--method", choices=("feedback", "ggml"), default=None,
                    help="feedback (default with --calibration) or ggml (llama-quantize's exact bytes)")
     p.add_argument("--allow-requantize", action="store_true",
@@ -329,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         report = requantize(args.input, args.output, args.type, imatrix=args.imatrix,
                             allow_requantize=args.allow_requantize, output_qtype=args.output_qtype,
                             n_threads=args.threads, progress=not args.quiet, calibration=args.calibration,
-                            method=args.method, calibration_chunks=args.calibration_chunks)
+                            method=args.method, calibration_chunks=args.calibration_chunks,
+                            calibration_memory=None if args.calibration_memory is None
+                            else int(args.calibration_memory * 2**20))
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
