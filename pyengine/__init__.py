@@ -5,6 +5,7 @@
 """
 from ._C import (ContextLengthError, DeviceMemoryError, EngineError, MemoryLimitError, ModelFormatError, NumericalError,
                  UnsupportedModelError)
+from ._lazy import lazy_getattr
 
 # Everything else loads on first use (PEP 562): `pyengine quantize` and the other commands that need
 # only the engine should not pay for jinja2, the tokenizer and the generation loop at start-up.
@@ -19,14 +20,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'pyengine' has no attribute '{name}'")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

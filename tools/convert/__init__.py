@@ -3,6 +3,8 @@
     from pyengine_convert import convert
     report = convert("TinyLlama-1.1B", "tinyllama.q4_0.gguf", qtype="q4_0")
 """
+from pyengine._lazy import lazy_getattr
+
 from .errors import ConversionError
 
 # The rest loads on first use (PEP 562): `pyengine quantize` imports a submodule of this package and
@@ -10,13 +12,4 @@ from .errors import ConversionError
 _LAZY = {"QTYPES": "convert", "ConversionReport": "convert", "convert": "convert", "main": "cli"}
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'pyengine_convert' has no attribute '{name}'")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-__all__ = ["ConversionError", "ConversionReport", "QTYPES", "convert", "main"]
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
