@@ -127,30 +127,44 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     }
   }
 
-  ex.pool().for_each_dynamic(int64_t(blocks.size()) * n_head, [&](int64_t item) {
-    const Block& b = blocks[size_t(item / n_head)];
-    const int h = int(item % n_head), g = h / group;
+  // Decode (every block a single row) with grouped-query heads: a work item takes the `group` query heads
+  // that share a KV head as the rows of one call, so their keys and values are read once, not `group`
+  // times. Each score and output is the same sum in the same order either way (attention_kernels.h).
+  bool fold = group > 1 && group <= kMaxQueryBlock;
+  for (const Block& b : blocks) fold = fold && b.r1 - b.r0 == 1;
+  const int heads_per_item = fold ? group : 1;
+  const int64_t items_per_block = n_head / heads_per_item;
+
+  ex.pool().for_each_dynamic(int64_t(blocks.size()) * items_per_block, [&](int64_t item) {
+    const Block& b = blocks[size_t(item / items_per_block)];
+    const int h0 = int(item % items_per_block) * heads_per_item, g = h0 / group;
+    // The item's query rows: folded, heads h0.. of row b.r0 (hd apart); else rows b.r0.. of head h0.
+    const int64_t nb = fold ? group : b.r1 - b.r0;
+    const int64_t ldq = fold ? hd : q.ld(), ldo = fold ? hd : out.ld();
+    auto row_of = [&](int64_t t) { return fold ? b.r0 : b.r0 + t; };
+    auto head_of = [&](int64_t t) { return fold ? h0 + int(t) : h0; };
     const std::vector<int32_t>& pages = kv.pages(b.seq);
-    const int64_t nb = b.r1 - b.r0;
     const int64_t first_page = b.k0 / P, last_page = (b.k1 - 1) / P;
     const int64_t base = first_page * P, width = b.k1 - base;  // scores cover keys [base, k1)
     thread_local std::vector<float> scores;
     if (int64_t(scores.size()) < nb * width) scores.resize(size_t(nb * width));
     float* const sc = scores.data();
 
-    const float* qb = q.row(b.r0) + int64_t(h) * hd;
+    const float* qb = q.row(b.r0) + int64_t(h0) * hd;
     for (int64_t pg = first_page; pg <= last_page; pg++) {
       const int64_t n_keys = std::min(P, b.k1 - pg * P);
       uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
-      k.scores(lay.keys_t(page, g), f16, P, hd, int(n_keys), qb, q.ld(), int(nb), sc + (pg * P - base), width);
+      k.scores(lay.keys_t(page, g), f16, P, hd, int(n_keys), qb, ldq, int(nb), sc + (pg * P - base), width);
     }
     for (int64_t t = 0; t < nb; t++) {
       float* s = sc + t * width;
-      const int64_t lo = kb[b.r0 + t] - base, hi = ke[b.r0 + t] - base;
+      const int64_t r = row_of(t);
+      const int h = head_of(t);
+      const int64_t lo = kb[r] - base, hi = ke[r] - base;
       std::fill(s, s + lo, 0.0f);
       float row_scale = scale;
       if (bias) {  // T5: scores plus the bias of each key's distance bucket (the scale applied first)
-        const int64_t qpos = static_cast<const int32_t*>(bias->query_pos.data)[b.r0 + t];
+        const int64_t qpos = static_cast<const int32_t*>(bias->query_pos.data)[r];
         const float* by_dist = dist_bias.data() + h * n_dist;
         const int64_t off = base - qpos - min_dist;  // key base + j has its bias at by_dist[off + j]
         for (int64_t j = lo; j < hi; j++) s[j] = s[j] * scale + by_dist[off + j];
@@ -159,12 +173,12 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       softmax_row(k, s + lo, hi - lo, row_scale, softcap, alibi ? alibi[h] : 0.f);
       std::fill(s + hi, s + width, 0.0f);
     }
-    float* ob = out.row(b.r0) + int64_t(h) * hd;
-    for (int64_t t = 0; t < nb; t++) std::fill(ob + t * out.ld(), ob + t * out.ld() + hd, 0.0f);
+    float* ob = out.row(b.r0) + int64_t(h0) * hd;
+    for (int64_t t = 0; t < nb; t++) std::fill(ob + t * ldo, ob + t * ldo + hd, 0.0f);
     for (int64_t pg = first_page; pg <= last_page; pg++) {
       const int64_t n_keys = std::min(P, b.k1 - pg * P);
       uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
-      k.values(lay.values(page, g), f16, hd, int(n_keys), sc + (pg * P - base), width, int(nb), ob, out.ld());
+      k.values(lay.values(page, g), f16, hd, int(n_keys), sc + (pg * P - base), width, int(nb), ob, ldo);
     }
   });
 }
