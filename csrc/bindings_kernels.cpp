@@ -9,6 +9,7 @@
 
 #include "bindings.h"
 #include "common.h"
+#include "ops/activation.h"
 #include "ops/elementwise.h"
 #include "cpu/attention_kernels.h"
 #include "cpu/panels.h"
@@ -195,6 +196,24 @@ void bind_kernels(py::module_& m) {
       },
       py::arg("x"), py::arg("scale") = 1.0f,
       "softmax(scale * row) of each row of float32 x, by attention's softmax kernel on the current CPU path.");
+  m.def(
+      "gated_silu",
+      [](const py::array_t<float, py::array::c_style | py::array::forcecast>& gate,
+         const py::array_t<float, py::array::c_style | py::array::forcecast>& up, int n_threads) {
+        if (gate.ndim() != 2 || up.ndim() != 2 || gate.shape(0) != up.shape(0) || gate.shape(1) != up.shape(1))
+          throw py::value_error("gate and up must be float32 arrays of one (rows, cols) shape");
+        if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+        const int64_t n = gate.shape(0), d = gate.shape(1);
+        py::array_t<float> out({n, d});
+        const Tensor g = f32_tensor(const_cast<float*>(gate.data()), n, d, d);
+        const Tensor u = f32_tensor(const_cast<float*>(up.data()), n, d, d);
+        const Tensor o = f32_tensor(out.mutable_data(), n, d, d);
+        py::gil_scoped_release release;
+        gated_activation(executor_for(n_threads), Activation::SiLU, g, u, o);
+        return out;
+      },
+      py::arg("gate"), py::arg("up"), py::arg("n_threads") = 1,
+      "The gated activation op (ops/activation.h) with SiLU on the CPU: silu(gate) * up, float32 (rows, cols).");
   m.def("moe_ffn", &py_moe_ffn, py::arg("router"), py::arg("gate"), py::arg("up"), py::arg("down"),
         py::arg("type_id"), py::arg("n_ff"), py::arg("n_used"), py::arg("norm_weights"), py::arg("x"),
         py::arg("n_threads") = 1, py::arg("device") = "cpu", py::arg("panels") = false,
