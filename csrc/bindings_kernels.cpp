@@ -2,9 +2,11 @@
 #include <pybind11/numpy.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "bindings.h"
@@ -197,23 +199,35 @@ void bind_kernels(py::module_& m) {
       py::arg("x"), py::arg("scale") = 1.0f,
       "softmax(scale * row) of each row of float32 x, by attention's softmax kernel on the current CPU path.");
   m.def(
-      "gated_silu",
-      [](const py::array_t<float, py::array::c_style | py::array::forcecast>& gate,
-         const py::array_t<float, py::array::c_style | py::array::forcecast>& up, int n_threads) {
-        if (gate.ndim() != 2 || up.ndim() != 2 || gate.shape(0) != up.shape(0) || gate.shape(1) != up.shape(1))
-          throw py::value_error("gate and up must be float32 arrays of one (rows, cols) shape");
+      "activation",
+      [](const py::array_t<float, py::array::c_style | py::array::forcecast>& x, const std::string& act,
+         const py::object& up_obj, int n_threads) {
+        using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+        const bool gated = !up_obj.is_none();
+        const F32 upa = gated ? F32::ensure(up_obj) : F32();
+        if (gated && !upa) throw py::value_error("up must be a float32 array");
+        const F32* up = gated ? &upa : nullptr;
+        static const std::map<std::string, Activation> kinds = {{"silu", Activation::SiLU}, {"gelu", Activation::GELU},
+                                                                {"gelu_erf", Activation::GELUErf},
+                                                                {"relu", Activation::ReLU}};
+        const auto kind = kinds.find(act);
+        if (kind == kinds.end()) throw py::value_error("act must be silu, gelu, gelu_erf or relu, not '" + act + "'");
+        if (x.ndim() != 2 || (up && (up->ndim() != 2 || up->shape(0) != x.shape(0) || up->shape(1) != x.shape(1))))
+          throw py::value_error("x (and up) must be float32 arrays of one (rows, cols) shape");
         if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
-        const int64_t n = gate.shape(0), d = gate.shape(1);
+        const int64_t n = x.shape(0), d = x.shape(1);
         py::array_t<float> out({n, d});
-        const Tensor g = f32_tensor(const_cast<float*>(gate.data()), n, d, d);
-        const Tensor u = f32_tensor(const_cast<float*>(up.data()), n, d, d);
+        std::memcpy(out.mutable_data(), x.data(), sizeof(float) * size_t(n * d));
         const Tensor o = f32_tensor(out.mutable_data(), n, d, d);
+        const Tensor u = up ? f32_tensor(const_cast<float*>(up->data()), n, d, d) : o;
         py::gil_scoped_release release;
-        gated_activation(executor_for(n_threads), Activation::SiLU, g, u, o);
+        if (up) gated_activation(executor_for(n_threads), kind->second, o, u, o);
+        else activation(executor_for(n_threads), kind->second, o);
         return out;
       },
-      py::arg("gate"), py::arg("up"), py::arg("n_threads") = 1,
-      "The gated activation op (ops/activation.h) with SiLU on the CPU: silu(gate) * up, float32 (rows, cols).");
+      py::arg("x"), py::arg("act") = "silu", py::arg("up") = py::none(), py::arg("n_threads") = 1,
+      "The activation ops (ops/activation.h) on the CPU: act(x) * up when up is given (gated_activation), else\n"
+      "act(x); float32 (rows, cols). act: silu, gelu (tanh form), gelu_erf, relu.");
   m.def("moe_ffn", &py_moe_ffn, py::arg("router"), py::arg("gate"), py::arg("up"), py::arg("down"),
         py::arg("type_id"), py::arg("n_ff"), py::arg("n_used"), py::arg("norm_weights"), py::arg("x"),
         py::arg("n_threads") = 1, py::arg("device") = "cpu", py::arg("panels") = false,
