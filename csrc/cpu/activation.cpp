@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "cpu/ops.h"
+#include "cpu/vec_clones.h"
 
 namespace pe::cpu {
 
@@ -13,16 +14,9 @@ inline float relu(float x) { return x > 0.f ? x : 0.f; }
 // 0.5 x (1 + tanh(y)) = x sigmoid(2y) with y = sqrt(2/pi) (x + 0.044715 x^3) (ggml's, GPT-2's, Gemma's).
 // e = e^-|z| by Cephes' degree-6 polynomial (as attention's softmax; ~2 ulp), sigmoid = 1 / (1 + e) for
 // z >= 0 and e / (1 + e) below. libm's scalar expf per element was ~5 % of a batched decode step. Written
-// with GCC vector types, compiled for x86-64-v4 and v3 as well as the baseline (picked at load), as the
+// with GCC vector types (cpu/vec_clones.h), compiled for x86-64-v4 and v3 as well as the baseline, as the
 // quantizer searches are; a row's tail goes through the same code in a padded block, so every element
 // gets the same arithmetic. NaN stays NaN.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PE_VEC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PE_VEC_CLONES
-#endif
-typedef float VF __attribute__((vector_size(64)));
-typedef int32_t VI __attribute__((vector_size(64)));
 
 __attribute__((always_inline)) inline VF times_sigmoid16(VF x, VF z) {
   VF t = -(VF)((VI)z & 0x7fffffff);

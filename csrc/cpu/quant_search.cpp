@@ -9,19 +9,14 @@
 #include "common.h"
 #include "cpu/quant_blocks.h"
 #include "cpu/quantize.h"
+#include "cpu/vec_clones.h"
 #include "threadpool.h"
 
 namespace pe::cpu {
 
 namespace {
 
-// The inner loops below are plain C++ that the compiler vectorizes; target_clones builds an AVX-512 and an
-// AVX2+FMA copy beside the baseline one and picks by CPUID at load time (the wheel runs on any x86-64).
-#if defined(PE_X86) && defined(__GNUC__) && !defined(__clang__)
-#define PE_VEC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PE_VEC_CLONES
-#endif
+// The inner loops below are plain C++ that the compiler vectorizes, built per x86-64 level (PE_VEC_CLONES).
 
 PE_VEC_CLONES double dot_f64(const double* __restrict a, const double* __restrict b, int64_t n) {
   double s[32] = {};  // independent sums: the FMA latency, not the loads, would bound a single chain

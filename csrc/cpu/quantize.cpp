@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cpu/vec_clones.h"
 
 namespace pe::cpu {
 
@@ -23,19 +24,12 @@ namespace {
 
 constexpr float GROUP_MAX_EPS = 1e-15f;
 
-// The scale searches are serial float chains compiled for the baseline x86-64 like the rest of the
-// file; clones for AVX2 / AVX-512 machines (picked at load time) run the same operations in the same
-// order faster. Bytes are unchanged: every clone keeps the file's -ffp-contract=off.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PE_SEARCH_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PE_SEARCH_CLONES
-#endif
+// The scale searches are serial float chains; their PE_VEC_CLONES copies for AVX2 / AVX-512 machines run
+// the same operations in the same order faster. Bytes are unchanged: every copy keeps the file's
+// -ffp-contract=off.
 
-// 16 floats / int32s. GCC lowers them to each clone's registers (one zmm, two ymm, four xmm); the
-// searches below put their candidates in the lanes, each lane doing one candidate's scalar operations.
-typedef float VF __attribute__((vector_size(64)));
-typedef int32_t VI __attribute__((vector_size(64)));
+// The searches below put their candidates in the lanes of VF / VI, each lane doing one candidate's
+// scalar operations.
 
 // nearest_int of every lane.
 __attribute__((always_inline)) inline VI nearest_int(VF fval) {
@@ -58,7 +52,7 @@ inline int nearest_int(float fval) {
 inline float h2f(fp16_t h) { return fp16_to_fp32(h); }
 inline fp16_t f2h(float f) { return fp32_to_fp16(f); }
 
-PE_SEARCH_CLONES
+PE_VEC_CLONES
 float make_qx_quants(int n, int nmax, const float* x, int8_t* L, int rmse_type, const float* qw) {
   float max = 0, amax = 0;
   for (int i = 0; i < n; ++i) {
@@ -151,7 +145,7 @@ float make_qx_quants(int n, int nmax, const float* x, int8_t* L, int rmse_type, 
   return scale;
 }
 
-PE_SEARCH_CLONES
+PE_VEC_CLONES
 float make_q3_quants(int n, int nmax, const float* x, int8_t* L, bool do_rmse) {
   float max = 0, amax = 0;
   for (int i = 0; i < n; ++i) {
@@ -319,7 +313,7 @@ __attribute__((always_inline)) inline float make_qkx_quants(int n, int nmax, con
   return scale;
 }
 
-PE_SEARCH_CLONES
+PE_VEC_CLONES
 float make_qp_quants(int n, int nmax, const float* x, uint8_t* L, const float* quant_weights) {
   float max = 0;
   for (int i = 0; i < n; ++i) max = std::max(max, x[i]);
@@ -479,7 +473,7 @@ void quantize_row_q4_0_impl(const float* x, block_q4_0* y, int64_t n_per_row, co
   }
 }
 
-PE_SEARCH_CLONES
+PE_VEC_CLONES
 void quantize_row_q4_1_impl(const float* x, block_q4_1* y, int64_t n_per_row, const float* quant_weights) {
   float weight[QK4_1];
   uint8_t L[QK4_1];
@@ -563,7 +557,7 @@ void quantize_row_q5_0_impl(const float* x, block_q5_0* y, int64_t n_per_row, co
   }
 }
 
-PE_SEARCH_CLONES
+PE_VEC_CLONES
 void quantize_row_q5_1_impl(const float* x, block_q5_1* y, int64_t n_per_row, const float* quant_weights) {
   float weight[QK5_1];
   uint8_t L[QK5_1];
@@ -590,7 +584,7 @@ void pack_q2_K(const uint8_t* L, block_q2_K* y) {
       y->qs[j / 4 + l] = uint8_t(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
 }
 
-PE_SEARCH_CLONES
+PE_VEC_CLONES
 void quantize_row_q2_K_ref(const float* x, block_q2_K* y, int64_t k) {
   uint8_t L[QK_K];
   float weights[16], mins[QK_K / 16], scales[QK_K / 16];
@@ -632,7 +626,7 @@ void quantize_row_q2_K_ref(const float* x, block_q2_K* y, int64_t k) {
   }
 }
 
-PE_SEARCH_CLONES
+PE_VEC_CLONES
 void quantize_row_q2_K_impl(const float* x, block_q2_K* y, int64_t k, const float* quant_weights) {
   uint8_t L[QK_K], Ls[QK_K / 16], Lm[QK_K / 16];
   float mins[QK_K / 16], scales[QK_K / 16], sw[QK_K / 16], weight[16];
@@ -790,7 +784,7 @@ void requantize_k4(const float* x, const fp16_t d16, const fp16_t dmin16, const 
 }
 
 // The reference (no importance) scale and min search shared by Q4_K (nmax 15) and Q5_K (nmax 31).
-PE_SEARCH_CLONES
+PE_VEC_CLONES
 void ref_scales_k4(const float* x, int nmax, float rmin, int nstep, uint8_t* L, uint8_t* packed, fp16_t* d16,
                    fp16_t* dmin16) {
   float weights[32], mins[QK_K / 32], scales[QK_K / 32];
@@ -816,7 +810,7 @@ void ref_scales_k4(const float* x, int nmax, float rmin, int nstep, uint8_t* L, 
 }
 
 // The importance-weighted search (quantize_row_q4_K_impl / q5_K_impl).
-PE_SEARCH_CLONES
+PE_VEC_CLONES
 void impl_scales_k4(const float* x, int nmax, const float* qw_block, uint8_t* L, uint8_t* packed, fp16_t* d16,
                     fp16_t* dmin16) {
   uint8_t Ls[QK_K / 32], Lm[QK_K / 32];
