@@ -101,19 +101,18 @@ def collect_covariances(model_path: str | os.PathLike, text: str, n_ctx: int = 5
     in `kv_type` (F16, as llama-imatrix's default). max_bytes: hold at most about this many bytes of
     matrices in memory (one pass over the text per group of blocks, the matrices written to a temporary
     folder); None: one pass, all in memory."""
-    from .imatrix_cmd import run_chunks
+    from .imatrix_cmd import load_chunks, run_chunks
 
     groups = _block_groups(Path(model_path), max_bytes) if max_bytes is not None else []
     if len(groups) <= 1:
         groups = [None]  # one pass, every matrix in memory
-    xtx, files, sum2, rows, count = {}, {}, {}, {}, 0
+    xtx, files, sum2, rows = {}, {}, {}, {}
     folder = tempfile.TemporaryDirectory(prefix="pyengine-xtx-") if len(groups) > 1 else None
+    llm, chunks = load_chunks(Path(model_path), text, n_ctx, n_chunks, n_threads, kv_type)  # once for all passes
     for g, names in enumerate(groups):
-        llm, count = run_chunks(Path(model_path), text, n_ctx, n_chunks, n_threads, progress, kv_type,
-                                covariance=True, covariance_tensors=names)
+        run_chunks(llm, chunks, progress, covariance=True, covariance_tensors=names)
         stats = llm.input_stats()
-        cov = llm.input_covariance(take=True)  # no copy; the model's memory goes with `llm`
-        del llm
+        cov = llm.input_covariance(take=True)  # no copy; the engine lets go of them
         if g == 0:
             sum2 = {k: v[0] for k, v in stats.items()}
             rows = {k: int(v[1]) for k, v in stats.items()}
@@ -127,7 +126,8 @@ def collect_covariances(model_path: str | os.PathLike, text: str, n_ctx: int = 5
                 np.save(written[id(h)], h)
             files[name] = written[id(h)]
         del cov
-    return Covariances(xtx=xtx, sum2=sum2, rows=rows, n_chunks=count, n_ctx=n_ctx, files=files,
+    del llm  # the model's memory, before quantizing
+    return Covariances(xtx=xtx, sum2=sum2, rows=rows, n_chunks=len(chunks), n_ctx=n_ctx, files=files,
                        passes=len(groups), _folder=folder)
 
 

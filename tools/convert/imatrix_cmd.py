@@ -19,11 +19,10 @@ from .imatrix_file import ImatrixData, save_imatrix
 from .progress import Progress
 
 
-def run_chunks(model_path: str | Path, text: str, n_ctx: int, n_chunks: int | None, n_threads: int | None,
-               progress: bool, kv_type: str, covariance: bool = False, covariance_tensors: list[str] | None = None):
-    """The engine run behind an imatrix and a calibration: `text` in `n_chunks` chunks of `n_ctx` tokens (all
-    when None), BOS first, with the engine collecting its input statistics (and with `covariance`, each
-    layer's X^T X). Returns the engine, still holding them, and the number of chunks run."""
+def load_chunks(model_path: str | Path, text: str, n_ctx: int, n_chunks: int | None, n_threads: int | None,
+                kv_type: str):
+    """The engine behind an imatrix and a calibration, and `text` as `n_chunks` chunks of `n_ctx` tokens (all
+    when None), BOS first."""
     from pyengine import Engine
     from pyengine.quality import tokenize_text
 
@@ -35,17 +34,28 @@ def run_chunks(model_path: str | Path, text: str, n_ctx: int, n_chunks: int | No
     if available == 0:
         raise ConversionError(f"the text tokenizes to {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
     count = available if n_chunks is None or n_chunks <= 0 else min(n_chunks, available)
-    llm.collect_input_stats(True, covariance=covariance, covariance_tensors=covariance_tensors)
-    bar = Progress(count * n_ctx, count, enabled=progress, unit="tokens", scale=1)
+    chunks = []
     for i in range(count):
         chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
         if bos is not None:
             chunk[0] = bos
+        chunks.append(chunk)
+    return llm, chunks
+
+
+def run_chunks(llm, chunks: list[np.ndarray], progress: bool, covariance: bool = False,
+               covariance_tensors: list[str] | None = None) -> None:
+    """Runs the chunks one by one with the engine collecting its input statistics from zero (and with
+    `covariance`, each layer's X^T X: of the weights named in `covariance_tensors` only, when given); the
+    engine keeps them."""
+    n_ctx = len(chunks[0])
+    llm.collect_input_stats(True, covariance=covariance, covariance_tensors=covariance_tensors)
+    bar = Progress(len(chunks) * n_ctx, len(chunks), enabled=progress, unit="tokens", scale=1)
+    for i, chunk in enumerate(chunks):
         llm.reset()
         llm.decode(chunk, np.zeros(n_ctx, dtype=np.int32), logits=np.zeros(n_ctx, dtype=bool))
         bar.update(f"chunk {i + 1}", n_ctx)
     bar.close()
-    return llm, count
 
 
 def collect(model_path: str | Path, text: str, n_ctx: int = 512, n_chunks: int | None = None,
@@ -53,7 +63,9 @@ def collect(model_path: str | Path, text: str, n_ctx: int = 512, n_chunks: int |
             kv_type: str = "f16") -> ImatrixData:
     """Per-column sums of x^2 of every linear layer's input over `n_chunks` chunks (all when None); the
     KV cache in `kv_type` (F16 as llama-imatrix's default)."""
-    llm, count = run_chunks(model_path, text, n_ctx, n_chunks, n_threads, progress, kv_type)
+    llm, chunks = load_chunks(model_path, text, n_ctx, n_chunks, n_threads, kv_type)
+    run_chunks(llm, chunks, progress)
+    count = len(chunks)
     stats = llm.input_stats()
     llm.collect_input_stats(False)
     # dense weights: (sums, tokens); 3-D expert tensors: ((n_expert, n_cols) sums, tokens per expert)

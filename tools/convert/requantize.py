@@ -219,7 +219,7 @@ def requantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: s
             raise ConversionError(f"calibration memory of {calibration_memory} bytes: give 0 (no limit) or more")
         if calibration_memory is None:  # one tensor's worth of floats
             calibration_memory = max(4 * t.n_elements for t, _ in plan)
-        cov = calibration if isinstance(calibration, Covariances) else collect_covariances(
+        cov = calibration if not own_cov else collect_covariances(
             in_path, load_text(calibration), n_chunks=calibration_chunks, n_threads=n_threads or None,
             progress=progress, max_bytes=calibration_memory or None)
 
