@@ -207,7 +207,7 @@ def machine() -> dict:
         pass
     import bench_engine
 
-    info["cpuinfo_model_name"] = bench_engine._cpu_name()
+    info["cpuinfo_model_name"] = bench_engine.cpu_model()
     return info
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -26,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import pyengine  # noqa: E402
+from bench_engine import cpu_model  # noqa: E402
 from llama_cpp_tools import bin_dir, cache_dir  # noqa: E402
 
 SENTENCES = [f"Sentence number {i}: " + s for i, s in enumerate([
@@ -36,13 +35,6 @@ SENTENCES = [f"Sentence number {i}: " + s for i, s in enumerate([
     "I love eating pizza with my friends on Friday nights.", "Quantum computers use qubits instead of bits.",
     "The weather is nice today, isn't it?", "Dogs are loyal animals and great companions.",
 ] * 4)]  # 32 sentences, 15-20 tokens each
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def minilm_folder(work: Path) -> Path:

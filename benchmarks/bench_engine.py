@@ -204,7 +204,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform.processor() is empty on Linux)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):

@@ -31,7 +31,7 @@ from pyengine.server import wait_until_healthy
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_engine import _cpu_name  # noqa: E402
+from bench_engine import cpu_model  # noqa: E402
 QUESTIONS = ["Write a short poem about the sea.", "Explain what a CPU does.", "Tell me about the Moon.",
              "Describe a day at the beach.", "What makes a good friend?", "How do plants grow?",
              "Write a story about a robot.", "Why is the sky blue?"]
@@ -196,7 +196,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model.name, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
-                               "threads": args.threads, "cpus": os.cpu_count(), "cpu": _cpu_name(),
+                               "threads": args.threads, "cpus": os.cpu_count(), "cpu": cpu_model(),
                                "date": time.strftime("%Y-%m-%d"), "rows": rows,
                                "prefix_reuse": reuse}, indent=2) + "\n")
     print(f"\nwrote {out}")

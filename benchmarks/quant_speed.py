@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,16 +28,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_engine import cpu_model  # noqa: E402
+
 TEXT = Path("/work/shared/data/pride_and_prejudice.txt")
 SMOLLM2 = Path.home() / ".cache/pyengine/models/smollm2-135m-f16.gguf"
 PRESETS = ("q4_k_m", "q6_k", "q3_k_m", "q4_0", "q8_0")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, float]:
