@@ -48,6 +48,16 @@ void bind_model(py::module_& m) {
           "Copy the last n_gpu_layers blocks (all of them: also the head) to the GPU, before any context.")
       .def_property_readonly("n_gpu_layers", [](const Model& md) { return md.gpu().n_layers; })
       .def_property_readonly("gpu_bytes", [](const Model& md) { return md.gpu().bytes; })
+      .def_property_readonly(
+          "gpu_graphs",
+          [](const Model& md) {
+            const Executor* ex = md.gpu().executor.get();
+            py::dict d;
+            d["replays"] = ex ? ex->graph_replays() : 0;
+            d["kept"] = ex ? ex->graphs_kept() : 0;
+            return d;
+          },
+          "CUDA graphs of decode steps (Executor::run_captured): how many steps replayed one, how many are kept.")
       .def_property_readonly("config", [](const Model& md) {
         const ModelConfig& c = md.config();
         py::dict d;

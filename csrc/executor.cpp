@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -32,6 +33,11 @@ inline void copy_host_to_device(void*, const void*, size_t, void*) {}
 inline void copy_device_to_host(void*, const void*, size_t, void*) {}
 inline void copy_device_to_device(void*, const void*, size_t, void*) {}
 inline void memset_device(void*, int, size_t, void*) {}
+inline uint64_t alloc_epoch() { return 0; }
+inline void begin_capture(void*) {}
+inline void* end_capture(void*) { return nullptr; }
+inline void graph_launch(void*, void*) {}
+inline void graph_destroy(void*) {}
 }  // namespace cuda
 #endif
 
@@ -40,6 +46,8 @@ Executor::Executor(Device device, int n_threads) : device_(device) {
 }
 
 Executor::~Executor() {
+  for (Graph& g : graphs_)
+    if (g.exec) cuda::graph_destroy(g.exec);
   workspace_.clear();
   if (stream_) cuda::stream_destroy(stream_);
 }
@@ -54,6 +62,8 @@ std::shared_ptr<Executor> Executor::cuda() {
   PE_CHECK(cuda_device_count() > 0, UnsupportedModelError, "no CUDA device found (no GPU, or no NVIDIA driver)");
   std::shared_ptr<Executor> ex(new Executor(Device::CUDA, 1));
   ex->stream_ = cuda::stream_create();
+  const char* graphs = std::getenv("PYENGINE_CUDA_GRAPHS");
+  ex->graphs_on_ = !(graphs && std::strcmp(graphs, "0") == 0);
   return ex;
 }
 
@@ -67,6 +77,7 @@ void* Executor::workspace(int slot, size_t bytes) {
   if (size_t(slot) >= workspace_.size()) workspace_.resize(size_t(slot) + 1);
   Buffer& b = workspace_[size_t(slot)];
   if (b.device() != device_ || b.size() < bytes) {
+    PE_CHECK(!capturing_, Error, "workspace slot ", slot, " grows inside a captured pass");
     // The GPU may still be reading the old buffer: freeing it must wait for the queued work.
     synchronize();
     b = Buffer(device_, bytes + bytes / 4);
@@ -84,6 +95,62 @@ void* Executor::upload_workspace(int slot, const void* src, size_t n) {
   copy_between(*this, device_, dst, Device::CPU, src, n);
   last.assign(bytes, bytes + n);
   return dst;
+}
+
+size_t Executor::graphs_kept() const {
+  size_t n = 0;
+  for (const Graph& g : graphs_) n += g.exec != nullptr;
+  return n;
+}
+
+void Executor::run_captured(std::vector<int64_t> key, const std::function<void()>& work) {
+  if (device_ != Device::CUDA || !graphs_on_) return work();
+  key.push_back(int64_t(cuda::alloc_epoch()));
+  // A handful of keys is enough: a decode step's key changes only with the batch's shape and, while
+  // the longest sequence is short, with its page count.
+  constexpr size_t kMaxGraphs = 16;
+  auto it = std::find_if(graphs_.begin(), graphs_.end(), [&](const Graph& g) { return g.key == key; });
+  if (it == graphs_.end()) {
+    if (graphs_.size() == kMaxGraphs) {
+      if (graphs_.back().exec) cuda::graph_destroy(graphs_.back().exec);
+      graphs_.pop_back();
+    }
+    graphs_.push_front(Graph{key});
+    return work();  // first sighting: run it as it is, which sizes the buffers it uses
+  }
+  graphs_.splice(graphs_.begin(), graphs_, it);
+  Graph& g = graphs_.front();
+  if (g.exec) {
+    cuda::graph_launch(g.exec, stream_);
+    graph_replays_++;
+    return;
+  }
+  if (g.failed) return work();
+  // Capture: `work` queues its kernels into a graph instead of running them. Anything it cannot record
+  // (a host copy, a buffer that grows, a synchronisation) fails the capture; the key then runs
+  // without one, and the upload cache is forgotten (a refused upload may have been recorded as done).
+  cuda::begin_capture(stream_);
+  capturing_ = true;
+  void* exec = nullptr;
+  try {
+    work();
+    capturing_ = false;
+    exec = cuda::end_capture(stream_);
+  } catch (...) {
+    capturing_ = false;
+    if (void* partial = cuda::end_capture(stream_)) cuda::graph_destroy(partial);
+  }
+  if (exec && int64_t(cuda::alloc_epoch()) != key.back()) {
+    cuda::graph_destroy(exec);  // it allocated: the buffers it captured are not the ones the key names
+    exec = nullptr;
+  }
+  if (!exec) {
+    g.failed = true;
+    uploaded_.clear();
+    return work();
+  }
+  g.exec = exec;
+  cuda::graph_launch(exec, stream_);
 }
 
 void Executor::synchronize() {
@@ -107,6 +174,8 @@ void copy_between(Executor& ex, Device dst_device, void* dst, Device src_device,
     return;
   }
   PE_NEED_CUDA();
+  PE_CHECK(!ex.capturing() || dst_device == src_device, Error,
+           "a copy between host and GPU inside a captured pass (upload it before the pass)");
   void* s = ex.stream();
   if (dst_device == Device::CUDA && src_device == Device::CUDA) cuda::copy_device_to_device(dst, src, n, s);
   else if (dst_device == Device::CUDA) cuda::copy_host_to_device(dst, src, n, s);

@@ -3,6 +3,9 @@
 // its stream and scratch memory. One forward pass runs on an executor at a time: contexts that share it take turns
 // through lock(), so two of them never fight over the same cores.
 #pragma once
+#include <cstdint>
+#include <functional>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -47,6 +50,19 @@ class Executor {
   void* upload_workspace(int slot, const void* src, size_t n);
   // Waits for the work queued so far (a no-op on the CPU).
   void synchronize();
+  // Runs `work`, ops queued on this executor with everything they read from the host already uploaded
+  // (no host-to-device copy, allocation or synchronisation inside), as a CUDA graph on a GPU: captured
+  // the second time `key` is seen (the first run sizes every buffer), replayed from then on. A decode
+  // step is hundreds of kernels of a few microseconds each; launched one by one, the GPU waited on the
+  // host between them. `key` must name everything the work's launches depend on (shapes, buffers, the
+  // host-side choices of its ops); device allocations since the capture are part of it. Elsewhere
+  // (the CPU, PYENGINE_CUDA_GRAPHS=0, a capture that failed) it just runs `work`.
+  void run_captured(std::vector<int64_t> key, const std::function<void()>& work);
+  // Whether run_captured is recording (copy_between and upload_workspace refuse host copies then).
+  bool capturing() const { return capturing_; }
+  // How many run_captured calls replayed a graph, and how many graphs are kept (for tests).
+  int64_t graph_replays() const { return graph_replays_; }
+  size_t graphs_kept() const;
 
  private:
   Executor(Device device, int n_threads);
@@ -56,6 +72,17 @@ class Executor {
   std::vector<Buffer> workspace_;
   std::vector<std::vector<uint8_t>> uploaded_;  // per slot: the bytes of its last upload_workspace
   std::mutex mu_;
+  // Captured passes, most recently used first (at most kMaxGraphs): a key seen once has no graph yet;
+  // one whose capture failed keeps none.
+  struct Graph {
+    std::vector<int64_t> key;
+    void* exec = nullptr;
+    bool failed = false;
+  };
+  std::list<Graph> graphs_;
+  bool graphs_on_ = false;
+  bool capturing_ = false;
+  int64_t graph_replays_ = 0;
 };
 
 }  // namespace pe

@@ -29,10 +29,34 @@ def model_file(tmp_path_factory):
     return out
 
 
-def device_bytes(t) -> int:
-    """A tensor as the engine puts it on a GPU: 2-D weights as stored, 1-D parameters as F32; 256-byte aligned."""
-    n = int(t.n_bytes) if len(t.shape) > 1 and t.shape[1] > 1 else int(t.n_elements) * 4
+def stored_bytes(t) -> int:
+    """A tensor as the engine puts it on a GPU: 2-D weights as stored, 1-D parameters as F32."""
+    return int(t.n_bytes) if len(t.shape) > 1 and t.shape[1] > 1 else int(t.n_elements) * 4
+
+
+def round_256(n: int) -> int:
     return (n + 255) // 256 * 256
+
+
+# Linears of a block that read the same input: on a GPU they are stacked (back to back, weights and biases
+# each) when they share a type, so that each group is one matmul.
+STACKS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+
+def block_bytes(tensors: dict) -> int:
+    """One block's device bytes: every stack and every other tensor 256-byte aligned."""
+    total, stacked = 0, set()
+    for names in STACKS:
+        ws = [tensors.get(f"{n}.weight") for n in names]
+        if any(w is None for w in ws) or len({(int(w.tensor_type), tuple(w.shape)[0]) for w in ws}) > 1:
+            continue
+        for part in ("weight", "bias"):
+            group = [f"{n}.{part}" for n in names]
+            if part == "bias" and not all(g in tensors for g in group):
+                continue
+            total += round_256(sum(stored_bytes(tensors[g]) for g in group))
+            stacked.update(group)
+    return total + sum(round_256(stored_bytes(t)) for name, t in tensors.items() if name not in stacked)
 
 
 def expected_weights(path, n: int) -> int:
@@ -41,11 +65,11 @@ def expected_weights(path, n: int) -> int:
     head = 0
     for t in r.tensors:
         if t.name.startswith("blk."):
-            layer = int(t.name.split(".")[1])
-            by_layer[layer] = by_layer.get(layer, 0) + device_bytes(t)
+            layer, name = t.name.split(".", 2)[1:]
+            by_layer.setdefault(int(layer), {})[name] = t
         elif t.name.startswith("output"):
-            head += device_bytes(t)
-    total = sum(by_layer[l] for l in range(N_LAYERS - n, N_LAYERS))
+            head += round_256(stored_bytes(t))
+    total = sum(block_bytes(by_layer[l]) for l in range(N_LAYERS - n, N_LAYERS))
     return total + (head if n == N_LAYERS else 0)
 
 

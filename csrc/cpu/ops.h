@@ -32,5 +32,7 @@ void moe_combine(Executor& ex, const Tensor& y, const Tensor& slot, const Tensor
 void kv_store(Executor& ex, KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
                float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias);
+// The CPU's attention reads the cache's pages in place: nothing to upload.
+inline int64_t attention_upload(Executor&, const KVCache&, int64_t, int, const float*) { return 0; }
 
 }  // namespace pe::cpu

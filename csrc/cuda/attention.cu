@@ -268,23 +268,24 @@ int multiprocessor_count() {
 
 }  // namespace
 
-void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
-  const int64_t n_rows = q.rows;
-  if (n_rows == 0) return;
-  PE_CHECK(!bias, UnsupportedModelError, "CUDA attention: relative position biases (T5) run on the CPU only");
-  const int hd = kv.head_dim(), n_kv = kv.n_kv_head();
-  PE_CHECK(hd % 2 == 0 && hd <= kMaxHeadDim, UnsupportedModelError, "CUDA attention: head_dim ", hd,
-           " is not supported (it must be even and at most ", kMaxHeadDim, ")");
-  PE_CHECK(n_rows <= INT32_MAX, Error, "CUDA attention: ", n_rows, " rows are too many for one launch");
-  PE_CHECK(q.row_stride % sizeof(float) == 0 && out.row_stride % sizeof(float) == 0, Error,
-           "CUDA attention: row strides must be whole floats");
+namespace {
 
+// What every attention of a pass shares: the page table (with the ALiBi slopes) in workspace slot 0 and
+// the split count, which the host chooses from the longest sequence.
+struct PassPlan {
+  PageTable pt;
+  int n_split;
+  int n_chunks, heads_per_block;
+};
+
+PassPlan pass_plan(Executor& ex, const KVCache& kv, int64_t n_rows, int n_head, const float* alibi) {
+  const int n_kv = kv.n_kv_head();
   const int group = n_head / n_kv;
-  const int n_chunks = int(ceil_div(group, kMaxHeadsPerBlock));
-  const int heads_per_block = int(ceil_div(group, n_chunks));  // every chunk gets >= 1 head
-  PE_CHECK(int64_t(n_kv) * n_chunks <= 65535 && n_head <= 65535, UnsupportedModelError, "CUDA attention: ", n_head,
-           " heads are too many for one launch");
+  PassPlan plan;
+  plan.n_chunks = int(ceil_div(group, kMaxHeadsPerBlock));
+  plan.heads_per_block = int(ceil_div(group, plan.n_chunks));  // every chunk gets >= 1 head
+  PE_CHECK(int64_t(n_kv) * plan.n_chunks <= 65535 && n_head <= 65535, UnsupportedModelError, "CUDA attention: ",
+           n_head, " heads are too many for one launch");
 
   // Page table: the host knows the pages; the rows' sequences are on the device.
   const int n_seq = kv.n_seq_max();
@@ -304,17 +305,41 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     std::memcpy(table.data() + alibi_at, alibi, size_t(n_head) * sizeof(float));
   }
   const size_t table_bytes = table.size() * sizeof(int32_t);
-  // Every layer of a pass sends the same table: only the first one's copy is queued.
+  // Every layer of a pass sends the same table: only the first one's copy is queued (attention_upload
+  // queues it before the pass).
   auto* table_d = static_cast<int32_t*>(ex.upload_workspace(0, table.data(), table_bytes));
-  const PageTable pt{table_d, table_d + n_seq, table_d + 2 * n_seq + 1, n_seq,
-                     alibi ? reinterpret_cast<const float*>(table_d + alibi_at) : nullptr};
+  plan.pt = PageTable{table_d, table_d + n_seq, table_d + 2 * n_seq + 1, n_seq,
+                      alibi ? reinterpret_cast<const float*>(table_d + alibi_at) : nullptr};
 
   // Splits: enough blocks to keep kBlocksPerSM blocks on every SM (a block alone cannot keep enough
   // loads in flight), no more splits than the longest sequence has pages.
-  const int64_t blocks = n_rows * n_kv * n_chunks;
+  const int64_t blocks = n_rows * n_kv * plan.n_chunks;
   const int64_t max_pages = std::max<int64_t>(1, ceil_div(max_len, KVCache::kPageSize));
   const int64_t want = ceil_div(kBlocksPerSM * int64_t(multiprocessor_count()), blocks);
-  const int n_split = int(std::clamp<int64_t>(want, 1, std::min<int64_t>(max_pages, kMaxSplits)));
+  plan.n_split = int(std::clamp<int64_t>(want, 1, std::min<int64_t>(max_pages, kMaxSplits)));
+  return plan;
+}
+
+}  // namespace
+
+int64_t attention_upload(Executor& ex, const KVCache& kv, int64_t n_rows, int n_head, const float* alibi) {
+  return pass_plan(ex, kv, n_rows, n_head, alibi).n_split;
+}
+
+void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
+               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
+  const int64_t n_rows = q.rows;
+  if (n_rows == 0) return;
+  PE_CHECK(!bias, UnsupportedModelError, "CUDA attention: relative position biases (T5) run on the CPU only");
+  const int hd = kv.head_dim(), n_kv = kv.n_kv_head();
+  PE_CHECK(hd % 2 == 0 && hd <= kMaxHeadDim, UnsupportedModelError, "CUDA attention: head_dim ", hd,
+           " is not supported (it must be even and at most ", kMaxHeadDim, ")");
+  PE_CHECK(n_rows <= INT32_MAX, Error, "CUDA attention: ", n_rows, " rows are too many for one launch");
+  PE_CHECK(q.row_stride % sizeof(float) == 0 && out.row_stride % sizeof(float) == 0, Error,
+           "CUDA attention: row strides must be whole floats");
+  const PassPlan plan = pass_plan(ex, kv, n_rows, n_head, alibi);
+  const PageTable& pt = plan.pt;
+  const int n_split = plan.n_split, n_chunks = plan.n_chunks, heads_per_block = plan.heads_per_block;
 
   const size_t elem = kv.element_size();
   const size_t block_bytes = size_t(n_kv) * size_t(KVCache::kPageSize) * size_t(hd) * elem;

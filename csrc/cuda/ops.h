@@ -32,5 +32,6 @@ void moe_combine(Executor& ex, const Tensor& y, const Tensor& slot, const Tensor
 void kv_store(Executor& ex, KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
                float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias);
+int64_t attention_upload(Executor& ex, const KVCache& kv, int64_t n_rows, int n_head, const float* alibi);
 
 }  // namespace pe::cuda

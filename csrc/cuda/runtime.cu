@@ -1,3 +1,4 @@
+#include <atomic>
 #include <cstdio>
 #include <string>
 
@@ -30,7 +31,14 @@ const char* device_description() {
   return desc.c_str();
 }
 
+namespace {
+std::atomic<uint64_t> g_alloc_epoch{0};
+}  // namespace
+
+uint64_t alloc_epoch() { return g_alloc_epoch.load(); }
+
 void* device_alloc(size_t bytes) {
+  g_alloc_epoch++;
   void* p = nullptr;
   const cudaError_t err = cudaMalloc(&p, bytes);
   if (err != cudaSuccess) {
@@ -43,7 +51,10 @@ void* device_alloc(size_t bytes) {
   return p;
 }
 
-void device_free(void* p) { cudaFree(p); }
+void device_free(void* p) {
+  g_alloc_epoch++;
+  cudaFree(p);
+}
 
 void* stream_create() {
   cudaStream_t s = nullptr;
@@ -77,5 +88,35 @@ void memset_device(void* dst, int value, size_t n, void* s) {
   PE_CUDA_CHECK(cudaMemsetAsync(dst, value, n, static_cast<cudaStream_t>(s)));
   if (s == nullptr) PE_CUDA_CHECK(cudaDeviceSynchronize());
 }
+
+void begin_capture(void* s) {
+  // Thread-local: only this thread's calls that a capture cannot record (a synchronisation, an allocation)
+  // invalidate it; other threads' contexts keep working.
+  PE_CUDA_CHECK(cudaStreamBeginCapture(static_cast<cudaStream_t>(s), cudaStreamCaptureModeThreadLocal));
+}
+
+void* end_capture(void* s) {
+  cudaGraph_t graph = nullptr;
+  const cudaError_t err = cudaStreamEndCapture(static_cast<cudaStream_t>(s), &graph);
+  if (err != cudaSuccess || graph == nullptr) {
+    cudaGetLastError();  // an invalidated capture is not a sticky error
+    if (graph) cudaGraphDestroy(graph);
+    return nullptr;
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (inst != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return exec;
+}
+
+void graph_launch(void* exec, void* s) {
+  PE_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), static_cast<cudaStream_t>(s)));
+}
+
+void graph_destroy(void* exec) { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec)); }
 
 }  // namespace pe::cuda

@@ -3,6 +3,7 @@
 // CUDA, executor.cpp answers "no CUDA backend in this build" instead of calling these.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 
 namespace pe::cuda {
 
@@ -23,5 +24,16 @@ void copy_host_to_device(void* dst, const void* src, size_t n, void* stream);
 void copy_device_to_host(void* dst, const void* src, size_t n, void* stream);  // synchronous
 void copy_device_to_device(void* dst, const void* src, size_t n, void* stream);
 void memset_device(void* dst, int value, size_t n, void* stream);
+// How many device allocations and frees this process has made: a captured graph holds the addresses
+// of its buffers, so it is replayed only while this count is the one it was captured at.
+uint64_t alloc_epoch();
+
+// CUDA graphs: the work queued on `stream` between begin and end is recorded instead of run, then
+// instantiated (cudaGraphExec_t as void*). end_capture returns nullptr when the capture was
+// invalidated (an API call that a capture cannot record); the stream is usable again either way.
+void begin_capture(void* stream);
+void* end_capture(void* stream);
+void graph_launch(void* exec, void* stream);
+void graph_destroy(void* exec);
 
 }  // namespace pe::cuda

@@ -91,8 +91,10 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   auto f32 = [&](Buffer& b, int64_t cols) { return f32_tensor(static_cast<float*>(b.data()), n, cols, cols, dev); };
   const Tensor x = f32(a.x, d), xn = f32(a.xn, d), qkv = f32(a.qkv, qkv_w), att = f32(a.att, q_dim);
   const Tensor q = qkv.cols_view(0, q_dim), k = qkv.cols_view(q_dim, kv_dim), v = qkv.cols_view(q_dim + kv_dim, kv_dim);
-  // FFN hidden: [gate | up] side by side when ffn_up holds both (ChatGLM2+), else gate in ff_a, up in ff_b.
-  const Tensor ff_a = f32(a.ff_a, spec.fused_gate_up ? 2 * n_ff : n_ff), ff_b = f32(a.ff_b, n_ff);
+  // FFN hidden: [gate | up] side by side when w_up holds both (ChatGLM2+, and every gated FFN a device
+  // copy stacked: model.cpp's layer_runs), else gate in ff_a, up in ff_b.
+  const bool gate_up_stacked = spec.gated_ffn && !L.w_gate.present();
+  const Tensor ff_a = f32(a.ff_a, gate_up_stacked ? 2 * n_ff : n_ff), ff_b = f32(a.ff_b, n_ff);
   const Tensor hidden = ff_a.cols_view(0, n_ff);
 
   // Pre-norm of the residual stream x into xn; ChatGLM-6B restarts the stream from it, times alpha.
@@ -132,8 +134,8 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   }
   if (!L.attn_q_norm.empty()) norm_heads(ex, q, int(c.n_head), L.attn_q_norm, c.norm_eps);
   if (!L.attn_k_norm.empty()) norm_heads(ex, k, int(c.n_head_kv), L.attn_k_norm, c.norm_eps);
-  rotate(q, int(c.n_head));
-  rotate(k, int(c.n_head_kv));
+  // q and k side by side in qkv take one rotation (the same angles for both).
+  rotate(qkv.cols_view(0, q_dim + kv_dim), int(c.n_head + c.n_head_kv));
   // P-Tuning v2: a sequence that starts in this pass begins with the layer's learned prefix, keys as
   // stored (THUDM's prefix keys carry no RoPE), which all its rows attend to.
   for (int64_t j = 0; j < rt.prefix_slot.cols; j += c.prefix_length)
@@ -167,7 +169,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
     ffn_out = f32(a.moe_out, d);
     moe_ffn(ex, L.experts, moe_params(c), ffn_in, ffn_out, a.moe, "blk." + std::to_string(layer), a.input_stats);
   } else {
-    if (spec.fused_gate_up) {
+    if (gate_up_stacked) {
       linear(L.w_up, ffn_in, ff_a);
       gated_activation(ex, spec.act, hidden, ff_a.cols_view(n_ff, n_ff), hidden);
     } else if (spec.gated_ffn) {
@@ -226,39 +228,76 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
   };
   if (!cpu::all_finite(static_cast<const float*>(cpu.act->x.data()), n * d))
     throw non_finite("the token embeddings (token_embd.weight) of this batch's tokens");
+  // The output norm and LM head on the rows whose output is wanted only, into y on the head's device.
+  const bool want_out = !out.empty() && !rows.logit_rows.empty();
+  const int64_t n_out = int64_t(rows.logit_rows.size()), width = hidden_out ? d : c.n_vocab;
+  const Device head_dev = head_part.ex->device();
+  if (want_out && head_dev != Device::CPU) head_part.act->out.reserve(size_t(n_out * width) * sizeof(float));
+  const Tensor y = head_dev == Device::CPU
+                       ? out
+                       : f32_tensor(static_cast<float*>(head_part.act->out.data()), n_out, width, width, head_dev);
+  auto run_head = [&](const RowTensors& rt) {
+    Executor& ex = *head_part.ex;
+    Activations& a = *head_part.act;
+    const Tensor x = f32_tensor(static_cast<float*>(a.x.data()), n, d, d, head_dev);
+    const Tensor h = hidden_out ? y : f32_tensor(static_cast<float*>(a.xn.data()), n_out, d, d, head_dev);
+    get_rows(ex, x, rt.logit_rows, h);
+    if (!head.output_norm.empty()) norm(ex, c.spec.norm, h, head.output_norm, head.output_norm_b, h, c.norm_eps);
+    if (!hidden_out) {
+      if (head.output_scale != 1.f) scale(ex, h, head.output_scale, h);
+      matmul(ex, head.output.w, h, y);
+      if (!head.output.b.empty()) add_bias(ex, y, head.output.b);
+      if (c.final_softcap > 0.f) softcap(ex, y, c.final_softcap);
+    }
+  };
+
   RowTensors rt = host_rows;
+  const StackPart* last = nullptr;  // the last part with blocks: the head runs with it when on its device
+  for (const StackPart& part : parts)
+    if (!part.layers.empty()) last = &part;
+  bool head_done = false;
   for (const StackPart& part : parts) {
     if (part.layers.empty()) continue;
     rt = enter(part);
-    for (size_t i = 0; i < part.layers.size(); i++) {
-      decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), part, part.one_kv_layer ? 0 : int(i),
-                    rt, *part.act, n);
-      if (part.ex->device() == Device::CPU && !cpu::all_finite(static_cast<const float*>(part.act->x.data()), n * d)) {
-        const int64_t l = part.first + int64_t(i);
-        throw non_finite(str_cat("the output of layer ", l, " (tensors ", part.tensor_prefix, "blk.", l, ".*)"));
+    const bool with_head = want_out && &part == last && part.ex == head_part.ex;
+    auto run_blocks = [&] {
+      for (size_t i = 0; i < part.layers.size(); i++) {
+        decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), part,
+                      part.one_kv_layer ? 0 : int(i), rt, *part.act, n);
+        if (part.ex->device() == Device::CPU && !cpu::all_finite(static_cast<const float*>(part.act->x.data()), n * d)) {
+          const int64_t l = part.first + int64_t(i);
+          throw non_finite(str_cat("the output of layer ", l, " (tensors ", part.tensor_prefix, "blk.", l, ".*)"));
+        }
       }
+      if (with_head) run_head(rt);
+    };
+    // Everything the blocks read from the host goes up first, so that a decode-sized pass on a GPU can
+    // be a replayed CUDA graph; its key is what the launches depend on besides the model: the rows'
+    // shape, the scratch and cache they use, and attention's host-side choice.
+    const int64_t attention_choice =
+        attention_upload(*part.ex, *part.kv, n, int(c.n_head), c.alibi_slopes.empty() ? nullptr : c.alibi_slopes.data());
+    constexpr int64_t kMaxCapturedRows = 8;  // decode steps; a prefill's launches are few and long
+    if (part.ex->device() != Device::CPU && n <= kMaxCapturedRows && c.n_expert == 0 && !part.act->input_stats) {
+      std::vector<int64_t> key = {n, n_out, hidden_out, with_head, attention_choice,
+                                  int64_t(reinterpret_cast<intptr_t>(part.act)),
+                                  int64_t(reinterpret_cast<intptr_t>(part.kv)), part.first};
+      for (const std::vector<int32_t>* v : {&rows.rope_pos2, &rows.key_begin_window, &rows.prefix_slot,
+                                            &rows.cross_key_begin})
+        key.push_back(int64_t(v->size()));
+      part.ex->run_captured(std::move(key), run_blocks);
+    } else {
+      run_blocks();
     }
+    head_done |= with_head;
   }
 
-  // LM head (or the hidden states), on the rows whose output is wanted only.
-  if (out.empty() || rows.logit_rows.empty()) return;
-  if (prev->ex->device() != head_part.ex->device()) rt = enter(head_part);
-  Executor& ex = *head_part.ex;
-  Activations& a = *head_part.act;
-  const Device dev = ex.device();
-  const int64_t n_out = int64_t(rows.logit_rows.size()), width = hidden_out ? d : c.n_vocab;
-  const Tensor x = f32_tensor(static_cast<float*>(a.x.data()), n, d, d, dev);
-  if (dev != Device::CPU) a.out.reserve(size_t(n_out * width) * sizeof(float));
-  const Tensor y = dev == Device::CPU ? out : f32_tensor(static_cast<float*>(a.out.data()), n_out, width, width, dev);
-  const Tensor h = hidden_out ? y : f32_tensor(static_cast<float*>(a.xn.data()), n_out, d, d, dev);
-  get_rows(ex, x, rt.logit_rows, h);
-  if (!head.output_norm.empty()) norm(ex, c.spec.norm, h, head.output_norm, head.output_norm_b, h, c.norm_eps);
-  if (!hidden_out) {
-    if (head.output_scale != 1.f) scale(ex, h, head.output_scale, h);
-    matmul(ex, head.output.w, h, y);
-    if (!head.output.b.empty()) add_bias(ex, y, head.output.b);
-    if (c.final_softcap > 0.f) softcap(ex, y, c.final_softcap);
+  if (!want_out) return;
+  if (!head_done) {
+    if (prev->ex->device() != head_part.ex->device()) rt = enter(head_part);
+    run_head(rt);
   }
+  Executor& ex = *head_part.ex;
+  const Device dev = head_dev;
   if (dev != Device::CPU) copy_between(ex, Device::CPU, out.data, dev, y.data, size_t(n_out * width) * sizeof(float));
   for (int64_t r = 0; r < n_out; r++) {
     if (cpu::all_finite(out.row(r), width)) continue;

@@ -115,37 +115,116 @@ std::vector<Tensor*> Head::tensors() { return {&output_norm, &output_norm_b, &ou
 
 namespace {
 
-size_t device_bytes(const Tensor& t) { return t.empty() ? 0 : (t.row_stride * size_t(t.rows) + 255) & ~size_t(255); }
+size_t tensor_bytes(const Tensor& t) { return t.empty() ? 0 : t.row_stride * size_t(t.rows); }
+size_t round_up_256(size_t n) { return (n + 255) & ~size_t(255); }
 
-template <typename Part>
-size_t part_bytes(const Part& p) {
+// Runs of tensors copied back to back into device memory, each run starting on a 256-byte boundary.
+using Runs = std::vector<std::vector<Tensor*>>;
+
+size_t runs_bytes(const Runs& runs) {
   size_t n = 0;
-  for (const Tensor* t : const_cast<Part&>(p).tensors()) n += device_bytes(*t);
+  for (const auto& run : runs) {
+    size_t r = 0;
+    for (const Tensor* t : run) r += tensor_bytes(*t);
+    n += round_up_256(r);
+  }
   return n;
 }
 
-// A copy of `part` whose tensors live in one new buffer on the executor's device.
-template <typename Part>
-Part copy_to(Executor& ex, const Part& part, std::vector<Buffer>& memory) {
-  Part out = part;
-  memory.emplace_back(ex.device(), part_bytes(part));
+// Whether linears that read the same input can be stacked into one matrix of all their rows: all present,
+// of one weight type and width, and with a bias each or none.
+bool stackable(std::initializer_list<const Linear*> ls) {
+  const Linear& a = **ls.begin();
+  for (const Linear* l : ls)
+    if (!l->present() || l->w.type != a.w.type || l->w.cols != a.w.cols || l->w.row_stride != a.w.row_stride ||
+        l->b.empty() != a.b.empty() || (!l->b.empty() && (l->b.type != GGMLType::F32 || l->b.rows != 1)))
+      return false;
+  return true;
+}
+
+// A block's tensors as runs. On a device, q/k/v and gate/up (matrices that multiply the same input) are
+// stacked, weights and biases each, so that each group runs as one matmul: a decode step on a GPU is
+// bound by its launches and by how many weight bytes each launch keeps in flight, and three 4096-row
+// GEMVs read the same bytes more slowly than one of 12288 rows. Linears of different types stay apart;
+// every other tensor is a run of its own.
+Runs layer_runs(Layer& L, bool* qkv, bool* gate_up) {
+  *qkv = stackable({&L.wq, &L.wk, &L.wv});
+  *gate_up = stackable({&L.w_gate, &L.w_up});
+  Runs runs;
+  std::vector<const Tensor*> taken;
+  auto run = [&](std::vector<Tensor*> ts) {
+    if (ts.front()->empty()) return;
+    runs.push_back(ts);
+    taken.insert(taken.end(), ts.begin(), ts.end());
+  };
+  if (*qkv) run({&L.wq.w, &L.wk.w, &L.wv.w}), run({&L.wq.b, &L.wk.b, &L.wv.b});
+  if (*gate_up) run({&L.w_gate.w, &L.w_up.w}), run({&L.w_gate.b, &L.w_up.b});
+  for (Tensor* t : L.tensors())
+    if (!t->empty() && std::find(taken.begin(), taken.end(), t) == taken.end()) runs.push_back({t});
+  return runs;
+}
+
+Runs head_runs(Head& h) {
+  Runs runs;
+  for (Tensor* t : h.tensors())
+    if (!t->empty()) runs.push_back({t});
+  return runs;
+}
+
+// Copies the runs' tensors into one new buffer on the executor's device and points them there.
+void copy_runs(Executor& ex, const Runs& runs, std::vector<Buffer>& memory) {
+  memory.emplace_back(ex.device(), runs_bytes(runs));
   uint8_t* dst = static_cast<uint8_t*>(memory.back().data());
-  for (Tensor* t : out.tensors()) {
-    if (t->empty()) continue;
-    copy_between(ex, ex.device(), dst, Device::CPU, t->data, t->row_stride * size_t(t->rows));
-    t->data = dst;
-    t->device = ex.device();
-    t->panels = nullptr;
-    t->panel_rows = 0;
-    dst += device_bytes(*t);
+  for (const auto& run : runs) {
+    size_t n = 0;
+    for (Tensor* t : run) {
+      copy_between(ex, ex.device(), dst + n, Device::CPU, t->data, tensor_bytes(*t));
+      t->data = dst + n;
+      t->device = ex.device();
+      t->panels = nullptr;
+      t->panel_rows = 0;
+      n += tensor_bytes(*t);
+    }
+    dst += round_up_256(n);
   }
+}
+
+// The linears of a run as one: the rows of all (contiguous in memory), and their biases side by side.
+Linear stacked(std::initializer_list<const Linear*> ls) {
+  Linear s = **ls.begin();
+  for (auto it = ls.begin() + 1; it != ls.end(); ++it) {
+    s.w.rows += (*it)->w.rows;
+    if (!s.b.empty()) s.b.cols += (*it)->b.cols, s.b.row_stride += (*it)->b.row_stride;
+  }
+  return s;
+}
+
+Layer copy_to(Executor& ex, const Layer& layer, std::vector<Buffer>& memory) {
+  Layer out = layer;
+  bool qkv, gate_up;
+  copy_runs(ex, layer_runs(out, &qkv, &gate_up), memory);
+  if (qkv) out.wqkv = stacked({&out.wq, &out.wk, &out.wv}), out.wq = out.wk = out.wv = Linear{};
+  if (gate_up) out.w_up = stacked({&out.w_gate, &out.w_up}), out.w_gate = Linear{};  // [gate; up], as ChatGLM2's
+  return out;
+}
+
+Head copy_to(Executor& ex, const Head& head, std::vector<Buffer>& memory) {
+  Head out = head;
+  copy_runs(ex, head_runs(out), memory);
   return out;
 }
 
 }  // namespace
 
-size_t Model::layer_bytes(int64_t layer) const { return part_bytes(decoder.layers.at(size_t(layer))); }
-size_t Model::head_bytes() const { return part_bytes(decoder.head); }
+size_t Model::layer_bytes(int64_t layer) const {
+  Layer L = decoder.layers.at(size_t(layer));
+  bool qkv, gate_up;
+  return runs_bytes(layer_runs(L, &qkv, &gate_up));
+}
+size_t Model::head_bytes() const {
+  Head h = decoder.head;
+  return runs_bytes(head_runs(h));
+}
 
 PositionBias position_bias(const ModelConfig& c, const Stack& s, bool bidirectional) {
   PositionBias b;

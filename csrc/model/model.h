@@ -26,12 +26,12 @@ struct Linear {
 
 struct Layer {
   Tensor attn_norm, attn_norm_b;  // empty tensors for absent parameters
-  Linear wqkv;  // fused [q; k; v] rows (ChatGLM); when present, wq/wk/wv are absent
+  Linear wqkv;  // fused [q; k; v] rows (ChatGLM, Phi-3, every device copy that can); when present, wq/wk/wv are absent
   Linear wq, wk, wv, wo;
   Tensor attn_q_norm, attn_k_norm;  // per-head RMSNorm of q and k before RoPE (Qwen3), when present
   Tensor attn_post_norm, ffn_post_norm;  // norms of the sublayers' outputs before the residual add (Gemma 2)
   Tensor ffn_norm, ffn_norm_b;
-  Linear w_gate, w_up, w_down;  // w_gate absent for non-gated or fused gate/up FFNs
+  Linear w_gate, w_up, w_down;  // w_gate absent for non-gated FFNs and when w_up holds [gate; up] rows
   Experts experts;  // a mixture-of-experts FFN instead (ArchSpec::moe), when its router is present
   bool moe() const { return !experts.router.empty(); }
   // P-Tuning v2: the learned past keys and values every sequence starts with, F32

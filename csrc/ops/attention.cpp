@@ -7,6 +7,14 @@
 
 namespace pe {
 
+int64_t attention_upload(Executor& ex, const KVCache& kv, int64_t n_rows, int n_head, const float* alibi) {
+  PE_CHECK(n_head > 0 && n_head % kv.n_kv_head() == 0, Error, "attention: ", n_head,
+           " query heads are not a multiple of the cache's ", kv.n_kv_head(), " KV heads");
+  PE_CHECK(kv.device() == ex.device(), Error, "attention: cache on ", device_name(kv.device()), ", executor on ",
+           device_name(ex.device()));
+  PE_DISPATCH(ex, attention_upload, ex, kv, n_rows, n_head, alibi);
+}
+
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
                float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
   PE_CHECK(softcap >= 0.f && softcap < 1e30f, Error, "attention: soft-cap ", softcap, " must be >= 0 and finite");

@@ -30,6 +30,13 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
                float scale, const Tensor& out, float softcap = 0.f, const float* alibi = nullptr,
                const PositionBias* bias = nullptr);
 
+// What the attentions of a pass of n_rows rows over `kv` read from the host (a GPU's page table, with
+// the ALiBi slopes), uploaded ahead of the pass's first attention so that the pass itself queues no
+// host-to-device copy and can be replayed as a CUDA graph (Executor::run_captured). Returns the launch
+// choice those attentions make from the host's state (a GPU's split count; 0 on the CPU), which the key
+// of a captured pass must include.
+int64_t attention_upload(Executor& ex, const KVCache& kv, int64_t n_rows, int n_head, const float* alibi);
+
 // T5's relative position bias (Raffel et al. 2020, 2.1): the score of a row at position i for key j
 // gets table[h][bucket(j - i)], one learned scalar per head and bucket, shared by every layer of a
 // stack. Distances below n_buckets / 4 (bidirectional; / 2 causal) have a bucket each, longer ones

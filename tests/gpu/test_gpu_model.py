@@ -127,6 +127,33 @@ def test_fork_and_truncate_on_gpu(llama):
     np.testing.assert_allclose(outs[1], outs[0], **scaled(outs[0], 5e-3))
 
 
+@pytest.mark.parametrize("qtype", ["q4_0", "f32"])
+def test_graph_replay_equals_eager(llama, monkeypatch, qtype):
+    """Decode steps replayed as CUDA graphs (Executor::run_captured) give the logits of the same steps
+    launched one by one, bit for bit: one sequence across two page boundaries (attention's split count
+    changes), then sequences joining and decoding together, and a forked sequence."""
+    path = llama["files"][qtype]
+    prompt = llama["prompts"][5]
+    runs = []
+    for graphs in ("0", "1"):
+        monkeypatch.setenv("PYENGINE_CUDA_GRAPHS", graphs)
+        llm = pyengine.LLM(path, n_ctx=256, n_gpu_layers=ALL)
+        llm.eval(prompt[:40])
+        one = np.stack([llm.eval([t]) for t in (prompt[40:] + prompt)[:100]])  # positions 40..139
+        eng = pyengine.Engine(path, n_ctx=256, n_seq_max=len(LENGTHS), n_batch=64, n_gpu_layers=ALL)
+        _, many = run_staggered(eng, llama["prompts"], N_STEPS)
+        eng.seq_copy(0, 1)
+        forked = np.stack([eng.decode([t, t], [0, 1]) for t in prompt[:20]])
+        runs.append((one, many, forked, llm._model.gpu_graphs, eng._model.gpu_graphs))
+    (one0, many0, fork0, g0, e0), (one1, many1, fork1, g1, e1) = runs
+    assert g0["replays"] == 0 and e0["replays"] == 0
+    assert g1["replays"] >= 90 and e1["replays"] >= 15, (g1, e1)
+    np.testing.assert_array_equal(one1, one0)
+    for i in many0:
+        np.testing.assert_array_equal(many1[i], many0[i], err_msg=f"sequence {i}")
+    np.testing.assert_array_equal(fork1, fork0)
+
+
 def test_real_model_on_gpu():
     path = pyengine.find_packaged_model("smollm2")
     if path is None:
