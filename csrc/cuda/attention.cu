@@ -117,7 +117,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) attention_kernel(const
   __shared__ float p_s[kMaxHeadsPerBlock][kPage];                        // scores, then weights, of a tile
   __shared__ SoftmaxState st_s[kMaxHeadsPerBlock];
   __shared__ float alpha_s[kMaxHeadsPerBlock];
-  __shared__ float2 pv_s[kThreads];  // P V partial sums of the thread groups that share a tile's keys
 
   const int64_t row = blockIdx.x;
   const int g = int(blockIdx.y) / n_chunks, chunk = int(blockIdx.y) % n_chunks;
@@ -153,9 +152,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) attention_kernel(const
     const T* kt = reinterpret_cast<const T*>(base) + (size_t(g) * kPage + size_t(t0 % kPage)) * size_t(hd);
     const T* vt = reinterpret_cast<const T*>(base + cv.v_offset) + (size_t(g) * kPage + size_t(t0 % kPage)) * size_t(hd);
 
-    // Scores: a warp per key, lanes over pairs of dimensions, every head of the block at once. Unrolled
-    // so that a warp's loads of several keys are in flight together (a page is 16 keys per warp).
-#pragma unroll 4
+    // Scores: a warp per key, lanes over pairs of dimensions, every head of the block at once.
     for (int j = warp; j < n; j += kWarps) {
       float dot[kMaxHeadsPerBlock];
 #pragma unroll
@@ -204,58 +201,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) attention_kernel(const
     }
     __syncthreads();
 
-    // acc = acc * alpha + P V: work items are (head, pair of dimensions); the heads of a pair read the
-    // same values (L1 hits). With fewer items than threads (one head of 128 dimensions is 64 items) the
-    // tile's keys are dealt to kgroups groups of threads whose sums meet in pv_s: a thread walking all
-    // 64 keys of a page alone, one dependent load after another, made decode attention latency-bound
-    // (16.7 us a call on an H200 at 7B shape). Uniform across the block, as its barriers need.
-    const int items = nh * n_pairs;
-    const int kgroups = items >= kThreads ? 1 : kThreads / items;
-    if (kgroups == 1) {
-      for (int e = tid; e < items; e += kThreads) {
-        const int h = e / n_pairs, dp = e % n_pairs;
-        float2 a = *reinterpret_cast<const float2*>(&acc_s[h][2 * dp]);
-        const float alpha = alpha_s[h];
-        a.x *= alpha;
-        a.y *= alpha;
-#pragma unroll 8
-        for (int j = 0; j < n; j++) {
-          const float p = p_s[h][j];
-          const float2 vv = load_pair(vt + size_t(j) * size_t(hd) + 2 * dp);
-          a.x = fmaf(p, vv.x, a.x);
-          a.y = fmaf(p, vv.y, a.y);
-        }
-        *reinterpret_cast<float2*>(&acc_s[h][2 * dp]) = a;
+    // acc = acc * alpha + P V: a thread per (head, pair of dimensions); the heads of a pair read the
+    // same values (L1 hits).
+    for (int e = tid; e < nh * n_pairs; e += kThreads) {
+      const int h = e / n_pairs, dp = e % n_pairs;
+      float2 a = *reinterpret_cast<const float2*>(&acc_s[h][2 * dp]);
+      const float alpha = alpha_s[h];
+      a.x *= alpha;
+      a.y *= alpha;
+      for (int j = 0; j < n; j++) {
+        const float p = p_s[h][j];
+        const float2 vv = load_pair(vt + size_t(j) * size_t(hd) + 2 * dp);
+        a.x = fmaf(p, vv.x, a.x);
+        a.y = fmaf(p, vv.y, a.y);
       }
-    } else {
-      const int e = tid % items, kg = tid / items;
-      float2 part = make_float2(0.0f, 0.0f);
-      if (kg < kgroups) {
-        const int h = e / n_pairs, dp = e % n_pairs;
-#pragma unroll 8
-        for (int j = kg; j < n; j += kgroups) {
-          const float p = p_s[h][j];
-          const float2 vv = load_pair(vt + size_t(j) * size_t(hd) + 2 * dp);
-          part.x = fmaf(p, vv.x, part.x);
-          part.y = fmaf(p, vv.y, part.y);
-        }
-      }
-      pv_s[tid] = part;
-      __syncthreads();
-      if (tid < items) {
-        const int h = tid / n_pairs, dp = tid % n_pairs;
-        float2 a = *reinterpret_cast<const float2*>(&acc_s[h][2 * dp]);
-        const float alpha = alpha_s[h];
-        a.x *= alpha;
-        a.y *= alpha;
-        for (int k = 0; k < kgroups; k++) {
-          a.x += pv_s[k * items + tid].x;
-          a.y += pv_s[k * items + tid].y;
-        }
-        *reinterpret_cast<float2*>(&acc_s[h][2 * dp]) = a;
-      }
+      *reinterpret_cast<float2*>(&acc_s[h][2 * dp]) = a;
     }
-    __syncthreads();  // p_s, alpha_s, pv_s and acc_s are rewritten by the next tile
+    __syncthreads();  // p_s, alpha_s and acc_s are rewritten by the next tile
   }
 
   // acc_s and st_s were last written before a barrier: the one ending the last tile read, or the one
