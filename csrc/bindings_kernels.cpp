@@ -1,5 +1,6 @@
 // Kernel entry points on numpy arrays, for tests and benchmarks.
 #include <pybind11/numpy.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstring>
@@ -132,6 +133,42 @@ py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows
   return y;
 }
 
+// The weights of one type that read the same x, their outputs side by side in one (m, sum(rows)) array
+// (as the forward pass's q|k|v buffer): matmul's group form on the CPU.
+py::array_t<float> py_matmul_group(const std::vector<py::buffer>& ws, uint32_t type_id, const std::vector<int64_t>& rows,
+                                   int64_t cols, const py::array_t<float, py::array::c_style | py::array::forcecast>& x,
+                                   int n_threads, bool panels) {
+  if (ws.size() != rows.size()) throw py::value_error("one row count per weight");
+  std::vector<py::buffer_info> infos;
+  std::vector<Tensor> views;
+  int64_t total = 0;
+  for (size_t i = 0; i < ws.size(); i++) {
+    infos.push_back(ws[i].request());
+    views.push_back(weight_view(infos.back(), type_id, rows[i], cols));
+    total += rows[i];
+  }
+  if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error(str_cat("x must have shape (m, ", cols, ")"));
+  if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+  const int64_t m = x.shape(0);
+  py::array_t<float> y({m, total});
+  const Tensor X = f32_tensor(const_cast<float*>(x.data()), m, cols, cols), Y = f32_tensor(y.mutable_data(), m, total, total);
+  {
+    py::gil_scoped_release release;
+    Executor& ex = executor_on("cpu", n_threads);
+    auto lock = ex.lock();
+    std::vector<Buffer> keep;
+    std::vector<Tensor> w, out;
+    int64_t c0 = 0;
+    for (size_t i = 0; i < views.size(); i++) {
+      w.push_back(maybe_with_panels(ex, views[i], panels, keep));
+      out.push_back(Y.cols_view(c0, rows[i]));
+      c0 += rows[i];
+    }
+    matmul(ex, w, X, out);
+  }
+  return y;
+}
+
 py::array_t<float> py_dequantize(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
                                  const std::string& device) {
   const py::buffer_info wi = w.request();
@@ -240,6 +277,10 @@ void bind_kernels(py::module_& m) {
         "X float32 (m, cols). Returns float32 (m, rows). Runs on the current CPU path, or with "
         "device='cuda' on the GPU (inputs copied there and back). panels: W repacked first into the CPU kernels' "
         "panel layout (cpu/panels.h), as a loaded model's CPU weights are.");
+  m.def("matmul_group", &py_matmul_group, py::arg("ws"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
+        py::arg("x"), py::arg("n_threads") = 1, py::arg("panels") = false,
+        "matmul's group form on the CPU: X @ W_i.T for weights of one type that read the same X (raw GGUF bytes, "
+        "rows[i] x cols each), returned side by side as float32 (m, sum(rows)).");
   m.def("dequantize", &py_dequantize, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
         py::arg("device") = "cpu",
         "Raw GGUF bytes of a rows x cols matrix of ggml type `type_id` as float32 (rows, cols).");

@@ -125,6 +125,29 @@ def test_matmul_matches_reference(qtype, cpu_path):
             )
 
 
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_matmul_group_equals_one_by_one(qtype, cpu_path):
+    """matmul's group form (q/k/v, gate/up: x quantized once, all rows in one hand-off to the threads) gives
+    each weight's product as matmul alone does, which test_matmul_matches_reference checks against numpy:
+    bit for bit on quantized weights, within that test's bound on float ones (their kernels may sum a row
+    differently with other rows beside it). Row counts that are not multiples of the 16-row panel."""
+    rng = np.random.default_rng(500 + int(qtype))
+    cols = cols_for(qtype)[-1]
+    groups = [(37, 5, 70), (64, 16), (1, 33, 17)]
+    for group, m, n_threads, panels in itertools.product(groups, (1, 3, 9, 40), (1, 2, 3), (False, True)):
+        raws = [make_weights(qtype, r, cols, rng) for r in group]
+        x = rng.standard_normal((m, cols)).astype(np.float32)
+        got = _C.matmul_group(raws, int(qtype), list(group), cols, x, n_threads, panels=panels)
+        want = np.concatenate([_C.matmul(w, int(qtype), r, cols, x, n_threads, panels=panels)
+                               for w, r in zip(raws, group)], axis=1)
+        assert got.shape == want.shape
+        if qtype in FLOAT_TYPES:
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(np.abs(want).max()))
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=f"{qtype.name} {cpu_path} {group} m={m} "
+                                                             f"threads={n_threads} panels={panels}")
+
+
 @pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)
 def test_panel_layout_gives_the_same_bits(qtype, cpu_path):
     """Weights repacked into the panel layout (cpu/panels.h, what a loaded model's CPU weights use) give

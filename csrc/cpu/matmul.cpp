@@ -67,35 +67,54 @@ void dequantize_row(const Tensor& w, int64_t r, float* out) {
   dequantize_row_ref(w.type, static_cast<const uint8_t*>(w.data) + r * w.row_stride, w.cols, out);
 }
 
-void matmul(Executor& ex, const Tensor& w, const Tensor& xt, const Tensor& yt) {
+void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y) { matmul_group(ex, &w, &y, 1, x); }
+
+void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const Tensor& xt) {
   const float* x = xt.row(0);
-  float* y = yt.row(0);
-  const int64_t m = xt.rows, ldx = xt.ld(), ldy = yt.ld();
+  const int64_t m = xt.rows, ldx = xt.ld();
   ThreadPool& pool = ex.pool();
   const MatmulKernels& k = kernels();
   const int nth = pool.size();
+  const Tensor& w0 = ws[0];
 
-  if (is_float_type(w.type)) {
-    Tensor rows = w;  // the copy in huge pages, where there is one (cpu/panels.h)
-    if (w.panels && w.panel_rows == 1) rows.data = const_cast<void*>(w.panels);
-    run_split(pool, w.rows, m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
-      k.gemm_float(rows, x, ldx, r0, r1, m0, m1, y, ldy);
+  // The weights' rows end to end, each weight's first row on a kRowGrain boundary, so that every chunk
+  // run_split hands out starts on a panel boundary of each weight it covers.
+  constexpr int kMaxGroup = 4;
+  PE_CHECK(n >= 1 && n <= kMaxGroup, Error, "matmul: ", n, " weights in one group (at most ", kMaxGroup, ")");
+  int64_t first[kMaxGroup + 1] = {0};
+  for (int i = 0; i < n; i++) first[i + 1] = first[i] + (ws[i].rows + kRowGrain - 1) / kRowGrain * kRowGrain;
+  // Calls f(i, a, b) for the rows [a, b) of weight i that fall in the group's rows [r0, r1).
+  auto each = [&](int64_t r0, int64_t r1, auto&& f) {
+    for (int i = 0; i < n; i++) {
+      const int64_t a = std::max(r0, first[i]) - first[i], b = std::min(r1, first[i] + ws[i].rows) - first[i];
+      if (a < b) f(i, a, b);
+    }
+  };
+
+  if (is_float_type(w0.type)) {
+    Tensor rows[kMaxGroup];  // the copies in huge pages, where there are (cpu/panels.h)
+    for (int i = 0; i < n; i++) {
+      rows[i] = ws[i];
+      if (ws[i].panels && ws[i].panel_rows == 1) rows[i].data = const_cast<void*>(ws[i].panels);
+    }
+    run_split(pool, first[n], m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
+      each(r0, r1, [&](int i, int64_t a, int64_t b) { k.gemm_float(rows[i], x, ldx, a, b, m0, m1, ys[i].row(0), ys[i].ld()); });
     });
     return;
   }
 
   // Quantized activations live in the calling thread's buffers; the pool's threads only read them.
-  const QuantScheme& s = *quant_scheme(w.type);
+  const QuantScheme& s = *quant_scheme(w0.type);
   thread_local ScratchBuffer q_buf, sub_buf;
   QuantizedX qx;
-  qx.ldq = (w.cols + 63) & ~int64_t(63);
-  qx.ldsub = w.cols / s.sub;
+  qx.ldq = (w0.cols + 63) & ~int64_t(63);
+  qx.ldsub = w0.cols / s.sub;
   qx.q = static_cast<int8_t*>(q_buf.get(size_t(m * qx.ldq)));
   qx.sub = static_cast<XSub*>(sub_buf.get(size_t(m * qx.ldsub) * sizeof(XSub)));
 
-  pool.for_range(m, 2 * nth, [&](int64_t m0, int64_t m1) { k.quantize_x(x, ldx, m0, m1, w.cols, s, qx); });
-  run_split(pool, w.rows, m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
-    k.gemm_quant(w, qx, r0, r1, m0, m1, y, ldy);
+  pool.for_range(m, 2 * nth, [&](int64_t m0, int64_t m1) { k.quantize_x(x, ldx, m0, m1, w0.cols, s, qx); });
+  run_split(pool, first[n], m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
+    each(r0, r1, [&](int i, int64_t a, int64_t b) { k.gemm_quant(ws[i], qx, a, b, m0, m1, ys[i].row(0), ys[i].ld()); });
   });
 }
 

@@ -102,11 +102,21 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
     norm(ex, spec.norm, x, w, b, xn, c.norm_eps);
     if (spec.residual_from_norm) scale(ex, xn, c.residual_scale, x);
   };
-  auto linear = [&](const Linear& W, const Tensor& in, const Tensor& out) {
-    if (a.input_stats) a.input_stats->add(W.w, in, ex.n_threads() > 1 ? &ex.pool() : nullptr);
-    matmul(ex, W.w, in, out);
-    if (!W.b.empty()) add_bias(ex, out, W.b);
+  // Linears that read the same input (q, k, v; gate, up) go to matmul together.
+  auto linears = [&](std::initializer_list<const Linear*> W, std::vector<Tensor> out, const Tensor& in) {
+    std::vector<Tensor> w;
+    for (const Linear* l : W) {
+      if (a.input_stats) a.input_stats->add(l->w, in, ex.n_threads() > 1 ? &ex.pool() : nullptr);
+      w.push_back(l->w);
+    }
+    matmul(ex, w, in, out);
+    auto o = out.begin();
+    for (const Linear* l : W) {
+      if (!l->b.empty()) add_bias(ex, *o, l->b);
+      ++o;
+    }
   };
+  auto linear = [&](const Linear& W, const Tensor& in, const Tensor& out) { linears({&W}, {out}, in); };
   const RopeParams& rope_params = c.windowed(layer) ? rope_ctx.windowed : rope_ctx.global;
   auto rotate = [&](const Tensor& heads, int n_heads) {
     if (spec.positions == Positions::Learned) return;  // added to the embeddings instead
@@ -128,9 +138,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   if (L.wqkv.present()) {
     linear(L.wqkv, attn_in, qkv);
   } else {
-    linear(L.wq, attn_in, q);
-    linear(L.wk, attn_in, k);
-    linear(L.wv, attn_in, v);
+    linears({&L.wq, &L.wk, &L.wv}, {q, k, v}, attn_in);
   }
   if (!L.attn_q_norm.empty()) norm_heads(ex, q, int(c.n_head), L.attn_q_norm, c.norm_eps);
   if (!L.attn_k_norm.empty()) norm_heads(ex, k, int(c.n_head_kv), L.attn_k_norm, c.norm_eps);
@@ -173,8 +181,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
       linear(L.w_up, ffn_in, ff_a);
       gated_activation(ex, spec.act, hidden, ff_a.cols_view(n_ff, n_ff), hidden);
     } else if (spec.gated_ffn) {
-      linear(L.w_gate, ffn_in, hidden);
-      linear(L.w_up, ffn_in, ff_b);
+      linears({&L.w_gate, &L.w_up}, {hidden, ff_b}, ffn_in);
       gated_activation(ex, spec.act, hidden, ff_b, hidden);
     } else {
       linear(L.w_up, ffn_in, hidden);
