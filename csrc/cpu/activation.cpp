@@ -87,14 +87,14 @@ bool sigmoid_form(Activation act) { return act == Activation::SiLU || act == Act
 void gated_activation(Executor& ex, Activation act, const Tensor& gate, const Tensor& up, const Tensor& out) {
   const int64_t d = gate.cols;
   if (sigmoid_form(act)) {
-    ex.pool().for_range(gate.rows, 2, [&](int64_t r0, int64_t r1) {
+    ex.pool().for_range(gate.rows, ThreadPool::min_rows_for(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; r++)
         sigmoid_act_row(gate.row(r), up.row(r), out.row(r), d, act == Activation::GELU);
     });
     return;
   }
   with_activation(act, [&](auto f) {
-    ex.pool().for_range(gate.rows, 2, [&](int64_t r0, int64_t r1) {
+    ex.pool().for_range(gate.rows, ThreadPool::min_rows_for(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; r++) {
         const float* g = gate.row(r);
         const float* u = up.row(r);
@@ -108,13 +108,13 @@ void gated_activation(Executor& ex, Activation act, const Tensor& gate, const Te
 void activation(Executor& ex, Activation act, const Tensor& x) {
   const int64_t d = x.cols;
   if (sigmoid_form(act)) {
-    ex.pool().for_range(x.rows, 2, [&](int64_t r0, int64_t r1) {
+    ex.pool().for_range(x.rows, ThreadPool::min_rows_for(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; r++) sigmoid_act_row(x.row(r), nullptr, x.row(r), d, act == Activation::GELU);
     });
     return;
   }
   with_activation(act, [&](auto f) {
-    ex.pool().for_range(x.rows, 2, [&](int64_t r0, int64_t r1) {
+    ex.pool().for_range(x.rows, ThreadPool::min_rows_for(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; r++) {
         float* v = x.row(r);
         for (int64_t i = 0; i < d; i++) v[i] = f(v[i]);

@@ -112,7 +112,7 @@ void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const
   qx.q = static_cast<int8_t*>(q_buf.get(size_t(m * qx.ldq)));
   qx.sub = static_cast<XSub*>(sub_buf.get(size_t(m * qx.ldsub) * sizeof(XSub)));
 
-  pool.for_range(m, 2 * nth, [&](int64_t m0, int64_t m1) { k.quantize_x(x, ldx, m0, m1, w0.cols, s, qx); });
+  pool.for_range(m, ThreadPool::min_rows_for(w0.cols), [&](int64_t m0, int64_t m1) { k.quantize_x(x, ldx, m0, m1, w0.cols, s, qx); });
   run_split(pool, first[n], m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
     each(r0, r1, [&](int i, int64_t a, int64_t b) { k.gemm_quant(ws[i], qx, a, b, m0, m1, ys[i].row(0), ys[i].ld()); });
   });

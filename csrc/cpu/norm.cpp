@@ -8,7 +8,7 @@ void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const T
   const int64_t d = x.cols;
   const float* wv = w.row(0);
   const float* bv = b.empty() ? nullptr : b.row(0);
-  ex.pool().for_range(x.rows, 4, [&](int64_t r0, int64_t r1) {
+  ex.pool().for_range(x.rows, ThreadPool::min_rows_for(x.cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const float* xr = x.row(r);
       float* yr = y.row(r);
@@ -33,7 +33,7 @@ void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const T
 void norm_heads(Executor& ex, const Tensor& x, int n_heads, const Tensor& w, float eps) {
   const int64_t hd = x.cols / n_heads;
   const float* wv = w.row(0);
-  ex.pool().for_range(x.rows, 4, [&](int64_t r0, int64_t r1) {
+  ex.pool().for_range(x.rows, ThreadPool::min_rows_for(x.cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       for (int h = 0; h < n_heads; h++) {
         float* v = x.row(r) + h * hd;
