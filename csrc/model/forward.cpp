@@ -102,11 +102,19 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
     norm(ex, spec.norm, x, w, b, xn, c.norm_eps);
     if (spec.residual_from_norm) scale(ex, xn, c.residual_scale, x);
   };
+  auto stats = [&](const Linear& W, const Tensor& in) {
+    if (a.input_stats) a.input_stats->add(W.w, in, ex.n_threads() > 1 ? &ex.pool() : nullptr);
+  };
+  auto linear = [&](const Linear& W, const Tensor& in, const Tensor& out) {
+    stats(W, in);
+    matmul(ex, W.w, in, out);
+    if (!W.b.empty()) add_bias(ex, out, W.b);
+  };
   // Linears that read the same input (q, k, v; gate, up) go to matmul together.
   auto linears = [&](std::initializer_list<const Linear*> W, std::vector<Tensor> out, const Tensor& in) {
     std::vector<Tensor> w;
     for (const Linear* l : W) {
-      if (a.input_stats) a.input_stats->add(l->w, in, ex.n_threads() > 1 ? &ex.pool() : nullptr);
+      stats(*l, in);
       w.push_back(l->w);
     }
     matmul(ex, w, in, out);
@@ -116,7 +124,6 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
       ++o;
     }
   };
-  auto linear = [&](const Linear& W, const Tensor& in, const Tensor& out) { linears({&W}, {out}, in); };
   const RopeParams& rope_params = c.windowed(layer) ? rope_ctx.windowed : rope_ctx.global;
   auto rotate = [&](const Tensor& heads, int n_heads) {
     if (spec.positions == Positions::Learned) return;  // added to the embeddings instead
