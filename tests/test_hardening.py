@@ -278,6 +278,16 @@ def test_nonfinite_norm_weight_and_embedding(tmp_path, all_paths):
     del gguf
 
 
+def test_nonfinite_key_weight_is_reported(tmp_path, all_paths):
+    """An infinite key weight makes attention scores infinite: softmax must not turn them into finite
+    weights (the portable path once did, through undefined behaviour): the layer check names layer 0."""
+    path = write_tiny_llama(tmp_path / "t.gguf")
+    poke(path, "blk.0.attn_k.weight", 4 * 5, np.float32(np.inf).tobytes())
+    eng = pyengine.Engine(path, n_ctx=16, n_threads=1)
+    for p, m in all_paths(lambda: pytest.raises(pyengine.NumericalError, eng.logits, [1, 2, 3]).value).items():
+        assert "layer 0 " in str(m), (p, m)
+
+
 def test_generation_raises_instead_of_sampling_nan(tmp_path):
     path = write_tiny_llama(tmp_path / "t.gguf")
     poke(path, "output_norm.weight", 0, np.float32(np.nan).tobytes())

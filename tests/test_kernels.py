@@ -338,6 +338,26 @@ def test_attention_softmax_matches_numpy(cpu_path, n, scale):
     assert not bad.any(), f"{bad.sum()} of {bad.size} terms off: got {got[bad][:4]}, numpy {ref[bad][:4]}"
 
 
+def test_attention_softmax_nonfinite_rows_are_nan(cpu_path):
+    """A row holding an infinite or NaN score (corrupt weights) comes out all NaN on every path, so the
+    layer check reports it, and finite rows beside it are untouched. Found by the fuzzer: [inf, NaN, 1]
+    made the portable max skip both, and e^inf reached a float-to-int conversion (undefined behaviour)."""
+    inf, nan = np.inf, np.nan
+    for n in (3, 8, 17, 40):
+        for bad in ([inf, nan, 1.0], [nan, inf], [-inf], [inf], [nan]):
+            row = np.linspace(-2, 2, n).astype(np.float32)
+            for at, v in zip((0, n // 2, n - 1), bad):
+                row[at] = v
+            rows = np.stack([row, np.linspace(-2, 2, n).astype(np.float32)])
+            got = _C.attention_softmax(rows, 0.5)
+            assert np.isnan(got[0]).all(), (cpu_path, n, bad, got[0])
+            ref = np.exp(rows[1].astype(np.float64) * 0.5 - 1.0)
+            np.testing.assert_allclose(got[1], ref / ref.sum(), rtol=1e-5)
+    # A finite score times a large scale overflows: the same.
+    big = np.array([[3e38, 1.0, 2.0]], np.float32)
+    assert np.isnan(_C.attention_softmax(big, 4.0)).all()
+
+
 def test_amx_is_opt_in():
     """Without PYENGINE_CPU a process runs the best path except AMX (opt-in, see README), and
     PYENGINE_CPU=amx selects it where the CPU and OS offer it, the best path below it elsewhere."""

@@ -3,6 +3,7 @@
 // here has internal linkage so each ISA keeps its own copy.
 #pragma once
 #include <cstdint>
+#include <limits>
 #include <utility>
 
 #include "cpu/attention_kernels.h"
@@ -115,15 +116,31 @@ PE_ATTN_INLINE typename V::F exp_nonpositive(typename V::F x) {
 }
 
 // The row's sums run in one fixed order for a given n, so decoding and prefill agree bit for bit.
+// A row with an infinite or NaN score (corrupt weights) comes out all NaN, so that the layer's
+// finiteness check names it: max() and the exp's clamp would otherwise turn NaN into a finite weight,
+// and an infinite exponent is undefined behaviour in the portable exp's float-to-int step.
 template <class V>
 void softmax(float* s, int64_t n, float scale) {
   using F = typename V::F;
   const int64_t full = n - n % V::W;
   const F sc = V::set1(scale);
   F mv = V::set1(-3.4e38f);
-  for (int64_t j = 0; j < full; j += V::W) mv = V::max(mv, V::mul(V::load_f32(s + j, V::W), sc));
+  F finite = V::zero();  // x * 0 is 0 for finite x, NaN for inf or NaN
+  for (int64_t j = 0; j < full; j += V::W) {
+    const F x = V::mul(V::load_f32(s + j, V::W), sc);
+    mv = V::max(mv, x);
+    finite = V::fmadd(x, V::zero(), finite);
+  }
   float mx = V::hmax(mv);
-  for (int64_t j = full; j < n; j++) mx = s[j] * scale > mx ? s[j] * scale : mx;
+  float tail = V::hsum(finite);
+  for (int64_t j = full; j < n; j++) {
+    mx = s[j] * scale > mx ? s[j] * scale : mx;
+    tail += s[j] * scale * 0.f;
+  }
+  if (tail != 0.f) {
+    for (int64_t j = 0; j < n; j++) s[j] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
   const F shift = V::set1(mx);
   F sum = V::zero();
   for (int64_t j = 0; j < n; j += V::W) {
