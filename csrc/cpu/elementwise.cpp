@@ -1,7 +1,9 @@
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "cpu/ops.h"
+#include "cpu/panels.h"
 
 namespace pe::cpu {
 
@@ -54,11 +56,19 @@ void get_rows(Executor& ex, const Tensor& table, const Tensor& ids_t, const Tens
     PE_CHECK(ids[i] >= 0 && ids[i] < table.rows, Error, "get_rows: index ", ids[i], " at ", i,
              " is out of range [0, ", table.rows, ")");
   ex.pool().for_range(ids_t.cols, kParallelRows, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<uint8_t> row;  // a row of the panel copy, back in the file's layout
     for (int64_t i = i0; i < i1; i++) {
-      if (table.type == GGMLType::F32)
-        std::memcpy(out.row(i), table.row(ids[i]), size_t(table.cols) * sizeof(float));
+      Tensor src = table;
+      int64_t r = ids[i];
+      if (table.panels) {  // tied to the output: read the copy, not the file (see copy_panel_row)
+        row.resize(table.row_stride);
+        copy_panel_row(table, r, row.data());
+        src.data = row.data(), src.rows = 1, src.panels = nullptr, r = 0;
+      }
+      if (src.type == GGMLType::F32)
+        std::memcpy(out.row(i), src.row(r), size_t(src.cols) * sizeof(float));
       else
-        dequantize_row(table, ids[i], out.row(i));
+        dequantize_row(src, r, out.row(i));
     }
   });
 }

@@ -81,4 +81,22 @@ void pack_panels(Executor& ex, const Tensor& w, int r, void* dst) {
   });
 }
 
+void copy_panel_row(const Tensor& w, int64_t row, void* dst) {
+  PE_CHECK(w.panels && w.panel_rows > 0 && row >= 0 && row < w.rows, Error, "copy_panel_row: row ", row,
+           " of a tensor without a panel copy or out of range [0, ", w.rows, ")");
+  const int r = w.panel_rows;
+  const auto* panel = static_cast<const uint8_t*>(w.panels) + size_t(row / r) * size_t(r) * w.row_stride;
+  auto* out = static_cast<uint8_t*>(dst);
+  if (r == 1) {
+    std::memcpy(out, panel, w.row_stride);
+    return;
+  }
+  const QuantScheme& s = *quant_scheme(w.type);
+  const int i = int(row % r);
+  const std::vector<Unit> units = block_units(s);
+  for (int64_t base = 0; base < int64_t(w.row_stride); base += s.block_bytes)
+    for (const Unit& u : units)
+      std::memcpy(out + base + u.off, panel + size_t(r) * size_t(base + u.off) + size_t(i * u.size), size_t(u.size));
+}
+
 }  // namespace pe::cpu

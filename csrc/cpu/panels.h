@@ -39,5 +39,9 @@ size_t panel_bytes(const Tensor& w, int r);
 // Writes w (row-major, w.data) in the panel layout of height r to dst (panel_bytes(w, r) bytes),
 // the work split over ex's threads.
 void pack_panels(Executor& ex, const Tensor& w, int r, void* dst);
+// Row `row` of w's panel copy (w.panels, height w.panel_rows) in the file's layout: w.row_stride bytes
+// to dst. Embedding lookups of a table tied to the output read it, so that the file's pages stay
+// released (each lookup would map 64 KiB of them back: up to the whole table in resident memory).
+void copy_panel_row(const Tensor& w, int64_t row, void* dst);
 
 }  // namespace pe::cpu

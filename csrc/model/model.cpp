@@ -307,6 +307,13 @@ void Model::pack_cpu_weights(Executor& ex) const {
       t->panel_rows = cpu::panel_rows_for_cpu(*t);
       t->panels = base + offset.at({t->data, cpu::panel_bytes(*t, t->panel_rows)});
     }
+    // A table tied to the output: its lookups read the output's copy, the file's pages having gone.
+    Tensor& table = self.tok_embd;
+    if (!table.empty() && wanted(table)) {
+      const int r = cpu::panel_rows_for_cpu(table);
+      const auto it = offset.find({table.data, cpu::panel_bytes(table, r)});
+      if (it != offset.end()) table.panel_rows = r, table.panels = base + it->second;
+    }
   });
 }
 
