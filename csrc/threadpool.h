@@ -64,9 +64,9 @@ class ThreadPool {
   }
 
   // for_range's min_parallel for rows of `row_elems` elements of light work each (a norm, an
-  // activation, rounding x to 8 bits; not RoPE, whose sines and cosines per row cost more): the workers are woken from about 16K elements in all. Below
-  // that the hand-off costs about what the work does (SmolLM2 at 8 rows: 8 x 576 for a norm), and a
-  // decode step has hundreds of such ops.
+  // activation, rounding x to 8 bits; not RoPE, whose sines and cosines per row cost more): the
+  // workers are woken from about 16K elements in all. Below that the hand-off costs about what the
+  // work does (SmolLM2 at 8 rows: 8 x 576 for a norm), and a decode step has hundreds of such ops.
   static int64_t min_rows_for(int64_t row_elems) {
     constexpr int64_t kMinParallelElems = int64_t(1) << 14;
     return std::max<int64_t>(2, kMinParallelElems / std::max<int64_t>(row_elems, 1));

@@ -132,12 +132,12 @@ void softmax(float* s, int64_t n, float scale) {
     finite = V::fmadd(x, V::zero(), finite);
   }
   float mx = V::hmax(mv);
-  float tail = V::hsum(finite);
+  float nonfinite = V::hsum(finite);
   for (int64_t j = full; j < n; j++) {
     mx = s[j] * scale > mx ? s[j] * scale : mx;
-    tail += s[j] * scale * 0.f;
+    nonfinite += s[j] * scale * 0.f;
   }
-  if (tail != 0.f) {
+  if (nonfinite != 0.f) {
     for (int64_t j = 0; j < n; j++) s[j] = std::numeric_limits<float>::quiet_NaN();
     return;
   }

@@ -302,18 +302,16 @@ void Model::pack_cpu_weights(Executor& ex) const {
         file_->release_pages(part.data, part.row_stride * size_t(part.rows));
       }
     }
-    for (Tensor* t : cpu) {
-      if (!wanted(*t)) continue;
-      t->panel_rows = cpu::panel_rows_for_cpu(*t);
-      t->panels = base + offset.at({t->data, cpu::panel_bytes(*t, t->panel_rows)});
-    }
-    // A table tied to the output: its lookups read the output's copy, the file's pages having gone.
-    Tensor& table = self.tok_embd;
-    if (!table.empty() && wanted(table)) {
-      const int r = cpu::panel_rows_for_cpu(table);
-      const auto it = offset.find({table.data, cpu::panel_bytes(table, r)});
-      if (it != offset.end()) table.panel_rows = r, table.panels = base + it->second;
-    }
+    // Every matmul weight has a copy; so does an embedding table tied to the output (its lookups read
+    // the output's copy, the file's pages having gone).
+    auto attach = [&](Tensor& t) {
+      if (t.empty() || !wanted(t)) return;
+      const int r = cpu::panel_rows_for_cpu(t);
+      const auto it = offset.find({t.data, cpu::panel_bytes(t, r)});
+      if (it != offset.end()) t.panel_rows = r, t.panels = base + it->second;
+    };
+    for (Tensor* t : cpu) attach(*t);
+    attach(self.tok_embd);
   });
 }
 
