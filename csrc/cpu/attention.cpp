@@ -21,6 +21,22 @@ namespace pe::cpu {
 namespace {
 
 constexpr int64_t kQueryBlock = kMaxQueryBlock;  // query rows per work item
+// GCC deletes a loop whose only statements are prefetches (__builtin_prefetch or _mm_prefetch has no
+// side effect to keep it), so on x86 the hint is an asm statement the optimiser must leave in place.
+inline void prefetch_to_l2(const void* p) {
+#if defined(PE_X86)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
+// How many K/V blocks ahead an item asks for (each 8 KiB for 64-wide F16 heads). The pages of a sequence
+// lie anywhere in the cache, and the hardware prefetchers only follow each block's first lines. Intel
+// Xeon (model 167), SmolLM2 Q4_0, 2 threads, 8 sequences decoding at 600 keys: 505 -> 570 tok/s (0
+// blocks ahead, i.e. asking for each block just before reading it, measured the same; 4 slightly slower;
+// prefetcht0 no better); 1 sequence: 250 -> 279.
+constexpr int64_t kPrefetchBlocks = 1;
 
 // The portable kernels: attention_simd.h's loops with one float per "vector".
 struct Scalar {
@@ -150,10 +166,25 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     if (int64_t(scores.size()) < nb * width) scores.resize(size_t(nb * width));
     float* const sc = scores.data();
 
+    // The item reads its K blocks, then its V blocks, each head_bytes() long and one per page, from pages
+    // scattered through the cache. Ask for block i + kPrefetchBlocks while computing block i.
+    const int64_t n_pages = last_page - first_page + 1;
+    auto block_addr = [&](int64_t i) {
+      uint8_t* page = kv.page_data(layer, pages[size_t(first_page + i % n_pages)]);
+      return i < n_pages ? lay.keys_t(page, g) : lay.values(page, g);
+    };
+    auto prefetch_block = [&](int64_t i) {
+      if (i >= 2 * n_pages) return;
+      const uint8_t* p = block_addr(i);
+      for (size_t o = 0; o < lay.head_bytes(); o += 64) prefetch_to_l2(p + o);
+    };
+    for (int64_t i = 0; i < kPrefetchBlocks; i++) prefetch_block(i);
+
     const float* qb = q.row(b.r0) + int64_t(h0) * hd;
     for (int64_t pg = first_page; pg <= last_page; pg++) {
       const int64_t n_keys = std::min(P, b.k1 - pg * P);
       uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
+      prefetch_block(pg - first_page + kPrefetchBlocks);
       k.scores(lay.keys_t(page, g), f16, P, hd, int(n_keys), qb, ldq, int(nb), sc + (pg * P - base), width);
     }
     for (int64_t t = 0; t < nb; t++) {
@@ -178,6 +209,7 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     for (int64_t pg = first_page; pg <= last_page; pg++) {
       const int64_t n_keys = std::min(P, b.k1 - pg * P);
       uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
+      prefetch_block(n_pages + pg - first_page + kPrefetchBlocks);
       k.values(lay.values(page, g), f16, hd, int(n_keys), sc + (pg * P - base), width, int(nb), ob, ldo);
     }
   });
