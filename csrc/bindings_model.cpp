@@ -18,8 +18,10 @@ namespace {
 using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 GGMLType kv_type_of(const std::string& name) {
-  if (name != "f16" && name != "f32") throw py::value_error("kv_type must be 'f16' or 'f32', not '" + name + "'");
-  return name == "f16" ? GGMLType::F16 : GGMLType::F32;
+  if (name == "f16") return GGMLType::F16;
+  if (name == "f32") return GGMLType::F32;
+  if (name == "q8_0") return GGMLType::Q8_0;
+  throw py::value_error("kv_type must be 'f16', 'f32' or 'q8_0', not '" + name + "'");
 }
 
 const int32_t* vector_data(const IntArray& a, const char* what) {

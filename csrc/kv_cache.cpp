@@ -15,10 +15,24 @@ int64_t kv_pages_per_seq(int64_t positions, int64_t window, int64_t n_batch) {
   return std::min(all, (window - 1 + n_batch + P - 1) / P + 1);
 }
 
+size_t KVCache::head_page_bytes(GGMLType type, int64_t head_dim) {
+  const size_t n = size_t(head_dim) * size_t(kPageSize);
+  switch (type) {
+    case GGMLType::F32: return 4 * n;
+    case GGMLType::Q8_0: return n + sizeof(fp16_t) * (n / kQ8Block);
+    default: return 2 * n;
+  }
+}
+
 KVCache::KVCache(Executor& ex, GGMLType type, int n_layer, int n_kv_head, int head_dim, int n_seq_max, int64_t n_ctx,
                  int64_t pages_per_seq)
     : type_(type), n_layer_(n_layer), n_kv_head_(n_kv_head), head_dim_(head_dim), n_ctx_(n_ctx) {
-  PE_CHECK(type == GGMLType::F16 || type == GGMLType::F32, Error, "KV cache type must be F16 or F32");
+  PE_CHECK(type == GGMLType::F16 || type == GGMLType::F32 || type == GGMLType::Q8_0, Error,
+           "KV cache type must be f16, f32 or q8_0");
+  PE_CHECK(type != GGMLType::Q8_0 || head_dim % kQ8Block == 0, Error, "a q8_0 KV cache needs a head size that is a "
+           "multiple of ", kQ8Block, "; this model's is ", head_dim, " (use kv_type f16)");
+  PE_CHECK(type != GGMLType::Q8_0 || ex.device() == Device::CPU, Error, "a q8_0 KV cache runs on the CPU only: "
+           "use kv_type f16 with n_gpu_layers");
   PE_CHECK(n_seq_max >= 1 && n_seq_max <= 4096, Error, "n_seq_max must be in [1, 4096], not ", n_seq_max);
   PE_CHECK(n_ctx > 0 && n_ctx <= (int64_t(1) << 24), Error, "n_ctx must be in [1, 16M], not ", n_ctx);
   const int64_t all_pages = (n_ctx + kPageSize - 1) / kPageSize;
@@ -27,7 +41,7 @@ KVCache::KVCache(Executor& ex, GGMLType type, int n_layer, int n_kv_head, int he
   n_pages_ = (pages_per_seq ? pages_per_seq : all_pages) * n_seq_max;
   PE_CHECK(n_pages_ <= INT32_MAX / kPageSize, Error, "KV cache too large: ", n_seq_max, " sequences x ", n_ctx,
            " positions");
-  page_bytes_ = 2 * size_t(n_kv_head) * size_t(head_dim) * size_t(kPageSize) * element_size();
+  page_bytes_ = 2 * size_t(n_kv_head) * head_page_bytes(type, head_dim);
   storage_ = Buffer(ex.device(), page_bytes_ * size_t(n_pages_) * size_t(n_layer));
   storage_.zero();  // touch it now: the memory a context needs shows at once, not as it fills
   seq_pages_.resize(size_t(n_seq_max));

@@ -6,9 +6,12 @@
 // sequence releases the pages wholly behind its window as it grows (seq_release_before), so the cache
 // holds a window's worth of pages per sequence whatever n_ctx is (kv_pages_per_seq); a released
 // page's entry in the sequence's list is kReleased. The bookkeeping here is device-neutral; how a page lays
-// out its keys and values is the business of the backend that owns the storage (cpu/kv_cache.cpp
-// stores K as [kv_head][position][head_dim] and V transposed, [kv_head][head_dim][position], so that
+// out its keys and values is the business of the backend that owns the storage (cpu/kv_layout.h: per KV
+// head K transposed, [head_dim][position], then per KV head V as it is, [position][head_dim], so that
 // attention is two matrix products per page), and only that backend's store and attention read it.
+//
+// Element types: F32, F16, and on the CPU Q8_0 (llama.cpp's `-ctk q8_0 -ctv q8_0`): int8 values with an
+// fp16 scale per 32 consecutive dimensions of one position and head, 1.0625 bytes an element.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -22,9 +25,11 @@ class KVCache {
  public:
   static constexpr int64_t kPageSize = 64;
   static constexpr int32_t kReleased = -1;
+  static constexpr int kQ8Block = 32;  // dimensions per scale in a Q8_0 cache
 
   // Room for n_seq_max sequences of up to n_ctx positions each, in pages_per_seq pages per sequence
-  // (0: all n_ctx positions; fewer with a sliding window, see kv_pages_per_seq). type: F16 or F32.
+  // (0: all n_ctx positions; fewer with a sliding window, see kv_pages_per_seq). type: F16, F32, or
+  // Q8_0 (CPU only; head_dim a multiple of 32).
   KVCache(Executor& ex, GGMLType type, int n_layer, int n_kv_head, int head_dim, int n_seq_max, int64_t n_ctx,
           int64_t pages_per_seq = 0);
 
@@ -61,7 +66,10 @@ class KVCache {
   uint8_t* page_data(int layer, int32_t page) const {
     return static_cast<uint8_t*>(storage_.data()) + (size_t(layer) * n_pages_ + size_t(page)) * page_bytes_;
   }
+  // Bytes per element of an F16 or F32 cache (the CUDA backend's types).
   size_t element_size() const { return type_ == GGMLType::F16 ? 2 : 4; }
+  // Bytes of one KV head's keys (or values) in one page, scales included.
+  static size_t head_page_bytes(GGMLType type, int64_t head_dim);
 
  private:
   int32_t alloc_page();

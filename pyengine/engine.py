@@ -101,7 +101,9 @@ class Engine:
         n_ctx: tokens per sequence (KV cache positions); 0 means the model's training context.
         n_threads: CPU threads; default: the number of physical cores.
         n_batch: rows evaluated per forward pass (a longer prompt or batch runs in several passes).
-        kv_type: KV cache element type, "f16" (default, half the memory) or "f32".
+        kv_type: KV cache element type: "f16" (default), "f32", or "q8_0" (llama.cpp's -ctk q8_0
+            -ctv q8_0: int8 with an fp16 scale per 32 dimensions, 53% of f16's memory and of the
+            bytes attention reads; CPU only, heads a multiple of 32 wide).
         n_seq_max: sequences the context holds at once (its KV cache has room for n_seq_max * n_ctx).
         n_gpu_layers: transformer blocks to run on the GPU (llama.cpp's -ngl): the last N blocks and
             their KV cache go to the GPU, the rest run on the CPU; N >= the number of blocks puts the

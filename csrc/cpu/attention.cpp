@@ -47,6 +47,8 @@ struct Scalar {
   static F fmadd(F a, F b, F c) { return a * b + c; }
   static F load_f32(const float* p, int) { return *p; }
   static F load_f16(const fp16_t* p, int) { return fp16_to_fp32(*p); }
+  static F load_i8(const int8_t* p, int) { return float(*p); }
+  static F set1_f16(fp16_t h) { return fp16_to_fp32(h); }
   static void store(float* p, F v, int) { *p = v; }
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
@@ -101,7 +103,6 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
                float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
   const KVPageLayout lay(kv);
   const AttentionKernels& k = kernels();
-  const bool f16 = lay.type == GGMLType::F16;
   const int hd = lay.head_dim, group = n_head / lay.n_kv_head;
   const int64_t P = KVCache::kPageSize;
   const auto* seq = static_cast<const int32_t*>(rows.seq.data);
@@ -185,7 +186,8 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       const int64_t n_keys = std::min(P, b.k1 - pg * P);
       uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
       prefetch_block(pg - first_page + kPrefetchBlocks);
-      k.scores(lay.keys_t(page, g), f16, P, hd, int(n_keys), qb, ldq, int(nb), sc + (pg * P - base), width);
+      uint8_t* keys = lay.keys_t(page, g);
+      k.scores(keys, lay.scales(keys), lay.elem, P, hd, int(n_keys), qb, ldq, int(nb), sc + (pg * P - base), width);
     }
     for (int64_t t = 0; t < nb; t++) {
       float* s = sc + t * width;
@@ -210,7 +212,8 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       const int64_t n_keys = std::min(P, b.k1 - pg * P);
       uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
       prefetch_block(n_pages + pg - first_page + kPrefetchBlocks);
-      k.values(lay.values(page, g), f16, hd, int(n_keys), sc + (pg * P - base), width, int(nb), ob, ldo);
+      uint8_t* values = lay.values(page, g);
+      k.values(values, lay.scales(values), lay.elem, hd, int(n_keys), sc + (pg * P - base), width, int(nb), ob, ldo);
     }
   });
 }

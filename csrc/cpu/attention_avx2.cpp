@@ -1,4 +1,5 @@
-// AVX2 traits for attention_simd.h (8 floats a vector; tails through a small buffer; F16C conversion).
+// AVX2 traits for attention_simd.h (8 floats a vector; tails through a small buffer; F16C conversion;
+// int8 widening).
 #include <immintrin.h>
 
 #include <cstring>
@@ -28,6 +29,12 @@ struct Avx2 {
     std::memcpy(b, p, sizeof(fp16_t) * size_t(n));
     return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
   }
+  static PE_ATTN_INLINE F load_i8(const int8_t* p, int n) {
+    int64_t b = 0;  // 8 bytes: a full vector, or the tail zero-padded
+    std::memcpy(&b, p, size_t(n));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(b)));
+  }
+  static PE_ATTN_INLINE F set1_f16(fp16_t h) { return _mm256_set1_ps(_cvtsh_ss(h)); }
   static PE_ATTN_INLINE void store(float* p, F v, int n) {
     if (n == W) return _mm256_storeu_ps(p, v);
     alignas(32) float b[W];

@@ -1,4 +1,4 @@
-// AVX-512 traits for attention_simd.h (16 floats a vector, masked tails, F16C conversion).
+// AVX-512 traits for attention_simd.h (16 floats a vector, masked tails, F16C conversion, int8 widening).
 #include <immintrin.h>
 
 #include <utility>
@@ -24,6 +24,11 @@ struct Avx512 {
                              : _mm256_maskz_loadu_epi16(mask(n), p);
     return _mm512_cvtph_ps(h);
   }
+  static PE_ATTN_INLINE F load_i8(const int8_t* p, int n) {
+    const __m128i b = n == W ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(mask(n), p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
+  static PE_ATTN_INLINE F set1_f16(fp16_t h) { return _mm512_set1_ps(_cvtsh_ss(h)); }
   static PE_ATTN_INLINE void store(float* p, F v, int n) {
     if (n == W) _mm512_storeu_ps(p, v);
     else _mm512_mask_storeu_ps(p, mask(n), v);

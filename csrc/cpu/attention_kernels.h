@@ -8,14 +8,22 @@
 #pragma once
 #include <cstdint>
 
+#include "ggml_types.h"
+
 namespace pe::cpu {
 
+// A cache's element type. Q8: int8 values x an fp16 scale per 32 dimensions of a position (kv_layout.h).
+enum class KVElem { F32, F16, Q8 };
+
 struct AttentionKernels {
-  // s[t][j] = sum_d q[t][d] * kt[d][j] for t < nb, j < n; kt rows `ldk` elements apart, F16 or F32.
-  void (*scores)(const void* kt, bool f16, int64_t ldk, int hd, int n, const float* q, int64_t ldq, int nb, float* s,
-                 int64_t lds);
-  // o[t][d] += sum_j p[t][j] * v[j][d] for t < nb, d < hd; v rows hd elements apart, F16 or F32.
-  void (*values)(const void* v, bool f16, int hd, int n, const float* p, int64_t ldp, int nb, float* o, int64_t ldo);
+  // s[t][j] = sum_d q[t][d] * kt[d][j] for t < nb, j < n; kt rows `ldk` elements apart. Q8: kt[d][j] is
+  // times ks[(d / 32) * ldk + j].
+  void (*scores)(const void* kt, const fp16_t* ks, KVElem e, int64_t ldk, int hd, int n, const float* q, int64_t ldq,
+                 int nb, float* s, int64_t lds);
+  // o[t][d] += sum_j p[t][j] * v[j][d] for t < nb, d < hd; v rows hd elements apart. Q8: v[j][d] is times
+  // vs[j * (hd / 32) + d / 32].
+  void (*values)(const void* v, const fp16_t* vs, KVElem e, int hd, int n, const float* p, int64_t ldp, int nb,
+                 float* o, int64_t ldo);
   // s[0..n) = softmax(scale * s[0..n)) in place (n >= 1, finite inputs).
   void (*softmax)(float* s, int64_t n, float scale);
 };

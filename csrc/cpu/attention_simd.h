@@ -1,6 +1,6 @@
 // attention_kernels.h's two products, written once over a vector-traits type V (F: vector of W floats;
-// load/load_f16 with a count for tails, fmadd, set1, store). Included by one file per ISA; everything
-// here has internal linkage so each ISA keeps its own copy.
+// load_f32/load_f16/load_i8 with a count for tails, set1/set1_f16, fmadd, store). Included by one file
+// per ISA; everything here has internal linkage so each ISA keeps its own copy.
 #pragma once
 #include <cstdint>
 #include <limits>
@@ -12,9 +12,12 @@
 namespace pe::cpu {
 namespace {
 
-template <class V>
-PE_ATTN_INLINE typename V::F load_any(const void* base, bool f16, int64_t i, int n) {
-  return f16 ? V::load_f16(static_cast<const fp16_t*>(base) + i, n) : V::load_f32(static_cast<const float*>(base) + i, n);
+// W (or a tail of n < W) cache elements from element i of a block, as floats (Q8: unscaled).
+template <class V, KVElem E>
+PE_ATTN_INLINE typename V::F load_kv(const void* base, int64_t i, int n) {
+  if constexpr (E == KVElem::F16) return V::load_f16(static_cast<const fp16_t*>(base) + i, n);
+  else if constexpr (E == KVElem::F32) return V::load_f32(static_cast<const float*>(base) + i, n);
+  else return V::load_i8(static_cast<const int8_t*>(base) + i, n);
 }
 
 // Vectors in flight per row: FMA latency needs several independent accumulators when rows are few;
@@ -22,8 +25,10 @@ PE_ATTN_INLINE typename V::F load_any(const void* base, bool f16, int64_t i, int
 template <int NB>
 constexpr int kChains = NB >= 8 ? 2 : 4;
 
-template <class V, int NB>
-void scores_rows(const void* kt, bool f16, int64_t ldk, int hd, int n, const float* q, int64_t ldq, float* s,
+constexpr int kQ8 = 32;  // dimensions per Q8 scale
+
+template <class V, int NB, KVElem E>
+void scores_rows(const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, const float* q, int64_t ldq, float* s,
                  int64_t lds) {
   using F = typename V::F;
   constexpr int C = kChains<NB>;
@@ -33,9 +38,17 @@ void scores_rows(const void* kt, bool f16, int64_t ldk, int hd, int n, const flo
     F acc[NB][C];
     for (int t = 0; t < NB; t++)
       for (int c = 0; c < C; c++) acc[t][c] = V::zero();
+    F scale[C];  // Q8: the keys' scales for the current 32 dimensions
     for (int d = 0; d < hd; d++) {
+      if constexpr (E == KVElem::Q8)
+        if (d % kQ8 == 0)
+          for (int c = 0; c < C; c++)
+            scale[c] = w[c] > 0 ? V::load_f16(ks + (d / kQ8) * ldk + j + c * V::W, w[c]) : V::zero();
       F k[C];
-      for (int c = 0; c < C; c++) k[c] = w[c] > 0 ? load_any<V>(kt, f16, d * ldk + j + c * V::W, w[c]) : V::zero();
+      for (int c = 0; c < C; c++) {
+        k[c] = w[c] > 0 ? load_kv<V, E>(kt, d * ldk + j + c * V::W, w[c]) : V::zero();
+        if constexpr (E == KVElem::Q8) k[c] = V::mul(k[c], scale[c]);
+      }
       for (int t = 0; t < NB; t++) {
         const F qv = V::set1(q[t * ldq + d]);
         for (int c = 0; c < C; c++) acc[t][c] = V::fmadd(qv, k[c], acc[t][c]);
@@ -47,8 +60,9 @@ void scores_rows(const void* kt, bool f16, int64_t ldk, int hd, int n, const flo
   }
 }
 
-template <class V, int NB>
-void values_rows(const void* v, bool f16, int hd, int n, const float* p, int64_t ldp, float* o, int64_t ldo) {
+template <class V, int NB, KVElem E>
+void values_rows(const void* v, const fp16_t* vs, int hd, int n, const float* p, int64_t ldp, float* o,
+                 int64_t ldo) {
   using F = typename V::F;
   constexpr int C = kChains<NB>;
   for (int d = 0; d < hd; d += C * V::W) {
@@ -59,8 +73,11 @@ void values_rows(const void* v, bool f16, int hd, int n, const float* p, int64_t
       for (int c = 0; c < C; c++) acc[t][c] = w[c] > 0 ? V::load_f32(o + t * ldo + d + c * V::W, w[c]) : V::zero();
     for (int j = 0; j < n; j++) {
       F x[C];
-      for (int c = 0; c < C; c++)
-        x[c] = w[c] > 0 ? load_any<V>(v, f16, int64_t(j) * hd + d + c * V::W, w[c]) : V::zero();
+      for (int c = 0; c < C; c++) {
+        x[c] = w[c] > 0 ? load_kv<V, E>(v, int64_t(j) * hd + d + c * V::W, w[c]) : V::zero();
+        if constexpr (E == KVElem::Q8)
+          if (w[c] > 0) x[c] = V::mul(x[c], V::set1_f16(vs[int64_t(j) * (hd / kQ8) + (d + c * V::W) / kQ8]));
+      }
       for (int t = 0; t < NB; t++) {
         const F pv = V::set1(p[t * ldp + j]);
         for (int c = 0; c < C; c++) acc[t][c] = V::fmadd(pv, x[c], acc[t][c]);
@@ -72,27 +89,38 @@ void values_rows(const void* v, bool f16, int hd, int n, const float* p, int64_t
   }
 }
 
-template <class V, int... T>
-void scores_any(const void* kt, bool f16, int64_t ldk, int hd, int n, const float* q, int64_t ldq, int nb, float* s,
-                int64_t lds, std::integer_sequence<int, T...>) {
-  ((nb == T + 1 ? scores_rows<V, T + 1>(kt, f16, ldk, hd, n, q, ldq, s, lds) : void()), ...);
+template <class V, KVElem E, int... T>
+void scores_any(const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, const float* q, int64_t ldq, int nb,
+                float* s, int64_t lds, std::integer_sequence<int, T...>) {
+  ((nb == T + 1 ? scores_rows<V, T + 1, E>(kt, ks, ldk, hd, n, q, ldq, s, lds) : void()), ...);
 }
 
-template <class V, int... T>
-void values_any(const void* v, bool f16, int hd, int n, const float* p, int64_t ldp, int nb, float* o, int64_t ldo,
-                std::integer_sequence<int, T...>) {
-  ((nb == T + 1 ? values_rows<V, T + 1>(v, f16, hd, n, p, ldp, o, ldo) : void()), ...);
-}
-
-template <class V>
-void scores(const void* kt, bool f16, int64_t ldk, int hd, int n, const float* q, int64_t ldq, int nb, float* s,
-            int64_t lds) {
-  scores_any<V>(kt, f16, ldk, hd, n, q, ldq, nb, s, lds, std::make_integer_sequence<int, kMaxQueryBlock>{});
+template <class V, KVElem E, int... T>
+void values_any(const void* v, const fp16_t* vs, int hd, int n, const float* p, int64_t ldp, int nb, float* o,
+                int64_t ldo, std::integer_sequence<int, T...>) {
+  ((nb == T + 1 ? values_rows<V, T + 1, E>(v, vs, hd, n, p, ldp, o, ldo) : void()), ...);
 }
 
 template <class V>
-void values(const void* v, bool f16, int hd, int n, const float* p, int64_t ldp, int nb, float* o, int64_t ldo) {
-  values_any<V>(v, f16, hd, n, p, ldp, nb, o, ldo, std::make_integer_sequence<int, kMaxQueryBlock>{});
+void scores(const void* kt, const fp16_t* ks, KVElem e, int64_t ldk, int hd, int n, const float* q, int64_t ldq,
+            int nb, float* s, int64_t lds) {
+  const auto rows = std::make_integer_sequence<int, kMaxQueryBlock>{};
+  switch (e) {
+    case KVElem::F32: return scores_any<V, KVElem::F32>(kt, ks, ldk, hd, n, q, ldq, nb, s, lds, rows);
+    case KVElem::F16: return scores_any<V, KVElem::F16>(kt, ks, ldk, hd, n, q, ldq, nb, s, lds, rows);
+    case KVElem::Q8: return scores_any<V, KVElem::Q8>(kt, ks, ldk, hd, n, q, ldq, nb, s, lds, rows);
+  }
+}
+
+template <class V>
+void values(const void* v, const fp16_t* vs, KVElem e, int hd, int n, const float* p, int64_t ldp, int nb, float* o,
+            int64_t ldo) {
+  const auto rows = std::make_integer_sequence<int, kMaxQueryBlock>{};
+  switch (e) {
+    case KVElem::F32: return values_any<V, KVElem::F32>(v, vs, hd, n, p, ldp, nb, o, ldo, rows);
+    case KVElem::F16: return values_any<V, KVElem::F16>(v, vs, hd, n, p, ldp, nb, o, ldo, rows);
+    case KVElem::Q8: return values_any<V, KVElem::Q8>(v, vs, hd, n, p, ldp, nb, o, ldo, rows);
+  }
 }
 
 // e^x for x <= 0, as a softmax needs it: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6

@@ -1,6 +1,9 @@
 // The CPU layout of a KV cache page (one layer's part of it): per KV head, K transposed
-// ([head_dim][position]), then per KV head V ([position][head_dim]); see cpu/attention_kernels.h.
+// ([head_dim][position]), then per KV head V ([position][head_dim]); see cpu/kv_layout.h.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -40,6 +43,43 @@ void store_run(const KVPageLayout& lay, uint8_t* page, int64_t off, const Tensor
   }
 }
 
+// x[0..32) as Q8_0 as llama.cpp's reference quantizes it: d = max |x| / 127, q = round(x / d) (half away
+// from zero), d kept as fp16. q lands `q_stride` bytes apart. A block holding an infinite or NaN value
+// gets a NaN scale (and zeros), so that attention reads NaN there and the layer's check reports it.
+void quantize_q8_block(const float* x, int8_t* q, int64_t q_stride, fp16_t* scale) {
+  constexpr int B = KVCache::kQ8Block;
+  float amax = 0.f;
+  bool finite = true;
+  for (int i = 0; i < B; i++) {
+    amax = std::max(amax, std::fabs(x[i]));
+    finite = finite && std::isfinite(x[i]);
+  }
+  const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+  for (int i = 0; i < B; i++) q[i * q_stride] = finite ? int8_t(std::round(x[i] * id)) : 0;
+  *scale = fp32_to_fp16(finite ? d : std::numeric_limits<float>::quiet_NaN());
+}
+
+// store_run for a Q8_0 cache: K^T's column `off + i` and its scales, V's row `off + i` and its scales.
+void store_run_q8(const KVPageLayout& lay, uint8_t* page, int64_t off, const Tensor& k, const Tensor& v, int64_t t0,
+                  int64_t n) {
+  const int64_t hd = lay.head_dim, P = KVCache::kPageSize, nb = hd / KVCache::kQ8Block;
+  for (int h = 0; h < lay.n_kv_head; h++) {
+    auto* kt = reinterpret_cast<int8_t*>(lay.keys_t(page, h));
+    fp16_t* ks = lay.scales(lay.keys_t(page, h));
+    auto* vd = reinterpret_cast<int8_t*>(lay.values(page, h));
+    fp16_t* vs = lay.scales(lay.values(page, h));
+    for (int64_t i = 0; i < n; i++) {
+      const float* kr = k.row(t0 + i) + int64_t(h) * hd;
+      const float* vr = v.row(t0 + i) + int64_t(h) * hd;
+      for (int64_t b = 0; b < nb; b++) {
+        const int64_t d0 = b * KVCache::kQ8Block;
+        quantize_q8_block(kr + d0, kt + d0 * P + off + i, P, ks + b * P + off + i);
+        quantize_q8_block(vr + d0, vd + (off + i) * hd + d0, 1, vs + (off + i) * nb + b);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void kv_store(Executor&, KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots_t) {
@@ -57,8 +97,9 @@ void kv_store(Executor&, KVCache& kv, int layer, const Tensor& k, const Tensor& 
     int64_t n = 1;
     while (t + n < k.rows && off + n < KVCache::kPageSize && slots[t + n] == slots[t] + n) n++;
     uint8_t* data = kv.page_data(layer, page);
-    if (kv.type() == GGMLType::F16) store_run<fp16_t>(lay, data, off, k, v, t, n, buf16);
-    else store_run<float>(lay, data, off, k, v, t, n, buf32);
+    if (lay.elem == KVElem::F16) store_run<fp16_t>(lay, data, off, k, v, t, n, buf16);
+    else if (lay.elem == KVElem::F32) store_run<float>(lay, data, off, k, v, t, n, buf32);
+    else store_run_q8(lay, data, off, k, v, t, n);
     t += n;
   }
 }

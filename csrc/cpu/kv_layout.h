@@ -1,20 +1,31 @@
 // Where K and V of one KV head sit inside a CPU cache page (see cpu/kv_cache.cpp): K transposed,
 // K^T [head_dim][kPageSize], then V as it is, [kPageSize][head_dim] (attention_kernels.h says why).
+// A Q8_0 cache follows each block of int8 values with its fp16 scales: K's [head_dim / 32][kPageSize]
+// (one per 32 dimensions of a position, laid out like K^T's rows), V's [kPageSize][head_dim / 32].
 #pragma once
+#include "cpu/attention_kernels.h"
 #include "kv_cache.h"
 
 namespace pe::cpu {
 
 struct KVPageLayout {
   explicit KVPageLayout(const KVCache& kv)
-      : n_kv_head(kv.n_kv_head()), head_dim(kv.head_dim()), elem(kv.element_size()), type(kv.type()) {}
+      : n_kv_head(kv.n_kv_head()), head_dim(kv.head_dim()), type(kv.type()),
+        elem(type == GGMLType::F16 ? KVElem::F16 : type == GGMLType::F32 ? KVElem::F32 : KVElem::Q8),
+        bytes(KVCache::head_page_bytes(type, head_dim)) {}
   int n_kv_head, head_dim;
-  size_t elem;
   GGMLType type;
+  KVElem elem;
+  size_t bytes;  // of one head's K (or V) block
 
-  size_t head_bytes() const { return size_t(head_dim) * size_t(KVCache::kPageSize) * elem; }
-  uint8_t* keys_t(uint8_t* page, int h) const { return page + size_t(h) * head_bytes(); }
-  uint8_t* values(uint8_t* page, int h) const { return page + size_t(n_kv_head + h) * head_bytes(); }
+  size_t head_bytes() const { return bytes; }
+  uint8_t* keys_t(uint8_t* page, int h) const { return page + size_t(h) * bytes; }
+  uint8_t* values(uint8_t* page, int h) const { return page + size_t(n_kv_head + h) * bytes; }
+  // A Q8_0 block's scales, after its head_dim x kPageSize int8 values (nullptr for float types).
+  fp16_t* scales(uint8_t* block) const {
+    return elem == KVElem::Q8 ? reinterpret_cast<fp16_t*>(block + size_t(head_dim) * size_t(KVCache::kPageSize))
+                              : nullptr;
+  }
 };
 
 }  // namespace pe::cpu

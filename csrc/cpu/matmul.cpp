@@ -74,7 +74,6 @@ void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const
   const int64_t m = xt.rows, ldx = xt.ld();
   ThreadPool& pool = ex.pool();
   const MatmulKernels& k = kernels();
-  const int nth = pool.size();
   const Tensor& w0 = ws[0];
 
   // The weights' rows end to end, each weight's first row on a kRowGrain boundary, so that every chunk

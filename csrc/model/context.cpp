@@ -53,8 +53,8 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Executor> e
 size_t Context::gpu_kv_bytes() const {
   if (kv_.size() < 2) return 0;
   const KVCache& g = kv_.back();
-  return size_t(g.n_layer()) * size_t(g.n_pages()) * size_t(KVCache::kPageSize) * 2 * size_t(g.n_kv_head()) *
-         size_t(g.head_dim()) * g.element_size();
+  return size_t(g.n_layer()) * size_t(g.n_pages()) * 2 * size_t(g.n_kv_head()) *
+         KVCache::head_page_bytes(g.type(), g.head_dim());
 }
 
 std::pair<std::unique_lock<std::mutex>, std::unique_lock<std::mutex>> Context::lock() {

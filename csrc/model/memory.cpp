@@ -54,15 +54,15 @@ HostMemoryPlan host_memory_plan(const Model& model, int64_t n_ctx, int n_seq_max
   const uint64_t positions = nonneg(n_ctx) + nonneg(c.prefix_length);  // each sequence's P-Tuning v2 prefix too
   const uint64_t pages = mul({uint64_t(kv_pages_per_seq(int64_t(positions), c.kv_window(), std::max<int64_t>(n_batch, 1))),
                               nonneg(n_seq_max)});
-  p.kv_cache = mul({cpu_layers, pages, uint64_t(KVCache::kPageSize), 2, nonneg(c.n_head_kv), nonneg(c.head_dim),
-                    kv_type == GGMLType::F16 ? 2u : 4u});
+  const uint64_t head_page = KVCache::head_page_bytes(kv_type, c.head_dim);  // head_dim <= 1024 (model/config.cpp)
+  p.kv_cache = mul({cpu_layers, pages, 2, nonneg(c.n_head_kv), head_page});
   // An encoder-decoder's caches of the encoder's output (cross-attention keys and values per sequence and
   // decoder block, kv_type) and of the encoder's own self-attention (one layer of one sequence, float32).
   if (c.spec.family == Family::EncoderDecoder) {
     const uint64_t enc_pages = uint64_t(kv_pages_per_seq(n_ctx, 0, std::max<int64_t>(n_batch, 1)));
-    const uint64_t per_layer = mul({enc_pages, uint64_t(KVCache::kPageSize), 2, nonneg(c.n_head_kv), nonneg(c.head_dim)});
-    p.kv_cache = add(p.kv_cache, mul({nonneg(c.n_layer), nonneg(n_seq_max), per_layer, kv_type == GGMLType::F16 ? 2u : 4u}));
-    p.kv_cache = add(p.kv_cache, mul({per_layer, 4}));
+    const uint64_t per_layer = mul({enc_pages, 2, nonneg(c.n_head_kv)});  // head blocks
+    p.kv_cache = add(p.kv_cache, mul({nonneg(c.n_layer), nonneg(n_seq_max), per_layer, head_page}));
+    p.kv_cache = add(p.kv_cache, mul({per_layer, KVCache::head_page_bytes(GGMLType::F32, c.head_dim)}));
   }
   // model/forward.cpp's Activations (x, xn, qkv, att, ff_a with room for [gate | up], ff_b) and the
   // matmul's quantized activations (one byte per element plus 16 bytes per 32, of the widest input).

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <string>
 
 #include "kv_cache.h"
 
@@ -27,9 +28,8 @@ OffloadPlan offload_cost(const Model& model, const OffloadRequest& req, int n) {
   if (p.head) p.weights += model.head_bytes();
   const int64_t positions = req.n_ctx + c.prefix_length;  // each sequence's P-Tuning v2 prefix too
   const int64_t pages = kv_pages_per_seq(positions, c.kv_window(), std::max<int64_t>(req.n_batch, 1)) * req.n_seq_max;
-  const size_t elem = req.kv_type == GGMLType::F16 ? 2 : 4;
-  p.kv_cache = size_t(p.n_gpu_layers) * size_t(pages) * size_t(KVCache::kPageSize) * 2 * size_t(c.n_head_kv) *
-               size_t(c.head_dim) * elem;
+  p.kv_cache = size_t(p.n_gpu_layers) * size_t(pages) * 2 * size_t(c.n_head_kv) *
+               KVCache::head_page_bytes(req.kv_type, c.head_dim);
   // Activations (model/forward.cpp: x, xn, qkv, att, ff_a, ff_b), the logits or hidden states of a
   // pass, the attention's split-K partials (up to 64 splits of head_dim + 2 floats per row and head)
   // and the row metadata.
@@ -47,6 +47,9 @@ OffloadPlan offload_cost(const Model& model, const OffloadRequest& req, int n) {
 
 OffloadPlan plan_offload(const Model& model, const OffloadRequest& req, size_t free_bytes) {
   const int n_layer = int(model.config().n_layer);
+  PE_CHECK(req.kv_type != GGMLType::Q8_0 || req.n_gpu_layers == 0, Error, "n_gpu_layers=",
+           req.n_gpu_layers < 0 ? std::string("'auto'") : std::to_string(req.n_gpu_layers),
+           ": a q8_0 KV cache runs on the CPU only; use kv_type 'f16' (--kv-type f16) with the GPU, or n_gpu_layers=0");
   const size_t usable = free_bytes > kOffloadMargin ? free_bytes - kOffloadMargin : 0;
   int fits = 0;  // the largest n whose plan fits (cost grows with n)
   for (int n = 1; n <= n_layer && offload_cost(model, req, n).total() <= usable; n++) fits = n;

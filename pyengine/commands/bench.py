@@ -27,14 +27,15 @@ def peak_rss_mb() -> float:
 
 
 def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None,
-              reps: int = 3, n_batch: int = 512, n_gpu_layers: int | str = 0) -> dict:
+              reps: int = 3, n_batch: int = 512, n_gpu_layers: int | str = 0, kv_type: str = "f16") -> dict:
     """Measure pp and tg tokens/s; returns the result dict that `--json` prints."""
     from ..default_model import resolve_model
     from ..gguf import file_type_name
     from ..llm import LLM
 
     path = resolve_model(None if model is None else str(model))
-    llm = LLM(path, n_ctx=max(n_prompt, n_gen, 1) + 1, n_threads=threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers)
+    llm = LLM(path, n_ctx=max(n_prompt, n_gen, 1) + 1, n_threads=threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
+              kv_type=kv_type)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, llm.n_vocab, size=n_prompt, dtype=np.int32)
     gen = rng.integers(0, llm.n_vocab, size=n_gen, dtype=np.int32)
@@ -58,6 +59,7 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
         "file_type": file_type_name(llm.metadata),
         "threads": llm.n_threads,
         "n_gpu_layers": llm.n_gpu_layers,
+        "kv_type": kv_type,
         "n_prompt": n_prompt,
         "n_gen": n_gen,
         "reps": reps,
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.reps, args.batch_size,
-                          n_gpu_layers=args.n_gpu_layers)
+                          n_gpu_layers=args.n_gpu_layers, kv_type=args.kv_type)
     except (FileNotFoundError, ValueError, ModelFormatError, UnsupportedModelError, EngineError) as e:
         print(f"pyengine bench: {e}", file=sys.stderr)
         return 1

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         # with --kl-divergence the base file sets the chunk size, as in llama-perplexity
         n_ctx = _base_ctx(args.kl_divergence_base) if args.kl_divergence else args.ctx_size
         llm = LLM(path, n_ctx=max(n_ctx, 4), n_threads=args.threads, n_batch=args.batch_size,
-                  n_gpu_layers=args.n_gpu_layers)
+                  n_gpu_layers=args.n_gpu_layers, kv_type=args.kv_type)
         if args.kl_divergence:
             def kl_progress(i: int, r: quality.KLResult) -> None:
                 print(f"{i:4d}    {r.ppl:9.4f} ± {r.ppl_unc:9.4f}    {r.ln_ppl_ratio:10.5f} ± {r.ln_ppl_ratio_unc:10.5f}"

@@ -37,7 +37,7 @@ def wait_until_healthy(url: str, process, timeout: float = 120.0) -> bool:
 def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: int = 4, queue_size: int = 16,
                  api_key: str | None = None, threads: int | None = None, max_body_bytes: int = 1 << 20,
                  max_tokens_cap: int | None = None, prefill_chunk: int = 128, llm=None, n_gpu_layers: int | str = 0,
-                 use_mmap: bool = True):
+                 use_mmap: bool = True, kv_type: str = "f16"):
     """(app, scheduler): the FastAPI app and the engine behind it. `llm`: serve these loaded weights
     instead of loading `model` (several servers can share them)."""
     from ..default_model import resolve_model
@@ -52,10 +52,10 @@ def build_server(model: str | Path | None = None, n_ctx: int = 2048, parallel: i
         llm = LLM(resolve_model(None if model is None else str(model)), n_ctx=16, n_threads=threads,
                   use_mmap=use_mmap)
         # Offload planned for the slots' contexts (n_ctx each, `parallel` of them), made below.
-        llm.offload_plan = offload(llm._model, n_gpu_layers, n_ctx, parallel, 512, "f16")
+        llm.offload_plan = offload(llm._model, n_gpu_layers, n_ctx, parallel, 512, kv_type)
     tokenizer = Tokenizer.from_metadata(llm.metadata)
     scheduler = Scheduler(llm, tokenizer, parallel=parallel, queue_size=queue_size, n_ctx=n_ctx,
-                          prefill_chunk=prefill_chunk)
+                          prefill_chunk=prefill_chunk, kv_type=kv_type)
     config = ServerConfig(model_id=llm.model_path.stem, api_key=api_key or None, max_body_bytes=max_body_bytes,
                           max_tokens_cap=max_tokens_cap or scheduler.n_ctx)
     return create_app(scheduler, tokenizer, config), scheduler
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app, scheduler = build_server(args.model, args.n_ctx, args.parallel, args.queue_size, args.api_key,
                                       args.threads, args.max_body_bytes, args.max_tokens, args.prefill_chunk,
-                                      n_gpu_layers=args.n_gpu_layers, use_mmap=args.use_mmap)
+                                      n_gpu_layers=args.n_gpu_layers, use_mmap=args.use_mmap, kv_type=args.kv_type)
     except (ModelNotFoundError, FileNotFoundError, EngineError, ValueError) as e:
         print(f"pyengine serve: {e}", file=sys.stderr)
         return 1

@@ -86,18 +86,19 @@ class _Slot:
 class Scheduler:
     """`parallel` slots on `llm`'s weights, a waiting queue of `queue_size` jobs, one engine thread.
 
-    `prefill_chunk` prompt tokens of each prefilling slot are evaluated per step.
+    `prefill_chunk` prompt tokens of each prefilling slot are evaluated per step; `kv_type` is the slots'
+    KV cache type (Engine's).
     """
 
     def __init__(self, llm: Engine, tokenizer: Tokenizer, parallel: int = 4, queue_size: int = 16,
-                 n_ctx: int | None = None, prefill_chunk: int = 128):
+                 n_ctx: int | None = None, prefill_chunk: int = 128, kv_type: str = "f16"):
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
         self.tokenizer = tokenizer
         self.queue_size = queue_size
         self.prefill_chunk = max(1, prefill_chunk)
         # A context of its own with a sequence per slot, so `llm`'s context stays its owner's.
-        self.engine = llm.new_context(n_ctx, n_seq_max=parallel)
+        self.engine = llm.new_context(n_ctx, n_seq_max=parallel, kv_type=kv_type)
         self.slots = [_Slot(i, self.engine) for i in range(parallel)]
         self.n_ctx = self.engine.n_ctx
         self._waiting: collections.deque[Job] = collections.deque()
