@@ -1,11 +1,13 @@
 """The Q8_0 KV cache (kv_type="q8_0", llama.cpp's `-ctk q8_0 -ctv q8_0`) against transformers.
 
-The reference is transformers with a cache that rounds every key and value it stores through the
-`gguf` package's Q8_0 (quantize, then dequantize: blocks of 32 along head_dim, one fp16 scale each),
-so the only differences left are float summation order and the rare value that sits on a rounding
-boundary. llama.cpp's llama files hold the rotary pairs of each head interleaved (the converter's Q/K
-permutation), so a block of 32 key dimensions there is 16 pairs: the reference quantizes keys in that
-order too. Qwen2 files keep transformers' order.
+The reference is transformers with a cache that does to every key and value it stores what llama.cpp
+does to them: rotate each head by the orthonormal Walsh-Hadamard matrix (keys in blocks of the largest
+power of two >= 64 dividing head_dim, values in blocks of 64; none when head_dim is not a multiple of
+64; llama-kv-cache.cpp's attention rotation), round through the `gguf` package's Q8_0 (blocks of 32
+along head_dim, one fp16 scale each), rotate back. The only differences left are float summation order
+and the rare value that sits on a rounding boundary. llama.cpp's llama files hold the rotary pairs of
+each head interleaved (the converter's Q/K permutation), so the reference rotates and blocks keys in
+that order; Qwen2 files keep transformers' order.
 """
 import numpy as np
 import pytest
@@ -22,36 +24,62 @@ from pyengine_convert import convert
 PATH_ORDER = ["portable", "avx2", "avx512", "amx"]
 CPU_PATHS = PATH_ORDER[: PATH_ORDER.index(_C.best_cpu_path()) + 1]
 
-# head_dim 64 with GQA (llama), 96 with MQA (qwen2): one and three blocks of 32, a partial vector chain.
+# head_dim 64 with GQA (rotations of 64), 128 (keys rotated in blocks of 128, values of 64), 96 with MQA
+# (no rotation; three blocks of 32 and a partial vector chain).
 MODELS = {
     "llama_gqa_hd64": (lambda d: make_llama(d, hidden=256, n_heads=4, n_kv_heads=2, max_position=512), True),
+    "llama_mha_hd128": (lambda d: make_llama(d, hidden=256, n_heads=2, n_kv_heads=2, max_position=512), True),
     "qwen2_mqa_hd96": (lambda d: make_qwen2(d, hidden=192, n_heads=2, n_kv_heads=1, tied=True, max_position=512),
                        False),
 }
 N_TOKENS = 150  # three cache pages of 64, the last one partly filled
 
 
-def q8_round_trip(a: np.ndarray) -> np.ndarray:
+def hadamard(n: int) -> np.ndarray:
+    """Sylvester's Hadamard matrix of order n (a power of two), orthonormal."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def rotation_sizes(hd: int) -> tuple[int, int]:
+    """llama.cpp's (keys, values) rotation block sizes; 0: not rotated."""
+    if hd % 64:
+        return 0, 0
+    k = 64
+    while hd % (2 * k) == 0:
+        k *= 2
+    return k, 64
+
+
+def q8_round_trip(a: np.ndarray, rot: int) -> np.ndarray:
+    """a's last axis rotated in blocks of `rot`, rounded through gguf's Q8_0, rotated back."""
     shape = a.shape
-    return dequantize(quantize(a.reshape(-1, shape[-1]), GGMLQuantizationType.Q8_0),
-                      GGMLQuantizationType.Q8_0).reshape(shape)
+    if rot:
+        h = hadamard(rot)
+        a = (a.reshape(-1, rot) @ h.T).reshape(shape)
+    r = dequantize(quantize(a.reshape(-1, shape[-1]).astype(np.float32), GGMLQuantizationType.Q8_0),
+                   GGMLQuantizationType.Q8_0).reshape(shape)
+    return (r.reshape(-1, rot) @ h).reshape(shape) if rot else r
 
 
-def q8_round_trip_interleaved(a: np.ndarray) -> np.ndarray:
-    """Q8_0 over llama.cpp's order of a head's dimensions: pair i of transformers' halves (i, i + hd/2)
-    at 2i, 2i + 1."""
+def q8_round_trip_interleaved(a: np.ndarray, rot: int) -> np.ndarray:
+    """q8_round_trip over llama.cpp's order of a head's dimensions: pair i of transformers' halves
+    (i, i + hd/2) at 2i, 2i + 1."""
     hd = a.shape[-1]
     inter = a.reshape(*a.shape[:-1], 2, hd // 2).swapaxes(-1, -2).reshape(a.shape)
-    return q8_round_trip(inter).reshape(*a.shape[:-1], hd // 2, 2).swapaxes(-1, -2).reshape(a.shape)
+    return q8_round_trip(inter, rot).reshape(*a.shape[:-1], hd // 2, 2).swapaxes(-1, -2).reshape(a.shape)
 
 
-def q8_cache_class(interleaved_keys: bool):
+def q8_cache_class(interleaved_keys: bool, head_dim: int):
     round_keys = q8_round_trip_interleaved if interleaved_keys else q8_round_trip
+    rot_k, rot_v = rotation_sizes(head_dim)
 
     class Q8Cache(DynamicCache):
         def update(self, k, v, layer_idx, *args, **kwargs):
-            k = torch.from_numpy(np.ascontiguousarray(round_keys(k.detach().float().numpy())))
-            v = torch.from_numpy(np.ascontiguousarray(q8_round_trip(v.detach().float().numpy())))
+            k = torch.from_numpy(np.ascontiguousarray(round_keys(k.detach().double().numpy(), rot_k), np.float32))
+            v = torch.from_numpy(np.ascontiguousarray(q8_round_trip(v.detach().double().numpy(), rot_v), np.float32))
             return super().update(k, v, layer_idx, *args, **kwargs)
 
     return Q8Cache
@@ -65,10 +93,11 @@ def model(request, tmp_path_factory):
     ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, N_TOKENS).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
+        cache_class = q8_cache_class(interleaved, hf.config.hidden_size // hf.config.num_attention_heads)
         try:
-            cache = q8_cache_class(interleaved)(config=hf.config)
+            cache = cache_class(config=hf.config)
         except TypeError:  # transformers 4.x: no config argument
-            cache = q8_cache_class(interleaved)()
+            cache = cache_class()
         ref_q8 = hf(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0].numpy()
     gguf_path = d / "f32.gguf"
     convert(d / "hf", gguf_path, qtype="f32")
@@ -84,11 +113,12 @@ def test_matches_transformers_with_a_q8_cache(model, cpu):
     finally:
         _C.set_cpu_path(before)
     scale = np.abs(model["ref"]).max()
-    err_q8 = np.abs(got - model["ref_q8"]).max() / scale
-    err_plain = np.abs(got - model["ref"]).max() / scale
-    # Measured (Xeon, every path): 1.6e-4 to the Q8 reference, 7.7e-3 to the unrounded one.
-    assert err_q8 < 1e-3, err_q8
-    assert err_q8 < 0.1 * err_plain, (err_q8, err_plain)
+    err_q8, err_plain = np.abs(got - model["ref_q8"]) / scale, np.abs(got - model["ref"]) / scale
+    # Measured (Xeon, every path), largest / mean: 6e-4 / 1e-4 (hd64) to the Q8 reference, 7e-3 / 1.3e-3 to
+    # the unrounded one. A key or value on a rounding boundary can round the other way in the two (the
+    # rotations' sums run in other orders), which the largest error shows; the mean shows the rest agrees.
+    assert err_q8.max() < 2e-3, err_q8.max()
+    assert err_q8.mean() < 0.15 * err_plain.mean(), (err_q8.mean(), err_plain.mean())
 
 
 def test_decoding_equals_prefill(model):

@@ -12,6 +12,7 @@
 
 #define PE_ATTN_INLINE inline
 #include "cpu/attention_simd.h"
+#include "cpu/hadamard.h"
 #include "cpu/kv_layout.h"
 #include "cpu/ops.h"
 #include "cpu_features.h"
@@ -182,12 +183,22 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     for (int64_t i = 0; i < kPrefetchBlocks; i++) prefetch_block(i);
 
     const float* qb = q.row(b.r0) + int64_t(h0) * hd;
+    int64_t ldq_k = ldq;  // of the query rows the scores read
+    if (const int rot = lay.key_rotation()) {  // the cache holds H k: score H q against it
+      thread_local std::vector<float> rotated;
+      rotated.resize(size_t(nb * hd));
+      for (int64_t t = 0; t < nb; t++) {
+        std::copy(qb + t * ldq, qb + t * ldq + hd, rotated.begin() + t * hd);
+        hadamard_rotate(rotated.data() + t * hd, hd, rot);
+      }
+      qb = rotated.data(), ldq_k = hd;
+    }
     for (int64_t pg = first_page; pg <= last_page; pg++) {
       const int64_t n_keys = std::min(P, b.k1 - pg * P);
       uint8_t* page = kv.page_data(layer, pages[size_t(pg)]);
       prefetch_block(pg - first_page + kPrefetchBlocks);
       uint8_t* keys = lay.keys_t(page, g);
-      k.scores(keys, lay.scales(keys), lay.elem, P, hd, int(n_keys), qb, ldq, int(nb), sc + (pg * P - base), width);
+      k.scores(keys, lay.scales(keys), lay.elem, P, hd, int(n_keys), qb, ldq_k, int(nb), sc + (pg * P - base), width);
     }
     for (int64_t t = 0; t < nb; t++) {
       float* s = sc + t * width;
@@ -215,6 +226,9 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       uint8_t* values = lay.values(page, g);
       k.values(values, lay.scales(values), lay.elem, hd, int(n_keys), sc + (pg * P - base), width, int(nb), ob, ldo);
     }
+    // The cache holds H v: the sum is H out, and H H = I.
+    if (const int rot = lay.value_rotation())
+      for (int64_t t = 0; t < nb; t++) hadamard_rotate(ob + t * ldo, hd, rot);
   });
 }
 

@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/hadamard.h"
 #include "cpu/kv_layout.h"
 #include "cpu/ops.h"
 #include "cpu/vec.h"
@@ -59,18 +60,25 @@ void quantize_q8_block(const float* x, int8_t* q, int64_t q_stride, fp16_t* scal
   *scale = fp32_to_fp16(finite ? d : std::numeric_limits<float>::quiet_NaN());
 }
 
-// store_run for a Q8_0 cache: K^T's column `off + i` and its scales, V's row `off + i` and its scales.
+// store_run for a Q8_0 cache: K^T's column `off + i` and its scales, V's row `off + i` and its scales,
+// of the rotated rows (kv_layout.h).
 void store_run_q8(const KVPageLayout& lay, uint8_t* page, int64_t off, const Tensor& k, const Tensor& v, int64_t t0,
                   int64_t n) {
   const int64_t hd = lay.head_dim, P = KVCache::kPageSize, nb = hd / KVCache::kQ8Block;
+  thread_local std::vector<float> rotated;
+  rotated.resize(size_t(2 * hd));
+  float* kr = rotated.data();
+  float* vr = kr + hd;
   for (int h = 0; h < lay.n_kv_head; h++) {
     auto* kt = reinterpret_cast<int8_t*>(lay.keys_t(page, h));
     fp16_t* ks = lay.scales(lay.keys_t(page, h));
     auto* vd = reinterpret_cast<int8_t*>(lay.values(page, h));
     fp16_t* vs = lay.scales(lay.values(page, h));
     for (int64_t i = 0; i < n; i++) {
-      const float* kr = k.row(t0 + i) + int64_t(h) * hd;
-      const float* vr = v.row(t0 + i) + int64_t(h) * hd;
+      std::memcpy(kr, k.row(t0 + i) + int64_t(h) * hd, sizeof(float) * size_t(hd));
+      std::memcpy(vr, v.row(t0 + i) + int64_t(h) * hd, sizeof(float) * size_t(hd));
+      hadamard_rotate(kr, hd, lay.key_rotation());
+      hadamard_rotate(vr, hd, lay.value_rotation());
       for (int64_t b = 0; b < nb; b++) {
         const int64_t d0 = b * KVCache::kQ8Block;
         quantize_q8_block(kr + d0, kt + d0 * P + off + i, P, ks + b * P + off + i);
