@@ -73,10 +73,14 @@ void values_rows(const void* v, const fp16_t* vs, int hd, int n, const float* p,
       for (int c = 0; c < C; c++) acc[t][c] = w[c] > 0 ? V::load_f32(o + t * ldo + d + c * V::W, w[c]) : V::zero();
     for (int j = 0; j < n; j++) {
       F x[C];
+      F scale = V::zero();  // Q8: the value's scale for the block of dimension d + c * W
       for (int c = 0; c < C; c++) {
         x[c] = w[c] > 0 ? load_kv<V, E>(v, int64_t(j) * hd + d + c * V::W, w[c]) : V::zero();
-        if constexpr (E == KVElem::Q8)
-          if (w[c] > 0) x[c] = V::mul(x[c], V::set1_f16(vs[int64_t(j) * (hd / kQ8) + (d + c * V::W) / kQ8]));
+        if constexpr (E == KVElem::Q8) {
+          if (w[c] > 0 && (c == 0 || (d + c * V::W) % kQ8 == 0))
+            scale = V::set1_f16(vs[int64_t(j) * (hd / kQ8) + (d + c * V::W) / kQ8]);
+          x[c] = V::mul(x[c], scale);
+        }
       }
       for (int t = 0; t < NB; t++) {
         const F pv = V::set1(p[t * ldp + j]);
