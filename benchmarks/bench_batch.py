@@ -15,6 +15,7 @@ decode call with B rows (random next tokens, logits for all B rows); tokens/s = 
     python benchmarks/make_models.py --types q4_0,q8_0
     python benchmarks/bench_batch.py [--models smollm2-q4_0,smollm2-q8_0,chatglm3-6b-q4_0] [--batches 1,2,4,8,16]
                                      [--threads 2] [--n-prompt 128] [--n-gen 32] [--reps 2] [--engines pyengine,llama.cpp]
+                                     [--kv-type f16|q8_0]
 
 The ChatGLM3-6B-shaped file is written by bench_chatglm.py's make_model on first use (3.8 GB). Prints a
 markdown table and writes benchmarks/results/batch.json.
@@ -37,14 +38,15 @@ MODELS = {"smollm2-q4_0": "smollm2-135m-q4_0.gguf", "smollm2-q8_0": "smollm2-135
 PREFILL_CHUNK = 512  # rows per prefill decode call, llama-batched-bench's -ub
 
 
-def pyengine_worker(model: str, batch: int, n_prompt: int, n_gen: int, threads: int, reps: int) -> dict:
+def pyengine_worker(model: str, batch: int, n_prompt: int, n_gen: int, threads: int, reps: int,
+                    kv_type: str = "f16") -> dict:
     import numpy as np
     from gguf import GGUFReader
 
     import pyengine
 
     n_vocab = len(GGUFReader(model).fields["tokenizer.ggml.tokens"].data)
-    llm = pyengine.LLM(model, n_ctx=n_prompt + n_gen + 8, n_threads=threads, n_seq_max=batch)
+    llm = pyengine.LLM(model, n_ctx=n_prompt + n_gen + 8, n_threads=threads, n_seq_max=batch, kv_type=kv_type)
     rng = np.random.default_rng(0)
     seq_ids = np.arange(batch, dtype=np.int32)
 
@@ -69,7 +71,8 @@ def pyengine_worker(model: str, batch: int, n_prompt: int, n_gen: int, threads: 
 
 def run_pyengine(model: Path, batch: int, args) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--batches", str(batch), "--threads",
-           str(args.threads), "--n-prompt", str(args.n_prompt), "--n-gen", str(args.n_gen), "--reps", str(args.reps)]
+           str(args.threads), "--n-prompt", str(args.n_prompt), "--n-gen", str(args.n_gen), "--reps", str(args.reps),
+           "--kv-type", args.kv_type]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         print(f"  pyengine failed on {model.name} B={batch}: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -83,7 +86,8 @@ def batched_bench_cmd(model: Path, batches: list[int], args) -> list[str]:
     n_ctx = max(batches) * (args.n_prompt + args.n_gen + 8)  # the tool skips a B whose KV would not fit
     return [str(tool_path("llama-batched-bench")), "-m", str(model), "-c", str(n_ctx), "-b", "2048",
             "-ub", str(PREFILL_CHUNK), "-npp", str(args.n_prompt), "-ntg", str(args.n_gen),
-            "-npl", ",".join(map(str, batches)), "-t", str(args.threads), "-tb", str(args.threads)]
+            "-npl", ",".join(map(str, batches)), "-t", str(args.threads), "-tb", str(args.threads),
+            "-ctk", args.kv_type, "-ctv", args.kv_type]
 
 
 def parse_batched_bench(text: str) -> dict[int, float]:
@@ -139,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-gen", type=int, default=32, help="decode steps timed")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--engines", default="pyengine,llama.cpp")
+    ap.add_argument("--kv-type", default="f16", choices=("f16", "q8_0"),
+                    help="KV cache type of both engines (llama.cpp: -ctk/-ctv)")
     ap.add_argument("--out", default=str(HERE / "results" / "batch.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
 
     if args.worker:
-        print(json.dumps(pyengine_worker(args.model, batches[0], args.n_prompt, args.n_gen, args.threads, args.reps)))
+        print(json.dumps(pyengine_worker(args.model, batches[0], args.n_prompt, args.n_gen, args.threads, args.reps,
+                                         args.kv_type)))
         return 0
 
     engines = args.engines.split(",")
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
            "settings": {"threads": args.threads, "batches": batches, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+                        "kv_type": args.kv_type,
                         "reps": args.reps, "prefill_chunk": PREFILL_CHUNK, "engines": engines,
                         "llama_cpp": llama_cpp_info(), "llama_batched_bench": llamacpp_runs},
            "rows": rows}
