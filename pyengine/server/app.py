@@ -454,29 +454,55 @@ async def _stream(jobs: list[Job], meta: dict, chat: bool, n_prompt: int, includ
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    merged, pumps = _merge(jobs)
+    if n == 1:  # the job's own queue: no pump task between it and the response
+        merged, pumps = jobs[0].events, []
+        tag = lambda e: (0, *e)  # noqa: E731
+    else:
+        merged, pumps = _merge(jobs)
+        tag = lambda e: e  # noqa: E731
     try:
         if chat:
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
-        while any(st is None for st in stats):
-            i, event, value = await merged.get()
-            if event == "logprobs":
-                pending_logprobs[i] += value
-            elif event == "text":
-                yield chunk(i, {"content": value} if chat else value)
-            elif event == "done":
-                stats[i] = value
-                yield chunk(i, {} if chat else "", value.finish_reason)
-            else:
-                error = {"message": f"generation failed: {value}", "type": "server_error", "param": None,
-                         "code": "generation_failed"}
-                yield f"data: {json.dumps({'error': error})}\n\n"
-                break
-        else:
-            if include_usage:
-                usage = _usage(n_prompt, stats)
-                yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage})}\n\n"
+        failed = False
+        while not failed and any(st is None for st in stats):
+            # Whatever else has arrived goes out in the same write, a choice's consecutive text pieces in
+            # one chunk: when the engine outruns this loop (many streams), a step costs one send per
+            # stream, not one per token. Alone, a stream gets its tokens one by one as before.
+            events = [tag(await merged.get())]
+            while not merged.empty():
+                events.append(tag(merged.get_nowait()))
+            parts: list[str] = []
+            texts: dict[int, str] = {}  # choice -> text not yet in a chunk (insertion order = arrival)
+
+            def flush(i: int) -> None:
+                if i in texts:
+                    value = texts.pop(i)
+                    parts.append(chunk(i, {"content": value} if chat else value))
+
+            for i, event, value in events:
+                if event == "logprobs":
+                    pending_logprobs[i] += value
+                elif event == "text":
+                    texts[i] = texts.get(i, "") + value
+                elif event == "done":
+                    flush(i)
+                    stats[i] = value
+                    parts.append(chunk(i, {} if chat else "", value.finish_reason))
+                else:
+                    for j in list(texts):
+                        flush(j)
+                    error = {"message": f"generation failed: {value}", "type": "server_error", "param": None,
+                             "code": "generation_failed"}
+                    parts.append(f"data: {json.dumps({'error': error})}\n\n")
+                    failed = True
+                    break
+            for j in list(texts):
+                flush(j)
+            yield "".join(parts)
+        if not failed and include_usage:
+            usage = _usage(n_prompt, stats)
+            yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for job in jobs:

@@ -59,10 +59,26 @@ class Job:
         self.cancelled.set()
 
     def _emit(self, kind: str, value: Any) -> None:
+        _deliver([(self, kind, value)])
+
+
+def _deliver(events: list[tuple[Job, str, Any]]) -> None:
+    """Hands events to their jobs' event loops, in order: one wake-up of each loop for all of them (a
+    decode step's tokens for every slot), not one per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, str, Any]]] = {}
+    for e in events:
+        by_loop.setdefault(e[0].loop, []).append(e)
+    for loop, items in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancelled.set()
+            for job, _, _ in items:
+                job.cancelled.set()
+
+
+def _put_all(items: list[tuple[Job, str, Any]]) -> None:
+    for job, kind, value in items:
+        job.events.put_nowait((kind, value))
 
 
 class _Slot:
@@ -204,12 +220,12 @@ class Scheduler:
             slot.job, slot.generation = None, None
 
     @staticmethod
-    def _send_logprobs(slot: _Slot) -> None:
+    def _send_logprobs(slot: _Slot, out: list) -> None:
         """The new tokens' log-probabilities, ahead of their text; not those of a stop token."""
         gen = slot.generation
         end = len(gen.logprobs) - (1 if gen.finished and isinstance(gen.stats.stop, int) else 0)
         if end > slot.sent_logprobs:
-            slot.job._emit("logprobs", gen.logprobs[slot.sent_logprobs:end])
+            out.append((slot.job, "logprobs", gen.logprobs[slot.sent_logprobs:end]))
             slot.sent_logprobs = end
 
     def _step(self, busy: list[_Slot]) -> None:
@@ -231,6 +247,15 @@ class Scheduler:
         start = time.perf_counter()
         rows = iter(self.engine.decode(np.array(tokens, np.int32), np.array(seqs, np.int32), np.array(want)))
         elapsed = time.perf_counter() - start
+        out: list[tuple[Job, str, Any]] = []  # the step's events, delivered together
+        try:
+            self._finish_step(busy, chunks, rows, elapsed, out)
+        finally:
+            _deliver(out)
+
+    def _finish_step(self, busy: list[_Slot], chunks: list[list[int]], rows: Any, elapsed: float,
+                     out: list[tuple[Job, str, Any]]) -> None:
+        """Samples each decoding slot's next token from the step's logits `rows`; events go to `out`."""
         for slot, chunk in zip(busy, chunks):
             gen = slot.generation
             slot.cached += chunk
@@ -241,15 +266,15 @@ class Scheduler:
                     continue
                 slot.loop_start = time.perf_counter()
             piece = gen.step(next(rows))
-            self._send_logprobs(slot)
+            self._send_logprobs(slot, out)
             if piece:
-                slot.job._emit("text", piece)
+                out.append((slot.job, "text", piece))
             if gen.finished or self.engine.seq_len(slot.index) >= self.n_ctx:
                 piece = gen.finish("length")
                 if piece:
-                    slot.job._emit("text", piece)
+                    out.append((slot.job, "text", piece))
                 job = slot.job
                 stats: GenerationStats = gen.stats
                 gen.cache_ids = list(slot.cached)
                 self._free(slot, "requests_finished")
-                job._emit("done", stats)
+                out.append((job, "done", stats))
