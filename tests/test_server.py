@@ -547,3 +547,36 @@ def test_load_with_misbehaving_clients(server_process):
     assert after - before < 8, f"the server's RSS grew from {before:.0f} MB to {after:.0f} MB"
     health = httpx.get(f"{base}/health").json()
     assert health["status"] == "ok" and health["slots_processing"] == 0 and proc.poll() is None
+
+
+def test_stream_sends_what_piled_up_as_one_chunk():
+    """Text that arrived while the stream was busy goes out as one chunk per choice (one send), in
+    order; what follows still arrives whole, and the finish chunk comes last."""
+    import asyncio
+
+    from pyengine.generation import GenerationStats
+    from pyengine.sampling import SamplingParams
+    from pyengine.server.app import _stream
+    from pyengine.server.scheduler import Job
+
+    async def run(pieces_before_reading: list[str], later: list[str]) -> list[list[dict]]:
+        job = Job([1, 2], SamplingParams(), asyncio.get_running_loop())
+        for p in pieces_before_reading:
+            job.events.put_nowait(("text", p))
+        writes = []
+        stream = _stream([job], {"id": "x", "created": 0, "model": "m"}, True, 2, False, None)
+        async for w in stream:
+            writes.append([json.loads(e[len("data: "):]) for e in w.split("\n\n") if e and e != "data: [DONE]"])
+            if len(writes) == 2:  # the piled-up text went out: now the rest, one piece at a time
+                for p in later:
+                    job.events.put_nowait(("text", p))
+                    await asyncio.sleep(0)
+                job.events.put_nowait(("done", GenerationStats(finish_reason="length")))
+        return writes
+
+    writes = asyncio.run(run(["Hel", "lo", ","], [" wor", "ld"]))
+    contents = [[c["choices"][0]["delta"].get("content") for c in w] for w in writes]
+    assert contents[0] == [""]  # the role chunk
+    assert contents[1] == ["Hello,"]
+    assert "".join(x or "" for w in contents[2:] for x in w) == " world"
+    assert writes[-2][-1]["choices"][0]["finish_reason"] == "length"
