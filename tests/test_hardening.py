@@ -498,3 +498,32 @@ def test_fuzzer_regressions_load_cleanly():
             pass
         except (pyengine.ModelFormatError, pyengine.UnsupportedModelError):
             pass
+
+
+@pytest.mark.parametrize("factor", [1e-42, 1e30], ids=["denormal", "huge"])
+def test_q8_0_cache_takes_extreme_keys(tmp_path, factor, all_paths):
+    """Keys scaled into denormals (a block's scale then has no finite inverse) or past fp16's range (its
+    fp16 scale is inf) go through the q8_0 cache's int8 rounding without undefined behaviour (the
+    sanitized CI run checks that): finite logits, or a NumericalError naming the layer."""
+    import gguf
+
+    from checkpoints import make_llama
+    from pyengine_convert import convert
+
+    path = tmp_path / "m.gguf"
+    convert(make_llama(tmp_path / "hf", hidden=128, n_heads=2, n_kv_heads=1), path, qtype="f32")
+    k = next(t for t in gguf.GGUFReader(str(path), "r+").tensors if t.name == "blk.0.attn_k.weight")
+    k.data[...] = (k.data.astype(np.float64) * factor).astype(np.float32)
+    k.data.flush()
+    eng = pyengine.Engine(path, n_ctx=32, n_threads=1, kv_type="q8_0")
+
+    def run():
+        eng.reset()
+        try:
+            return eng.logits([1, 2, 3, 4, 5])
+        except pyengine.NumericalError as e:
+            assert "layer 0 " in str(e)
+            return None
+
+    for p, out in all_paths(run).items():
+        assert out is None or np.isfinite(out).all(), p

@@ -56,7 +56,11 @@ void quantize_q8_block(const float* x, int8_t* q, int64_t q_stride, fp16_t* scal
     finite = finite && std::isfinite(x[i]);
   }
   const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-  for (int i = 0; i < B; i++) q[i * q_stride] = finite ? int8_t(std::round(x[i] * id)) : 0;
+  const bool tiny = !std::isfinite(id);  // a denormal d: 1 / d overflows, while x / d stays within +-127
+  for (int i = 0; i < B; i++) {
+    const float v = tiny ? x[i] / d : x[i] * id;
+    q[i * q_stride] = finite ? int8_t(std::round(std::clamp(v, -127.f, 127.f))) : 0;
+  }
   *scale = fp32_to_fp16(finite ? d : std::numeric_limits<float>::quiet_NaN());
 }
 

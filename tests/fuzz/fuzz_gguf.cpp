@@ -14,6 +14,7 @@
 
 #include "cpu_features.h"
 #include "gguf.h"
+#include "kv_cache.h"
 #include "model/context.h"
 #include "model/model.h"
 
@@ -53,19 +54,24 @@ void run(const std::string& path) {
   static const std::shared_ptr<pe::Executor> executor = pe::Executor::cpu(1);
   static const std::vector<pe::CpuPath> paths = cpu_paths();
   const int64_t n_vocab = model->config().n_vocab;
+  // The Q8_0 cache too where the heads allow it: its stores turn the file's numbers into int8.
+  std::vector<pe::GGMLType> kv_types = {pe::GGMLType::F16};
+  if (model->config().head_dim % pe::KVCache::kQ8Block == 0) kv_types.push_back(pe::GGMLType::Q8_0);
   for (pe::CpuPath p : paths) {
     pe::set_cpu_path(p);
-    // Small context, small passes, and a memory cap: the file decides the model's size, and the
-    // memory check must refuse what would not fit rather than allocate it.
-    pe::Context ctx(model, executor, /*n_ctx=*/8, /*n_seq_max=*/2, /*n_batch=*/4, pe::GGMLType::F16,
-                    /*max_memory=*/size_t(256) << 20);
-    pe::Batch b;
-    for (int i = 0; i < 5; i++) b.add(int32_t((i * 7 + 1) % n_vocab), i % 2, i >= 3);
-    std::vector<float> logits(size_t(b.n_logits() * n_vocab));
-    try {
-      ctx.decode(b, logits.data());
-    } catch (const pe::NumericalError&) {
-      // Random weights may be NaN: a clean error, and the next path must behave the same.
+    for (pe::GGMLType kv : kv_types) {
+      // Small context, small passes, and a memory cap: the file decides the model's size, and the
+      // memory check must refuse what would not fit rather than allocate it.
+      pe::Context ctx(model, executor, /*n_ctx=*/8, /*n_seq_max=*/2, /*n_batch=*/4, kv,
+                      /*max_memory=*/size_t(256) << 20);
+      pe::Batch b;
+      for (int i = 0; i < 5; i++) b.add(int32_t((i * 7 + 1) % n_vocab), i % 2, i >= 3);
+      std::vector<float> logits(size_t(b.n_logits() * n_vocab));
+      try {
+        ctx.decode(b, logits.data());
+      } catch (const pe::NumericalError&) {
+        // Random weights may be NaN: a clean error, and the next path must behave the same.
+      }
     }
   }
 }
