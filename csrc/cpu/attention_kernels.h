@@ -12,8 +12,9 @@
 
 namespace pe::cpu {
 
-// A cache's element type. Q8: int8 values x an fp16 scale per 32 dimensions of a position (kv_layout.h).
+// A cache's element type. Q8: int8 values x an fp16 scale per kQ8Dims dimensions of a position (kv_layout.h).
 enum class KVElem { F32, F16, Q8 };
+constexpr int kQ8Dims = 32;
 
 struct AttentionKernels {
   // s[t][j] = sum_d q[t][d] * kt[d][j] for t < nb, j < n; kt rows `ldk` elements apart. Q8: kt[d][j] is

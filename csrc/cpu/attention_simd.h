@@ -25,8 +25,6 @@ PE_ATTN_INLINE typename V::F load_kv(const void* base, int64_t i, int n) {
 template <int NB>
 constexpr int kChains = NB >= 8 ? 2 : 4;
 
-constexpr int kQ8 = 32;  // dimensions per Q8 scale
-
 template <class V, int NB, KVElem E>
 void scores_rows(const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, const float* q, int64_t ldq, float* s,
                  int64_t lds) {
@@ -41,9 +39,9 @@ void scores_rows(const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, c
     F scale[C];  // Q8: the keys' scales for the current 32 dimensions
     for (int d = 0; d < hd; d++) {
       if constexpr (E == KVElem::Q8)
-        if (d % kQ8 == 0)
+        if (d % kQ8Dims == 0)
           for (int c = 0; c < C; c++)
-            scale[c] = w[c] > 0 ? V::load_f16(ks + (d / kQ8) * ldk + j + c * V::W, w[c]) : V::zero();
+            scale[c] = w[c] > 0 ? V::load_f16(ks + (d / kQ8Dims) * ldk + j + c * V::W, w[c]) : V::zero();
       F k[C];
       for (int c = 0; c < C; c++) {
         k[c] = w[c] > 0 ? load_kv<V, E>(kt, d * ldk + j + c * V::W, w[c]) : V::zero();
@@ -77,8 +75,8 @@ void values_rows(const void* v, const fp16_t* vs, int hd, int n, const float* p,
       for (int c = 0; c < C; c++) {
         x[c] = w[c] > 0 ? load_kv<V, E>(v, int64_t(j) * hd + d + c * V::W, w[c]) : V::zero();
         if constexpr (E == KVElem::Q8) {
-          if (w[c] > 0 && (c == 0 || (d + c * V::W) % kQ8 == 0))
-            scale = V::set1_f16(vs[int64_t(j) * (hd / kQ8) + (d + c * V::W) / kQ8]);
+          if (w[c] > 0 && (c == 0 || (d + c * V::W) % kQ8Dims == 0))
+            scale = V::set1_f16(vs[int64_t(j) * (hd / kQ8Dims) + (d + c * V::W) / kQ8Dims]);
           x[c] = V::mul(x[c], scale);
         }
       }

@@ -9,6 +9,8 @@
 
 namespace pe::cpu {
 
+static_assert(kQ8Dims == KVCache::kQ8Block, "the attention kernels' Q8 block is the cache's");
+
 struct KVPageLayout {
   explicit KVPageLayout(const KVCache& kv)
       : n_kv_head(kv.n_kv_head()), head_dim(kv.head_dim()), type(kv.type()),
