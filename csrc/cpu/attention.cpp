@@ -168,7 +168,7 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     if (int64_t(scores.size()) < nb * width) scores.resize(size_t(nb * width));
     float* const sc = scores.data();
 
-    // The item reads its K blocks, then its V blocks, each head_bytes() long and one per page, from pages
+    // The item reads its K blocks, then its V blocks, each head_bytes long and one per page, from pages
     // scattered through the cache. Ask for block i + kPrefetchBlocks while computing block i.
     const int64_t n_pages = last_page - first_page + 1;
     auto block_addr = [&](int64_t i) {
@@ -178,13 +178,13 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     auto prefetch_block = [&](int64_t i) {
       if (i >= 2 * n_pages) return;
       const uint8_t* p = block_addr(i);
-      for (size_t o = 0; o < lay.head_bytes(); o += 64) prefetch_to_l2(p + o);
+      for (size_t o = 0; o < lay.head_bytes; o += 64) prefetch_to_l2(p + o);
     };
     for (int64_t i = 0; i < kPrefetchBlocks; i++) prefetch_block(i);
 
     const float* qb = q.row(b.r0) + int64_t(h0) * hd;
     int64_t ldq_k = ldq;  // of the query rows the scores read
-    if (const int rot = lay.key_rotation()) {  // the cache holds H k: score H q against it
+    if (const int rot = lay.key_rotation) {  // the cache holds H k: score H q against it
       thread_local std::vector<float> rotated;
       rotated.resize(size_t(nb * hd));
       for (int64_t t = 0; t < nb; t++) {
@@ -227,7 +227,7 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       k.values(values, lay.scales(values), lay.elem, hd, int(n_keys), sc + (pg * P - base), width, int(nb), ob, ldo);
     }
     // The cache holds H v: the sum is H out, and H H = I.
-    if (const int rot = lay.value_rotation())
+    if (const int rot = lay.value_rotation)
       for (int64_t t = 0; t < nb; t++) hadamard_rotate(ob + t * ldo, hd, rot);
   });
 }

@@ -1,15 +1,13 @@
 // The CPU layout of a KV cache page (one layer's part of it): per KV head, K transposed
 // ([head_dim][position]), then per KV head V ([position][head_dim]); see cpu/kv_layout.h.
-#include <algorithm>
-#include <cmath>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/hadamard.h"
 #include "cpu/kv_layout.h"
 #include "cpu/ops.h"
+#include "cpu/quantize.h"
 #include "cpu/vec.h"
 
 namespace pe::cpu {
@@ -44,26 +42,6 @@ void store_run(const KVPageLayout& lay, uint8_t* page, int64_t off, const Tensor
   }
 }
 
-// x[0..32) as Q8_0 as llama.cpp's reference quantizes it: d = max |x| / 127, q = round(x / d) (half away
-// from zero), d kept as fp16. q lands `q_stride` bytes apart. A block holding an infinite or NaN value
-// gets a NaN scale (and zeros), so that attention reads NaN there and the layer's check reports it.
-void quantize_q8_block(const float* x, int8_t* q, int64_t q_stride, fp16_t* scale) {
-  constexpr int B = KVCache::kQ8Block;
-  float amax = 0.f;
-  bool finite = true;
-  for (int i = 0; i < B; i++) {
-    amax = std::max(amax, std::fabs(x[i]));
-    finite = finite && std::isfinite(x[i]);
-  }
-  const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-  const bool tiny = !std::isfinite(id);  // a denormal d: 1 / d overflows, while x / d stays within +-127
-  for (int i = 0; i < B; i++) {
-    const float v = tiny ? x[i] / d : x[i] * id;
-    q[i * q_stride] = finite ? int8_t(std::round(std::clamp(v, -127.f, 127.f))) : 0;
-  }
-  *scale = fp32_to_fp16(finite ? d : std::numeric_limits<float>::quiet_NaN());
-}
-
 // store_run for a Q8_0 cache: K^T's column `off + i` and its scales, V's row `off + i` and its scales,
 // of the rotated rows (kv_layout.h).
 void store_run_q8(const KVPageLayout& lay, uint8_t* page, int64_t off, const Tensor& k, const Tensor& v, int64_t t0,
@@ -81,12 +59,12 @@ void store_run_q8(const KVPageLayout& lay, uint8_t* page, int64_t off, const Ten
     for (int64_t i = 0; i < n; i++) {
       std::memcpy(kr, k.row(t0 + i) + int64_t(h) * hd, sizeof(float) * size_t(hd));
       std::memcpy(vr, v.row(t0 + i) + int64_t(h) * hd, sizeof(float) * size_t(hd));
-      hadamard_rotate(kr, hd, lay.key_rotation());
-      hadamard_rotate(vr, hd, lay.value_rotation());
+      hadamard_rotate(kr, hd, lay.key_rotation);
+      hadamard_rotate(vr, hd, lay.value_rotation);
       for (int64_t b = 0; b < nb; b++) {
         const int64_t d0 = b * KVCache::kQ8Block;
-        quantize_q8_block(kr + d0, kt + d0 * P + off + i, P, ks + b * P + off + i);
-        quantize_q8_block(vr + d0, vd + (off + i) * hd + d0, 1, vs + (off + i) * nb + b);
+        quantize_block_q8_0(kr + d0, kt + d0 * P + off + i, P, ks + b * P + off + i);
+        quantize_block_q8_0(vr + d0, vd + (off + i) * hd + d0, 1, vs + (off + i) * nb + b);
       }
     }
   }

@@ -13,31 +13,33 @@ static_assert(kQ8Dims == KVCache::kQ8Block, "the attention kernels' Q8 block is 
 
 struct KVPageLayout {
   explicit KVPageLayout(const KVCache& kv)
-      : n_kv_head(kv.n_kv_head()), head_dim(kv.head_dim()), type(kv.type()),
-        elem(type == GGMLType::F16 ? KVElem::F16 : type == GGMLType::F32 ? KVElem::F32 : KVElem::Q8),
-        bytes(KVCache::head_page_bytes(type, head_dim)) {}
+      : n_kv_head(kv.n_kv_head()), head_dim(kv.head_dim()),
+        elem(kv.type() == GGMLType::F16 ? KVElem::F16 : kv.type() == GGMLType::F32 ? KVElem::F32 : KVElem::Q8),
+        head_bytes(KVCache::head_page_bytes(kv.type(), head_dim)),
+        key_rotation(elem == KVElem::Q8 ? largest_rotation(head_dim) : 0),
+        value_rotation(key_rotation ? 64 : 0) {}
   int n_kv_head, head_dim;
-  GGMLType type;
   KVElem elem;
-  size_t bytes;  // of one head's K (or V) block
-
-  size_t head_bytes() const { return bytes; }
-  uint8_t* keys_t(uint8_t* page, int h) const { return page + size_t(h) * bytes; }
-  uint8_t* values(uint8_t* page, int h) const { return page + size_t(n_kv_head + h) * bytes; }
+  size_t head_bytes;  // of one head's K (or V) block
   // Q8_0 caches hold H k and H v (cpu/hadamard.h) as llama.cpp's do: the block sizes of the rotations,
   // 0 for none. Keys: the largest power of two >= 64 that divides head_dim; values: 64. Neither when
   // head_dim is not a multiple of 64.
-  int key_rotation() const {
-    if (elem != KVElem::Q8 || head_dim % 64 != 0) return 0;
-    int n = 64;
-    while (head_dim % (2 * n) == 0) n *= 2;
-    return n;
-  }
-  int value_rotation() const { return elem == KVElem::Q8 && head_dim % 64 == 0 ? 64 : 0; }
+  int key_rotation, value_rotation;
+
+  uint8_t* keys_t(uint8_t* page, int h) const { return page + size_t(h) * head_bytes; }
+  uint8_t* values(uint8_t* page, int h) const { return page + size_t(n_kv_head + h) * head_bytes; }
   // A Q8_0 block's scales, after its head_dim x kPageSize int8 values (nullptr for float types).
   fp16_t* scales(uint8_t* block) const {
     return elem == KVElem::Q8 ? reinterpret_cast<fp16_t*>(block + size_t(head_dim) * size_t(KVCache::kPageSize))
                               : nullptr;
+  }
+
+ private:
+  static int largest_rotation(int hd) {
+    if (hd % 64 != 0) return 0;
+    int n = 64;
+    while (hd % (2 * n) == 0) n *= 2;
+    return n;
   }
 };
 

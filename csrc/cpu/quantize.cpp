@@ -402,14 +402,7 @@ inline void pack_scale_min_k4(int j, uint8_t ls, uint8_t lm, uint8_t* scales) {
 // --- 32-element types ----------------------------------------------------------------------------------
 
 void quantize_row_q8_0(const float* x, block_q8_0* y, int64_t k) {
-  for (int64_t i = 0; i < k / QK8_0; i++) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK8_0; j++) amax = std::max(amax, std::fabs(x[i * QK8_0 + j]));
-    const float d = amax / ((1 << 7) - 1);
-    const float id = d ? 1.0f / d : 0.0f;
-    y[i].d = f2h(d);
-    for (int j = 0; j < QK8_0; ++j) y[i].qs[j] = int8_t(std::round(x[i * QK8_0 + j] * id));
-  }
+  for (int64_t i = 0; i < k / QK8_0; i++) quantize_block_q8_0(x + i * QK8_0, y[i].qs, 1, &y[i].d);
 }
 
 void quantize_row_q4_0_ref(const float* x, block_q4_0* y, int64_t k) {
@@ -947,6 +940,22 @@ void quantize_row_q6_K(const float* x, block_q6_K* y, int64_t n_per_row, const f
 }
 
 }  // namespace
+
+void quantize_block_q8_0(const float* x, int8_t* q, int64_t q_stride, fp16_t* d_out) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int i = 0; i < QK8_0; i++) {
+    amax = std::max(amax, std::fabs(x[i]));
+    finite = finite && std::isfinite(x[i]);
+  }
+  const float d = amax / ((1 << 7) - 1), id = d != 0.f ? 1.f / d : 0.f;
+  const bool tiny = !std::isfinite(id);  // a denormal d: 1 / d overflows, while x / d stays within +-127
+  for (int i = 0; i < QK8_0; i++) {
+    const float v = tiny ? x[i] / d : x[i] * id;
+    q[i * q_stride] = finite ? int8_t(std::round(std::clamp(v, -127.f, 127.f))) : 0;
+  }
+  *d_out = f2h(finite ? d : std::numeric_limits<float>::quiet_NaN());
+}
 
 bool can_quantize(GGMLType t) {
   switch (t) {

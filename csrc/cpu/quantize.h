@@ -22,4 +22,10 @@ bool can_quantize(GGMLType t);
 void quantize_rows(GGMLType t, const float* src, int64_t n_rows, int64_t n_per_row, const float* importance,
                    void* dst);
 
+// One Q8_0 block: x[0..32) as ggml's quantize_row_q8_0_ref rounds it (d = max |x| / 127, q = round(x / d),
+// half away from zero, d kept as fp16), the 32 values `q_stride` bytes apart (the KV cache stores keys
+// transposed). Defined where ggml's is not: a denormal d (1 / d overflows) divides instead, and a block
+// holding an infinite or NaN value gets a NaN scale and zeros, so a reader computes NaN, never garbage.
+void quantize_block_q8_0(const float* x, int8_t* q, int64_t q_stride, fp16_t* d);
+
 }  // namespace pe::cpu
