@@ -14,7 +14,7 @@ would otherwise be downloaded at build time) and no tests/examples. Only the tar
 
 AMX: wherever the CPU reports `amx_tile`, the build uses -DGGML_NATIVE=OFF and turns on
 AVX/AVX2/FMA/F16C/BMI2 and the AVX-512 subsets the CPU reports (F, VBMI, VNNI, BF16) one by one, so
-llama.cpp runs its AVX-512 VNNI kernels (as pyengine does by default: its AMX path is opt-in). A
+llama.cpp runs its AVX-512 VNNI kernels (pyengine runs its own, with AMX tiles for Q4_0/Q8_0 prefill). A
 native build picks llama.cpp's AMX path, which fails two ways on the VMs seen so far: where the kernel
 refuses the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) fails) it dies with SIGILL, and on
 an Intel Xeon whose kernel allows it (2026-11-27) llama-bench 0.3.36 dies with a general protection

@@ -62,19 +62,18 @@ CpuPath detect() {
   return CpuPath::Portable;
 }
 
-// AMX is opt-in: bound by the AVX-512 path's float step per sub-block (which keeps every path's results
-// identical), its prefill matmuls measured from 26 % faster (Q4_0) to 10 % slower (Q6_K) than AVX-512
-// VNNI (cpu/matmul_amx.h, README), so the default stops at AVX512.
+// The best path unless PYENGINE_CPU asks for a lower one. AMX needs the OS to grant this process the
+// tile state (asked once, here); where it refuses, the path is AVX512.
 CpuPath from_env(CpuPath best) {
+  if (best == CpuPath::AMX && !request_amx()) best = CpuPath::AVX512;
   const char* env = std::getenv("PYENGINE_CPU");
-  if (!env || !*env) return best == CpuPath::AMX ? CpuPath::AVX512 : best;
+  if (!env || !*env) return best;
   CpuPath want;
   if (!std::strcmp(env, "portable")) want = CpuPath::Portable;
   else if (!std::strcmp(env, "avx2")) want = CpuPath::AVX2;
   else if (!std::strcmp(env, "avx512")) want = CpuPath::AVX512;
   else if (!std::strcmp(env, "amx")) want = CpuPath::AMX;
   else PE_THROW(Error, "PYENGINE_CPU=", env, " is not one of portable, avx2, avx512, amx");
-  if (want == CpuPath::AMX && best == CpuPath::AMX && !request_amx()) return CpuPath::AVX512;
   return int(want) < int(best) ? want : best;
 }
 

@@ -3,7 +3,8 @@
 
 namespace pe {
 
-// Each path includes the ones below it: AMX is the AVX-512 path with prefill matmuls on AMX tiles.
+// Each path includes the ones below it: AMX is the AVX-512 path with the prefill matmuls of Q4_0 and
+// Q8_0 weights on AMX tiles (cpu/matmul_amx.h).
 enum class CpuPath { Portable = 0, AVX2 = 1, AVX512 = 2, AMX = 3 };
 
 const char* cpu_path_name(CpuPath p);
@@ -11,8 +12,8 @@ const char* cpu_path_name(CpuPath p);
 // AVX512, AMX-TILE and AMX-INT8, the tile state enabled in XCR0 and the kernel able to grant it; the
 // grant is asked for when the AMX path is chosen).
 CpuPath best_cpu_path();
-// Path in use: best_cpu_path() (AVX512 where that is AMX: AMX is opt-in), or what PYENGINE_CPU=
-// portable|avx2|avx512|amx asks for, if the CPU has it.
+// Path in use: best_cpu_path() (AVX512 where that is AMX and the OS refuses the tile state), or a
+// lower one that PYENGINE_CPU=portable|avx2|avx512|amx asks for.
 CpuPath cpu_path();
 // Force a path (tests). Throws pe::Error if the CPU lacks it.
 void set_cpu_path(CpuPath p);

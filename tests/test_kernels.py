@@ -166,8 +166,9 @@ def test_panel_layout_gives_the_same_bits(qtype, cpu_path):
 
 @pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)
 def test_amx_gives_the_avx512_bits(qtype):
-    """The AMX prefill (cpu/matmul_amx.h) takes the integer dot products from tile multiplies and must
-    then give the AVX-512 path's results bit for bit: every activation-row count around its 16-row
+    """The AMX prefill (cpu/matmul_amx.h; Q4_0 and Q8_0 weights, the other types on the AVX-512 register
+    tiles) takes the integer dot products from tile multiplies and must give the AVX-512 path's results
+    bit for bit: every activation-row count around its 16-row
     tiles (the rows past the last whole 16 run on tiles configured with fewer rows), one and two panels,
     partial last panels, rows as stored and packed into panels (Q8_0's are read in place), thread
     splits, and zero and huge activation blocks."""
@@ -358,26 +359,28 @@ def test_attention_softmax_nonfinite_rows_are_nan(cpu_path):
     assert np.isnan(_C.attention_softmax(big, 4.0)).all()
 
 
-def test_amx_is_opt_in():
-    """Without PYENGINE_CPU a process runs the best path except AMX (opt-in, see README), and
-    PYENGINE_CPU=amx selects it where the CPU and OS offer it, the best path below it elsewhere."""
+def test_default_path_is_the_best_granted():
+    """Without PYENGINE_CPU a process runs the best path the CPU has (AMX where the OS also grants the
+    tile state, else AVX-512), and PYENGINE_CPU picks a lower one, never a higher one."""
     env = {k: v for k, v in os.environ.items() if k != "PYENGINE_CPU"}
     code = "import pyengine._C as C; print(C.cpu_path())"
     best = _C.best_cpu_path()
-    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert default.stdout.strip() == ("avx512" if best == "amx" else best)
-    asked = subprocess.run([sys.executable, "-c", code], env={**env, "PYENGINE_CPU": "amx"}, capture_output=True,
-                           text=True, check=True)
-    granted = best == "amx"
-    if granted:
+    granted = best
+    if best == "amx":
         before = _C.cpu_path()
         try:
             _C.set_cpu_path("amx")  # raises where the OS refuses the tile state: then avx512 is right
         except pyengine.EngineError:
-            granted = False
+            granted = "avx512"
         finally:
             _C.set_cpu_path(before)
-    assert asked.stdout.strip() == (best if granted or best != "amx" else "avx512")
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.strip() == granted
+    for asked in PATH_ORDER:
+        got = subprocess.run([sys.executable, "-c", code], env={**env, "PYENGINE_CPU": asked}, capture_output=True,
+                             text=True, check=True)
+        want = asked if PATH_ORDER.index(asked) <= PATH_ORDER.index(granted) else granted
+        assert got.stdout.strip() == want, asked
 
 
 @pytest.mark.parametrize("cols", [1, 15, 16, 17, 576, 1000, 1536])

@@ -1,6 +1,6 @@
 // Prefill on Intel AMX tiles (Sapphire Rapids and later): the packed panels of matmul_simd.h's
 // gemm_large, multiplied by TDPBSSD instead of vpdpbusd. Included by matmul_avx512.cpp after
-// matmul_simd.h; cpu_path() is amx only when asked for (opt-in) and where the OS grants the tiles.
+// matmul_simd.h; cpu_path() is amx where the CPU has the tiles and the OS grants them.
 //
 // A sub-block's packed vectors are already the layout a tile multiply wants for its right operand
 // (B: G rows of 4 bytes x 16 weight rows, the VNNI order; packed as the signed q = u - offset, so
@@ -10,14 +10,15 @@
 // operation for operation: results equal the AVX-512 path's bit for bit (tests/test_kernels.py holds
 // them to that), so AMX changes speed only.
 //
-// What bounds it is that float step, not the multiplies: per sub-block and output, a convert, a
-// multiply and an fma (two fmas with a min) on the vector ports, against ~16 cycles of the matrix
-// unit for all 256 outputs. So the kernel keeps one 16 x 16 block of float accumulators in 16
-// registers (memory accumulators cost a load and a store per row) and pipelines: the multiplies of
-// sub-blocks j and j + 1 go back to back into one pair of C tiles while the float steps of j - 2 and
-// j - 1 read what the other pair stored a stage before (a vector load right after a tile store of the
-// same bytes waits for it). Measured against AVX-512 VNNI on one Xeon (README, Development): faster
-// for Q4_0/Q8_0/Q4_K, slower for Q4_1 and the 16-element sub-blocks, hence opt-in (cpu_features.cpp).
+// What bounds it is that float step and the tile traffic around each multiply, not the multiplies:
+// per sub-block and output a convert, a multiply and an fma on the vector ports, and per sub-block a
+// zeroed C tile stored for them to read (a K of only 4G bytes per multiply). So the kernel keeps one
+// 16 x 16 block of float accumulators in 16 registers (memory accumulators cost a load and a store per
+// row) and pipelines: the multiplies of sub-blocks j and j + 1 go back to back into one pair of C
+// tiles while the float steps of j - 2 and j - 1 read what the other pair stored a stage before (a
+// vector load right after a tile store of the same bytes waits for it). Measured against AVX-512 VNNI
+// (prefill of real models, one Xeon, README "CPU paths"), it is faster only for the types with one
+// scale per 32 weights and no min, Q4_0 and Q8_0 (runs<P>); the others stay on register tiles.
 #pragma once
 #include <immintrin.h>
 
@@ -77,24 +78,20 @@ PE_INLINE void amx_multiply_pair(int64_t j, int64_t nsub, const int8_t* xq, int6
 }
 
 // scale_sub's float step for activation row R of one sub-block: acc (16 weight rows per vector) +=
-// float(idot[R]) * d_x * scale (+ min * s_x).
-template <class V, bool MIN, int R>
-PE_INLINE void amx_scale_row(const int32_t* idot, typename V::F sc, typename V::F mn, const XSub* xs, int64_t ldsub,
-                             typename V::F& acc) {
-  const XSub& e = xs[R * ldsub];
-  acc = V::fmadd(V::mul(V::cvt(V::load_i(idot + 16 * R)), V::set1_ps(e.d)), sc, acc);
-  if (MIN) acc = V::fmadd(mn, V::set1_ps(e.s), acc);
+// float(idot[R]) * d_x * scale.
+template <class V, int R>
+PE_INLINE void amx_scale_row(const int32_t* idot, typename V::F sc, const XSub* xs, int64_t ldsub, typename V::F& acc) {
+  acc = V::fmadd(V::mul(V::cvt(V::load_i(idot + 16 * R)), V::set1_ps(xs[R * ldsub].d)), sc, acc);
 }
 
 // The float step for one sub-block's first nr rows (all 16 when FULL). The rows are spelled out by a
 // parameter pack, not a loop: GCC keeps acc in registers only when every index is a constant before
 // its scalar replacement runs, which an unroll pragma comes too late for.
-template <class V, class L, bool MIN, bool FULL, int... R>
+template <class V, class L, bool FULL, int... R>
 PE_INLINE void amx_scale(const int32_t* idot, const uint8_t* sub, const XSub* xs, int64_t ldsub, int nr,
                          typename V::F (&acc)[16], std::integer_sequence<int, R...>) {
   const typename V::F sc = L::scale(sub);
-  const typename V::F mn = MIN ? L::min(sub) : sc;
-  ((FULL || R < nr ? amx_scale_row<V, MIN, R>(idot, sc, mn, xs, ldsub, acc[R]) : void()), ...);
+  ((FULL || R < nr ? amx_scale_row<V, R>(idot, sc, xs, ldsub, acc[R]) : void()), ...);
 }
 
 template <class V, int... R>
@@ -119,7 +116,7 @@ constexpr int kAmxRing = 4;
 
 // Pipeline half H at sub-block j: the multiplies of j and j + 1 into the ring, then the float steps of
 // j - kAmxLag and the one after it, stored kAmxLag / 2 stages ago.
-template <class V, class L, int G, bool MIN, bool FULL, int H>
+template <class V, class L, int G, bool FULL, int H>
 PE_INLINE void amx_stage(int64_t j, int64_t nsub, const uint8_t* pan, const int8_t* xq, int64_t ldq,
                          const XSub* xs, int64_t ldsub, int nr, int32_t (&idot)[kAmxRing][256],
                          typename V::F (&acc)[16]) {
@@ -127,14 +124,14 @@ PE_INLINE void amx_stage(int64_t j, int64_t nsub, const uint8_t* pan, const int8
   for (int k = 0; k < 2; k++) {
     const int64_t js = j - kAmxLag + k;
     if (js >= 0 && js < nsub)
-      amx_scale<V, L, MIN, FULL>(idot[js % kAmxRing], pan + js * L::kSubBytes, xs + js, ldsub, nr, acc,
+      amx_scale<V, L, FULL>(idot[js % kAmxRing], pan + js * L::kSubBytes, xs + js, ldsub, nr, acc,
                                  std::make_integer_sequence<int, 16>{});
   }
 }
 
 // nr (<= 16, as configured; 16 when FULL) activation rows from c0 against one panel (layout L) over
 // all nsub sub-blocks; stores rows [rp, rp + nrows) of the outputs.
-template <class V, class L, int G, bool MIN, bool FULL>
+template <class V, class L, int G, bool FULL>
 __attribute__((noinline)) void amx_block(const uint8_t* pan, int64_t nsub, const QuantizedX& x, int64_t c0, int nr,
                                          float* y, int64_t ldy, int64_t rp, int64_t nrows) {
   using F = typename V::F;
@@ -145,8 +142,8 @@ __attribute__((noinline)) void amx_block(const uint8_t* pan, int64_t nsub, const
   const XSub* xs = x.sub + c0 * x.ldsub;
   const int64_t ldq = x.ldq, ldsub = x.ldsub;
   for (int64_t j = 0; j < nsub + kAmxLag; j += 4) {
-    amx_stage<V, L, G, MIN, FULL, 0>(j, nsub, pan, xq, ldq, xs, ldsub, nr, idot, acc);
-    amx_stage<V, L, G, MIN, FULL, 1>(j + 2, nsub, pan, xq, ldq, xs, ldsub, nr, idot, acc);
+    amx_stage<V, L, G, FULL, 0>(j, nsub, pan, xq, ldq, xs, ldsub, nr, idot, acc);
+    amx_stage<V, L, G, FULL, 1>(j + 2, nsub, pan, xq, ldq, xs, ldsub, nr, idot, acc);
   }
   amx_store_rows<V, FULL>(acc, y + c0 * ldy + rp, ldy, nr, nrows, std::make_integer_sequence<int, 16>{});
 }
@@ -154,10 +151,12 @@ __attribute__((noinline)) void amx_block(const uint8_t* pan, int64_t nsub, const
 // gemm_large's tile runner on AMX (packed panels hold q, not u: kRawQ).
 struct AmxTiles {
   static constexpr bool kRawQ = true;
+  template <class P>
+  static constexpr bool runs = P::kType == GGMLType::Q4_0 || P::kType == GGMLType::Q8_0;
   template <class V, class L, int G, int GS, bool MIN, bool SIGNED, int NP>
   static void run(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x, int64_t m0, int64_t m1,
                   float* y, int64_t ldy, int64_t rp, int64_t nrows) {
-    static_assert(V::kRows == 16 && L::kRawQ && !SIGNED, "AMX reads the AVX-512 panels, holding q");
+    static_assert(V::kRows == 16 && L::kRawQ && !SIGNED && !MIN, "AMX reads the AVX-512 panels, holding q");
     // Configured per call, not once per thread: other code on this thread (a library using AMX in the
     // same process) may have loaded its own shapes or released the tiles in between.
     const int64_t full = (m1 - m0) / 16 * 16, tail = (m1 - m0) - full;
@@ -166,11 +165,11 @@ struct AmxTiles {
       if (full) {
         amx_configure<G>(16);
         for (int64_t c = m0; c < m0 + full; c += 16)
-          amx_block<V, L, G, MIN, true>(panel, nsub, x, c, 16, y, ldy, rp + 16 * p, nrows - 16 * p);
+          amx_block<V, L, G, true>(panel, nsub, x, c, 16, y, ldy, rp + 16 * p, nrows - 16 * p);
       }
       if (tail) {
         amx_configure<G>(int(tail));
-        amx_block<V, L, G, MIN, false>(panel, nsub, x, m0 + full, int(tail), y, ldy, rp + 16 * p, nrows - 16 * p);
+        amx_block<V, L, G, false>(panel, nsub, x, m0 + full, int(tail), y, ldy, rp + 16 * p, nrows - 16 * p);
       }
     }
     _tile_release();

@@ -426,9 +426,12 @@ __attribute__((noinline)) void run_tiles(const uint8_t* pan, int64_t pstride, in
 
 // How gemm_large runs activation rows over packed panels: register tiles (run_tiles) here; an ISA
 // with a matrix unit passes its own (matmul_amx.h) with the same results. kRawQ: whether it wants the
-// packed panels to hold the signed q rather than u.
+// packed panels to hold the signed q rather than u; runs<P>: whether it takes weights of packer P
+// (gemm_quant gives the others to register tiles).
 struct RegisterTiles {
   static constexpr bool kRawQ = false;
+  template <class P>
+  static constexpr bool runs = true;
   template <class V, class L, int G, int GS, bool MIN, bool SIGNED, int NP>
   static PE_INLINE void run(const uint8_t* pan, int64_t pstride, int64_t nsub, const QuantizedX& x, int64_t m0,
                             int64_t m1, float* y, int64_t ldy, int64_t rp, int64_t nrows) {
@@ -498,7 +501,11 @@ void gemm_type(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1,
 template <class V, class Tiles = RegisterTiles>
 void gemm_quant(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, int64_t m1, float* y,
                 int64_t ldy) {
-  with_packer<V>(w.type, [&](auto packer) { gemm_type<V, decltype(packer), Tiles>(w, x, r0, r1, m0, m1, y, ldy); });
+  with_packer<V>(w.type, [&](auto packer) {
+    using P = decltype(packer);
+    using T = std::conditional_t<Tiles::template runs<P>, Tiles, RegisterTiles>;
+    gemm_type<V, P, T>(w, x, r0, r1, m0, m1, y, ldy);
+  });
 }
 
 }  // namespace

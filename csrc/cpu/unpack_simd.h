@@ -80,6 +80,7 @@ PE_INLINE typename V::F field_f(typename V::I v, int shift, int mask) {
 // 255 would saturate int16, so the kernel uses the sign trick instead and ignores the offset).
 template <class V, GGMLType T, int SUBS_PER_UNIT, bool SIGNED = false>
 struct PackBase {
+  static constexpr GGMLType kType = T;
   static constexpr const QuantScheme& S = *quant_scheme(T);
   static constexpr int kBlock = S.block, kSub = S.sub, kG = S.sub / 4, kSubsPerUnit = SUBS_PER_UNIT;
   static constexpr int kBytes = S.block_bytes;
