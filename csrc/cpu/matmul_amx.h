@@ -17,7 +17,7 @@
 // row) and pipelines: the multiplies of sub-blocks j and j + 1 go back to back into one pair of C
 // tiles while the float steps of j - 2 and j - 1 read what the other pair stored a stage before (a
 // vector load right after a tile store of the same bytes waits for it). Measured against AVX-512 VNNI
-// (prefill of real models, one Xeon, README "CPU paths"), it is faster only for the types with one
+// (prefill of real models, one Xeon, README "Development"), it is faster only for the types with one
 // scale per 32 weights and no min, Q4_0 and Q8_0 (runs<P>); the others stay on register tiles.
 #pragma once
 #include <immintrin.h>
@@ -125,7 +125,7 @@ PE_INLINE void amx_stage(int64_t j, int64_t nsub, const uint8_t* pan, const int8
     const int64_t js = j - kAmxLag + k;
     if (js >= 0 && js < nsub)
       amx_scale<V, L, FULL>(idot[js % kAmxRing], pan + js * L::kSubBytes, xs + js, ldsub, nr, acc,
-                                 std::make_integer_sequence<int, 16>{});
+                            std::make_integer_sequence<int, 16>{});
   }
 }
 
