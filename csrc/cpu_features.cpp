@@ -63,18 +63,19 @@ CpuPath detect() {
 }
 
 // The best path unless PYENGINE_CPU asks for a lower one. AMX needs the OS to grant this process the
-// tile state (asked once, here); where it refuses, the path is AVX512.
+// tile state, asked for only when AMX is the path; where it refuses, the path is AVX512.
 CpuPath from_env(CpuPath best) {
-  if (best == CpuPath::AMX && !request_amx()) best = CpuPath::AVX512;
   const char* env = std::getenv("PYENGINE_CPU");
-  if (!env || !*env) return best;
-  CpuPath want;
-  if (!std::strcmp(env, "portable")) want = CpuPath::Portable;
-  else if (!std::strcmp(env, "avx2")) want = CpuPath::AVX2;
-  else if (!std::strcmp(env, "avx512")) want = CpuPath::AVX512;
-  else if (!std::strcmp(env, "amx")) want = CpuPath::AMX;
-  else PE_THROW(Error, "PYENGINE_CPU=", env, " is not one of portable, avx2, avx512, amx");
-  return int(want) < int(best) ? want : best;
+  CpuPath want = best;
+  if (env && *env) {
+    if (!std::strcmp(env, "portable")) want = CpuPath::Portable;
+    else if (!std::strcmp(env, "avx2")) want = CpuPath::AVX2;
+    else if (!std::strcmp(env, "avx512")) want = CpuPath::AVX512;
+    else if (!std::strcmp(env, "amx")) want = CpuPath::AMX;
+    else PE_THROW(Error, "PYENGINE_CPU=", env, " is not one of portable, avx2, avx512, amx");
+  }
+  const CpuPath path = int(want) < int(best) ? want : best;
+  return path == CpuPath::AMX && !request_amx() ? CpuPath::AVX512 : path;
 }
 
 std::atomic<int>& current() {
