@@ -26,6 +26,8 @@ struct KVPageLayout {
   // head_dim is not a multiple of 64.
   int key_rotation, value_rotation;
 
+  // Bytes of one stored value (a Q8_0 cache's scales aside).
+  int64_t elem_bytes() const { return elem == KVElem::F32 ? 4 : elem == KVElem::F16 ? 2 : 1; }
   uint8_t* keys_t(uint8_t* page, int h) const { return page + size_t(h) * head_bytes; }
   uint8_t* values(uint8_t* page, int h) const { return page + size_t(n_kv_head + h) * head_bytes; }
   // A Q8_0 block's scales, after its head_dim x kPageSize int8 values (nullptr for float types).
