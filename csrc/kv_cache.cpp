@@ -162,6 +162,11 @@ int32_t KVCache::slot(int seq, int64_t pos) const {
 }
 
 void KVCache::store(Executor& ex, int layer, const Tensor& k, const Tensor& v, const Tensor& slots) {
+  check_store(ex, layer, k, v, slots);
+  PE_DISPATCH(ex, kv_store, ex, *this, layer, k, v, slots);
+}
+
+void KVCache::check_store(Executor& ex, int layer, const Tensor& k, const Tensor& v, const Tensor& slots) const {
   const int64_t kv_dim = int64_t(n_kv_head_) * head_dim_;
   PE_CHECK(layer >= 0 && layer < n_layer_, Error, "kv store: layer ", layer, " out of range");
   PE_CHECK(ex.device() == device(), Error, "kv store: cache on ", device_name(device()), ", executor on ",
@@ -169,7 +174,6 @@ void KVCache::store(Executor& ex, int layer, const Tensor& k, const Tensor& v, c
   check_f32(ex, k, k.rows, kv_dim, "kv store: k");
   check_f32(ex, v, k.rows, kv_dim, "kv store: v");
   check_i32(ex, slots, k.rows, "kv store: slots");
-  PE_DISPATCH(ex, kv_store, ex, *this, layer, k, v, slots);
 }
 
 }  // namespace pe

@@ -61,6 +61,8 @@ class KVCache {
 
   // Writes rows of K and V (F32 [n x n_kv_head * head_dim]) of `layer` at `slots` (I32 [1 x n]).
   void store(Executor& ex, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
+  // store()'s argument checks (also store_and_attend's, ops/attention.h).
+  void check_store(Executor& ex, int layer, const Tensor& k, const Tensor& v, const Tensor& slots) const;
 
   // One layer's part of a page (its K block, then its V block), in the backend's layout.
   uint8_t* page_data(int layer, int32_t page) const {

@@ -96,6 +96,25 @@ def test_batch_equals_each_sequence_alone(llama, qtype):
         assert engine.seq_len(i) == len(prompt) + len(tokens[i]) - 1
 
 
+@pytest.mark.parametrize("kv_type", ["f16", "f32"])
+def test_rows_of_a_sequence_apart_in_one_call(llama, kv_type):
+    """A call's rows of one sequence need not be next to each other: [s0, s1, s0] gives s0's rows the
+    logits they get with s0's two tokens alone, in order. (The CPU stores a decode row's keys inside its
+    attention work item only where every sequence has one row; here the second s0 row reads the first
+    one's keys, so they must be stored before.)"""
+    path = llama["files"]["f32"]
+    a, b = llama["prompts"][0], llama["prompts"][1]
+    both = pyengine.Engine(path, n_ctx=256, n_seq_max=2, kv_type=kv_type)
+    both.decode(a, [0] * len(a), np.zeros(len(a), bool))
+    both.decode(b, [1] * len(b), np.zeros(len(b), bool))
+    out = both.decode([7, 9, 11], [0, 1, 0])
+    alone = pyengine.Engine(path, n_ctx=256, n_seq_max=1, kv_type=kv_type)
+    alone.decode(a, [0] * len(a), np.zeros(len(a), bool))
+    ref = alone.decode([7, 11], [0, 0])
+    for got, want in ((out[0], ref[0]), (out[2], ref[1])):
+        np.testing.assert_allclose(got, want, **tol(want))
+
+
 def test_batch_matches_transformers(llama):
     """Each sequence of the staggered batch, at F32, against transformers on that sequence alone."""
     engine = pyengine.Engine(llama["files"]["f32"], n_ctx=256, n_seq_max=len(LENGTHS), n_batch=64, kv_type="f32")

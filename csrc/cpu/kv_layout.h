@@ -45,4 +45,12 @@ struct KVPageLayout {
   }
 };
 
+// Stores rows of k and v (F32 [n x n_kv_head * head_dim]) in a CPU cache (cpu/kv_cache.cpp), writing
+// through the pages' pointers: at `slots` (I32 [1 x k.rows], checked in range); or head h of rows
+// [t0, t0 + n), whose slots are slot, slot + 1, ... inside one page.
+void check_kv_slots(const KVCache& kv, const Tensor& slots, int64_t n);
+void store_kv_rows(const KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
+void store_head_rows(const KVCache& kv, int layer, const Tensor& k, const Tensor& v, int64_t t0, int64_t n,
+                     int32_t slot, int h);
+
 }  // namespace pe::cpu

@@ -32,8 +32,10 @@ void get_rows(Executor& ex, const Tensor& table, const Tensor& ids, const Tensor
 void moe_combine(Executor& ex, const Tensor& y, const Tensor& slot, const Tensor& weight, int64_t k,
                  const Tensor& out);
 void kv_store(Executor& ex, KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
+// store: the rows' own keys and values to put in the cache first (store_and_attend), or null.
 void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias);
+               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias,
+               const NewKeys* store = nullptr);
 // The CPU's attention reads the cache's pages in place: nothing to upload.
 inline int64_t attention_upload(Executor&, const KVCache&, int64_t, int, const float*) { return 0; }
 

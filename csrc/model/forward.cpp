@@ -155,12 +155,12 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   // stored (THUDM's prefix keys carry no RoPE), which all its rows attend to.
   for (int64_t j = 0; j < rt.prefix_slot.cols; j += c.prefix_length)
     kv.store(ex, kv_layer, L.prefix_k, L.prefix_v, rt.prefix_slot.cols_view(j, c.prefix_length));
-  kv.store(ex, kv_layer, k, v, rt.slot);
   const Tensor& key_begin = c.windowed(layer) ? rt.key_begin_window : rt.key_begin;
   PositionBias bias = part.bias;
   bias.query_pos = rt.rope_pos;
-  attention(ex, q, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end}, c.kq_scale, att,
-            c.attn_softcap, c.alibi_slopes.empty() ? nullptr : c.alibi_slopes.data(), bias.table ? &bias : nullptr);
+  store_and_attend(ex, q, k, v, rt.slot, int(c.n_head), kv, kv_layer, AttentionRows{rt.seq, key_begin, rt.key_end},
+                   c.kq_scale, att, c.attn_softcap, c.alibi_slopes.empty() ? nullptr : c.alibi_slopes.data(),
+                   bias.table ? &bias : nullptr);
   linear(L.wo, att, xn);
   if (!L.attn_post_norm.empty()) norm(ex, spec.norm, xn, L.attn_post_norm, Tensor{}, xn, c.norm_eps);
   add(ex, x, xn);

@@ -15,8 +15,10 @@ int64_t attention_upload(Executor& ex, const KVCache& kv, int64_t n_rows, int n_
   PE_DISPATCH(ex, attention_upload, ex, kv, n_rows, n_head, alibi);
 }
 
-void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
-               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
+namespace {
+
+void check_attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
+                     const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
   PE_CHECK(softcap >= 0.f && softcap < 1e30f, Error, "attention: soft-cap ", softcap, " must be >= 0 and finite");
   for (int h = 0; alibi && h < n_head; h++)
     PE_CHECK(std::isfinite(alibi[h]), Error, "attention: ALiBi slope of head ", h, " is ", alibi[h]);
@@ -37,7 +39,30 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
              "attention: relative position biases (T5) run on the CPU only");
     check_i32(ex, bias->query_pos, n, "attention: query_pos");
   }
-  if (n == 0) return;
+}
+
+}  // namespace
+
+void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int layer, const AttentionRows& rows,
+               float scale, const Tensor& out, float softcap, const float* alibi, const PositionBias* bias) {
+  check_attention(ex, q, n_head, kv, layer, rows, out, softcap, alibi, bias);
+  if (q.rows == 0) return;
+  PE_DISPATCH(ex, attention, ex, q, n_head, kv, layer, rows, scale, out, softcap, alibi, bias);
+}
+
+void store_and_attend(Executor& ex, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& slots, int n_head,
+                      KVCache& kv, int layer, const AttentionRows& rows, float scale, const Tensor& out,
+                      float softcap, const float* alibi, const PositionBias* bias) {
+  PE_CHECK(k.rows == q.rows, Error, "attention: ", k.rows, " rows of keys for ", q.rows, " query rows");
+  kv.check_store(ex, layer, k, v, slots);
+  check_attention(ex, q, n_head, kv, layer, rows, out, softcap, alibi, bias);
+  if (q.rows == 0) return;
+  if (ex.device() == Device::CPU) {
+    const NewKeys store{k, v, slots};
+    cpu::attention(ex, q, n_head, kv, layer, rows, scale, out, softcap, alibi, bias, &store);
+    return;
+  }
+  kv.store(ex, layer, k, v, slots);
   PE_DISPATCH(ex, attention, ex, q, n_head, kv, layer, rows, scale, out, softcap, alibi, bias);
 }
 

@@ -30,6 +30,19 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
                float scale, const Tensor& out, float softcap = 0.f, const float* alibi = nullptr,
                const PositionBias* bias = nullptr);
 
+// Self-attention that first stores the rows' own keys and values k, v (F32 [n x n_kv_head * head_dim])
+// at `slots` (I32 [1 x n]) of `layer`, as KVCache::store does, then attends as attention() does. On the
+// CPU a decode step (one row per sequence) does both in each work item: a row's store is head_dim
+// scattered lines of K^T per KV head, which its attention reads right after, on the same thread.
+void store_and_attend(Executor& ex, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& slots, int n_head,
+                      KVCache& kv, int layer, const AttentionRows& rows, float scale, const Tensor& out,
+                      float softcap = 0.f, const float* alibi = nullptr, const PositionBias* bias = nullptr);
+
+// The keys and values store_and_attend hands to a backend's attention.
+struct NewKeys {
+  Tensor k, v, slots;
+};
+
 // What the attentions of a pass of n_rows rows over `kv` read from the host (a GPU's page table, with
 // the ALiBi slopes), uploaded ahead of the pass's first attention so that the pass itself queues no
 // host-to-device copy and can be replayed as a CUDA graph (Executor::run_captured). Returns the launch
