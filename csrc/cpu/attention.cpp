@@ -167,7 +167,6 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
   bool store_in_items = false;
   const int32_t* store_slots = nullptr;
   if (store) {
-    check_kv_slots(kv, store->slots, q.rows);
     store_slots = static_cast<const int32_t*>(store->slots.data);
     // One row per sequence: a second row of a sequence would read the first one's keys, which another
     // item stores.
@@ -178,13 +177,14 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
       seen[size_t(b.seq)] = 1;
     }
     store_in_items = one_row_each && heads_per_item == group;
-    if (!store_in_items) store_kv_rows(kv, layer, store->k, store->v, store->slots);
+    if (store_in_items) check_kv_slots(kv, store->slots, q.rows);
+    else store_kv_rows(kv, layer, store->k, store->v, store->slots);
   }
 
   ex.pool().for_each_dynamic(int64_t(blocks.size()) * items_per_block, [&](int64_t item) {
     const Block& b = blocks[size_t(item / items_per_block)];
     const int h0 = int(item % items_per_block) * heads_per_item, g = h0 / group;
-    if (store_in_items) store_head_rows(kv, layer, store->k, store->v, b.r0, 1, store_slots[b.r0], g);
+    if (store_in_items) store_head_rows(lay, kv, layer, store->k, store->v, b.r0, 1, store_slots[b.r0], g);
     // The item's query rows: folded, heads h0.. of row b.r0 (hd apart); else rows b.r0.. of head h0.
     const int64_t nb = fold ? group : b.r1 - b.r0;
     const int64_t ldq = fold ? hd : q.ld(), ldo = fold ? hd : out.ld();

@@ -76,9 +76,8 @@ void check_kv_slots(const KVCache& kv, const Tensor& slots_t, int64_t n) {
     PE_CHECK(slots[t] >= 0 && slots[t] < n_slots, Error, "kv store: slot ", slots[t], " out of range");
 }
 
-void store_head_rows(const KVCache& kv, int layer, const Tensor& k, const Tensor& v, int64_t t0, int64_t n,
-                     int32_t slot, int h) {
-  const KVPageLayout lay(kv);
+void store_head_rows(const KVPageLayout& lay, const KVCache& kv, int layer, const Tensor& k, const Tensor& v,
+                     int64_t t0, int64_t n, int32_t slot, int h) {
   uint8_t* page = kv.page_data(layer, slot / int32_t(KVCache::kPageSize));
   const int64_t off = slot % KVCache::kPageSize;
   if (lay.elem == KVElem::F16) store_run<fp16_t>(lay, page, off, k, v, t0, n, h);
@@ -88,13 +87,14 @@ void store_head_rows(const KVCache& kv, int layer, const Tensor& k, const Tensor
 
 void store_kv_rows(const KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots_t) {
   check_kv_slots(kv, slots_t, k.rows);
+  const KVPageLayout lay(kv);
   const int32_t* slots = static_cast<const int32_t*>(slots_t.data);
   for (int64_t t = 0; t < k.rows;) {
     // The run of rows from t whose slots follow each other inside one page.
     const int64_t off = slots[t] % KVCache::kPageSize;
     int64_t n = 1;
     while (t + n < k.rows && off + n < KVCache::kPageSize && slots[t + n] == slots[t] + n) n++;
-    for (int h = 0; h < kv.n_kv_head(); h++) store_head_rows(kv, layer, k, v, t, n, slots[t], h);
+    for (int h = 0; h < kv.n_kv_head(); h++) store_head_rows(lay, kv, layer, k, v, t, n, slots[t], h);
     t += n;
   }
 }

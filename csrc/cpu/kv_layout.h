@@ -50,7 +50,7 @@ struct KVPageLayout {
 // [t0, t0 + n), whose slots are slot, slot + 1, ... inside one page.
 void check_kv_slots(const KVCache& kv, const Tensor& slots, int64_t n);
 void store_kv_rows(const KVCache& kv, int layer, const Tensor& k, const Tensor& v, const Tensor& slots);
-void store_head_rows(const KVCache& kv, int layer, const Tensor& k, const Tensor& v, int64_t t0, int64_t n,
-                     int32_t slot, int h);
+void store_head_rows(const KVPageLayout& lay, const KVCache& kv, int layer, const Tensor& k, const Tensor& v,
+                     int64_t t0, int64_t n, int32_t slot, int h);
 
 }  // namespace pe::cpu
