@@ -113,6 +113,9 @@ PE_INLINE void amx_store_rows(const typename V::F (&acc)[16], float* y, int64_t 
 // Sub-blocks between a multiply and its float step, and the ring of stored products that spans them.
 constexpr int kAmxLag = 2;
 constexpr int kAmxRing = 4;
+// How far ahead (in sub-blocks) the activation rows are prefetched: T5-base encoder, 256 tokens, Q8_0,
+// one thread, Xeon model 167: 8 ahead +3 %, 16 ahead +4 %.
+constexpr int kAmxAhead = 16;
 
 // Pipeline half H at sub-block j: the multiplies of j and j + 1 into the ring, then the float steps of
 // j - kAmxLag and the one after it, stored kAmxLag / 2 stages ago.
@@ -120,7 +123,13 @@ template <class V, class L, int G, bool FULL, int H>
 PE_INLINE void amx_stage(int64_t j, int64_t nsub, const uint8_t* pan, const int8_t* xq, int64_t ldq,
                          const XSub* xs, int64_t ldsub, int nr, int32_t (&idot)[kAmxRing][256],
                          typename V::F (&acc)[16]) {
-  if (j < nsub) amx_multiply_pair<H, G, L>(j, nsub, xq, ldq, pan, idot[j % kAmxRing], idot[(j + 1) % kAmxRing]);
+  if (j < nsub) {
+    // The activation rows' line of sub-blocks j + kAmxAhead and the next (16 rows, ldq apart, read from L2
+    // and not followed by the hardware prefetchers).
+    if (j + kAmxAhead < nsub)
+      for (int r = 0; r < nr; r++) _mm_prefetch(reinterpret_cast<const char*>(xq + r * ldq + 4 * G * (j + kAmxAhead)), _MM_HINT_T0);
+    amx_multiply_pair<H, G, L>(j, nsub, xq, ldq, pan, idot[j % kAmxRing], idot[(j + 1) % kAmxRing]);
+  }
   for (int k = 0; k < 2; k++) {
     const int64_t js = j - kAmxLag + k;
     if (js >= 0 && js < nsub)
