@@ -109,9 +109,16 @@ Tensor maybe_with_panels(Executor& ex, Tensor w, bool panels, std::vector<Buffer
   return w;
 }
 
+MatmulRounding rounding_named(const std::string& name) {
+  if (name == "int8") return MatmulRounding::Int8;
+  if (name == "bf16") return MatmulRounding::Bf16;
+  throw py::value_error(str_cat("rounding must be 'int8' or 'bf16', not '", name, "'"));
+}
+
 py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
                              const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int n_threads,
-                             const std::string& device, bool panels) {
+                             const std::string& device, bool panels, const std::string& rounding_name) {
+  const MatmulRounding rounding = rounding_named(rounding_name);
   const py::buffer_info wi = w.request();
   const Tensor view = weight_view(wi, type_id, rows, cols);
   if (x.ndim() != 2 || x.shape(1) != cols)
@@ -127,7 +134,7 @@ py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows
     run_on(ex, {view, f32_tensor(const_cast<float*>(xp), m, cols, cols)}, f32_tensor(yp, m, rows, rows),
            [&](Executor& e, const std::vector<Tensor>& in, const Tensor& y) {
              std::vector<Buffer> keep;
-             matmul(e, maybe_with_panels(e, in[0], panels, keep), in[1], y);
+             matmul(e, maybe_with_panels(e, in[0], panels, keep), in[1], y, rounding);
            });
   }
   return y;
@@ -137,7 +144,8 @@ py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows
 // (as the forward pass's q|k|v buffer): matmul's group form on the CPU.
 py::array_t<float> py_matmul_group(const std::vector<py::buffer>& ws, uint32_t type_id, const std::vector<int64_t>& rows,
                                    int64_t cols, const py::array_t<float, py::array::c_style | py::array::forcecast>& x,
-                                   int n_threads, bool panels) {
+                                   int n_threads, bool panels, const std::string& rounding_name) {
+  const MatmulRounding rounding = rounding_named(rounding_name);
   if (ws.size() != rows.size()) throw py::value_error("one row count per weight");
   std::vector<py::buffer_info> infos;
   std::vector<Tensor> views;
@@ -164,7 +172,7 @@ py::array_t<float> py_matmul_group(const std::vector<py::buffer>& ws, uint32_t t
       out.push_back(Y.cols_view(c0, rows[i]));
       c0 += rows[i];
     }
-    matmul(ex, w, X, out);
+    matmul(ex, w, X, out, rounding);
   }
   return y;
 }
@@ -272,13 +280,14 @@ void bind_kernels(py::module_& m) {
         "bytes of n_expert stacked (n_ff, d) matrices of type `type_id`, down of (d, n_ff) ones; x float32 (n, d). "
         "Returns float32 (n, d). panels: the experts in the CPU kernels' panel layout, as a model's.");
   m.def("matmul", &py_matmul, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"), py::arg("x"),
-        py::arg("n_threads") = 1, py::arg("device") = "cpu", py::arg("panels") = false,
+        py::arg("n_threads") = 1, py::arg("device") = "cpu", py::arg("panels") = false, py::arg("rounding") = "int8",
         "Y = X @ W.T with W given as raw GGUF bytes of a rows x cols matrix of ggml type `type_id`, "
         "X float32 (m, cols). Returns float32 (m, rows). Runs on the current CPU path, or with "
         "device='cuda' on the GPU (inputs copied there and back). panels: W repacked first into the CPU kernels' "
-        "panel layout (cpu/panels.h), as a loaded model's CPU weights are.");
+        "panel layout (cpu/panels.h), as a loaded model's CPU weights are. rounding: 'int8' or 'bf16' "
+        "(ops/matmul.h's MatmulRounding: an encoder pass's).");
   m.def("matmul_group", &py_matmul_group, py::arg("ws"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
-        py::arg("x"), py::arg("n_threads") = 1, py::arg("panels") = false,
+        py::arg("x"), py::arg("n_threads") = 1, py::arg("panels") = false, py::arg("rounding") = "int8",
         "matmul's group form on the CPU: X @ W_i.T for weights of one type that read the same X (raw GGUF bytes, "
         "rows[i] x cols each), returned side by side as float32 (m, sum(rows)).");
   m.def("dequantize", &py_dequantize, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),

@@ -54,9 +54,13 @@ CpuPath detect() {
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return CpuPath::Portable;
   const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512dq = b & (1u << 17),
              avx512bw = b & (1u << 30), avx512vl = b & (1u << 31), vnni = c & (1u << 11);
-  const bool amx_tile = d & (1u << 24), amx_int8 = d & (1u << 25), tiles_os = (xlo & 0x60000) == 0x60000;
+  const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24), amx_int8 = d & (1u << 25),
+             tiles_os = (xlo & 0x60000) == 0x60000;
+  unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+  const bool avx512_bf16 = __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 5));
+  const bool amx = amx_tile && amx_int8 && amx_bf16 && avx512_bf16 && tiles_os;
   if (zmm_os && avx512f && avx512dq && avx512bw && avx512vl && vnni && avx2 && fma && f16c)
-    return amx_tile && amx_int8 && tiles_os && os_supports_amx() ? CpuPath::AMX : CpuPath::AVX512;
+    return amx && os_supports_amx() ? CpuPath::AMX : CpuPath::AVX512;
   if (ymm_os && avx2 && fma && f16c) return CpuPath::AVX2;
 #endif
   return CpuPath::Portable;

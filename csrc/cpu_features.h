@@ -4,12 +4,12 @@
 namespace pe {
 
 // Each path includes the ones below it: AMX is the AVX-512 path with the prefill matmuls of Q4_0 and
-// Q8_0 weights on AMX tiles (cpu/matmul_amx.h).
+// Q8_0 weights on AMX tiles (int8: cpu/matmul_amx.h; bfloat16 for encoder passes: cpu/matmul_amx_bf16.h).
 enum class CpuPath { Portable = 0, AVX2 = 1, AVX512 = 2, AMX = 3 };
 
 const char* cpu_path_name(CpuPath p);
 // Best path this CPU supports (AVX512 needs F, BW, VL, DQ and VNNI; AVX2 needs AVX2, FMA, F16C; AMX needs
-// AVX512, AMX-TILE and AMX-INT8, the tile state enabled in XCR0 and the kernel able to grant it; the
+// AVX512, AMX-TILE, AMX-INT8, AMX-BF16 and AVX512-BF16, the tile state enabled in XCR0 and the kernel able to grant it; the
 // grant is asked for when the AMX path is chosen).
 CpuPath best_cpu_path();
 // Path in use: best_cpu_path() (AVX512 where that is AMX and the OS refuses the tile state), or a

@@ -125,6 +125,49 @@ def test_matmul_matches_reference(qtype, cpu_path):
             )
 
 
+def bf16_round(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest, ties to even), as float64."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32)
+    return r.view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0], ids=lambda t: t.name)
+def test_matmul_bf16_rounding(qtype, cpu_path):
+    """rounding='bf16' (ops/matmul.h's MatmulRounding::Bf16, an encoder pass's). On the amx path a call of
+    64 rows or more rounds x and W's dequantized values to bfloat16 and sums the products in float32: it must
+    equal numpy's float64 product of those roundings within float32 summation's worst case (cols * 2^-24 *
+    sum |x w|), and be closer to the exact product than the int8 path. Below 64 rows, and on every other
+    path, it is the int8 path bit for bit. Weight row counts off the 32-row pairs and 16-row panels,
+    activation rows off the 16-row tiles, the group form, 1-3 threads, with and without panels."""
+    rng = np.random.default_rng(900 + int(qtype))
+    bf16_path = cpu_path == "amx"
+    for rows, m, cols in [(64, 64, 96), (37, 100, 576), (80, 65, 32), (16, 130, 288), (50, 32, 96), (5, 200, 64), (33, 7, 64)]:
+        raw = make_weights(qtype, rows, cols, rng)
+        x = (rng.standard_normal((m, cols)) * np.exp(rng.standard_normal((m, cols)))).astype(np.float32)
+        w = dequant_ref(qtype, raw, cols)
+        want = bf16_round(x) @ bf16_round(w).T
+        bound = cols * 2.0**-24 * (np.abs(bf16_round(x)) @ np.abs(bf16_round(w)).T)
+        exact = x.astype(np.float64) @ w.astype(np.float64).T
+        for n_threads, panels in itertools.product((1, 2, 3), (False, True)):
+            got = _C.matmul(raw, int(qtype), rows, cols, x, n_threads, panels=panels, rounding="bf16")
+            int8 = _C.matmul(raw, int(qtype), rows, cols, x, n_threads, panels=panels)
+            where = f"{qtype.name} {cpu_path} rows={rows} m={m} cols={cols} threads={n_threads} panels={panels}"
+            if bf16_path and m >= 64:
+                err = np.abs(got - want)
+                assert (err <= bound).all(), f"{where}: worst {err.max():.3g}, bound there {bound[err > bound].min():.3g}"
+                assert np.abs(got - exact).mean() < np.abs(int8 - exact).mean(), where
+            else:
+                np.testing.assert_array_equal(got, int8, err_msg=where)
+        group = _C.matmul_group([raw, raw[: rows // 2 + 1]], int(qtype), [rows, rows // 2 + 1], cols, x, 2,
+                                panels=True, rounding="bf16")
+        alone = _C.matmul(raw, int(qtype), rows, cols, x, 2, panels=True, rounding="bf16")
+        np.testing.assert_array_equal(group[:, :rows], alone)
+        np.testing.assert_array_equal(group[:, rows:], alone[:, : rows // 2 + 1])
+    with pytest.raises(ValueError, match="rounding"):
+        _C.matmul(raw, int(qtype), rows, cols, x, 1, rounding="fp8")
+
+
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_matmul_group_equals_one_by_one(qtype, cpu_path):
     """matmul's group form (q/k/v, gate/up: x quantized once, all rows in one hand-off to the threads) gives

@@ -119,6 +119,21 @@ def test_quantized_within_bounds(t5, qtype):
     assert err < QUANT_BOUNDS[qtype], err
 
 
+@pytest.mark.parametrize("qtype", list(QUANT_BOUNDS))
+def test_quantized_long_input_within_bounds(t5, qtype):
+    """An input of 100 tokens: where the CPU path is amx, the encoder's matmuls of many rows round to
+    bfloat16 (ops/matmul.h's MatmulRounding::Bf16; tests/test_kernels.py checks the kernel itself); the
+    logits stay within the int8 path's measured bounds."""
+    d, hf = t5
+    ctx = _C.Context(_C.Model(str(gguf_of(d, qtype))), _C.Executor(2), 128, 1, 512, "f32")
+    src = [int(t) for t in np.random.default_rng(7).integers(2, 100, 99)] + [1]
+    ctx.encode(np.array(src, np.int32), 0)
+    ours = ctx.eval(np.array(TGT, np.int32), "all", 0)
+    ref = ref_logits(hf, src, TGT)
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err < QUANT_BOUNDS[qtype], err
+
+
 TEXTS = ["translate English to German: The house is wonderful.", "Der schnelle braune Fuchs  springt über den Hund.",
          " Ça va très bien, merci ", "¿Dónde está la biblioteca? 日本語のテキスト ｆｕｌｌｗｉｄｔｈ ①",
          "Llamas live in the Andes;\tthey are related to camels."]

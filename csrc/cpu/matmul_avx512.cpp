@@ -165,10 +165,12 @@ struct Avx512 {
 
 #include "cpu/matmul_simd.h"
 #include "cpu/matmul_amx.h"
+#include "cpu/matmul_amx_bf16.h"
 
 namespace pe::cpu {
 
 const MatmulKernels kAvx512Kernels = {quantize_x<Avx512>, gemm_quant<Avx512>, gemm_float_avx512};
-const MatmulKernels kAmxKernels = {quantize_x<Avx512>, gemm_quant<Avx512, AmxTiles>, gemm_float_avx512};
+const MatmulKernels kAmxKernels = {quantize_x<Avx512>, gemm_quant<Avx512, AmxTiles>, gemm_float_avx512,
+                                   pack_x_bf16, gemm_bf16_supports, gemm_bf16};
 
 }  // namespace pe::cpu

@@ -41,6 +41,12 @@ struct MatmulKernels {
                      float* y, int64_t ldy);
   void (*gemm_float)(const WeightView& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m0,
                      int64_t m1, float* y, int64_t ldy);
+  // MatmulRounding::Bf16 on a matrix unit (AMX: matmul_amx_bf16.h), null elsewhere: rows [r0, r1) of x
+  // (floats) into bfloat16 tiles (rows from m on are zeros); whether W's type is taken; rows [r0, r1) of
+  // W (r0 a multiple of 32) against the m rows of the tiles.
+  void (*pack_x_bf16)(const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m, int64_t k, uint16_t* out);
+  bool (*bf16_supports)(GGMLType t);
+  void (*gemm_bf16)(const WeightView& w, const uint16_t* xt, int64_t m, int64_t r0, int64_t r1, float* y, int64_t ldy);
 };
 
 extern const MatmulKernels kPortableKernels;

@@ -5,6 +5,7 @@
 #include "executor.h"
 #include "ops/activation.h"
 #include "ops/attention.h"
+#include "ops/matmul.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
 #include "tensor.h"
@@ -13,7 +14,8 @@ namespace pe::cpu {
 
 void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y);
 // ys[i] = x ws[i]^T for n weights of one type: x quantized once, all their rows in one hand-off.
-void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const Tensor& x);
+void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const Tensor& x,
+                  MatmulRounding rounding = MatmulRounding::Int8);
 bool matmul_supports(GGMLType t);
 // out[0..w.cols) = row r of w as float32.
 void dequantize_row(const Tensor& w, int64_t r, float* out);

@@ -139,6 +139,7 @@ void Context::encode(const int32_t* tokens, int64_t n, int seq) {
   enc.act = &act_;
   enc.bias = position_bias(c, model_->encoder, true);
   enc.tensor_prefix = c.spec.encoder_prefix;
+  enc.rounding = MatmulRounding::Bf16;
   for (const Layer& L : model_->encoder.layers) enc.layers.push_back(&L);
   const int64_t d = c.n_embd, kv_dim = c.n_head_kv * c.head_dim;
   std::vector<float> h(size_t(n * d)), k(size_t(n * kv_dim)), v(size_t(n * kv_dim));
@@ -154,9 +155,9 @@ void Context::encode(const int32_t* tokens, int64_t n, int seq) {
     const Tensor S{GGMLType::I32, slots.data(), 1, n, size_t(n) * sizeof(int32_t), Device::CPU};
     for (int64_t l = 0; l < c.n_layer; l++) {
       const Layer& L = model_->decoder.layers[size_t(l)];
-      matmul(*ex_, L.cross_k.w, H, K);
+      matmul(*ex_, L.cross_k.w, H, K, MatmulRounding::Bf16);
       if (!L.cross_k.b.empty()) add_bias(*ex_, K, L.cross_k.b);
-      matmul(*ex_, L.cross_v.w, H, V);
+      matmul(*ex_, L.cross_v.w, H, V, MatmulRounding::Bf16);
       if (!L.cross_v.b.empty()) add_bias(*ex_, V, L.cross_v.b);
       cross_kv_->store(*ex_, int(l), K, V, S);
     }

@@ -107,7 +107,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   };
   auto linear = [&](const Linear& W, const Tensor& in, const Tensor& out) {
     stats(W, in);
-    matmul(ex, W.w, in, out);
+    matmul(ex, W.w, in, out, part.rounding);
     if (!W.b.empty()) add_bias(ex, out, W.b);
   };
   // Linears that read the same input (q, k, v; gate, up) go to matmul together.
@@ -117,7 +117,7 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
       stats(*l, in);
       w.push_back(l->w);
     }
-    matmul(ex, w, in, out);
+    matmul(ex, w, in, out, part.rounding);
     auto o = out.begin();
     for (const Linear* l : W) {
       if (!l->b.empty()) add_bias(ex, *o, l->b);

@@ -8,6 +8,7 @@
 #include "model/input_stats.h"
 #include "model/model.h"
 #include "ops/attention.h"
+#include "ops/matmul.h"
 #include "ops/moe.h"
 #include "tensor.h"
 
@@ -63,6 +64,8 @@ struct StackPart {
   // Family::EncoderDecoder's decoder: the keys and values of the encoder's output, a layer per block.
   const KVCache* cross = nullptr;
   const char* tensor_prefix = "";  // GGUF prefix of the stack's block tensors ("enc.", "dec."), for messages
+  // An encoder's pass, whose rows are one input alone, may round as MatmulRounding::Bf16 (ops/matmul.h).
+  MatmulRounding rounding = MatmulRounding::Int8;
 };
 
 // RoPE as one context runs it (llama.cpp's cparams): of the global layers and of the windowed ones,

@@ -30,13 +30,15 @@ void check_matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& 
 
 }  // namespace
 
-void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y) {
+void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y, MatmulRounding rounding) {
   check_matmul(ex, w, x, y);
   if (x.rows == 0 || w.rows == 0) return;
+  if (ex.device() == Device::CPU) return cpu::matmul_group(ex, &w, &y, 1, x, rounding);
   PE_DISPATCH(ex, matmul, ex, w, x, y);
 }
 
-void matmul(Executor& ex, const std::vector<Tensor>& ws, const Tensor& x, const std::vector<Tensor>& ys) {
+void matmul(Executor& ex, const std::vector<Tensor>& ws, const Tensor& x, const std::vector<Tensor>& ys,
+            MatmulRounding rounding) {
   PE_CHECK(ws.size() == ys.size() && !ws.empty(), Error, "matmul: ", ws.size(), " weights for ", ys.size(), " outputs");
   bool together = ex.device() == Device::CPU && ws.size() > 1;
   for (size_t i = 0; i < ws.size(); i++) {
@@ -44,8 +46,8 @@ void matmul(Executor& ex, const std::vector<Tensor>& ws, const Tensor& x, const 
     together &= ws[i].type == ws[0].type;
   }
   if (x.rows == 0) return;
-  if (together) return cpu::matmul_group(ex, ws.data(), ys.data(), int(ws.size()), x);
-  for (size_t i = 0; i < ws.size(); i++) matmul(ex, ws[i], x, ys[i]);
+  if (together) return cpu::matmul_group(ex, ws.data(), ys.data(), int(ws.size()), x, rounding);
+  for (size_t i = 0; i < ws.size(); i++) matmul(ex, ws[i], x, ys[i], rounding);
 }
 
 }  // namespace pe
