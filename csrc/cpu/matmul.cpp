@@ -55,10 +55,11 @@ void run_split(ThreadPool& pool, int64_t rows, int64_t m, const Kernel& kernel) 
   }
 }
 
-// MatmulRounding::Bf16 from this many rows: below it the int8 tiles, which need no bfloat16 copy of each
-// weight panel, are faster (T5-base Q8_0 encoder, Xeon model 167, one thread, tok/s int8 / bf16: 16 rows
-// 866 / 791, 32 rows 1450 / 1415, 48 rows 1650 / 1790, 64 rows 1650 / 1965, 256 rows 1400 / 2150).
-constexpr int64_t kBf16MinRows = 48;
+// MatmulRounding::Bf16 from this many rows (fewer go to the int8 kernels for few rows, which stream each
+// weight once). T5-base Q8_0 encoder, Xeon model 167, one thread, medians of 4-5, tok/s int8 tiles /
+// bfloat16: 16 rows 900 / 930, 24 rows 1240 / 1265, 32 rows 1405 / 1470, 64 rows 1650 / 1965, 256 rows
+// 1400 / 2150.
+constexpr int64_t kBf16MinRows = 16;
 
 // ys[i] = x ws[i]^T on bfloat16 tiles: x rounded once into the calling thread's buffer, then the
 // weights' rows 32 at a time, claimed by the threads one by one.

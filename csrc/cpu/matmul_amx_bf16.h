@@ -156,8 +156,14 @@ void gemm_bf16_type(const WeightView& w, const uint16_t* xt, int64_t m, int64_t 
       if constexpr (std::is_same_v<P, PackQ8_0<V>>) {
         if (has_panels<V>(w)) {  // the model's Q8_0 panels, in place
           const uint8_t* pan = static_cast<const uint8_t*>(w.panels) + row * int64_t(w.row_stride);
-          for (int64_t j = 0; j < nsub; j++)
-            dequantize_sub_bf16<Q8_0PanelLayout<V>>(pan + j * Q8_0PanelLayout<V>::kSubBytes, dst + j * 512);
+          constexpr int64_t kSub = Q8_0PanelLayout<V>::kSubBytes;
+          for (int64_t j = 0; j < nsub; j++) {
+            // The panel streams from memory once per call: ask for the lines kAhead sub-blocks on.
+            constexpr int64_t kAhead = 4;
+            if (j + kAhead < nsub)
+              for (int64_t o = 0; o < kSub; o += 64) _mm_prefetch(reinterpret_cast<const char*>(pan + (j + kAhead) * kSub + o), _MM_HINT_T0);
+            dequantize_sub_bf16<Q8_0PanelLayout<V>>(pan + j * kSub, dst + j * 512);
+          }
           continue;
         }
       }
