@@ -33,7 +33,7 @@ compile() {  # source -> object, with the ISA flags the CMake build gives it
     *_avx2.cpp) isa="-mavx2 -mfma -mf16c" ;;
   esac
   case "$src" in  # as CMakeLists.txt: the AVX-512 matmul file also holds the AMX prefill
-    */matmul_avx512.cpp) isa="$isa -mamx-tile -mamx-int8" ;;
+    */matmul_avx512.cpp) isa="$isa -mamx-tile -mamx-int8 -mamx-bf16 -mavx512bf16" ;;
   esac
   if [ ! -f "$obj" ] || [ -n "$(find "$ROOT/csrc" -name '*.h' -newer "$obj" -print -quit)" ] || [ "$src" -nt "$obj" ]; then
     $CXX $CXXFLAGS $isa -c "$src" -o "$obj"
