@@ -181,10 +181,10 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
     else store_kv_rows(kv, layer, store->k, store->v, store->slots);
   }
 
-  ex.pool().for_each_dynamic(int64_t(blocks.size()) * items_per_block, [&](int64_t item) {
-    // Items go head by head: a prefill's consecutive query blocks read the same keys and values (an
-    // encoder's 256 rows x 12 heads: a few % faster than block by block; decode is unchanged).
-    const int64_t n_blocks = int64_t(blocks.size());
+  // Items go head by head: a prefill's consecutive query blocks read the same keys and values (an
+  // encoder's 256 rows x 12 heads: a few % faster than block by block; decode is unchanged).
+  const int64_t n_blocks = int64_t(blocks.size());
+  ex.pool().for_each_dynamic(n_blocks * items_per_block, [&](int64_t item) {
     const Block& b = blocks[size_t(item % n_blocks)];
     const int h0 = int(item / n_blocks) * heads_per_item, g = h0 / group;
     if (store_in_items) store_head_rows(lay, kv, layer, store->k, store->v, b.r0, 1, store_slots[b.r0], g);

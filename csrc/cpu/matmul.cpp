@@ -129,7 +129,7 @@ void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const
 
   if (rounding == MatmulRounding::Bf16 && k.gemm_bf16 && m >= kBf16MinRows) {
     bool all = true;
-    for (int i = 0; i < n; i++) all = all && k.bf16_supports(ws[i].type) && ws[i].cols == w0.cols;
+    for (int i = 0; i < n; i++) all = all && k.bf16_supports(ws[i].type);
     if (all) return matmul_bf16(pool, k, ws, ys, n, x, ldx, m, w0.cols);
   }
 

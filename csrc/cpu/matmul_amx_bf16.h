@@ -10,8 +10,8 @@
 // of C tiles accumulates over all of K in the tiles: ~400 GMAC/s with the dequantization included. The
 // rounding is finer than the int8 path's: x to 8 significant bits per element instead of 8 bits per
 // 32-element block, W's q * d to 8 significant bits (exact before): on random Q8_0 data the error
-// against exact float64 products is ~4x smaller (tests/test_kernels.py holds the results to a numpy
-// model of this rounding).
+// against exact float64 products is 2-4x smaller (mean 0.046 vs 0.102 with normal x; rms 2.3e-3 vs
+// 9.7e-3 with heavy-tailed x). tests/test_kernels.py holds the results to a numpy model of this rounding.
 //
 // Layouts (bf16 as uint16_t):
 //   x tiles  [row group of 16][sub-block j][16 rows][32 values]: one A tile per (group, j), 1 KiB,
