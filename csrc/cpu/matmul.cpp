@@ -92,7 +92,9 @@ void dequantize_row(const Tensor& w, int64_t r, float* out) {
   dequantize_row_ref(w.type, static_cast<const uint8_t*>(w.data) + r * w.row_stride, w.cols, out);
 }
 
-void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y) { matmul_group(ex, &w, &y, 1, x); }
+void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y, MatmulRounding rounding) {
+  matmul_group(ex, &w, &y, 1, x, rounding);
+}
 
 void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const Tensor& xt, MatmulRounding rounding) {
   const float* x = xt.row(0);

@@ -12,7 +12,7 @@
 
 namespace pe::cpu {
 
-void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y);
+void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y, MatmulRounding rounding);
 // ys[i] = x ws[i]^T for n weights of one type: x quantized once, all their rows in one hand-off.
 void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const Tensor& x,
                   MatmulRounding rounding = MatmulRounding::Int8);

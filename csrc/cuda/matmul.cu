@@ -551,8 +551,8 @@ bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % 
 
 bool matmul_supports(GGMLType t) { return chunk_type_supported(t); }
 
-void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y) {
-  PE_CHECK(matmul_supports(w.type), UnsupportedModelError, "matmul: no CUDA kernel for weight type ",
+void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y, MatmulRounding) {
+  PE_CHECK(cuda::matmul_supports(w.type), UnsupportedModelError, "matmul: no CUDA kernel for weight type ",
            type_name(uint32_t(w.type)));
   const int64_t m = x.rows;
   if (m == 0 || w.rows == 0) return;

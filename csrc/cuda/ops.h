@@ -7,13 +7,15 @@
 #include "kv_cache.h"
 #include "ops/activation.h"
 #include "ops/attention.h"
+#include "ops/matmul.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
 #include "tensor.h"
 
 namespace pe::cuda {
 
-void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y);
+// The GPU kernels round x as MatmulRounding::Int8 whatever `rounding` asks (Bf16 is an AMX option).
+void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y, MatmulRounding rounding);
 bool matmul_supports(GGMLType t);
 
 void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps);

@@ -33,8 +33,7 @@ void check_matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& 
 void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y, MatmulRounding rounding) {
   check_matmul(ex, w, x, y);
   if (x.rows == 0 || w.rows == 0) return;
-  if (ex.device() == Device::CPU) return cpu::matmul_group(ex, &w, &y, 1, x, rounding);
-  PE_DISPATCH(ex, matmul, ex, w, x, y);
+  PE_DISPATCH(ex, matmul, ex, w, x, y, rounding);
 }
 
 void matmul(Executor& ex, const std::vector<Tensor>& ws, const Tensor& x, const std::vector<Tensor>& ys,
