@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "cpu/matmul_kernels.h"
 #include "cpu_features.h"
 #include "threadpool.h"
 
@@ -58,6 +59,18 @@ PYBIND11_MODULE(_C, m) {
         else throw py::value_error("cpu path must be 'portable', 'avx2', 'avx512' or 'amx', not '" + name + "'");
       },
       "Force a kernel family (tests and benchmarks).");
+  m.def(
+      "decode_tuning",
+      [] {
+        const pe::cpu::DecodeTuning t = pe::cpu::decode_tuning();
+        return py::make_tuple(t.two_panels, t.prefetch_bytes);
+      },
+      "How CPU decode walks packed weight panels: (two panels per loop, software prefetch distance in "
+      "bytes); chosen by CPU vendor (cpu/matmul_kernels.h).");
+  m.def(
+      "set_decode_tuning",
+      [](bool two_panels, int64_t prefetch_bytes) { pe::cpu::set_decode_tuning({two_panels, prefetch_bytes}); },
+      py::arg("two_panels"), py::arg("prefetch_bytes"), "Force the decode tuning (tests and benchmarks).");
   m.def("physical_core_count", &pe::physical_core_count);
 #if defined(PE_CUDA)
   m.attr("has_cuda") = true;

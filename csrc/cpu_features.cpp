@@ -103,6 +103,24 @@ CpuPath best_cpu_path() {
   return best;
 }
 
+bool cpu_is_amd() {
+#if defined(PE_X86)
+  static const bool amd = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    char vendor[13];
+    std::memcpy(vendor, &b, 4);
+    std::memcpy(vendor + 4, &d, 4);
+    std::memcpy(vendor + 8, &c, 4);
+    vendor[12] = 0;
+    return !std::strcmp(vendor, "AuthenticAMD") || !std::strcmp(vendor, "HygonGenuine");
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
 CpuPath cpu_path() { return CpuPath(current().load(std::memory_order_relaxed)); }
 
 void set_cpu_path(CpuPath p) {

@@ -17,5 +17,8 @@ CpuPath best_cpu_path();
 CpuPath cpu_path();
 // Force a path (tests). Throws pe::Error if the CPU lacks it.
 void set_cpu_path(CpuPath p);
+// Whether CPUID names AMD (or Hygon, its licensee) as the vendor: the kernels are the same code on
+// every x86 CPU, but some memory-access choices measure differently (cpu/matmul_kernels.h DecodeTuning).
+bool cpu_is_amd();
 
 }  // namespace pe

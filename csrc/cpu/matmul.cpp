@@ -3,6 +3,7 @@
 #include "ops/matmul.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "cpu/matmul_kernels.h"
 #include "cpu/ops.h"
@@ -10,6 +11,23 @@
 
 namespace pe::cpu {
 
+namespace {
+
+std::atomic<bool> g_two_panels{!cpu_is_amd()};
+std::atomic<int64_t> g_prefetch_bytes{cpu_is_amd() ? 0 : 1024};
+
+}  // namespace
+
+DecodeTuning decode_tuning() {
+  return DecodeTuning{g_two_panels.load(std::memory_order_relaxed), g_prefetch_bytes.load(std::memory_order_relaxed)};
+}
+
+void set_decode_tuning(DecodeTuning t) {
+  PE_CHECK(t.prefetch_bytes >= 0 && t.prefetch_bytes <= (int64_t(1) << 20), Error,
+           "decode prefetch distance must be in [0, 1 MiB], not ", t.prefetch_bytes);
+  g_two_panels.store(t.two_panels);
+  g_prefetch_bytes.store(t.prefetch_bytes);
+}
 
 namespace {
 

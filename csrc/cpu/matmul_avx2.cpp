@@ -29,7 +29,8 @@ struct Avx2 {
   static constexpr int kTileM = 4;           // activation rows per prefill register tile ...
   static constexpr int kPrefillPanels = 1;   // ... times this many panels
   // Decode: two panels per loop for the 32-element types; a K-quant block's state (16 scales, 16 mins)
-  // already overflows the 16 ymm registers, and a second panel only added spills (15-25% slower).
+  // already overflows the 16 ymm registers, and a second panel only added spills (15-25% slower). Only
+  // where DecodeTuning asks for two (not on AMD CPUs).
   template <class P>
   static constexpr int decode_panels() { return P::kSubsPerUnit == 1 ? 2 : 1; }
 

@@ -26,7 +26,8 @@ struct Avx512 {
   static constexpr int kPrefillPanels = 2;   // ... times this many panels
   // Decode: two panels per loop for every type: with 32 zmm registers a K-quant block's state fits
   // twice (random 1.1B files, 2 threads, after the panel prefetch: Q4_K_M 37.7 -> 40.6 tok/s, Q4_K_S
-  // 39.6 -> 42.9, Q3_K_M 40.7 -> 43.3, Q6_K 27.6 -> 29.1; 3 rows unchanged).
+  // 39.6 -> 42.9, Q3_K_M 40.7 -> 43.3, Q6_K 27.6 -> 29.1; 3 rows unchanged), where DecodeTuning
+  // asks for two (not on AMD CPUs).
   template <class P>
   static constexpr int decode_panels() { return 2; }
 

@@ -61,6 +61,25 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
                        int64_t m1, float* y, int64_t ldy);
 #endif
 
+// How decode (few activation rows, matmul_simd.h) walks the packed panels. The kernels are the same code
+// on every CPU; the memory systems differ, so these two choices follow the vendor (cpu_is_amd()).
+//   two_panels      two panels per loop where the ISA's kernels have that loop for the type: independent
+//                   dependency chains for the core, but two interleaved streams for the prefetchers.
+//   prefetch_bytes  how far ahead of the kernel each block's bytes are software-prefetched (0: not).
+// Intel Xeon (model 167): two panels (random 1.1B files, 2 threads: Q4_K_M 37.7 -> 40.6 tok/s) and 1 KiB
+// (Q6_K 22.8 -> 27.8, Q4_0 41.5 -> 45.5): {true, 1024}, used on every non-AMD CPU.
+// AMD EPYC Zen 4 (family 25 model 17), 1 thread, tok/s, {true, 1024} -> {false, 0}: SmolLM2 Q4_0
+// 137 -> 261, Q8_0 97 -> 169, random 1.1B Q4_0 24 -> 40, Q4_K_M 15 -> 24; its AVX2 path, SmolLM2 Q4_0
+// 83 -> 196. There either choice alone cost a third or more.
+struct DecodeTuning {
+  bool two_panels;
+  int64_t prefetch_bytes;
+};
+// The tuning in use: the vendor's unless set_decode_tuning changed it (tests: every choice gives the same
+// results bit for bit).
+DecodeTuning decode_tuning();
+void set_decode_tuning(DecodeTuning t);
+
 // Prefetches `bytes` bytes from p spread over `steps` steps of a kernel's loop: the weight rows the
 // next tile will read (in a dense tensor, the rows after this tile's). A tile reads a few rows at a
 // time, a few bytes of each per step, and such short interleaved streams do not train the hardware

@@ -214,11 +214,6 @@ PE_INLINE void scale_sub(const typename V::I (&idot)[NC], typename V::F scale, t
 // ---------------------------------------------------------------------------------------------------
 // Decode (few activation rows): unpack each unit of a panel into registers and use it at once.
 
-// How far ahead decode prefetches a packed panel. Intel Xeon (model 167), random 1.1B Llama-shaped files,
-// tok/s without -> with at 1 / 2 threads: Q6_K 12.0 -> 14.7 / 22.8 -> 27.8, Q4_0 22.1 -> 24.0 /
-// 41.5 -> 45.5, Q4_K_M 34.7 -> 38.8 (2 threads); 512 to 2048 bytes measured alike.
-constexpr int64_t kPanelPrefetchBytes = 1024;
-
 // NP panels at once (rows.p + kRows p * stride): independent dependency chains for the out-of-order
 // core.
 template <class V, class P, int NC, int NP, class R>
@@ -236,15 +231,15 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
   // one stream, which the hardware prefetchers follow.
   const int64_t next_bytes = std::is_same_v<R, PackedPanel> ? 0 : NP * V::kRows * rows.stride;
   const RowPrefetch next(rows.p + NP * V::kRows * rows.stride, next_bytes, nblk);
+  // A packed panel is one stream, yet on some CPUs the hardware prefetchers alone kept a memory-bound
+  // decode below the bandwidth: there each block's bytes are asked for this far ahead (DecodeTuning).
+  const int64_t ahead = std::is_same_v<R, PackedPanel> ? decode_tuning().prefetch_bytes : 0;
   for (int64_t b = 0; b < nblk; b++) {
     next.step(b);
-    if constexpr (std::is_same_v<R, PackedPanel>) {
-      // A packed panel is one stream, yet the hardware prefetchers alone kept a memory-bound decode
-      // below the bandwidth: each block's bytes are asked for kPanelPrefetchBytes before the kernel
-      // reaches them (see there).
+    if (ahead > 0) {
       constexpr int64_t kBlockBytes = V::kRows * P::kBytes;
-      const int64_t lo = (b * kBlockBytes + kPanelPrefetchBytes) & ~int64_t(63);
-      const int64_t hi = std::min((b + 1) * kBlockBytes + kPanelPrefetchBytes, nblk * kBlockBytes);
+      const int64_t lo = (b * kBlockBytes + ahead) & ~int64_t(63);
+      const int64_t hi = std::min((b + 1) * kBlockBytes + ahead, nblk * kBlockBytes);
       for (int p = 0; p < NP; p++)
         for (int64_t o = lo; o < hi; o += 64) __builtin_prefetch(pr[p].p + o, 0, 3);
     }
@@ -280,10 +275,12 @@ void gemm_small_rows(const Panel& panel, int64_t nblk, const QuantizedX& x, int6
   const int8_t* xq = x.q + m0 * x.ldq;
   const XSub* xs = x.sub + m0 * x.ldsub;
   int64_t rp = r0;
-  // Two panels per loop give the core independent chains; with more rows the rows already do.
+  // Two panels per loop give the core independent chains; with more rows the rows already do. Where the
+  // CPU prefers one stream at a time (DecodeTuning), one.
   if constexpr (V::template decode_panels<P>() == 2 && NC <= 3)
-    for (; rp + 2 * V::kRows <= r1; rp += 2 * V::kRows)
-      gemm_small_panel<V, P, NC, 2>(panel(rp), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp, 2 * V::kRows);
+    if (decode_tuning().two_panels)
+      for (; rp + 2 * V::kRows <= r1; rp += 2 * V::kRows)
+        gemm_small_panel<V, P, NC, 2>(panel(rp), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp, 2 * V::kRows);
   for (; rp < r1; rp += V::kRows)
     gemm_small_panel<V, P, NC, 1>(panel(rp), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp,
                                   std::min<int64_t>(V::kRows, r1 - rp));
