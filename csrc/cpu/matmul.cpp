@@ -14,7 +14,7 @@ namespace pe::cpu {
 namespace {
 
 std::atomic<bool> g_two_panels{!cpu_is_amd()};
-std::atomic<int64_t> g_prefetch_bytes{cpu_is_amd() ? 0 : 1024};
+std::atomic<int64_t> g_prefetch_bytes{cpu_is_amd() ? 64 : 1024};
 
 }  // namespace
 

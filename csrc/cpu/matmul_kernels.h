@@ -68,9 +68,13 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 //   prefetch_bytes  how far ahead of the kernel each block's bytes are software-prefetched (0: not).
 // Intel Xeon (model 167): two panels (random 1.1B files, 2 threads: Q4_K_M 37.7 -> 40.6 tok/s) and 1 KiB
 // (Q6_K 22.8 -> 27.8, Q4_0 41.5 -> 45.5): {true, 1024}, used on every non-AMD CPU.
-// AMD EPYC Zen 4 (family 25 model 17), 1 thread, tok/s, {true, 1024} -> {false, 0}: SmolLM2 Q4_0
-// 137 -> 261, Q8_0 97 -> 169, random 1.1B Q4_0 24 -> 40, Q4_K_M 15 -> 24; its AVX2 path, SmolLM2 Q4_0
-// 83 -> 196. There either choice alone cost a third or more.
+// AMD EPYC Zen 4 (family 25 model 17): {false, 64}. One panel: from {true, 1024}, 1 thread, tok/s,
+// SmolLM2 Q4_0 137 -> 261 (its AVX2 path 83 -> 196), Q8_0 97 -> 169, random 1.1B Q4_0 24 -> 40, with
+// prefetch off. Then 64 bytes, which asks for each block's lines as the block starts, all at once:
+// random 1.1B Q6_K 7.4 -> 17.6 (256 bytes: 12.4, 1 KiB: 9.0, off: 7.4), Q4_K_M (a quarter Q6_K) 23.5 ->
+// 33.5 (2 threads 39 -> 52), the other types unchanged. The kernel's own loads reach a Q6_K block's lines
+// a unit at a time, and out of order (its scales sit at the block's end), which the prefetchers there
+// do not follow: without the early requests a core waits on one line after another.
 struct DecodeTuning {
   bool two_panels;
   int64_t prefetch_bytes;
