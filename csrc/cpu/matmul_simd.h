@@ -227,12 +227,11 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
     for (int c = 0; c < NC; c++) acc[p][c] = V::zero_ps();
   R pr[NP];
   for (int p = 0; p < NP; p++) pr[p] = R{rows.p + V::kRows * p * rows.stride, rows.stride};
-  // Rows as stored: kRows streams advancing a few bytes per step (see RowPrefetch). A packed panel is
-  // one stream, which the hardware prefetchers follow.
+  // Rows as stored: kRows streams advancing a few bytes per step, prefetched row by row (RowPrefetch). A
+  // packed panel is one stream, yet the hardware prefetchers alone kept a memory-bound decode below the
+  // bandwidth: each block's bytes are asked for as far ahead as DecodeTuning says.
   const int64_t next_bytes = std::is_same_v<R, PackedPanel> ? 0 : NP * V::kRows * rows.stride;
   const RowPrefetch next(rows.p + NP * V::kRows * rows.stride, next_bytes, nblk);
-  // A packed panel is one stream, yet on some CPUs the hardware prefetchers alone kept a memory-bound
-  // decode below the bandwidth: there each block's bytes are asked for this far ahead (DecodeTuning).
   const int64_t ahead = std::is_same_v<R, PackedPanel> ? decode_tuning().prefetch_bytes : 0;
   for (int64_t b = 0; b < nblk; b++) {
     next.step(b);
