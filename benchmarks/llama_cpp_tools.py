@@ -21,8 +21,14 @@ an Intel Xeon whose kernel allows it (2026-11-27) llama-bench 0.3.36 dies with a
 fault on its own LDTILECFG in ggml_backend_amx_mul_mat, on every model tried.
 `python benchmarks/llama_cpp_tools.py --flags` prints what would be used on this machine.
 
+AVX2-only (`--avx2-only`, into <cache>/build-avx2/): -DGGML_NATIVE=OFF with AVX/AVX2/FMA/F16C/BMI2 on
+and AVX-512 off, the llama.cpp an AVX2 CPU (AMD Zen 3, Intel before Ice Lake) runs: on a CPU with
+AVX-512 it is the peer for pyengine's AVX2 kernels (PYENGINE_CPU=avx2), with LLAMA_CPP_BIN set to its
+bin folder.
+
     python benchmarks/llama_cpp_tools.py --build        # build every tool in TOOLS
     python benchmarks/llama_cpp_tools.py --path llama-bench
+    python benchmarks/llama_cpp_tools.py --build --avx2-only   # prints the bin folder
 """
 from __future__ import annotations
 
@@ -75,7 +81,13 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def cmake_flags() -> list[str]:
+AVX2_ONLY_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                   "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"]
+
+
+def cmake_flags(avx2_only: bool = False) -> list[str]:
+    if avx2_only:
+        return BASE_FLAGS + AVX2_ONLY_FLAGS
     flags = cpu_flags()
     if "amx_tile" in flags:  # see the module docstring
         isa = [f"-D{opt}={'ON' if f in flags else 'OFF'}" for f, opt in ISA_FLAGS]
@@ -112,16 +124,17 @@ def available_tools(src: Path) -> list[str]:
     return [t for t in TOOLS if t in defined]
 
 
-def build(targets: list[str] | None = None, cache: Path | None = None, jobs: int | None = None) -> Path:
+def build(targets: list[str] | None = None, cache: Path | None = None, jobs: int | None = None,
+          avx2_only: bool = False) -> Path:
     """Configure (once) and build `targets` (default: every tool in TOOLS that exists); returns the bin folder."""
     cache = cache or cache_dir()
     src = source_dir(cache)
-    build_dir = cache / "build"
+    build_dir = cache / ("build-avx2" if avx2_only else "build")
     targets = targets or available_tools(src)
     t0 = time.perf_counter()
     if not (build_dir / "CMakeCache.txt").is_file():
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-        flags = cmake_flags()
+        flags = cmake_flags(avx2_only)
         _log(f"configuring: cmake {' '.join(flags)}")
         subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), *gen, *flags], check=True,
                        stdout=sys.stderr)
@@ -168,14 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build", action="store_true", help="build every tool in TOOLS")
     ap.add_argument("--path", metavar="TOOL", help="print the path of TOOL, building it if needed")
     ap.add_argument("--flags", action="store_true", help="print the CMake flags this machine gets")
+    ap.add_argument("--avx2-only", action="store_true",
+                    help="with --build / --flags: the AVX2-only build (<cache>/build-avx2), AVX-512 off")
     ap.add_argument("--cache-dir", default=None, help=f"default {cache_dir()}")
     ap.add_argument("-j", "--jobs", type=int, default=None)
     args = ap.parse_args(argv)
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.flags:
-        print(" ".join(cmake_flags()))
+        print(" ".join(cmake_flags(args.avx2_only)))
     if args.build:
-        print(build(cache=cache, jobs=args.jobs))
+        print(build(cache=cache, jobs=args.jobs, avx2_only=args.avx2_only))
     if args.path:
         print(tool_path(args.path))
     if not (args.flags or args.build or args.path):
