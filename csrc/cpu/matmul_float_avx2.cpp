@@ -111,10 +111,14 @@ void float_rows(const WeightView& w, const float* x, int64_t ldx, int64_t r, int
   if (c < m1) float_tile<T, R, 1>(w, x, ldx, r, c, y, ldy);
 }
 
+// Prefill tiles: kPrefillR weight rows x kPrefillC activation rows (see float_prefill).
+constexpr int kPrefillR = 2, kPrefillC = 6;
+
+// A tile of R weight rows and n activation rows, 1 <= n <= kPrefillC.
 template <GGMLType T, int R, int... C>
-PE_INLINE void float_tile_tail(int64_t left, const WeightView& w, const float* x, int64_t ldx, int64_t r, int64_t c,
-                               float* y, int64_t ldy, std::integer_sequence<int, C...>) {
-  ((left == C + 1 ? float_tile<T, R, C + 1, false>(w, x, ldx, r, c, y, ldy) : void()), ...);
+PE_INLINE void float_tile_n(int64_t n, const WeightView& w, const float* x, int64_t ldx, int64_t r, int64_t c,
+                            float* y, int64_t ldy, std::integer_sequence<int, C...>) {
+  ((n == C + 1 ? float_tile<T, R, C + 1, false>(w, x, ldx, r, c, y, ldy) : void()), ...);
 }
 
 // Prefill (many activation rows): 2 weight rows x 6 activation rows, 12 accumulators of the 16 ymm
@@ -127,23 +131,15 @@ PE_INLINE void float_tile_tail(int64_t left, const WeightView& w, const float* x
 template <GGMLType T>
 void float_prefill(const WeightView& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                    float* y, int64_t ldy) {
-  constexpr int R = 2, C = 6;
+  constexpr int R = kPrefillR, C = kPrefillC;
   const int64_t block = std::max<int64_t>(R, (int64_t(128) << 10) / int64_t(w.row_stride) / R * R);
   for (int64_t b0 = r0; b0 < r1; b0 += block) {
     const int64_t b1 = std::min(r1, b0 + block);
     for (int64_t c = m0; c < m1; c += C) {
       const int64_t n = std::min<int64_t>(C, m1 - c);
-      for (int64_t r = b0; r < b1;) {
-        const bool two = r + R <= b1;
-        if (n == C) {
-          if (two) float_tile<T, R, C, false>(w, x, ldx, r, c, y, ldy);
-          else float_tile<T, 1, C, false>(w, x, ldx, r, c, y, ldy);
-        } else {
-          if (two) float_tile_tail<T, R>(n, w, x, ldx, r, c, y, ldy, std::make_integer_sequence<int, C - 1>{});
-          else float_tile_tail<T, 1>(n, w, x, ldx, r, c, y, ldy, std::make_integer_sequence<int, C - 1>{});
-        }
-        r += two ? R : 1;
-      }
+      int64_t r = b0;
+      for (; r + R <= b1; r += R) float_tile_n<T, R>(n, w, x, ldx, r, c, y, ldy, std::make_integer_sequence<int, C>{});
+      for (; r < b1; r++) float_tile_n<T, 1>(n, w, x, ldx, r, c, y, ldy, std::make_integer_sequence<int, C>{});
     }
   }
 }
@@ -151,7 +147,7 @@ void float_prefill(const WeightView& w, const float* x, int64_t ldx, int64_t r0,
 template <GGMLType T>
 void gemm_float_type(const WeightView& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                      float* y, int64_t ldy) {
-  if (m1 - m0 >= 6) return float_prefill<T>(w, x, ldx, r0, r1, m0, m1, y, ldy);
+  if (m1 - m0 >= kPrefillC) return float_prefill<T>(w, x, ldx, r0, r1, m0, m1, y, ldy);
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) float_rows<T, 4>(w, x, ldx, r, m0, m1, y, ldy);
   for (; r < r1; r++) float_rows<T, 1>(w, x, ldx, r, m0, m1, y, ldy);
