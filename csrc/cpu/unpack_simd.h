@@ -88,6 +88,9 @@ struct PackBase {
   // Groups whose pmaddubsw results can be summed in int16: each is at most 2 * max|u| * 127.
   static constexpr int kMaxAbsU = SIGNED ? 128 : S.max_u;
   static constexpr int kGS = std::max(1, std::min(kG, 32767 / (2 * 127 * kMaxAbsU)));
+  // Where the fields begin() reads at the end of a block start (kBytes: it reads only the head). Decode
+  // asks for that tail of the next block early (gemm_small_panel).
+  static constexpr int kTail = kBytes;
   static_assert(V::kVnni || 2 * 127 * kMaxAbsU <= 32767, "pmaddubsw would saturate: use the signed form");
 };
 
@@ -168,6 +171,7 @@ struct PackQ8_0 : PackBase<V, GGMLType::Q8_0, 1, !V::kVnni> {
 // bits 2j..2j+1 of qs[32n + l]; unit n holds sub-blocks 8n..8n+7 (sub-block 8n + 2j + l / 16).
 template <class V>
 struct PackQ2_K : PackBase<V, GGMLType::Q2_K, 8> {
+  static constexpr int kTail = 80;  // d, dmin
   using I = typename V::I;
   using F = typename V::F;
   using State = ScaleState<V, 16>;
@@ -196,6 +200,7 @@ struct PackQ2_K : PackBase<V, GGMLType::Q2_K, 8> {
 // 2j..2j+1 of qs[32n + l] plus 4 * bit (4n + j) of hmask[l]; unit n holds sub-blocks 8n..8n+7.
 template <class V>
 struct PackQ3_K : PackBase<V, GGMLType::Q3_K, 8> {
+  static constexpr int kTail = 92;  // the scales' words, d
   using I = typename V::I;
   using F = typename V::F;
   struct State : ScaleState<V, 16> {
@@ -292,6 +297,7 @@ using PackQ5_K = PackQ45_K<V, true>;
 // ran at half the speed of Q4_K per byte).
 template <class V>
 struct PackQ6_K : PackBase<V, GGMLType::Q6_K, 2> {
+  static constexpr int kTail = 192;  // scales, d
   using I = typename V::I;
   using F = typename V::F;
   using State = ScaleState<V, 16>;
