@@ -6,9 +6,9 @@ its GIL) with as many slots as the largest concurrency (`--parallel` / `-np`, co
 both). For each concurrency c, c clients run at once, each sending --requests streaming chat
 completions one after another. The clients are asyncio tasks of this process on aiohttp (its HTTP
 parser is C): on a 2-core machine the load generator's CPU is taken from the server, and httpx in a
-thread per client used about 0.7 ms of it per streamed token against aiohttp's 0.1. Throughput is all completion tokens (from the usage chunk, else one
-per content chunk) over the wall time of the round; TTFT is from sending a request to its first
-content chunk. llama-server is built natively by llama_cpp_tools.py.
+thread per client used about 0.7 ms of it per streamed token against aiohttp's 0.1. Throughput is
+all completion tokens (from the usage chunk, else one per content chunk) over the wall time of the
+round; TTFT is from sending a request to its first content chunk. llama-server is built natively by llama_cpp_tools.py.
 
     python benchmarks/bench_server.py                        # default model, 1/4/8 clients, both engines
     python benchmarks/bench_server.py -m model.gguf -c 1,2 --max-tokens 64 --engines pyengine
