@@ -244,10 +244,11 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
       // A block whose scales sit at its end (Q6_K, Q3_K, Q2_K's d) is read tail first: the tail asked
       // for with the rest of the block arrives after begin() has stalled on it. Ask a block ahead.
       if constexpr (P::kTail < P::kBytes) {
-        const int64_t t0 = ((b + 1) * kBlockBytes + V::kRows * P::kTail) & ~int64_t(63);
-        const int64_t t1 = std::min((b + 2) * kBlockBytes, nblk * kBlockBytes);  // none after the last block
-        for (int p = 0; p < NP; p++)
-          for (int64_t o = t0; o < t1; o += 64) __builtin_prefetch(pr[p].p + o, 0, 3);
+        if (b + 1 < nblk) {
+          const int64_t t0 = ((b + 1) * kBlockBytes + V::kRows * P::kTail) & ~int64_t(63);
+          for (int p = 0; p < NP; p++)
+            for (int64_t o = t0; o < (b + 2) * kBlockBytes; o += 64) __builtin_prefetch(pr[p].p + o, 0, 3);
+        }
       }
     }
 #pragma GCC unroll 2
