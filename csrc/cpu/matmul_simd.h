@@ -242,7 +242,8 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
       for (int p = 0; p < NP; p++)
         for (int64_t o = lo; o < hi; o += 64) __builtin_prefetch(pr[p].p + o, 0, 3);
       // A block whose scales sit at its end (Q6_K, Q3_K, Q2_K's d) is read tail first: the tail asked
-      // for with the rest of the block arrives after begin() has stalled on it. Ask a block ahead.
+      // for with the rest of the block arrives after begin() has stalled on it. Ask a block ahead. (A branch:
+      // clamping the end at the last block instead, as above, compiled to a loop ~15 % slower on Zen 4.)
       if constexpr (P::kTail < P::kBytes) {
         if (b + 1 < nblk) {
           const int64_t t0 = ((b + 1) * kBlockBytes + V::kRows * P::kTail) & ~int64_t(63);
