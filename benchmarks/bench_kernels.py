@@ -4,6 +4,10 @@ For each weight type, CPU path, activation row count m (1 = decode, 512 = prefil
 times Y = X @ W.T summed over the model's matrix shapes and prints GFLOP/s and weight GB/s (the decode
 number to compare with memory bandwidth). Results also go to a JSON file.
 
+By default the weights are in the panel layout a loaded model's CPU weights get (cpu/panels.h),
+repacked once, and a product's time is the best of 3 means of --repeat products (_C.time_matmul's own
+clock, the repacking untimed); --layout rows times the kernels on the file's row-major layout.
+
 Two clocks: wall time, and the calling thread's CPU time. On a machine shared with other work the
 wall clock counts time the benchmark was not running at all; CPU time does not (with n threads it
 still includes the caller's share of the wait for the others, so it is exact only for 1 thread).
@@ -61,6 +65,15 @@ def time_call(fn, min_time: float) -> tuple[float, float]:
             return dt / n, (time.thread_time() - c0) / n
 
 
+def time_product(w, qtype, r: int, c: int, x, nt: int, args, min_time: float) -> tuple[float, float]:
+    """Seconds per product (wall, CPU). Panels: _C.time_matmul's own clock around --repeat products on
+    weights repacked once (the CPU clock is then the wall clock's)."""
+    if args.layout == "rows":
+        return time_call(lambda: _C.matmul(w, int(qtype), r, c, x, nt), min_time)
+    t = min(_C.time_matmul(w, int(qtype), r, c, x, nt, repeat=args.repeat) for _ in range(3))
+    return t, t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default="F32,F16,BF16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K")
@@ -68,6 +81,9 @@ def main() -> None:
     ap.add_argument("--m", default="1,512", help="activation rows to test")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="subset of: " + ",".join(SHAPES))
+    ap.add_argument("--layout", choices=["panels", "rows"], default="panels",
+                    help="weights in the panel layout, as a loaded model's (default), or as the file stores them")
+    ap.add_argument("--repeat", type=int, default=20, help="products per timed call with --layout panels")
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
     ap.add_argument("--out", default="bench_kernels.json")
     args = ap.parse_args()
@@ -98,13 +114,12 @@ def main() -> None:
                     total_t = total_cpu = total_flop = total_bytes = 0.0
                     for k, (r, c) in type_shapes.items():
                         w, x = weights[k], xs[c]
-                        t, cpu = time_call(lambda: _C.matmul(w, int(qtype), r, c, x, nt),
-                                           args.min_time / len(type_shapes))
+                        t, cpu = time_product(w, qtype, r, c, x, nt, args, args.min_time / len(type_shapes))
                         total_t += t
                         total_cpu += cpu
                         total_flop += 2.0 * m * r * c
                         total_bytes += w.nbytes
-                    row = {"type": tname, "path": path, "m": m, "threads": nt, "shapes": list(type_shapes),
+                    row = {"type": tname, "path": path, "layout": args.layout, "m": m, "threads": nt, "shapes": list(type_shapes),
                            "seconds": total_t, "gflops": total_flop / total_t / 1e9,
                            "weight_gbps": total_bytes / total_t / 1e9,
                            "cpu_seconds": total_cpu, "cpu_gflops": total_flop / total_cpu / 1e9,

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -138,6 +139,36 @@ py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows
            });
   }
   return y;
+}
+
+// Seconds per product of matmul on the CPU with W repacked once in the panel layout a loaded model's
+// weights get (or as stored, panels=false): the mean over `repeat` products after one untimed, with the
+// repacking outside the clock (benchmarks/bench_kernels.py).
+double py_time_matmul(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
+                      const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int n_threads,
+                      bool panels, int repeat) {
+  const py::buffer_info wi = w.request();
+  const Tensor view = weight_view(wi, type_id, rows, cols);
+  if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error(str_cat("x must have shape (m, ", cols, ")"));
+  if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+  if (repeat < 1) throw py::value_error("repeat must be >= 1");
+  std::vector<float> y(size_t(x.shape(0)) * size_t(rows));
+  const float* xp = x.data();
+  double seconds = 0;
+  {
+    py::gil_scoped_release release;
+    Executor& ex = executor_for(n_threads);
+    auto lock = ex.lock();
+    std::vector<Buffer> keep;
+    const Tensor wp = maybe_with_panels(ex, view, panels, keep);
+    const Tensor xt = f32_tensor(const_cast<float*>(xp), x.shape(0), cols, cols);
+    const Tensor yt = f32_tensor(y.data(), x.shape(0), rows, rows);
+    matmul(ex, wp, xt, yt, MatmulRounding::Int8);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < repeat; i++) matmul(ex, wp, xt, yt, MatmulRounding::Int8);
+    seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / repeat;
+  }
+  return seconds;
 }
 
 // The weights of one type that read the same x, their outputs side by side in one (m, sum(rows)) array
@@ -286,6 +317,11 @@ void bind_kernels(py::module_& m) {
         "device='cuda' on the GPU (inputs copied there and back). panels: W repacked first into the CPU kernels' "
         "panel layout (cpu/panels.h), as a loaded model's CPU weights are. rounding: 'int8' or 'bf16' "
         "(ops/matmul.h's MatmulRounding: an encoder pass's).");
+  m.def("time_matmul", &py_time_matmul, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
+        py::arg("x"), py::arg("n_threads") = 1, py::arg("panels") = true, py::arg("repeat") = 10,
+        "Seconds per CPU product X @ W.T (arguments as matmul's), W repacked once into the panel layout as a "
+        "loaded model's weights are (panels=True) or as stored: the mean of `repeat` products after a warm-up, "
+        "the repacking untimed.");
   m.def("matmul_group", &py_matmul_group, py::arg("ws"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
         py::arg("x"), py::arg("n_threads") = 1, py::arg("panels") = false, py::arg("rounding") = "int8",
         "matmul's group form on the CPU: X @ W_i.T for weights of one type that read the same X (raw GGUF bytes, "

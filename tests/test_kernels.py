@@ -207,6 +207,22 @@ def test_panel_layout_gives_the_same_bits(qtype, cpu_path):
                                                              f"threads={n_threads}")
 
 
+def test_time_matmul_checks_its_arguments():
+    """_C.time_matmul (benchmarks/bench_kernels.py's clock) validates what matmul validates, plus the
+    repeat count, and times the products (a positive, finite number of seconds)."""
+    rng = np.random.default_rng(7)
+    raw = make_weights(QT.Q4_0, 32, 64, rng)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    seconds = _C.time_matmul(raw, int(QT.Q4_0), 32, 64, x, 2, repeat=2)
+    assert np.isfinite(seconds) and seconds > 0
+    with pytest.raises(ValueError, match="repeat"):
+        _C.time_matmul(raw, int(QT.Q4_0), 32, 64, x, repeat=0)
+    with pytest.raises(ValueError, match="shape"):
+        _C.time_matmul(raw, int(QT.Q4_0), 32, 64, x[:, :32])
+    with pytest.raises(ValueError, match="take"):
+        _C.time_matmul(raw[:16], int(QT.Q4_0), 32, 64, x)
+
+
 @pytest.fixture
 def restore_decode_tuning():
     before = _C.decode_tuning()
