@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -17,6 +18,7 @@
 #include "ops/elementwise.h"
 #include "cpu/attention_kernels.h"
 #include "cpu/panels.h"
+#include "cpu/sampling.h"
 #include "ops/matmul.h"
 #include "ops/moe.h"
 #ifdef PE_CUDA
@@ -310,6 +312,22 @@ void bind_kernels(py::module_& m) {
         "The mixture-of-experts op (ops/moe.h) on numpy arrays: router float32 (n_expert, d); gate/up raw GGUF "
         "bytes of n_expert stacked (n_ff, d) matrices of type `type_id`, down of (d, n_ff) ones; x float32 (n, d). "
         "Returns float32 (n, d). panels: the experts in the CPU kernels' panel layout, as a model's.");
+  m.def(
+      "softmax_draw",
+      [](const py::array_t<float, py::array::c_style | py::array::forcecast>& x, double inv_t, double u) {
+        if (x.ndim() != 1 || x.size() == 0) throw py::value_error("softmax_draw: logits must be a non-empty 1-D array");
+        if (!(inv_t > 0) || !std::isfinite(float(inv_t)))
+          throw py::value_error(str_cat("softmax_draw: inverse temperature must be positive and finite, got ", inv_t));
+        if (!(u >= 0 && u < 1)) throw py::value_error(str_cat("softmax_draw: u must be in [0, 1), got ", u));
+        // The GIL stays held: tens of microseconds, and a thread that gives it up may wait for it
+        // until the interpreter's switch interval (5 ms) when the server's event loop holds it.
+        const int64_t i = cpu::softmax_draw(x.data(), x.size(), float(inv_t), u);
+        if (i < 0) throw py::value_error("softmax_draw: the logits hold a NaN or have no finite maximum");
+        return i;
+      },
+      py::arg("x"), py::arg("inv_t"), py::arg("u"),
+      "Index drawn from softmax(x * inv_t) at u in [0, 1) by inverse CDF in index order (cpu/sampling.h): "
+      "the last step of pyengine.sampling.Sampler. Tokens at -inf are never drawn.");
   m.def("matmul", &py_matmul, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"), py::arg("x"),
         py::arg("n_threads") = 1, py::arg("device") = "cpu", py::arg("panels") = false, py::arg("rounding") = "int8",
         "Y = X @ W.T with W given as raw GGUF bytes of a rows x cols matrix of ggml type `type_id`, "

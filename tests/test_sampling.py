@@ -178,6 +178,53 @@ def test_draws_over_a_large_vocabulary():
     assert chi_square_z(counts, expected) < 4
 
 
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1023, 1024, 1025, 3000, 49152, 151936])
+def test_softmax_draw_is_the_inverse_cdf(n):
+    """_C.softmax_draw (the draw behind every sampled token) against numpy's float64 softmax and
+    searchsorted: the same index for every u not within 1e-5 of the total mass from a boundary of the
+    CDF (float32 weights and float32 block sums may fall on either side there). Block edges (1024) and
+    16-wide tails, masked (-inf) tokens, and temperatures from near-greedy to flat."""
+    from pyengine import _C
+
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 3).astype(np.float32)
+    if n > 4:
+        x[rng.choice(n, n // 5, replace=False)] = -np.inf
+        x[rng.integers(n)] = 5.0  # a finite maximum survives the masking
+    checked = 0
+    for inv_t in (0.5, 1.0, 1.25, 8.0, 1e30):
+        p = np.exp((x.astype(np.float64) - x.max()) * np.float64(np.float32(inv_t)))
+        cdf = np.cumsum(p)
+        for u in np.concatenate([[0.0, 1 - 2**-53], rng.random(400)]):
+            t = u * cdf[-1]
+            k = min(int(np.searchsorted(cdf, t, side="right")), n - 1)
+            got = _C.softmax_draw(x, inv_t, u)
+            assert np.isfinite(x[got]), f"n={n} inv_t={inv_t} u={u}: drew masked token {got}"
+            if np.min(np.abs(cdf - t)) < 1e-5 * cdf[-1]:
+                continue
+            assert got == k, f"n={n} inv_t={inv_t} u={u}: {got} != {k}"
+            checked += 1
+    assert checked > 1500
+
+
+def test_softmax_draw_rejects_what_has_no_distribution():
+    from pyengine import _C
+
+    x = np.zeros(40, np.float32)
+    for bad, match in [(np.full(40, -np.inf, np.float32), "finite maximum"),
+                       (np.array([0, np.inf], np.float32), "finite maximum"),
+                       (np.array([0, np.nan, 1], np.float32), "NaN"),
+                       (np.zeros(0, np.float32), "non-empty")]:
+        with pytest.raises(ValueError, match=match):
+            _C.softmax_draw(bad, 1.0, 0.5)
+    for inv_t in (0.0, -1.0, np.inf, np.nan, 1e39):
+        with pytest.raises(ValueError, match="temperature"):
+            _C.softmax_draw(x, inv_t, 0.5)
+    for u in (-0.1, 1.0, np.nan):
+        with pytest.raises(ValueError, match="u must"):
+            _C.softmax_draw(x, 1.0, u)
+
+
 def test_seed_reproducible():
     logits = logits_for(1000, scale=1.0)
 

@@ -12,27 +12,14 @@ inline float relu(float x) { return x > 0.f ? x : 0.f; }
 
 // SiLU and GELU (tanh form) 16 elements at a time, as x * sigmoid(z): z = x for SiLU, and for GELU
 // 0.5 x (1 + tanh(y)) = x sigmoid(2y) with y = sqrt(2/pi) (x + 0.044715 x^3) (ggml's, GPT-2's, Gemma's).
-// e = e^-|z| by Cephes' degree-6 polynomial (as attention's softmax; ~2 ulp), sigmoid = 1 / (1 + e) for
+// e = e^-|z| (exp_nonpositive16, cpu/vec_clones.h), sigmoid = 1 / (1 + e) for
 // z >= 0 and e / (1 + e) below. libm's scalar expf per element was ~5 % of a batched decode step. Written
 // with GCC vector types (cpu/vec_clones.h), compiled for x86-64-v4 and v3 as well as the baseline, as the
 // quantizer searches are; a row's tail goes through the same code in a padded block, so every element
 // gets the same arithmetic. NaN stays NaN.
 
 __attribute__((always_inline)) inline VF times_sigmoid16(VF x, VF z) {
-  VF t = -(VF)((VI)z & 0x7fffffff);
-  const VI low = (VI)(t < -87.3f);  // e^-87.3 ~ 1e-38 at most
-  t = (VF)((low & (VI)(VF{} - 87.3f)) | (~low & (VI)t));
-  const VF n = (t * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  VF r = t - n * 0.693359375f;  // ln 2 in two parts, so that r is exact
-  r = r + n * 2.12194440e-4f;
-  VF p = VF{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + (r + 1.f);
-  const VF e = p * (VF)((__builtin_convertvector(n, VI) + 127) << 23);
+  const VF e = exp_nonpositive16(-(VF)((VI)z & 0x7fffffff));
   const VI pos = (VI)(z >= 0.f);
   const VF num = (VF)((pos & (VI)(VF{} + 1.f)) | (~pos & (VI)e));
   return x * (num / (1.f + e));
