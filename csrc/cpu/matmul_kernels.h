@@ -62,22 +62,33 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 #endif
 
 // How decode (few activation rows, matmul_simd.h) walks the packed panels. The kernels are the same code
-// on every CPU; the memory systems differ, so these two choices follow the vendor (cpu_is_amd()).
+// on every CPU; the memory systems differ, so these choices follow the vendor (cpu_is_amd()).
 //   two_panels      two panels per loop where the ISA's kernels have that loop for the type: independent
 //                   dependency chains for the core, but two interleaved streams for the prefetchers.
 //   prefetch_bytes  how far ahead of the kernel each block's bytes are software-prefetched (0: not).
+//   spread_bytes    for the types whose block keeps its scales at its end (Q6_K, Q3_K, Q2_K: those of the
+//                   tail prefetch, PackBase::kTail), each unit of a block also asks for a unit's bytes this
+//                   far ahead, so the next block's lines are asked for across this one (0: not).
 // Intel Xeon (model 167): two panels (random 1.1B files, 2 threads: Q4_K_M 37.7 -> 40.6 tok/s) and 1 KiB
-// (Q6_K 22.8 -> 27.8, Q4_0 41.5 -> 45.5): {true, 1024}, used on every non-AMD CPU.
-// AMD EPYC Zen 4 (family 25 model 17): {false, 64}. One panel: from {true, 1024}, 1 thread, tok/s,
+// (Q6_K 22.8 -> 27.8, Q4_0 41.5 -> 45.5), no spread (not measured there): {true, 1024, 0}, used on every
+// non-AMD CPU.
+// AMD EPYC Zen 4 (family 25 model 17): {false, 64, 1728}. One panel: from {true, 1024}, 1 thread, tok/s,
 // SmolLM2 Q4_0 137 -> 261 (its AVX2 path 83 -> 196), Q8_0 97 -> 169, random 1.1B Q4_0 24 -> 40, with
 // prefetch off. Then 64 bytes, which asks for each block's lines as the block starts, all at once:
 // random 1.1B Q6_K 7.4 -> 17.6 (256 bytes: 12.4, 1 KiB: 9.0, off: 7.4), Q4_K_M (a quarter Q6_K) 23.5 ->
 // 33.5 (2 threads 39 -> 52), the other types unchanged. The kernel's own loads reach a Q6_K block's lines
 // a unit at a time, and out of order (its scales sit at the block's end), which the prefetchers there
-// do not follow: without the early requests a core waits on one line after another.
+// do not follow: without the early requests a core waits on one line after another. Then the spread,
+// 1728 bytes (medians of 10-12 paired alternations with 0 in one process, tok/s): random 1.1B Q6_K
+// +41 % at one thread (16.7 -> 24.5) and +24 % at two (32.6 -> 40.1), Q4_K_M +7 % (33.5 -> 36.2) and
+// +10 % (53.8 -> 58.4), Qwen2.5-Coder-0.5B Q4_K_M unchanged, the AVX2 path's Q6_K +6 %; in a trial
+// build Q3_K_M +12 %, Q2_K +19 %, and 2304 bytes as good on Q6_K but 0.96-0.98 on Q4_K_M. Spread for
+// Q4_K too (scales at the head): Q4_K_S +3-4 %, within the noise of a Q4_0 control (+3 %): not kept.
+// Without the 64 bytes at each block's start the spread alone halved Q6_K's speed.
 struct DecodeTuning {
   bool two_panels;
   int64_t prefetch_bytes;
+  int64_t spread_bytes;
 };
 // The tuning in use: the vendor's unless set_decode_tuning changed it (tests: every choice gives the same
 // results bit for bit).

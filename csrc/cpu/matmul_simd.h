@@ -232,7 +232,9 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
   // bandwidth: each block's bytes are asked for as far ahead as DecodeTuning says.
   const int64_t next_bytes = std::is_same_v<R, PackedPanel> ? 0 : NP * V::kRows * rows.stride;
   const RowPrefetch next(rows.p + NP * V::kRows * rows.stride, next_bytes, nblk);
-  const int64_t ahead = std::is_same_v<R, PackedPanel> ? decode_tuning().prefetch_bytes : 0;
+  const DecodeTuning tuning = decode_tuning();
+  const int64_t ahead = std::is_same_v<R, PackedPanel> ? tuning.prefetch_bytes : 0;
+  const int64_t spread = std::is_same_v<R, PackedPanel> && P::kTail < P::kBytes ? tuning.spread_bytes : 0;
   for (int64_t b = 0; b < nblk; b++) {
     next.step(b);
     if (ahead > 0) {
@@ -258,6 +260,14 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
       P::begin(pr[p], b * P::kBytes, st);
 #pragma GCC unroll 8
       for (int unit = 0; unit < kUnits<P>; unit++) {
+        if constexpr (P::kTail < P::kBytes) {
+          if (spread > 0) {  // a unit's share of what lies `spread` bytes ahead (DecodeTuning)
+            constexpr int64_t kBlockBytes = V::kRows * P::kBytes, kUnitBytes = kBlockBytes / kUnits<P>;
+            const int64_t lo = b * kBlockBytes + unit * kUnitBytes + spread;
+            const int64_t hi = std::min(lo + kUnitBytes, nblk * kBlockBytes);
+            for (int64_t o = lo & ~int64_t(63); o < hi; o += 64) __builtin_prefetch(pr[p].p + o, 0, 3);
+          }
+        }
         UnitOf<V, P> un;
         P::unpack(pr[p], b * P::kBytes, unit, st, un);
         // Half unrolled: fully unrolling a K-quant unit's 8 sub-blocks measured 16% slower on AVX-512 (Q3_K).
