@@ -112,6 +112,16 @@ Tensor maybe_with_panels(Executor& ex, Tensor w, bool panels, std::vector<Buffer
   return w;
 }
 
+// The thread count a kernel binding accepts.
+void check_threads(int n_threads) {
+  if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+}
+
+// x of a product with `cols`-column weights: float32 (m, cols).
+void check_x(const py::array_t<float, py::array::c_style | py::array::forcecast>& x, int64_t cols) {
+  if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error(str_cat("x must have shape (m, ", cols, ")"));
+}
+
 MatmulRounding rounding_named(const std::string& name) {
   if (name == "int8") return MatmulRounding::Int8;
   if (name == "bf16") return MatmulRounding::Bf16;
@@ -124,9 +134,8 @@ py::array_t<float> py_matmul(const py::buffer& w, uint32_t type_id, int64_t rows
   const MatmulRounding rounding = rounding_named(rounding_name);
   const py::buffer_info wi = w.request();
   const Tensor view = weight_view(wi, type_id, rows, cols);
-  if (x.ndim() != 2 || x.shape(1) != cols)
-    throw py::value_error(str_cat("x must have shape (m, ", cols, ")"));
-  if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+  check_x(x, cols);
+  check_threads(n_threads);
   const int64_t m = x.shape(0);
   py::array_t<float> y({m, rows});
   const float* xp = x.data();
@@ -151,8 +160,8 @@ double py_time_matmul(const py::buffer& w, uint32_t type_id, int64_t rows, int64
                       bool panels, int repeat) {
   const py::buffer_info wi = w.request();
   const Tensor view = weight_view(wi, type_id, rows, cols);
-  if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error(str_cat("x must have shape (m, ", cols, ")"));
-  if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+  check_x(x, cols);
+  check_threads(n_threads);
   if (repeat < 1) throw py::value_error("repeat must be >= 1");
   std::vector<float> y(size_t(x.shape(0)) * size_t(rows));
   const float* xp = x.data();
@@ -188,8 +197,8 @@ py::array_t<float> py_matmul_group(const std::vector<py::buffer>& ws, uint32_t t
     views.push_back(weight_view(infos.back(), type_id, rows[i], cols));
     total += rows[i];
   }
-  if (x.ndim() != 2 || x.shape(1) != cols) throw py::value_error(str_cat("x must have shape (m, ", cols, ")"));
-  if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+  check_x(x, cols);
+  check_threads(n_threads);
   const int64_t m = x.shape(0);
   py::array_t<float> y({m, total});
   const Tensor X = f32_tensor(const_cast<float*>(x.data()), m, cols, cols), Y = f32_tensor(y.mutable_data(), m, total, total);
@@ -234,7 +243,7 @@ py::array_t<float> py_moe_ffn(const py::array_t<float, py::array::c_style | py::
                               const std::string& device, bool panels) {
   if (router.ndim() != 2 || x.ndim() != 2 || x.shape(1) != router.shape(1))
     throw py::value_error("router must be (n_expert, d) and x (n, d)");
-  if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+  check_threads(n_threads);
   const int64_t n_expert = router.shape(0), d = router.shape(1), n = x.shape(0);
   const py::buffer_info gi = gate.request(), ui = up.request(), di = down.request();
   const Tensor g = weight_view(gi, type_id, n_expert * n_ff, d), u = weight_view(ui, type_id, n_expert * n_ff, d);
@@ -292,7 +301,7 @@ void bind_kernels(py::module_& m) {
         if (kind == kinds.end()) throw py::value_error("act must be silu, gelu, gelu_erf or relu, not '" + act + "'");
         if (x.ndim() != 2 || (up && (up->ndim() != 2 || up->shape(0) != x.shape(0) || up->shape(1) != x.shape(1))))
           throw py::value_error("x (and up) must be float32 arrays of one (rows, cols) shape");
-        if (n_threads < 1 || n_threads > 256) throw py::value_error("n_threads must be in [1, 256]");
+        check_threads(n_threads);
         const int64_t n = x.shape(0), d = x.shape(1);
         py::array_t<float> out({n, d});
         std::memcpy(out.mutable_data(), x.data(), sizeof(float) * size_t(n * d));
