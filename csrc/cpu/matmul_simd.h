@@ -230,15 +230,16 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
   // Rows as stored: kRows streams advancing a few bytes per step, prefetched row by row (RowPrefetch). A
   // packed panel is one stream, yet the hardware prefetchers alone kept a memory-bound decode below the
   // bandwidth: each block's bytes are asked for as far ahead as DecodeTuning says.
-  const int64_t next_bytes = std::is_same_v<R, PackedPanel> ? 0 : NP * V::kRows * rows.stride;
+  constexpr bool kPacked = std::is_same_v<R, PackedPanel>;
+  constexpr int64_t kBlockBytes = V::kRows * P::kBytes;  // a block of the panel's rows
+  const int64_t next_bytes = kPacked ? 0 : NP * V::kRows * rows.stride;
   const RowPrefetch next(rows.p + NP * V::kRows * rows.stride, next_bytes, nblk);
   const DecodeTuning tuning = decode_tuning();
-  const int64_t ahead = std::is_same_v<R, PackedPanel> ? tuning.prefetch_bytes : 0;
-  const int64_t spread = std::is_same_v<R, PackedPanel> && P::kTail < P::kBytes ? tuning.spread_bytes : 0;
+  const int64_t ahead = kPacked ? tuning.prefetch_bytes : 0;
+  const int64_t spread = kPacked && P::kTail < P::kBytes ? tuning.spread_bytes : 0;
   for (int64_t b = 0; b < nblk; b++) {
     next.step(b);
     if (ahead > 0) {
-      constexpr int64_t kBlockBytes = V::kRows * P::kBytes;
       const int64_t lo = (b * kBlockBytes + ahead) & ~int64_t(63);
       const int64_t hi = std::min((b + 1) * kBlockBytes + ahead, nblk * kBlockBytes);
       for (int p = 0; p < NP; p++)
@@ -262,7 +263,7 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
       for (int unit = 0; unit < kUnits<P>; unit++) {
         if constexpr (P::kTail < P::kBytes) {
           if (spread > 0) {  // a unit's share of what lies `spread` bytes ahead (DecodeTuning)
-            constexpr int64_t kBlockBytes = V::kRows * P::kBytes, kUnitBytes = kBlockBytes / kUnits<P>;
+            constexpr int64_t kUnitBytes = kBlockBytes / kUnits<P>;
             const int64_t lo = b * kBlockBytes + unit * kUnitBytes + spread;
             const int64_t hi = std::min(lo + kUnitBytes, nblk * kBlockBytes);
             for (int64_t o = lo & ~int64_t(63); o < hi; o += 64) __builtin_prefetch(pr[p].p + o, 0, 3);
