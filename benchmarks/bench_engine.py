@@ -8,8 +8,9 @@ repetitions after a warm-up. Each measurement runs in its own process; peak RSS 
 
 For every tg row the table also gives the share of the measured read bandwidth the decode uses: weight
 bytes read per token (every tensor but the token embedding, which is read a row at a time, unless it is
-also the output matrix) x tokens/s / the read bandwidth measured with as many threads in the same run
-(read_bandwidth_gb_s).
+also the output matrix) x tokens/s / the read bandwidth measured with as many threads just before and
+just after that engine's run (the larger of the two, each engine's read_bandwidth_gb_s: a shared
+machine's bandwidth moves from minute to minute, by a fifth and more on the development VM).
 
     python benchmarks/make_models.py --random-1b      # SmolLM2 variants, the random 1.1B files
     python benchmarks/bench_engine.py --threads 1,2   # writes benchmarks/results/engine.json
@@ -146,7 +147,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from pyengine.default_model import models_dir
 
-    rows, bandwidth = [], {}
+    def with_bandwidth(run, threads: int) -> dict | None:
+        before = read_bandwidth_gb_s(threads)
+        result = run()
+        if result is not None:
+            result["read_bandwidth_before_after_gb_s"] = [before, read_bandwidth_gb_s(threads)]
+            result["read_bandwidth_gb_s"] = max(result["read_bandwidth_before_after_gb_s"])
+        return result
+
+    rows = []
     for name in args.models.split(","):
         model = Path(name) if name.endswith(".gguf") else models_dir() / f"{name}.gguf"
         if not model.is_file():
@@ -157,16 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         for threads in [int(t) for t in args.threads.split(",")]:
             row = {"model": model.name, "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
                    "weight_bytes_per_token": per_token,
-                   "read_bandwidth_gb_s": bandwidth.setdefault(threads, read_bandwidth_gb_s(threads)),
-                   "pyengine": run_pyengine(model, args, threads), "llama.cpp": run_llamacpp(model, args, threads)}
+                   "pyengine": with_bandwidth(lambda: run_pyengine(model, args, threads), threads),
+                   "llama.cpp": with_bandwidth(lambda: run_llamacpp(model, args, threads), threads)}
             pe, lc = row["pyengine"], row["llama.cpp"]
             for key in ("pp", "tg"):
                 if pe and lc:
                     row[f"{key}_ratio"] = pe[f"{key}_tokens_per_s"] / lc[f"{key}_tokens_per_s"]
             for engine in ("pyengine", "llama.cpp"):
-                if row[engine] and row["read_bandwidth_gb_s"]:
+                if row[engine] and row[engine]["read_bandwidth_gb_s"]:
                     used = per_token * row[engine]["tg_tokens_per_s"] / 1e9
-                    row[engine]["tg_bandwidth_share"] = used / row["read_bandwidth_gb_s"]
+                    row[engine]["tg_bandwidth_share"] = used / row[engine]["read_bandwidth_gb_s"]
             rows.append(row)
             print(format_row(row), flush=True)
     out = {"machine": machine(), "llama.cpp": llama_cpp_info(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
