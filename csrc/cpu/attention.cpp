@@ -49,6 +49,7 @@ constexpr int64_t kPrefetchBlocks = 1;
 struct Scalar {
   using F = float;
   static constexpr int W = 1;
+  static constexpr int kRegs = 16;  // vector registers
   static F zero() { return 0.f; }
   static F set1(float v) { return v; }
   static F fmadd(F a, F b, F c) { return a * b + c; }

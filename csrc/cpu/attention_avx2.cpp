@@ -14,6 +14,7 @@ namespace {
 struct Avx2 {
   using F = __m256;
   static constexpr int W = 8;
+  static constexpr int kRegs = 16;  // vector registers
   static PE_ATTN_INLINE F zero() { return _mm256_setzero_ps(); }
   static PE_ATTN_INLINE F set1(float v) { return _mm256_set1_ps(v); }
   static PE_ATTN_INLINE F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }

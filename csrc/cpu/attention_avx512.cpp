@@ -12,6 +12,7 @@ namespace {
 struct Avx512 {
   using F = __m512;
   static constexpr int W = 16;
+  static constexpr int kRegs = 32;  // vector registers
   static PE_ATTN_INLINE __mmask16 mask(int n) { return __mmask16((1u << n) - 1); }
   static PE_ATTN_INLINE F zero() { return _mm512_setzero_ps(); }
   static PE_ATTN_INLINE F set1(float v) { return _mm512_set1_ps(v); }

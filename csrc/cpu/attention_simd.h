@@ -21,15 +21,23 @@ PE_ATTN_INLINE typename V::F load_kv(const void* base, int64_t i, int n) {
 }
 
 // Vectors in flight per row: FMA latency needs several independent accumulators when rows are few;
-// with many rows the rows provide them (and registers run out).
-template <int NB>
-constexpr int kChains = NB >= 8 ? 2 : 4;
+// with many rows the rows provide them. Never more than the ISA's registers hold (V::kRegs) beside a
+// key or value vector per chain and the broadcast: AVX2's 8 rows x 2 chains spilled its 16 ymm
+// registers in the inner loop. SmolLM2 F16 pp512 on the AVX2 path (Zen 4, 2 threads, perf): scores and
+// values took 11 % of the matmul tiles' time each, now 8.6 % (4 rows x 2 chains, tried too: 9.7 %);
+// the chains split keys (or dimensions), never a sum, so results are the same bits.
+template <class V, int NB>
+constexpr int kChains = [] {
+  int c = NB >= 8 ? 2 : 4;
+  while (c > 1 && NB * c + c + 1 > V::kRegs) c /= 2;
+  return c;
+}();
 
 template <class V, int NB, KVElem E>
 void scores_rows(const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, const float* q, int64_t ldq, float* s,
                  int64_t lds) {
   using F = typename V::F;
-  constexpr int C = kChains<NB>;
+  constexpr int C = kChains<V, NB>;
   for (int j = 0; j < n; j += C * V::W) {
     int w[C];
     for (int c = 0; c < C; c++) w[c] = n - j - c * V::W < V::W ? n - j - c * V::W : V::W;
@@ -62,7 +70,7 @@ template <class V, int NB, KVElem E>
 void values_rows(const void* v, const fp16_t* vs, int hd, int n, const float* p, int64_t ldp, float* o,
                  int64_t ldo) {
   using F = typename V::F;
-  constexpr int C = kChains<NB>;
+  constexpr int C = kChains<V, NB>;
   for (int d = 0; d < hd; d += C * V::W) {
     int w[C];
     for (int c = 0; c < C; c++) w[c] = hd - d - c * V::W < V::W ? hd - d - c * V::W : V::W;
