@@ -86,6 +86,19 @@ void bind_gguf(py::module_& m) {
                                f.check_unchanged();
                                return d;
                              })
+      .def(
+          "get",
+          [](const GGUFFile& f, const std::string& key, py::object default_value) -> py::object {
+            const auto it = f.metadata().find(key);
+            if (it == f.metadata().end()) return default_value;
+            f.check_unchanged();
+            py::object v = to_python(it->second, f.path(), key);
+            f.check_unchanged();
+            return v;
+          },
+          py::arg("key"), py::arg("default") = py::none(),
+          "metadata[key] without building the whole dict (a vocabulary is ~100k Python objects), or "
+          "`default` when the file has no such key.")
       .def_property_readonly("tensors",
                              [](const GGUFFile& f) {
                                py::list l;

@@ -183,6 +183,11 @@ class Engine:
         """The GGUF metadata (keys as in the file)."""
         return self._model.file.metadata
 
+    def metadata_value(self, key: str, default: Any = None) -> Any:
+        """One GGUF metadata value, as `metadata[key]`, without building `metadata` (whose token and
+        merge lists are ~100k Python objects, several MB), or `default` when the file lacks it."""
+        return self._model.file.get(key, default)
+
     @property
     def config(self) -> dict[str, Any]:
         """Hyper-parameters the engine runs with (arch, n_embd, n_layer, n_head, ...)."""

@@ -63,6 +63,38 @@ def test_reads_what_gguf_package_wrote(tiny):
         assert np.array_equal(f.tensor_bytes(t.name), np.asarray(t.data).view(np.uint8).ravel())
 
 
+def test_get_is_one_metadata_value(tmp_path):
+    """GGUFFile.get(key) returns what the gguf package reads for every key, scalars, strings and arrays,
+    and the default for a missing key."""
+    path = tmp_path / "kv.gguf"
+    w = gguf.GGUFWriter(str(path), ARCH)
+    w.add_uint32("t.u32", 7)
+    w.add_int64("t.i64", -5)
+    w.add_float32("t.f32", 0.25)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo")
+    w.add_array("t.strs", ["a", "b c", ""])
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, -1.5])
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = _C.GGUFFile(str(path))
+    fields = gguf.GGUFReader(str(path)).fields
+    for key, field in fields.items():
+        if key.startswith("GGUF."):  # the reader's header pseudo-fields
+            continue
+        got, want = f.get(key), field.contents()
+        if isinstance(want, list):
+            assert list(got) == pytest.approx(want) if want and not isinstance(want[0], str) else list(got) == want, key
+        else:
+            assert got == pytest.approx(want) if isinstance(want, float) else got == want, key
+    assert len([k for k in fields if not k.startswith("GGUF.")]) == 9
+    assert f.get("no.such.key") is None and f.get("no.such.key", 3) == 3
+
+
 def test_truncated_at_every_offset(tiny, tmp_path):
     data = tiny.read_bytes()
     bad = tmp_path / "bad.gguf"
