@@ -12,6 +12,11 @@ Two clocks: wall time, and the calling thread's CPU time. On a machine shared wi
 wall clock counts time the benchmark was not running at all; CPU time does not (with n threads it
 still includes the caller's share of the wait for the others, so it is exact only for 1 thread).
 
+--int8-peak (AVX-512 VNNI machines with a C compiler) also measures one core's vpdpbusd rate alone and
+with the kernels' scale step (int8_peak.py) just before each quantized row, and gives the row's MACs
+per second as a share of the first ("peak %": wall clock, threads x one core's rate); the second, as a
+share of the first ("ceiling"), is the most a compute-bound row can reach.
+
     python benchmarks/bench_kernels.py --types Q4_0,Q8_0 --paths avx512 --out bench.json
 """
 from __future__ import annotations
@@ -85,8 +90,17 @@ def main() -> None:
                     help="weights in the panel layout, as a loaded model's (default), or as the file stores them")
     ap.add_argument("--repeat", type=int, default=20, help="products per timed call with --layout panels")
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
+    ap.add_argument("--int8-peak", action="store_true", help="measure the vpdpbusd ceiling (int8_peak.py) and show each quantized row's share of it")
     ap.add_argument("--out", default="bench_kernels.json")
     args = ap.parse_args()
+    measure_peak = None
+    if args.int8_peak:
+        from int8_peak import measure
+
+        if measure() is None:
+            print("--int8-peak: no C compiler or no AVX-512 VNNI here: no peak column")
+        else:
+            measure_peak = measure
 
     rng = np.random.default_rng(0)
     paths = args.paths.split(",") if args.paths else [_C.cpu_path()]
@@ -111,6 +125,8 @@ def main() -> None:
             for m in map(int, args.m.split(",")):
                 xs = {c: rng.standard_normal((m, c)).astype(np.float32) for _, c in type_shapes.values()}
                 for nt in map(int, args.threads.split(",")):
+                    int8 = measure_peak is not None and qtype not in (QT.F32, QT.F16, QT.BF16) and path in ("avx512", "amx")
+                    peak = measure_peak() if int8 else None
                     total_t = total_cpu = total_flop = total_bytes = 0.0
                     for k, (r, c) in type_shapes.items():
                         w, x = weights[k], xs[c]
@@ -124,10 +140,16 @@ def main() -> None:
                            "weight_gbps": total_bytes / total_t / 1e9,
                            "cpu_seconds": total_cpu, "cpu_gflops": total_flop / total_cpu / 1e9,
                            "cpu_weight_gbps": total_bytes / total_cpu / 1e9}
+                    if peak is not None:
+                        row["int8_peak"] = peak
+                        row["int8_peak_share"] = row["gflops"] / 2 / (nt * peak["gmac_per_s"])
+                        row["int8_ceiling_share"] = peak["with_scale_step_gmac_per_s"] / peak["gmac_per_s"]
                     results.append(row)
                     print(f"{tname:6} {path:9} {m:4d} {nt:3d} {total_t * 1e3:9.3f} {row['gflops']:9.1f} "
                           f"{row['weight_gbps']:8.2f}  {total_cpu * 1e3:9.3f} {row['cpu_gflops']:9.1f} "
                           f"{row['cpu_weight_gbps']:8.2f}"
+                          + (f"  {row['int8_peak_share']:4.0%} peak ({row['int8_ceiling_share']:.0%} ceiling)"
+                             if "int8_peak_share" in row else "")
                           + ("" if len(type_shapes) == len(shapes) else "  (" + ",".join(type_shapes) + ")"),
                           flush=True)
     _C.set_cpu_path(before)
