@@ -15,6 +15,11 @@ machine's bandwidth moves from minute to minute, by a fifth and more on the deve
     python benchmarks/make_models.py --random-1b      # SmolLM2 variants, the random 1.1B files
     python benchmarks/bench_engine.py --threads 1,2   # writes benchmarks/results/engine.json
 
+--pairs N runs each row's two engines N times, alternating which goes first: a row's tokens/s and
+bandwidth shares are then the medians over the passes, its ratios the medians of the passes' own
+ratios (each pass's two runs a minute apart), and every pass is in the JSON. On a machine whose speed
+moves by tens of percent between minutes, one pass cannot tell 0.95x from 1.05x.
+
 The peer is llama.cpp from the llama-cpp-python sdist built with -DGGML_NATIVE=ON (on CPUs that report
 AMX, the same ISA flags one by one without AMX: see benchmarks/llama_cpp_tools.py)
 (benchmarks/llama_cpp_tools.py builds it on first use).
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=1, help="passes over each row's two engines, alternating the order")
     ap.add_argument("--out", default=str(HERE / "results" / "engine.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -164,18 +171,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         per_token = weight_bytes_per_token(model)
         for threads in [int(t) for t in args.threads.split(",")]:
+            runs = {"pyengine": lambda: run_pyengine(model, args, threads),
+                    "llama.cpp": lambda: run_llamacpp(model, args, threads)}
+            passes = []
+            for i in range(args.pairs):
+                order = ("pyengine", "llama.cpp") if i % 2 == 0 else ("llama.cpp", "pyengine")
+                passes.append({engine: with_bandwidth(runs[engine], threads) for engine in order})
+                for engine in order:
+                    r = passes[-1][engine]
+                    if r and r["read_bandwidth_gb_s"]:
+                        r["tg_bandwidth_share"] = per_token * r["tg_tokens_per_s"] / 1e9 / r["read_bandwidth_gb_s"]
             row = {"model": model.name, "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-                   "weight_bytes_per_token": per_token,
-                   "pyengine": with_bandwidth(lambda: run_pyengine(model, args, threads), threads),
-                   "llama.cpp": with_bandwidth(lambda: run_llamacpp(model, args, threads), threads)}
-            pe, lc = row["pyengine"], row["llama.cpp"]
-            for key in ("pp", "tg"):
-                if pe and lc:
-                    row[f"{key}_ratio"] = pe[f"{key}_tokens_per_s"] / lc[f"{key}_tokens_per_s"]
-            for engine in ("pyengine", "llama.cpp"):
-                if row[engine] and row[engine]["read_bandwidth_gb_s"]:
-                    used = per_token * row[engine]["tg_tokens_per_s"] / 1e9
-                    row[engine]["tg_bandwidth_share"] = used / row[engine]["read_bandwidth_gb_s"]
+                   "weight_bytes_per_token": per_token, **combine_passes(passes)}
+            if args.pairs > 1:
+                row["passes"] = passes
             rows.append(row)
             print(format_row(row), flush=True)
     out = {"machine": machine(), "llama.cpp": llama_cpp_info(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
@@ -185,6 +194,27 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def combine_passes(passes: list[dict]) -> dict:
+    """A row's "pyengine" and "llama.cpp" results over its passes (medians; peak RSS the largest) and its
+    pp / tg ratios (medians of each pass's own ratio; with one pass, that pass's)."""
+    out: dict = {}
+    for engine in ("pyengine", "llama.cpp"):
+        ok = [p[engine] for p in passes if p[engine]]
+        out[engine] = None if not ok else {
+            **ok[-1],
+            **{k: statistics.median(r[k] for r in ok) for k in ("pp_tokens_per_s", "tg_tokens_per_s", "tg_bandwidth_share", "read_bandwidth_gb_s")
+               if all(k in r for r in ok)},
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
+    for key in ("pp", "tg"):
+        ratios = [p["pyengine"][f"{key}_tokens_per_s"] / p["llama.cpp"][f"{key}_tokens_per_s"]
+                  for p in passes if p["pyengine"] and p["llama.cpp"]]
+        if ratios:
+            out[f"{key}_ratio"] = statistics.median(ratios)
+            if len(ratios) > 1:
+                out[f"{key}_ratios"] = ratios
+    return out
 
 
 def _fmt(r: dict | None, key: str, spec: str = ".1f") -> str:
