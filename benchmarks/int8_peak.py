@@ -85,7 +85,8 @@ def _compile() -> str | None:
         src, exe = os.path.join(d, "probe.c"), os.path.join(d, "probe")
         with open(src, "w") as f:
             f.write(_PROBE)
-        subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", "-o", exe, src], check=True, capture_output=True)
+        if subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", "-o", exe, src], capture_output=True).returncode:
+            return None  # a compiler without these flags
         _exe = exe
     return _exe
 
