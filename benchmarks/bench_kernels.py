@@ -13,9 +13,10 @@ wall clock counts time the benchmark was not running at all; CPU time does not (
 still includes the caller's share of the wait for the others, so it is exact only for 1 thread).
 
 --int8-peak (AVX-512 VNNI machines with a C compiler) also measures one core's vpdpbusd rate alone and
-with the kernels' scale step (int8_peak.py) just before each quantized row, and gives the row's MACs
-per second as a share of the first ("peak %": wall clock, threads x one core's rate); the second, as a
-share of the first ("ceiling"), is the most a compute-bound row can reach.
+with the kernels' scale step (int8_peak.py) just before each quantized row of the avx512 path (whose
+int8 kernels are vpdpbusd; amx's prefill is not), and gives the row's MACs per second as a share of the
+first ("peak %": wall clock, threads x one core's rate); the second, as a share of the first
+("ceiling"), is the most a compute-bound row can reach.
 
     python benchmarks/bench_kernels.py --types Q4_0,Q8_0 --paths avx512 --out bench.json
 """
@@ -125,7 +126,7 @@ def main() -> None:
             for m in map(int, args.m.split(",")):
                 xs = {c: rng.standard_normal((m, c)).astype(np.float32) for _, c in type_shapes.values()}
                 for nt in map(int, args.threads.split(",")):
-                    int8 = measure_peak is not None and qtype not in (QT.F32, QT.F16, QT.BF16) and path in ("avx512", "amx")
+                    int8 = measure_peak is not None and qtype not in (QT.F32, QT.F16, QT.BF16) and path == "avx512"
                     peak = measure_peak() if int8 else None
                     total_t = total_cpu = total_flop = total_bytes = 0.0
                     for k, (r, c) in type_shapes.items():
