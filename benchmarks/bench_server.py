@@ -11,7 +11,9 @@ all completion tokens (from the usage chunk, else one per content chunk) over th
 round; TTFT is from sending a request to its first content chunk. llama-server is built natively by llama_cpp_tools.py.
 With --rounds N the levels are run N times in turn; each level reports its median round and its
 scaling: the median over the passes of its tok/s over the same pass's one-client tok/s (a shared
-machine's slow minutes then fall on both sides of a ratio).
+machine's slow minutes then fall on both sides of a ratio). For pyengine each round also reads the
+server's forward-pass counters (/metrics) before and after: passes, rows per pass, milliseconds per
+pass and their share of the round's wall time (the rest is the server's Python between passes).
 
     python benchmarks/bench_server.py                        # default model, 1/4/8 clients, both engines
     python benchmarks/bench_server.py -m model.gguf -c 1,2 --max-tokens 64 --engines pyengine
@@ -132,6 +134,34 @@ async def prefix_reuse(url: str, model: str) -> dict:
     return {"first_turn_ttft_s": r1["ttft"], "second_turn_ttft_s": r2["ttft"], "ratio": r2["ttft"] / r1["ttft"]}
 
 
+ENGINE_COUNTERS = ("pyengine_engine_steps_total", "pyengine_engine_step_rows_total", "pyengine_engine_step_seconds_total")
+
+
+def engine_counters(url: str) -> dict[str, float] | None:
+    """pyengine's forward-pass counters from /metrics (None where the server has none, as llama-server)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    values = dict(line.split() for line in text.splitlines() if line and not line.startswith("#"))
+    return {k: float(values[k]) for k in ENGINE_COUNTERS} if all(k in values for k in ENGINE_COUNTERS) else None
+
+
+def engine_share(before: dict | None, after: dict | None, seconds: float) -> dict | None:
+    """A round's forward passes from the counters around it: how many, rows per pass, milliseconds per
+    pass and the share of the round's wall time spent in them."""
+    if before is None or after is None:
+        return None
+    steps, rows, busy = (after[k] - before[k] for k in ENGINE_COUNTERS)
+    if steps <= 0:
+        return None
+    return {"steps": int(steps), "rows_per_step": rows / steps, "ms_per_step": 1e3 * busy / steps,
+            "busy_share": busy / seconds}
+
+
 async def warm_up(url: str) -> str:
     """The server's model name, after one short request."""
     async with client_session() as session:
@@ -167,8 +197,14 @@ def bench_engine(engine: str, model: Path, levels: list[int], args) -> list[dict
         for _ in range(args.rounds):
             passes.append({})
             for c in levels:
-                passes[-1][c] = asyncio.run(run_round(url, name, c, args.requests, args.max_tokens))
-                print(f"  {engine}, {c} clients: {passes[-1][c]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+                before = engine_counters(url)
+                r = asyncio.run(run_round(url, name, c, args.requests, args.max_tokens))
+                r["engine_passes"] = engine_share(before, engine_counters(url), r["seconds"])
+                passes[-1][c] = r
+                e = r["engine_passes"]
+                print(f"  {engine}, {c} clients: {r['tokens_per_s']:.1f} tok/s"
+                      + (f"; {e['steps']} passes of {e['rows_per_step']:.1f} rows, {e['ms_per_step']:.2f} ms each, "
+                         f"{e['busy_share']:.0%} of the wall" if e else ""), file=sys.stderr)
         rows = []
         for c in levels:
             rounds = sorted((p[c] for p in passes), key=lambda r: r["tokens_per_s"])
@@ -216,6 +252,13 @@ def main() -> int:
         scaling = f"{r['scaling_over_one_client']:.2f}" if "scaling_over_one_client" in r else "-"
         print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['completion_tokens']} | {r['tokens_per_s']:.1f} | "
               f"{scaling} | {r['per_client_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |")
+    passes = [r for r in rows if r.get("engine_passes")]
+    if passes:
+        print("\n| engine | clients | forward passes | rows per pass | ms per pass | share of the wall |\n|---|---:|---:|---:|---:|---:|")
+        for r in passes:
+            e = r["engine_passes"]
+            print(f"| {r['engine']} | {r['clients']} | {e['steps']} | {e['rows_per_step']:.1f} | {e['ms_per_step']:.2f} | "
+                  f"{e['busy_share']:.0%} |")
     print("\n| engine | first turn TTFT (s) | second turn TTFT (s) | ratio |\n|---|---:|---:|---:|")
     for p2 in reuse:
         print(f"| {p2['engine']} | {p2['first_turn_ttft_s']:.3f} | {p2['second_turn_ttft_s']:.3f} | {p2['ratio']:.2f} |")

@@ -322,6 +322,11 @@ def test_metrics(server):
     assert int(values["pyengine_requests_finished_total"]) >= 1
     assert int(values["pyengine_tokens_generated_total"]) >= 2
     assert "# TYPE pyengine_slots_processing gauge" in r.text
+    # A request of 2 tokens is at least a prompt pass and a decode pass, each of at least one row.
+    steps = int(values["pyengine_engine_steps_total"])
+    assert steps >= 2 and int(values["pyengine_engine_step_rows_total"]) >= steps
+    assert float(values["pyengine_engine_step_seconds_total"]) > 0
+    assert "# TYPE pyengine_engine_step_seconds_total counter" in r.text
 
 
 # --- concurrency ------------------------------------------------------------------------------------

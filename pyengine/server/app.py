@@ -32,7 +32,7 @@ __all__ = ["ServerConfig", "create_app"]
 
 MAX_EMBED_INPUTS = 64  # inputs per /v1/embeddings request: one batch, one sequence each
 COUNTERS = {"requests_finished", "requests_cancelled", "requests_failed", "tokens_generated", "prompt_tokens",
-            "prompt_tokens_reused"}
+            "prompt_tokens_reused", "engine_steps", "engine_step_rows", "engine_step_seconds"}
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded"}

@@ -118,8 +118,11 @@ class Scheduler:
         self.slots = [_Slot(i, self.engine) for i in range(parallel)]
         self.n_ctx = self.engine.n_ctx
         self._waiting: collections.deque[Job] = collections.deque()
+        # engine_*: forward passes, the rows they evaluated and the seconds spent in them (what a pass
+        # of B rows costs, and how full the batches run, under real load).
         self.counters = {"requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0,
-                         "tokens_generated": 0, "prompt_tokens": 0, "prompt_tokens_reused": 0}
+                         "tokens_generated": 0, "prompt_tokens": 0, "prompt_tokens_reused": 0,
+                         "engine_steps": 0, "engine_step_rows": 0, "engine_step_seconds": 0.0}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="pyengine-engine", daemon=True)
@@ -139,7 +142,7 @@ class Scheduler:
             self._cond.notify()
         return job
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, int | float]:
         with self._cond:
             busy = sum(s.job is not None for s in self.slots)
             return {"slots_idle": len(self.slots) - busy, "slots_processing": busy,
@@ -247,6 +250,10 @@ class Scheduler:
         start = time.perf_counter()
         rows = iter(self.engine.decode(np.array(tokens, np.int32), np.array(seqs, np.int32), np.array(want)))
         elapsed = time.perf_counter() - start
+        with self._cond:
+            self.counters["engine_steps"] += 1
+            self.counters["engine_step_rows"] += len(tokens)
+            self.counters["engine_step_seconds"] += elapsed
         out: list[tuple[Job, str, Any]] = []  # the step's events, delivered together
         try:
             self._finish_step(busy, chunks, rows, elapsed, out)
