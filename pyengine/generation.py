@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ._C import ContextLengthError
-from .chat_template import ChatTemplate
 from .sampling import Sampler, SamplingParams, json_schema_of
-from .tokenizer import Tokenizer
 
+# ChatTemplate is imported where a session needs it: what never renders a template (pyengine bench)
+# then never loads jinja2, nor the tokenizers library (Engine.tokenizer imports it on first use).
 if TYPE_CHECKING:
+    from .chat_template import ChatTemplate
     from .engine import Engine
+    from .tokenizer import Tokenizer
 
 __all__ = ["ChatSession", "ContextShiftWarning", "Generation", "GenerationStats", "TokenLogprob", "generate",
            "generate_batch"]
@@ -386,6 +388,8 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         if self.template is None:
+            from .chat_template import ChatTemplate
+
             self.template = ChatTemplate.for_tokenizer(self.tokenizer)
         if self.system_prompt and not (self.messages and self.messages[0]["role"] == "system"):
             self.messages.insert(0, {"role": "system", "content": self.system_prompt})
