@@ -28,10 +28,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return GGUFFile(os.fspath(path)).metadata
 
 
-def file_type_name(metadata: dict[str, Any], tensors: list[dict] | None = None) -> str:
-    """The file's quantization as llama.cpp names it (``Q4_K_M``...), from ``general.file_type``; files
-    without that key get the type holding most of the tensor bytes (from ``GGUFFile.tensors``), else "?"."""
-    ft = metadata.get("general.file_type")
+def file_type_name(ft: int | None, tensors: list[dict] | None = None) -> str:
+    """The file's quantization as llama.cpp names it (``Q4_K_M``...), from its ``general.file_type`` value
+    ``ft``; files without that key (None) get the type holding most of the tensor bytes (from
+    ``GGUFFile.tensors``), else "?"."""
     if ft is not None:
         return FILE_TYPE_NAMES.get(int(ft), str(ft))
     if tensors:

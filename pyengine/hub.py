@@ -195,7 +195,8 @@ def _describe(path: Path) -> tuple[str, str]:
 
     try:
         f = _C.GGUFFile(str(path))
-        return str(f.metadata.get("general.architecture", "?")), file_type_name(f.metadata, f.tensors)
+        # One key each (GGUFFile.get), not the whole metadata: a vocabulary is ~100k Python objects per file.
+        return str(f.get("general.architecture", "?")), file_type_name(f.get("general.file_type"), f.tensors)
     except Exception:  # a partial or foreign file still gets listed
         return "?", "not a valid GGUF"
 

@@ -56,7 +56,7 @@ def run_bench(model: str | Path, n_prompt: int = 512, n_gen: int = 128, threads:
     result = {
         "model": str(path),
         "arch": llm.config["arch"],
-        "file_type": file_type_name({"general.file_type": llm.metadata_value("general.file_type")}),
+        "file_type": file_type_name(llm.metadata_value("general.file_type")),
         "threads": llm.n_threads,
         "n_gpu_layers": llm.n_gpu_layers,
         "kv_type": kv_type,
