@@ -4,14 +4,19 @@
 
 namespace pe::cpu {
 
-void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps) {
+void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& residual, const Tensor& w, const Tensor& b,
+          const Tensor& y, float eps) {
   const int64_t d = x.cols;
   const float* wv = w.row(0);
   const float* bv = b.empty() ? nullptr : b.row(0);
   ex.pool().for_range(x.rows, ThreadPool::min_rows_for(x.cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
-      const float* xr = x.row(r);
+      float* xr = x.row(r);
       float* yr = y.row(r);
+      if (!residual.empty()) {
+        const float* rr = residual.row(r);  // may be yr: read here, before yr is written
+        for (int64_t i = 0; i < d; i++) xr[i] += rr[i];
+      }
       if (type == NormType::RMS) {
         double ss = 0;  // double: d can be thousands and activations large
         for (int64_t i = 0; i < d; i++) ss += double(xr[i]) * xr[i];

@@ -1,5 +1,6 @@
-// RMSNorm / LayerNorm: one block per row, the row's sums reduced across the block in fp32 (the CPU
-// backend sums in double; for rows of a few thousand the two agree to float rounding).
+// RMSNorm / LayerNorm, optionally after the residual add (add_norm): one block per row, the row's sums
+// reduced across the block in fp32 (the CPU backend sums in double; for rows of a few thousand the two
+// agree to float rounding).
 // 1024 threads and unrolled loops: at decode there is one row, so the kernel's time is the latency
 // of its loads; with 256 threads and one load in flight per thread a 4096-wide row took ~8 us on an
 // H200 (16 dependent global loads per thread), a tenth of a 7B decode step over its 65 calls.
@@ -13,11 +14,18 @@ namespace {
 
 constexpr int kThreads = 1024;
 
-__global__ void norm_kernel(bool rms, const float* x, int64_t ldx, const float* w, const float* b, float* y,
-                            int64_t ldy, int d, float eps) {
-  const float* xr = x + int64_t(blockIdx.x) * ldx;
+__global__ void norm_kernel(bool rms, float* x, int64_t ldx, const float* res, int64_t ldr, const float* w,
+                            const float* b, float* y, int64_t ldy, int d, float eps) {
+  float* xr = x + int64_t(blockIdx.x) * ldx;
   float* yr = y + int64_t(blockIdx.x) * ldy;
   __shared__ float scratch[kThreads / 32];
+  // The residual add first (add_norm): each thread adds and later normalises the same elements, so
+  // reading res here and writing y (which may be res) below needs no barrier between them.
+  if (res) {
+    const float* rr = res + int64_t(blockIdx.x) * ldr;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < d; i += kThreads) xr[i] += rr[i];
+  }
   float mean = 0.f;
   if (!rms) {
     float s = 0.f;
@@ -54,11 +62,14 @@ void norm_heads(Executor& ex, const Tensor& x, int n_heads, const Tensor& w, flo
   PE_CUDA_LAUNCHED();
 }
 
-void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps) {
+void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& residual, const Tensor& w, const Tensor& b,
+          const Tensor& y, float eps) {
   if (x.rows == 0) return;
-  norm_kernel<<<unsigned(x.rows), kThreads, 0, stream_of(ex)>>>(type == NormType::RMS, x.row(0), x.ld(), w.row(0),
-                                                                  b.empty() ? nullptr : b.row(0), y.row(0), y.ld(),
-                                                                  int(x.cols), eps);
+  PE_CHECK(x.rows <= 0x7fffffff, Error, "norm: ", x.rows, " rows are too many for one grid");
+  norm_kernel<<<unsigned(x.rows), kThreads, 0, stream_of(ex)>>>(
+      type == NormType::RMS, x.row(0), x.ld(), residual.empty() ? nullptr : residual.row(0),
+      residual.empty() ? 0 : residual.ld(), w.row(0), b.empty() ? nullptr : b.row(0), y.row(0), y.ld(), int(x.cols),
+      eps);
   PE_CUDA_LAUNCHED();
 }
 

@@ -18,7 +18,9 @@ namespace pe::cuda {
 void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y, MatmulRounding rounding);
 bool matmul_supports(GGMLType t);
 
-void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y, float eps);
+// residual: empty, or added to x first (ops/norm.h's add_norm).
+void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& residual, const Tensor& w, const Tensor& b,
+          const Tensor& y, float eps);
 void norm_heads(Executor& ex, const Tensor& x, int n_heads, const Tensor& w, float eps);
 void rope(Executor& ex, const Tensor& x, int n_heads, int head_dim, int first_dim, const Tensor& pos,
           const RopeParams& p);

@@ -80,9 +80,12 @@ RowTensors Activations::upload(Executor& ex, const RowPlan& p) {
 namespace {
 
 // One block of the decoder stack (attention, then feed-forward, each pre-normed with a residual),
-// for the n rows of `x` on the part's device.
-void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_ctx, const Layer& L, int64_t layer,
-                   const StackPart& part, int kv_layer, const RowTensors& rt, Activations& a, int64_t n) {
+// for the n rows of `x` on the part's device. normed: xn already holds the block's attention pre-norm.
+// next: the block that follows on the same device, or null; with one, a pre-norm block ends with its
+// residual add fused with the next block's pre-norm (add_norm) and returns true (xn holds that norm).
+bool decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_ctx, const Layer& L, int64_t layer,
+                   const StackPart& part, int kv_layer, const RowTensors& rt, Activations& a, int64_t n, bool normed,
+                   const Layer* next) {
   KVCache& kv = *part.kv;
   const ArchSpec& spec = c.spec;
   const Device dev = ex.device();
@@ -138,9 +141,19 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
   auto post_norm = [&](const Tensor& w, const Tensor& b) {
     if (post) norm(ex, spec.norm, x, w, b, x, c.norm_eps);
   };
+  // Pre-norm: a sublayer's output r joins the residual stream and the next sublayer's pre-norm follows
+  // at once, in one op where nothing else comes between them.
+  auto add_pre_norm = [&](const Tensor& r, const Tensor& w, const Tensor& b) {
+    if (spec.residual_from_norm) {
+      add(ex, x, r);
+      pre_norm(w, b);
+    } else {
+      add_norm(ex, spec.norm, x, r, w, b, xn, c.norm_eps);
+    }
+  };
 
   // Attention block.
-  if (!post) pre_norm(L.attn_norm, L.attn_norm_b);
+  if (!post && !normed) pre_norm(L.attn_norm, L.attn_norm_b);
   const Tensor& attn_in = post ? x : xn;
   if (L.wqkv.present()) {
     linear(L.wqkv, attn_in, qkv);
@@ -163,21 +176,29 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
                    bias.table ? &bias : nullptr);
   linear(L.wo, att, xn);
   if (!L.attn_post_norm.empty()) norm(ex, spec.norm, xn, L.attn_post_norm, Tensor{}, xn, c.norm_eps);
-  add(ex, x, xn);
-  post_norm(L.attn_norm, L.attn_norm_b);
+  if (post) {
+    add(ex, x, xn);
+    post_norm(L.attn_norm, L.attn_norm_b);
+  } else if (L.cross_q.present()) {
+    add_pre_norm(xn, L.cross_norm, L.cross_norm_b);
+  } else {
+    add_pre_norm(xn, L.ffn_norm, L.ffn_norm_b);
+  }
   // Cross-attention (encoder-decoder): queries from the decoder, keys and values of the encoder's output,
   // computed once per input (Context::encode); every encoder position is visible, without a position bias.
   if (L.cross_q.present()) {
-    if (!post) pre_norm(L.cross_norm, L.cross_norm_b);
     linear(L.cross_q, post ? x : xn, q);
     attention(ex, q, int(c.n_head), *part.cross, kv_layer, AttentionRows{rt.seq, rt.cross_key_begin, rt.cross_key_end},
               c.kq_scale, att);
     linear(L.cross_o, att, xn);
-    add(ex, x, xn);
-    post_norm(L.cross_norm, L.cross_norm_b);
+    if (post) {
+      add(ex, x, xn);
+      post_norm(L.cross_norm, L.cross_norm_b);
+    } else {
+      add_pre_norm(xn, L.ffn_norm, L.ffn_norm_b);
+    }
   }
   // Feed-forward block: one FFN, or a mixture of experts.
-  if (!post) pre_norm(L.ffn_norm, L.ffn_norm_b);
   const Tensor& ffn_in = post ? x : xn;
   Tensor ffn_out = xn;
   if (L.moe()) {
@@ -197,8 +218,13 @@ void decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
     linear(L.w_down, hidden, xn);
   }
   if (!L.ffn_post_norm.empty()) norm(ex, spec.norm, ffn_out, L.ffn_post_norm, Tensor{}, ffn_out, c.norm_eps);
+  if (next && !post) {
+    add_pre_norm(ffn_out, next->attn_norm, next->attn_norm_b);
+    return true;
+  }
   add(ex, x, ffn_out);
   post_norm(L.ffn_norm, L.ffn_norm_b);
+  return false;
 }
 
 }  // namespace
@@ -275,9 +301,11 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
     rt = enter(part);
     const bool with_head = want_out && &part == last && part.ex == head_part.ex;
     auto run_blocks = [&] {
+      bool normed = false;
       for (size_t i = 0; i < part.layers.size(); i++) {
-        decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), part,
-                      part.one_kv_layer ? 0 : int(i), rt, *part.act, n);
+        const Layer* next = i + 1 < part.layers.size() ? part.layers[i + 1] : nullptr;
+        normed = decoder_block(*part.ex, c, rope, *part.layers[i], part.first + int64_t(i), part,
+                               part.one_kv_layer ? 0 : int(i), rt, *part.act, n, normed, next);
         if (part.ex->device() == Device::CPU && !cpu::all_finite(static_cast<const float*>(part.act->x.data()), n * d)) {
           const int64_t l = part.first + int64_t(i);
           throw non_finite(str_cat("the output of layer ", l, " (tensors ", part.tensor_prefix, "blk.", l, ".*)"));
