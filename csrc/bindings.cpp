@@ -88,4 +88,5 @@ PYBIND11_MODULE(_C, m) {
   pe::bind_quant_search(m);
   pe::bind_cuda_quant(m);
   pe::bind_cuda_attention(m);
+  pe::bind_cuda_sampling(m);
 }

@@ -11,4 +11,5 @@ void bind_quant_search(pybind11::module_& m);  // bindings_quant_search.cpp: cal
 // The host side of the CUDA kernels' per-block arithmetic (cuda/*.cuh PE_HD functions), for CPU tests.
 void bind_cuda_quant(pybind11::module_& m);      // bindings_cuda_quant.cpp
 void bind_cuda_attention(pybind11::module_& m);  // bindings_cuda_attention.cpp
+void bind_cuda_sampling(pybind11::module_& m);   // bindings_cuda_sampling.cpp
 }  // namespace pe

@@ -21,6 +21,7 @@
 #include "cpu/sampling.h"
 #include "ops/matmul.h"
 #include "ops/moe.h"
+#include "ops/top_logits.h"
 #ifdef PE_CUDA
 #include "cuda/ops.h"
 #endif
@@ -337,6 +338,51 @@ void bind_kernels(py::module_& m) {
       py::arg("x"), py::arg("inv_t"), py::arg("u"),
       "Index drawn from softmax(x * inv_t) at u in [0, 1) by inverse CDF in index order (cpu/sampling.h): "
       "the last step of pyengine.sampling.Sampler. Tokens at -inf are never drawn.");
+  m.def(
+      "top_logits",
+      [](const py::array_t<float, py::array::c_style | py::array::forcecast>& logits,
+         const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& k,
+         const py::array_t<float, py::array::c_style | py::array::forcecast>& inv_t, int k_max,
+         const std::string& device) {
+        if (logits.ndim() != 2 || logits.shape(1) == 0) throw py::value_error("top_logits: logits must be (n, V), V > 0");
+        const int64_t n = logits.shape(0), v = logits.shape(1);
+        if (k.ndim() != 1 || k.shape(0) != n || inv_t.ndim() != 1 || inv_t.shape(0) != n)
+          throw py::value_error("top_logits: k and inv_t need one entry per row");
+        if (k_max < 1 || k_max > kTopLogitsMax)
+          throw py::value_error(str_cat("top_logits: k_max must be in [1, ", kTopLogitsMax, "]"));
+        for (int64_t r = 0; r < n; r++) {
+          if (k.data()[r] < 1 || k.data()[r] > std::min<int64_t>(v, k_max))
+            throw py::value_error(str_cat("top_logits: k[", r, "] = ", k.data()[r], " is not in [1, min(V, k_max)]"));
+          if (!(inv_t.data()[r] >= 0) || !std::isfinite(inv_t.data()[r]))
+            throw py::value_error(str_cat("top_logits: inv_t[", r, "] must be finite and >= 0"));
+        }
+        py::array_t<int32_t> ids({n, int64_t(k_max)});
+        py::array_t<float> values({n, int64_t(k_max)}), stats({n, int64_t(2)});
+        std::fill(ids.mutable_data(), ids.mutable_data() + n * k_max, -1);
+        std::fill(values.mutable_data(), values.mutable_data() + n * k_max, 0.f);
+        Executor& ex = executor_on(device, 1);
+        auto lock = ex.lock();
+        std::vector<Buffer> keep;
+        auto f32 = [](const float* p, int64_t rows, int64_t cols) {
+          return Tensor{GGMLType::F32, const_cast<float*>(p), rows, cols, size_t(cols) * sizeof(float)};
+        };
+        const Tensor tl = on_device(ex, f32(logits.data(), n, v), keep);
+        const Tensor tk = on_device(ex, Tensor{GGMLType::I32, const_cast<int32_t*>(k.data()), 1, n, size_t(n) * 4}, keep);
+        const Tensor tt = on_device(ex, f32(inv_t.data(), 1, n), keep);
+        const Tensor host_ids{GGMLType::I32, ids.mutable_data(), n, k_max, size_t(k_max) * 4};
+        const Tensor host_values = f32(values.data(), n, k_max), host_stats = f32(stats.data(), n, 2);
+        const Tensor ti = on_device(ex, host_ids, keep), tv = on_device(ex, host_values, keep),
+                     ts = on_device(ex, host_stats, keep);
+        top_logits(ex, tl, tk, tt, ti, tv, ts);
+        if (ex.device() != Device::CPU)
+          for (auto [dst, src] : {std::pair{host_ids, ti}, std::pair{host_values, tv}, std::pair{host_stats, ts}})
+            copy_between(ex, Device::CPU, dst.data, ex.device(), src.data, dst.row_stride * size_t(dst.rows));
+        return py::make_tuple(ids, values, stats);
+      },
+      py::arg("logits"), py::arg("k"), py::arg("inv_t"), py::arg("k_max"), py::arg("device") = "cpu",
+      "ops/top_logits.h on float32 (n, V) logits: (ids int32 (n, k_max), values float32 (n, k_max), stats "
+      "float32 (n, 2)); row r's k[r] largest first (entries past k[r]: -1 and 0), stats [weight sum at "
+      "inv_t[r], non-finite flag]. device 'cuda' runs the GPU kernel (inputs copied there and back).");
   m.def("matmul", &py_matmul, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"), py::arg("x"),
         py::arg("n_threads") = 1, py::arg("device") = "cpu", py::arg("panels") = false, py::arg("rounding") = "int8",
         "Y = X @ W.T with W given as raw GGUF bytes of a rows x cols matrix of ggml type `type_id`, "

@@ -8,6 +8,7 @@
 #include "ops/matmul.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
+#include "ops/top_logits.h"
 #include "tensor.h"
 
 namespace pe::cpu {
@@ -24,6 +25,8 @@ void dequantize_row(const Tensor& w, int64_t r, float* out);
 void norm(Executor& ex, NormType type, const Tensor& x, const Tensor& residual, const Tensor& w, const Tensor& b,
           const Tensor& y, float eps);
 void norm_heads(Executor& ex, const Tensor& x, int n_heads, const Tensor& w, float eps);
+void top_logits(Executor& ex, const Tensor& logits, const Tensor& k, const Tensor& inv_t, const Tensor& ids,
+                const Tensor& values, const Tensor& stats);
 void rope(Executor& ex, const Tensor& x, int n_heads, int head_dim, int first_dim, const Tensor& pos,
           const RopeParams& p);
 void gated_activation(Executor& ex, Activation act, const Tensor& gate, const Tensor& up, const Tensor& out);

@@ -1,10 +1,12 @@
 #include "cpu/sampling.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
 
+#include "cpu/ops.h"
 #include "cpu/vec_clones.h"
 
 namespace pe::cpu {
@@ -32,7 +34,80 @@ __attribute__((always_inline)) inline VF weights16(const float* x, int64_t i, in
   return (VF)((VI)(t >= -87.3f) & (VI)exp_nonpositive16(t));
 }
 
+// The largest element of x[0, n) and whether every element is finite.
+PE_VEC_CLONES float max_finite(const float* x, int64_t n, bool* finite) {
+  VF mv = VF{} - std::numeric_limits<float>::infinity();
+  VI bad = VI{};
+  for (int64_t i = 0; i < n; i += 16) {
+    const VF v = load16(x, i, n);
+    mv = v > mv ? v : mv;
+    // NaN fails both; an infinity's difference with itself is NaN (the tail's -inf padding is skipped).
+    const VF d = v - v;
+    bad |= (VI)(d != d) & (i + 16 <= n ? VI{} - 1 : VI{});
+  }
+  float top = -std::numeric_limits<float>::infinity();
+  bool ok = true;
+  for (int j = 0; j < 16; j++) {
+    top = mv[j] > top ? mv[j] : top;
+    ok = ok && bad[j] == 0;
+  }
+  for (int64_t i = n / 16 * 16; i < n; i++) ok = ok && std::isfinite(x[i]);
+  *finite = ok;
+  return top;
+}
+
+// sum of e^((x - top) inv_t) over x[0, n), in float per 1024 elements and in double across them (as
+// softmax_draw sums).
+PE_VEC_CLONES double weight_sum(const float* x, int64_t n, float top, float inv_t) {
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    VF s = VF{};
+    for (int64_t i = b; i < n && i < b + kBlock; i += 16) s += weights16(x, i, n, top, inv_t);
+    float block = 0;
+    for (int j = 0; j < 16; j++) block += s[j];
+    total += block;
+  }
+  return total;
+}
+
 }  // namespace
+
+// Per row: the maximum, then the elements within a few units of it, widening the cut until it holds
+// k of them (almost always at the first cut), sorted partially. The GPU kernel selects by radix
+// instead (cuda/top_logits.cu); both give the exact k largest in the same order.
+void top_logits(Executor& ex, const Tensor& logits, const Tensor& k, const Tensor& inv_t, const Tensor& ids,
+                const Tensor& values, const Tensor& stats) {
+  const int64_t n_cols = logits.cols;
+  const auto* kv = static_cast<const int32_t*>(k.data);
+  const float* tv = inv_t.row(0);
+  ex.pool().for_range(logits.rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> cand;
+    for (int64_t r = r0; r < r1; r++) {
+      const float* x = logits.row(r);
+      auto* id = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(ids.data) + size_t(r) * ids.row_stride);
+      float* val = values.row(r);
+      bool finite = true;
+      const float top = max_finite(x, n_cols, &finite);
+      stats.row(r)[0] = finite && tv[r] > 0 ? float(weight_sum(x, n_cols, top, tv[r])) : 0.f;
+      stats.row(r)[1] = finite ? 0.f : 1.f;
+      if (!finite) continue;
+      const int64_t kr = kv[r];
+      if (kr == 1) {  // greedy: the first maximum
+        id[0] = int32_t(std::find(x, x + n_cols, top) - x), val[0] = top;
+        continue;
+      }
+      auto before = [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
+      for (const float width : {8.f, 32.f, std::numeric_limits<float>::infinity()}) {
+        cand.clear();
+        for (int64_t i = 0; i < n_cols; i++)
+          if (x[i] >= top - width) cand.push_back(int32_t(i));
+        if (int64_t(cand.size()) >= kr) break;
+      }
+      std::partial_sort(cand.begin(), cand.begin() + kr, cand.end(), before);
+      for (int64_t j = 0; j < kr; j++) id[j] = cand[size_t(j)], val[j] = x[cand[size_t(j)]];
+    }
+  });
+}
 
 // Three passes over x: the maximum, the weights' sums per block, then the chosen block's weights again,
 // walked in order. Nothing is stored but the block sums.
