@@ -338,6 +338,7 @@ void bind_kernels(py::module_& m) {
       py::arg("x"), py::arg("inv_t"), py::arg("u"),
       "Index drawn from softmax(x * inv_t) at u in [0, 1) by inverse CDF in index order (cpu/sampling.h): "
       "the last step of pyengine.sampling.Sampler. Tokens at -inf are never drawn.");
+  m.attr("top_logits_max") = kTopLogitsMax;
   m.def(
       "top_logits",
       [](const py::array_t<float, py::array::c_style | py::array::forcecast>& logits,

@@ -168,6 +168,62 @@ void bind_model(py::module_& m) {
           "[rows with logits wanted, n_vocab] in row order (logits: bool per row; None: every row); with "
           "embeddings=True their final hidden states after the output norm, [rows, n_embd].")
       .def(
+          "decode_top",
+          [](Context& ctx, const IntArray& tokens, const IntArray& seqs, py::object logits, const IntArray& k,
+             const py::array_t<float, py::array::c_style | py::array::forcecast>& inv_t, int k_max) {
+            const int32_t* tp = vector_data(tokens, "tokens");
+            const int32_t* sp = vector_data(seqs, "seq_ids");
+            const int64_t n = tokens.shape(0);
+            if (seqs.shape(0) != n) throw py::value_error("tokens and seq_ids differ in length");
+            Batch b;
+            b.tokens.assign(tp, tp + n);
+            b.seqs.assign(sp, sp + n);
+            if (logits.is_none()) {
+              b.logits.assign(size_t(n), 1);
+            } else {
+              auto want = py::array_t<bool, py::array::c_style | py::array::forcecast>(logits);
+              if (want.ndim() != 1 || want.shape(0) != n)
+                throw py::value_error("logits must be None or a bool sequence as long as tokens");
+              b.logits.assign(want.data(), want.data() + n);
+            }
+            const int64_t m = b.n_logits();
+            const int32_t* kp = vector_data(k, "k");
+            if (k.shape(0) != m || inv_t.ndim() != 1 || inv_t.shape(0) != m)
+              throw py::value_error(str_cat("decode_top: k and inv_t need one entry per wanted row (", m, ")"));
+            if (k_max < 1) throw py::value_error("decode_top: k_max must be >= 1");
+            py::array_t<int32_t> ids({m, int64_t(k_max)});
+            py::array_t<float> values({m, int64_t(k_max)}), stats({m, int64_t(2)});
+            int32_t* ip = ids.mutable_data();
+            float* vp = values.mutable_data();
+            float* st = stats.mutable_data();
+            const float* tv = inv_t.data();
+            int64_t serial;
+            {
+              py::gil_scoped_release nogil;
+              serial = ctx.decode_top(b, kp, tv, k_max, ip, vp, st);
+            }
+            return py::make_tuple(ids, values, stats, serial);
+          },
+          py::arg("tokens"), py::arg("seq_ids"), py::arg("logits"), py::arg("k"), py::arg("inv_t"),
+          py::arg("k_max"),
+          "decode() for sampling (Context::decode_top): for the i-th wanted row, its k[i] largest logits "
+          "and their ids (largest first, ties lower id first) and [sum of e^((x - max) * inv_t[i]), "
+          "non-finite flag]; returns (ids int32 [m, k_max], values float32 [m, k_max], stats float32 [m, 2], "
+          "serial). row_logits(serial, i) then gives wanted row i's logits.")
+      .def(
+          "row_logits",
+          [](Context& ctx, int64_t serial, int64_t i) {
+            py::array_t<float> out(ctx.model().config().n_vocab);
+            float* dst = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              ctx.row_logits(serial, i, dst);
+            }
+            return out;
+          },
+          py::arg("serial"), py::arg("i"),
+          "Wanted row i's float32 logits [n_vocab] from decode_top call `serial`, while they are there.")
+      .def(
           "encode",
           [](Context& ctx, const IntArray& tokens, int seq) {
             const int32_t* src = vector_data(tokens, "tokens");

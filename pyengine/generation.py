@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ._C import ContextLengthError
-from .sampling import Sampler, SamplingParams, json_schema_of
+from .sampling import Sampler, SamplingParams, TopLogits, json_schema_of
 
 # ChatTemplate is imported where a session needs it: what never renders a template (pyengine bench)
 # then never loads jinja2, nor the tokenizers library (Engine.tokenizer imports it on first use).
@@ -170,10 +170,23 @@ class Generation:
                 f"the prompt has {len(self.prompt_ids)} tokens, more than the context of {n_ctx}"
             )
 
-    def step(self, logits: np.ndarray) -> str:
-        """Sample the next token from `logits` (float32 [n_vocab], of the last evaluated token) and
-        return the text it completes, possibly "" (text that could still become a stop string is held
-        back). Afterwards either `finished` is set, or the caller evaluates `token_ids[-1]` and steps again."""
+    def _needs_row(self) -> bool:
+        """Whether the next step reads the whole row of logits (a constraint's mask, suppressed end
+        ids, a forced token, log-probabilities), not only what the sampler asks for."""
+        p, n_prompt, n_out = self.params, len(self.prompt_ids), len(self.token_ids)
+        return (self._constraint is not None or p.logprobs is not None
+                or bool(self._stop_ids and p.ends_suppressed(n_prompt, n_out))
+                or p.forced_token(n_prompt, n_out) is not None)
+
+    def top_request(self, n_vocab: int) -> tuple[int, float]:
+        """(k, inv_t) of the `TopLogits` the next `step` wants from the engine (`Sampler.request`)."""
+        return (1, 0.0) if self._needs_row() else self._sampler.request(n_vocab, self.token_ids, self.prompt_ids)
+
+    def step(self, logits: np.ndarray | TopLogits) -> str:
+        """Sample the next token from `logits` (float32 [n_vocab], of the last evaluated token, or their
+        `TopLogits` as `top_request` asked) and return the text it completes, possibly "" (text that
+        could still become a stop string is held back). Afterwards either `finished` is set, or the
+        caller evaluates `token_ids[-1]` and steps again."""
         p, stats = self.params, self.stats
         if self.finished:
             raise RuntimeError("step() on a finished generation")
@@ -181,6 +194,8 @@ class Generation:
             stats.finish_reason = "length"
             return ""
         t0 = time.perf_counter()
+        if isinstance(logits, TopLogits) and self._needs_row():
+            logits = logits.full()
         allowed = logits
         if self._constraint is not None:  # only tokens that keep the output valid JSON
             allowed = np.where(self._constraint.mask(), logits, np.float32(-np.inf))
@@ -249,7 +264,7 @@ class Generation:
             _claim(llm, self.owner)
             llm.truncate(n_cached)
             n_cached = stats.cached_tokens = llm.n_past  # fewer when a sliding window dropped what it needs
-            logits = llm.eval(self.prompt_ids[n_cached:])
+            logits = llm.eval_top(self.prompt_ids[n_cached:], *self.top_request(llm.n_vocab))
             self.cache_ids = list(self.prompt_ids)
             stats.prompt_seconds = time.perf_counter() - start
 
@@ -260,7 +275,7 @@ class Generation:
                     yield piece
                 if self.finished or llm.n_past >= llm.n_ctx:
                     break
-                logits = llm.eval([self.token_ids[-1]])
+                logits = llm.eval_top([self.token_ids[-1]], *self.top_request(llm.n_vocab))
                 self.cache_ids.append(self.token_ids[-1])
             piece = self.finish("length")
             if piece:
@@ -297,7 +312,7 @@ def generate_batch(engine: "Engine", generations: Sequence[Generation],
         last = np.cumsum([len(g.prompt_ids) for g in generations]) - 1
         want = np.zeros(len(tokens), dtype=bool)
         want[last] = True
-        rows = engine.decode(tokens, seqs, want)
+        rows = engine.decode_top(tokens, seqs, want, [g.top_request(engine.n_vocab) for g in generations])
         for g in generations:
             g.cache_ids = list(g.prompt_ids)
             g.stats.prompt_seconds = time.perf_counter() - start
@@ -320,7 +335,8 @@ def generate_batch(engine: "Engine", generations: Sequence[Generation],
             if not going:
                 break
             next_tokens = [generations[i].token_ids[-1] for i in going]
-            rows = engine.decode(next_tokens, going)
+            rows = engine.decode_top(next_tokens, going, None,
+                                     [generations[i].top_request(engine.n_vocab) for i in going])
             for i, t in zip(going, next_tokens):
                 generations[i].cache_ids.append(t)
             active = going

@@ -8,6 +8,13 @@ then temperature, top-k, top-p, min-p, then a draw from what is left. Temperatur
 * `presence_penalty`, `frequency_penalty` (OpenAI): subtract `presence` once and `frequency` per
   occurrence, for tokens in the output so far.
 
+Where the logits are: the engine hands the sampler each row as `TopLogits`, its largest logits (computed
+by the C++ op `top_logits` on the device that ran the output layer, a GPU's included), and the whole row
+only when asked (`TopLogits.full()`). Greedy decoding, top-k up to 256 and top-p / min-p whose candidates
+lie among the 128 largest never need more; penalties, plain sampling over the whole vocabulary and a
+nucleus that reaches past them take the whole row. Both paths order the candidates the same way (largest
+first, equal logits lower id first), so a seeded request draws the same tokens whichever it takes.
+
 Cost: everything is O(vocab) with small constants. Only the surviving candidates are ever sorted:
 top-k takes them with `np.argpartition`; top-p without top-k grows a partial selection until it holds
 the nucleus, and min-p cuts by a threshold. The draw from the candidates (their softmax, then the
@@ -20,13 +27,16 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from . import _C
 
-__all__ = ["Sampler", "SamplingParams", "json_schema_of"]
+__all__ = ["Sampler", "SamplingParams", "TopLogits", "json_schema_of"]
+
+# Candidates a summary holds for top-p / min-p without a smaller top-k (more: the whole row is fetched).
+TOP_P_CANDIDATES = 128
 
 
 @dataclass
@@ -121,6 +131,30 @@ def json_schema_of(response_format: dict | None) -> tuple[bool, dict | None]:
     raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', not {kind!r}")
 
 
+@dataclass
+class TopLogits:
+    """A row of logits as the engine hands it to sampling (`Engine.decode_top`): its `ids` and `values`,
+    largest first (equal values: lower id first); `weight_sum`, the whole row's sum of
+    e^((x - max) * inv_t) at the inverse temperature asked (0: not asked); `n_vocab`; and `full()`, which
+    copies the whole row (from the GPU when the output layer ran there)."""
+
+    ids: np.ndarray
+    values: np.ndarray
+    weight_sum: float
+    n_vocab: int
+    full: Callable[[], np.ndarray]
+
+    @classmethod
+    def of(cls, row: np.ndarray, k: int, inv_t: float = 0.0) -> "TopLogits":
+        """The summary of a row already on the host (the C++ op on the CPU)."""
+        row = np.ascontiguousarray(row, dtype=np.float32).reshape(-1)
+        k = max(1, min(int(k), row.size))
+        ids, values, stats = _C.top_logits(row[None], np.array([k], np.int32), np.array([inv_t], np.float32), k)
+        if stats[0, 1]:
+            raise ValueError("TopLogits.of: the row holds a NaN or an infinity")
+        return cls(ids[0], values[0], float(stats[0, 0]), row.size, lambda: row)
+
+
 class Sampler:
     """Picks token ids for one request; owns the request's random generator (seeded by `params.seed`)."""
 
@@ -128,27 +162,85 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, generated: Sequence[int] = (), prompt: Sequence[int] = ()) -> int:
-        """The next token id, given float32 `logits` over the vocabulary and the ids so far."""
-        x = self.penalized(logits, generated, prompt)
+    def request(self, n_vocab: int, generated: Sequence[int] = (), prompt: Sequence[int] = ()) -> tuple[int, float]:
+        """(k, inv_t) of the `TopLogits` to ask the engine for: the k largest logits of the next row, and
+        its weight sum at inv_t (0: not needed). (1, 0) when the whole row will be needed anyway."""
+        p = self.params
+        if p.temperature == 0 or self._penalizes(generated, prompt):
+            return 1, 0.0
+        if 0 < p.top_k < n_vocab:
+            return (p.top_k, 0.0) if p.top_k <= _C.top_logits_max else (1, 0.0)
+        if p.top_p < 1 or p.min_p > 0:
+            return min(TOP_P_CANDIDATES, n_vocab), float(self._inv_t()) if p.top_p < 1 else 0.0
+        return 1, 0.0
+
+    def __call__(self, logits: np.ndarray | TopLogits, generated: Sequence[int] = (),
+                 prompt: Sequence[int] = ()) -> int:
+        """The next token id, given float32 `logits` over the vocabulary (or their `TopLogits`) and the
+        ids so far."""
         if self.params.temperature == 0:
-            return int(np.argmax(x))
-        ids, cand = self._candidates(x)
+            return self._greedy(logits, generated, prompt)
+        ids, cand = self._pool(logits, generated, prompt)
         i = _C.softmax_draw(cand, float(self._inv_t()), self.rng.random())
         return int(ids[i]) if ids is not None else i
 
     def distribution(
-        self, logits: np.ndarray, generated: Sequence[int] = (), prompt: Sequence[int] = ()
+        self, logits: np.ndarray | TopLogits, generated: Sequence[int] = (), prompt: Sequence[int] = ()
     ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, probabilities) that `__call__` draws from, most likely first; for tests and inspection."""
-        x = self.penalized(logits, generated, prompt)
         if self.params.temperature == 0:
-            return np.array([np.argmax(x)]), np.ones(1)
-        ids, cand = self._candidates(x)
-        ids = np.arange(x.size) if ids is None else ids
+            return np.array([self._greedy(logits, generated, prompt)]), np.ones(1)
+        ids, cand = self._pool(logits, generated, prompt)
+        ids = np.arange(cand.size) if ids is None else ids
         weights = np.exp((cand - cand.max()) * self._inv_t())
         order = np.argsort(-weights, kind="stable")
         return ids[order], weights[order] / weights.sum(dtype=np.float64)
+
+    def _penalizes(self, generated: Sequence[int], prompt: Sequence[int]) -> bool:
+        p = self.params
+        return bool((p.repetition_penalty != 1.0 and (len(generated) or len(prompt)))
+                    or ((p.presence_penalty or p.frequency_penalty) and len(generated)))
+
+    def _greedy(self, logits: np.ndarray | TopLogits, generated: Sequence[int], prompt: Sequence[int]) -> int:
+        if isinstance(logits, TopLogits):
+            if not self._penalizes(generated, prompt):
+                return int(logits.ids[0])
+            logits = logits.full()
+        return int(np.argmax(self.penalized(logits, generated, prompt)))
+
+    def _pool(self, logits: np.ndarray | TopLogits, generated: Sequence[int],
+              prompt: Sequence[int]) -> tuple[np.ndarray | None, np.ndarray]:
+        """(ids, logits) of the candidates of the next draw, from a summary when it holds them all."""
+        if isinstance(logits, TopLogits):
+            found = None if self._penalizes(generated, prompt) else self._from_top(logits)
+            if found is not None:
+                return found
+            logits = logits.full()
+        return self._candidates(self.penalized(logits, generated, prompt))
+
+    def _from_top(self, top: TopLogits) -> tuple[np.ndarray, np.ndarray] | None:
+        """`_candidates` of the row that `top` summarises, or None when they may reach past it."""
+        p = self.params
+        if 0 < p.top_k < top.n_vocab:
+            if top.ids.size < p.top_k:
+                return None
+            ids, x = top.ids[: p.top_k], top.values[: p.top_k]
+            if p.top_p >= 1 and p.min_p <= 0:
+                return ids, x
+            keep = self._keep(x, presorted=True)
+            return ids[keep], x[keep]
+        if p.top_p >= 1 and p.min_p <= 0:
+            return None  # the whole vocabulary
+        ids, x = top.ids, top.values
+        whole = ids.size >= top.n_vocab
+        if not whole:
+            if p.min_p > 0:  # every logit above the cut is here when the last one is below it
+                if x[-1] >= x[0] + p.temperature * np.log(p.min_p):
+                    return None
+            elif np.exp((x - x[0]) * self._inv_t()).sum(dtype=np.float64) < p.top_p * top.weight_sum:
+                return None  # the nucleus reaches past these
+        keep = self._keep(x, None if whole else top.weight_sum, presorted=True)
+        return ids[keep], x[keep]
 
     def penalized(self, logits: np.ndarray, generated: Sequence[int] = (), prompt: Sequence[int] = ()) -> np.ndarray:
         """`logits` after the repetition, presence and frequency penalties (a copy when any applies)."""
@@ -181,33 +273,45 @@ class Sampler:
         return np.float32(min(1.0 / t, 1e30)) if t > 1e-30 else np.float32(1e30)
 
     def _candidates(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """Token ids left after top-k, top-p and min-p (None: the whole vocabulary) and their logits; each
-        one's probability is proportional to e^((logit - max) / temperature)."""
+        """Token ids left after top-k, top-p and min-p (None: the whole vocabulary, in id order) and their
+        logits, largest first (equal logits: lower id first); each one's probability is proportional to
+        e^((logit - max) / temperature)."""
         p = self.params
         ids = None
         if 0 < p.top_k < x.size:
             ids = self._top_k(x, p.top_k)
+            ids = ids[np.lexsort((ids, -x[ids]))]
             x = x[ids]
         if p.top_p >= 1 and p.min_p <= 0:
             return ids, x
-        top = x.max()
+        keep = self._keep(x, presorted=ids is not None)
+        return (keep if ids is None else ids[keep]), x[keep]
+
+    def _keep(self, x: np.ndarray, total: float | None = None, presorted: bool = False) -> np.ndarray:
+        """Indices into logits `x` of what top-p and min-p leave, largest first (equal: lower index first).
+        total: what top-p normalizes by (None: the weights of x: top-k's, or everything). presorted: x is
+        already in that order (a top-k set, or a summary's prefix)."""
+        p = self.params
+        top = x[0] if presorted else x.max()
         # p_i >= min_p * p_max  <=>  x_i >= top + T * log(min_p)
         min_p_cut = top + p.temperature * np.log(p.min_p) if p.min_p > 0 else None
         if p.top_p < 1:
             weights = np.exp((x - top) * self._inv_t())
-            total = float(weights.sum(dtype=np.float64))  # what top-p normalizes by: top-k, or everything
+            if total is None:
+                total = float(weights.sum(dtype=np.float64))
             if min_p_cut is not None:
                 pool = np.flatnonzero(x >= min_p_cut)
+            elif presorted:
+                pool = np.arange(x.size)
             else:
                 pool = self._nucleus_pool(weights, total, p.top_p)
-            order = pool[np.argsort(-weights[pool], kind="stable")]
+            order = pool if presorted else pool[np.argsort(-x[pool], kind="stable")]
             # Keep a token while the probability before it is below top_p (transformers' rule).
             # float64: over thousands of tokens float32 sums drift across the boundary.
             before = np.cumsum(weights[order], dtype=np.float64) - weights[order]
-            keep = order[before < p.top_p * total]
-            return (keep if ids is None else ids[keep]), x[keep]
+            return order[before < p.top_p * total]
         keep = np.flatnonzero(x >= min_p_cut)
-        return (keep if ids is None else ids[keep]), x[keep]
+        return keep if presorted else keep[np.argsort(-x[keep], kind="stable")]
 
     @staticmethod
     def _top_k(x: np.ndarray, k: int) -> np.ndarray:

@@ -96,6 +96,48 @@ def test_batch_equals_each_sequence_alone(llama, qtype):
         assert engine.seq_len(i) == len(prompt) + len(tokens[i]) - 1
 
 
+@pytest.mark.parametrize("n_batch", [512, 16])
+def test_decode_top_equals_decode(llama, n_batch):
+    """decode_top hands back each wanted row's largest logits instead of the row (the C++ top_logits where
+    the output layer ran) and the whole row on request: against decode's rows of the same batch and
+    numpy's stable sort, also when the batch takes several passes (n_batch 16: the wanted rows of all
+    but the last pass are kept on the host). tests/gpu runs it with the output layer on the GPU."""
+    check_decode_top(llama, n_batch)
+
+
+def check_decode_top(llama, n_batch: int, **engine_kw):
+    path, prompts = llama["files"]["q4_0"], llama["prompts"]
+    ids = [t for p in prompts for t in p]
+    seqs = [i for i, p in enumerate(prompts) for _ in p]
+    want = np.zeros(len(ids), bool)
+    want[np.cumsum([len(p) for p in prompts]) - 1] = True
+    want[[3, 30, 100]] = True  # rows inside prompts, in early passes at n_batch 16
+    n_want = int(want.sum())
+    requests = [(k, inv_t) for k, inv_t in zip([1, 2, 40, 256, 7, 100, 1, 64, 3, 5, 9], [0, 1, 0.5, 2, 0, 1.3] * 2)]
+    requests = requests[:n_want]
+    full = pyengine.Engine(path, n_ctx=128, n_seq_max=8, n_batch=n_batch, **engine_kw).decode(ids, seqs, want)
+    engine = pyengine.Engine(path, n_ctx=128, n_seq_max=8, n_batch=n_batch, **engine_kw)
+    tops = engine.decode_top(ids, seqs, want, requests)
+    assert len(tops) == n_want == len(full)
+    for row, top, (k, inv_t) in zip(full, tops, requests):
+        order = np.argsort(-row.astype(np.float64), kind="stable")[:k]
+        np.testing.assert_array_equal(top.ids, order)
+        np.testing.assert_array_equal(top.values, row[order])
+        x = row.astype(np.float64)
+        want_sum = np.exp((x - x.max()) * np.float64(np.float32(inv_t))).sum() if inv_t > 0 else 0.0
+        np.testing.assert_allclose(top.weight_sum, want_sum, rtol=1e-5)
+        assert top.n_vocab == engine.n_vocab
+    for row, top in zip(full, tops):
+        np.testing.assert_array_equal(top.full(), row)
+    engine.decode_top([1], [0])  # evaluating anything replaces the rows
+    with pytest.raises(pyengine.EngineError, match="are gone"):
+        tops[0].full()
+    with pytest.raises(pyengine.EngineError, match="k of wanted row 0"):
+        engine.decode_top([1], [0], None, [(0, 0.0)])
+    with pytest.raises(ValueError, match="1 requests for 2 rows"):
+        engine.decode_top([1, 2], [0, 1], None, [(1, 0.0)])
+
+
 @pytest.mark.parametrize("kv_type", ["f16", "f32"])
 def test_rows_of_a_sequence_apart_in_one_call(llama, kv_type):
     """A call's rows of one sequence need not be next to each other: [s0, s1, s0] gives s0's rows the

@@ -12,7 +12,7 @@ import pytest
 from pyengine import ContextLengthError
 from pyengine.chat_template import ChatTemplate
 from pyengine.generation import ChatSession, ContextShiftWarning, generate
-from pyengine.sampling import SamplingParams
+from pyengine.sampling import SamplingParams, TopLogits
 from pyengine.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=64)
@@ -59,6 +59,10 @@ class FakeLLM:
         logits[script[min(self.pos, len(script) - 1)]] = 10.0
         self.pos += 1
         return logits
+
+    def eval_top(self, ids, k: int = 1, inv_t: float = 0.0) -> TopLogits:
+        """What the engine hands generation: the row's summary (the C++ op on the host)."""
+        return TopLogits.of(self.eval(ids), k, inv_t)
 
 
 def script(tok: Tokenizer, text: str, end: str | None = "<|im_end|>") -> list[int]:
@@ -321,6 +325,13 @@ class TransformersLLM:
             out = self.model(self.torch.tensor([list(ids)]), past_key_values=self.cache, use_cache=True)
         self.cache, self.n_past = out.past_key_values, self.n_past + len(ids)
         return out.logits[0, -1].float().numpy()
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def eval_top(self, ids, k: int = 1, inv_t: float = 0.0) -> TopLogits:
+        return TopLogits.of(self.eval(ids), k, inv_t)
 
 
 def _chat_about_capitals(llm, tok):

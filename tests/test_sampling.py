@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pyengine.sampling import Sampler, SamplingParams
+from pyengine.sampling import Sampler, SamplingParams, TopLogits
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def chi_square_z(counts: np.ndarray, expected: np.ndarray) -> float:
 
 def dense(sampler: Sampler, logits, **kw) -> np.ndarray:
     ids, probs = sampler.distribution(logits, **kw)
-    out = np.zeros(logits.size)
+    out = np.zeros(logits.n_vocab if isinstance(logits, TopLogits) else logits.size)
     out[ids] = probs
     return out
 
@@ -92,6 +92,71 @@ def test_distribution_equals_reference(kw, n):
     ref = reference(logits, params, **HISTORY)
     assert np.array_equal(ours > 0, ref > 0)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-7)
+
+
+class Summary:
+    """The TopLogits a sampler asks the engine for (built by the C++ op, as the engine builds it), counting
+    the times the whole row is fetched."""
+
+    def __init__(self, sampler: Sampler, logits: np.ndarray, **history):
+        self.sampler, self.logits, self.history, self.fetches = sampler, logits, history, 0
+
+    def __call__(self) -> TopLogits:
+        top = TopLogits.of(self.logits, *self.sampler.request(self.logits.size, **self.history))
+        row = top.full
+
+        def full():
+            self.fetches += 1
+            return row()
+
+        top.full = full
+        return top
+
+
+def fetches_expected(params: SamplingParams, n: int, history: bool) -> bool | None:
+    """Whether sampling from the summary must fetch the whole row (None: it depends on the logits)."""
+    if history and (params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty):
+        return True
+    if params.temperature == 0:
+        return False
+    if 0 < params.top_k < n:
+        return params.top_k > 256  # _C.top_logits_max: a larger top-k reads the row
+    return True if params.top_p >= 1 and params.min_p <= 0 else None
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("n", [100, 50_000])
+@pytest.mark.parametrize("history", [False, True])
+def test_summary_draws_what_the_row_draws(kw, n, history):
+    """Sampling from the engine's TopLogits gives the distribution and, seeded, the very tokens that
+    sampling from the whole row gives; the row is fetched only where the summary cannot hold the
+    candidates (penalties, plain sampling, a nucleus past the largest 128)."""
+    params = SamplingParams(seed=5, **kw)
+    hist = HISTORY if history else {}
+    logits = logits_for(n)
+    whole, summarized = Sampler(params), Sampler(params)
+    summary = Summary(summarized, logits, **hist)
+    ids_a, p_a = whole.distribution(logits, **hist)
+    ids_b, p_b = summarized.distribution(summary(), **hist)
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_allclose(p_a, p_b, rtol=1e-6)
+    assert [whole(logits, **hist) for _ in range(100)] == [summarized(summary(), **hist) for _ in range(100)]
+    expected = fetches_expected(params, n, history)
+    if expected is not None:
+        assert (summary.fetches > 0) == expected
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=0.9), dict(top_p=0.95, temperature=0.7), dict(min_p=0.05),
+                                dict(top_p=0.9, min_p=0.02)])
+def test_summary_holds_a_confident_models_nucleus(kw):
+    """A peaked row (a model sure of the next few tokens): top-p / min-p need only the summary."""
+    logits = logits_for(150_000, seed=2, scale=1.0)
+    logits[[10, 20, 30, 40]] += [14, 13, 12.5, 11]
+    sampler = Sampler(SamplingParams(seed=0, **kw))
+    summary = Summary(sampler, logits)
+    assert len({sampler(summary()) for _ in range(200)}) > 1
+    assert summary.fetches == 0
+    np.testing.assert_allclose(dense(sampler, summary()), reference(logits, sampler.params), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])

@@ -1,10 +1,13 @@
 #include "model/context.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 
 #include "model/memory.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
+#include "ops/top_logits.h"
 
 namespace pe {
 
@@ -100,6 +103,8 @@ void Context::clear() {
 
 void Context::encode(const int32_t* tokens, int64_t n, int seq) {
   auto lock = this->lock();
+  top_rows_ = 0;
+  top_serial_++;
   model_->file().check_unchanged();
   const ModelConfig& c = model_->config();
   PE_CHECK(cross_kv_, UnsupportedModelError, "a ", c.arch, " model has no encoder (encode() is for encoder-decoder "
@@ -228,6 +233,44 @@ std::vector<Context::Row> Context::expand_replays(const Batch& batch) {
 
 void Context::decode(const Batch& batch, float* logits, bool hidden) {
   auto lock = this->lock();
+  decode_rows(batch, logits, hidden, nullptr);
+}
+
+int64_t Context::decode_top(const Batch& batch, const int32_t* k, const float* inv_t, int k_max, int32_t* ids,
+                            float* values, float* stats) {
+  auto lock = this->lock();
+  const int64_t n_vocab = model_->config().n_vocab, n_want = batch.n_logits();
+  PE_CHECK(k_max >= 1 && k_max <= kTopLogitsMax, Error, "decode_top: k_max ", k_max, " is not in [1, ",
+           kTopLogitsMax, "]");
+  for (int64_t i = 0; i < n_want; i++) {
+    PE_CHECK(k[i] >= 1 && k[i] <= std::min<int64_t>(k_max, n_vocab), Error, "decode_top: k of wanted row ", i, " is ",
+             k[i], ", not in [1, min(k_max ", k_max, ", n_vocab ", n_vocab, ")]");
+    PE_CHECK(inv_t[i] >= 0.f && std::isfinite(inv_t[i]), Error, "decode_top: inv_t of wanted row ", i, " is ",
+             inv_t[i], ", not finite and >= 0");
+  }
+  LogitsSummary top{k, inv_t, k_max, ids, values, stats};
+  decode_rows(batch, nullptr, false, &top);
+  return top_serial_;
+}
+
+void Context::row_logits(int64_t serial, int64_t i, float* out) {
+  auto lock = this->lock();
+  PE_CHECK(serial == top_serial_ && top_rows_ > 0, Error, "row_logits: the logits of decode_top call ", serial,
+           " are gone (this context has evaluated rows since)");
+  PE_CHECK(i >= 0 && i < top_rows_, Error, "row_logits: wanted row ", i, " is out of range [0, ", top_rows_, ")");
+  const int64_t n_vocab = model_->config().n_vocab;
+  if (head_on_gpu() && i >= top_gpu_first_) {
+    copy_between(*gpu_ex_, Device::CPU, out, Device::CUDA,
+                 static_cast<const float*>(gpu_act_.out.data()) + (i - top_gpu_first_) * n_vocab,
+                 size_t(n_vocab) * sizeof(float));
+  } else {
+    std::memcpy(out, top_logits_.data() + i * n_vocab, size_t(n_vocab) * sizeof(float));
+  }
+}
+
+void Context::decode_rows(const Batch& batch, float* logits, bool hidden, const LogitsSummary* top) {
+  top_rows_ = 0;  // a pass replaces the logits decode_top left
+  top_serial_++;
   model_->file().check_unchanged();
   check_rows(batch);
   PE_CHECK(hidden || !logits || model_->decoder.head.output.present(), UnsupportedModelError, "a ",
@@ -248,7 +291,10 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
       pos[r] = int64_t(st.tokens.size());
       policy_.append(st, &rows[r].token, 1);
     }
-    const int64_t n = int64_t(rows.size());
+    const int64_t n = int64_t(rows.size()), n_vocab = model_->config().n_vocab;
+    const bool gpu_head = head_on_gpu();
+    if (top && !gpu_head) top_logits_.resize(size_t(batch.n_logits() * n_vocab));
+    int64_t wanted = 0;  // wanted rows in the passes before
     for (int64_t begin = 0; begin < n;) {
       int64_t end = std::min(n, begin + n_batch_);
       while (end < n && policy_.joins_next(seqs_[size_t(rows[size_t(end - 1)].seq)], pos[size_t(end - 1)])) {
@@ -256,12 +302,29 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
                  "sequence ", rows[size_t(end - 1)].seq, " must be consecutive rows");
         end++;
       }
-      run_pass(rows.data() + begin, end - begin, logits, hidden);
-      const int64_t width = hidden ? model_->config().n_embd : model_->config().n_vocab;
-      if (logits)
-        for (int64_t r = begin; r < end; r++) logits += rows[size_t(r)].logits ? width : 0;
+      int64_t n_want = 0;
+      for (int64_t r = begin; r < end; r++) n_want += rows[size_t(r)].logits;
+      if (top) {
+        LogitsSummary s = *top;
+        s.k += wanted, s.inv_t += wanted, s.stats += 2 * wanted;
+        s.ids += wanted * top->k_max, s.values += wanted * top->k_max;
+        run_pass(rows.data() + begin, end - begin, gpu_head ? nullptr : top_logits_.data() + wanted * n_vocab, false,
+                 &s);
+        if (gpu_head && end < n && n_want > 0) {  // the next pass overwrites the GPU's copy
+          top_logits_.resize(size_t((wanted + n_want) * n_vocab));
+          copy_between(*gpu_ex_, Device::CPU, top_logits_.data() + wanted * n_vocab, Device::CUDA, gpu_act_.out.data(),
+                       size_t(n_want * n_vocab) * sizeof(float));
+        }
+        top_gpu_first_ = gpu_head ? wanted : batch.n_logits();
+      } else {
+        run_pass(rows.data() + begin, end - begin, logits, hidden);
+        const int64_t width = hidden ? model_->config().n_embd : n_vocab;
+        if (logits) logits += n_want * width;
+      }
+      wanted += n_want;
       begin = end;
     }
+    if (top) top_rows_ = wanted;
     // The weights were read from the mapping: a file that changed during the pass (mapped_file.h)
     // gave zeros or other weights, so the pass is undone.
     model_->file().check_unchanged();
@@ -274,7 +337,7 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
   }
 }
 
-void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
+void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden, const LogitsSummary* summary) {
   RowPlan& p = plan_;
   p.clear();
   // Pages wholly behind the window of each sequence's first row in this pass are never read again.
@@ -342,9 +405,9 @@ void Context::run_pass(const Row* rows, int64_t n, float* logits, bool hidden) {
     parts[1].act = &gpu_act_;
     for (const Layer& L : gpu.layers) parts[1].layers.push_back(&L);
   }
-  const bool head_on_gpu = gpu_ex_ && gpu.head;
-  forward_decoder(*model_, parts[0], parts, head_on_gpu ? parts[1] : parts[0], model_->decoder.input,
-                  head_on_gpu ? gpu.head_weights : model_->decoder.head, p, rope_, out, hidden);
+  const bool gpu_head = head_on_gpu();
+  forward_decoder(*model_, parts[0], parts, gpu_head ? parts[1] : parts[0], model_->decoder.input,
+                  gpu_head ? gpu.head_weights : model_->decoder.head, p, rope_, out, hidden, summary);
 }
 
 void Context::collect_input_stats(bool on, bool covariance, const std::vector<std::string>& covariance_tensors) {

@@ -46,6 +46,16 @@ class Context {
   // hidden: instead of logits, the wanted rows' final hidden states after the output norm
   // (batch.n_logits() rows of n_embd floats), from which embeddings are pooled.
   void decode(const Batch& batch, float* logits, bool hidden = false);
+  // decode() for sampling: each wanted row's top_logits (ops/top_logits.h) come back instead of its
+  // logits: k[i] and inv_t[i] for the i-th wanted row (k in [1, min(n_vocab, k_max)], k_max at most
+  // kTopLogitsMax, inv_t >= 0); ids and values [n_logits x k_max], stats [n_logits x 2]. The logits
+  // stay where the output layer computed them (on the GPU when it is offloaded: a decode step then
+  // copies kilobytes to the host, not n_vocab floats a row); row_logits(serial, i, out) copies wanted
+  // row i's (n_vocab floats) until the next call that evaluates anything. Returns the call's serial
+  // number, which row_logits checks: a row of a later call is never taken for one of this call.
+  int64_t decode_top(const Batch& batch, const int32_t* k, const float* inv_t, int k_max, int32_t* ids,
+                     float* values, float* stats);
+  void row_logits(int64_t serial, int64_t i, float* out);
   // Family::EncoderDecoder: runs the encoder over `tokens` (one pass, every token sees all of them) and
   // keeps the keys and values of its output for every decoder block's cross-attention in sequence `seq`,
   // which starts over empty: decode() then appends decoder tokens to it (the first: the model's
@@ -91,7 +101,9 @@ class Context {
   // released keys its next row would need.
   void truncate_kv(int seq, int64_t keep);
   std::vector<Row> expand_replays(const Batch& batch);
-  void run_pass(const Row* rows, int64_t n, float* out, bool hidden);
+  void decode_rows(const Batch& batch, float* logits, bool hidden, const LogitsSummary* top);
+  void run_pass(const Row* rows, int64_t n, float* out, bool hidden, const LogitsSummary* summary = nullptr);
+  bool head_on_gpu() const { return gpu_ex_ && model_->gpu().head; }
   // Both executors' locks (CPU, then GPU): contexts sharing either take turns.
   std::pair<std::unique_lock<std::mutex>, std::unique_lock<std::mutex>> lock();
   // The cache of the first part: every part's cache holds the same sequences in the same pages,
@@ -119,6 +131,10 @@ class Context {
   RowPlan plan_;
   ContextRope rope_;
   Activations act_, gpu_act_;
+  // decode_top's logits, wanted rows [0, top_rows_) of the last call: on the host, except for a GPU
+  // head's last pass, whose rows [top_gpu_first_, top_rows_) stay in gpu_act_.out.
+  std::vector<float> top_logits_;
+  int64_t top_rows_ = 0, top_gpu_first_ = 0, top_serial_ = 0;
   InputStats input_stats_;
 };
 

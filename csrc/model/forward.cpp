@@ -3,6 +3,8 @@
 #include "model/forward.h"
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "cpu/finite.h"
 #include "ops/activation.h"
@@ -12,6 +14,7 @@
 #include "ops/moe.h"
 #include "ops/norm.h"
 #include "ops/rope.h"
+#include "ops/top_logits.h"
 
 namespace pe {
 
@@ -229,9 +232,45 @@ bool decoder_block(Executor& ex, const ModelConfig& c, const ContextRope& rope_c
 
 }  // namespace
 
+// top_logits of the head's output y (on its device) into the summary's host arrays; false when a row
+// holds a NaN or an infinity.
+static bool summarize(Executor& ex, const Tensor& y, const LogitsSummary& s, Activations& a) {
+  const int64_t n = y.rows, k_max = s.k_max;
+  const Device dev = ex.device();
+  auto i32 = [&](void* p, int64_t rows, int64_t cols) {
+    return Tensor{GGMLType::I32, p, rows, cols, size_t(cols) * sizeof(int32_t), dev};
+  };
+  if (dev == Device::CPU) {
+    top_logits(ex, y, i32(const_cast<int32_t*>(s.k), 1, n), f32_tensor(const_cast<float*>(s.inv_t), 1, n, n),
+               i32(s.ids, n, k_max), f32_tensor(s.values, n, k_max, k_max), f32_tensor(s.stats, n, 2, 2));
+  } else {
+    // One upload of the requests and one download of the results: [k | inv_t | ids | values | stats].
+    const size_t in_bytes = size_t(2 * n) * 4, out_floats = size_t(n * (2 * k_max + 2));
+    if (a.top.device() != dev) a.top = Buffer(dev, 0);
+    a.top.reserve(in_bytes + out_floats * 4);
+    auto* base = static_cast<uint8_t*>(a.top.data());
+    std::vector<uint8_t> staged(in_bytes);
+    std::memcpy(staged.data(), s.k, size_t(n) * 4);
+    std::memcpy(staged.data() + size_t(n) * 4, s.inv_t, size_t(n) * 4);
+    copy_between(ex, dev, base, Device::CPU, staged.data(), in_bytes);
+    auto* res = reinterpret_cast<float*>(base + in_bytes);
+    top_logits(ex, y, i32(base, 1, n), f32_tensor(reinterpret_cast<float*>(base) + n, 1, n, n, dev),
+               i32(res, n, k_max), f32_tensor(res + n * k_max, n, k_max, k_max, dev),
+               f32_tensor(res + 2 * n * k_max, n, 2, 2, dev));
+    std::vector<float> back(out_floats);
+    copy_between(ex, Device::CPU, back.data(), dev, res, out_floats * 4);
+    std::memcpy(s.ids, back.data(), size_t(n * k_max) * 4);
+    std::memcpy(s.values, back.data() + n * k_max, size_t(n * k_max) * 4);
+    std::memcpy(s.stats, back.data() + 2 * n * k_max, size_t(n * 2) * 4);
+  }
+  for (int64_t r = 0; r < n; r++)
+    if (s.stats[2 * r + 1] != 0.f) return false;
+  return true;
+}
+
 void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<StackPart>& parts,
                      const StackPart& head_part, const StackInput& input, const Head& head, const RowPlan& rows,
-                     const ContextRope& rope, const Tensor& out, bool hidden_out) {
+                     const ContextRope& rope, const Tensor& out, bool hidden_out, const LogitsSummary* summary) {
   const ModelConfig& c = M.config();
   const int64_t n = rows.size(), d = c.n_embd;
   const size_t x_bytes = size_t(n * d) * sizeof(float);
@@ -269,7 +308,7 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
   if (!cpu::all_finite(static_cast<const float*>(cpu.act->x.data()), n * d))
     throw non_finite("the token embeddings (token_embd.weight) of this batch's tokens");
   // The output norm and LM head on the rows whose output is wanted only, into y on the head's device.
-  const bool want_out = !out.empty() && !rows.logit_rows.empty();
+  const bool want_out = (!out.empty() || summary) && !rows.logit_rows.empty();
   const int64_t n_out = int64_t(rows.logit_rows.size()), width = hidden_out ? d : c.n_vocab;
   const Device head_dev = head_part.ex->device();
   if (want_out && head_dev != Device::CPU) head_part.act->out.reserve(size_t(n_out * width) * sizeof(float));
@@ -340,14 +379,19 @@ void forward_decoder(const Model& M, const StackPart& cpu, const std::vector<Sta
   }
   Executor& ex = *head_part.ex;
   const Device dev = head_dev;
-  if (dev != Device::CPU) copy_between(ex, Device::CPU, out.data, dev, y.data, size_t(n_out * width) * sizeof(float));
-  for (int64_t r = 0; r < n_out; r++) {
-    if (cpu::all_finite(out.row(r), width)) continue;
+  auto output_non_finite = [&] {
     const int64_t gpu_first = parts.size() > 1 && !parts.back().layers.empty() ? parts.back().first : c.n_layer;
-    throw non_finite(gpu_first < c.n_layer
-                         ? str_cat("layers ", gpu_first, "..", c.n_layer - 1, " (on the GPU) or the output layer")
-                         : std::string(hidden_out ? "the output norm (output_norm)" : "the output layer (output_norm, output)"));
+    return non_finite(gpu_first < c.n_layer
+                          ? str_cat("layers ", gpu_first, "..", c.n_layer - 1, " (on the GPU) or the output layer")
+                          : std::string(hidden_out ? "the output norm (output_norm)" : "the output layer (output_norm, output)"));
+  };
+  if (summary) {
+    if (!summarize(ex, y, *summary, *head_part.act)) throw output_non_finite();
+    return;
   }
+  if (dev != Device::CPU) copy_between(ex, Device::CPU, out.data, dev, y.data, size_t(n_out * width) * sizeof(float));
+  for (int64_t r = 0; r < n_out; r++)
+    if (!cpu::all_finite(out.row(r), width)) throw output_non_finite();
 }
 
 }  // namespace pe

@@ -41,6 +41,7 @@ MoEParams moe_params(const ModelConfig& c);
 // Scratch of a context on one device, grown to the largest pass seen.
 struct Activations {
   Buffer x, xn, qkv, att, ff_a, ff_b, out, rows;
+  Buffer top;  // a GPU head's top_logits requests and results (LogitsSummary)
   MoEScratch moe;    // mixture-of-experts FFNs: the op's scratch, and the FFN's output
   Buffer moe_out;
   InputStats* input_stats = nullptr;  // set while collecting an imatrix: every linear layer adds its input
@@ -74,15 +75,29 @@ struct ContextRope {
   RopeParams global, windowed;
 };
 
+// Sampling's view of a pass (Context::decode_top): instead of the wanted rows' logits, their
+// top_logits (ops/top_logits.h) come back to the host; a GPU head's logits stay in its
+// Activations::out. Host arrays, one entry (or row) per wanted row of the pass.
+struct LogitsSummary {
+  const int32_t* k = nullptr;
+  const float* inv_t = nullptr;
+  int k_max = 1;
+  int32_t* ids = nullptr;   // [rows x k_max]
+  float* values = nullptr;  // [rows x k_max]
+  float* stats = nullptr;   // [rows x 2]
+};
+
 // The decoder-only family (llama, qwen2, chatglm, chatglm1): embeds the rows' tokens (on the CPU),
 // runs the parts' blocks in order (each appends the rows' keys and values to its cache and attends
 // over their sequences), and writes the logits of rows.logit_rows into `out` (host F32
 // [logit_rows x n_vocab]; empty: none), or with `hidden` their final hidden states after the
 // output norm (F32 [logit_rows x n_embd]: embeddings). `cpu` is the CPU part, which does the
 // embedding lookup (and adds the stack's `input`) even when it has no blocks; `head` (the output norm
-// and LM head) runs on `head_part`'s device.
+// and LM head) runs on `head_part`'s device. With `summary`, the logits go to `out` only when the head
+// is on the CPU (a GPU head's stay in its scratch) and their top_logits go to the summary's arrays.
 void forward_decoder(const Model& model, const StackPart& cpu, const std::vector<StackPart>& parts,
                      const StackPart& head_part, const StackInput& input, const Head& head, const RowPlan& rows,
-                     const ContextRope& rope, const Tensor& out, bool hidden = false);
+                     const ContextRope& rope, const Tensor& out, bool hidden = false,
+                     const LogitsSummary* summary = nullptr);
 
 }  // namespace pe

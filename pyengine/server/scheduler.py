@@ -237,6 +237,7 @@ class Scheduler:
         seqs: list[int] = []
         want: list[bool] = []
         chunks: list[list[int]] = []  # what each slot evaluates in this pass
+        requests: list[tuple[int, float]] = []  # what each row with logits asks of them (TopLogits)
         for slot in busy:
             if slot.prefilling:
                 chunk = slot.job.prompt_ids[slot.n_evaluated: slot.n_evaluated + self.prefill_chunk]
@@ -244,11 +245,14 @@ class Scheduler:
             else:
                 chunk = [slot.generation.token_ids[-1]]
                 want.append(True)
+            if want[-1]:
+                requests.append(slot.generation.top_request(self.engine.n_vocab))
             tokens += chunk
             seqs += [slot.index] * len(chunk)
             chunks.append(chunk)
         start = time.perf_counter()
-        rows = iter(self.engine.decode(np.array(tokens, np.int32), np.array(seqs, np.int32), np.array(want)))
+        rows = iter(self.engine.decode_top(np.array(tokens, np.int32), np.array(seqs, np.int32), np.array(want),
+                                           requests))
         elapsed = time.perf_counter() - start
         with self._cond:
             self.counters["engine_steps"] += 1

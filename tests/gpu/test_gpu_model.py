@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pyengine
-from test_batch import LENGTHS, N_STEPS, glm1, llama, run_staggered  # noqa: F401  (fixtures)
+from test_batch import LENGTHS, N_STEPS, check_decode_top, glm1, llama, run_staggered  # noqa: F401  (fixtures)
 from test_chatglm import chatglm1_reference
 from test_ptuning import glm, tuned  # noqa: F401  (fixtures)
 
@@ -110,6 +110,14 @@ def test_ptuning_prefix_on_gpu(tuned, n_gpu_layers):
     np.testing.assert_allclose(eng.eval(a[5:], all_logits=True, seq=0), ref_a[5:], **scaled(ref_a, 5e-3))
     eng.seq_truncate(1, 0)
     np.testing.assert_allclose(eng.eval(b, all_logits=True, seq=1), ref_b, **scaled(ref_b, 5e-3))
+
+
+@pytest.mark.parametrize("n_gpu_layers", [1, ALL])
+@pytest.mark.parametrize("n_batch", [512, 16])
+def test_decode_top_on_gpu(llama, n_gpu_layers, n_batch):
+    """Sampling's summaries (top_logits on the GPU when the head is there, ALL; on the CPU after GPU
+    blocks, 1) against the same engine's whole rows, over one pass and over several."""
+    check_decode_top(llama, n_batch, n_gpu_layers=n_gpu_layers)
 
 
 def test_fork_and_truncate_on_gpu(llama):
