@@ -75,7 +75,7 @@ timeout ${PE_TEST_TIMEOUT:-300} $PY -m pytest -q -m gpu -p no:cacheprovider -rfE
 step "compute-sanitizer (memcheck) on the kernel tests"
 timeout ${PE_SAN_TIMEOUT:-150} compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
   $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_attention.py tests/gpu/test_gpu_matmul.py \
-  -k "not 4000 and not 300" 2>&1 | tail -40
+  tests/gpu/test_gpu_top_logits.py -k "not 4000 and not 300 and not 151936" 2>&1 | tail -40
 rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || failed+=("compute-sanitizer rc=$rc")
 
 step benchmark
