@@ -137,6 +137,8 @@ def test_encoder_has_no_logits(tiny_bert):
     eng = pyengine.Engine(files["f32"], n_ctx=32)
     with pytest.raises(pyengine.UnsupportedModelError, match="no language-model head"):
         eng.eval([1, 2, 3])
+    with pytest.raises(pyengine.UnsupportedModelError, match="no language-model head"):
+        eng.eval_top([1, 2, 3])
     with pytest.raises(pyengine.ContextLengthError):
         pyengine.Engine(files["f32"], n_ctx=200).embed([list(range(150))])  # n_ctx capped at the 96 positions
     with pytest.raises(pyengine.ContextLengthError, match="96 positions"):

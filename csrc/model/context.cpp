@@ -273,7 +273,7 @@ void Context::decode_rows(const Batch& batch, float* logits, bool hidden, const 
   top_serial_++;
   model_->file().check_unchanged();
   check_rows(batch);
-  PE_CHECK(hidden || !logits || model_->decoder.head.output.present(), UnsupportedModelError, "a ",
+  PE_CHECK(hidden || (!logits && !top) || model_->decoder.head.output.present(), UnsupportedModelError, "a ",
            model_->config().arch, " model has no language-model head: ask for embeddings (hidden states) instead");
   // What each sequence held before (cache positions, and tokens), to undo a failed call.
   std::vector<int64_t> old_kv(seqs_.size()), old_len(seqs_.size());
