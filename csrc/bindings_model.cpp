@@ -29,6 +29,27 @@ const int32_t* vector_data(const IntArray& a, const char* what) {
   return a.data();
 }
 
+// decode's rows: token i appended to sequence seqs[i], with its logits wanted where `logits` (a bool
+// sequence; None: every row) says so.
+Batch batch_of(const IntArray& tokens, const IntArray& seqs, const py::object& logits) {
+  const int32_t* tp = vector_data(tokens, "tokens");
+  const int32_t* sp = vector_data(seqs, "seq_ids");
+  const int64_t n = tokens.shape(0);
+  if (seqs.shape(0) != n) throw py::value_error("tokens and seq_ids differ in length");
+  Batch b;
+  b.tokens.assign(tp, tp + n);
+  b.seqs.assign(sp, sp + n);
+  if (logits.is_none()) {
+    b.logits.assign(size_t(n), 1);
+  } else {
+    auto want = py::array_t<bool, py::array::c_style | py::array::forcecast>(logits);
+    if (want.ndim() != 1 || want.shape(0) != n)
+      throw py::value_error("logits must be None or a bool sequence as long as tokens");
+    b.logits.assign(want.data(), want.data() + n);
+  }
+  return b;
+}
+
 }  // namespace
 
 void bind_model(py::module_& m) {
@@ -139,21 +160,7 @@ void bind_model(py::module_& m) {
       .def(
           "decode",
           [](Context& ctx, const IntArray& tokens, const IntArray& seqs, py::object logits, bool embeddings) {
-            const int32_t* tp = vector_data(tokens, "tokens");
-            const int32_t* sp = vector_data(seqs, "seq_ids");
-            const int64_t n = tokens.shape(0);
-            if (seqs.shape(0) != n) throw py::value_error("tokens and seq_ids differ in length");
-            Batch b;
-            b.tokens.assign(tp, tp + n);
-            b.seqs.assign(sp, sp + n);
-            if (logits.is_none()) {
-              b.logits.assign(size_t(n), 1);
-            } else {
-              auto want = py::array_t<bool, py::array::c_style | py::array::forcecast>(logits);
-              if (want.ndim() != 1 || want.shape(0) != n)
-                throw py::value_error("logits must be None or a bool sequence as long as tokens");
-              b.logits.assign(want.data(), want.data() + n);
-            }
+            const Batch b = batch_of(tokens, seqs, logits);
             const ModelConfig& c = ctx.model().config();
             py::array_t<float> out({b.n_logits(), embeddings ? c.n_embd : c.n_vocab});
             float* dst = out.mutable_data();
@@ -171,21 +178,7 @@ void bind_model(py::module_& m) {
           "decode_top",
           [](Context& ctx, const IntArray& tokens, const IntArray& seqs, py::object logits, const IntArray& k,
              const py::array_t<float, py::array::c_style | py::array::forcecast>& inv_t, int k_max) {
-            const int32_t* tp = vector_data(tokens, "tokens");
-            const int32_t* sp = vector_data(seqs, "seq_ids");
-            const int64_t n = tokens.shape(0);
-            if (seqs.shape(0) != n) throw py::value_error("tokens and seq_ids differ in length");
-            Batch b;
-            b.tokens.assign(tp, tp + n);
-            b.seqs.assign(sp, sp + n);
-            if (logits.is_none()) {
-              b.logits.assign(size_t(n), 1);
-            } else {
-              auto want = py::array_t<bool, py::array::c_style | py::array::forcecast>(logits);
-              if (want.ndim() != 1 || want.shape(0) != n)
-                throw py::value_error("logits must be None or a bool sequence as long as tokens");
-              b.logits.assign(want.data(), want.data() + n);
-            }
+            const Batch b = batch_of(tokens, seqs, logits);
             const int64_t m = b.n_logits();
             const int32_t* kp = vector_data(k, "k");
             if (k.shape(0) != m || inv_t.ndim() != 1 || inv_t.shape(0) != m)
