@@ -5,6 +5,10 @@
 Logits: SmolLM2-135M-Instruct's own (vocab 49152) after a Pride and Prejudice prompt, the same tiled
 to a 151936-token vocabulary (Qwen2's size) with a little noise, and random normal * 3 (flatter than a
 model's: a top-p nucleus of thousands of tokens). History: 1000 tokens.
+
+"from top logits" is what generation pays since the engine hands rows over as `TopLogits`: the C++
+top_logits op on the row (on the CPU here; where the output layer runs on a GPU the op runs there and only
+the summary crosses PCIe) plus the sampler on it, fetching the whole row when it must.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import time
 
 import numpy as np
 
-from pyengine.sampling import Sampler, SamplingParams
+from pyengine.sampling import Sampler, SamplingParams, TopLogits
 
 CONFIGS = {
     "greedy": dict(temperature=0),
@@ -106,13 +110,15 @@ def main() -> None:
         n_vocab = logits.size
         history = rng.integers(0, n_vocab, 1000)
         print(f"{label}, vocab {n_vocab}, history 1000 tokens: microseconds per token")
-        print(f"  {'config':24s} {'pyengine':>10s} {'transformers':>13s}")
+        print(f"  {'config':24s} {'pyengine':>10s} {'from top logits':>16s} {'transformers':>13s}")
         for name, kw in CONFIGS.items():
             sampler = Sampler(SamplingParams(seed=0, **kw))
-            ours = per_call_us(lambda: sampler(logits, generated=history[-200:], prompt=history[:-200]), 200)
+            hist = dict(generated=history[-200:], prompt=history[:-200])
+            ours = per_call_us(lambda: sampler(logits, **hist), 200)
+            top = per_call_us(lambda: sampler(TopLogits.of(logits, *sampler.request(n_vocab, **hist)), **hist), 200)
             ref = transformers_sampler(kw)
             theirs = per_call_us(lambda: ref(logits, history), 50) if ref else float("nan")
-            print(f"  {name:24s} {ours:10.0f} {theirs:13.0f}")
+            print(f"  {name:24s} {ours:10.0f} {top:16.0f} {theirs:13.0f}")
 
 
 if __name__ == "__main__":

@@ -34,13 +34,16 @@ __attribute__((always_inline)) inline VF weights16(const float* x, int64_t i, in
   return (VF)((VI)(t >= -87.3f) & (VI)exp_nonpositive16(t));
 }
 
-// The largest element of x[0, n) and whether every element is finite.
-PE_VEC_CLONES float max_finite(const float* x, int64_t n, bool* finite) {
+// The largest element of x[0, n), its first index, and whether every element is finite.
+PE_VEC_CLONES float max_finite(const float* x, int64_t n, int64_t* first, bool* finite) {
   VF mv = VF{} - std::numeric_limits<float>::infinity();
-  VI bad = VI{};
+  VI mi = VI{}, bad = VI{};
+  const VI lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int64_t i = 0; i < n; i += 16) {
     const VF v = load16(x, i, n);
-    mv = v > mv ? v : mv;
+    const VI gt = (VI)(v > mv);  // strictly: each lane keeps its first maximum
+    mv = gt ? v : mv;
+    mi = gt ? lane + int32_t(i) : mi;
     // NaN fails both; an infinity's difference with itself is NaN (the tail's -inf padding is skipped).
     const VF d = v - v;
     bad |= (VI)(d != d) & (i + 16 <= n ? VI{} - 1 : VI{});
@@ -51,9 +54,31 @@ PE_VEC_CLONES float max_finite(const float* x, int64_t n, bool* finite) {
     top = mv[j] > top ? mv[j] : top;
     ok = ok && bad[j] == 0;
   }
+  int64_t at = n;
+  for (int j = 0; j < 16; j++)
+    if (mv[j] == top && mi[j] < at) at = mi[j];
   for (int64_t i = n / 16 * 16; i < n; i++) ok = ok && std::isfinite(x[i]);
+  *first = at < n ? at : 0;
   *finite = ok;
   return top;
+}
+
+// Appends to `out` the indices of the elements of x[0, n) at or above `cut`, in order. Near a row's
+// maximum there are few: 16 elements are compared at once and most groups have none.
+PE_VEC_CLONES void indices_at_least(const float* x, int64_t n, float cut, std::vector<int32_t>& out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    VF v;
+    std::memcpy(&v, x + i, sizeof v);
+    const VI m = (VI)(v >= cut);
+    int any = 0;
+    for (int j = 0; j < 16; j++) any |= m[j];
+    if (!any) continue;
+    for (int j = 0; j < 16; j++)
+      if (m[j]) out.push_back(int32_t(i + j));
+  }
+  for (; i < n; i++)
+    if (x[i] >= cut) out.push_back(int32_t(i));
 }
 
 // sum of e^((x - top) inv_t) over x[0, n), in float per 1024 elements and in double across them (as
@@ -87,20 +112,20 @@ void top_logits(Executor& ex, const Tensor& logits, const Tensor& k, const Tenso
       auto* id = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(ids.data) + size_t(r) * ids.row_stride);
       float* val = values.row(r);
       bool finite = true;
-      const float top = max_finite(x, n_cols, &finite);
+      int64_t first = 0;
+      const float top = max_finite(x, n_cols, &first, &finite);
       stats.row(r)[0] = finite && tv[r] > 0 ? float(weight_sum(x, n_cols, top, tv[r])) : 0.f;
       stats.row(r)[1] = finite ? 0.f : 1.f;
       if (!finite) continue;
       const int64_t kr = kv[r];
       if (kr == 1) {  // greedy: the first maximum
-        id[0] = int32_t(std::find(x, x + n_cols, top) - x), val[0] = top;
+        id[0] = int32_t(first), val[0] = top;
         continue;
       }
       auto before = [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
       for (const float width : {8.f, 32.f, std::numeric_limits<float>::infinity()}) {
         cand.clear();
-        for (int64_t i = 0; i < n_cols; i++)
-          if (x[i] >= top - width) cand.push_back(int32_t(i));
+        indices_at_least(x, n_cols, top - width, cand);
         if (int64_t(cand.size()) >= kr) break;
       }
       std::partial_sort(cand.begin(), cand.begin() + kr, cand.end(), before);
