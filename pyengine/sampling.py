@@ -235,7 +235,7 @@ class Sampler:
         whole = ids.size >= top.n_vocab
         if not whole:
             if p.min_p > 0:  # every logit above the cut is here when the last one is below it
-                if x[-1] >= x[0] + p.temperature * np.log(p.min_p):
+                if x[-1] >= self._min_p_cut(x[0]):
                     return None
             elif np.exp((x - x[0]) * self._inv_t()).sum(dtype=np.float64) < p.top_p * top.weight_sum:
                 return None  # the nucleus reaches past these
@@ -287,14 +287,18 @@ class Sampler:
         keep = self._keep(x, presorted=ids is not None)
         return (keep if ids is None else ids[keep]), x[keep]
 
+    def _min_p_cut(self, top: float) -> float:
+        """The logit below which min-p drops a token, for a row whose largest logit is `top`:
+        p_i >= min_p * p_max  <=>  x_i >= top + T * log(min_p)."""
+        return top + self.params.temperature * np.log(self.params.min_p)
+
     def _keep(self, x: np.ndarray, total: float | None = None, presorted: bool = False) -> np.ndarray:
         """Indices into logits `x` of what top-p and min-p leave, largest first (equal: lower index first).
         total: what top-p normalizes by (None: the weights of x: top-k's, or everything). presorted: x is
         already in that order (a top-k set, or a summary's prefix)."""
         p = self.params
         top = x[0] if presorted else x.max()
-        # p_i >= min_p * p_max  <=>  x_i >= top + T * log(min_p)
-        min_p_cut = top + p.temperature * np.log(p.min_p) if p.min_p > 0 else None
+        min_p_cut = self._min_p_cut(top) if p.min_p > 0 else None
         if p.top_p < 1:
             weights = np.exp((x - top) * self._inv_t())
             if total is None:

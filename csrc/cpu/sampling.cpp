@@ -34,6 +34,15 @@ __attribute__((always_inline)) inline VF weights16(const float* x, int64_t i, in
   return (VF)((VI)(t >= -87.3f) & (VI)exp_nonpositive16(t));
 }
 
+// The weights of x[b, b + kBlock) summed in float (the partial sums softmax_draw and weight_sum share).
+__attribute__((always_inline)) inline float block_weight(const float* x, int64_t b, int64_t n, float top, float inv_t) {
+  VF s = VF{};
+  for (int64_t i = b; i < n && i < b + kBlock; i += 16) s += weights16(x, i, n, top, inv_t);
+  float block = 0;
+  for (int j = 0; j < 16; j++) block += s[j];
+  return block;
+}
+
 // The largest element of x[0, n), its first index, and whether every element is finite.
 PE_VEC_CLONES float max_finite(const float* x, int64_t n, int64_t* first, bool* finite) {
   VF mv = VF{} - std::numeric_limits<float>::infinity();
@@ -85,13 +94,7 @@ PE_VEC_CLONES void indices_at_least(const float* x, int64_t n, float cut, std::v
 // softmax_draw sums).
 PE_VEC_CLONES double weight_sum(const float* x, int64_t n, float top, float inv_t) {
   double total = 0;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    VF s = VF{};
-    for (int64_t i = b; i < n && i < b + kBlock; i += 16) s += weights16(x, i, n, top, inv_t);
-    float block = 0;
-    for (int j = 0; j < 16; j++) block += s[j];
-    total += block;
-  }
+  for (int64_t b = 0; b < n; b += kBlock) total += block_weight(x, b, n, top, inv_t);
   return total;
 }
 
@@ -156,10 +159,7 @@ PE_VEC_CLONES int64_t softmax_draw(const float* x, int64_t n, float inv_t, doubl
   std::vector<double> sums(static_cast<size_t>(n_blocks));
   double total = 0;
   for (int64_t b = 0; b < n_blocks; b++) {
-    VF s = VF{};
-    for (int64_t i = b * kBlock; i < n && i < (b + 1) * kBlock; i += 16) s += weights16(x, i, n, top, inv_t);
-    float block = 0;
-    for (int j = 0; j < 16; j++) block += s[j];
+    const float block = block_weight(x, b * kBlock, n, top, inv_t);
     sums[size_t(b)] = block;
     total += block;
   }
