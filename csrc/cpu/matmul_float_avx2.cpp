@@ -122,9 +122,12 @@ PE_INLINE void float_tile_n(int64_t n, const WeightView& w, const float* x, int6
 }
 
 // Prefill (many activation rows): 2 weight rows x 6 activation rows, 12 accumulators of the 16 ymm
-// registers, so that each converted weight vector feeds 6 FMAs and each activation load 2 (decode's
-// 4 x 2 tiles: 2 and 4, with every load folded into its FMA, were bound by conversions and loads). A
-// tile's activation rows stay in L1 while a block of weight rows that fits in L2 passes over them.
+// registers, so that each weight vector feeds 6 FMAs and each activation load 2 (decode's 4 x 2 tiles:
+// 2 and 4, with every load folded into its FMA, were bound by conversions and loads). A tile's
+// activation rows stay in L1 while a block of weight rows that fits in L2 passes over them; F16 and
+// BF16 blocks are widened to F32 once per block rather than once per tile (the same floats: the
+// conversion is exact): bench_kernels.py --types F16,BF16 --paths avx2 --m 512, Zen 4, builds
+// alternated three times, 96-97 -> 100-101 GFLOP/s at one thread, 189-193 -> 197-199 at two.
 // SmolLM2 F16, 512 tokens, AMD Zen 4 on this path, 1 / 2 threads: 177 / 369 -> 355 / 593 tok/s
 // (llama.cpp's AVX2 build: 333-360 / 626-637). A row's result does not depend on the tile: every dot
 // product sums the same lanes in the same order (decode and prefill agree bit for bit).
@@ -132,14 +135,38 @@ template <GGMLType T>
 void float_prefill(const WeightView& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                    float* y, int64_t ldy) {
   constexpr int R = kPrefillR, C = kPrefillC;
+  const int64_t k = w.cols;
   const int64_t block = std::max<int64_t>(R, (int64_t(128) << 10) / int64_t(w.row_stride) / R * R);
+  thread_local ScratchBuffer wide_buf;
   for (int64_t b0 = r0; b0 < r1; b0 += block) {
     const int64_t b1 = std::min(r1, b0 + block);
+    // F16/BF16: the block's rows widened to F32 once, so the tiles run on F32 loads.
+    WeightView blk = w;
+    blk.data = const_cast<uint8_t*>(static_cast<const uint8_t*>(w.data)) + b0 * int64_t(w.row_stride);
+    if constexpr (T != GGMLType::F32) {
+      auto* wide = static_cast<float*>(wide_buf.get(size_t((b1 - b0) * k) * sizeof(float)));
+      for (int64_t r = b0; r < b1; r++) {
+        const uint8_t* src = static_cast<const uint8_t*>(w.data) + r * int64_t(w.row_stride);
+        float* dst = wide + (r - b0) * k;
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8) _mm256_storeu_ps(dst + i, load_w8<T>(src, i));
+        if (i < k) {
+          alignas(32) float tail[8];
+          _mm256_store_ps(tail, load_w8_tail<T>(src, i, k));
+          std::memcpy(dst + i, tail, size_t(k - i) * sizeof(float));
+        }
+      }
+      blk.data = wide, blk.row_stride = size_t(k) * sizeof(float), blk.type = GGMLType::F32;
+    }
+    constexpr GGMLType TB = GGMLType::F32;
     for (int64_t c = m0; c < m1; c += C) {
       const int64_t n = std::min<int64_t>(C, m1 - c);
       int64_t r = b0;
-      for (; r + R <= b1; r += R) float_tile_n<T, R>(n, w, x, ldx, r, c, y, ldy, std::make_integer_sequence<int, C>{});
-      for (; r < b1; r++) float_tile_n<T, 1>(n, w, x, ldx, r, c, y, ldy, std::make_integer_sequence<int, C>{});
+      // Tiles index rows from the block's start; their outputs go to rows r of y.
+      for (; r + R <= b1; r += R)
+        float_tile_n<TB, R>(n, blk, x, ldx, r - b0, c, y + b0, ldy, std::make_integer_sequence<int, C>{});
+      for (; r < b1; r++)
+        float_tile_n<TB, 1>(n, blk, x, ldx, r - b0, c, y + b0, ldy, std::make_integer_sequence<int, C>{});
     }
   }
 }
