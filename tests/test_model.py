@@ -19,6 +19,8 @@ VARIANTS = {
     "llama_tied_mha": lambda d: make_llama(d, tied=True, n_kv_heads=4, rope_theta=50000.0),
     "qwen2": lambda d: make_qwen2(d, tied=True, n_kv_heads=2),
     "qwen2_untied_mqa": lambda d: make_qwen2(d, tied=False, n_kv_heads=1, seed=3),
+    # A head size that is not a multiple of a vector (20: the attention kernels' tail loops).
+    "llama_head_dim_20": lambda d: make_llama(d, tied=True, n_kv_heads=2, head_dim=20, seed=5),
 }
 
 

@@ -114,6 +114,7 @@ void attention(Executor& ex, const Tensor& q, int n_head, const KVCache& kv, int
   const AttentionKernels& k = kernels();
   const int hd = lay.head_dim, group = n_head / lay.n_kv_head;
   const int64_t P = KVCache::kPageSize;
+  static_assert(KVCache::kPageSize % 64 == 0, "the scores kernels read K^T rows in whole chunks of up to 64 keys");
   const auto* seq = static_cast<const int32_t*>(rows.seq.data);
   const auto* kb = static_cast<const int32_t*>(rows.key_begin.data);
   const auto* ke = static_cast<const int32_t*>(rows.key_end.data);

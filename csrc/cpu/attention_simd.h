@@ -33,26 +33,29 @@ constexpr int kChains = [] {
   return c;
 }();
 
+// Keys are read in whole vectors up to the end of each chunk of C * W keys: a K^T row (and a Q8 cache's
+// row of scales) is a page wide, ldk a multiple of the chunk (attention.cpp checks it), so the lanes
+// past n read keys of the page not yet (or no longer) in use, whose scores are never stored. A load
+// with a tail inside the loop made GCC keep every AVX2 accumulator in memory, storing all of them on
+// each step of the loop.
 template <class V, int NB, KVElem E>
 void scores_rows(const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, const float* q, int64_t ldq, float* s,
                  int64_t lds) {
   using F = typename V::F;
   constexpr int C = kChains<V, NB>;
   for (int j = 0; j < n; j += C * V::W) {
-    int w[C];
-    for (int c = 0; c < C; c++) w[c] = n - j - c * V::W < V::W ? n - j - c * V::W : V::W;
     F acc[NB][C];
     for (int t = 0; t < NB; t++)
       for (int c = 0; c < C; c++) acc[t][c] = V::zero();
     F scale[C];  // Q8: the keys' scales for the current 32 dimensions
+    for (int c = 0; c < C; c++) scale[c] = V::zero();
     for (int d = 0; d < hd; d++) {
       if constexpr (E == KVElem::Q8)
         if (d % kQ8Dims == 0)
-          for (int c = 0; c < C; c++)
-            scale[c] = w[c] > 0 ? V::load_f16(ks + (d / kQ8Dims) * ldk + j + c * V::W, w[c]) : V::zero();
+          for (int c = 0; c < C; c++) scale[c] = V::load_f16(ks + (d / kQ8Dims) * ldk + j + c * V::W, V::W);
       F k[C];
       for (int c = 0; c < C; c++) {
-        k[c] = w[c] > 0 ? load_kv<V, E>(kt, d * ldk + j + c * V::W, w[c]) : V::zero();
+        k[c] = load_kv<V, E>(kt, d * ldk + j + c * V::W, V::W);
         if constexpr (E == KVElem::Q8) k[c] = V::mul(k[c], scale[c]);
       }
       for (int t = 0; t < NB; t++) {
@@ -60,43 +63,74 @@ void scores_rows(const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, c
         for (int c = 0; c < C; c++) acc[t][c] = V::fmadd(qv, k[c], acc[t][c]);
       }
     }
-    for (int t = 0; t < NB; t++)
-      for (int c = 0; c < C; c++)
-        if (w[c] > 0) V::store(s + t * lds + j + c * V::W, acc[t][c], w[c]);
+    for (int c = 0; c < C; c++) {
+      const int w = n - j - c * V::W < V::W ? n - j - c * V::W : V::W;
+      if (w > 0)
+        for (int t = 0; t < NB; t++) V::store(s + t * lds + j + c * V::W, acc[t][c], w);
+    }
   }
+}
+
+// CC whole vectors of head dims from d (CC <= the chains the registers allow), or, PART, one vector of
+// the last hd - d < W dims. Whole vectors are their own loop, with no tail code in it (see
+// scores_rows): a head size that is a multiple of W never takes the PART loop. The first key is peeled
+// so that the accumulators start from it and o, not from a load of o alone: with that load GCC kept
+// the AVX2 accumulators of F16 and Q8 caches in memory through the loop (the same sums either way).
+template <class V, int NB, KVElem E, int CC, bool PART>
+__attribute__((noinline)) void values_dims(const void* v, const fp16_t* vs, int hd, int n, int d, const float* p,
+                                           int64_t ldp, float* o, int64_t ldo) {
+  using F = typename V::F;
+  if (n <= 0) return;
+  const int w = PART ? hd - d : V::W;  // of each vector
+  auto value = [&](int j, F (&x)[CC]) {
+    F scale = V::zero();  // Q8: the value's scale for the block of dimension d + c * W
+    for (int c = 0; c < CC; c++) {
+      x[c] = load_kv<V, E>(v, int64_t(j) * hd + d + c * V::W, w);
+      if constexpr (E == KVElem::Q8) {
+        if (c == 0 || (d + c * V::W) % kQ8Dims == 0)
+          scale = V::set1_f16(vs[int64_t(j) * (hd / kQ8Dims) + (d + c * V::W) / kQ8Dims]);
+        x[c] = V::mul(x[c], scale);
+      }
+    }
+  };
+  F acc[NB][CC];
+  {
+    F x[CC];
+    value(0, x);
+    for (int t = 0; t < NB; t++) {
+      const F pv = V::set1(p[t * ldp]);
+      for (int c = 0; c < CC; c++) acc[t][c] = V::fmadd(pv, x[c], V::load_f32(o + t * ldo + d + c * V::W, w));
+    }
+  }
+  for (int j = 1; j < n; j++) {
+    F x[CC];
+    value(j, x);
+    for (int t = 0; t < NB; t++) {
+      const F pv = V::set1(p[t * ldp + j]);
+      for (int c = 0; c < CC; c++) acc[t][c] = V::fmadd(pv, x[c], acc[t][c]);
+    }
+  }
+  for (int t = 0; t < NB; t++)
+    for (int c = 0; c < CC; c++) V::store(o + t * ldo + d + c * V::W, acc[t][c], w);
+}
+
+template <class V, int NB, KVElem E, int... CC>
+PE_ATTN_INLINE void values_whole(int cc, const void* v, const fp16_t* vs, int hd, int n, int d, const float* p,
+                                 int64_t ldp, float* o, int64_t ldo, std::integer_sequence<int, CC...>) {
+  ((cc == CC + 1 ? values_dims<V, NB, E, CC + 1, false>(v, vs, hd, n, d, p, ldp, o, ldo) : void()), ...);
 }
 
 template <class V, int NB, KVElem E>
 void values_rows(const void* v, const fp16_t* vs, int hd, int n, const float* p, int64_t ldp, float* o,
                  int64_t ldo) {
-  using F = typename V::F;
   constexpr int C = kChains<V, NB>;
-  for (int d = 0; d < hd; d += C * V::W) {
-    int w[C];
-    for (int c = 0; c < C; c++) w[c] = hd - d - c * V::W < V::W ? hd - d - c * V::W : V::W;
-    F acc[NB][C];
-    for (int t = 0; t < NB; t++)
-      for (int c = 0; c < C; c++) acc[t][c] = w[c] > 0 ? V::load_f32(o + t * ldo + d + c * V::W, w[c]) : V::zero();
-    for (int j = 0; j < n; j++) {
-      F x[C];
-      F scale = V::zero();  // Q8: the value's scale for the block of dimension d + c * W
-      for (int c = 0; c < C; c++) {
-        x[c] = w[c] > 0 ? load_kv<V, E>(v, int64_t(j) * hd + d + c * V::W, w[c]) : V::zero();
-        if constexpr (E == KVElem::Q8) {
-          if (w[c] > 0 && (c == 0 || (d + c * V::W) % kQ8Dims == 0))
-            scale = V::set1_f16(vs[int64_t(j) * (hd / kQ8Dims) + (d + c * V::W) / kQ8Dims]);
-          x[c] = V::mul(x[c], scale);
-        }
-      }
-      for (int t = 0; t < NB; t++) {
-        const F pv = V::set1(p[t * ldp + j]);
-        for (int c = 0; c < C; c++) acc[t][c] = V::fmadd(pv, x[c], acc[t][c]);
-      }
-    }
-    for (int t = 0; t < NB; t++)
-      for (int c = 0; c < C; c++)
-        if (w[c] > 0) V::store(o + t * ldo + d + c * V::W, acc[t][c], w[c]);
+  int d = 0;
+  for (; d + C * V::W <= hd; d += C * V::W) values_dims<V, NB, E, C, false>(v, vs, hd, n, d, p, ldp, o, ldo);
+  if (const int cc = (hd - d) / V::W; cc > 0) {
+    values_whole<V, NB, E>(cc, v, vs, hd, n, d, p, ldp, o, ldo, std::make_integer_sequence<int, C>{});
+    d += cc * V::W;
   }
+  if (d < hd) values_dims<V, NB, E, 1, true>(v, vs, hd, n, d, p, ldp, o, ldo);
 }
 
 template <class V, KVElem E, int... T>
