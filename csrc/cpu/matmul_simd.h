@@ -20,7 +20,7 @@
 // and shift ops; load_transpose / load_f16 / load_u32 / add_q5_high_bits / bits / or_bits for the
 // unpackers; the integer dot step (kVnni: vpdpbusd; otherwise pmaddubsw + pmaddwd, with int16 sums
 // over a packer's kGS groups); float ops; store_rows for a panel's last rows; and for quantize_x,
-// abs_bits, max_u32, hmax_u32, hsum2_i32 and store_q8 (32 int32 to 32 int8). Tile shapes: kMaxSmallM, kTileM, kPrefillPanels,
+// abs_bits, max_u32, hmax_u32, hsum2_i32 and store_q8 (32 int32 to 32 int8). Tile shapes: kMaxSmallM, kSmallPasses, kTileM, kPrefillPanels,
 // decode_panels<P>() (1 or 2 panels per decode loop, per packer).
 #pragma once
 #include <algorithm>
@@ -508,8 +508,8 @@ void gemm_type(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1,
                int64_t ldy) {
   // Up to kMaxSmallM rows (a decode step of a few sequences) unpack each weight unit into registers
   // and use it for every row at once: packing a panel to memory first only pays for many rows.
-  // Up to twice that, two passes over the weights still cost less than packing them.
-  if (m1 - m0 > 2 * V::kMaxSmallM) return gemm_large<V, P, Tiles>(w, x, r0, r1, m0, m1, y, ldy);
+  // Up to kSmallPasses times that, as many passes over the weights still cost less than packing them.
+  if (m1 - m0 > V::kSmallPasses * V::kMaxSmallM) return gemm_large<V, P, Tiles>(w, x, r0, r1, m0, m1, y, ldy);
   for (int64_t c = m0; c < m1; c += V::kMaxSmallM)
     small_rows<V, P>(w, x, r0, r1, c, std::min<int64_t>(m1, c + V::kMaxSmallM), y, ldy,
                      std::make_integer_sequence<int, V::kMaxSmallM>{});
