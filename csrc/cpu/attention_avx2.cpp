@@ -18,10 +18,8 @@ struct Avx2 {
   static PE_ATTN_INLINE F zero() { return _mm256_setzero_ps(); }
   static PE_ATTN_INLINE F set1(float v) { return _mm256_set1_ps(v); }
   static PE_ATTN_INLINE F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  // Tails (n < W) through masked loads and stores, never a buffer: with a stack buffer and a copy in the
-  // loop GCC kept every accumulator of the scores and values loops in memory, storing all of them on
-  // each step (SmolLM2 F16 prefill, Zen 4 on this path: scores and values at about a third of the FMA
-  // rate).
+  // Tails (n < W) through masked loads and stores rather than a copy through a stack buffer. (What kept
+  // the loops' accumulators in memory was a tail inside the loop at all: see scores_rows and values_dims.)
   static PE_ATTN_INLINE __m256i lanes_below(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
