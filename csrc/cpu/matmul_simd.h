@@ -20,8 +20,8 @@
 // and shift ops; load_transpose / load_f16 / load_u32 / add_q5_high_bits / bits / or_bits for the
 // unpackers; the integer dot step (kVnni: vpdpbusd; otherwise pmaddubsw + pmaddwd, with int16 sums
 // over a packer's kGS groups); float ops; store_rows for a panel's last rows; and for quantize_x,
-// abs_bits, max_u32, hmax_u32, hsum2_i32 and store_q8 (32 int32 to 32 int8). Tile shapes: kMaxSmallM, kSmallPasses, kTileM, kPrefillPanels,
-// decode_panels<P>() (1 or 2 panels per decode loop, per packer).
+// abs_bits, max_u32, hmax_u32, hsum2_i32 and store_q8 (32 int32 to 32 int8). Tile shapes: kMaxSmallM,
+// kSmallPasses, kTileM, kPrefillPanels, decode_panels<P>() (1 or 2 panels per decode loop, per packer).
 #pragma once
 #include <algorithm>
 #include <cstring>
