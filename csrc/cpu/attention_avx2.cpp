@@ -1,4 +1,4 @@
-// AVX2 traits for attention_simd.h (8 floats a vector; tails through masked loads and stores; F16C conversion;
+// AVX2 traits for attention_simd.h (8 floats a vector; tails through a small buffer; F16C conversion;
 // int8 widening).
 #include <immintrin.h>
 
@@ -18,42 +18,29 @@ struct Avx2 {
   static PE_ATTN_INLINE F zero() { return _mm256_setzero_ps(); }
   static PE_ATTN_INLINE F set1(float v) { return _mm256_set1_ps(v); }
   static PE_ATTN_INLINE F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  // Tails (n < W) through masked loads and stores rather than a copy through a stack buffer. (What kept
-  // the loops' accumulators in memory was a tail inside the loop at all: see scores_rows and values_dims.)
-  static PE_ATTN_INLINE __m256i lanes_below(int n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
   static PE_ATTN_INLINE F load_f32(const float* p, int n) {
     if (n == W) return _mm256_loadu_ps(p);
-    return _mm256_maskload_ps(p, lanes_below(n));
+    alignas(32) float b[W] = {};
+    std::memcpy(b, p, sizeof(float) * size_t(n));
+    return _mm256_load_ps(b);
   }
   static PE_ATTN_INLINE F load_f16(const fp16_t* p, int n) {
     if (n == W) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    // The whole 32-bit pairs below n, then an odd last element into its 16-bit lane.
-    __m128i h = _mm_maskload_epi32(reinterpret_cast<const int*>(p),
-                                   _mm_cmpgt_epi32(_mm_set1_epi32(n / 2), _mm_setr_epi32(0, 1, 2, 3)));
-    if (n % 2)
-      h = _mm_blendv_epi8(h, _mm_set1_epi16(short(p[n - 1])),
-                          _mm_cmpeq_epi16(_mm_set1_epi16(short(n - 1)), _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7)));
-    return _mm256_cvtph_ps(h);
+    alignas(16) fp16_t b[W] = {};
+    std::memcpy(b, p, sizeof(fp16_t) * size_t(n));
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
   }
   static PE_ATTN_INLINE F load_i8(const int8_t* p, int n) {
-    __m128i b;  // 8 bytes: a full vector, or the tail zero-padded
-    if (n == W) {
-      b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    } else {  // the whole 32-bit words below n, then the last bytes into their lanes
-      b = _mm_maskload_epi32(reinterpret_cast<const int*>(p),
-                             _mm_cmpgt_epi32(_mm_set1_epi32(n / 4), _mm_setr_epi32(0, 1, 2, 3)));
-      const __m128i lane = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-      for (int i = n / 4 * 4; i < n; i++)
-        b = _mm_blendv_epi8(b, _mm_set1_epi8(char(p[i])), _mm_cmpeq_epi8(_mm_set1_epi8(char(i)), lane));
-    }
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    int64_t b = 0;  // 8 bytes: a full vector, or the tail zero-padded
+    std::memcpy(&b, p, size_t(n));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(b)));
   }
   static PE_ATTN_INLINE F set1_f16(fp16_t h) { return _mm256_set1_ps(_cvtsh_ss(h)); }
   static PE_ATTN_INLINE void store(float* p, F v, int n) {
     if (n == W) return _mm256_storeu_ps(p, v);
-    _mm256_maskstore_ps(p, lanes_below(n), v);
+    alignas(32) float b[W];
+    _mm256_store_ps(b, v);
+    std::memcpy(p, b, sizeof(float) * size_t(n));
   }
   static PE_ATTN_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }
   static PE_ATTN_INLINE F sub(F a, F b) { return _mm256_sub_ps(a, b); }
