@@ -338,7 +338,7 @@ constexpr int kSubBytes = G * sizeof(typename V::I) + (MIN ? 2 : 1) * sizeof(typ
 // Q (matrix units, matmul_amx.h): store the signed q = u - offset instead of u.
 template <class V, class P, bool Q, class R>
 __attribute__((noinline)) void pack_panel(const R& rows, int64_t nblk, uint8_t* dst) {
-  static_assert(!Q || (P::S.max_u - P::S.offset <= 127 && P::S.offset <= 128), "q must fit int8");
+  static_assert(!Q || (P::S.max_u - P::S.offset <= 127 && P::S.offset <= 128 && !P::kScaledU), "q must fit int8");
   constexpr int kVec = sizeof(typename V::I);
   for (int64_t b = 0; b < nblk; b++) {
     typename P::State st;
