@@ -25,7 +25,6 @@ struct Avx2 {
   using F = __m256;
   static constexpr int kRows = 8;            // weight rows per panel: one int32 lane each
   static constexpr bool kVnni = false;       // integer dot step: pmaddubsw + pmaddwd
-  static constexpr int kRegisters = 16;      // vector registers
   static constexpr int kMaxSmallM = 3;       // up to this many activation rows, decode kernels
   // ... and in passes of kMaxSmallM up to this many times that: packing the panels (a quarter of an
   // 8-sequence step) cost more than unpacking the weights once a pass. SmolLM2 Q4_0 on this path, Zen 4,

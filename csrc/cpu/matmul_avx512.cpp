@@ -21,7 +21,6 @@ struct Avx512 {
   using F = __m512;
   static constexpr int kRows = 16;           // weight rows per panel: one int32 lane each
   static constexpr bool kVnni = true;        // integer dot step: vpdpbusd
-  static constexpr int kRegisters = 32;      // vector registers
   static constexpr int kMaxSmallM = 8;       // up to this many activation rows, decode kernels
   static constexpr int kSmallPasses = 2;     // ... in passes up to this many times that (see Avx2)
   static constexpr int kTileM = 6;           // activation rows per prefill register tile ...

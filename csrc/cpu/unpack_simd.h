@@ -241,20 +241,18 @@ struct PackQ3_K : PackBase<V, GGMLType::Q3_K, 8> {
 // low nibbles of qs[32c..32c+32), 2c+1 the high ones; Q5_K's fifth bit of element 32j + l is bit j of
 // qh[l]. Unit c holds sub-blocks 2c and 2c+1.
 //
-// With 32 registers both steps leave bits where they are and move the power of two into the scale
-// instead, which is exact (the products and their rounding do not change, and no value comes near the
-// ends of the float range): a scale byte masked in place at byte i of its word is sc * 2^(8i), taken by
-// d * 2^(-8i); with vpdpbusd (int32 sums) Q4_K's high nibbles are used as the byte t & 0xF0 = 16 u,
-// taken by scale / 16. That saves the shifts of 16 scales and mins and 128 high nibbles per block, a
-// sixth of a decode block's vector instructions: one row's Q4_K product from L2 +16 %, eight rows' +4 %
-// on Zen 4 (a model's decode from memory moved by -2..+3 %). With AVX2's 16 registers the extra live
-// values spilled and the same change measured 6 % slower, so there the fields are shifted down.
+// Both steps leave bits where they are and move the power of two into the scale instead, which is exact
+// (the products and their rounding do not change, and no value comes near the ends of the float range):
+// a scale byte masked in place at byte i of its word is sc * 2^(8i), taken by d * 2^(-8i); with vpdpbusd
+// (int32 sums) Q4_K's high nibbles are used as the byte t & 0xF0 = 16 u, taken by scale / 16. That saves
+// the shifts of 16 scales and mins and 128 high nibbles per block, a sixth of an AVX-512 decode block's
+// vector instructions: one row's Q4_K product from L2 +16 %, eight rows' +4 % on Zen 4 (a model's decode
+// from memory moved by -2..+3 %); on the AVX2 path (scales only) eight rows' +12 %.
 template <class V, bool Q5>
 struct PackQ45_K : PackBase<V, Q5 ? GGMLType::Q5_K : GGMLType::Q4_K, 2> {
   using I = typename V::I;
   using F = typename V::F;
-  static constexpr bool kInPlace = V::kRegisters >= 32;
-  static constexpr bool kHighBy16 = kInPlace && V::kVnni && !Q5;  // pmaddubsw's int16 pairs would saturate
+  static constexpr bool kHighBy16 = V::kVnni && !Q5;  // pmaddubsw's int16 pairs would saturate on 16 u
   static constexpr bool kScaledU = kHighBy16;
   struct State : ScaleState<V, 8> {
     I qh[Q5 ? 8 : 1];
@@ -268,24 +266,13 @@ struct PackQ45_K : PackBase<V, Q5 ? GGMLType::Q5_K : GGMLType::Q4_K, 2> {
     // top two bits from bits 6..7 of s[0] and s[1].
     for (int j = 0; j < 8; j++) {
       const int i = j % 4;  // the byte
-      I sc, m;
-      if (kInPlace) {
-        if (j == 4) {
-          s[0] = V::or_bits(V::and_(s[2], V::set1_i8(0x0F)), s[0], 2, 0x30);
-          s[1] = V::or_bits(V::bits(s[2], 4, 0x0F), s[1], 2, 0x30);
-        }
-        sc = V::and_(s[0], V::set1_i32(0x3F << (8 * i)));
-        m = V::and_(s[1], V::set1_i32(0x3F << (8 * i)));
-      } else if (j < 4) {
-        sc = V::and_(V::srli_i32(s[0], 8 * i), V::set1_i32(63));
-        m = V::and_(V::srli_i32(s[1], 8 * i), V::set1_i32(63));
-      } else {
-        sc = V::or_(V::and_(V::srli_i32(s[2], 8 * i), V::set1_i32(0xF)),
-                    V::and_(V::srli_i32(s[0], 8 * i + 2), V::set1_i32(0x30)));
-        m = V::or_(V::and_(V::srli_i32(s[2], 8 * i + 4), V::set1_i32(0xF)),
-                   V::and_(V::srli_i32(s[1], 8 * i + 2), V::set1_i32(0x30)));
+      if (j == 4) {
+        s[0] = V::or_bits(V::and_(s[2], V::set1_i8(0x0F)), s[0], 2, 0x30);
+        s[1] = V::or_bits(V::bits(s[2], 4, 0x0F), s[1], 2, 0x30);
       }
-      const float at = kInPlace ? 1.0f / float(1u << (8 * i)) : 1.0f;  // 2^(-8i)
+      const I field = V::set1_i32(0x3F << (8 * i));
+      const I sc = V::and_(s[0], field), m = V::and_(s[1], field);
+      const float at = 1.0f / float(1u << (8 * i));  // 2^(-8i)
       st.scale[j] = V::mul(V::mul(d, V::set1_ps(kHighBy16 && j % 2 ? at / 16 : at)), V::cvt(sc));
       st.min[j] = V::neg(V::mul(V::mul(dmin, V::set1_ps(at)), V::cvt(m)));
     }
