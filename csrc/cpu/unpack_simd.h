@@ -252,8 +252,8 @@ template <class V, bool Q5>
 struct PackQ45_K : PackBase<V, Q5 ? GGMLType::Q5_K : GGMLType::Q4_K, 2> {
   using I = typename V::I;
   using F = typename V::F;
-  static constexpr bool kHighBy16 = V::kVnni && !Q5;  // pmaddubsw's int16 pairs would saturate on 16 u
-  static constexpr bool kScaledU = kHighBy16;
+  // Q4_K's high nibbles as 16 u (PackBase::kScaledU); pmaddubsw's int16 pairs would saturate on them.
+  static constexpr bool kScaledU = V::kVnni && !Q5;
   struct State : ScaleState<V, 8> {
     I qh[Q5 ? 8 : 1];
   };
@@ -273,7 +273,7 @@ struct PackQ45_K : PackBase<V, Q5 ? GGMLType::Q5_K : GGMLType::Q4_K, 2> {
       const I field = V::set1_i32(0x3F << (8 * i));
       const I sc = V::and_(s[0], field), m = V::and_(s[1], field);
       const float at = 1.0f / float(1u << (8 * i));  // 2^(-8i)
-      st.scale[j] = V::mul(V::mul(d, V::set1_ps(kHighBy16 && j % 2 ? at / 16 : at)), V::cvt(sc));
+      st.scale[j] = V::mul(V::mul(d, V::set1_ps(kScaledU && j % 2 ? at / 16 : at)), V::cvt(sc));
       st.min[j] = V::neg(V::mul(V::mul(dmin, V::set1_ps(at)), V::cvt(m)));
     }
     if (Q5) {
@@ -289,7 +289,7 @@ struct PackQ45_K : PackBase<V, Q5 ? GGMLType::Q5_K : GGMLType::Q4_K, 2> {
     load_words<V>(r, off + qs + 16, t + 4);
     for (int g = 0; g < 8; g++) {
       out.u[0][g] = V::and_(t[g], V::set1_i8(0x0F));
-      out.u[1][g] = kHighBy16 ? V::and_(t[g], V::set1_i8(0xF0)) : V::bits(t[g], 4, 0xF);
+      out.u[1][g] = kScaledU ? V::and_(t[g], V::set1_i8(0xF0)) : V::bits(t[g], 4, 0xF);
       if (Q5) {
         out.u[0][g] = V::or_bits(out.u[0][g], st.qh[g], 2 * c - 4, 0x10);
         out.u[1][g] = V::or_bits(out.u[1][g], st.qh[g], 2 * c + 1 - 4, 0x10);
