@@ -233,26 +233,30 @@ def restore_decode_tuning():
 @pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)
 def test_decode_tuning_gives_the_same_bits(qtype, cpu_path, restore_decode_tuning):
     """Decode's per-vendor tuning (cpu/matmul_kernels.h DecodeTuning: one or two panels per loop, software
-    prefetch or not, spread prefetch or not) changes only how the weights are walked: every choice gives the bits of the file's
-    row-major bytes under the vendor's default, with a two-panel loop, a single panel after it and a partial
-    last panel (70 rows), for every decode row count and thread split."""
+    prefetch or not, spread prefetch or not, how far ahead for several rows) changes only how the weights
+    are walked: every choice gives the bits of the file's row-major bytes under the vendor's default, with
+    a two-panel loop, a single panel after it and a partial last panel (70 rows), for every decode row count
+    and thread split."""
     rng = np.random.default_rng(900 + int(qtype))
     rows, cols = 70, cols_for(qtype)[-1]
     raw = make_weights(qtype, rows, cols, rng)
     x = rng.standard_normal((3, cols)).astype(np.float32)
     for m, n_threads in itertools.product((1, 2, 3), (1, 2)):
         want = _C.matmul(raw, int(qtype), rows, cols, x[:m], n_threads)
-        for two_panels, prefetch, spread in itertools.product((False, True), (0, 64, 1024), (0, 1728)):
-            _C.set_decode_tuning(two_panels, prefetch, spread)
+        for two_panels, prefetch, spread, rows_prefetch in itertools.product((False, True), (0, 64, 1024), (0, 1728),
+                                                                              (0, 4096)):
+            _C.set_decode_tuning(two_panels, prefetch, spread, rows_prefetch)
             for panels in (False, True):
                 got = _C.matmul(raw, int(qtype), rows, cols, x[:m], n_threads, panels=panels)
                 np.testing.assert_array_equal(got, want, err_msg=f"{qtype.name} {cpu_path} m={m} threads={n_threads} "
                                                                  f"two_panels={two_panels} prefetch={prefetch} "
-                                                                 f"spread={spread}")
+                                                                 f"spread={spread} rows_prefetch={rows_prefetch}")
     with pytest.raises(pyengine.EngineError, match="prefetch"):
         _C.set_decode_tuning(True, -1)
     with pytest.raises(pyengine.EngineError, match="spread"):
         _C.set_decode_tuning(True, 64, -1)
+    with pytest.raises(pyengine.EngineError, match="several rows"):
+        _C.set_decode_tuning(True, 64, 0, 1 << 21)
 
 
 @pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)

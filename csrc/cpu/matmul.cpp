@@ -16,12 +16,14 @@ namespace {
 std::atomic<bool> g_two_panels{!cpu_is_amd()};
 std::atomic<int64_t> g_prefetch_bytes{cpu_is_amd() ? 64 : 1024};
 std::atomic<int64_t> g_spread_bytes{cpu_is_amd() ? 1728 : 0};
+std::atomic<int64_t> g_rows_prefetch_bytes{cpu_is_amd() ? 2048 : 1024};
 
 }  // namespace
 
 DecodeTuning decode_tuning() {
   return DecodeTuning{g_two_panels.load(std::memory_order_relaxed), g_prefetch_bytes.load(std::memory_order_relaxed),
-                      g_spread_bytes.load(std::memory_order_relaxed)};
+                      g_spread_bytes.load(std::memory_order_relaxed),
+                      g_rows_prefetch_bytes.load(std::memory_order_relaxed)};
 }
 
 void set_decode_tuning(DecodeTuning t) {
@@ -29,7 +31,10 @@ void set_decode_tuning(DecodeTuning t) {
            "decode prefetch distance must be in [0, 1 MiB], not ", t.prefetch_bytes);
   PE_CHECK(t.spread_bytes >= 0 && t.spread_bytes <= (int64_t(1) << 20), Error,
            "decode spread prefetch distance must be in [0, 1 MiB], not ", t.spread_bytes);
+  PE_CHECK(t.rows_prefetch_bytes >= 0 && t.rows_prefetch_bytes <= (int64_t(1) << 20), Error,
+           "decode prefetch distance for several rows must be in [0, 1 MiB], not ", t.rows_prefetch_bytes);
   g_two_panels.store(t.two_panels);
+  g_rows_prefetch_bytes.store(t.rows_prefetch_bytes);
   g_prefetch_bytes.store(t.prefetch_bytes);
   g_spread_bytes.store(t.spread_bytes);
 }

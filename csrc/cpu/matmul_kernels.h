@@ -69,10 +69,12 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 //   spread_bytes    for the types whose block keeps its scales at its end (Q6_K, Q3_K, Q2_K: those of the
 //                   tail prefetch, PackBase::kTail), each unit of a block also asks for a unit's bytes this
 //                   far ahead, so the next block's lines are asked for across this one (0: not).
+//   rows_prefetch_bytes  prefetch_bytes for two or more activation rows on the 32-element block types
+//                   (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), whose blocks are small.
 // Intel Xeon (model 167): two panels (random 1.1B files, 2 threads: Q4_K_M 37.7 -> 40.6 tok/s) and 1 KiB
-// (Q6_K 22.8 -> 27.8, Q4_0 41.5 -> 45.5), no spread (not measured there): {true, 1024, 0}, used on every
-// non-AMD CPU.
-// AMD EPYC Zen 4 (family 25 model 17): {false, 64, 1728}. One panel: from {true, 1024}, 1 thread, tok/s,
+// (Q6_K 22.8 -> 27.8, Q4_0 41.5 -> 45.5), no spread (not measured there): {true, 1024, 0, 1024}, used on
+// every non-AMD CPU.
+// AMD EPYC Zen 4 (family 25 model 17): {false, 64, 1728, 2048}. One panel: from {true, 1024}, 1 thread, tok/s,
 // SmolLM2 Q4_0 137 -> 261 (its AVX2 path 83 -> 196), Q8_0 97 -> 169, random 1.1B Q4_0 24 -> 40, with
 // prefetch off. Then 64 bytes, which asks for each block's lines as the block starts, all at once:
 // random 1.1B Q6_K 7.4 -> 17.6 (256 bytes: 12.4, 1 KiB: 9.0, off: 7.4), Q4_K_M (a quarter Q6_K) 23.5 ->
@@ -85,10 +87,20 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 // build Q3_K_M +12 %, Q2_K +19 %, and 2304 bytes as good on Q6_K but 0.96-0.98 on Q4_K_M. Spread for
 // Q4_K too (scales at the head): Q4_K_S +3-4 %, within the noise of a Q4_0 control (+3 %): not kept.
 // Without the 64 bytes at each block's start the spread alone halved Q6_K's speed.
+// Then rows_prefetch_bytes, 2048: with two or more activation rows the kernel spends long enough on each
+// small block (a panel's Q4_0 block is 288 bytes, Q8_0's 544) that 64 bytes ahead leaves it waiting on
+// memory. Q4_0 32768 x 4096 (from memory), one thread, GMAC/s, 64 -> 2048 bytes: 2 rows 49 -> 55, 4 rows
+// 67 -> 87, 8 rows 80 -> 129 (two threads 153 -> 273); 8 rows Q8_0 68 -> 98, Q5_0 71 -> 114, Q4_1 76 ->
+// 113; one row unchanged (31.0 / 31.3), so prefetch_bytes stays. Not for K-quants: their 64 bytes already
+// ask for the whole next 2304-byte block, and further was slower (Q4_K 2 rows 63 -> 43). SmolLM2 decode
+// of 8 sequences at 30-94 keys, 2 threads, paired medians of 12, ms a step: Q4_0 9.89 -> 8.91, Q8_0
+// 10.84 -> 9.76 (4096 bytes: 8.92 and 10.15); the AVX2 path's Q4_0 11.38 -> 10.65. On Intel CPUs
+// rows_prefetch_bytes is prefetch_bytes (not measured there).
 struct DecodeTuning {
   bool two_panels;
   int64_t prefetch_bytes;
   int64_t spread_bytes;
+  int64_t rows_prefetch_bytes;
 };
 // The tuning in use: the vendor's unless set_decode_tuning changed it (tests: every choice gives the same
 // results bit for bit).

@@ -219,7 +219,7 @@ PE_INLINE void scale_sub(const typename V::I (&idot)[NC], typename V::F scale, t
 template <class V, class P, int NC, int NP, class R>
 __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, const int8_t* xq, int64_t ldq,
                                                 const XSub* xs, int64_t ldxs, float* y, int64_t ldy, int64_t row0,
-                                                int64_t nrows) {
+                                                int64_t nrows, const uint8_t* prefetch_end) {
   using I = typename V::I;
   using F = typename V::F;
   F acc[NP][NC];
@@ -229,21 +229,24 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
   for (int p = 0; p < NP; p++) pr[p] = R{rows.p + V::kRows * p * rows.stride, rows.stride};
   // Rows as stored: kRows streams advancing a few bytes per step, prefetched row by row (RowPrefetch). A
   // packed panel is one stream, yet the hardware prefetchers alone kept a memory-bound decode below the
-  // bandwidth: each block's bytes are asked for as far ahead as DecodeTuning says.
+  // bandwidth: each block's bytes are asked for as far ahead as DecodeTuning says, past the panel's end
+  // into the next panels (they follow it in memory) up to prefetch_end, the last panel's end.
   constexpr bool kPacked = std::is_same_v<R, PackedPanel>;
   constexpr int64_t kBlockBytes = V::kRows * P::kBytes;  // a block of the panel's rows
   const int64_t next_bytes = kPacked ? 0 : NP * V::kRows * rows.stride;
   const RowPrefetch next(rows.p + NP * V::kRows * rows.stride, next_bytes, nblk);
   const DecodeTuning tuning = decode_tuning();
-  const int64_t ahead = kPacked ? tuning.prefetch_bytes : 0;
+  const int64_t ahead =
+      !kPacked ? 0 : NC >= 2 && P::kBlock == 32 ? tuning.rows_prefetch_bytes : tuning.prefetch_bytes;
   const int64_t spread = kPacked && P::kTail < P::kBytes ? tuning.spread_bytes : 0;
   for (int64_t b = 0; b < nblk; b++) {
     next.step(b);
     if (ahead > 0) {
       const int64_t lo = (b * kBlockBytes + ahead) & ~int64_t(63);
-      const int64_t hi = std::min((b + 1) * kBlockBytes + ahead, nblk * kBlockBytes);
-      for (int p = 0; p < NP; p++)
+      for (int p = 0; p < NP; p++) {
+        const int64_t hi = std::min((b + 1) * kBlockBytes + ahead, int64_t(prefetch_end - pr[p].p));
         for (int64_t o = lo; o < hi; o += 64) __builtin_prefetch(pr[p].p + o, 0, 3);
+      }
       // A block whose scales sit at its end (Q6_K, Q3_K, Q2_K's d) is read tail first: the tail asked
       // for with the rest of the block arrives after begin() has stalled on it. Ask a block ahead. (A branch:
       // clamping the end at the last block instead, as above, compiled to a loop ~15 % slower on Zen 4.)
@@ -291,7 +294,7 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
 // stored, or packed).
 template <class V, class P, int NC, class Panel>
 void gemm_small_rows(const Panel& panel, int64_t nblk, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0,
-                     float* y, int64_t ldy) {
+                     float* y, int64_t ldy, const uint8_t* prefetch_end = nullptr /* packed panels' end */) {
   const int8_t* xq = x.q + m0 * x.ldq;
   const XSub* xs = x.sub + m0 * x.ldsub;
   int64_t rp = r0;
@@ -300,10 +303,11 @@ void gemm_small_rows(const Panel& panel, int64_t nblk, const QuantizedX& x, int6
   if constexpr (V::template decode_panels<P>() == 2 && NC <= 3)
     if (decode_tuning().two_panels)
       for (; rp + 2 * V::kRows <= r1; rp += 2 * V::kRows)
-        gemm_small_panel<V, P, NC, 2>(panel(rp), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp, 2 * V::kRows);
+        gemm_small_panel<V, P, NC, 2>(panel(rp), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp, 2 * V::kRows,
+                                          prefetch_end);
   for (; rp < r1; rp += V::kRows)
     gemm_small_panel<V, P, NC, 1>(panel(rp), nblk, xq, x.ldq, xs, x.ldsub, y + m0 * ldy, ldy, rp,
-                                  std::min<int64_t>(V::kRows, r1 - rp));
+                                  std::min<int64_t>(V::kRows, r1 - rp), prefetch_end);
 }
 
 // W's packed panels, when it has them for this ISA's panel height (r0 is then a panel boundary: the
@@ -319,8 +323,12 @@ PE_INLINE PackedPanel packed_panel(const WeightView& w, int64_t rp) {
 template <class V, class P, int NC>
 void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, float* y, int64_t ldy) {
   const int64_t nblk = w.cols / P::kBlock;
-  if (has_panels<V>(w))
-    return gemm_small_rows<V, P, NC>([&](int64_t rp) { return packed_panel<V>(w, rp); }, nblk, x, r0, r1, m0, y, ldy);
+  if (has_panels<V>(w)) {
+    const int64_t padded = (w.rows + V::kRows - 1) / V::kRows * V::kRows;
+    const uint8_t* end = static_cast<const uint8_t*>(w.panels) + padded * int64_t(w.row_stride);
+    return gemm_small_rows<V, P, NC>([&](int64_t rp) { return packed_panel<V>(w, rp); }, nblk, x, r0, r1, m0, y, ldy,
+                                     end);
+  }
   thread_local ScratchBuffer tail;
   gemm_small_rows<V, P, NC>([&](int64_t rp) { return panel_at<V, P>(w, rp, r1, tail); }, nblk, x, r0, r1, m0, y, ldy);
 }
