@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "cpu/matmul_kernels.h"
+#include "cpu/panels.h"
 #include "cpu/unpack_simd.h"
 
 namespace pe::cpu {
@@ -324,8 +325,7 @@ template <class V, class P, int NC>
 void gemm_small(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1, int64_t m0, float* y, int64_t ldy) {
   const int64_t nblk = w.cols / P::kBlock;
   if (has_panels<V>(w)) {
-    const int64_t padded = (w.rows + V::kRows - 1) / V::kRows * V::kRows;
-    const uint8_t* end = static_cast<const uint8_t*>(w.panels) + padded * int64_t(w.row_stride);
+    const uint8_t* end = static_cast<const uint8_t*>(w.panels) + panel_bytes(w, V::kRows);
     return gemm_small_rows<V, P, NC>([&](int64_t rp) { return packed_panel<V>(w, rp); }, nblk, x, r0, r1, m0, y, ldy,
                                      end);
   }
