@@ -58,18 +58,25 @@ constexpr int64_t kRowGrain = 16;
 
 // Runs kernel(r0, r1, m0, m1) over the m x rows output on the pool. Splitting W's rows keeps each
 // weight byte read by one thread (decode streams W once): the rows go in chunks of whole grains that
-// the threads claim one at a time, about four per thread, so that a thread the OS deschedules (another
-// process on the core) holds up only the chunk it has, and the others take the rest. Activation rows
-// are split instead, evenly, only when W has too few rows to go round.
+// the threads claim one at a time, so that a thread the OS deschedules (another process on the core)
+// holds up only the chunk it has, and the others take the rest. The chunks shrink as OpenMP's guided
+// schedule's do: each is what is left over the thread count. The first ones are long streams (every
+// chunk restarts the prefetchers: SmolLM2 Q4_0, 2 threads, Zen 4, one sequence 3.7 -> 3.4 ms a step
+// against four equal chunks per thread, 8 sequences 2-10 % less) and the last ones a grain, so the
+// threads finish together. Activation rows are split instead, evenly, only when W has too few rows to
+// go round.
 template <class Kernel>
 void run_split(ThreadPool& pool, int64_t rows, int64_t m, const Kernel& kernel) {
   const int nth = pool.size();
   const int64_t grains = (rows + kRowGrain - 1) / kRowGrain;
   if (nth == 1 || grains >= 4 * nth || m < 2 * nth) {
-    const int64_t per_chunk = std::max<int64_t>(1, grains / (4 * int64_t(nth)));
-    const int64_t chunks = (grains + per_chunk - 1) / per_chunk;
+    constexpr int kMaxChunks = 256;  // the last one takes what is left (only past ~40 threads)
+    int64_t end[kMaxChunks];         // grain where chunk c ends
+    int chunks = 0;
+    for (int64_t g = 0; g < grains; chunks++)
+      end[chunks] = g = chunks == kMaxChunks - 1 ? grains : g + std::max<int64_t>(1, (grains - g) / nth);
     pool.for_each_dynamic(chunks, [&](int64_t c) {
-      const int64_t r0 = c * per_chunk * kRowGrain, r1 = std::min(rows, (c + 1) * per_chunk * kRowGrain);
+      const int64_t r0 = (c == 0 ? 0 : end[c - 1]) * kRowGrain, r1 = std::min(rows, end[c] * kRowGrain);
       kernel(r0, r1, int64_t(0), m);
     });
   } else {
