@@ -63,18 +63,21 @@ PYBIND11_MODULE(_C, m) {
       "decode_tuning",
       [] {
         const pe::cpu::DecodeTuning t = pe::cpu::decode_tuning();
-        return py::make_tuple(t.two_panels, t.prefetch_bytes, t.spread_bytes, t.rows_prefetch_bytes);
+        return py::make_tuple(t.two_panels, t.prefetch_bytes, t.spread_bytes, t.rows_prefetch_bytes,
+                              t.small_passes_32);
       },
       "How CPU decode walks packed weight panels: (two panels per loop, software prefetch distance in "
       "bytes, spread prefetch distance in bytes, prefetch distance for several rows of 32-element "
-      "blocks); chosen by CPU vendor (cpu/matmul_kernels.h).");
+      "blocks, passes of the few-row kernels before packing for 32-element blocks, 0 for the ISA's); "
+      "chosen by CPU vendor (cpu/matmul_kernels.h).");
   m.def(
       "set_decode_tuning",
-      [](bool two_panels, int64_t prefetch_bytes, int64_t spread_bytes, int64_t rows_prefetch_bytes) {
-        pe::cpu::set_decode_tuning({two_panels, prefetch_bytes, spread_bytes, rows_prefetch_bytes});
+      [](bool two_panels, int64_t prefetch_bytes, int64_t spread_bytes, int64_t rows_prefetch_bytes,
+         int small_passes_32) {
+        pe::cpu::set_decode_tuning({two_panels, prefetch_bytes, spread_bytes, rows_prefetch_bytes, small_passes_32});
       },
       py::arg("two_panels"), py::arg("prefetch_bytes"), py::arg("spread_bytes") = 0,
-      py::arg("rows_prefetch_bytes") = 0,
+      py::arg("rows_prefetch_bytes") = 0, py::arg("small_passes_32") = 0,
       "Force the decode tuning (tests and benchmarks).");
   m.def("physical_core_count", &pe::physical_core_count);
 #if defined(PE_CUDA)

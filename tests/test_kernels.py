@@ -259,6 +259,28 @@ def test_decode_tuning_gives_the_same_bits(qtype, cpu_path, restore_decode_tunin
         _C.set_decode_tuning(True, 64, 0, 1 << 21)
 
 
+@pytest.mark.parametrize("qtype", LEGACY_TYPES, ids=lambda t: t.name)
+def test_passes_before_packing_give_the_same_bits(qtype, cpu_path, restore_decode_tuning):
+    """How many passes of the few-row kernels a 32-element block type takes before packing panels
+    (DecodeTuning's small_passes_32) changes only the walk: 9 to 49 activation rows give the bits of
+    the default, in passes or packed, on the file's rows and on the panel copy, for 1 and 2 threads."""
+    rng = np.random.default_rng(950 + int(qtype))
+    rows, cols = 70, cols_for(qtype)[-1]
+    raw = make_weights(qtype, rows, cols, rng)
+    x = rng.standard_normal((49, cols)).astype(np.float32)
+    base = _C.decode_tuning()
+    for m, n_threads in itertools.product((9, 17, 25, 40, 49), (1, 2)):
+        want = _C.matmul(raw, int(qtype), rows, cols, x[:m], n_threads)
+        for passes in (1, 2, 6, 7):
+            _C.set_decode_tuning(*base[:4], passes)
+            for panels in (False, True):
+                got = _C.matmul(raw, int(qtype), rows, cols, x[:m], n_threads, panels=panels)
+                np.testing.assert_array_equal(got, want, err_msg=f"{qtype.name} {cpu_path} m={m} "
+                                                                 f"threads={n_threads} passes={passes}")
+    with pytest.raises(pyengine.EngineError, match="passes"):
+        _C.set_decode_tuning(*base[:4], 65)
+
+
 @pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)
 def test_amx_gives_the_avx512_bits(qtype):
     """The AMX prefill (cpu/matmul_amx.h; Q4_0 and Q8_0 weights, the other types on the AVX-512 register

@@ -17,13 +17,15 @@ std::atomic<bool> g_two_panels{!cpu_is_amd()};
 std::atomic<int64_t> g_prefetch_bytes{cpu_is_amd() ? 64 : 1024};
 std::atomic<int64_t> g_spread_bytes{cpu_is_amd() ? 1728 : 0};
 std::atomic<int64_t> g_rows_prefetch_bytes{cpu_is_amd() ? 2048 : 1024};
+std::atomic<int> g_small_passes_32{cpu_is_amd() ? 6 : 0};
 
 }  // namespace
 
 DecodeTuning decode_tuning() {
   return DecodeTuning{g_two_panels.load(std::memory_order_relaxed), g_prefetch_bytes.load(std::memory_order_relaxed),
                       g_spread_bytes.load(std::memory_order_relaxed),
-                      g_rows_prefetch_bytes.load(std::memory_order_relaxed)};
+                      g_rows_prefetch_bytes.load(std::memory_order_relaxed),
+                      g_small_passes_32.load(std::memory_order_relaxed)};
 }
 
 void set_decode_tuning(DecodeTuning t) {
@@ -33,7 +35,10 @@ void set_decode_tuning(DecodeTuning t) {
            "decode spread prefetch distance must be in [0, 1 MiB], not ", t.spread_bytes);
   PE_CHECK(t.rows_prefetch_bytes >= 0 && t.rows_prefetch_bytes <= (int64_t(1) << 20), Error,
            "decode prefetch distance for several rows must be in [0, 1 MiB], not ", t.rows_prefetch_bytes);
+  PE_CHECK(t.small_passes_32 >= 0 && t.small_passes_32 <= 64, Error,
+           "decode passes before packing must be in [0, 64], not ", t.small_passes_32);
   g_two_panels.store(t.two_panels);
+  g_small_passes_32.store(t.small_passes_32);
   g_rows_prefetch_bytes.store(t.rows_prefetch_bytes);
   g_prefetch_bytes.store(t.prefetch_bytes);
   g_spread_bytes.store(t.spread_bytes);

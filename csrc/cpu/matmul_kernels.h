@@ -96,11 +96,20 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 // of 8 sequences at 30-94 keys, 2 threads, paired medians of 12, ms a step: Q4_0 9.89 -> 8.91, Q8_0
 // 10.84 -> 9.76 (4096 bytes: 8.92 and 10.15); the AVX2 path's Q4_0 11.38 -> 10.65. On Intel CPUs
 // rows_prefetch_bytes is prefetch_bytes (not measured there).
+// small_passes_32: up to how many passes of the few-row kernels (kMaxSmallM activation rows each) a
+// matmul of the 32-element block types runs before it packs panels instead (gemm_type); 0 keeps the
+// ISA's kSmallPasses. AMD: 6. On Zen 4 the AVX-512 kernels in passes beat packing up to 48 rows (the
+// ISA's 2 passes stopped at 16): a continuous-batching step where a prompt chunk joins the decoding
+// sequences has 17-40 rows. SmolLM2 Q4_0, 2 threads, ms a step, packed / passes: 17 rows 16.1 / 12.8,
+// 24 rows 19.7 / 17.2, 32 rows 30.0 / 27.0, 40 rows 28.2 / 25.0; random 1.1B Q4_0 24 rows 122 / 98, 40
+// rows 174 / 154. Not for K-quants (unpacking a K-quant block costs more: random 1.1B Q4_K_M 24 rows
+// 139 / 147). The AVX2 kernels already take 6 passes. On Intel CPUs 0 (not measured there).
 struct DecodeTuning {
   bool two_panels;
   int64_t prefetch_bytes;
   int64_t spread_bytes;
   int64_t rows_prefetch_bytes;
+  int small_passes_32;
 };
 // The tuning in use: the vendor's unless set_decode_tuning changed it (tests: every choice gives the same
 // results bit for bit).

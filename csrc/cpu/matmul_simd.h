@@ -516,8 +516,12 @@ void gemm_type(const WeightView& w, const QuantizedX& x, int64_t r0, int64_t r1,
                int64_t ldy) {
   // Up to kMaxSmallM rows (a decode step of a few sequences) unpack each weight unit into registers
   // and use it for every row at once: packing a panel to memory first only pays for many rows.
-  // Up to kSmallPasses times that, as many passes over the weights still cost less than packing them.
-  if (m1 - m0 > V::kSmallPasses * V::kMaxSmallM) return gemm_large<V, P, Tiles>(w, x, r0, r1, m0, m1, y, ldy);
+  // Up to kSmallPasses times that, as many passes over the weights still cost less than packing them
+  // (for the 32-element block types DecodeTuning may say how many).
+  int passes = V::kSmallPasses;
+  if constexpr (P::kBlock == 32)
+    if (const int tuned = decode_tuning().small_passes_32) passes = tuned;
+  if (m1 - m0 > passes * V::kMaxSmallM) return gemm_large<V, P, Tiles>(w, x, r0, r1, m0, m1, y, ldy);
   for (int64_t c = m0; c < m1; c += V::kMaxSmallM)
     small_rows<V, P>(w, x, r0, r1, c, std::min<int64_t>(m1, c + V::kMaxSmallM), y, ldy,
                      std::make_integer_sequence<int, V::kMaxSmallM>{});
