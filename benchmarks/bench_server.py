@@ -227,7 +227,7 @@ def main() -> int:
     p.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
     p.add_argument("-c", "--clients", default="1,4,8", help="concurrency levels")
     p.add_argument("--requests", type=int, default=2, help="requests per client per round")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="passes over the levels; each level reports its median round (the lower middle one for an even count)")
     p.add_argument("--engines", default="pyengine,llama.cpp")

@@ -22,7 +22,8 @@ struct Avx512 {
   static constexpr int kRows = 16;           // weight rows per panel: one int32 lane each
   static constexpr bool kVnni = true;        // integer dot step: vpdpbusd
   static constexpr int kMaxSmallM = 8;       // up to this many activation rows, decode kernels
-  static constexpr int kSmallPasses = 2;     // ... in passes up to this many times that (see Avx2)
+  static constexpr int kSmallPasses = 2;     // ... in passes up to this many times that (see Avx2; on AMD
+                                             // DecodeTuning::small_passes_32 for the 32-element types)
   static constexpr int kTileM = 6;           // activation rows per prefill register tile ...
   static constexpr int kPrefillPanels = 2;   // ... times this many panels
   // Decode: two panels per loop for every type: with 32 zmm registers a K-quant block's state fits
