@@ -100,10 +100,11 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 // matmul of the 32-element block types runs before it packs panels instead (gemm_type); 0 keeps the
 // ISA's kSmallPasses. AMD: 6. On Zen 4 the AVX-512 kernels in passes beat packing up to 48 rows (the
 // ISA's 2 passes stopped at 16): a continuous-batching step where a prompt chunk joins the decoding
-// sequences has 17-40 rows. SmolLM2 Q4_0, 2 threads, ms a step, packed / passes: 17 rows 16.1 / 12.8,
-// 24 rows 19.7 / 17.2, 32 rows 30.0 / 27.0, 40 rows 28.2 / 25.0; random 1.1B Q4_0 24 rows 122 / 98, 40
-// rows 174 / 154. Not for K-quants (unpacking a K-quant block costs more: random 1.1B Q4_K_M 24 rows
-// 139 / 147). The AVX2 kernels already take 6 passes. On Intel CPUs 0 (not measured there).
+// sequences has 17-40 rows. SmolLM2 Q4_0, 2 threads, paired in one process, ms a step, packed /
+// passes: 17 rows 18.2 / 16.3, 24 rows 22.3 / 18.9, 32 rows 22.1 / 19.2, 40 rows 31.7 / 29.4, 48 rows
+// 37.4 / 34.1; Q8_0 24 rows 18.3 / 16.1; random 1.1B Q4_0 24 rows 120 / 97, 40 rows 165 / 149. Not for
+// K-quants (unpacking a K-quant block costs more: random 1.1B Q4_K_M 24 rows 139 / 147, separate runs).
+// The AVX2 kernels already take 6 passes. On Intel CPUs 0 (not measured there).
 struct DecodeTuning {
   bool two_panels;
   int64_t prefetch_bytes;
