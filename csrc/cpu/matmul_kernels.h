@@ -71,10 +71,13 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 //                   far ahead, so the next block's lines are asked for across this one (0: not).
 //   rows_prefetch_bytes  prefetch_bytes for two or more activation rows on the 32-element block types
 //                   (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), whose blocks are small.
+//   small_passes_32 up to how many passes of the few-row kernels (kMaxSmallM activation rows each) a
+//                   matmul of those types runs before it packs panels instead (gemm_type; 0: the ISA's
+//                   kSmallPasses).
 // Intel Xeon (model 167): two panels (random 1.1B files, 2 threads: Q4_K_M 37.7 -> 40.6 tok/s) and 1 KiB
-// (Q6_K 22.8 -> 27.8, Q4_0 41.5 -> 45.5), no spread (not measured there): {true, 1024, 0, 1024}, used on
+// (Q6_K 22.8 -> 27.8, Q4_0 41.5 -> 45.5), no spread (not measured there): {true, 1024, 0, 1024, 0}, used on
 // every non-AMD CPU.
-// AMD EPYC Zen 4 (family 25 model 17): {false, 64, 1728, 2048}. One panel: from {true, 1024}, 1 thread, tok/s,
+// AMD EPYC Zen 4 (family 25 model 17): {false, 64, 1728, 2048, 6}. One panel: from {true, 1024}, 1 thread, tok/s,
 // SmolLM2 Q4_0 137 -> 261 (its AVX2 path 83 -> 196), Q8_0 97 -> 169, random 1.1B Q4_0 24 -> 40, with
 // prefetch off. Then 64 bytes, which asks for each block's lines as the block starts, all at once:
 // random 1.1B Q6_K 7.4 -> 17.6 (256 bytes: 12.4, 1 KiB: 9.0, off: 7.4), Q4_K_M (a quarter Q6_K) 23.5 ->
@@ -96,9 +99,7 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 // of 8 sequences at 30-94 keys, 2 threads, paired medians of 12, ms a step: Q4_0 9.89 -> 8.91, Q8_0
 // 10.84 -> 9.76 (4096 bytes: 8.92 and 10.15); the AVX2 path's Q4_0 11.38 -> 10.65. On Intel CPUs
 // rows_prefetch_bytes is prefetch_bytes (not measured there).
-// small_passes_32: up to how many passes of the few-row kernels (kMaxSmallM activation rows each) a
-// matmul of the 32-element block types runs before it packs panels instead (gemm_type); 0 keeps the
-// ISA's kSmallPasses. AMD: 6. On Zen 4 the AVX-512 kernels in passes beat packing up to 48 rows (the
+// Then small_passes_32, 6: on Zen 4 the AVX-512 kernels in passes beat packing up to 48 rows (the
 // ISA's 2 passes stopped at 16): a continuous-batching step where a prompt chunk joins the decoding
 // sequences has 17-40 rows. SmolLM2 Q4_0, 2 threads, paired in one process, ms a step, packed /
 // passes: 17 rows 18.2 / 16.3, 24 rows 22.3 / 18.9, 32 rows 22.1 / 19.2, 40 rows 31.7 / 29.4, 48 rows
