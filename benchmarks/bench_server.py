@@ -18,6 +18,7 @@ pass and their share of the round's wall time (the rest is the server's Python b
     python benchmarks/bench_server.py                        # default model, 1/4/8 clients, both engines
     python benchmarks/bench_server.py -m model.gguf -c 1,2 --max-tokens 64 --engines pyengine
     python benchmarks/bench_server.py -m model.gguf -c 1,4,8 --max-tokens 64 -t 2 --requests 8 --rounds 5
+    python benchmarks/bench_server.py -c 1,8 --requests 4 --system-prompt-tokens 500   # a shared system prompt
 """
 from __future__ import annotations
 
@@ -82,9 +83,16 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict) -> d
             "seconds": seconds}
 
 
-def sampled_body(model: str, question: str, max_tokens: int, seed: int) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+def sampled_body(model: str, question: str, max_tokens: int, seed: int, system: str = "") -> dict:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return {"model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0.7, "seed": seed, "stream_options": {"include_usage": True}}
+
+
+def system_prompt(tokens: int) -> str:
+    """A system prompt of about `tokens` tokens (sentences of ~20 each), the same for every request."""
+    return " ".join(f"Rule {i}: answer politely and briefly, and mention the opening hours when asked about a visit."
+                    for i in range(max(1, tokens // 20)))
 
 
 def client_session() -> aiohttp.ClientSession:
@@ -94,11 +102,12 @@ def client_session() -> aiohttp.ClientSession:
                                  timeout=aiohttp.ClientTimeout(total=600))
 
 
-async def run_round(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def run_round(url: str, model: str, clients: int, requests: int, max_tokens: int, system: str = "") -> dict:
     async def client(session: aiohttp.ClientSession, i: int) -> list[dict]:
         out = []
         for j in range(requests):
-            body = sampled_body(model, QUESTIONS[(i + j) % len(QUESTIONS)], max_tokens, seed=1000 * i + j)
+            body = sampled_body(model, QUESTIONS[(i + j) % len(QUESTIONS)], max_tokens, seed=1000 * i + j,
+                                system=system)
             try:
                 out.append(await stream_chat(session, url, body))
             except aiohttp.ClientError as e:
@@ -198,7 +207,7 @@ def bench_engine(engine: str, model: Path, levels: list[int], args) -> list[dict
             passes.append({})
             for c in levels:
                 before = engine_counters(url)
-                r = asyncio.run(run_round(url, name, c, args.requests, args.max_tokens))
+                r = asyncio.run(run_round(url, name, c, args.requests, args.max_tokens, args.system))
                 r["engine_passes"] = engine_share(before, engine_counters(url), r["seconds"])
                 passes[-1][c] = r
                 e = r["engine_passes"]
@@ -230,9 +239,12 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="passes over the levels; each level reports its median round (the lower middle one for an even count)")
+    p.add_argument("--system-prompt-tokens", type=int, default=0,
+                   help="give every request the same system prompt of about this many tokens (0: none)")
     p.add_argument("--engines", default="pyengine,llama.cpp")
     p.add_argument("--out", default=str(HERE / "results" / "server.json"))
     args = p.parse_args()
+    args.system = system_prompt(args.system_prompt_tokens) if args.system_prompt_tokens > 0 else ""
     levels = [int(c) for c in args.clients.split(",")]
     sys.path.insert(0, str(HERE))
     from pyengine.default_model import find_packaged_model
@@ -245,6 +257,7 @@ def main() -> int:
         reuse.append(p2)
 
     print(f"\nmodel {model.name}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
+          f"system prompt of ~{args.system_prompt_tokens} tokens, "
           f"{args.threads} threads, {platform.machine()} with {os.cpu_count()} CPUs\n")
     print("| engine | clients | requests | tokens | total tok/s | vs 1 client | per-client tok/s | TTFT p50 (s) | TTFT p95 (s) |")
     print("|---|--------:|---------:|-------:|------------:|------------:|-----------------:|-------------:|-------------:|")
@@ -265,7 +278,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model.name, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
-                               "rounds": args.rounds,
+                               "rounds": args.rounds, "system_prompt_tokens": args.system_prompt_tokens,
                                "threads": args.threads, "cpus": os.cpu_count(), "cpu": cpu_model(),
                                "date": time.strftime("%Y-%m-%d"), "rows": rows,
                                "prefix_reuse": reuse}, indent=2) + "\n")

@@ -375,6 +375,28 @@ def test_next_turn_reuses_the_cached_prompt(one_slot, weights):
     assert got == weights.new_context(n_ctx=256).chat(second, temperature=0, max_new_tokens=8)
 
 
+def test_a_busy_slots_prompt_is_shared_not_evaluated_again(server, transformers_greedy):
+    """A request whose prompt another slot holds while it is still generating takes that slot's cache
+    pages (a fork) instead of evaluating the prompt again, and answers as when it ran alone."""
+    client = server.client()
+    prompt = "Counting: 11, 12, 13, 14, 15, 16,"  # greedy, it counts on: the first request is still running
+    alone = client.completions.create(model=server.model, prompt=prompt, temperature=0, max_tokens=8)
+    n_prompt = alone.usage.prompt_tokens
+    tok = pyengine.Tokenizer.from_gguf(SMOLLM2)
+    assert alone.choices[0].text.startswith(tok.decode(transformers_greedy(tok.encode(prompt), 3)))
+    # The slot that holds the prompt now takes a long request for it; no free slot holds the prompt.
+    long = {"model": server.model, "prompt": prompt, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=60) as r:
+        lines = r.iter_lines()  # kept open: a closed stream would cancel the request
+        assert next(lines).startswith("data: ")  # it is decoding
+        before = server.health()
+        shared = client.completions.create(model=server.model, prompt=prompt, temperature=0, max_tokens=8)
+        after = server.health()
+        assert after["slots_processing"] >= 1, "the long request ended before the second was admitted"
+    assert after["prompt_tokens_reused"] - before["prompt_tokens_reused"] == n_prompt - 1
+    assert shared.choices[0].text == alone.choices[0].text
+
+
 # Greedy, this prompt counts on for as long as it may: only the client can end it early.
 COUNTING = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400, "temperature": 0}
 

@@ -13,7 +13,8 @@ text whether the request ran alone or next to others.
 
 A slot keeps the tokens of its last request when it is freed; a new request whose prompt starts with
 the same tokens (the next turn of a conversation, a shared system prompt) is placed in the free slot
-that shares the longest prefix and evaluates only the rest.
+that shares the longest prefix and evaluates only the rest. Where a busy slot shares more, the new
+request's slot takes its cache pages (a fork, shared until written) and evaluates only what follows.
 
 Jobs talk to the asyncio side through an `asyncio.Queue` fed with `call_soon_threadsafe`.
 """
@@ -199,9 +200,19 @@ class Scheduler:
                 self.counters["requests_failed"] += 1
                 job._emit("error", e)
                 continue
-            slot = max(free, key=lambda s: _common_prefix(job.prompt_ids, s.cached))
+            shared = {s.index: _common_prefix(job.prompt_ids, s.cached) for s in self.slots}
+            slot = max(free, key=lambda s: shared[s.index])
+            common = shared[slot.index]
+            # A busy slot may hold more of the prompt (a system prompt or a question that another request
+            # sent a moment earlier): the free slot then takes that slot's cache pages, shared until
+            # either writes to one, instead of evaluating the tokens again. Each cached token is what
+            # evaluating it in this slot would give (a row's result does not depend on its batch).
+            source = max(self.slots, key=lambda s: shared[s.index])
+            if shared[source.index] > common:
+                self.engine.seq_copy(source.index, slot.index)
+                slot.cached, common = list(source.cached), shared[source.index]
             # At least the last prompt token is evaluated, for its logits.
-            keep = min(_common_prefix(job.prompt_ids, slot.cached), len(job.prompt_ids) - 1)
+            keep = min(common, len(job.prompt_ids) - 1)
             self.engine.seq_truncate(slot.index, keep)
             keep = self.engine.seq_len(slot.index)  # fewer when a sliding window dropped what it needs
             slot.cached = slot.cached[:keep]
