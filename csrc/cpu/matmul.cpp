@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 
 #include "cpu/matmul_kernels.h"
 #include "cpu/ops.h"
@@ -101,6 +102,23 @@ void run_split(ThreadPool& pool, int64_t rows, int64_t m, const Kernel& kernel) 
 // 1400 / 2150.
 constexpr int64_t kBf16MinRows = 16;
 
+// The AVX-512 float tiles (from 16 rows of x, kFloatPanelMinM) broadcast x from 12 rows ldx apart at
+// once; with ldx a multiple of 4 KiB (rows of 1024, 2048, 4096 floats) all those lines fall in one L1 set
+// and evict each other. So such an x is copied to rows 64 bytes longer first, in the calling thread's
+// buffer (the same values: the results do not change). 2048-wide F16 prefill, one Zen 4 core: 82 -> 110
+// GFLOP/s; the AVX2 tiles ran 79 either way.
+void pad_x_rows(ThreadPool& pool, int64_t m, int64_t cols, const float*& x, int64_t& ldx) {
+  if (m < 16 || (ldx * int64_t(sizeof(float))) % 4096 != 0) return;
+  thread_local ScratchBuffer x_pad;
+  const int64_t ld = ldx + 16;
+  auto* xp = static_cast<float*>(x_pad.get(size_t(m * ld) * sizeof(float)));
+  pool.for_range(m, ThreadPool::min_rows_for(cols), [&](int64_t m0, int64_t m1) {
+    for (int64_t c = m0; c < m1; c++) std::memcpy(xp + c * ld, x + c * ldx, size_t(cols) * sizeof(float));
+  });
+  x = xp;
+  ldx = ld;
+}
+
 // ys[i] = x ws[i]^T on bfloat16 tiles: x rounded once into the calling thread's buffer, then the
 // weights' rows 32 at a time, claimed by the threads one by one.
 void matmul_bf16(ThreadPool& pool, const MatmulKernels& k, const Tensor* ws, const Tensor* ys, int n, const float* x,
@@ -138,7 +156,8 @@ void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y, Mat
 
 void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const Tensor& xt, MatmulRounding rounding) {
   const float* x = xt.row(0);
-  const int64_t m = xt.rows, ldx = xt.ld();
+  const int64_t m = xt.rows;
+  int64_t ldx = xt.ld();
   ThreadPool& pool = ex.pool();
   const MatmulKernels& k = kernels();
   const Tensor& w0 = ws[0];
@@ -163,6 +182,7 @@ void matmul_group(Executor& ex, const Tensor* ws, const Tensor* ys, int n, const
       rows[i] = ws[i];
       if (ws[i].panels && ws[i].panel_rows == 1) rows[i].data = const_cast<void*>(ws[i].panels);
     }
+    pad_x_rows(pool, m, w0.cols, x, ldx);
     run_split(pool, first[n], m, [&](int64_t r0, int64_t r1, int64_t m0, int64_t m1) {
       each(r0, r1, [&](int i, int64_t a, int64_t b) { k.gemm_float(rows[i], x, ldx, a, b, m0, m1, ys[i].row(0), ys[i].ld()); });
     });

@@ -139,16 +139,6 @@ template <GGMLType T>
 void gemm_float_type(const WeightView& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                      float* y, int64_t ldy) {
   if (m1 - m0 >= kFloatPanelMinM) {
-    // A tile broadcasts x from kFloatTileM rows ldx apart at once; with ldx a multiple of 4 KiB (rows of
-    // 1024, 2048, 4096 floats) all those lines fall in one L1 set and evict each other, so x is copied
-    // to rows 64 bytes longer first (the same values: the results do not change).
-    thread_local ScratchBuffer x_pad;
-    if ((ldx * int64_t(sizeof(float))) % 4096 == 0) {
-      const int64_t ld = ldx + 16, k = w.cols;
-      auto* xp = static_cast<float*>(x_pad.get(size_t(m1 * ld) * sizeof(float)));  // rows [m0, m1) used
-      for (int64_t c = m0; c < m1; c++) std::memcpy(xp + c * ld, x + c * ldx, size_t(k) * sizeof(float));
-      x = xp, ldx = ld;
-    }
     thread_local ScratchBuffer panel;
     auto* pan = static_cast<float*>(panel.get(size_t(w.cols) * kPanel * sizeof(float)));
     for (int64_t rp = r0; rp < r1; rp += kPanel) {
