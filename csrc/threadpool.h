@@ -5,8 +5,8 @@
 // items: one that the OS has descheduled (another process on the core, more threads than free cores)
 // delays at most the item it holds, never the whole job, and one that wakes after the caller has
 // claimed everything simply skips it. Workers spin briefly between jobs (a decode step issues hundreds
-// of small jobs, and a futex wake per job would cost more than the job), then sleep so an idle engine
-// uses no CPU.
+// of small jobs, and a futex wake per job would cost more than the job), then sleep, so that neither an
+// idle engine nor one whose caller is busy between passes takes CPU from other threads.
 #pragma once
 #include <atomic>
 #include <condition_variable>
