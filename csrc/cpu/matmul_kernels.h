@@ -69,8 +69,9 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 //   spread_bytes    for the types whose block keeps its scales at its end (Q6_K, Q3_K, Q2_K: those of the
 //                   tail prefetch, PackBase::kTail), each unit of a block also asks for a unit's bytes this
 //                   far ahead, so the next block's lines are asked for across this one (0: not).
-//   rows_prefetch_bytes  prefetch_bytes for two or more activation rows on the 32-element block types
-//                   (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), whose blocks are small.
+//   rows_prefetch_bytes  prefetch_bytes for kMaxSmallM activation rows on the 32-element block types
+//                   (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), whose blocks are small; 2 <= n < kMaxSmallM rows ask
+//                   kMaxSmallM / n times as far ahead (fewer rows spend less time on a block).
 //   small_passes_32 up to how many passes of the few-row kernels (kMaxSmallM activation rows each) a
 //                   matmul of those types runs before it packs panels instead (gemm_type; 0: the ISA's
 //                   kSmallPasses).
@@ -98,7 +99,11 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 // ask for the whole next 2304-byte block, and further was slower (Q4_K 2 rows 63 -> 43). SmolLM2 decode
 // of 8 sequences at 30-94 keys, 2 threads, paired medians of 12, ms a step: Q4_0 9.89 -> 8.91, Q8_0
 // 10.84 -> 9.76 (4096 bytes: 8.92 and 10.15); the AVX2 path's Q4_0 11.38 -> 10.65. On Intel CPUs
-// rows_prefetch_bytes is prefetch_bytes (not measured there).
+// rows_prefetch_bytes is prefetch_bytes (not measured there). Then the distance scaled for fewer rows
+// (2026-11-29): SmolLM2 decode steps, 2 threads, paired medians of 8, 2048 bytes at every row count
+// against 8192 at 2 rows and 4096 at 4 (what the scaling gives): Q4_0 2 sequences -4.4 %, 4 -3.6 %,
+// Q8_0 2 -1.6 %, 4 -3.0 % (8192 at 4: -4.4 %); at 8 sequences longer distances were slower (Q8_0 4096
+// +3.1 %, 8192 +6.5 %). The AVX2 path (3 rows: 3072 bytes at 2) unchanged within the noise.
 // Then small_passes_32, 6: on Zen 4 the AVX-512 kernels in passes beat packing up to 48 rows (the
 // ISA's 2 passes stopped at 16): a continuous-batching step where a prompt chunk joins the decoding
 // sequences has 17-40 rows. SmolLM2 Q4_0, 2 threads, paired in one process, ms a step, packed /
