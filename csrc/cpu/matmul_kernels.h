@@ -103,7 +103,8 @@ void gemm_float_avx512(const WeightView& w, const float* x, int64_t ldx, int64_t
 // (2026-11-29): SmolLM2 decode steps, 2 threads, paired medians of 8, 2048 bytes at every row count
 // against 8192 at 2 rows and 4096 at 4 (what the scaling gives): Q4_0 2 sequences -4.4 %, 4 -3.6 %,
 // Q8_0 2 -1.6 %, 4 -3.0 % (8192 at 4: -4.4 %); at 8 sequences longer distances were slower (Q8_0 4096
-// +3.1 %, 8192 +6.5 %). The AVX2 path (3 rows: 3072 bytes at 2) unchanged within the noise.
+// +3.1 %, 8192 +6.5 %). The AVX2 path (3 rows: 3072 bytes at 2) unchanged within the noise. Not measured
+// on Intel, where 2 rows now ask 4 KiB ahead.
 // Then small_passes_32, 6: on Zen 4 the AVX-512 kernels in passes beat packing up to 48 rows (the
 // ISA's 2 passes stopped at 16): a continuous-batching step where a prompt chunk joins the decoding
 // sequences has 17-40 rows. SmolLM2 Q4_0, 2 threads, paired in one process, ms a step, packed /

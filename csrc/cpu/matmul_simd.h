@@ -239,7 +239,7 @@ __attribute__((noinline)) void gemm_small_panel(const R& rows, int64_t nblk, con
   const DecodeTuning tuning = decode_tuning();
   // Fewer rows spend less time on each block, so the same lead in time takes more bytes: the several-row
   // distance is for kMaxSmallM rows, and NC rows ask kMaxSmallM / NC times as far ahead (DecodeTuning).
-  const int64_t ahead = !kPacked                           ? 0
+  const int64_t ahead = !kPacked                     ? 0
                         : NC >= 2 && P::kBlock == 32 ? tuning.rows_prefetch_bytes * V::kMaxSmallM / NC
                                                      : tuning.prefetch_bytes;
   const int64_t spread = kPacked && P::kTail < P::kBytes ? tuning.spread_bytes : 0;
