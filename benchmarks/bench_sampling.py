@@ -1,6 +1,6 @@
 """Per-token cost of pyengine's Sampler, next to transformers' logits processors on the same logits.
 
-    python benchmarks/bench_sampling.py
+    python benchmarks/bench_sampling.py    # writes benchmarks/results/sampling.json (--out)
 
 Logits: SmolLM2-135M-Instruct's own (vocab 49152) after a Pride and Prejudice prompt, the same tiled
 to a 151936-token vocabulary (Qwen2's size) with a little noise, and random normal * 3 (flatter than a
@@ -12,9 +12,16 @@ the summary crosses PCIe) plus the sampler on it, fetching the whole row when it
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import machine  # noqa: E402
 
 from pyengine.sampling import Sampler, SamplingParams, TopLogits
 
@@ -71,7 +78,6 @@ def transformers_sampler(kw: dict):
 
 def model_logits() -> np.ndarray | None:
     """SmolLM2's next-token logits after 400 tokens of the novel: from pyengine, else from transformers."""
-    from pathlib import Path
 
     from pyengine.default_model import find_packaged_model
     from pyengine.tokenizer import Tokenizer
@@ -99,7 +105,11 @@ def model_logits() -> np.ndarray | None:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "sampling.json"))
+    args = ap.parse_args()
     rng = np.random.default_rng(0)
+    rows = []
     cases = []
     real = model_logits()
     if real is not None:
@@ -119,6 +129,12 @@ def main() -> None:
             ref = transformers_sampler(kw)
             theirs = per_call_us(lambda: ref(logits, history), 50) if ref else float("nan")
             print(f"  {name:24s} {ours:10.0f} {top:16.0f} {theirs:13.0f}")
+            rows.append({"logits": label, "n_vocab": n_vocab, "config": name, "params": kw, "whole_row_us": ours,
+                         "from_top_logits_us": top, "transformers_us": None if ref is None else theirs})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

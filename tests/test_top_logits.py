@@ -34,10 +34,16 @@ def rows(kind: str, n: int, seed: int) -> np.ndarray:
         x = (rng.standard_normal(n) - 30).astype(np.float32)
         x[rng.integers(0, n)] = 12.0
         return x
+    if kind == "outlier":  # a few within 8 of the maximum, many within 12: the CPU op's second cut
+        x = (rng.standard_normal(n) * 1.5).astype(np.float32)
+        x[rng.integers(0, n)] = x.max() + 6
+        return x
+    if kind == "rising":  # each later element larger: the CPU op's cut rises at every chunk it scans
+        return (np.linspace(-20, 20, n) + rng.standard_normal(n) * 0.01).astype(np.float32)
     raise ValueError(kind)
 
 
-KINDS = ["normal", "wide", "ties", "flat", "zeros", "peaked"]
+KINDS = ["normal", "wide", "ties", "flat", "zeros", "peaked", "outlier", "rising"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
