@@ -177,32 +177,44 @@ void bind_model(py::module_& m) {
       .def(
           "decode_top",
           [](Context& ctx, const IntArray& tokens, const IntArray& seqs, py::object logits, const IntArray& k,
-             const py::array_t<float, py::array::c_style | py::array::forcecast>& inv_t, int k_max) {
+             const py::array_t<float, py::array::c_style | py::array::forcecast>& inv_t, int k_max,
+             const py::object& u) {
             const Batch b = batch_of(tokens, seqs, logits);
             const int64_t m = b.n_logits();
             const int32_t* kp = vector_data(k, "k");
             if (k.shape(0) != m || inv_t.ndim() != 1 || inv_t.shape(0) != m)
               throw py::value_error(str_cat("decode_top: k and inv_t need one entry per wanted row (", m, ")"));
             if (k_max < 1) throw py::value_error("decode_top: k_max must be >= 1");
-            py::array_t<int32_t> ids({m, int64_t(k_max)});
+            py::array_t<double, py::array::c_style | py::array::forcecast> draws;
+            if (!u.is_none()) {
+              draws = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(u);
+              if (!draws || draws.ndim() != 1 || draws.shape(0) != m)
+                throw py::value_error(str_cat("decode_top: u needs one float per wanted row (", m, ")"));
+            }
+            py::array_t<int32_t> ids({m, int64_t(k_max)}), drawn(m);
             py::array_t<float> values({m, int64_t(k_max)}), stats({m, int64_t(2)});
             int32_t* ip = ids.mutable_data();
+            int32_t* dp = drawn.mutable_data();
             float* vp = values.mutable_data();
             float* st = stats.mutable_data();
             const float* tv = inv_t.data();
+            const double* up = u.is_none() ? nullptr : draws.data();
+            std::fill(dp, dp + m, -1);
             int64_t serial;
             {
               py::gil_scoped_release nogil;
-              serial = ctx.decode_top(b, kp, tv, k_max, ip, vp, st);
+              serial = ctx.decode_top(b, kp, tv, k_max, ip, vp, st, up, up ? dp : nullptr);
             }
-            return py::make_tuple(ids, values, stats, serial);
+            return py::make_tuple(ids, values, stats, drawn, serial);
           },
           py::arg("tokens"), py::arg("seq_ids"), py::arg("logits"), py::arg("k"), py::arg("inv_t"),
-          py::arg("k_max"),
+          py::arg("k_max"), py::arg("u") = py::none(),
           "decode() for sampling (Context::decode_top): for the i-th wanted row, its k[i] largest logits "
           "and their ids (largest first, ties lower id first) and [sum of e^((x - max) * inv_t[i]), "
-          "non-finite flag]; returns (ids int32 [m, k_max], values float32 [m, k_max], stats float32 [m, 2], "
-          "serial). row_logits(serial, i) then gives wanted row i's logits.")
+          "non-finite flag]; with u (float64, one per wanted row), where u[i] is in [0, 1) the token "
+          "softmax_draw picks from the whole row at inv_t[i] and u[i] (that row's sum is then 0), elsewhere "
+          "(u[i] < 0) -1. Returns (ids int32 [m, k_max], values float32 [m, k_max], stats float32 [m, 2], "
+          "drawn int32 [m], serial). row_logits(serial, i) then gives wanted row i's logits.")
       .def(
           "row_logits",
           [](Context& ctx, int64_t serial, int64_t i) {

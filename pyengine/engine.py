@@ -266,24 +266,27 @@ class Engine:
         return self._ctx.decode(ids, seqs, want, embeddings)
 
     def eval_top(self, token_ids: Sequence[int] | np.ndarray, k: int = 1, inv_t: float = 0.0,
-                 seq: int = 0) -> TopLogits:
-        """`eval` for sampling: the `TopLogits` of the last token (its k largest logits, and its weight
-        sum at inv_t: what `Sampler.request` asks for) instead of its whole row of logits."""
+                 seq: int = 0, u: float = -1.0) -> TopLogits:
+        """`eval` for sampling: the `TopLogits` of the last token (its k largest logits, its weight sum
+        at inv_t, and with u in [0, 1) a token drawn at inv_t: what `Sampler.request` asks for) instead
+        of its whole row of logits."""
         ids = _ids(token_ids)
         if ids.size == 0:
             raise ValueError("eval needs at least one token")
         want = np.zeros(ids.size, dtype=bool)
         want[-1] = True
-        return self.decode_top(ids, np.full(ids.size, int(seq), np.int32), want, [(k, inv_t)])[0]
+        return self.decode_top(ids, np.full(ids.size, int(seq), np.int32), want, [(k, inv_t, u)])[0]
 
     def decode_top(self, token_ids: Sequence[int] | np.ndarray, seq_ids: Sequence[int] | np.ndarray,
                    logits: Sequence[bool] | np.ndarray | None = None,
-                   requests: Sequence[tuple[int, float]] | None = None) -> list[TopLogits]:
+                   requests: Sequence[tuple[int, float] | tuple[int, float, float]] | None = None) -> list[TopLogits]:
         """`decode` for sampling: each wanted row's `TopLogits` instead of its logits; `requests` holds
-        (k, inv_t) per wanted row (`Sampler.request`; None: (1, 0), the argmax). The logits stay where
-        the output layer ran (GPU memory when it is offloaded: a step then copies kilobytes to the host,
-        not rows of n_vocab floats), and `TopLogits.full()` copies a row until this context evaluates
-        anything else."""
+        (k, inv_t) or (k, inv_t, u) per wanted row (`Sampler.request`; None: (1, 0), the argmax). With u
+        in [0, 1) the engine also draws the row's token from softmax(logits * inv_t) at u
+        (`TopLogits.drawn`; the weight sum is then not computed), every such row at once on the CPU's
+        threads. The logits stay where the output layer ran (GPU memory when it is offloaded: a step
+        then copies kilobytes to the host, not rows of n_vocab floats), and `TopLogits.full()` copies a
+        row until this context evaluates anything else."""
         ids, seqs = _ids(token_ids), _ids(seq_ids, "seq_ids")
         if ids.size == 0:
             raise ValueError("decode needs at least one row")
@@ -295,10 +298,12 @@ class Engine:
         n_vocab = self.n_vocab
         k = np.array([min(int(r[0]), n_vocab) for r in requests], np.int32)
         inv_t = np.array([float(r[1]) for r in requests], np.float32)
-        top_ids, values, stats, serial = self._ctx.decode_top(ids, seqs, want, k, inv_t, int(k.max(initial=1)))
+        u = [float(r[2]) if len(r) > 2 else -1.0 for r in requests]
+        top_ids, values, stats, drawn, serial = self._ctx.decode_top(
+            ids, seqs, want, k, inv_t, int(k.max(initial=1)), u if any(not x < 0 for x in u) else None)
         fetch = self._ctx.row_logits
         return [TopLogits(top_ids[i, : k[i]], values[i, : k[i]], float(stats[i, 0]), n_vocab,
-                          functools.partial(fetch, serial, i)) for i in range(n_want)]
+                          functools.partial(fetch, serial, i), int(drawn[i])) for i in range(n_want)]
 
     def embed(self, inputs: Sequence[Sequence[int]], normalize: bool | None = None) -> np.ndarray:
         """Embeddings of token-id sequences, float32 [len(inputs), n_embd], pooled from each sequence's

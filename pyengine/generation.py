@@ -178,9 +178,11 @@ class Generation:
                 or bool(self._stop_ids and p.ends_suppressed(n_prompt, n_out))
                 or p.forced_token(n_prompt, n_out) is not None)
 
-    def top_request(self, n_vocab: int) -> tuple[int, float]:
-        """(k, inv_t) of the `TopLogits` the next `step` wants from the engine (`Sampler.request`)."""
-        return (1, 0.0) if self._needs_row() else self._sampler.request(n_vocab, self.token_ids, self.prompt_ids)
+    def top_request(self, n_vocab: int) -> tuple[int, float, float]:
+        """(k, inv_t, u) of the `TopLogits` the next `step` wants from the engine (`Sampler.request`)."""
+        if self._needs_row():
+            return 1, 0.0, -1.0
+        return self._sampler.request(n_vocab, self.token_ids, self.prompt_ids)
 
     def step(self, logits: np.ndarray | TopLogits) -> str:
         """Sample the next token from `logits` (float32 [n_vocab], of the last evaluated token, or their
@@ -264,7 +266,8 @@ class Generation:
             _claim(llm, self.owner)
             llm.truncate(n_cached)
             n_cached = stats.cached_tokens = llm.n_past  # fewer when a sliding window dropped what it needs
-            logits = llm.eval_top(self.prompt_ids[n_cached:], *self.top_request(llm.n_vocab))
+            k, inv_t, u = self.top_request(llm.n_vocab)
+            logits = llm.eval_top(self.prompt_ids[n_cached:], k, inv_t, u=u)
             self.cache_ids = list(self.prompt_ids)
             stats.prompt_seconds = time.perf_counter() - start
 
@@ -275,7 +278,8 @@ class Generation:
                     yield piece
                 if self.finished or llm.n_past >= llm.n_ctx:
                     break
-                logits = llm.eval_top([self.token_ids[-1]], *self.top_request(llm.n_vocab))
+                k, inv_t, u = self.top_request(llm.n_vocab)
+                logits = llm.eval_top([self.token_ids[-1]], k, inv_t, u=u)
                 self.cache_ids.append(self.token_ids[-1])
             piece = self.finish("length")
             if piece:

@@ -135,24 +135,30 @@ def json_schema_of(response_format: dict | None) -> tuple[bool, dict | None]:
 class TopLogits:
     """A row of logits as the engine hands it to sampling (`Engine.decode_top`): its `ids` and `values`,
     largest first (equal values: lower id first); `weight_sum`, the whole row's sum of
-    e^((x - max) * inv_t) at the inverse temperature asked (0: not asked); `n_vocab`; and `full()`, which
-    copies the whole row (from the GPU when the output layer ran there)."""
+    e^((x - max) * inv_t) at the inverse temperature asked (0: not asked); `n_vocab`; `full()`, which
+    copies the whole row (from the GPU when the output layer ran there); and `drawn`, the token the
+    engine drew from the whole row at the temperature and uniform number asked (-1: none asked)."""
 
     ids: np.ndarray
     values: np.ndarray
     weight_sum: float
     n_vocab: int
     full: Callable[[], np.ndarray]
+    drawn: int = -1
 
     @classmethod
-    def of(cls, row: np.ndarray, k: int, inv_t: float = 0.0) -> "TopLogits":
-        """The summary of a row already on the host (the C++ op on the CPU)."""
+    def of(cls, row: np.ndarray, k: int, inv_t: float = 0.0, u: float = -1.0) -> "TopLogits":
+        """The summary of a row already on the host (the C++ ops on the CPU), as `Engine.decode_top`
+        gives it for the request (k, inv_t, u)."""
         row = np.ascontiguousarray(row, dtype=np.float32).reshape(-1)
         k = max(1, min(int(k), row.size))
-        ids, values, stats = _C.top_logits(row[None], np.array([k], np.int32), np.array([inv_t], np.float32), k)
+        draw = u >= 0
+        ids, values, stats = _C.top_logits(row[None], np.array([k], np.int32),
+                                           np.array([0.0 if draw else inv_t], np.float32), k)
         if stats[0, 1]:
             raise ValueError("TopLogits.of: the row holds a NaN or an infinity")
-        return cls(ids[0], values[0], float(stats[0, 0]), row.size, lambda: row)
+        drawn = _C.softmax_draw(row, float(inv_t), float(u)) if draw else -1
+        return cls(ids[0], values[0], float(stats[0, 0]), row.size, lambda: row, drawn)
 
 
 class Sampler:
@@ -161,18 +167,23 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self._u: float | None = None  # the next draw's uniform number, taken early by `request`
 
-    def request(self, n_vocab: int, generated: Sequence[int] = (), prompt: Sequence[int] = ()) -> tuple[int, float]:
-        """(k, inv_t) of the `TopLogits` to ask the engine for: the k largest logits of the next row, and
-        its weight sum at inv_t (0: not needed). (1, 0) when the whole row will be needed anyway."""
+    def request(self, n_vocab: int, generated: Sequence[int] = (),
+                prompt: Sequence[int] = ()) -> tuple[int, float, float]:
+        """(k, inv_t, u) of the `TopLogits` to ask the engine for (`Engine.decode_top`): the k largest
+        logits of the next row and its weight sum at inv_t (0: not needed); for plain sampling over the
+        whole vocabulary also the token the engine draws at inv_t with u, this sampler's next uniform
+        number, which `__call__` then takes (u < 0: no draw). (1, 0, -1) when the whole row will be
+        needed anyway."""
         p = self.params
         if p.temperature == 0 or self._penalizes(generated, prompt):
-            return 1, 0.0
+            return 1, 0.0, -1.0
         if 0 < p.top_k < n_vocab:
-            return (p.top_k, 0.0) if p.top_k <= _C.top_logits_max else (1, 0.0)
+            return (p.top_k, 0.0, -1.0) if p.top_k <= _C.top_logits_max else (1, 0.0, -1.0)
         if p.top_p < 1 or p.min_p > 0:
-            return min(TOP_P_CANDIDATES, n_vocab), float(self._inv_t()) if p.top_p < 1 else 0.0
-        return 1, 0.0
+            return min(TOP_P_CANDIDATES, n_vocab), float(self._inv_t()) if p.top_p < 1 else 0.0, -1.0
+        return 1, float(self._inv_t()), self._next_u()
 
     def __call__(self, logits: np.ndarray | TopLogits, generated: Sequence[int] = (),
                  prompt: Sequence[int] = ()) -> int:
@@ -180,9 +191,25 @@ class Sampler:
         ids so far."""
         if self.params.temperature == 0:
             return self._greedy(logits, generated, prompt)
+        u = self._next_u()
+        self._u = None
+        if isinstance(logits, TopLogits) and logits.drawn >= 0 and self._whole_row(logits.n_vocab, generated, prompt):
+            return logits.drawn  # drawn by the engine with u, as below
         ids, cand = self._pool(logits, generated, prompt)
-        i = _C.softmax_draw(cand, float(self._inv_t()), self.rng.random())
+        i = _C.softmax_draw(cand, float(self._inv_t()), u)
         return int(ids[i]) if ids is not None else i
+
+    def _next_u(self) -> float:
+        """The uniform number of the next draw: one per sampled token, whichever side draws it."""
+        if self._u is None:
+            self._u = float(self.rng.random())
+        return self._u
+
+    def _whole_row(self, n_vocab: int, generated: Sequence[int], prompt: Sequence[int]) -> bool:
+        """Whether the next draw is over the whole row as it is (`request`'s last case)."""
+        p = self.params
+        return (p.temperature != 0 and not self._penalizes(generated, prompt) and not 0 < p.top_k < n_vocab
+                and p.top_p >= 1 and p.min_p <= 0)
 
     def distribution(
         self, logits: np.ndarray | TopLogits, generated: Sequence[int] = (), prompt: Sequence[int] = ()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pyengine
+from pyengine import _C
 from checkpoints import load_hf_model, make_llama
 from pyengine.default_model import find_packaged_model
 from pyengine_convert import convert
@@ -129,6 +130,18 @@ def check_decode_top(llama, n_batch: int, **engine_kw):
         assert top.n_vocab == engine.n_vocab
     for row, top in zip(full, tops):
         np.testing.assert_array_equal(top.full(), row)
+        assert top.drawn == -1
+    # Draws (plain sampling): every other row, at its inverse temperature (0.7 where it asked for none) and
+    # a uniform number each, against softmax_draw on decode's row; those rows' weight sums are not computed.
+    rng = np.random.default_rng(3)
+    draws = [(k, inv_t or 0.7, rng.random() if i % 2 == 0 else -1.0) for i, (k, inv_t) in enumerate(requests)]
+    draws[0] = (draws[0][0], draws[0][1], 0.0)  # the first token of the row
+    drawn = pyengine.Engine(path, n_ctx=128, n_seq_max=8, n_batch=n_batch, **engine_kw).decode_top(ids, seqs, want, draws)
+    for row, top, (k, inv_t, u) in zip(full, drawn, draws):
+        assert top.drawn == (_C.softmax_draw(row, float(np.float32(inv_t)), u) if u >= 0 else -1)
+        np.testing.assert_array_equal(top.ids, np.argsort(-row.astype(np.float64), kind="stable")[:k])
+        if u >= 0:
+            assert top.weight_sum == 0.0
     engine.decode_top([1], [0])  # evaluating anything replaces the rows
     with pytest.raises(pyengine.EngineError, match="are gone"):
         tops[0].full()
@@ -136,6 +149,9 @@ def check_decode_top(llama, n_batch: int, **engine_kw):
         engine.decode_top([1], [0], None, [(0, 0.0)])
     with pytest.raises(ValueError, match="1 requests for 2 rows"):
         engine.decode_top([1, 2], [0, 1], None, [(1, 0.0)])
+    for bad in [(1, 1.0, 1.0), (1, 0.0, 0.5), (1, 1.0, float("nan"))]:
+        with pytest.raises(pyengine.EngineError, match="decode_top: .* wanted row 0"):
+            engine.decode_top([1], [0], None, [bad])
 
 
 @pytest.mark.parametrize("kv_type", ["f16", "f32"])

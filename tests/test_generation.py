@@ -60,9 +60,9 @@ class FakeLLM:
         self.pos += 1
         return logits
 
-    def eval_top(self, ids, k: int = 1, inv_t: float = 0.0) -> TopLogits:
-        """What the engine hands generation: the row's summary (the C++ op on the host)."""
-        return TopLogits.of(self.eval(ids), k, inv_t)
+    def eval_top(self, ids, k: int = 1, inv_t: float = 0.0, u: float = -1.0) -> TopLogits:
+        """What the engine hands generation: the row's summary (the C++ ops on the host)."""
+        return TopLogits.of(self.eval(ids), k, inv_t, u)
 
 
 def script(tok: Tokenizer, text: str, end: str | None = "<|im_end|>") -> list[int]:
@@ -330,8 +330,8 @@ class TransformersLLM:
     def n_vocab(self) -> int:
         return int(self.model.config.vocab_size)
 
-    def eval_top(self, ids, k: int = 1, inv_t: float = 0.0) -> TopLogits:
-        return TopLogits.of(self.eval(ids), k, inv_t)
+    def eval_top(self, ids, k: int = 1, inv_t: float = 0.0, u: float = -1.0) -> TopLogits:
+        return TopLogits.of(self.eval(ids), k, inv_t, u)
 
 
 def _chat_about_capitals(llm, tok):

@@ -121,7 +121,7 @@ def fetches_expected(params: SamplingParams, n: int, history: bool) -> bool | No
         return False
     if 0 < params.top_k < n:
         return params.top_k > 256  # _C.top_logits_max: a larger top-k reads the row
-    return True if params.top_p >= 1 and params.min_p <= 0 else None
+    return False if params.top_p >= 1 and params.min_p <= 0 else None  # plain sampling: the engine draws
 
 
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
@@ -130,7 +130,8 @@ def fetches_expected(params: SamplingParams, n: int, history: bool) -> bool | No
 def test_summary_draws_what_the_row_draws(kw, n, history):
     """Sampling from the engine's TopLogits gives the distribution and, seeded, the very tokens that
     sampling from the whole row gives; the row is fetched only where the summary cannot hold the
-    candidates (penalties, plain sampling, a nucleus past the largest 128)."""
+    candidates (penalties, a nucleus past the largest 128), plain sampling taking the token the engine
+    drew with the sampler's next uniform number."""
     params = SamplingParams(seed=5, **kw)
     hist = HISTORY if history else {}
     logits = logits_for(n)
@@ -140,6 +141,7 @@ def test_summary_draws_what_the_row_draws(kw, n, history):
     ids_b, p_b = summarized.distribution(summary(), **hist)
     np.testing.assert_array_equal(ids_a, ids_b)
     np.testing.assert_allclose(p_a, p_b, rtol=1e-6)
+    summary.fetches = 0  # the distribution reads the row; sampling should not need to
     assert [whole(logits, **hist) for _ in range(100)] == [summarized(summary(), **hist) for _ in range(100)]
     expected = fetches_expected(params, n, history)
     if expected is not None:

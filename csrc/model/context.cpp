@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/sampling.h"
 #include "model/memory.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
@@ -237,20 +238,49 @@ void Context::decode(const Batch& batch, float* logits, bool hidden) {
 }
 
 int64_t Context::decode_top(const Batch& batch, const int32_t* k, const float* inv_t, int k_max, int32_t* ids,
-                            float* values, float* stats) {
+                            float* values, float* stats, const double* u, int32_t* drawn) {
   auto lock = this->lock();
   const int64_t n_vocab = model_->config().n_vocab, n_want = batch.n_logits();
   PE_CHECK(k_max >= 1 && k_max <= kTopLogitsMax, Error, "decode_top: k_max ", k_max, " is not in [1, ",
            kTopLogitsMax, "]");
+  PE_CHECK(!u || drawn, Error, "decode_top: draws need somewhere to go");
+  std::vector<float> sum_inv_t(inv_t, inv_t + n_want);  // a drawn row's weight sum is not asked for
   for (int64_t i = 0; i < n_want; i++) {
     PE_CHECK(k[i] >= 1 && k[i] <= std::min<int64_t>(k_max, n_vocab), Error, "decode_top: k of wanted row ", i, " is ",
              k[i], ", not in [1, min(k_max ", k_max, ", n_vocab ", n_vocab, ")]");
     PE_CHECK(inv_t[i] >= 0.f && std::isfinite(inv_t[i]), Error, "decode_top: inv_t of wanted row ", i, " is ",
              inv_t[i], ", not finite and >= 0");
+    if (u && u[i] >= 0) {
+      PE_CHECK(u[i] < 1 && inv_t[i] > 0.f, Error, "decode_top: a draw for wanted row ", i, " needs u in [0, 1) and "
+               "inv_t > 0, got u ", u[i], ", inv_t ", inv_t[i]);
+      sum_inv_t[size_t(i)] = 0.f;
+    }
+    PE_CHECK(!u || !std::isnan(u[i]), Error, "decode_top: u of wanted row ", i, " is NaN");
   }
-  LogitsSummary top{k, inv_t, k_max, ids, values, stats};
+  LogitsSummary top{k, sum_inv_t.data(), k_max, ids, values, stats};
   decode_rows(batch, nullptr, false, &top);
+  if (u) draw_rows(u, inv_t, drawn);
   return top_serial_;
+}
+
+void Context::draw_rows(const double* u, const float* inv_t, int32_t* drawn) {
+  const int64_t n_vocab = model_->config().n_vocab, on_host = std::min(top_rows_, top_gpu_first_);
+  // Rows the output layer left on the GPU come to the host first, in one copy.
+  const float* gpu_rows = nullptr;
+  std::vector<float> copied;
+  bool gpu_draws = false;
+  for (int64_t i = on_host; i < top_rows_; i++) gpu_draws = gpu_draws || u[i] >= 0;
+  if (gpu_draws) {
+    copied.resize(size_t((top_rows_ - on_host) * n_vocab));
+    copy_between(*gpu_ex_, Device::CPU, copied.data(), Device::CUDA, gpu_act_.out.data(),
+                 copied.size() * sizeof(float));
+    gpu_rows = copied.data();
+  }
+  ex_->pool().for_each_dynamic(top_rows_, [&](int64_t i) {
+    const float* row = i < on_host ? top_logits_.data() + i * n_vocab : gpu_rows + (i - on_host) * n_vocab;
+    // -1 also for a row holding a NaN or no finite maximum (which stats[1] reports).
+    drawn[i] = u[i] >= 0 ? int32_t(cpu::softmax_draw(row, n_vocab, inv_t[i], u[i])) : -1;
+  });
 }
 
 void Context::row_logits(int64_t serial, int64_t i, float* out) {

@@ -53,8 +53,12 @@ class Context {
   // copies kilobytes to the host, not n_vocab floats a row); row_logits(serial, i, out) copies wanted
   // row i's (n_vocab floats) until the next call that evaluates anything. Returns the call's serial
   // number, which row_logits checks: a row of a later call is never taken for one of this call.
+  // u (nullptr: none) asks for draws: where u[i] is in [0, 1), drawn[i] is the token that
+  // cpu::softmax_draw picks from the whole row at inv_t[i] and u[i] (plain sampling at a temperature,
+  // done on the host over the pool, every row at once, instead of by the caller on a copied row), and
+  // that row's weight sum is not computed (stats 0); elsewhere u[i] < 0 and drawn[i] is -1.
   int64_t decode_top(const Batch& batch, const int32_t* k, const float* inv_t, int k_max, int32_t* ids,
-                     float* values, float* stats);
+                     float* values, float* stats, const double* u = nullptr, int32_t* drawn = nullptr);
   void row_logits(int64_t serial, int64_t i, float* out);
   // Family::EncoderDecoder: runs the encoder over `tokens` (one pass, every token sees all of them) and
   // keeps the keys and values of its output for every decoder block's cross-attention in sequence `seq`,
@@ -102,6 +106,8 @@ class Context {
   void truncate_kv(int seq, int64_t keep);
   std::vector<Row> expand_replays(const Batch& batch);
   void decode_rows(const Batch& batch, float* logits, bool hidden, const LogitsSummary* top);
+  // decode_top's draws over the rows it left (see decode_top).
+  void draw_rows(const double* u, const float* inv_t, int32_t* drawn);
   void run_pass(const Row* rows, int64_t n, float* out, bool hidden, const LogitsSummary* summary = nullptr);
   bool head_on_gpu() const { return gpu_ex_ && model_->gpu().head; }
   // Both executors' locks (CPU, then GPU): contexts sharing either take turns.

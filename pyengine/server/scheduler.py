@@ -248,7 +248,7 @@ class Scheduler:
         seqs: list[int] = []
         want: list[bool] = []
         chunks: list[list[int]] = []  # what each slot evaluates in this pass
-        requests: list[tuple[int, float]] = []  # what each row with logits asks of them (TopLogits)
+        requests: list[tuple[int, float, float]] = []  # what each row with logits asks of them (TopLogits)
         for slot in busy:
             if slot.prefilling:
                 chunk = slot.job.prompt_ids[slot.n_evaluated: slot.n_evaluated + self.prefill_chunk]
