@@ -136,7 +136,8 @@ def check_decode_top(llama, n_batch: int, **engine_kw):
     rng = np.random.default_rng(3)
     draws = [(k, inv_t or 0.7, rng.random() if i % 2 == 0 else -1.0) for i, (k, inv_t) in enumerate(requests)]
     draws[0] = (draws[0][0], draws[0][1], 0.0)  # the first token of the row
-    drawn = pyengine.Engine(path, n_ctx=128, n_seq_max=8, n_batch=n_batch, **engine_kw).decode_top(ids, seqs, want, draws)
+    engine2 = pyengine.Engine(path, n_ctx=128, n_seq_max=8, n_batch=n_batch, **engine_kw)
+    drawn = engine2.decode_top(ids, seqs, want, draws)
     for row, top, (k, inv_t, u) in zip(full, drawn, draws):
         assert top.drawn == (_C.softmax_draw(row, float(np.float32(inv_t)), u) if u >= 0 else -1)
         np.testing.assert_array_equal(top.ids, np.argsort(-row.astype(np.float64), kind="stable")[:k])
