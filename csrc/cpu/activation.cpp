@@ -10,33 +10,34 @@ namespace {
 inline float gelu_erf(float x) { return 0.5f * x * (1.f + std::erf(x * 0.7071067811865476f)); }
 inline float relu(float x) { return x > 0.f ? x : 0.f; }
 
-// SiLU and GELU (tanh form) 16 elements at a time, as x * sigmoid(z): z = x for SiLU, and for GELU
+// SiLU and GELU (tanh form) 8 elements at a time, as x * sigmoid(z): z = x for SiLU, and for GELU
 // 0.5 x (1 + tanh(y)) = x sigmoid(2y) with y = sqrt(2/pi) (x + 0.044715 x^3) (ggml's, GPT-2's, Gemma's).
-// e = e^-|z| (exp_nonpositive16, cpu/vec_clones.h), sigmoid = 1 / (1 + e) for
+// e = e^-|z| (exp_nonpositive, cpu/vec_clones.h), sigmoid = 1 / (1 + e) for
 // z >= 0 and e / (1 + e) below. libm's scalar expf per element was ~5 % of a batched decode step. Written
 // with GCC vector types (cpu/vec_clones.h), compiled for x86-64-v4 and v3 as well as the baseline, as the
 // quantizer searches are; a row's tail goes through the same code in a padded block, so every element
 // gets the same arithmetic. NaN stays NaN.
 
-__attribute__((always_inline)) inline VF times_sigmoid16(VF x, VF z) {
-  const VF e = exp_nonpositive16(-(VF)((VI)z & 0x7fffffff));
-  const VI pos = (VI)(z >= 0.f);
-  const VF num = (VF)((pos & (VI)(VF{} + 1.f)) | (~pos & (VI)e));
+// 8 elements at a time (VF8: one register in the AVX2 copy too, cpu/vec_clones.h).
+__attribute__((always_inline)) inline VF8 times_sigmoid8(VF8 x, VF8 z) {
+  const VF8 e = exp_nonpositive<VF8, VI8>(-(VF8)((VI8)z & 0x7fffffff));
+  const VI8 pos = (VI8)(z >= 0.f);
+  const VF8 num = (VF8)((pos & (VI8)(VF8{} + 1.f)) | (~pos & (VI8)e));
   return x * (num / (1.f + e));
 }
 
-__attribute__((always_inline)) inline VF sigmoid_act16(VF x, bool gelu) {
-  if (!gelu) return times_sigmoid16(x, x);
-  return times_sigmoid16(x, 1.5957691216057308f * x * (1.f + 0.044715f * x * x));  // 2 sqrt(2/pi)
+__attribute__((always_inline)) inline VF8 sigmoid_act8(VF8 x, bool gelu) {
+  if (!gelu) return times_sigmoid8(x, x);
+  return times_sigmoid8(x, 1.5957691216057308f * x * (1.f + 0.044715f * x * x));  // 2 sqrt(2/pi)
 }
 
 // o[i] = act(g[i]) * u[i] (act(g[i]) where u is null) for SiLU, or GELU when `gelu`.
 PE_VEC_CLONES void sigmoid_act_row(const float* g, const float* u, float* o, int64_t n, bool gelu) {
-  float xb[16], ub[16];
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t w = n - i < 16 ? n - i : 16;
-    VF x, v = VF{} + 1.f;
-    if (w == 16) {
+  float xb[8], ub[8];
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t w = n - i < 8 ? n - i : 8;
+    VF8 x, v = VF8{} + 1.f;
+    if (w == 8) {
       std::memcpy(&x, g + i, sizeof x);
       if (u) std::memcpy(&v, u + i, sizeof v);
     } else {  // the tail, padded
@@ -49,8 +50,8 @@ PE_VEC_CLONES void sigmoid_act_row(const float* g, const float* u, float* o, int
         std::memcpy(&v, ub, sizeof v);
       }
     }
-    const VF y = sigmoid_act16(x, gelu) * v;
-    if (w == 16) {
+    const VF8 y = sigmoid_act8(x, gelu) * v;
+    if (w == 8) {
       std::memcpy(o + i, &y, sizeof y);
     } else {
       std::memcpy(xb, &y, sizeof y);

@@ -7,10 +7,6 @@
 #include <limits>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include "cpu/ops.h"
 #include "cpu/vec_clones.h"
 
@@ -20,82 +16,88 @@ namespace {
 
 constexpr int64_t kBlock = 1024;  // elements per partial sum: the draw recomputes one block's weights
 
-// x[i, i + 16) (the tail padded with -inf) into a vector.
-__attribute__((always_inline)) inline VF load16(const float* x, int64_t i, int64_t n) {
-  VF v;
-  if (n - i >= 16) {
+// x[i, i + 8) (the tail padded with -inf) into a vector. Every loop here takes 16 elements as two such
+// halves (cpu/vec_clones.h says why), lanes 0-7 and 8-15 of what a 16-lane vector would hold.
+__attribute__((always_inline)) inline VF8 load8(const float* x, int64_t i, int64_t n) {
+  VF8 v;
+  if (n - i >= 8) {
     std::memcpy(&v, x + i, sizeof v);
   } else {
-    float b[16];
-    for (int j = 0; j < 16; j++) b[j] = i + j < n ? x[i + j] : -std::numeric_limits<float>::infinity();
+    float b[8];
+    for (int j = 0; j < 8; j++) b[j] = i + j < n ? x[i + j] : -std::numeric_limits<float>::infinity();
     std::memcpy(&v, b, sizeof v);
   }
   return v;
 }
 
-// The weights of x[i, i + 16): e^((x - top) inv_t), 0 below e^-87.3 (masked tokens: -inf).
-__attribute__((always_inline)) inline VF weights16(const float* x, int64_t i, int64_t n, float top, float inv_t) {
-  const VF t = (load16(x, i, n) - top) * inv_t;
-  return (VF)((VI)(t >= -87.3f) & (VI)exp_nonpositive16(t));
+// The weights of x[i, i + 8): e^((x - top) inv_t), 0 below e^-87.3 (masked tokens: -inf).
+__attribute__((always_inline)) inline VF8 weights8(const float* x, int64_t i, int64_t n, float top, float inv_t) {
+  const VF8 t = (load8(x, i, n) - top) * inv_t;
+  return (VF8)((VI8)(t >= -87.3f) & (VI8)exp_nonpositive<VF8, VI8>(t));
 }
 
-// The weights of x[b, b + kBlock) summed in float (the partial sums softmax_draw and weight_sum share).
+// The weights of x[b, b + kBlock) summed in float (the partial sums softmax_draw and weight_sum share):
+// 16 running sums, one per element position mod 16, added in lane order at the end.
 __attribute__((always_inline)) inline float block_weight(const float* x, int64_t b, int64_t n, float top, float inv_t) {
-  VF s = VF{};
-  for (int64_t i = b; i < n && i < b + kBlock; i += 16) s += weights16(x, i, n, top, inv_t);
+  VF8 s0 = VF8{}, s1 = VF8{};
+  for (int64_t i = b; i < n && i < b + kBlock; i += 16) {
+    s0 += weights8(x, i, n, top, inv_t);
+    s1 += weights8(x, i + 8, n, top, inv_t);
+  }
   float block = 0;
-  for (int j = 0; j < 16; j++) block += s[j];
+  for (int j = 0; j < 8; j++) block += s0[j];
+  for (int j = 0; j < 8; j++) block += s1[j];
   return block;
 }
 
 // The largest element of x[0, n), its first index, and whether every element is finite.
 PE_VEC_CLONES float max_finite(const float* x, int64_t n, int64_t* first, bool* finite) {
-  VF mv = VF{} - std::numeric_limits<float>::infinity();
-  VI mi = VI{}, bad = VI{};
-  const VI lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  VF8 m0 = VF8{} - std::numeric_limits<float>::infinity(), m1 = m0;
+  VI8 i0 = VI8{}, i1 = VI8{}, bad = VI8{};
+  const VI8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t i = 0; i < n; i += 16) {
-    const VF v = load16(x, i, n);
-    const VI gt = (VI)(v > mv);  // strictly: each lane keeps its first maximum
-    mv = gt ? v : mv;
-    mi = gt ? lane + int32_t(i) : mi;
+    const VF8 v0 = load8(x, i, n), v1 = load8(x, i + 8, n);
+    const VI8 g0 = (VI8)(v0 > m0), g1 = (VI8)(v1 > m1);  // strictly: each lane keeps its first maximum
+    m0 = g0 ? v0 : m0, m1 = g1 ? v1 : m1;
+    i0 = g0 ? lane + int32_t(i) : i0, i1 = g1 ? lane + int32_t(i + 8) : i1;
     // NaN fails both; an infinity's difference with itself is NaN (the tail's -inf padding is skipped).
-    const VF d = v - v;
-    bad |= (VI)(d != d) & (i + 16 <= n ? VI{} - 1 : VI{});
+    const VF8 d0 = v0 - v0, d1 = v1 - v1;
+    bad |= ((VI8)(d0 != d0) | (VI8)(d1 != d1)) & (i + 16 <= n ? VI8{} - 1 : VI8{});
   }
   float top = -std::numeric_limits<float>::infinity();
   bool ok = true;
-  for (int j = 0; j < 16; j++) {
-    top = mv[j] > top ? mv[j] : top;
+  for (int j = 0; j < 8; j++) {
+    top = m0[j] > top ? m0[j] : top;
+    top = m1[j] > top ? m1[j] : top;
     ok = ok && bad[j] == 0;
   }
   int64_t at = n;
-  for (int j = 0; j < 16; j++)
-    if (mv[j] == top && mi[j] < at) at = mi[j];
+  for (int j = 0; j < 8; j++) {
+    if (m0[j] == top && i0[j] < at) at = i0[j];
+    if (m1[j] == top && i1[j] < at) at = i1[j];
+  }
   for (int64_t i = n / 16 * 16; i < n; i++) ok = ok && std::isfinite(x[i]);
   *first = at < n ? at : 0;
   *finite = ok;
   return top;
 }
 
-// Appends to `out` the indices of the elements of x[i0, i1) above `cut`, in order.
-// Near a row's maximum there are few: 16 elements are compared at once and most groups have none.
+// Appends to `out` the indices of the elements of x[i0, i1) above `cut`, in order. Near a row's maximum
+// there are few: 16 elements are compared at once and most groups have none.
 PE_VEC_CLONES void indices_above(const float* x, int64_t i0, int64_t i1, float cut, std::vector<int32_t>& out) {
   int64_t i = i0;
   for (; i + 16 <= i1; i += 16) {
-    VF v;
-    std::memcpy(&v, x + i, sizeof v);
-    // The lanes' flags as 16 bytes, then as bits: a loop over the lanes compiled to 16 extracts and
-    // branches, mispredicted where many elements pass (a flat row, or the cut still low).
-    typedef int8_t V16B __attribute__((vector_size(16)));
-    const V16B flags = __builtin_convertvector((VI)(v > cut), V16B);
-#if defined(__SSE2__)
-    __m128i b;
-    std::memcpy(&b, &flags, sizeof b);
-    for (unsigned m = unsigned(_mm_movemask_epi8(b)); m; m &= m - 1) out.push_back(int32_t(i + __builtin_ctz(m)));
-#else
-    for (int j = 0; j < 16; j++)
-      if (flags[j]) out.push_back(int32_t(i + j));
-#endif
+    VF8 lo, hi;
+    std::memcpy(&lo, x + i, sizeof lo);
+    std::memcpy(&hi, x + i + 8, sizeof hi);
+    const VI8 a = (VI8)(lo > cut), b = (VI8)(hi > cut), any = a | b;
+    uint64_t words[4];
+    std::memcpy(words, &any, sizeof words);
+    if (!(words[0] | words[1] | words[2] | words[3])) continue;
+    for (int j = 0; j < 8; j++)
+      if (a[j]) out.push_back(int32_t(i + j));
+    for (int j = 0; j < 8; j++)
+      if (b[j]) out.push_back(int32_t(i + 8 + j));
   }
   for (; i < i1; i++)
     if (x[i] > cut) out.push_back(int32_t(i));
@@ -182,17 +184,18 @@ void top_logits(Executor& ex, const Tensor& logits, const Tensor& k, const Tenso
 // Three passes over x: the maximum, the weights' sums per block, then the chosen block's weights again,
 // walked in order. Nothing is stored but the block sums.
 PE_VEC_CLONES int64_t softmax_draw(const float* x, int64_t n, float inv_t, double u) {
-  VF mv = VF{} - std::numeric_limits<float>::infinity();
-  VI nan = VI{};
+  VF8 m0 = VF8{} - std::numeric_limits<float>::infinity(), m1 = m0;
+  VI8 nan = VI8{};
   for (int64_t i = 0; i < n; i += 16) {
-    const VF v = load16(x, i, n);
-    mv = v > mv ? v : mv;
-    nan |= (VI)(v != v);
+    const VF8 v0 = load8(x, i, n), v1 = load8(x, i + 8, n);
+    m0 = v0 > m0 ? v0 : m0, m1 = v1 > m1 ? v1 : m1;
+    nan |= (VI8)(v0 != v0) | (VI8)(v1 != v1);
   }
   float top = -std::numeric_limits<float>::infinity();
   bool any_nan = false;
-  for (int j = 0; j < 16; j++) {
-    top = mv[j] > top ? mv[j] : top;
+  for (int j = 0; j < 8; j++) {
+    top = m0[j] > top ? m0[j] : top;
+    top = m1[j] > top ? m1[j] : top;
     any_nan = any_nan || nan[j] != 0;
   }
   if (any_nan || !std::isfinite(top)) return -1;
@@ -218,9 +221,9 @@ PE_VEC_CLONES int64_t softmax_draw(const float* x, int64_t n, float inv_t, doubl
   }
   int64_t last = -1;
   double cum = before;
-  for (int64_t i = chosen * kBlock; i < n && i < (chosen + 1) * kBlock; i += 16) {
-    const VF w = weights16(x, i, n, top, inv_t);
-    for (int j = 0; j < 16 && i + j < n; j++) {
+  for (int64_t i = chosen * kBlock; i < n && i < (chosen + 1) * kBlock; i += 8) {
+    const VF8 w = weights8(x, i, n, top, inv_t);
+    for (int j = 0; j < 8 && i + j < n; j++) {
       if (w[j] <= 0) continue;
       last = i + j;
       cum += w[j];
