@@ -179,11 +179,12 @@ class Sampler:
         p = self.params
         if p.temperature == 0 or self._penalizes(generated, prompt):
             return 1, 0.0, -1.0
+        if self._whole_row(n_vocab, generated, prompt):
+            return 1, float(self._inv_t()), self._next_u()
         if 0 < p.top_k < n_vocab:
             return (p.top_k, 0.0, -1.0) if p.top_k <= _C.top_logits_max else (1, 0.0, -1.0)
-        if p.top_p < 1 or p.min_p > 0:
-            return min(TOP_P_CANDIDATES, n_vocab), float(self._inv_t()) if p.top_p < 1 else 0.0, -1.0
-        return 1, float(self._inv_t()), self._next_u()
+        # top-p or min-p
+        return min(TOP_P_CANDIDATES, n_vocab), float(self._inv_t()) if p.top_p < 1 else 0.0, -1.0
 
     def __call__(self, logits: np.ndarray | TopLogits, generated: Sequence[int] = (),
                  prompt: Sequence[int] = ()) -> int:
@@ -206,7 +207,7 @@ class Sampler:
         return self._u
 
     def _whole_row(self, n_vocab: int, generated: Sequence[int], prompt: Sequence[int]) -> bool:
-        """Whether the next draw is over the whole row as it is (`request`'s last case)."""
+        """Whether the next draw is over the whole row as it is: the engine can draw it (`request`)."""
         p = self.params
         return (p.temperature != 0 and not self._penalizes(generated, prompt) and not 0 < p.top_k < n_vocab
                 and p.top_p >= 1 and p.min_p <= 0)

@@ -12,7 +12,7 @@ inline float relu(float x) { return x > 0.f ? x : 0.f; }
 
 // SiLU and GELU (tanh form) 8 elements at a time, as x * sigmoid(z): z = x for SiLU, and for GELU
 // 0.5 x (1 + tanh(y)) = x sigmoid(2y) with y = sqrt(2/pi) (x + 0.044715 x^3) (ggml's, GPT-2's, Gemma's).
-// e = e^-|z| (exp_nonpositive, cpu/vec_clones.h), sigmoid = 1 / (1 + e) for
+// e = e^-|z| (exp_nonpositive8, cpu/vec_clones.h), sigmoid = 1 / (1 + e) for
 // z >= 0 and e / (1 + e) below. libm's scalar expf per element was ~5 % of a batched decode step. Written
 // with GCC vector types (cpu/vec_clones.h), compiled for x86-64-v4 and v3 as well as the baseline, as the
 // quantizer searches are; a row's tail goes through the same code in a padded block, so every element
@@ -20,7 +20,7 @@ inline float relu(float x) { return x > 0.f ? x : 0.f; }
 
 // 8 elements at a time (VF8: one register in the AVX2 copy too, cpu/vec_clones.h).
 __attribute__((always_inline)) inline VF8 times_sigmoid8(VF8 x, VF8 z) {
-  const VF8 e = exp_nonpositive<VF8, VI8>(-(VF8)((VI8)z & 0x7fffffff));
+  const VF8 e = exp_nonpositive8(-(VF8)((VI8)z & 0x7fffffff));
   const VI8 pos = (VI8)(z >= 0.f);
   const VF8 num = (VF8)((pos & (VI8)(VF8{} + 1.f)) | (~pos & (VI8)e));
   return x * (num / (1.f + e));

@@ -33,7 +33,7 @@ __attribute__((always_inline)) inline VF8 load8(const float* x, int64_t i, int64
 // The weights of x[i, i + 8): e^((x - top) inv_t), 0 below e^-87.3 (masked tokens: -inf).
 __attribute__((always_inline)) inline VF8 weights8(const float* x, int64_t i, int64_t n, float top, float inv_t) {
   const VF8 t = (load8(x, i, n) - top) * inv_t;
-  return (VF8)((VI8)(t >= -87.3f) & (VI8)exp_nonpositive<VF8, VI8>(t));
+  return (VF8)((VI8)(t >= -87.3f) & (VI8)exp_nonpositive8(t));
 }
 
 // The weights of x[b, b + kBlock) summed in float (the partial sums softmax_draw and weight_sum share):

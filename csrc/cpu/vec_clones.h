@@ -24,24 +24,22 @@ typedef int32_t VI __attribute__((vector_size(64)));
 typedef float VF8 __attribute__((vector_size(32)));
 typedef int32_t VI8 __attribute__((vector_size(32)));
 
-// e^t for t <= 0, a vector F (VF8; I its int32 twin) at a time: t = n ln2 + r with |r| <= ln2 / 2,
-// e^r by Cephes' degree-6 polynomial (as attention's softmax; ~2 ulp), times 2^n. t below -87.3 gives
-// e^-87.3 (~1e-38) instead of a denormal.
-template <typename F, typename I>
-__attribute__((always_inline)) inline F exp_nonpositive(F t) {
-  const I low = (I)(t < -87.3f);
-  t = (F)((low & (I)(F{} - 87.3f)) | (~low & (I)t));
-  const F n = (t * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  F r = t - n * 0.693359375f;  // ln 2 in two parts, so that r is exact
+// e^t for t <= 0, 8 at a time: t = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (as
+// attention's softmax; ~2 ulp), times 2^n. t below -87.3 gives e^-87.3 (~1e-38) instead of a denormal.
+__attribute__((always_inline)) inline VF8 exp_nonpositive8(VF8 t) {
+  const VI8 low = (VI8)(t < -87.3f);
+  t = (VF8)((low & (VI8)(VF8{} - 87.3f)) | (~low & (VI8)t));
+  const VF8 n = (t * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  VF8 r = t - n * 0.693359375f;  // ln 2 in two parts, so that r is exact
   r = r + n * 2.12194440e-4f;
-  F p = F{} + 1.9875691500e-4f;
+  VF8 p = VF8{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + (r + 1.f);
-  return p * (F)((__builtin_convertvector(n, I) + 127) << 23);
+  return p * (VF8)((__builtin_convertvector(n, VI8) + 127) << 23);
 }
 
 }  // namespace pe::cpu
