@@ -9,6 +9,7 @@
 
 #include "bindings.h"
 #include "common.h"
+#include "cuda/gemm_tile.cuh"
 #include "cuda/gemv_span.cuh"
 #include "cuda/quant_blocks.cuh"
 #include "cuda/quant_dot.cuh"
@@ -209,6 +210,121 @@ py::array_t<float> cuda_host_int_matmul(const py::buffer& w, uint32_t type_id, i
   return y;
 }
 
+// mma.sync.m16n8k16 with f16 A, B and f32 C, D, by its PTX definition: the A (16 x 16) and B
+// (16 x 8) that the 32 lanes' registers hold (cuda/gemm_tile.cuh's fragment coordinates), D = A B + C
+// with each element's 16 products summed exactly (double) and added to C once.
+void mma_16816_host(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], float (&d)[32][4]) {
+  float A[16][16], B[16][8], C[16][8];
+  for (int lane = 0; lane < 32; lane++) {
+    for (int r = 0; r < 4; r++)
+      for (int h = 0; h < 2; h++)
+        A[cuda::frag_a_row(lane, r)][cuda::frag_a_k(lane, r) + h] = fp16_to_fp32(fp16_t(a[lane][r] >> (16 * h)));
+    for (int r = 0; r < 2; r++)
+      for (int h = 0; h < 2; h++)
+        B[cuda::frag_b_k(lane, r) + h][cuda::frag_b_n(lane)] = fp16_to_fp32(fp16_t(b[lane][r] >> (16 * h)));
+    for (int e = 0; e < 4; e++) C[cuda::frag_c_row(lane, e)][cuda::frag_c_col(lane, e)] = d[lane][e];
+  }
+  for (int lane = 0; lane < 32; lane++)
+    for (int e = 0; e < 4; e++) {
+      const int i = cuda::frag_c_row(lane, e), j = cuda::frag_c_col(lane, e);
+      double sum = 0.0;
+      for (int k = 0; k < 16; k++) sum += double(A[i][k]) * double(B[k][j]);
+      d[lane][e] = float(double(C[i][j]) + sum);
+    }
+}
+
+// y = x W^T as the CUDA tensor-core GEMM (matmul.cu, m > 8) computes it, run block by block, thread
+// by thread and lane by lane on the host: x rounded to half into its padded copy (x_to_half_kernel);
+// for every block and K step, each thread's x pieces and W chunk staged where gemm_tile.cuh says
+// (W dequantised by the kernel's decoder and rounded to half), the rest of the stage left as NaN so
+// that a fragment reading an unstaged element poisons y; each warp's A and B registers read at the
+// kernel's offsets and multiplied by mma.sync's definition (mma_16816_host); each lane's
+// accumulators stored where the kernel's epilogue stores them. Throws if an element of y is written
+// other than once. Any m (the kernel runs for m > 8).
+py::array_t<float> cuda_host_gemm(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
+                                  const py::array_t<float, py::array::c_style | py::array::forcecast>& x) {
+  const py::buffer_info info = w.request();
+  size_t rb;
+  const GGMLType t = check_weights(info, type_id, rows, cols, &rb);
+  PE_CHECK(x.ndim() == 2 && x.shape(1) == cols, ModelFormatError, "x must be (m, ", cols, ")");
+  const int64_t m = x.shape(0);
+  py::array_t<float> y({m, rows});
+  const auto* src = static_cast<const uint8_t*>(info.ptr);
+  const float* xd = x.data();
+  float* yd = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    const int64_t ldxh = cuda::gemm_x_cols(cols), steps = cuda::gemm_steps(cols);
+    std::vector<fp16_t> xh(size_t(cuda::gemm_x_rows(m) * ldxh), 0);
+    for (int64_t r = 0; r < m; r++)
+      for (int64_t c = 0; c < cols; c++) xh[size_t(r * ldxh + c)] = fp32_to_fp16(xd[r * cols + c]);
+    std::vector<int> writes(size_t(m * rows), 0);
+    std::vector<fp16_t> stage(size_t(cuda::kGemmStageHalves));
+    constexpr int kWarps = cuda::kGemmThreads / 32;
+    static_assert(cuda::kGemmFragsM == 4 && cuda::kGemmFragsN == 4, "the accumulator array below");
+    std::vector<float> acc_store(size_t(kWarps) * cuda::kGemmFragsM * cuda::kGemmFragsN * 32 * 4);
+    auto acc = [&](int warp, int i, int j) {  // the warp's accumulators of mma tile (i, j), per lane
+      return reinterpret_cast<float(*)[4]>(&acc_store[size_t(((warp * 4 + i) * 4 + j) * 32 * 4)]);
+    };
+    for (int64_t n0 = 0; n0 < rows; n0 += cuda::kGemmN)
+      for (int64_t m0 = 0; m0 < m; m0 += cuda::kGemmM) {
+        std::fill(acc_store.begin(), acc_store.end(), 0.0f);
+        for (int64_t s = 0; s < steps; s++) {
+          std::fill(stage.begin(), stage.end(), fp16_t(0x7e00));  // NaN
+          for (int tid = 0; tid < cuda::kGemmThreads; tid++) {
+            for (int i = 0; i < cuda::kGemmXPieces; i++) {
+              int r, c;
+              cuda::gemm_x_piece(tid, i, r, c);
+              for (int h = 0; h < 8; h++)
+                stage[size_t(r * cuda::kGemmLd + c + h)] = xh[size_t((m0 + r) * ldxh + s * cuda::kGemmK + c + h)];
+            }
+            int w_row, w_half;
+            cuda::gemm_w_chunk(tid, w_row, w_half);
+            float v[cuda::kChunk] = {};
+            if (n0 + w_row < rows)
+              cuda::dequantize_chunk(t, src + size_t(n0 + w_row) * rb, cols, s * (cuda::kGemmK / cuda::kChunk) + w_half,
+                                     v);
+            for (int l = 0; l < cuda::kChunk; l++)
+              stage[size_t((cuda::kGemmM + w_row) * cuda::kGemmLd + w_half * cuda::kChunk + l)] = fp32_to_fp16(v[l]);
+          }
+          auto word = [&](int off) { return uint32_t(stage[size_t(off)]) | uint32_t(stage[size_t(off + 1)]) << 16; };
+          for (int warp = 0; warp < kWarps; warp++) {
+            int row_x, row_w;
+            cuda::gemm_warp_origin(warp, row_x, row_w);
+            for (int kk = 0; kk < cuda::kGemmK; kk += 16)
+              for (int i = 0; i < cuda::kGemmFragsM; i++)
+                for (int j = 0; j < cuda::kGemmFragsN; j++) {
+                  uint32_t a[32][4], b[32][2];
+                  for (int lane = 0; lane < 32; lane++) {
+                    for (int r = 0; r < 4; r++) a[lane][r] = word(cuda::gemm_a_offset(row_x, i, kk, lane, r));
+                    for (int r = 0; r < 2; r++) b[lane][r] = word(cuda::gemm_b_offset(row_w, j, kk, lane, r));
+                  }
+                  mma_16816_host(a, b, *reinterpret_cast<float(*)[32][4]>(acc(warp, i, j)));
+                }
+          }
+        }
+        for (int warp = 0; warp < kWarps; warp++) {
+          int row_x, row_w;
+          cuda::gemm_warp_origin(warp, row_x, row_w);
+          for (int i = 0; i < cuda::kGemmFragsM; i++)
+            for (int j = 0; j < cuda::kGemmFragsN; j++)
+              for (int lane = 0; lane < 32; lane++)
+                for (int e = 0; e < 4; e++) {
+                  const int64_t r = m0 + row_x + 16 * i + cuda::frag_c_row(lane, e);
+                  const int64_t n = n0 + row_w + 8 * j + cuda::frag_c_col(lane, e);
+                  if (r < m && n < rows) {
+                    yd[r * rows + n] = acc(warp, i, j)[lane][e];
+                    writes[size_t(r * rows + n)]++;
+                  }
+                }
+        }
+      }
+    for (int64_t i = 0; i < m * rows; i++)
+      PE_CHECK(writes[size_t(i)] == 1, Error, "y[", i / rows, "][", i % rows, "] written ", writes[size_t(i)], " times");
+  }
+  return y;
+}
+
 }  // namespace
 
 void bind_cuda_quant(py::module_& m) {
@@ -229,6 +345,32 @@ void bind_cuda_quant(py::module_& m) {
         py::arg("cols"), py::arg("x"),
         "x W^T (x float32 (m, cols)) as the CUDA decode GEMV computes it for a quantized W: x rounded to 8 bits "
         "per 32-element chunk, integer dot products. For tests.");
+  m.def(
+      "cuda_host_gemm_fragments",
+      [] {
+        py::array_t<int32_t> a_row({32, 4}), a_k({32, 4}), b_n({32, 2}), b_k({32, 2}), c_row({32, 4}), c_col({32, 4});
+        for (int lane = 0; lane < 32; lane++) {
+          for (int r = 0; r < 4; r++) {
+            a_row.mutable_at(lane, r) = cuda::frag_a_row(lane, r);
+            a_k.mutable_at(lane, r) = cuda::frag_a_k(lane, r);
+            c_row.mutable_at(lane, r) = cuda::frag_c_row(lane, r);
+            c_col.mutable_at(lane, r) = cuda::frag_c_col(lane, r);
+          }
+          for (int r = 0; r < 2; r++) {
+            b_n.mutable_at(lane, r) = cuda::frag_b_n(lane);
+            b_k.mutable_at(lane, r) = cuda::frag_b_k(lane, r);
+          }
+        }
+        py::dict d;
+        d["a_row"] = a_row, d["a_k"] = a_k, d["b_n"] = b_n, d["b_k"] = b_k, d["c_row"] = c_row, d["c_col"] = c_col;
+        return d;
+      },
+      "The (lane, register) -> element coordinates the tensor-core GEMM assumes for mma.sync.m16n8k16 "
+      "(cuda/gemm_tile.cuh): A's row and first k, B's n and first k, C's row and column. For tests.");
+  m.def("cuda_host_gemm", &cuda_host_gemm, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
+        py::arg("x"),
+        "x W^T (x float32 (m, cols)) as the CUDA tensor-core GEMM (m > 8) computes it, its blocks, threads, "
+        "warps and lanes run on the host with mma.sync by its PTX definition (cuda/gemm_tile.cuh). For tests.");
 }
 
 }  // namespace pe

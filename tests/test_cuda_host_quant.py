@@ -212,6 +212,61 @@ def test_host_int_matmul_propagates_nan():
     with pytest.raises(ValueError):
         _C.cuda_host_int_matmul(raw, int(QT.F16), 2, 64, x)  # no integer form for a float type
 
+def gemm_weights(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw bytes of a finite rows x cols matrix: quantized blocks with sane scales, or normal floats."""
+    if qtype in FLOAT_TYPES:
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        if qtype == QT.F16:
+            return w.astype(np.float16).view(np.uint8)
+        return np.ascontiguousarray(gguf.quants.quantize(w, qtype)).view(np.uint8).reshape(rows, -1)
+    return random_blocks(qtype, rows, cols, rng)
+
+
+@pytest.mark.parametrize("qtype", [t for t in ALL_TYPES if t != QT.F32], ids=lambda t: t.name)
+def test_host_gemm_matches_numpy(qtype):
+    """The tensor-core GEMM's blocks, threads, warps and lanes run on the host (cuda_host_gemm: the
+    kernel's staging assignments, fragment offsets and epilogue from cuda/gemm_tile.cuh, mma.sync by its
+    PTX definition) against numpy on the same half-rounded inputs: a wrong offset, lane, stage or tile
+    edge is off by far more than float accumulation (and an unstaged element reads as NaN). Shapes
+    cross tile edges in every direction: rows and m below, at and past one 128-row tile, K steps of 64
+    ending mid-step or mid-chunk."""
+    rng = np.random.default_rng(5000 + int(qtype))
+    shapes = [(7, 9), (130, 129), (300, 40)]  # (rows of W, rows of x)
+    for k, (rows, m) in enumerate(shapes):
+        cols = cols_for(qtype)[(k + 1) % len(cols_for(qtype))]
+        raw = gemm_weights(qtype, rows, cols, rng)
+        x = rng.standard_normal((m, cols)).astype(np.float32) * rng.uniform(0.1, 10, (m, 1)).astype(np.float32)
+        got = _C.cuda_host_gemm(raw, int(qtype), rows, cols, x)
+        assert got.shape == (m, rows) and got.dtype == np.float32
+        wh = gguf_dequant(qtype, raw, cols).astype(np.float16).astype(np.float64)
+        xh = x.astype(np.float16).astype(np.float64)
+        want = xh @ wh.T
+        # Each mma adds 16 exact products to a float accumulator: one rounding per 16 columns.
+        bound = (cols / 16 + 2) * 2.0**-24 * (np.abs(xh) @ np.abs(wh).T) + 1e-30
+        err = np.abs(got - want)
+        assert np.isfinite(got).all() and (err <= bound).all(), (
+            f"{qtype.name} rows={rows} m={m} cols={cols}: worst {np.max(err / bound):.3g}x the bound")
+
+
+def test_host_gemm_fragments_follow_the_ptx_isa():
+    """cuda_host_gemm multiplies by the same fragment coordinates the kernel loads with, so it cannot
+    see a wrong coordinate: here they are held to the PTX ISA's tables for mma.m16n8k16 with .f16 A
+    and B and .f32 C ("Matrix Fragments for mma.m16n8k16 with floating point type"), written out from
+    the ISA's element-wise formulas. A register holds elements 2r and 2r + 1 of a lane's fragment."""
+    f = _C.cuda_host_gemm_fragments()
+    lane = np.arange(32)[:, None]
+    group, tig = lane >> 2, lane % 4
+    a = np.arange(8)[None, 0::2]  # a_i, i = 2r: the first element of A register r
+    np.testing.assert_array_equal(f["a_row"], np.where((a < 2) | ((a >= 4) & (a < 6)), group, group + 8))
+    np.testing.assert_array_equal(f["a_k"], np.where(a < 4, tig * 2 + (a & 1), tig * 2 + (a & 1) + 8))
+    b = np.arange(4)[None, 0::2]  # b_i, i = 2r
+    np.testing.assert_array_equal(f["b_k"], np.where(b < 2, tig * 2 + (b & 1), tig * 2 + (b & 1) + 8))
+    np.testing.assert_array_equal(f["b_n"], np.broadcast_to(group, (32, 2)))
+    c = np.arange(4)[None, :]  # c_i, one float per register
+    np.testing.assert_array_equal(f["c_row"], np.where(c < 2, group, group + 8))
+    np.testing.assert_array_equal(f["c_col"], tig * 2 + (c & 1))
+
+
 def test_host_gemv_staging_rejects_bad_alignment():
     raw = np.zeros((1, 64), dtype=np.float32).view(np.uint8)
     with pytest.raises(ValueError):

@@ -24,22 +24,25 @@
 //     The first version (git history) had the same arithmetic but each lane read its chunk straight
 //     from global memory with 16-bit loads, lanes one chunk apart: a warp-wide load touched ~18
 //     sectors for 64 useful bytes (Q4_0), and few bytes were in flight per SM.
-//   * m > 8 (prefill): gemm_wmma_kernel. 64 x 64 output tiles, K steps of 64: the block converts an
-//     x tile to half and dequantises a W tile to half in shared memory, then four warps run
-//     m16n16k16 tensor-core MMAs with float accumulation. Edges are zero-padded. F32 weights take
-//     gemm_f32_kernel instead, which keeps fp32 throughout.
-// Left for later: int8 MMA for prefill, weight repacking at load time (a tensor-core-friendly
-// layout, no per-chunk scale decoding), mma.sync with ldmatrix and cp.async double buffering
-// (Marlin-style), split-K for small grids.
+//   * m > 8 (prefill): gemm_mma_kernel, on tensor cores (mma.sync.m16n8k16, f16 in, f32 sums;
+//     sm_80 and newer, older GPUs run the GEMV 8 rows at a time). 128 x 128 output tiles, K steps
+//     of 64, 8 warps of 64 x 32; x rounded to half once per call, then copied tile by tile with
+//     cp.async; each thread dequantises one W chunk per step into registers while the warps
+//     multiply the previous step's tiles, two shared-memory stages (cuda/gemm_tile.cuh, mirrored on
+//     the host by cuda_host_gemm). F32 weights take gemm_f32_kernel instead, which keeps fp32 throughout.
+// Weights are not repacked for the GEMM: they stay in the GGUF blocks that the GEMV streams at the
+// memory rate, so one copy in GPU memory serves both (a second, GEMM-shaped copy would double the
+// weights' footprint on the small GPUs this engine is for). Left for later: ldmatrix, int8 MMA.
 // Measured on an H200 (benchmarks/bench_gpu.py and profile_gpu_decode.py, 7B-shaped model, whole
 // on the GPU): the first GEMV (fp32 decoding, no staging) ran a 4096 x 4096 Q4_K matrix in 19 us
 // (ncu); staging took the 7B decode from 112 to 130 tok/s (Q4_K) and 154 to 156 (Q4_0), the GEMV
 // then at 17.7 us a call on average (~0.93 TB/s), bound by its int-to-float conversions. The
 // integer path: 10.0 us a call (~1.65 TB/s), 9.7 with 4 stages; decode 156 -> 227 tok/s (Q4_0),
-// 130 -> 198 (Q4_K), with 1.2 us per call of quantize_x_kernel. The WMMA GEMM at m = 512 runs at ~37 TFLOP/s (Q4_K).
-#include <mma.h>
-
+// 130 -> 198 (Q4_K), with 1.2 us per call of quantize_x_kernel. The first GEMM (WMMA m16n16k16,
+// 64 x 64 tiles, one stage, x converted to half by every block, git history) ran at ~37 TFLOP/s
+// (Q4_K, m = 512) and prefilled the 7B at 27 TFLOP/s; gemm_mma_kernel has not yet run on a GPU.
 #include "cuda/common.cuh"
+#include "cuda/gemm_tile.cuh"
 #include "cuda/gemv_span.cuh"
 #include "cuda/ops.h"
 #include "cuda/quant_blocks.cuh"
@@ -52,7 +55,7 @@ namespace {
 
 // ---- GEMV (m <= 8) ------------------------------------------------------------------------------------
 
-constexpr int kGemvMaxM = 8;
+constexpr int kGemvMaxM = kGemvMaxRows;
 // x slices in shared memory: chunk i of row r of the slice at xs[r * slice_stride + i * 36]. The 4
 // floats of padding per chunk put the float4 reads of the 8 lanes of a quarter-warp (lanes on
 // consecutive chunks) on distinct banks; 144-byte chunk strides keep them 16-byte aligned.
@@ -372,96 +375,146 @@ void launch_gemv(Executor& ex, const Tensor& w, const float* x, int64_t ldx, int
 // relative per product) and products are summed in float. Half overflows above 65504: weights never
 // get there, but an activation that large (rare outlier channels in some LLMs) would become inf.
 // A bf16 or tf32 variant would trade precision for range if that ever matters.
+//
+// The tiling, the fragment layout and every index are in cuda/gemm_tile.cuh, which the host mirror
+// (cuda_host_gemm) runs too. x is rounded to half once per matmul (x_to_half_kernel), not once per
+// block: blocks copy their x tiles with cp.async straight into shared memory. Weights stay in their
+// GGUF blocks (one copy serves this GEMM and the GEMV, which streams them at the memory rate): each
+// thread dequantises one 32-element chunk per K step, the next step's chunk while the warps run the
+// current step's MMAs, and stores it as half once they are done.
 
-constexpr int kTileM = 64;   // rows of x (and y) per block
-constexpr int kTileN = 64;   // rows of W (columns of y) per block
-constexpr int kTileK = 64;   // columns per K step: two chunks per W row
-constexpr int kGemmThreads = 128;  // four warps, a 2 x 2 grid of 32 x 32 warp tiles
-constexpr int kLdh = kTileK + 8;   // half tiles' row stride: a multiple of 8 halves, rows 16 bytes off-bank
-constexpr int kLdc = kTileN + 4;   // float output tile's row stride: a multiple of 4 floats
-static_assert(kTileN * (kTileK / kChunk) == kGemmThreads, "one W chunk per thread per K step");
+// The half pair (lo, hi) as one 32-bit word, lo in the low half (the order mma.sync reads).
+__device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
 
+// d += a b for one m16n8k16 tile (cuda/gemm_tile.cuh has the fragment layout).
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // launch_gemm sends older GPUs to the GEMV instead
+#endif
+}
+
+// out (gemm_x_rows(m) x gemm_x_cols(cols) halves, as pairs) = x rounded to half, zeros outside it.
+constexpr int kXHalfThreads = 256;
+__global__ void __launch_bounds__(kXHalfThreads)
+    x_to_half_kernel(const float* __restrict__ x, int64_t ldx, int64_t m, int64_t cols, uint32_t* __restrict__ out,
+                     int64_t n_pairs, int64_t pairs_per_row) {
+  const int64_t i = int64_t(blockIdx.x) * kXHalfThreads + threadIdx.x;
+  if (i >= n_pairs) return;
+  const int64_t r = i / pairs_per_row, c = i % pairs_per_row * 2;
+  const float lo = r < m && c < cols ? x[r * ldx + c] : 0.0f;
+  const float hi = r < m && c + 1 < cols ? x[r * ldx + c + 1] : 0.0f;
+  out[i] = half2_bits(lo, hi);
+}
+
+// y (m x w_rows) = x W^T. xh: x as half (x_to_half_kernel), gemm_x_cols(cols) halves a row, rows up
+// to the grid's last tile. One block per kGemmM x kGemmN tile of y; shared memory: two stages.
 template <GGMLType T>
-__global__ void __launch_bounds__(kGemmThreads) gemm_wmma_kernel(const uint8_t* __restrict__ w, int64_t w_rows,
-                                                                 int64_t cols, size_t w_stride,
-                                                                 const float* __restrict__ x, int64_t m, int64_t ldx,
-                                                                 float* __restrict__ y, int64_t ldy) {
-  using namespace nvcuda;
-  // WMMA pointers must be 32-byte aligned: tile rows are 16 apart (16 * kLdh * 2 and 16 * kLdc * 4
-  // bytes, multiples of 32) and fragment columns 16 halves / 16 floats apart.
-  __shared__ __align__(32) __half xs[kTileM * kLdh];
-  __shared__ __align__(32) __half ws[kTileN * kLdh];
-  __shared__ __align__(32) float cs[kTileM * kLdc];
+__global__ void __launch_bounds__(kGemmThreads, 1)
+    gemm_mma_kernel(const uint8_t* __restrict__ w, int64_t w_rows, int64_t cols, size_t w_stride,
+                    const uint16_t* __restrict__ xh, int64_t m, float* __restrict__ y, int64_t ldy) {
+  extern __shared__ __align__(16) uint16_t smem[];
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int64_t n0 = int64_t(blockIdx.x) * kGemmN, m0 = int64_t(blockIdx.y) * kGemmM;
+  const int64_t ldxh = gemm_x_cols(cols), steps = gemm_steps(cols);
+  int row_x, row_w;
+  gemm_warp_origin(tid / 32, row_x, row_w);
 
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int wm = warp / 2, wn = warp % 2;  // this warp's 32 x 32 part of the 64 x 64 tile
-  const int64_t n0 = int64_t(blockIdx.x) * kTileN;
-  const int64_t m0 = int64_t(blockIdx.y) * kTileM;
-
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  // This thread's W chunk of every step; rows past the matrix stay zero.
+  int w_row, w_half;
+  gemm_w_chunk(tid, w_row, w_half);
+  const uint8_t* w_ptr = n0 + w_row < w_rows ? w + (n0 + w_row) * w_stride : nullptr;
+  uint32_t wh[kChunk / 2];
+  auto dequant_w = [&](int64_t step) {
+    float v[kChunk];
+    if (w_ptr) {
+      dequantize_chunk<T>(w_ptr, cols, step * (kGemmK / kChunk) + w_half, v);  // zeros past the row's end
+    } else {
 #pragma unroll
-  for (int i = 0; i < 2; i++)
-#pragma unroll
-    for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
-
-  // This thread's W chunk in every K step: row w_tile_row of the tile, chunk wc of the step.
-  const int w_tile_row = tid / (kTileK / kChunk);
-  const int wc = tid % (kTileK / kChunk);
-  const int64_t w_row = n0 + w_tile_row;
-  const uint8_t* w_row_ptr = w_row < w_rows ? w + w_row * w_stride : nullptr;
-
-  for (int64_t k0 = 0; k0 < cols; k0 += kTileK) {
-    for (int i = tid; i < kTileM * kTileK; i += kGemmThreads) {
-      const int r = i / kTileK, k = i % kTileK;
-      const int64_t gr = m0 + r, gk = k0 + k;
-      const float v = gr < m && gk < cols ? x[gr * ldx + gk] : 0.0f;
-      xs[r * kLdh + k] = __float2half_rn(v);
+      for (int l = 0; l < kChunk; l++) v[l] = 0.0f;
     }
-    {
-      float v[kChunk];
-      if (w_row_ptr) {
-        dequantize_chunk<T>(w_row_ptr, cols, k0 / kChunk + wc, v);
-      } else {
 #pragma unroll
-        for (int l = 0; l < kChunk; l++) v[l] = 0.0f;
-      }
-      // Row offset w_tile_row * 144 bytes plus wc * 64 bytes: 4-byte aligned for the half2 stores.
-      __half2* dst = reinterpret_cast<__half2*>(ws + w_tile_row * kLdh + wc * kChunk);
+    for (int l = 0; l < kChunk / 2; l++) wh[l] = half2_bits(v[2 * l], v[2 * l + 1]);
+  };
+  auto store_w = [&](int stage) {  // 64 bytes at a 16-byte aligned offset (rows are 144 bytes)
+    uint4* dst = reinterpret_cast<uint4*>(smem + stage * kGemmStageHalves + (kGemmM + w_row) * kGemmLd +
+                                          w_half * kChunk);
 #pragma unroll
-      for (int l = 0; l < kChunk / 2; l++) dst[l] = __floats2half2_rn(v[2 * l], v[2 * l + 1]);
+    for (int q = 0; q < kChunk / 8; q++) dst[q] = make_uint4(wh[4 * q], wh[4 * q + 1], wh[4 * q + 2], wh[4 * q + 3]);
+  };
+  auto copy_x = [&](int64_t step, int stage) {
+#pragma unroll
+    for (int i = 0; i < kGemmXPieces; i++) {
+      int r, c;
+      gemm_x_piece(tid, i, r, c);
+      copy_async<16>(reinterpret_cast<uint8_t*>(smem + stage * kGemmStageHalves + r * kGemmLd + c),
+                     reinterpret_cast<const uint8_t*>(xh + (m0 + r) * ldxh + step * kGemmK + c));
+    }
+    copy_async_commit();
+  };
+
+  float acc[kGemmFragsM][kGemmFragsN][4];
+#pragma unroll
+  for (int i = 0; i < kGemmFragsM; i++)
+#pragma unroll
+    for (int j = 0; j < kGemmFragsN; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+  copy_x(0, 0);
+  dequant_w(0);
+  store_w(0);
+  copy_async_wait<0>();
+  __syncthreads();
+  for (int64_t s = 0; s < steps; s++) {
+    const int cur = int(s & 1);
+    const bool more = s + 1 < steps;
+    if (more) {  // the next step's tiles, into the other stage (its readers passed the last barrier)
+      copy_x(s + 1, cur ^ 1);
+      dequant_w(s + 1);
+    }
+    const uint16_t* st = smem + cur * kGemmStageHalves;
+#pragma unroll
+    for (int kk = 0; kk < kGemmK; kk += 16) {
+      uint32_t a[kGemmFragsM][4], b[kGemmFragsN][2];
+#pragma unroll
+      for (int i = 0; i < kGemmFragsM; i++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) a[i][r] = *reinterpret_cast<const uint32_t*>(st + gemm_a_offset(row_x, i, kk, lane, r));
+#pragma unroll
+      for (int j = 0; j < kGemmFragsN; j++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) b[j][r] = *reinterpret_cast<const uint32_t*>(st + gemm_b_offset(row_w, j, kk, lane, r));
+#pragma unroll
+      for (int i = 0; i < kGemmFragsM; i++)
+#pragma unroll
+        for (int j = 0; j < kGemmFragsN; j++) mma_16816(acc[i][j], a[i], b[j]);
+    }
+    if (more) {
+      store_w(cur ^ 1);
+      copy_async_wait<0>();
     }
     __syncthreads();
-
-#pragma unroll
-    for (int kk = 0; kk < kTileK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
-#pragma unroll
-      for (int i = 0; i < 2; i++) wmma::load_matrix_sync(a[i], xs + (wm * 32 + i * 16) * kLdh + kk, kLdh);
-      // B = W^T (K x N): column n of B is row n of W, stored as ws[n][k], i.e. column-major.
-#pragma unroll
-      for (int j = 0; j < 2; j++) wmma::load_matrix_sync(b[j], ws + (wn * 32 + j * 16) * kLdh + kk, kLdh);
-#pragma unroll
-      for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();  // the tiles are overwritten by the next step
   }
 
 #pragma unroll
-  for (int i = 0; i < 2; i++)
+  for (int i = 0; i < kGemmFragsM; i++)
 #pragma unroll
-    for (int j = 0; j < 2; j++)
-      wmma::store_matrix_sync(cs + (wm * 32 + i * 16) * kLdc + wn * 32 + j * 16, acc[i][j], kLdc,
-                              wmma::mem_row_major);
-  __syncthreads();
-  for (int i = tid; i < kTileM * kTileN; i += kGemmThreads) {
-    const int r = i / kTileN, n = i % kTileN;
-    const int64_t gr = m0 + r, gn = n0 + n;
-    if (gr < m && gn < w_rows) y[gr * ldy + gn] = cs[r * kLdc + n];
-  }
+    for (int j = 0; j < kGemmFragsN; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int64_t r = m0 + row_x + 16 * i + frag_c_row(lane, e);
+        const int64_t n = n0 + row_w + 8 * j + frag_c_col(lane, e);
+        if (r < m && n < w_rows) y[r * ldy + n] = acc[i][j][e];
+      }
 }
 
 // ---- fp32 GEMM for F32 weights (m > 8) -----------------------------------------------------------------
@@ -523,25 +576,66 @@ __global__ void __launch_bounds__(kF32Threads) gemm_f32_kernel(const uint8_t* __
   }
 }
 
+// Workspace slot of x's half copy for the tensor-core GEMM.
+constexpr int kXHalfSlot = 3;
+
+// Whether the current device runs the tensor-core GEMM: mma.sync.m16n8k16 and the 72 KiB of shared
+// memory a block takes need sm_80. Asked once: the engine uses one device.
+bool device_runs_gemm() {
+  static const bool runs = [] {
+    int dev = 0, major = 0;
+    PE_CUDA_CHECK(cudaGetDevice(&dev));
+    PE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return major >= 8;
+  }();
+  return runs;
+}
+
 template <GGMLType T>
-void launch_gemm(cudaStream_t stream, const Tensor& w, const float* x, int64_t ldx, int64_t m, float* y,
-                 int64_t ldy) {
-  static_assert(kTileM == kF32Tile && kTileN == kF32Tile, "one grid shape for both GEMMs");
-  const int64_t n_tiles = ceil_div(w.rows, kTileN);
-  PE_CHECK(n_tiles <= 0x7fffffff, Error, "matmul: too many weight rows for one grid (", w.rows, ")");
+void launch_gemm(Executor& ex, const Tensor& w, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy) {
+  const cudaStream_t stream = stream_of(ex);
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data);
   // gridDim.y is at most 65535: rows of x beyond that many tiles go in further launches.
-  constexpr int64_t kMaxRowsPerLaunch = int64_t(65535) * kTileM;
-  for (int64_t r0 = 0; r0 < m; r0 += kMaxRowsPerLaunch) {
-    const int64_t mr = m - r0 < kMaxRowsPerLaunch ? m - r0 : kMaxRowsPerLaunch;
-    const dim3 grid(unsigned(n_tiles), unsigned(ceil_div(mr, kTileM)));
-    const uint8_t* wp = static_cast<const uint8_t*>(w.data);
-    if constexpr (T == GGMLType::F32)
+  if constexpr (T == GGMLType::F32) {
+    constexpr int64_t kMaxRows = int64_t(65535) * kF32Tile;
+    const int64_t n_tiles = ceil_div(w.rows, kF32Tile);
+    PE_CHECK(n_tiles <= 0x7fffffff, Error, "matmul: too many weight rows for one grid (", w.rows, ")");
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+      const int64_t mr = m - r0 < kMaxRows ? m - r0 : kMaxRows;
+      const dim3 grid(unsigned(n_tiles), unsigned(ceil_div(mr, kF32Tile)));
       gemm_f32_kernel<<<grid, kF32Threads, 0, stream>>>(wp, w.rows, w.cols, w.row_stride, x + r0 * ldx, mr, ldx,
                                                         y + r0 * ldy, ldy);
-    else
-      gemm_wmma_kernel<T><<<grid, kGemmThreads, 0, stream>>>(wp, w.rows, w.cols, w.row_stride, x + r0 * ldx, mr,
-                                                             ldx, y + r0 * ldy, ldy);
-    PE_CUDA_LAUNCHED();
+      PE_CUDA_LAUNCHED();
+    }
+  } else {
+    if (!device_runs_gemm()) {  // older GPUs: the GEMV, kGemvMaxM rows at a time (weights read m / 8 times)
+      for (int64_t r0 = 0; r0 < m; r0 += kGemvMaxM)
+        launch_gemv<T>(ex, w, x + r0 * ldx, ldx, m - r0 < kGemvMaxM ? m - r0 : kGemvMaxM, y + r0 * ldy, ldy);
+      return;
+    }
+    static const bool opted_in = [] {  // above 48 KiB a kernel must opt in (once: one device)
+      PE_CUDA_CHECK(cudaFuncSetAttribute(gemm_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kGemmSmemBytes));
+      return true;
+    }();
+    (void)opted_in;
+    const int64_t n_tiles = ceil_div(w.rows, kGemmN);
+    PE_CHECK(n_tiles <= 0x7fffffff, Error, "matmul: too many weight rows for one grid (", w.rows, ")");
+    constexpr int64_t kMaxRows = int64_t(65535) * kGemmM;
+    const int64_t ldxh = gemm_x_cols(w.cols);
+    const int64_t rows_h = gemm_x_rows(m < kMaxRows ? m : kMaxRows);
+    auto* xh = static_cast<uint16_t*>(ex.workspace(kXHalfSlot, size_t(rows_h * ldxh) * sizeof(uint16_t)));
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+      const int64_t mr = m - r0 < kMaxRows ? m - r0 : kMaxRows;
+      const int64_t n_pairs = gemm_x_rows(mr) * ldxh / 2;
+      x_to_half_kernel<<<unsigned(ceil_div(n_pairs, kXHalfThreads)), kXHalfThreads, 0, stream>>>(
+          x + r0 * ldx, ldx, mr, w.cols, reinterpret_cast<uint32_t*>(xh), n_pairs, ldxh / 2);
+      PE_CUDA_LAUNCHED();
+      const dim3 grid(unsigned(n_tiles), unsigned(ceil_div(mr, kGemmM)));
+      gemm_mma_kernel<T><<<grid, kGemmThreads, kGemmSmemBytes, stream>>>(wp, w.rows, w.cols, w.row_stride, xh, mr,
+                                                                         y + r0 * ldy, ldy);
+      PE_CUDA_LAUNCHED();
+    }
   }
 }
 
@@ -561,14 +655,13 @@ void matmul(Executor& ex, const Tensor& w, const Tensor& x, const Tensor& y, Mat
            " weight rows must be ", wa, "-byte aligned on the GPU");
   PE_CHECK(aligned(x.data, 4) && x.row_stride % 4 == 0 && aligned(y.data, 4) && y.row_stride % 4 == 0, Error,
            "matmul: x and y rows must be 4-byte aligned");
-  const cudaStream_t stream = stream_of(ex);
   const float* xp = static_cast<const float*>(x.data);
   float* yp = static_cast<float*>(y.data);
   const int64_t ldx = x.ld(), ldy = y.ld();
   visit_chunk_type(w.type, [&](auto type) {
     constexpr GGMLType T = decltype(type)::value;
     if (m <= kGemvMaxM) launch_gemv<T>(ex, w, xp, ldx, m, yp, ldy);
-    else launch_gemm<T>(stream, w, xp, ldx, m, yp, ldy);
+    else launch_gemm<T>(ex, w, xp, ldx, m, yp, ldy);
   });
 }
 

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <string>
 
+#include "cuda/gemm_tile.cuh"
 #include "kv_cache.h"
 
 namespace pe {
@@ -40,8 +41,11 @@ OffloadPlan offload_cost(const Model& model, const OffloadRequest& req, int n) {
   if (c.n_expert > 0) act += c.n_expert + 2 * c.n_embd + 2 * c.n_ff_exp + c.n_expert_used * (c.n_embd + 3);
   const int64_t out = p.head ? std::max(c.n_vocab, c.n_embd) : 0;
   const int64_t partials = std::min<int64_t>(rows, 64) * c.n_head * 64 * (c.head_dim + 2);
+  // The tensor-core GEMM's half copy of x (cuda/matmul.cu), as wide as the widest matmul input.
+  const int64_t widest = std::max({c.n_embd, c.n_head * c.head_dim, c.n_ff, c.n_ff_exp});
+  const int64_t x_half = rows > cuda::kGemvMaxRows ? cuda::gemm_x_rows(rows) * cuda::gemm_x_cols(widest) : 0;
   p.scratch = size_t(rows * (act + out) + partials) * sizeof(float) + size_t(rows) * 8 * sizeof(int32_t) +
-              (size_t(16) << 20);
+              size_t(x_half) * 2 + (size_t(16) << 20);
   return p;
 }
 

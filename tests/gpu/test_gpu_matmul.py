@@ -27,14 +27,15 @@ ALL_TYPES = FLOAT_TYPES + LEGACY_TYPES + K_TYPES
 # Byte offsets of the fp16 super-block scales in each K-quant block (ggml's block_qN_K).
 K_SCALE_OFFSETS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
 
-M_LIST = [1, 2, 3, 5, 8, 9, 16, 33, 100]  # <= 8: the GEMV kernel; > 8: the tensor-core GEMM
+M_LIST = [1, 2, 3, 5, 8, 9, 16, 33, 100, 129, 260]  # <= 8: the GEMV kernel; > 8: the tensor-core GEMM (128-row tiles)
 ROWS = [1, 7, 67, 300]
 GEMV_MAX_M = 8
 
 
 def cols_for(qtype: QT) -> list[int]:
     # Chunks of 32 elements; the GEMV stages x in slices of 1024 columns at m = 8 (so 2080 is three
-    # slices, the last partial), the GEMM takes K steps of 64 (so 32, 96 and 544 end mid-step).
+    # slices, the last partial), the GEMM takes K steps of 64 (so 32, 96 and 544 end mid-step) and
+    # tiles of 128 x 128 (300 rows of W and 129 or 260 of x end mid-tile).
     if qtype in FLOAT_TYPES:
         return [64, 200, 577, 2080]  # 200 and 577 end in a partial chunk
     if qtype in K_TYPES:
