@@ -32,7 +32,9 @@
 //     the host by cuda_host_gemm). F32 weights take gemm_f32_kernel instead, which keeps fp32 throughout.
 // Weights are not repacked for the GEMM: they stay in the GGUF blocks that the GEMV streams at the
 // memory rate, so one copy in GPU memory serves both (a second, GEMM-shaped copy would double the
-// weights' footprint on the small GPUs this engine is for). Left for later: ldmatrix, int8 MMA.
+// weights' footprint on the small GPUs this engine is for). Left for later: ldmatrix, int8 MMA, and
+// split-K or smaller tiles for m <= 128, where a 4096-row matrix is only 32 blocks (one per SM, with
+// 160 registers a thread).
 // Measured on an H200 (benchmarks/bench_gpu.py and profile_gpu_decode.py, 7B-shaped model, whole
 // on the GPU): the first GEMV (fp32 decoding, no staging) ran a 4096 x 4096 Q4_K matrix in 19 us
 // (ncu); staging took the 7B decode from 112 to 130 tok/s (Q4_K) and 154 to 156 (Q4_0), the GEMV
@@ -469,10 +471,12 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
 
-  copy_x(0, 0);
-  dequant_w(0);
-  store_w(0);
-  copy_async_wait<0>();
+  if (steps > 0) {  // (a matrix without columns: y = 0)
+    copy_x(0, 0);
+    dequant_w(0);
+    store_w(0);
+    copy_async_wait<0>();
+  }
   __syncthreads();
   for (int64_t s = 0; s < steps; s++) {
     const int cur = int(s & 1);
@@ -579,14 +583,19 @@ __global__ void __launch_bounds__(kF32Threads) gemm_f32_kernel(const uint8_t* __
 // Workspace slot of x's half copy for the tensor-core GEMM.
 constexpr int kXHalfSlot = 3;
 
-// Whether the current device runs the tensor-core GEMM: mma.sync.m16n8k16 and the 72 KiB of shared
-// memory a block takes need sm_80. Asked once: the engine uses one device.
+// Whether the device runs gemm_mma_kernel<T>: mma.sync.m16n8k16 and the 72 KiB of shared memory a
+// block takes need sm_80, and it is the image loaded for this device that must have them (a build
+// for older architectures only, JIT-compiled for a newer GPU, has the __trap() branch). Asked once
+// per type: the engine uses one device.
+template <GGMLType T>
 bool device_runs_gemm() {
   static const bool runs = [] {
-    int dev = 0, major = 0;
-    PE_CUDA_CHECK(cudaGetDevice(&dev));
-    PE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    return major >= 8;
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, gemm_mma_kernel<T>) != cudaSuccess) {
+      (void)cudaGetLastError();  // no image for this device: leave no error behind for the next check
+      return false;
+    }
+    return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
   }();
   return runs;
 }
@@ -608,7 +617,7 @@ void launch_gemm(Executor& ex, const Tensor& w, const float* x, int64_t ldx, int
       PE_CUDA_LAUNCHED();
     }
   } else {
-    if (!device_runs_gemm()) {  // older GPUs: the GEMV, kGemvMaxM rows at a time (weights read m / 8 times)
+    if (!device_runs_gemm<T>()) {  // older GPUs: the GEMV, kGemvMaxM rows at a time (weights read m / 8 times)
       for (int64_t r0 = 0; r0 < m; r0 += kGemvMaxM)
         launch_gemv<T>(ex, w, x + r0 * ldx, ldx, m - r0 < kGemvMaxM ? m - r0 : kGemvMaxM, y + r0 * ldy, ldy);
       return;
