@@ -239,10 +239,13 @@ void mma_16816_host(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], floa
 // (W dequantised by the kernel's decoder and rounded to half), the rest of the stage left as NaN so
 // that a fragment reading an unstaged element poisons y; each warp's A and B registers read at the
 // kernel's offsets and multiplied by mma.sync's definition (mma_16816_host); each lane's
-// accumulators stored where the kernel's epilogue stores them. Throws if an element of y is written
-// other than once. Any m (the kernel runs for m > 8).
+// accumulators stored where the kernel's epilogue stores them. With `sms` multiprocessors the grid is
+// split along K as launch_gemm splits it (gemm_splits; 0: never), each split's partials stored apart
+// and added in split order as split_k_sum_kernel adds them. Throws if an element of y (or of a
+// split's partials) is written other than once. Any m (the kernel runs for m > 8).
 py::array_t<float> cuda_host_gemm(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
-                                  const py::array_t<float, py::array::c_style | py::array::forcecast>& x) {
+                                  const py::array_t<float, py::array::c_style | py::array::forcecast>& x,
+                                  int sms) {
   const py::buffer_info info = w.request();
   size_t rb;
   const GGMLType t = check_weights(info, type_id, rows, cols, &rb);
@@ -254,11 +257,15 @@ py::array_t<float> cuda_host_gemm(const py::buffer& w, uint32_t type_id, int64_t
   float* yd = y.mutable_data();
   {
     py::gil_scoped_release release;
-    const int64_t ldxh = cuda::gemm_x_cols(cols), steps = cuda::gemm_steps(cols);
+    const int64_t ldxh = cuda::gemm_x_cols(cols), all_steps = cuda::gemm_steps(cols);
+    const int64_t tiles = (rows + cuda::kGemmN - 1) / cuda::kGemmN * ((m + cuda::kGemmM - 1) / cuda::kGemmM);
+    const int splits = sms > 0 ? cuda::gemm_splits(tiles, all_steps, sms) : 1;
+    const int64_t split_steps = cuda::gemm_split_steps(all_steps, splits);
+    std::vector<float> part(size_t(splits * m * rows), 0.0f);
     std::vector<fp16_t> xh(size_t(cuda::gemm_x_rows(m) * ldxh), 0);
     for (int64_t r = 0; r < m; r++)
       for (int64_t c = 0; c < cols; c++) xh[size_t(r * ldxh + c)] = fp32_to_fp16(xd[r * cols + c]);
-    std::vector<int> writes(size_t(m * rows), 0);
+    std::vector<int> writes(size_t(splits * m * rows), 0);
     std::vector<fp16_t> stage(size_t(cuda::kGemmStageHalves));
     constexpr int kWarps = cuda::kGemmThreads / 32;
     static_assert(cuda::kGemmFragsM == 4 && cuda::kGemmFragsN == 4, "the accumulator array below");
@@ -267,60 +274,69 @@ py::array_t<float> cuda_host_gemm(const py::buffer& w, uint32_t type_id, int64_t
       return reinterpret_cast<float(*)[4]>(&acc_store[size_t(((warp * 4 + i) * 4 + j) * 32 * 4)]);
     };
     for (int64_t n0 = 0; n0 < rows; n0 += cuda::kGemmN)
-      for (int64_t m0 = 0; m0 < m; m0 += cuda::kGemmM) {
-        std::fill(acc_store.begin(), acc_store.end(), 0.0f);
-        for (int64_t s = 0; s < steps; s++) {
-          std::fill(stage.begin(), stage.end(), fp16_t(0x7e00));  // NaN
-          for (int tid = 0; tid < cuda::kGemmThreads; tid++) {
-            for (int i = 0; i < cuda::kGemmXPieces; i++) {
-              int r, c;
-              cuda::gemm_x_piece(tid, i, r, c);
-              for (int h = 0; h < 8; h++)
-                stage[size_t(r * cuda::kGemmLd + c + h)] = xh[size_t((m0 + r) * ldxh + s * cuda::kGemmK + c + h)];
+      for (int64_t m0 = 0; m0 < m; m0 += cuda::kGemmM)
+        for (int z = 0; z < splits; z++) {
+          const int64_t first = z * split_steps;
+          const int64_t steps = std::max<int64_t>(0, std::min(split_steps, all_steps - first));
+          std::fill(acc_store.begin(), acc_store.end(), 0.0f);
+          for (int64_t s = first; s < first + steps; s++) {
+            std::fill(stage.begin(), stage.end(), fp16_t(0x7e00));  // NaN
+            for (int tid = 0; tid < cuda::kGemmThreads; tid++) {
+              for (int i = 0; i < cuda::kGemmXPieces; i++) {
+                int r, c;
+                cuda::gemm_x_piece(tid, i, r, c);
+                for (int h = 0; h < 8; h++)
+                  stage[size_t(r * cuda::kGemmLd + c + h)] = xh[size_t((m0 + r) * ldxh + s * cuda::kGemmK + c + h)];
+              }
+              int w_row, w_half;
+              cuda::gemm_w_chunk(tid, w_row, w_half);
+              float v[cuda::kChunk] = {};
+              if (n0 + w_row < rows)
+                cuda::dequantize_chunk(t, src + size_t(n0 + w_row) * rb, cols,
+                                       s * (cuda::kGemmK / cuda::kChunk) + w_half, v);
+              for (int l = 0; l < cuda::kChunk; l++)
+                stage[size_t((cuda::kGemmM + w_row) * cuda::kGemmLd + w_half * cuda::kChunk + l)] = fp32_to_fp16(v[l]);
             }
-            int w_row, w_half;
-            cuda::gemm_w_chunk(tid, w_row, w_half);
-            float v[cuda::kChunk] = {};
-            if (n0 + w_row < rows)
-              cuda::dequantize_chunk(t, src + size_t(n0 + w_row) * rb, cols, s * (cuda::kGemmK / cuda::kChunk) + w_half,
-                                     v);
-            for (int l = 0; l < cuda::kChunk; l++)
-              stage[size_t((cuda::kGemmM + w_row) * cuda::kGemmLd + w_half * cuda::kChunk + l)] = fp32_to_fp16(v[l]);
+            auto word = [&](int off) { return uint32_t(stage[size_t(off)]) | uint32_t(stage[size_t(off + 1)]) << 16; };
+            for (int warp = 0; warp < kWarps; warp++) {
+              int row_x, row_w;
+              cuda::gemm_warp_origin(warp, row_x, row_w);
+              for (int kk = 0; kk < cuda::kGemmK; kk += 16)
+                for (int i = 0; i < cuda::kGemmFragsM; i++)
+                  for (int j = 0; j < cuda::kGemmFragsN; j++) {
+                    uint32_t a[32][4], b[32][2];
+                    for (int lane = 0; lane < 32; lane++) {
+                      for (int r = 0; r < 4; r++) a[lane][r] = word(cuda::gemm_a_offset(row_x, i, kk, lane, r));
+                      for (int r = 0; r < 2; r++) b[lane][r] = word(cuda::gemm_b_offset(row_w, j, kk, lane, r));
+                    }
+                    mma_16816_host(a, b, *reinterpret_cast<float(*)[32][4]>(acc(warp, i, j)));
+                  }
+            }
           }
-          auto word = [&](int off) { return uint32_t(stage[size_t(off)]) | uint32_t(stage[size_t(off + 1)]) << 16; };
           for (int warp = 0; warp < kWarps; warp++) {
             int row_x, row_w;
             cuda::gemm_warp_origin(warp, row_x, row_w);
-            for (int kk = 0; kk < cuda::kGemmK; kk += 16)
-              for (int i = 0; i < cuda::kGemmFragsM; i++)
-                for (int j = 0; j < cuda::kGemmFragsN; j++) {
-                  uint32_t a[32][4], b[32][2];
-                  for (int lane = 0; lane < 32; lane++) {
-                    for (int r = 0; r < 4; r++) a[lane][r] = word(cuda::gemm_a_offset(row_x, i, kk, lane, r));
-                    for (int r = 0; r < 2; r++) b[lane][r] = word(cuda::gemm_b_offset(row_w, j, kk, lane, r));
+            for (int i = 0; i < cuda::kGemmFragsM; i++)
+              for (int j = 0; j < cuda::kGemmFragsN; j++)
+                for (int lane = 0; lane < 32; lane++)
+                  for (int e = 0; e < 4; e++) {
+                    const int64_t r = m0 + row_x + 16 * i + cuda::frag_c_row(lane, e);
+                    const int64_t n = n0 + row_w + 8 * j + cuda::frag_c_col(lane, e);
+                    if (r < m && n < rows) {
+                      part[size_t((z * m + r) * rows + n)] = acc(warp, i, j)[lane][e];
+                      writes[size_t((z * m + r) * rows + n)]++;
+                    }
                   }
-                  mma_16816_host(a, b, *reinterpret_cast<float(*)[32][4]>(acc(warp, i, j)));
-                }
           }
         }
-        for (int warp = 0; warp < kWarps; warp++) {
-          int row_x, row_w;
-          cuda::gemm_warp_origin(warp, row_x, row_w);
-          for (int i = 0; i < cuda::kGemmFragsM; i++)
-            for (int j = 0; j < cuda::kGemmFragsN; j++)
-              for (int lane = 0; lane < 32; lane++)
-                for (int e = 0; e < 4; e++) {
-                  const int64_t r = m0 + row_x + 16 * i + cuda::frag_c_row(lane, e);
-                  const int64_t n = n0 + row_w + 8 * j + cuda::frag_c_col(lane, e);
-                  if (r < m && n < rows) {
-                    yd[r * rows + n] = acc(warp, i, j)[lane][e];
-                    writes[size_t(r * rows + n)]++;
-                  }
-                }
-        }
-      }
-    for (int64_t i = 0; i < m * rows; i++)
-      PE_CHECK(writes[size_t(i)] == 1, Error, "y[", i / rows, "][", i % rows, "] written ", writes[size_t(i)], " times");
+    for (int64_t i = 0; i < splits * m * rows; i++)
+      PE_CHECK(writes[size_t(i)] == 1, Error, "split ", i / (m * rows), "'s y[", i % (m * rows) / rows, "][", i % rows,
+               "] written ", writes[size_t(i)], " times");
+    for (int64_t i = 0; i < m * rows; i++) {
+      float sum = part[size_t(i)];
+      for (int z = 1; z < splits; z++) sum += part[size_t(z * m * rows + i)];
+      yd[i] = sum;
+    }
   }
   return y;
 }
@@ -368,9 +384,10 @@ void bind_cuda_quant(py::module_& m) {
       "The (lane, register) -> element coordinates the tensor-core GEMM assumes for mma.sync.m16n8k16 "
       "(cuda/gemm_tile.cuh): A's row and first k, B's n and first k, C's row and column. For tests.");
   m.def("cuda_host_gemm", &cuda_host_gemm, py::arg("w"), py::arg("type_id"), py::arg("rows"), py::arg("cols"),
-        py::arg("x"),
+        py::arg("x"), py::arg("sms") = 0,
         "x W^T (x float32 (m, cols)) as the CUDA tensor-core GEMM (m > 8) computes it, its blocks, threads, "
-        "warps and lanes run on the host with mma.sync by its PTX definition (cuda/gemm_tile.cuh). For tests.");
+        "warps and lanes run on the host with mma.sync by its PTX definition (cuda/gemm_tile.cuh); split along K "
+        "as on a GPU of `sms` multiprocessors (0: not split). For tests.");
 }
 
 }  // namespace pe

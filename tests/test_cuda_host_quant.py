@@ -229,23 +229,26 @@ def test_host_gemm_matches_numpy(qtype):
     PTX definition) against numpy on the same half-rounded inputs: a wrong offset, lane, stage or tile
     edge is off by far more than float accumulation (and an unstaged element reads as NaN). Shapes
     cross tile edges in every direction: rows and m below, at and past one 128-row tile, K steps of 64
-    ending mid-step or mid-chunk."""
+    ending mid-step or mid-chunk; unsplit and split along K as on a GPU with more SMs than tiles."""
     rng = np.random.default_rng(5000 + int(qtype))
     shapes = [(7, 9), (130, 129), (300, 40)]  # (rows of W, rows of x)
     for k, (rows, m) in enumerate(shapes):
         cols = cols_for(qtype)[(k + 1) % len(cols_for(qtype))]
         raw = gemm_weights(qtype, rows, cols, rng)
         x = rng.standard_normal((m, cols)).astype(np.float32) * rng.uniform(0.1, 10, (m, 1)).astype(np.float32)
-        got = _C.cuda_host_gemm(raw, int(qtype), rows, cols, x)
-        assert got.shape == (m, rows) and got.dtype == np.float32
         wh = gguf_dequant(qtype, raw, cols).astype(np.float16).astype(np.float64)
         xh = x.astype(np.float16).astype(np.float64)
         want = xh @ wh.T
-        # Each mma adds 16 exact products to a float accumulator: one rounding per 16 columns.
-        bound = (cols / 16 + 2) * 2.0**-24 * (np.abs(xh) @ np.abs(wh).T) + 1e-30
-        err = np.abs(got - want)
-        assert np.isfinite(got).all() and (err <= bound).all(), (
-            f"{qtype.name} rows={rows} m={m} cols={cols}: worst {np.max(err / bound):.3g}x the bound")
+        # Each mma adds 16 exact products to a float accumulator: one rounding per 16 columns (and
+        # split-K's sum of at most 8 partials a few more).
+        bound = (cols / 16 + 10) * 2.0**-24 * (np.abs(xh) @ np.abs(wh).T) + 1e-30
+        # sms=132 (an H100's count) splits the small grids here along K (2 to 5 splits for most shapes).
+        for sms in (0, 132):
+            got = _C.cuda_host_gemm(raw, int(qtype), rows, cols, x, sms=sms)
+            assert got.shape == (m, rows) and got.dtype == np.float32
+            err = np.abs(got - want)
+            assert np.isfinite(got).all() and (err <= bound).all(), (
+                f"{qtype.name} rows={rows} m={m} cols={cols} sms={sms}: worst {np.max(err / bound):.3g}x the bound")
 
 
 def test_host_gemm_fragments_follow_the_ptx_isa():

@@ -54,6 +54,21 @@ PE_HD int64_t gemm_x_rows(int64_t m) { return (m + kGemmM - 1) / kGemmM * kGemmM
 PE_HD int64_t gemm_x_cols(int64_t cols) { return (cols + kGemmK - 1) / kGemmK * kGemmK; }
 PE_HD int64_t gemm_steps(int64_t cols) { return gemm_x_cols(cols) / kGemmK; }
 
+// Split-K: a grid of fewer tiles than the GPU has SMs (short prompts: up to 128 rows of x, a 4096-row
+// W is 32 tiles) cuts each tile's K steps into `splits` consecutive ranges, one block each, whose
+// partial sums a second kernel adds in split order (the same bits every run). At least 4 steps a
+// split, at most 8 splits, and at most kGemmMaxSplitTiles tiles' partials (16 MiB of floats).
+constexpr int kGemmMaxSplitTiles = 256;
+PE_HD int gemm_splits(int64_t tiles, int64_t steps, int sms) {
+  if (tiles >= sms) return 1;
+  int64_t s = (sms + tiles - 1) / tiles;
+  if (s > 8) s = 8;
+  if (s > steps / 4) s = steps / 4;
+  if (s * tiles > kGemmMaxSplitTiles) s = kGemmMaxSplitTiles / tiles;
+  return s < 1 ? 1 : int(s);
+}
+PE_HD int64_t gemm_split_steps(int64_t steps, int splits) { return (steps + splits - 1) / splits; }
+
 // Piece i (< kGemmXPieces) of thread tid's share of a step's x tile: row and first column in the tile.
 PE_HD void gemm_x_piece(int tid, int i, int& row, int& col) {
   const int p = tid + i * kGemmThreads;  // consecutive threads, consecutive 16 bytes: coalesced

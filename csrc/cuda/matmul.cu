@@ -418,15 +418,21 @@ __global__ void __launch_bounds__(kXHalfThreads)
 }
 
 // y (m x w_rows) = x W^T. xh: x as half (x_to_half_kernel), gemm_x_cols(cols) halves a row, rows up
-// to the grid's last tile. One block per kGemmM x kGemmN tile of y; shared memory: two stages.
+// to the grid's last tile. One block per kGemmM x kGemmN tile of y and split of its K steps
+// (blockIdx.z: steps [z split_steps, (z + 1) split_steps)); shared memory: two stages. With one split
+// the block writes y; with several, split z writes its partial sums to part + z m w_rows (rows of
+// w_rows floats) for split_k_sum_kernel.
 template <GGMLType T>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     gemm_mma_kernel(const uint8_t* __restrict__ w, int64_t w_rows, int64_t cols, size_t w_stride,
-                    const uint16_t* __restrict__ xh, int64_t m, float* __restrict__ y, int64_t ldy) {
+                    const uint16_t* __restrict__ xh, int64_t m, int64_t split_steps, float* __restrict__ y,
+                    int64_t ldy, float* __restrict__ part) {
   extern __shared__ __align__(16) uint16_t smem[];
   const int tid = threadIdx.x, lane = tid % 32;
   const int64_t n0 = int64_t(blockIdx.x) * kGemmN, m0 = int64_t(blockIdx.y) * kGemmM;
-  const int64_t ldxh = gemm_x_cols(cols), steps = gemm_steps(cols);
+  const int64_t ldxh = gemm_x_cols(cols), all_steps = gemm_steps(cols);
+  const int64_t first = int64_t(blockIdx.z) * split_steps;
+  const int64_t steps = first < all_steps ? (all_steps - first < split_steps ? all_steps - first : split_steps) : 0;
   int row_x, row_w;
   gemm_warp_origin(tid / 32, row_x, row_w);
 
@@ -435,10 +441,10 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   gemm_w_chunk(tid, w_row, w_half);
   const uint8_t* w_ptr = n0 + w_row < w_rows ? w + (n0 + w_row) * w_stride : nullptr;
   uint32_t wh[kChunk / 2];
-  auto dequant_w = [&](int64_t step) {
+  auto dequant_w = [&](int64_t step) {  // step: of this split's
     float v[kChunk];
     if (w_ptr) {
-      dequantize_chunk<T>(w_ptr, cols, step * (kGemmK / kChunk) + w_half, v);  // zeros past the row's end
+      dequantize_chunk<T>(w_ptr, cols, (first + step) * (kGemmK / kChunk) + w_half, v);  // zeros past the row's end
     } else {
 #pragma unroll
       for (int l = 0; l < kChunk; l++) v[l] = 0.0f;
@@ -458,7 +464,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       int r, c;
       gemm_x_piece(tid, i, r, c);
       copy_async<16>(reinterpret_cast<uint8_t*>(smem + stage * kGemmStageHalves + r * kGemmLd + c),
-                     reinterpret_cast<const uint8_t*>(xh + (m0 + r) * ldxh + step * kGemmK + c));
+                     reinterpret_cast<const uint8_t*>(xh + (m0 + r) * ldxh + (first + step) * kGemmK + c));
     }
     copy_async_commit();
   };
@@ -492,11 +498,13 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
 #pragma unroll
       for (int i = 0; i < kGemmFragsM; i++)
 #pragma unroll
-        for (int r = 0; r < 4; r++) a[i][r] = *reinterpret_cast<const uint32_t*>(st + gemm_a_offset(row_x, i, kk, lane, r));
+        for (int r = 0; r < 4; r++)
+          a[i][r] = *reinterpret_cast<const uint32_t*>(st + gemm_a_offset(row_x, i, kk, lane, r));
 #pragma unroll
       for (int j = 0; j < kGemmFragsN; j++)
 #pragma unroll
-        for (int r = 0; r < 2; r++) b[j][r] = *reinterpret_cast<const uint32_t*>(st + gemm_b_offset(row_w, j, kk, lane, r));
+        for (int r = 0; r < 2; r++)
+          b[j][r] = *reinterpret_cast<const uint32_t*>(st + gemm_b_offset(row_w, j, kk, lane, r));
 #pragma unroll
       for (int i = 0; i < kGemmFragsM; i++)
 #pragma unroll
@@ -517,8 +525,22 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       for (int e = 0; e < 4; e++) {
         const int64_t r = m0 + row_x + 16 * i + frag_c_row(lane, e);
         const int64_t n = n0 + row_w + 8 * j + frag_c_col(lane, e);
-        if (r < m && n < w_rows) y[r * ldy + n] = acc[i][j][e];
+        if (r < m && n < w_rows) {
+          if (part) part[(int64_t(blockIdx.z) * m + r) * w_rows + n] = acc[i][j][e];
+          else y[r * ldy + n] = acc[i][j][e];
+        }
       }
+}
+
+// y[r][n] = the sum over the splits of their partial sums, in split order.
+__global__ void __launch_bounds__(kXHalfThreads)
+    split_k_sum_kernel(const float* __restrict__ part, int splits, int64_t m, int64_t w_rows, float* __restrict__ y,
+                       int64_t ldy) {
+  const int64_t i = int64_t(blockIdx.x) * kXHalfThreads + threadIdx.x;
+  if (i >= m * w_rows) return;
+  float sum = part[i];
+  for (int z = 1; z < splits; z++) sum += part[z * m * w_rows + i];
+  y[i / w_rows * ldy + i % w_rows] = sum;
 }
 
 // ---- fp32 GEMM for F32 weights (m > 8) -----------------------------------------------------------------
@@ -580,8 +602,20 @@ __global__ void __launch_bounds__(kF32Threads) gemm_f32_kernel(const uint8_t* __
   }
 }
 
-// Workspace slot of x's half copy for the tensor-core GEMM.
+// Workspace slots of x's half copy and of split-K's partial sums for the tensor-core GEMM.
 constexpr int kXHalfSlot = 3;
+constexpr int kGemmPartSlot = 4;
+
+// The current device's multiprocessors (asked once: the engine uses one device).
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, sms = 0;
+    PE_CUDA_CHECK(cudaGetDevice(&dev));
+    PE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return sms;
+  }();
+  return n;
+}
 
 // Whether the device runs gemm_mma_kernel<T>: mma.sync.m16n8k16 and the 72 KiB of shared memory a
 // block takes need sm_80, and it is the image loaded for this device that must have them (a build
@@ -640,10 +674,20 @@ void launch_gemm(Executor& ex, const Tensor& w, const float* x, int64_t ldx, int
       x_to_half_kernel<<<unsigned(ceil_div(n_pairs, kXHalfThreads)), kXHalfThreads, 0, stream>>>(
           x + r0 * ldx, ldx, mr, w.cols, reinterpret_cast<uint32_t*>(xh), n_pairs, ldxh / 2);
       PE_CUDA_LAUNCHED();
-      const dim3 grid(unsigned(n_tiles), unsigned(ceil_div(mr, kGemmM)));
+      const int64_t m_tiles = ceil_div(mr, kGemmM), steps = gemm_steps(w.cols);
+      const int splits = gemm_splits(n_tiles * m_tiles, steps, sm_count());
+      const int64_t split_steps = gemm_split_steps(steps, splits);
+      float* part = splits > 1 ? static_cast<float*>(ex.workspace(kGemmPartSlot, size_t(splits * mr * w.rows) * 4))
+                               : nullptr;
+      const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles), static_cast<unsigned>(splits));
       gemm_mma_kernel<T><<<grid, kGemmThreads, kGemmSmemBytes, stream>>>(wp, w.rows, w.cols, w.row_stride, xh, mr,
-                                                                         y + r0 * ldy, ldy);
+                                                                         split_steps, y + r0 * ldy, ldy, part);
       PE_CUDA_LAUNCHED();
+      if (part) {
+        split_k_sum_kernel<<<unsigned(ceil_div(mr * w.rows, kXHalfThreads)), kXHalfThreads, 0, stream>>>(
+            part, splits, mr, w.rows, y + r0 * ldy, ldy);
+        PE_CUDA_LAUNCHED();
+      }
     }
   }
 }

@@ -41,11 +41,15 @@ OffloadPlan offload_cost(const Model& model, const OffloadRequest& req, int n) {
   if (c.n_expert > 0) act += c.n_expert + 2 * c.n_embd + 2 * c.n_ff_exp + c.n_expert_used * (c.n_embd + 3);
   const int64_t out = p.head ? std::max(c.n_vocab, c.n_embd) : 0;
   const int64_t partials = std::min<int64_t>(rows, 64) * c.n_head * 64 * (c.head_dim + 2);
-  // The tensor-core GEMM's half copy of x (cuda/matmul.cu), as wide as the widest matmul input.
+  // The tensor-core GEMM's half copy of x (cuda/matmul.cu), as wide as the widest matmul input, and its
+  // split-K partial sums (at most kGemmMaxSplitTiles tiles of floats).
   const int64_t widest = std::max({c.n_embd, c.n_head * c.head_dim, c.n_ff, c.n_ff_exp});
-  const int64_t x_half = rows > cuda::kGemvMaxRows ? cuda::gemm_x_rows(rows) * cuda::gemm_x_cols(widest) : 0;
+  const bool gemm = rows > cuda::kGemvMaxRows;
+  const size_t gemm_bytes = gemm ? size_t(cuda::gemm_x_rows(rows) * cuda::gemm_x_cols(widest)) * 2 +
+                                       size_t(cuda::kGemmMaxSplitTiles) * cuda::kGemmM * cuda::kGemmN * sizeof(float)
+                                 : 0;
   p.scratch = size_t(rows * (act + out) + partials) * sizeof(float) + size_t(rows) * 8 * sizeof(int32_t) +
-              size_t(x_half) * 2 + (size_t(16) << 20);
+              gemm_bytes + (size_t(16) << 20);
   return p;
 }
 
