@@ -28,13 +28,12 @@
 //     sm_80 and newer, older GPUs run the GEMV 8 rows at a time). 128 x 128 output tiles, K steps
 //     of 64, 8 warps of 64 x 32; x rounded to half once per call, then copied tile by tile with
 //     cp.async; each thread dequantises one W chunk per step into registers while the warps
-//     multiply the previous step's tiles, two shared-memory stages (cuda/gemm_tile.cuh, mirrored on
-//     the host by cuda_host_gemm). F32 weights take gemm_f32_kernel instead, which keeps fp32 throughout.
+//     multiply the previous step's tiles, two shared-memory stages, split-K for small grids
+//     (cuda/gemm_tile.cuh, mirrored on the host by cuda_host_gemm). F32 weights take gemm_f32_kernel instead, which keeps fp32 throughout.
 // Weights are not repacked for the GEMM: they stay in the GGUF blocks that the GEMV streams at the
 // memory rate, so one copy in GPU memory serves both (a second, GEMM-shaped copy would double the
-// weights' footprint on the small GPUs this engine is for). Left for later: ldmatrix, int8 MMA, and
-// split-K or smaller tiles for m <= 128, where a 4096-row matrix is only 32 blocks (one per SM, with
-// 160 registers a thread).
+// weights' footprint on the small GPUs this engine is for). A grid of fewer tiles than SMs (m <= 128
+// and a 4096-row matrix: 32 tiles) is split along K (gemm_splits). Left for later: ldmatrix, int8 MMA.
 // Measured on an H200 (benchmarks/bench_gpu.py and profile_gpu_decode.py, 7B-shaped model, whole
 // on the GPU): the first GEMV (fp32 decoding, no staging) ran a 4096 x 4096 Q4_K matrix in 19 us
 // (ncu); staging took the 7B decode from 112 to 130 tok/s (Q4_K) and 154 to 156 (Q4_0), the GEMV
