@@ -33,42 +33,60 @@ constexpr int kChains = [] {
   return c;
 }();
 
-// Keys are read in whole vectors up to the end of each chunk of C * W keys: a K^T row (and a Q8 cache's
-// row of scales) is a page wide, ldk a multiple of the chunk (attention.cpp checks it), so the lanes
-// past n read keys of the page not yet (or no longer) in use, whose scores are never stored. A load
-// with a tail inside the loop made GCC keep every AVX2 accumulator in memory, storing all of them on
-// each step of the loop.
+// Scores of keys [j, j + C W) of a page: C vectors of keys, one chain each. Keys are read in whole
+// vectors: a K^T row (and a Q8 cache's row of scales) is a page wide, a multiple of every chunk
+// (attention.cpp checks it), so the lanes past n read keys of the page not yet (or no longer) in use,
+// whose scores are never stored. A load with a tail inside the loop made GCC keep every AVX2
+// accumulator in memory, storing all of them on each step of the loop.
+template <class V, int NB, KVElem E, int C>
+PE_ATTN_INLINE void scores_chunk(const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, int j, const float* q,
+                                 int64_t ldq, float* s, int64_t lds) {
+  using F = typename V::F;
+  F acc[NB][C];
+  for (int t = 0; t < NB; t++)
+    for (int c = 0; c < C; c++) acc[t][c] = V::zero();
+  F scale[C];  // Q8: the keys' scales for the current 32 dimensions
+  for (int c = 0; c < C; c++) scale[c] = V::zero();
+  for (int d = 0; d < hd; d++) {
+    if constexpr (E == KVElem::Q8)
+      if (d % kQ8Dims == 0)
+        for (int c = 0; c < C; c++) scale[c] = V::load_f16(ks + (d / kQ8Dims) * ldk + j + c * V::W, V::W);
+    F k[C];
+    for (int c = 0; c < C; c++) {
+      k[c] = load_kv<V, E>(kt, d * ldk + j + c * V::W, V::W);
+      if constexpr (E == KVElem::Q8) k[c] = V::mul(k[c], scale[c]);
+    }
+    for (int t = 0; t < NB; t++) {
+      const F qv = V::set1(q[t * ldq + d]);
+      for (int c = 0; c < C; c++) acc[t][c] = V::fmadd(qv, k[c], acc[t][c]);
+    }
+  }
+  for (int c = 0; c < C; c++) {
+    const int w = n - j - c * V::W < V::W ? n - j - c * V::W : V::W;
+    if (w > 0)
+      for (int t = 0; t < NB; t++) V::store(s + t * lds + j + c * V::W, acc[t][c], w);
+  }
+}
+
+template <class V, int NB, KVElem E, int... CC>
+PE_ATTN_INLINE void scores_tail(int cc, const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, int j,
+                                const float* q, int64_t ldq, float* s, int64_t lds, std::integer_sequence<int, CC...>) {
+  ((cc == CC + 1 ? scores_chunk<V, NB, E, CC + 1>(kt, ks, ldk, hd, n, j, q, ldq, s, lds) : void()), ...);
+}
+
+// Whole chunks of kChains vectors, then the page's last keys with only the vectors they need: a decode
+// row's last page is partly filled, and its unused vectors were loads of lines nobody asked for
+// (attention.cpp prefetches only the keys in use) and FMAs thrown away. Each key's score is the same
+// sum either way (the chains split keys, never a sum).
 template <class V, int NB, KVElem E>
 void scores_rows(const void* kt, const fp16_t* ks, int64_t ldk, int hd, int n, const float* q, int64_t ldq, float* s,
                  int64_t lds) {
-  using F = typename V::F;
   constexpr int C = kChains<V, NB>;
-  for (int j = 0; j < n; j += C * V::W) {
-    F acc[NB][C];
-    for (int t = 0; t < NB; t++)
-      for (int c = 0; c < C; c++) acc[t][c] = V::zero();
-    F scale[C];  // Q8: the keys' scales for the current 32 dimensions
-    for (int c = 0; c < C; c++) scale[c] = V::zero();
-    for (int d = 0; d < hd; d++) {
-      if constexpr (E == KVElem::Q8)
-        if (d % kQ8Dims == 0)
-          for (int c = 0; c < C; c++) scale[c] = V::load_f16(ks + (d / kQ8Dims) * ldk + j + c * V::W, V::W);
-      F k[C];
-      for (int c = 0; c < C; c++) {
-        k[c] = load_kv<V, E>(kt, d * ldk + j + c * V::W, V::W);
-        if constexpr (E == KVElem::Q8) k[c] = V::mul(k[c], scale[c]);
-      }
-      for (int t = 0; t < NB; t++) {
-        const F qv = V::set1(q[t * ldq + d]);
-        for (int c = 0; c < C; c++) acc[t][c] = V::fmadd(qv, k[c], acc[t][c]);
-      }
-    }
-    for (int c = 0; c < C; c++) {
-      const int w = n - j - c * V::W < V::W ? n - j - c * V::W : V::W;
-      if (w > 0)
-        for (int t = 0; t < NB; t++) V::store(s + t * lds + j + c * V::W, acc[t][c], w);
-    }
-  }
+  int j = 0;
+  for (; j + C * V::W <= n; j += C * V::W) scores_chunk<V, NB, E, C>(kt, ks, ldk, hd, n, j, q, ldq, s, lds);
+  if (j < n)
+    scores_tail<V, NB, E>((n - j + V::W - 1) / V::W, kt, ks, ldk, hd, n, j, q, ldq, s, lds,
+                          std::make_integer_sequence<int, C>{});
 }
 
 // CC whole vectors of head dims from d (CC <= the chains the registers allow), or, PART, one vector of
