@@ -29,7 +29,8 @@
 //     of 64, 8 warps of 64 x 32; x rounded to half once per call, then copied tile by tile with
 //     cp.async; each thread dequantises one W chunk per step into registers while the warps
 //     multiply the previous step's tiles, two shared-memory stages, split-K for small grids
-//     (cuda/gemm_tile.cuh, mirrored on the host by cuda_host_gemm). F32 weights take gemm_f32_kernel instead, which keeps fp32 throughout.
+//     (cuda/gemm_tile.cuh, mirrored on the host by cuda_host_gemm). F32 weights take
+//     gemm_f32_kernel instead, which keeps fp32 throughout.
 // Weights are not repacked for the GEMM: they stay in the GGUF blocks that the GEMV streams at the
 // memory rate, so one copy in GPU memory serves both (a second, GEMM-shaped copy would double the
 // weights' footprint on the small GPUs this engine is for). A grid of fewer tiles than SMs (m <= 128
