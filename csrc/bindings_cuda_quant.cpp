@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "bindings.h"
@@ -41,6 +42,32 @@ GGMLType check_weights(const py::buffer_info& info, uint32_t type_id, int64_t ro
            rows, " x ", cols, " take ", rb * size_t(rows), " bytes, got ", info.size);
   *rb_out = rb;
   return t;
+}
+
+using F32Rows = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// The checked operands of a host mirror of y = x W^T: W's bytes, type and row bytes, x (m rows), and
+// y (m, rows) to fill, which the mirror returns.
+struct HostMatmul {
+  const uint8_t* w;
+  GGMLType t;
+  size_t rb;
+  int64_t m;
+  const float* x;
+  float* out;
+  py::array_t<float> y;
+};
+
+HostMatmul host_matmul(const py::buffer_info& info, uint32_t type_id, int64_t rows, int64_t cols, const F32Rows& x) {
+  HostMatmul h;
+  h.t = check_weights(info, type_id, rows, cols, &h.rb);
+  PE_CHECK(x.ndim() == 2 && x.shape(1) == cols, ModelFormatError, "x must be (m, ", cols, ")");
+  h.w = static_cast<const uint8_t*>(info.ptr);
+  h.m = x.shape(0);
+  h.x = x.data();
+  h.y = py::array_t<float>({h.m, rows});
+  h.out = h.y.mutable_data();
+  return h;
 }
 
 py::array_t<float> cuda_host_dequantize(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols) {
@@ -170,18 +197,12 @@ py::tuple cuda_host_int_chunks(const py::buffer& w, uint32_t type_id, int64_t ro
 // y = x W^T as the CUDA decode GEMV computes it for a quantized W: x rounded to 8 bits per chunk
 // (quantize_x_chunk), integer dot products per chunk (dot_chunk), float sums over the chunks.
 py::array_t<float> cuda_host_int_matmul(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
-                                        const py::array_t<float, py::array::c_style | py::array::forcecast>& x) {
+                                        const F32Rows& x) {
   const py::buffer_info info = w.request();
-  size_t rb;
-  const GGMLType t = check_weights(info, type_id, rows, cols, &rb);
-  PE_CHECK(!cuda::chunk_type_is_float(t), UnsupportedModelError, "type ", type_name(type_id),
+  HostMatmul h = host_matmul(info, type_id, rows, cols, x);
+  PE_CHECK(!cuda::chunk_type_is_float(h.t), UnsupportedModelError, "type ", type_name(type_id),
            " has no integer chunk decoder");
-  PE_CHECK(x.ndim() == 2 && x.shape(1) == cols, ModelFormatError, "x must be (m, ", cols, ")");
-  const int64_t m = x.shape(0);
-  py::array_t<float> y({m, rows});
-  const auto* src = static_cast<const uint8_t*>(info.ptr);
-  const float* xd = x.data();
-  float* yd = y.mutable_data();
+  const auto [src, t, rb, m, xd, yd] = std::tie(h.w, h.t, h.rb, h.m, h.x, h.out);
   {
     py::gil_scoped_release release;
     const int64_t n_chunks = cols / cuda::kChunk;
@@ -207,7 +228,7 @@ py::array_t<float> cuda_host_int_matmul(const py::buffer& w, uint32_t type_id, i
       }
     }
   }
-  return y;
+  return h.y;
 }
 
 // mma.sync.m16n8k16 with f16 A, B and f32 C, D, by its PTX definition: the A (16 x 16) and B
@@ -244,17 +265,10 @@ void mma_16816_host(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], floa
 // and added in split order as split_k_sum_kernel adds them. Throws if an element of y (or of a
 // split's partials) is written other than once. Any m (the kernel runs for m > 8).
 py::array_t<float> cuda_host_gemm(const py::buffer& w, uint32_t type_id, int64_t rows, int64_t cols,
-                                  const py::array_t<float, py::array::c_style | py::array::forcecast>& x,
-                                  int sms) {
+                                  const F32Rows& x, int sms) {
   const py::buffer_info info = w.request();
-  size_t rb;
-  const GGMLType t = check_weights(info, type_id, rows, cols, &rb);
-  PE_CHECK(x.ndim() == 2 && x.shape(1) == cols, ModelFormatError, "x must be (m, ", cols, ")");
-  const int64_t m = x.shape(0);
-  py::array_t<float> y({m, rows});
-  const auto* src = static_cast<const uint8_t*>(info.ptr);
-  const float* xd = x.data();
-  float* yd = y.mutable_data();
+  HostMatmul h = host_matmul(info, type_id, rows, cols, x);
+  const auto [src, t, rb, m, xd, yd] = std::tie(h.w, h.t, h.rb, h.m, h.x, h.out);
   {
     py::gil_scoped_release release;
     const int64_t ldxh = cuda::gemm_x_cols(cols), all_steps = cuda::gemm_steps(cols);
@@ -338,7 +352,7 @@ py::array_t<float> cuda_host_gemm(const py::buffer& w, uint32_t type_id, int64_t
       yd[i] = sum;
     }
   }
-  return y;
+  return h.y;
 }
 
 }  // namespace

@@ -259,16 +259,6 @@ __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const float2*
   }
 }
 
-int multiprocessor_count() {
-  static const int n = [] {
-    int dev = 0, count = 0;
-    PE_CUDA_CHECK(cudaGetDevice(&dev));
-    PE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
-    return count;
-  }();
-  return n;
-}
-
 }  // namespace
 
 namespace {

@@ -23,4 +23,15 @@ inline cudaStream_t stream_of(Executor& ex) { return static_cast<cudaStream_t>(e
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The current device's multiprocessors (asked once: the engine uses one device).
+inline int multiprocessor_count() {
+  static const int n = [] {
+    int dev = 0, count = 0;
+    PE_CUDA_CHECK(cudaGetDevice(&dev));
+    PE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+    return count;
+  }();
+  return n;
+}
+
 }  // namespace pe::cuda

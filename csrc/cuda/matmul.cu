@@ -606,16 +606,6 @@ __global__ void __launch_bounds__(kF32Threads) gemm_f32_kernel(const uint8_t* __
 constexpr int kXHalfSlot = 3;
 constexpr int kGemmPartSlot = 4;
 
-// The current device's multiprocessors (asked once: the engine uses one device).
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, sms = 0;
-    PE_CUDA_CHECK(cudaGetDevice(&dev));
-    PE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return sms;
-  }();
-  return n;
-}
 
 // Whether the device runs gemm_mma_kernel<T>: mma.sync.m16n8k16 and the 72 KiB of shared memory a
 // block takes need sm_80, and it is the image loaded for this device that must have them (a build
@@ -675,7 +665,7 @@ void launch_gemm(Executor& ex, const Tensor& w, const float* x, int64_t ldx, int
           x + r0 * ldx, ldx, mr, w.cols, reinterpret_cast<uint32_t*>(xh), n_pairs, ldxh / 2);
       PE_CUDA_LAUNCHED();
       const int64_t m_tiles = ceil_div(mr, kGemmM), steps = gemm_steps(w.cols);
-      const int splits = gemm_splits(n_tiles * m_tiles, steps, sm_count());
+      const int splits = gemm_splits(n_tiles * m_tiles, steps, multiprocessor_count());
       const int64_t split_steps = gemm_split_steps(steps, splits);
       float* part = splits > 1 ? static_cast<float*>(ex.workspace(kGemmPartSlot, size_t(splits * mr * w.rows) * 4))
                                : nullptr;
