@@ -282,16 +282,16 @@ py::array_t<float> cuda_host_gemm(const py::buffer& w, uint32_t type_id, int64_t
     std::vector<int> writes(size_t(splits * m * rows), 0);
     std::vector<fp16_t> stage(size_t(cuda::kGemmStageHalves));
     constexpr int kWarps = cuda::kGemmThreads / 32;
-    static_assert(cuda::kGemmFragsM == 4 && cuda::kGemmFragsN == 4, "the accumulator array below");
     std::vector<float> acc_store(size_t(kWarps) * cuda::kGemmFragsM * cuda::kGemmFragsN * 32 * 4);
     auto acc = [&](int warp, int i, int j) {  // the warp's accumulators of mma tile (i, j), per lane
-      return reinterpret_cast<float(*)[4]>(&acc_store[size_t(((warp * 4 + i) * 4 + j) * 32 * 4)]);
+      const size_t tile = size_t((warp * cuda::kGemmFragsM + i) * cuda::kGemmFragsN + j);
+      return reinterpret_cast<float(*)[4]>(&acc_store[tile * 32 * 4]);
     };
     for (int64_t n0 = 0; n0 < rows; n0 += cuda::kGemmN)
       for (int64_t m0 = 0; m0 < m; m0 += cuda::kGemmM)
         for (int z = 0; z < splits; z++) {
           const int64_t first = z * split_steps;
-          const int64_t steps = std::max<int64_t>(0, std::min(split_steps, all_steps - first));
+          const int64_t steps = cuda::gemm_split_count(all_steps, split_steps, z);
           std::fill(acc_store.begin(), acc_store.end(), 0.0f);
           for (int64_t s = first; s < first + steps; s++) {
             std::fill(stage.begin(), stage.end(), fp16_t(0x7e00));  // NaN

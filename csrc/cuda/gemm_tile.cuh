@@ -68,6 +68,11 @@ PE_HD int gemm_splits(int64_t tiles, int64_t steps, int sms) {
   return s < 1 ? 1 : int(s);
 }
 PE_HD int64_t gemm_split_steps(int64_t steps, int splits) { return (steps + splits - 1) / splits; }
+// The K steps of split z: [z split_steps, + this many) of all_steps (the last splits may have none).
+PE_HD int64_t gemm_split_count(int64_t all_steps, int64_t split_steps, int z) {
+  const int64_t left = all_steps - z * split_steps;
+  return left <= 0 ? 0 : left < split_steps ? left : split_steps;
+}
 
 // Piece i (< kGemmXPieces) of thread tid's share of a step's x tile: row and first column in the tile.
 PE_HD void gemm_x_piece(int tid, int i, int& row, int& col) {

@@ -432,7 +432,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   const int64_t n0 = int64_t(blockIdx.x) * kGemmN, m0 = int64_t(blockIdx.y) * kGemmM;
   const int64_t ldxh = gemm_x_cols(cols), all_steps = gemm_steps(cols);
   const int64_t first = int64_t(blockIdx.z) * split_steps;
-  const int64_t steps = first < all_steps ? (all_steps - first < split_steps ? all_steps - first : split_steps) : 0;
+  const int64_t steps = gemm_split_count(all_steps, split_steps, int(blockIdx.z));
   int row_x, row_w;
   gemm_warp_origin(tid / 32, row_x, row_w);
 
