@@ -28,18 +28,25 @@ constexpr float GROUP_MAX_EPS = 1e-15f;
 // the same operations in the same order faster. Bytes are unchanged: every copy keeps the file's
 // -ffp-contract=off.
 
-// The searches below put their candidates in the lanes of VF / VI, each lane doing one candidate's
-// scalar operations.
+// The searches below put their candidates in the lanes of VF8 / VI8, each lane doing one candidate's
+// scalar operations. 8 lanes, not 16: the AVX2 copy of code on 16-lane types went through the stack for
+// every scalar broadcast and compare (GCC's lowering where registers hold 8; see cpu/vec_clones.h) and
+// ran 10x slower than the AVX-512 copy; 8 lanes also waste fewer on the 18 and up to 48 candidates.
 
 // nearest_int of every lane.
-__attribute__((always_inline)) inline VI nearest_int(VF fval) {
-  const VF val = fval + 12582912.f;
-  return ((VI)val & 0x007fffff) - 0x00400000;
+__attribute__((always_inline)) inline VI8 nearest_int(VF8 fval) {
+  const VF8 val = fval + 12582912.f;
+  return ((VI8)val & 0x007fffff) - 0x00400000;
 }
 
 // Lanes of a where m is set, of b elsewhere.
-__attribute__((always_inline)) inline VI select(VI m, VI a, VI b) { return (m & a) | (~m & b); }
-__attribute__((always_inline)) inline VF select(VI m, VF a, VF b) { return (VF)select(m, (VI)a, (VI)b); }
+__attribute__((always_inline)) inline VF8 select(VI8 m, VF8 a, VF8 b) { return (VF8)((m & (VI8)a) | (~m & (VI8)b)); }
+
+// Each lane of l clamped to [lo, hi].
+__attribute__((always_inline)) inline VI8 clamp(VI8 l, VI8 lo, VI8 hi) {
+  l = l > hi ? hi : l;
+  return l < lo ? lo : l;
+}
 
 inline int nearest_int(float fval) {
   // round half to even through the float adder (ggml's trick; |fval| < 2^22)
@@ -100,28 +107,27 @@ float make_qx_quants(int n, int nmax, const float* x, int8_t* L, int rmse_type, 
   float best = scale * sumlx;
   // ggml tries 18 more scales, one after the other; each candidate's sums are a serial chain of float
   // additions (a few cycles each), so a block costs 18 * n chained adds. Here the candidates are the
-  // lanes of two 16-float vectors: lane k accumulates candidate k with exactly ggml's operations in
+  // lanes of three 8-float vectors: lane k accumulates candidate k with exactly ggml's operations in
   // ggml's order (no reassociation, no contraction: the file is built with -ffp-contract=off), so every
-  // sum, and the choice, is bit for bit ggml's, while the 18 chains run side by side. Lanes 18..31 repeat
+  // sum, and the choice, is bit for bit ggml's, while the 18 chains run side by side. Lanes 18..23 repeat
   // candidate 17 and are never read. Written with vector types because GCC left the plain loop over 18
   // candidates scalar (its clamp became branches); each clone lowers them to its own registers.
   constexpr int K = 18;
-  float isc[32], slx[32], sl2[32];
-  for (int k = 0; k < 32; ++k) {
+  constexpr int NV = (K + 7) / 8;
+  float isc[8 * NV], slx[8 * NV], sl2[8 * NV];
+  for (int k = 0; k < 8 * NV; ++k) {
     const int c = std::min(k, K - 1);
     const int is = c < 9 ? c - 9 : c - 8;  // -9..-1, 1..9
     isc[k] = -(nmax + 0.1f * is) / max;
   }
-  VF visc[2], vslx[2] = {}, vsl2[2] = {};
+  VF8 visc[NV], vslx[NV] = {}, vsl2[NV] = {};
   std::memcpy(visc, isc, sizeof visc);
-  const VI lo = VI{} - nmax, hi = VI{} + (nmax - 1);
+  const VI8 lo = VI8{} - nmax, hi = VI8{} + (nmax - 1);
   for (int i = 0; i < n; ++i) {
     const float xi = x[i], w = weight(i), wx = w * xi;
-    for (int v = 0; v < 2; ++v) {
-      VI l = nearest_int(visc[v] * xi);
-      l = select(l > hi, hi, l);
-      l = select(l < lo, lo, l);
-      const VF fl = __builtin_convertvector(l, VF);
+    for (int v = 0; v < NV; ++v) {
+      const VI8 l = clamp(nearest_int(visc[v] * xi), lo, hi);
+      const VF8 fl = __builtin_convertvector(l, VF8);
       vslx[v] += wx * fl;
       vsl2[v] += w * fl * fl;
     }
@@ -246,58 +252,56 @@ __attribute__((always_inline)) inline float make_qkx_quants(int n, int nmax, con
   // candidates are computed with the current min, then taken in order; when one is accepted and changes
   // min, the candidates after it are computed again with the new min.
   assert(n <= 32 && nstep < 48);
-  VI laux[32][3];
+  VI8 laux[32][6];
   int start = 0;
   while (start <= nstep) {
-    const int cnt = nstep + 1 - start, nv = (cnt + 15) / 16;
+    const int cnt = nstep + 1 - start, nv = (cnt + 7) / 8;
     float isc[48];
-    for (int k = 0; k < 16 * nv; ++k) {
+    for (int k = 0; k < 8 * nv; ++k) {
       const int is = start + std::min(k, cnt - 1);  // lanes past the last candidate repeat it (unread)
       isc[k] = (rmin + rdelta * is + nmax) / (max - min);
     }
-    VF vis[3], sl[3] = {}, sl2[3] = {}, sxl[3] = {};
-    std::memcpy(vis, isc, sizeof(VF) * nv);
-    const VI zero = VI{}, top = VI{} + nmax;
+    VF8 vis[6], sl[6] = {}, sl2[6] = {}, sxl[6] = {};
+    std::memcpy(vis, isc, sizeof(VF8) * nv);
+    const VI8 zero = VI8{}, top = VI8{} + nmax;
     for (int i = 0; i < n; ++i) {
       const float xi = x[i], w = wt(i), xm = x[i] - min;
       for (int v = 0; v < nv; ++v) {
-        VI l = nearest_int(vis[v] * xm);
-        l = select(l > top, top, l);
-        l = select(l < zero, zero, l);
+        const VI8 l = clamp(nearest_int(vis[v] * xm), zero, top);
         laux[i][v] = l;
-        const VF fl = __builtin_convertvector(l, VF);
+        const VF8 fl = __builtin_convertvector(l, VF8);
         sl[v] += w * fl;
         sl2[v] += w * fl * fl;
         sxl[v] += w * fl * xi;
       }
     }
-    VF D[3], tscale[3], tmin[3], err[3];
+    VF8 D[6], tscale[6], tmin[6], err[6];
     for (int v = 0; v < nv; ++v) {
       D[v] = sum_w * sl2[v] - sl[v] * sl[v];
       tscale[v] = (sum_w * sxl[v] - sum_x * sl[v]) / D[v];
       tmin[v] = (sl2[v] * sum_x - sl[v] * sxl[v]) / D[v];
-      const VI pos = tmin[v] > 0;
-      tmin[v] = select(pos, VF{}, tmin[v]);
+      const VI8 pos = tmin[v] > 0;
+      tmin[v] = select(pos, VF8{}, tmin[v]);
       tscale[v] = select(pos, sxl[v] / sl2[v], tscale[v]);
-      err[v] = VF{};
+      err[v] = VF8{};
     }
     for (int i = 0; i < n; ++i) {
       const float w = wt(i);
       for (int v = 0; v < nv; ++v) {
-        VF diff = tscale[v] * __builtin_convertvector(laux[i][v], VF) + tmin[v] - x[i];
-        diff = use_mad ? (VF)((VI)diff & 0x7fffffff) : diff * diff;
+        VF8 diff = tscale[v] * __builtin_convertvector(laux[i][v], VF8) + tmin[v] - x[i];
+        diff = use_mad ? (VF8)((VI8)diff & 0x7fffffff) : diff * diff;
         err[v] += w * diff;
       }
     }
     float fD[48], fscale[48], fmin[48], ferr[48];
-    std::memcpy(fD, D, sizeof(VF) * nv);
-    std::memcpy(fscale, tscale, sizeof(VF) * nv);
-    std::memcpy(fmin, tmin, sizeof(VF) * nv);
-    std::memcpy(ferr, err, sizeof(VF) * nv);
+    std::memcpy(fD, D, sizeof(VF8) * nv);
+    std::memcpy(fscale, tscale, sizeof(VF8) * nv);
+    std::memcpy(fmin, tmin, sizeof(VF8) * nv);
+    std::memcpy(ferr, err, sizeof(VF8) * nv);
     int next = nstep + 1;
     for (int k = 0; k < cnt; ++k) {
       if (!(fD[k] > 0) || !(ferr[k] < best_error)) continue;
-      for (int i = 0; i < n; ++i) L[i] = uint8_t(laux[i][k / 16][k % 16]);
+      for (int i = 0; i < n; ++i) L[i] = uint8_t(laux[i][k / 8][k % 8]);
       best_error = ferr[k];
       scale = fscale[k];
       const bool moved = std::memcmp(&min, &fmin[k], sizeof min) != 0;
