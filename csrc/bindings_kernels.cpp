@@ -101,12 +101,13 @@ Tensor weight_view(const py::buffer_info& info, uint32_t type_id, int64_t rows, 
 }
 
 // w with a copy in the panel layout of the current CPU path (cpu/panels.h), as a model's CPU weights
-// get, when `panels` asks for it and the path and type have one.
+// get (in huge pages where the OS gives them, as Model::pack_cpu_weights does), when `panels` asks for
+// it and the path and type have one.
 Tensor maybe_with_panels(Executor& ex, Tensor w, bool panels, std::vector<Buffer>& keep) {
   if (!panels || ex.device() != Device::CPU || !cpu::can_pack_panels(w)) return w;
   const int r = cpu::panel_rows_for_cpu(w);
   if (r == 0) return w;
-  keep.emplace_back(Device::CPU, cpu::panel_bytes(w, r));
+  keep.push_back(Buffer::huge_pages(cpu::panel_bytes(w, r)));
   cpu::pack_panels(ex, w, r, keep.back().data());
   w.panels = keep.back().data();
   w.panel_rows = r;
