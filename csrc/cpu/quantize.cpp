@@ -39,9 +39,6 @@ __attribute__((always_inline)) inline VI8 nearest_int(VF8 fval) {
   return ((VI8)val & 0x007fffff) - 0x00400000;
 }
 
-// Lanes of a where m is set, of b elsewhere.
-__attribute__((always_inline)) inline VF8 select(VI8 m, VF8 a, VF8 b) { return (VF8)((m & (VI8)a) | (~m & (VI8)b)); }
-
 // Each lane of l clamped to [lo, hi].
 __attribute__((always_inline)) inline VI8 clamp(VI8 l, VI8 lo, VI8 hi) {
   l = l > hi ? hi : l;
@@ -281,8 +278,8 @@ __attribute__((always_inline)) inline float make_qkx_quants(int n, int nmax, con
       tscale[v] = (sum_w * sxl[v] - sum_x * sl[v]) / D[v];
       tmin[v] = (sl2[v] * sum_x - sl[v] * sxl[v]) / D[v];
       const VI8 pos = tmin[v] > 0;
-      tmin[v] = select(pos, VF8{}, tmin[v]);
-      tscale[v] = select(pos, sxl[v] / sl2[v], tscale[v]);
+      tmin[v] = pos ? VF8{} : tmin[v];
+      tscale[v] = pos ? sxl[v] / sl2[v] : tscale[v];
       err[v] = VF8{};
     }
     for (int i = 0; i < n; ++i) {
